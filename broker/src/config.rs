@@ -1,0 +1,344 @@
+//! Node configuration: defaults, overridden by a TOML file, overridden by
+//! `COURIER_*` environment variables, overridden by command-line flags.
+//!
+//! Every setting, its default and its environment variable are listed in
+//! `docs/CONFIGURATION.md`. An environment variable is `COURIER_` followed by
+//! the setting's path in upper case with `_` between section and key, e.g.
+//! `limits.max_batch` is `COURIER_LIMITS_MAX_BATCH`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use courier_storage::Durability;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the RocksDB store and the token secret live.
+    pub data_dir: PathBuf,
+    /// Client protocol listener.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener (`/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// `fsync` (default: survives power loss) or `wal` (survives a process crash).
+    pub durability: String,
+    /// Number of shards (writer threads); 0 = one per CPU.
+    pub shards: usize,
+    pub limits: Limits,
+    pub retention: Retention,
+    pub auth: Auth,
+    pub storage: Storage,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_frame_len: u32,
+    pub max_payload_len: u32,
+    pub max_batch: u16,
+    /// Sends a connection may have awaiting acknowledgement; beyond it the
+    /// server stops reading that connection (TCP backpressure).
+    pub max_in_flight: usize,
+    pub handshake_timeout_ms: u64,
+    /// A connection that sends nothing (not even a ping) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Live deliveries queued per connection; when full the connection is
+    /// moved to catch-up from its inbox.
+    pub outbound_queue_len: usize,
+    /// Commands queued per shard; when full, senders wait (backpressure).
+    pub shard_queue_len: usize,
+    /// Commands a shard drains into one storage write.
+    pub shard_batch_max: usize,
+    /// How long shutdown waits for connections to finish before closing them.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// How long acknowledged messages stay in the inbox (for other devices
+    /// and history fetch) before they are trimmed.
+    pub acked_retention_ms: u64,
+    /// How long a (sender, client message id) is remembered for de-duplication.
+    pub idempotency_window_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Hex secret file; empty = `<data_dir>/secret.key`, created on first start.
+    pub secret_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    pub block_cache_mb: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./courier-data"),
+            listen: "127.0.0.1:7700".parse().expect("literal"),
+            admin_listen: "127.0.0.1:7701".parse().expect("literal"),
+            durability: "fsync".into(),
+            shards: 0,
+            limits: Limits::default(),
+            retention: Retention::default(),
+            auth: Auth::default(),
+            storage: Storage::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_frame_len: 1 << 20,
+            max_payload_len: 64 << 10,
+            max_batch: 256,
+            max_in_flight: 1024,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            outbound_queue_len: 1024,
+            shard_queue_len: 8192,
+            shard_batch_max: 512,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            acked_retention_ms: 7 * 24 * 3600 * 1000,
+            idempotency_window_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            secret_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            block_cache_mb: 128,
+        }
+    }
+}
+
+const SECTIONS: &[&str] = &["limits", "retention", "auth", "storage"];
+
+/// Flag values that override everything else.
+#[derive(Default, Debug)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub durability: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from an optional TOML file, the environment
+    /// (`vars`) and flag overrides, then validates it.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        vars: impl Iterator<Item = (String, String)>,
+        flags: Overrides,
+    ) -> anyhow::Result<Config> {
+        let mut doc = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("COURIER_") else {
+                continue;
+            };
+            if rest == "CONFIG" || rest == "LOG" {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let (table, key) = match SECTIONS.iter().find_map(|s| {
+                key.strip_prefix(&format!("{s}_"))
+                    .map(|k| (*s, k.to_owned()))
+            }) {
+                Some((section, k)) => {
+                    let t = doc
+                        .entry(section)
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let toml::Value::Table(t) = t else {
+                        bail!("config key {section} must be a table");
+                    };
+                    (t, k)
+                }
+                None => (&mut doc, key),
+            };
+            table.insert(key, env_value(&value));
+        }
+        let mut put = |k: &str, v: toml::Value| {
+            doc.insert(k.to_owned(), v);
+        };
+        if let Some(v) = flags.data_dir {
+            put("data_dir", toml::Value::String(v.display().to_string()));
+        }
+        if let Some(v) = flags.listen {
+            put("listen", toml::Value::String(v));
+        }
+        if let Some(v) = flags.admin_listen {
+            put("admin_listen", toml::Value::String(v));
+        }
+        if let Some(v) = flags.durability {
+            put("durability", toml::Value::String(v));
+        }
+        let config: Config = toml::Value::Table(doc)
+            .try_into()
+            .context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.durability()?;
+        let l = &self.limits;
+        anyhow::ensure!(l.max_batch >= 1, "limits.max_batch must be at least 1");
+        anyhow::ensure!(
+            l.max_frame_len >= 1024,
+            "limits.max_frame_len must be at least 1024"
+        );
+        anyhow::ensure!(
+            (l.max_payload_len as u64) + 256 <= l.max_frame_len as u64,
+            "limits.max_payload_len must leave room for headers within limits.max_frame_len"
+        );
+        anyhow::ensure!(
+            l.max_in_flight >= 1,
+            "limits.max_in_flight must be at least 1"
+        );
+        anyhow::ensure!(
+            l.outbound_queue_len >= 1 && l.shard_queue_len >= 1 && l.shard_batch_max >= 1,
+            "queue lengths must be at least 1"
+        );
+        anyhow::ensure!(self.shards <= 64, "at most 64 shards");
+        Ok(())
+    }
+
+    pub fn durability(&self) -> anyhow::Result<Durability> {
+        self.durability
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("durability: {e}"))
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(64)
+        } else {
+            self.shards
+        }
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        if self.auth.secret_file.as_os_str().is_empty() {
+            self.data_dir.join("secret.key")
+        } else {
+            self.auth.secret_file.clone()
+        }
+    }
+}
+
+/// Environment values are typed like TOML scalars: integers and booleans
+/// parse as such, anything else is a string.
+fn env_value(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = v.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(v.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn precedence_is_flags_then_env_then_file_then_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[limits]\nmax_batch = 10\nmax_in_flight = 5\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            vars(&[
+                ("COURIER_ADMIN_LISTEN", "127.0.0.1:3"),
+                ("COURIER_LIMITS_MAX_BATCH", "20"),
+                ("COURIER_LISTEN", "127.0.0.1:4"),
+                ("OTHER", "x"),
+            ]),
+            Overrides {
+                listen: Some("127.0.0.1:5".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 5, "flag wins");
+        assert_eq!(c.admin_listen.port(), 3, "env beats file");
+        assert_eq!(c.limits.max_batch, 20, "env beats file in a section");
+        assert_eq!(c.limits.max_in_flight, 5, "file beats default");
+        assert_eq!(c.limits.idle_timeout_ms, 120_000, "default");
+        assert_eq!(c.durability().unwrap(), Durability::Fsync, "safe default");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_their_name() {
+        let err = Config::load(
+            None,
+            vars(&[("COURIER_DURABILITY", "lazy")]),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("durability"), "{err:#}");
+        let err = Config::load(
+            None,
+            vars(&[("COURIER_LIMITS_MAX_BATCHES", "3")]),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("max_batches"), "{err:#}");
+        let err = Config::load(
+            None,
+            vars(&[("COURIER_LIMITS_MAX_BATCH", "0")]),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("max_batch"), "{err:#}");
+    }
+}

@@ -1,0 +1,763 @@
+//! One client connection: handshake, a reader that dispatches requests to
+//! shards, and a writer that owns the socket's write half.
+//!
+//! Data flow and bounds:
+//! - reader -> shard: `ShardCmd` on the shard's bounded queue; each send
+//!   first takes one of `limits.max_in_flight` permits, so a client that
+//!   pipelines too much is simply not read (TCP backpressure).
+//! - shard -> writer, replies: an unbounded channel whose length is bounded
+//!   by those permits (the writer returns a permit per result).
+//! - shard -> writer, live deliveries: a bounded queue
+//!   (`limits.outbound_queue_len`). When it is full the shard marks the
+//!   session `lagging` and stops pushing; the writer then reads the inbox
+//!   from its last delivered sequence (catch-up) until it reaches the head,
+//!   clears the flag and reads once more, so no message falls between the
+//!   two paths. Deliveries are de-duplicated by sequence: the client sees
+//!   each sequence once, in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use courier_protocol::codec::peek_len;
+use courier_protocol::*;
+use courier_storage::InboxStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, error, warn};
+
+use crate::auth::AuthError;
+use crate::shard::{to_wire, Reply, ReplyTo, SendCmd, SessionHandle, ShardCmd};
+use crate::{now_ms, Node};
+
+/// Messages read from the inbox per catch-up step.
+const CATCH_UP_PAGE: usize = 256;
+/// Messages per `Deliver` frame at most.
+const DELIVER_BATCH_MAX: usize = 128;
+/// The writer flushes once this much is encoded...
+const WRITE_BUF_FLUSH: usize = 256 << 10;
+/// ...or this many deliveries are waiting to be encoded.
+const PENDING_MAX: usize = 4 * DELIVER_BATCH_MAX;
+/// Messages per `FetchReply` at most.
+const FETCH_LIMIT_MAX: usize = 1024;
+
+enum ReadError {
+    Closed,
+    Io(std::io::Error),
+    Decode(DecodeError),
+}
+
+struct FrameReader {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    max_frame_len: u32,
+}
+
+impl FrameReader {
+    /// Next whole frame. Cancel-safe: partial bytes stay in `buf`.
+    async fn next_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            match decode(&self.buf, self.max_frame_len) {
+                Ok(Some((frame, used))) => {
+                    self.buf.advance(used);
+                    return Ok(frame);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::Decode(e)),
+            }
+            // Grow in steps, never by the peer's claimed length alone.
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                let want = peek_len(&self.buf)
+                    .map(|l| (l as usize + 4).saturating_sub(self.buf.len()))
+                    .unwrap_or(0);
+                self.buf.reserve(want.clamp(8192, 64 << 10));
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+}
+
+async fn goodbye(wr: &mut OwnedWriteHalf, code: ErrorCode, message: impl Into<String>) {
+    let frame = Frame::new(0, Body::Goodbye(Reason::new(code, message)));
+    let _ = wr.write_all(&encode_to_bytes(&frame)).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Refuses a connection the node has no room for.
+pub async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
+    let (_rd, mut wr) = stream.into_split();
+    goodbye(&mut wr, code, message).await;
+}
+
+pub async fn serve(node: Arc<Node>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let limits = &node.config.limits;
+    let mut reader = FrameReader {
+        rd,
+        buf: BytesMut::with_capacity(8192),
+        max_frame_len: limits.max_frame_len,
+    };
+
+    // Handshake: the first frame must be a Hello, within the timeout.
+    let handshake = Duration::from_millis(limits.handshake_timeout_ms);
+    let first = match tokio::time::timeout(handshake, reader.next_frame()).await {
+        Err(_) => {
+            return goodbye(
+                &mut wr,
+                ErrorCode::HANDSHAKE_TIMEOUT,
+                format!("no hello within {} ms", limits.handshake_timeout_ms),
+            )
+            .await
+        }
+        Ok(Err(ReadError::Closed | ReadError::Io(_))) => return,
+        Ok(Err(ReadError::Decode(e))) => return goodbye(&mut wr, e.code(), e.to_string()).await,
+        Ok(Ok(frame)) => frame,
+    };
+    let Body::Hello(hello) = first.body else {
+        return goodbye(
+            &mut wr,
+            ErrorCode::UNEXPECTED_FRAME,
+            "the first frame must be hello",
+        )
+        .await;
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return goodbye(
+            &mut wr,
+            ErrorCode::UNSUPPORTED_VERSION,
+            format!(
+                "version {} not supported; this server speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        )
+        .await;
+    }
+    if let Err(e) = node.key.verify(
+        &hello.token,
+        hello.user_id,
+        hello.device_id,
+        now_ms() / 1000,
+    ) {
+        debug!(?peer, user = hello.user_id, error = %e, "authentication failed");
+        let code = match e {
+            AuthError::Expired => ErrorCode::TOKEN_EXPIRED,
+            _ => ErrorCode::AUTH_FAILED,
+        };
+        return goodbye(&mut wr, code, e.to_string()).await;
+    }
+    let user = hello.user_id;
+    let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
+
+    // Register for live pushes before reading the inbox state, so that every
+    // message is either pushed or found by the writer's first catch-up.
+    let (dtx, drx) = mpsc::channel(limits.outbound_queue_len);
+    let session = Arc::new(SessionHandle {
+        id: session_id,
+        deliveries: dtx,
+        lagging: std::sync::atomic::AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
+    });
+    if !node
+        .shards
+        .send(
+            user,
+            ShardCmd::Register {
+                user,
+                session: session.clone(),
+            },
+        )
+        .await
+    {
+        return goodbye(&mut wr, ErrorCode::SHUTTING_DOWN, "server shutting down").await;
+    }
+    let unregister = |node: Arc<Node>| async move {
+        node.shards
+            .send(user, ShardCmd::Unregister { user, session_id })
+            .await;
+    };
+
+    let store = node.store.clone();
+    let state = match tokio::task::spawn_blocking(move || store.state(user)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            error!(user, error = %e, "reading inbox state failed");
+            unregister(node.clone()).await;
+            return goodbye(&mut wr, ErrorCode::INTERNAL, "storage error").await;
+        }
+        Err(_) => {
+            unregister(node.clone()).await;
+            return goodbye(&mut wr, ErrorCode::INTERNAL, "storage error").await;
+        }
+    };
+    // Resume point: what the client says it has (never past the head), or
+    // what it acknowledged. If that is older than what is retained, say so.
+    let wanted_after = match hello.resume_after {
+        Some(n) => n.min(state.head_seq),
+        None => state.acked_seq,
+    };
+    let gap = wanted_after + 1 < state.oldest_seq;
+    let start_after = wanted_after.max(state.oldest_seq - 1);
+    let welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        session_id,
+        head_seq: state.head_seq,
+        oldest_seq: state.oldest_seq,
+        resume_from: start_after + 1,
+        gap,
+        server_time_ms: now_ms(),
+        max_frame_len: limits.max_frame_len,
+        max_batch: limits.max_batch,
+        keepalive_ms: (limits.idle_timeout_ms / 3).min(u32::MAX as u64) as u32,
+    };
+    if wr
+        .write_all(&encode_to_bytes(&Frame::new(
+            first.request_id,
+            Body::Welcome(welcome),
+        )))
+        .await
+        .is_err()
+    {
+        unregister(node.clone()).await;
+        return;
+    }
+    debug!(
+        ?peer,
+        user,
+        device = hello.device_id,
+        session_id,
+        start_after,
+        gap,
+        "session started"
+    );
+
+    let inflight = Arc::new(Semaphore::new(limits.max_in_flight));
+    let (rtx, rrx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(
+        Writer {
+            wr,
+            replies: rrx,
+            deliveries: drx,
+            deliveries_open: true,
+            session: session.clone(),
+            store: node.store.clone(),
+            user,
+            delivered: start_after,
+            inflight: inflight.clone(),
+            out: BytesMut::with_capacity(16 << 10),
+            pending: Vec::new(),
+            batches: HashMap::new(),
+            max_frame_len: limits.max_frame_len as usize,
+        }
+        .run(),
+    );
+
+    let mut conn = Conn {
+        node: node.clone(),
+        user,
+        device: hello.device_id,
+        replies: rtx,
+        inflight: inflight.clone(),
+    };
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let reason = loop {
+        let next = tokio::select! {
+            _ = node.shutdown.cancelled() => {
+                break Some(Reason::new(ErrorCode::SHUTTING_DOWN, "server shutting down"));
+            }
+            r = tokio::time::timeout(idle, reader.next_frame()) => r,
+        };
+        match next {
+            Err(_) => {
+                break Some(Reason::new(
+                    ErrorCode::IDLE_TIMEOUT,
+                    format!("nothing received for {} ms", limits.idle_timeout_ms),
+                ))
+            }
+            Ok(Err(ReadError::Closed)) => break None,
+            Ok(Err(ReadError::Io(e))) => {
+                debug!(user, error = %e, "read failed");
+                break None;
+            }
+            Ok(Err(ReadError::Decode(e))) => {
+                debug!(user, error = %e, "bad frame; closing");
+                break Some(Reason::new(e.code(), e.to_string()));
+            }
+            Ok(Ok(frame)) => {
+                if !conn.handle(frame).await {
+                    break Some(Reason::new(
+                        ErrorCode::SHUTTING_DOWN,
+                        "server shutting down",
+                    ));
+                }
+            }
+        }
+    };
+    if reason.as_ref().map(|r| r.code) == Some(ErrorCode::SHUTTING_DOWN) {
+        // Finish what was accepted: wait until every in-flight send is answered.
+        let grace = Duration::from_millis(limits.shutdown_grace_ms);
+        let all = limits.max_in_flight as u32;
+        if tokio::time::timeout(grace, inflight.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!(
+                user,
+                "in-flight sends not answered within the shutdown grace"
+            );
+        }
+    }
+    let _ = conn.replies.send(Reply::Close(reason));
+    drop(conn);
+    unregister(node.clone()).await;
+    let _ = writer.await;
+    debug!(user, session_id, "session ended");
+}
+
+/// The reader side's per-connection state.
+struct Conn {
+    node: Arc<Node>,
+    user: u64,
+    device: u32,
+    replies: mpsc::UnboundedSender<Reply>,
+    inflight: Arc<Semaphore>,
+}
+
+impl Conn {
+    fn error(&self, request_id: u32, code: ErrorCode, message: impl Into<String>) {
+        let _ = self.replies.send(Reply::Frame(Frame::new(
+            request_id,
+            Body::Error(Reason::new(code, message)),
+        )));
+    }
+
+    /// Checks what the client may send to a user inbox in this version.
+    fn validate(&self, s: &Send) -> Result<u64, (ErrorCode, String)> {
+        let recipient = match s.destination {
+            Destination::User(0) => {
+                return Err((
+                    ErrorCode::INVALID_DESTINATION,
+                    "user id 0 is not a user".into(),
+                ))
+            }
+            Destination::User(id) => id,
+            Destination::Group(_) | Destination::List(_) => {
+                return Err((
+                    ErrorCode::DESTINATION_UNSUPPORTED,
+                    "groups and broadcast lists are not served yet".into(),
+                ))
+            }
+        };
+        if !matches!(s.kind, MessageKind::Chat | MessageKind::Template) {
+            return Err((
+                ErrorCode::KIND_NOT_ALLOWED,
+                format!("kind {:?} is not sent with Send", s.kind),
+            ));
+        }
+        let max = self.node.config.limits.max_payload_len as usize;
+        if s.payload.len() > max {
+            return Err((
+                ErrorCode::PAYLOAD_TOO_LARGE,
+                format!("payload of {} bytes exceeds {max}", s.payload.len()),
+            ));
+        }
+        Ok(recipient)
+    }
+
+    /// Takes an in-flight permit and queues the send on the recipient's shard.
+    /// Returns false if the shards have stopped.
+    async fn dispatch(&self, s: Send, recipient: u64, request_id: u32, index: Option<u16>) -> bool {
+        match self.inflight.acquire().await {
+            Ok(p) => p.forget(), // returned by the writer when the result is written
+            Err(_) => return false,
+        }
+        let cmd = ShardCmd::Send(SendCmd {
+            sender: self.user,
+            sender_device: self.device,
+            recipient,
+            client_msg_id: s.client_msg_id,
+            kind: s.kind,
+            payload: s.payload,
+            reply: ReplyTo {
+                tx: self.replies.clone(),
+                request_id,
+                index,
+            },
+        });
+        if self.node.shards.send(recipient, cmd).await {
+            true
+        } else {
+            self.inflight.add_permits(1);
+            false
+        }
+    }
+
+    /// Handles one request; false when the node is stopping.
+    async fn handle(&mut self, frame: Frame) -> bool {
+        let rid = frame.request_id;
+        match frame.body {
+            Body::Send(s) => match self.validate(&s) {
+                Ok(recipient) => return self.dispatch(s, recipient, rid, None).await,
+                Err((code, msg)) => self.error(rid, code, msg),
+            },
+            Body::SendBatch(sends) => {
+                let max = self.node.config.limits.max_batch;
+                if sends.len() > max as usize {
+                    self.error(
+                        rid,
+                        ErrorCode::BATCH_TOO_LARGE,
+                        format!("{} items; at most {max}", sends.len()),
+                    );
+                    return true;
+                }
+                let _ = self.replies.send(Reply::BatchStart {
+                    request_id: rid,
+                    count: sends.len() as u16,
+                });
+                for (i, s) in sends.into_iter().enumerate() {
+                    let index = Some(i as u16);
+                    match self.validate(&s) {
+                        Ok(recipient) => {
+                            if !self.dispatch(s, recipient, rid, index).await {
+                                return false;
+                            }
+                        }
+                        Err((code, _)) => {
+                            // The writer returns a permit per result: take one.
+                            match self.inflight.acquire().await {
+                                Ok(p) => p.forget(),
+                                Err(_) => return false,
+                            }
+                            let _ = self.replies.send(Reply::SendResult {
+                                request_id: rid,
+                                index,
+                                result: SendResult {
+                                    client_msg_id: s.client_msg_id,
+                                    code,
+                                    server_msg_id: 0,
+                                    seq: 0,
+                                    timestamp_ms: 0,
+                                    duplicate: false,
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+            Body::Ack { up_to_seq } => {
+                let user = self.user;
+                return self
+                    .node
+                    .shards
+                    .send(user, ShardCmd::Ack { user, up_to_seq })
+                    .await;
+            }
+            Body::Fetch(f) => {
+                if f.user_id != self.user {
+                    self.error(
+                        rid,
+                        ErrorCode::FORBIDDEN,
+                        "a session reads only its own inbox",
+                    );
+                    return true;
+                }
+                self.fetch(rid, f).await;
+            }
+            Body::Ping { nonce } => {
+                let _ = self
+                    .replies
+                    .send(Reply::Frame(Frame::new(rid, Body::Pong { nonce })));
+            }
+            Body::Pong { .. } => {}
+            other => self.error(
+                rid,
+                ErrorCode::UNEXPECTED_FRAME,
+                format!("{} is not a client request here", other.name()),
+            ),
+        }
+        true
+    }
+
+    async fn fetch(&self, rid: u32, f: Fetch) {
+        let store = self.node.store.clone();
+        let user = self.user;
+        let limit = (f.limit as usize).min(FETCH_LIMIT_MAX);
+        let budget = self.node.config.limits.max_frame_len as usize - 64;
+        let read = tokio::task::spawn_blocking(move || {
+            let state = store.state(user)?;
+            let mut messages = Vec::new();
+            let mut size = HEADER_LEN + 2 + 16;
+            for m in store.read_after(user, f.after_seq, limit)? {
+                let m = to_wire(m)?;
+                size += MESSAGE_FIXED_LEN + m.payload.len();
+                if size > budget {
+                    break;
+                }
+                messages.push(m);
+            }
+            Ok::<_, courier_storage::StoreError>(FetchReply {
+                head_seq: state.head_seq,
+                oldest_seq: state.oldest_seq,
+                messages,
+            })
+        })
+        .await;
+        match read {
+            Ok(Ok(reply)) => {
+                let _ = self
+                    .replies
+                    .send(Reply::Frame(Frame::new(rid, Body::FetchReply(reply))));
+            }
+            Ok(Err(e)) => {
+                error!(user, error = %e, "fetch failed");
+                self.error(rid, ErrorCode::INTERNAL, "storage error");
+            }
+            Err(_) => self.error(rid, ErrorCode::INTERNAL, "storage error"),
+        }
+    }
+}
+
+/// The write side: the only task that writes to the socket.
+struct Writer {
+    wr: OwnedWriteHalf,
+    replies: mpsc::UnboundedReceiver<Reply>,
+    deliveries: mpsc::Receiver<Arc<Message>>,
+    deliveries_open: bool,
+    session: Arc<SessionHandle>,
+    store: Arc<dyn InboxStore>,
+    user: u64,
+    /// Highest sequence handed to the socket (or queued in `pending`).
+    delivered: u64,
+    inflight: Arc<Semaphore>,
+    out: BytesMut,
+    pending: Vec<Arc<Message>>,
+    /// Results of batches in progress: slots and how many are still missing.
+    batches: HashMap<u32, (Vec<Option<SendResult>>, usize)>,
+    max_frame_len: usize,
+}
+
+enum Step {
+    Continue,
+    Close,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        if let Err(e) = self.run_inner().await {
+            debug!(user = self.user, error = %e, "writer stopped");
+        }
+        let _ = self.wr.shutdown().await;
+    }
+
+    async fn run_inner(&mut self) -> std::io::Result<()> {
+        let mut need_catch_up = true;
+        loop {
+            if need_catch_up || self.session.lagging.load(Ordering::SeqCst) {
+                self.catch_up().await?;
+                need_catch_up = false;
+            }
+            let step = tokio::select! {
+                biased;
+                r = self.replies.recv() => match r {
+                    Some(r) => self.on_reply(r),
+                    None => Step::Close,
+                },
+                d = self.deliveries.recv(), if self.deliveries_open => {
+                    match d {
+                        Some(m) => need_catch_up |= self.on_delivery(m),
+                        None => self.deliveries_open = false,
+                    }
+                    Step::Continue
+                }
+                _ = self.session.wake.notified() => Step::Continue,
+            };
+            if let Step::Close = step {
+                return self.flush().await;
+            }
+            // Take whatever else is ready, alternating so neither kind starves,
+            // so that one write carries many frames.
+            while self.out.len() < WRITE_BUF_FLUSH && self.pending.len() < PENDING_MAX {
+                let mut progressed = false;
+                if let Ok(r) = self.replies.try_recv() {
+                    if let Step::Close = self.on_reply(r) {
+                        return self.flush().await;
+                    }
+                    progressed = true;
+                }
+                if let Ok(m) = self.deliveries.try_recv() {
+                    need_catch_up |= self.on_delivery(m);
+                    progressed = true;
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Accepts a live delivery; returns true if a gap needs a catch-up.
+    fn on_delivery(&mut self, m: Arc<Message>) -> bool {
+        if m.seq <= self.delivered {
+            false // already sent by a catch-up
+        } else if m.seq == self.delivered + 1 {
+            self.delivered = m.seq;
+            self.pending.push(m);
+            false
+        } else {
+            true
+        }
+    }
+
+    fn on_reply(&mut self, r: Reply) -> Step {
+        match r {
+            Reply::SendResult {
+                request_id,
+                index,
+                result,
+            } => {
+                self.inflight.add_permits(1);
+                match index {
+                    None if result.code == ErrorCode::OK => self.encode(&Frame::new(
+                        request_id,
+                        Body::SendAck(SendAck {
+                            client_msg_id: result.client_msg_id,
+                            server_msg_id: result.server_msg_id,
+                            seq: result.seq,
+                            timestamp_ms: result.timestamp_ms,
+                            duplicate: result.duplicate,
+                        }),
+                    )),
+                    None => self.encode(&Frame::new(
+                        request_id,
+                        Body::Error(Reason::new(result.code, result.code.description())),
+                    )),
+                    Some(i) => {
+                        let done = match self.batches.get_mut(&request_id) {
+                            Some((slots, missing)) => {
+                                if let Some(slot @ None) = slots.get_mut(i as usize) {
+                                    *slot = Some(result);
+                                    *missing -= 1;
+                                }
+                                *missing == 0
+                            }
+                            None => false,
+                        };
+                        if done {
+                            let (slots, _) = self.batches.remove(&request_id).expect("present");
+                            let results = slots.into_iter().map(|s| s.expect("filled")).collect();
+                            self.encode(&Frame::new(request_id, Body::SendBatchAck(results)));
+                        }
+                    }
+                }
+                Step::Continue
+            }
+            Reply::BatchStart { request_id, count } => {
+                self.batches
+                    .insert(request_id, (vec![None; count as usize], count as usize));
+                Step::Continue
+            }
+            Reply::Frame(f) => {
+                self.encode(&f);
+                Step::Continue
+            }
+            Reply::Close(reason) => {
+                if let Some(reason) = reason {
+                    self.encode(&Frame::new(0, Body::Goodbye(reason)));
+                }
+                Step::Close
+            }
+        }
+    }
+
+    fn encode(&mut self, f: &Frame) {
+        self.encode_pending();
+        encode(f, &mut self.out);
+    }
+
+    /// Encodes pending deliveries as `Deliver` frames within the frame limit.
+    fn encode_pending(&mut self) {
+        let budget = self.max_frame_len / 2;
+        let mut start = 0;
+        while start < self.pending.len() {
+            let mut end = start;
+            let mut size = HEADER_LEN + 2;
+            while end < self.pending.len() && end - start < DELIVER_BATCH_MAX {
+                let add = MESSAGE_FIXED_LEN + self.pending[end].payload.len();
+                if end > start && size + add > budget {
+                    break;
+                }
+                size += add;
+                end += 1;
+            }
+            encode_deliver(0, &self.pending[start..end], &mut self.out);
+            start = end;
+        }
+        self.pending.clear();
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.encode_pending();
+        if !self.out.is_empty() {
+            self.wr.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads the inbox after `delivered` up to its head and sends it, until
+    /// no push was missed in between (see the module comment).
+    async fn catch_up(&mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        loop {
+            self.session.lagging.store(false, Ordering::SeqCst);
+            loop {
+                let store = self.store.clone();
+                let (user, after) = (self.user, self.delivered);
+                let page = tokio::task::spawn_blocking(move || {
+                    store
+                        .read_after(user, after, CATCH_UP_PAGE)?
+                        .into_iter()
+                        .map(to_wire)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                let page = match page {
+                    Ok(p) => p,
+                    Err(e) => {
+                        error!(user, error = %e, "catch-up read failed; closing session");
+                        self.encode(&Frame::new(
+                            0,
+                            Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
+                        ));
+                        self.flush().await?;
+                        return Err(std::io::Error::other("storage error"));
+                    }
+                };
+                let n = page.len();
+                for m in page {
+                    debug_assert!(m.seq > self.delivered);
+                    self.delivered = m.seq;
+                    self.pending.push(Arc::new(m));
+                }
+                self.flush().await?;
+                if n < CATCH_UP_PAGE {
+                    break;
+                }
+            }
+            if !self.session.lagging.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Courier's broker: the `courier` server.
+//!
+//! A client connection ([`conn`]) authenticates ([`auth`]), then its reader
+//! sends requests to the shard that owns the destination user ([`shard`]);
+//! a shard is the single writer of its users' inboxes in the store
+//! (`courier-storage`) and pushes what it stored to the recipients' live
+//! sessions. [`server`] binds the listeners, runs the accept loop and the
+//! graceful shutdown; [`admin`] serves `/healthz` and `/readyz`; [`config`]
+//! loads settings; [`cli`] is the command line. `docs/ARCHITECTURE.md` draws
+//! the whole data flow.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod server;
+pub mod shard;
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use courier_storage::InboxStore;
+use tokio_util::sync::CancellationToken;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What every connection shares.
+pub struct Node {
+    pub config: config::Config,
+    pub store: Arc<dyn InboxStore>,
+    pub shards: shard::Shards,
+    pub key: auth::TokenKey,
+    /// Cancelled when shutdown starts.
+    pub shutdown: CancellationToken,
+    /// True once listeners are up and until shutdown starts.
+    pub ready: AtomicBool,
+    pub next_session: AtomicU64,
+}

@@ -1,0 +1,321 @@
+//! Bad input gets its specific error code, and the server keeps serving others.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use courier_client::{Client, ClientError};
+use courier_protocol::*;
+
+/// After each abuse, a well-behaved pair still exchanges a message.
+async fn still_serving(server: &Server) {
+    let (a, _) = server.client(901).await;
+    let (b, _) = server.client(902).await;
+    a.send(
+        Destination::User(902),
+        MessageKind::Chat,
+        chat("still here"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.recv_timeout(WAIT).await.unwrap().payload,
+        chat("still here")
+    );
+}
+
+async fn after_hello(server: &Server, user: u64) -> Raw {
+    let mut raw = Raw::connect(&server.addr).await;
+    raw.send(&Raw::hello(user, &server.token(user, 1, u64::MAX / 2)))
+        .await;
+    match raw.next().await {
+        Some(Frame {
+            body: Body::Welcome(_),
+            ..
+        }) => raw,
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn malformed_frames_close_the_connection_with_their_code() {
+    let server = Server::start(&[]);
+    // A ping whose body is too short.
+    let mut raw = after_hello(&server, 1).await;
+    raw.send_bytes(&[0, 0, 0, 6, 0x0b, 0, 0, 0, 1, 0xaa]).await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::MALFORMED_FRAME);
+    // An unknown frame type.
+    let mut raw = after_hello(&server, 1).await;
+    raw.send_bytes(&[0, 0, 0, 5, 0x7f, 0, 0, 0, 1]).await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::UNKNOWN_FRAME_TYPE);
+    // Garbage before any hello.
+    let mut raw = Raw::connect(&server.addr).await;
+    raw.send_bytes(b"\x00\x00\x00\x05GET / HTTP/1.1\r\n\r\n")
+        .await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::UNKNOWN_FRAME_TYPE);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn oversized_frames_are_refused_before_their_body() {
+    let server = Server::start(&[]);
+    let mut raw = after_hello(&server, 1).await;
+    // Claim 64 MiB and send only the header: the server must not wait for it.
+    raw.send_bytes(&(64u32 << 20).to_be_bytes()).await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::FRAME_TOO_LARGE);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn wrong_version_is_refused() {
+    let server = Server::start(&[]);
+    let mut raw = Raw::connect(&server.addr).await;
+    let mut hello = Raw::hello(1, &server.token(1, 1, u64::MAX / 2));
+    if let Body::Hello(h) = &mut hello.body {
+        h.version = 99;
+    }
+    raw.send(&hello).await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::UNSUPPORTED_VERSION);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn bad_expired_and_foreign_tokens_are_refused() {
+    let server = Server::start(&[]);
+    let refused = |r: Result<(Client, Welcome), ClientError>| match r {
+        Err(ClientError::Refused(code, _)) => code,
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    let mut cfg = server.config(1);
+    cfg.token = "garbage".into();
+    assert_eq!(refused(Client::connect(cfg).await), ErrorCode::AUTH_FAILED);
+
+    let mut cfg = server.config(1);
+    cfg.token = server.token(1, 1, 1_000); // expired in 1970
+    assert_eq!(
+        refused(Client::connect(cfg).await),
+        ErrorCode::TOKEN_EXPIRED
+    );
+
+    let mut cfg = server.config(1);
+    cfg.token = server.token(2, 1, u64::MAX / 2); // bob's token, claiming to be alice
+    assert_eq!(refused(Client::connect(cfg).await), ErrorCode::AUTH_FAILED);
+
+    let mut cfg = server.config(1);
+    cfg.device_id = 9; // token for device 1
+    assert_eq!(refused(Client::connect(cfg).await), ErrorCode::AUTH_FAILED);
+
+    // A token signed with another secret.
+    let other = courier_broker::auth::TokenKey::new(vec![1u8; 32]);
+    let mut cfg = server.config(1);
+    cfg.token = other.mint(courier_broker::auth::Claims {
+        user_id: 1,
+        device_id: 1,
+        expires_at_s: u64::MAX / 2,
+    });
+    assert_eq!(refused(Client::connect(cfg).await), ErrorCode::AUTH_FAILED);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn reading_another_users_inbox_is_forbidden() {
+    let server = Server::start(&[]);
+    let (alice, _) = server.client(1).await;
+    alice
+        .send(
+            Destination::User(2),
+            MessageKind::Chat,
+            chat("for bob only"),
+        )
+        .await
+        .unwrap();
+    let (mallory, _) = server.client(3).await;
+    let err = mallory.fetch_inbox(2, 0, 100).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected(ErrorCode::FORBIDDEN, _)),
+        "{err}"
+    );
+    // The connection stays usable, and mallory's own inbox is empty.
+    mallory.ping().await.unwrap();
+    assert!(mallory.fetch(0, 100).await.unwrap().messages.is_empty());
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
+    let server = Server::start(&[
+        ("COURIER_LIMITS_MAX_BATCH", "4"),
+        ("COURIER_LIMITS_MAX_PAYLOAD_LEN", "1000"),
+    ]);
+    let (alice, welcome) = server.client(1).await;
+    assert_eq!(welcome.max_batch, 4);
+    let rejected = |r: Result<SendAck, ClientError>| match r {
+        Err(ClientError::Rejected(code, _)) => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::Group(5), MessageKind::Chat, chat("g"))
+                .await
+        ),
+        ErrorCode::DESTINATION_UNSUPPORTED
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::List(5), MessageKind::Chat, chat("l"))
+                .await
+        ),
+        ErrorCode::DESTINATION_UNSUPPORTED
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::User(0), MessageKind::Chat, chat("u0"))
+                .await
+        ),
+        ErrorCode::INVALID_DESTINATION
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::User(2), MessageKind::System, chat("sys"))
+                .await
+        ),
+        ErrorCode::KIND_NOT_ALLOWED
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(
+                    Destination::User(2),
+                    MessageKind::Chat,
+                    Bytes::from(vec![0u8; 1001])
+                )
+                .await
+        ),
+        ErrorCode::PAYLOAD_TOO_LARGE
+    );
+    let five: Vec<Send> = (0..5)
+        .map(|i| Send {
+            client_msg_id: i,
+            destination: Destination::User(2),
+            kind: MessageKind::Chat,
+            payload: chat("x"),
+        })
+        .collect();
+    match alice.send_batch(five).await {
+        Err(ClientError::Rejected(ErrorCode::BATCH_TOO_LARGE, _)) => {}
+        other => panic!("expected BATCH_TOO_LARGE, got {other:?}"),
+    }
+    // A batch with one bad item: the others are stored.
+    let mixed = vec![
+        Send {
+            client_msg_id: 10,
+            destination: Destination::User(2),
+            kind: MessageKind::Chat,
+            payload: chat("ok"),
+        },
+        Send {
+            client_msg_id: 11,
+            destination: Destination::Group(1),
+            kind: MessageKind::Chat,
+            payload: chat("no"),
+        },
+        Send {
+            client_msg_id: 12,
+            destination: Destination::User(2),
+            kind: MessageKind::Chat,
+            payload: chat("ok"),
+        },
+    ];
+    let codes: Vec<ErrorCode> = alice
+        .send_batch(mixed)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.code)
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            ErrorCode::OK,
+            ErrorCode::DESTINATION_UNSUPPORTED,
+            ErrorCode::OK
+        ]
+    );
+    // A server frame sent by a client.
+    let mut raw = after_hello(&server, 1).await;
+    raw.send(&Frame::new(9, Body::Pong { nonce: 1 })).await;
+    raw.send(&Frame::new(10, Body::Deliver(vec![]))).await;
+    match raw.next().await {
+        Some(Frame {
+            request_id: 10,
+            body: Body::Error(r),
+        }) => assert_eq!(r.code, ErrorCode::UNEXPECTED_FRAME),
+        other => panic!("expected UNEXPECTED_FRAME, got {other:?}"),
+    }
+    // Nothing bad reached bob's inbox.
+    let (bob, _) = server.client(2).await;
+    let inbox = bob.fetch(0, 100).await.unwrap();
+    assert_eq!(inbox.messages.len(), 2);
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn handshake_idle_and_connection_limits_close_with_their_codes() {
+    let server = Server::start(&[
+        ("COURIER_LIMITS_HANDSHAKE_TIMEOUT_MS", "300"),
+        ("COURIER_LIMITS_IDLE_TIMEOUT_MS", "1500"),
+        ("COURIER_LIMITS_MAX_CONNECTIONS", "3"),
+    ]);
+    // Connect and say nothing.
+    let mut silent = Raw::connect(&server.addr).await;
+    assert_eq!(silent.expect_goodbye().await, ErrorCode::HANDSHAKE_TIMEOUT);
+    // Authenticate, then go quiet past the idle timeout.
+    let mut idle = after_hello(&server, 1).await;
+    assert_eq!(idle.expect_goodbye().await, ErrorCode::IDLE_TIMEOUT);
+    // A client that pings stays.
+    let (pinger, welcome) = server.client(2).await;
+    assert_eq!(welcome.keepalive_ms, 500);
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pinger.ping().await.unwrap();
+    }
+    // Three slots: pinger plus two more; the fourth is refused.
+    let (_b, _) = server.client(3).await;
+    let (_c, _) = server.client(4).await;
+    let mut over = Raw::connect(&server.addr).await;
+    assert_eq!(over.expect_goodbye().await, ErrorCode::TOO_MANY_CONNECTIONS);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_accepted_work_and_says_goodbye() {
+    let mut server = Server::start(&[]);
+    assert_eq!(server.admin_get("/healthz").await, (200, "ok\n".into()));
+    assert_eq!(server.admin_get("/readyz").await.0, 200);
+    let (alice, _) = server.client(1).await;
+    let ack = alice
+        .send(Destination::User(2), MessageKind::Chat, chat("before"))
+        .await
+        .unwrap();
+    server.terminate();
+    let reason = tokio::time::timeout(WAIT, alice.closed()).await.unwrap();
+    assert_eq!(reason.map(|r| r.code), Some(ErrorCode::SHUTTING_DOWN));
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "clean exit: {:?}", status.0);
+    let mut server = status.1;
+    server.restart();
+    let (bob, _) = server.client(2).await;
+    let m = bob.recv_timeout(WAIT).await.unwrap();
+    assert_eq!((m.seq, m.server_msg_id), (ack.seq, ack.server_msg_id));
+}

@@ -1,0 +1,239 @@
+//! Starts the real `courier` binary on loopback port 0 and talks to it over
+//! TCP with the real client.
+
+#![allow(dead_code, reason = "each test file uses part of the harness")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use courier_broker::auth::{load_or_create_secret, Claims};
+use courier_client::{Client, ClientConfig};
+use courier_protocol::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub admin: String,
+    pub data_dir: PathBuf,
+    env: Vec<(String, String)>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A node in a fresh data dir, with `COURIER_*` settings from `env`.
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut s = Server::spawn(&dir, env);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    fn spawn(dir: &Path, env: Vec<(String, String)>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env(
+            "COURIER_LOG",
+            std::env::var("COURIER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start courier");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut addr, mut admin) = (None, None);
+        while addr.is_none() || admin.is_none() {
+            let line = lines
+                .next()
+                .expect("courier exited before printing its addresses")
+                .unwrap();
+            if let Some(a) = line.trim().strip_prefix("clients: ") {
+                addr = Some(a.to_owned());
+            }
+            if let Some(a) = line.trim().strip_prefix("admin:   http://") {
+                admin = Some(a.trim_end_matches("/healthz").to_owned());
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            addr: addr.unwrap(),
+            admin: admin.unwrap(),
+            data_dir: dir.to_owned(),
+            env,
+            _tmp: None,
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM: graceful shutdown.
+    pub fn terminate(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Starts the node again on the same data dir (new ports).
+    pub fn restart(&mut self) {
+        let tmp = self._tmp.take();
+        let next = Server::spawn(&self.data_dir, self.env.clone());
+        let old = std::mem::replace(self, next);
+        drop(old); // already stopped; dropping reaps it
+        self._tmp = tmp;
+    }
+
+    pub fn token(&self, user: u64, device: u32, expires_at_s: u64) -> String {
+        load_or_create_secret(&self.data_dir.join("secret.key"))
+            .unwrap()
+            .mint(Claims {
+                user_id: user,
+                device_id: device,
+                expires_at_s,
+            })
+    }
+
+    pub fn config(&self, user: u64) -> ClientConfig {
+        ClientConfig::new(
+            self.addr.clone(),
+            user,
+            1,
+            self.token(user, 1, u64::MAX / 2),
+        )
+    }
+
+    pub async fn client(&self, user: u64) -> (Client, Welcome) {
+        Client::connect(self.config(user)).await.expect("connect")
+    }
+
+    pub async fn resume(&self, user: u64, after: u64) -> (Client, Welcome) {
+        let mut c = self.config(user);
+        c.resume_after = Some(after);
+        Client::connect(c).await.expect("connect")
+    }
+
+    /// One HTTP GET on the admin port: (status code, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.admin).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+        (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn chat(text: impl Into<Vec<u8>>) -> Bytes {
+    Bytes::from(text.into())
+}
+
+/// A raw connection for sending what a well-behaved client never would.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str) -> Raw {
+        Raw {
+            stream: TcpStream::connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) {
+        self.stream
+            .write_all(&encode_to_bytes(frame))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn next(&mut self) -> Option<Frame> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some((f, n)) = decode(&self.buf, u32::MAX).unwrap() {
+                    let _ = self.buf.split_to(n);
+                    return Some(f);
+                }
+                let mut chunk = [0u8; 65536];
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .expect("server answered in time")
+    }
+
+    /// Reads until a Goodbye; returns its code and checks the server closes.
+    pub async fn expect_goodbye(&mut self) -> ErrorCode {
+        loop {
+            match self.next().await {
+                Some(Frame {
+                    body: Body::Goodbye(r),
+                    ..
+                }) => {
+                    assert!(
+                        self.next().await.is_none(),
+                        "connection closed after goodbye"
+                    );
+                    return r.code;
+                }
+                Some(_) => continue,
+                None => panic!("closed without goodbye"),
+            }
+        }
+    }
+
+    pub fn hello(user: u64, token: &str) -> Frame {
+        Frame::new(
+            1,
+            Body::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                user_id: user,
+                device_id: 1,
+                resume_after: None,
+                token: Bytes::from(token.as_bytes().to_vec()),
+            }),
+        )
+    }
+}

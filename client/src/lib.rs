@@ -1,0 +1,442 @@
+//! An async (tokio) client for Courier's protocol v1: what applications,
+//! bots, the tests and the load generator use.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), courier_client::ClientError> {
+//! use courier_client::{Client, ClientConfig};
+//! use courier_protocol::{Destination, MessageKind};
+//! let config = ClientConfig::new("127.0.0.1:7700", 1, 1, "token-from-courier-token");
+//! let (client, welcome) = Client::connect(config).await?;
+//! let ack = client.send(Destination::User(2), MessageKind::Chat, "hi".into()).await?;
+//! while let Some(message) = client.recv().await {
+//!     client.ack(message.seq).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! One background task reads frames: replies complete the request that
+//! carries their request id, deliveries go to a bounded queue read by
+//! [`Client::recv`]. If the application stops calling `recv`, that queue
+//! fills, the reader stops reading the socket and the server moves this
+//! session to catch-up: nothing is lost, nothing else slows down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use courier_protocol::*;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Deliveries buffered in the client before it stops reading the socket.
+const DELIVERY_QUEUE_LEN: usize = 4096;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server refused the session (Goodbye during the handshake).
+    #[error("handshake refused: {0:?} {1}")]
+    Refused(ErrorCode, String),
+    /// The server answered the request with an error.
+    #[error("rejected: {0:?} {1}")]
+    Rejected(ErrorCode, String),
+    /// The connection is closed (with the server's reason, if it gave one).
+    #[error("connection closed{}", .0.as_ref().map(|r| format!(": {:?} {}", r.code, r.message)).unwrap_or_default())]
+    Closed(Option<Reason>),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// How to connect and who to be.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub addr: String,
+    pub user_id: u64,
+    pub device_id: u32,
+    pub token: String,
+    /// `Some(n)`: resume after inbox sequence `n`; `None`: after what was acknowledged.
+    pub resume_after: Option<u64>,
+    pub max_frame_len: u32,
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(
+        addr: impl Into<String>,
+        user_id: u64,
+        device_id: u32,
+        token: impl Into<String>,
+    ) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            user_id,
+            device_id,
+            token: token.into(),
+            resume_after: None,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Body>>>>;
+
+pub struct Client {
+    config: ClientConfig,
+    out: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    deliveries: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    next_request: AtomicU32,
+    next_client_msg_id: AtomicU64,
+    last_received: Arc<AtomicU64>,
+    closed: Arc<Mutex<Option<Option<Reason>>>>,
+}
+
+impl Client {
+    /// Connects, says hello and waits for the welcome.
+    pub async fn connect(config: ClientConfig) -> Result<(Client, Welcome), ClientError> {
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&config.addr))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let hello = Frame::new(
+            1,
+            Body::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                user_id: config.user_id,
+                device_id: config.device_id,
+                resume_after: config.resume_after,
+                token: Bytes::from(config.token.clone().into_bytes()),
+            }),
+        );
+        wr.write_all(&encode_to_bytes(&hello)).await?;
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        let first = tokio::time::timeout(
+            config.connect_timeout,
+            read_frame(&mut rd, &mut buf, config.max_frame_len),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout)??;
+        let welcome = match first.map(|f| f.body) {
+            Some(Body::Welcome(w)) => w,
+            Some(Body::Goodbye(r)) | Some(Body::Error(r)) => {
+                return Err(ClientError::Refused(r.code, r.message))
+            }
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected welcome, got {}",
+                    other.name()
+                )))
+            }
+            None => return Err(ClientError::Closed(None)),
+        };
+
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(async move {
+            let mut batch = BytesMut::new();
+            while let Some(first) = out_rx.recv().await {
+                batch.extend_from_slice(&first);
+                while let Ok(more) = out_rx.try_recv() {
+                    batch.extend_from_slice(&more);
+                    if batch.len() > 256 << 10 {
+                        break;
+                    }
+                }
+                if wr.write_all(&batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+            }
+            let _ = wr.shutdown().await;
+        });
+
+        let pending: Pending = Arc::default();
+        let closed: Arc<Mutex<Option<Option<Reason>>>> = Arc::default();
+        let last_received = Arc::new(AtomicU64::new(welcome.resume_from.saturating_sub(1)));
+        let (dtx, drx) = mpsc::channel(DELIVERY_QUEUE_LEN);
+        {
+            let pending = pending.clone();
+            let closed = closed.clone();
+            // The server says how large its frames may be.
+            let max = config.max_frame_len.max(welcome.max_frame_len);
+            tokio::spawn(async move {
+                let mut reason = None;
+                loop {
+                    match read_frame(&mut rd, &mut buf, max).await {
+                        Ok(Some(frame)) => match frame.body {
+                            Body::Deliver(messages) => {
+                                for m in messages {
+                                    if dtx.send(m).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Body::Goodbye(r) => {
+                                reason = Some(r);
+                                break;
+                            }
+                            Body::Ping { nonce } => {
+                                let _ = nonce; // servers do not ping in v1
+                            }
+                            body => {
+                                let waiter =
+                                    pending.lock().expect("pending").remove(&frame.request_id);
+                                match waiter {
+                                    Some(w) => {
+                                        let _ = w.send(body);
+                                    }
+                                    None => {
+                                        if let Body::Error(r) = body {
+                                            reason = Some(r);
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(_) => break,
+                    }
+                }
+                *closed.lock().expect("closed") = Some(reason);
+                // Dropping the waiters fails every outstanding request.
+                pending.lock().expect("pending").clear();
+            });
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Ok((
+            Client {
+                config,
+                out: out_tx,
+                pending,
+                deliveries: tokio::sync::Mutex::new(drx),
+                next_request: AtomicU32::new(2),
+                next_client_msg_id: AtomicU64::new(seed),
+                last_received,
+                closed,
+            },
+            welcome,
+        ))
+    }
+
+    /// Connects again as the same user and device, resuming after the last
+    /// message this client handed to the application.
+    pub async fn reconnect(&self) -> Result<(Client, Welcome), ClientError> {
+        let mut config = self.config.clone();
+        config.resume_after = Some(self.last_received_seq());
+        Client::connect(config).await
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Sequence of the last message returned by [`Client::recv`].
+    pub fn last_received_seq(&self) -> u64 {
+        self.last_received.load(Ordering::SeqCst)
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<Option<Reason>> {
+        self.closed.lock().expect("closed").clone()
+    }
+
+    fn request_id(&self) -> u32 {
+        loop {
+            let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// A fresh client message id (unique for this client's lifetime).
+    pub fn new_client_msg_id(&self) -> u64 {
+        self.next_client_msg_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn closed_error(&self) -> ClientError {
+        ClientError::Closed(self.close_reason().flatten())
+    }
+
+    /// Sends a request and waits for the frame that answers it.
+    pub async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let id = self.request_id();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, tx);
+        if self.close_reason().is_some() {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(self.closed_error());
+        }
+        if self
+            .out
+            .send(encode_to_bytes(&Frame::new(id, body)))
+            .is_err()
+        {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(self.closed_error());
+        }
+        match rx.await {
+            Ok(Body::Error(r)) => Err(ClientError::Rejected(r.code, r.message)),
+            Ok(body) => Ok(body),
+            Err(_) => Err(self.closed_error()),
+        }
+    }
+
+    /// Sends raw bytes (for tests of malformed input).
+    pub fn send_raw(&self, bytes: Bytes) -> Result<(), ClientError> {
+        self.out.send(bytes).map_err(|_| self.closed_error())
+    }
+
+    /// Sends a message with a fresh client message id and waits for the ack.
+    pub async fn send(
+        &self,
+        destination: Destination,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<SendAck, ClientError> {
+        self.send_with_id(self.new_client_msg_id(), destination, kind, payload)
+            .await
+    }
+
+    /// Sends with a chosen client message id: a retry with the same id is
+    /// stored once and answered with the original's ack (`duplicate` set).
+    pub async fn send_with_id(
+        &self,
+        client_msg_id: u64,
+        destination: Destination,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<SendAck, ClientError> {
+        let body = Body::Send(Send {
+            client_msg_id,
+            destination,
+            kind,
+            payload,
+        });
+        match self.request(body).await? {
+            Body::SendAck(a) => Ok(a),
+            other => Err(ClientError::Protocol(format!(
+                "expected send_ack, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Sends many messages in one frame; one result per item, in order.
+    pub async fn send_batch(&self, sends: Vec<Send>) -> Result<Vec<SendResult>, ClientError> {
+        match self.request(Body::SendBatch(sends)).await? {
+            Body::SendBatchAck(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!(
+                "expected send_batch_ack, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// The next delivered message, in inbox order; `None` once closed.
+    pub async fn recv(&self) -> Option<Message> {
+        let m = self.deliveries.lock().await.recv().await?;
+        self.last_received.store(m.seq, Ordering::SeqCst);
+        Some(m)
+    }
+
+    /// Like [`Client::recv`] with a deadline.
+    pub async fn recv_timeout(&self, timeout: Duration) -> Result<Message, ClientError> {
+        match tokio::time::timeout(timeout, self.recv()).await {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(self.closed_error()),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Tells the server this user has everything up to `seq`.
+    pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
+        let frame = Frame::new(0, Body::Ack { up_to_seq: seq });
+        self.out
+            .send(encode_to_bytes(&frame))
+            .map_err(|_| self.closed_error())
+    }
+
+    /// Reads this user's inbox after `after_seq`.
+    pub async fn fetch(&self, after_seq: u64, limit: u16) -> Result<FetchReply, ClientError> {
+        self.fetch_inbox(self.config.user_id, after_seq, limit)
+            .await
+    }
+
+    /// Reads the inbox of `user_id` (the server refuses any inbox but one's own).
+    pub async fn fetch_inbox(
+        &self,
+        user_id: u64,
+        after_seq: u64,
+        limit: u16,
+    ) -> Result<FetchReply, ClientError> {
+        let body = Body::Fetch(Fetch {
+            user_id,
+            after_seq,
+            limit,
+        });
+        match self.request(body).await? {
+            Body::FetchReply(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!(
+                "expected fetch_reply, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Round trip to the server (also keeps an idle connection alive).
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        match self.request(Body::Ping { nonce: 7 }).await? {
+            Body::Pong { .. } => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "expected pong, got {}",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Waits until the server closes the connection; returns its reason.
+    pub async fn closed(&self) -> Option<Reason> {
+        loop {
+            if let Some(r) = self.close_reason() {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn read_frame(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    max: u32,
+) -> Result<Option<Frame>, ClientError> {
+    loop {
+        match decode(buf, max) {
+            Ok(Some((frame, used))) => {
+                buf.advance(used);
+                return Ok(Some(frame));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ClientError::Protocol(e.to_string())),
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 << 10);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Stable numeric error codes carried by `Error`, `Goodbye` and per-item batch results.
+
+use std::fmt;
+
+/// A stable error code. Codes are a wire contract: a number, once given a
+/// meaning, keeps it. Unknown codes from a newer peer decode fine and print
+/// as `unknown`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! codes {
+    ($( $(#[$doc:meta])* $name:ident = $value:expr, $text:expr; )*) => {
+        impl ErrorCode {
+            $( $(#[$doc])* pub const $name: ErrorCode = ErrorCode($value); )*
+
+            /// Every code this version defines, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The code's symbolic name, as in the protocol document.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $( $value => stringify!($name), )*
+                    _ => "UNKNOWN",
+                }
+            }
+
+            /// A one-line description for logs and error messages.
+            pub fn description(self) -> &'static str {
+                match self.0 {
+                    $( $value => $text, )*
+                    _ => "unknown error code",
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// Success (only inside per-item batch results).
+    OK = 0, "ok";
+    /// The frame could not be parsed; the stream is closed.
+    MALFORMED_FRAME = 1, "malformed frame";
+    /// The frame's length exceeds the negotiated maximum; the stream is closed.
+    FRAME_TOO_LARGE = 2, "frame too large";
+    /// The client's protocol version is not supported; the stream is closed.
+    UNSUPPORTED_VERSION = 3, "unsupported protocol version";
+    /// The frame type is not known to this server; the stream is closed.
+    UNKNOWN_FRAME_TYPE = 4, "unknown frame type";
+    /// A frame arrived that is not valid in the session's state (e.g. Send before Hello).
+    UNEXPECTED_FRAME = 5, "frame not valid in this state";
+    /// No Hello arrived within the handshake timeout.
+    HANDSHAKE_TIMEOUT = 6, "handshake timeout";
+    /// The token does not verify, or names another user or device.
+    AUTH_FAILED = 10, "authentication failed";
+    /// The token has expired.
+    TOKEN_EXPIRED = 11, "token expired";
+    /// The session may not access the named resource (e.g. another user's inbox).
+    FORBIDDEN = 12, "forbidden";
+    /// The destination kind is not served by this server version.
+    DESTINATION_UNSUPPORTED = 20, "destination kind not supported";
+    /// The destination does not exist or is invalid (e.g. user id 0).
+    INVALID_DESTINATION = 21, "invalid destination";
+    /// A batch carries more items than the server allows (or none).
+    BATCH_TOO_LARGE = 22, "batch too large";
+    /// The payload exceeds the server's payload limit.
+    PAYLOAD_TOO_LARGE = 23, "payload too large";
+    /// The client message id was already used for a different message.
+    CLIENT_ID_REUSED = 24, "client message id reused for a different message";
+    /// The message kind may not be sent by clients.
+    KIND_NOT_ALLOWED = 25, "message kind not allowed from clients";
+    /// The server has no room for this connection.
+    TOO_MANY_CONNECTIONS = 30, "too many connections";
+    /// The server is shutting down; reconnect elsewhere or later.
+    SHUTTING_DOWN = 31, "server shutting down";
+    /// Nothing was received within the idle timeout.
+    IDLE_TIMEOUT = 32, "idle timeout";
+    /// The client has too many sends awaiting acknowledgement.
+    TOO_MANY_IN_FLIGHT = 33, "too many sends in flight";
+    /// The server could not complete the request (storage failure); retry later.
+    INTERNAL = 50, "internal error";
+    /// The server is temporarily overloaded; retry with backoff.
+    OVERLOADED = 51, "overloaded";
+}
+
+impl ErrorCode {
+    /// True when the server closes the stream after sending this code.
+    pub fn closes_stream(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::MALFORMED_FRAME
+                | ErrorCode::FRAME_TOO_LARGE
+                | ErrorCode::UNSUPPORTED_VERSION
+                | ErrorCode::UNKNOWN_FRAME_TYPE
+                | ErrorCode::HANDSHAKE_TIMEOUT
+                | ErrorCode::AUTH_FAILED
+                | ErrorCode::TOKEN_EXPIRED
+                | ErrorCode::TOO_MANY_CONNECTIONS
+                | ErrorCode::SHUTTING_DOWN
+                | ErrorCode::IDLE_TIMEOUT
+        )
+    }
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.name(), self.0, self.description())
+    }
+}

@@ -1,0 +1,20 @@
+//! Courier's wire protocol, version 1: a sans-IO codec.
+//!
+//! This crate knows nothing about sockets or runtimes. [`decode`] takes a
+//! byte slice and returns a frame and the number of bytes it used (or "need
+//! more bytes"); [`encode`] appends a frame to a buffer the caller owns. The
+//! byte layout of every frame is in `PROTOCOL.md` beside this crate, with test
+//! vectors that `tests/vectors.rs` checks against this code.
+//!
+//! Map:
+//! - [`frame`]: the frame types, their fields and the wire constants;
+//! - [`codec`]: encoding and decoding;
+//! - [`error`]: the stable numeric error codes.
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+
+pub use codec::{decode, encode, encode_deliver, encode_to_bytes, DecodeError};
+pub use error::ErrorCode;
+pub use frame::*;

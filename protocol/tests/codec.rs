@@ -1,0 +1,233 @@
+//! Round trips for every frame, decoding of hostile input, and a property
+//! test that arbitrary bytes never panic the decoder.
+
+use bytes::{Bytes, BytesMut};
+use courier_protocol::*;
+use proptest::prelude::*;
+
+#[path = "vectors.rs"]
+#[allow(dead_code, reason = "only the vector table is used here")]
+mod vectors;
+
+#[test]
+fn every_frame_round_trips() {
+    for (name, frame) in vectors::vectors() {
+        let bytes = encode_to_bytes(&frame);
+        let (decoded, used) = decode(&bytes, DEFAULT_MAX_FRAME_LEN).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "{name}");
+        assert_eq!(decoded, frame, "{name}");
+    }
+}
+
+#[test]
+fn partial_frames_ask_for_more_bytes() {
+    for (name, frame) in vectors::vectors() {
+        let bytes = encode_to_bytes(&frame);
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                decode(&bytes[..cut], DEFAULT_MAX_FRAME_LEN),
+                Ok(None),
+                "{name} cut at {cut}"
+            );
+        }
+    }
+}
+
+#[test]
+fn back_to_back_frames_decode_one_at_a_time() {
+    let mut buf = BytesMut::new();
+    let all = vectors::vectors();
+    for (_, f) in &all {
+        encode(f, &mut buf);
+    }
+    let mut at = 0;
+    for (name, f) in &all {
+        let (decoded, used) = decode(&buf[at..], DEFAULT_MAX_FRAME_LEN).unwrap().unwrap();
+        assert_eq!(&decoded, f, "{name}");
+        at += used;
+    }
+    assert_eq!(at, buf.len());
+}
+
+#[test]
+fn oversized_length_is_refused_before_the_body_arrives() {
+    let header = (DEFAULT_MAX_FRAME_LEN + 1).to_be_bytes();
+    assert_eq!(
+        decode(&header, DEFAULT_MAX_FRAME_LEN),
+        Err(DecodeError::FrameTooLarge {
+            len: DEFAULT_MAX_FRAME_LEN + 1,
+            max: DEFAULT_MAX_FRAME_LEN
+        })
+    );
+    assert_eq!(
+        decode(&header, DEFAULT_MAX_FRAME_LEN).unwrap_err().code(),
+        ErrorCode::FRAME_TOO_LARGE
+    );
+}
+
+#[test]
+fn hostile_frames_get_specific_errors() {
+    let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+        (
+            "length below header",
+            vec![0, 0, 0, 4, 1, 0, 0, 0],
+            ErrorCode::MALFORMED_FRAME,
+        ),
+        (
+            "unknown type",
+            vec![0, 0, 0, 5, 0x7f, 0, 0, 0, 1],
+            ErrorCode::UNKNOWN_FRAME_TYPE,
+        ),
+        (
+            "ping without nonce",
+            vec![0, 0, 0, 5, 0x0b, 0, 0, 0, 1],
+            ErrorCode::MALFORMED_FRAME,
+        ),
+        (
+            "trailing bytes",
+            vec![0, 0, 0, 14, 0x0b, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0xff],
+            ErrorCode::MALFORMED_FRAME,
+        ),
+        (
+            "batch claims 65535 items but carries none",
+            vec![0, 0, 0, 7, 0x04, 0, 0, 0, 1, 0xff, 0xff],
+            ErrorCode::MALFORMED_FRAME,
+        ),
+        (
+            "empty batch",
+            vec![0, 0, 0, 7, 0x04, 0, 0, 0, 1, 0, 0],
+            ErrorCode::MALFORMED_FRAME,
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        match decode(&bytes, DEFAULT_MAX_FRAME_LEN) {
+            Err(e) => assert_eq!(e.code(), code, "{name}: {e}"),
+            Ok(r) => panic!("{name}: decoded {r:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_flag_byte_other_than_0_or_1_is_malformed() {
+    let (_, ack) = vectors::vectors()
+        .into_iter()
+        .find(|(n, _)| *n == "send_ack")
+        .unwrap();
+    let mut bytes = encode_to_bytes(&ack).to_vec();
+    *bytes.last_mut().unwrap() = 5; // the duplicate flag
+    assert_eq!(
+        decode(&bytes, DEFAULT_MAX_FRAME_LEN).unwrap_err().code(),
+        ErrorCode::MALFORMED_FRAME
+    );
+}
+
+#[test]
+fn send_with_a_payload_length_beyond_the_frame_is_malformed() {
+    let frame = Frame::new(
+        1,
+        Body::Send(Send {
+            client_msg_id: 1,
+            destination: Destination::User(2),
+            kind: MessageKind::Chat,
+            payload: Bytes::from_static(b"abc"),
+        }),
+    );
+    let mut bytes = encode_to_bytes(&frame).to_vec();
+    // payload_len sits right before the 3 payload bytes: claim 4 GiB.
+    let at = bytes.len() - 3 - 4;
+    bytes[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    let err = decode(&bytes, DEFAULT_MAX_FRAME_LEN).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::MALFORMED_FRAME);
+}
+
+#[test]
+fn unknown_destination_tags_and_kinds_are_malformed() {
+    let frame = Frame::new(
+        1,
+        Body::Send(Send {
+            client_msg_id: 1,
+            destination: Destination::User(2),
+            kind: MessageKind::Chat,
+            payload: Bytes::new(),
+        }),
+    );
+    let good = encode_to_bytes(&frame).to_vec();
+    let mut bad_tag = good.clone();
+    bad_tag[HEADER_LEN + 8] = 9;
+    assert!(matches!(
+        decode(&bad_tag, DEFAULT_MAX_FRAME_LEN),
+        Err(DecodeError::Malformed { .. })
+    ));
+    let mut bad_kind = good;
+    bad_kind[HEADER_LEN + 17] = 0;
+    assert!(matches!(
+        decode(&bad_kind, DEFAULT_MAX_FRAME_LEN),
+        Err(DecodeError::Malformed { .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4096, .. ProptestConfig::default() })]
+
+    /// Arbitrary bytes: the decoder returns a frame, "need more", or an
+    /// error, and never panics. A decoded frame re-encodes to the same bytes.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(Some((frame, used))) = decode(&bytes, DEFAULT_MAX_FRAME_LEN) {
+            prop_assert!(used <= bytes.len());
+            prop_assert_eq!(&encode_to_bytes(&frame)[..], &bytes[..used]);
+        }
+    }
+
+    /// Valid headers with random bodies reach the body parsers.
+    #[test]
+    fn random_bodies_never_panic(frame_type in 1u8..=14, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut bytes = Vec::with_capacity(body.len() + HEADER_LEN);
+        bytes.extend_from_slice(&((body.len() + 5) as u32).to_be_bytes());
+        bytes.push(frame_type);
+        bytes.extend_from_slice(&[0, 0, 0, 1]);
+        bytes.extend_from_slice(&body);
+        if let Ok(Some((frame, used))) = decode(&bytes, DEFAULT_MAX_FRAME_LEN) {
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(&encode_to_bytes(&frame)[..], &bytes[..]);
+        }
+    }
+}
+
+/// Decoding allocates only for bytes present: a frame claiming a huge count
+/// of records is rejected without reserving room for them. The allocator
+/// counts bytes allocated while decoding.
+mod allocation {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    struct Counting;
+    thread_local!(static ALLOCATED: Cell<usize> = const { Cell::new(0) });
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATED.try_with(|a| a.set(a.get() + layout.size()));
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    #[test]
+    fn claimed_counts_do_not_size_allocations() {
+        // Deliver claiming 65,535 messages, carrying 60 bytes.
+        let mut bytes = vec![0, 0, 0, 5 + 2 + 60, 0x07, 0, 0, 0, 0, 0xff, 0xff];
+        bytes.extend_from_slice(&[0u8; 60]);
+        let before = ALLOCATED.with(|a| a.get());
+        let r = decode(&bytes, DEFAULT_MAX_FRAME_LEN);
+        let used = ALLOCATED.with(|a| a.get()) - before;
+        assert!(r.is_err());
+        assert!(
+            used < 4096,
+            "decoding allocated {used} bytes for a 71-byte frame"
+        );
+    }
+}

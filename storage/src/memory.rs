@@ -1,0 +1,146 @@
+//! An in-memory inbox store with the same semantics as the RocksDB one
+//! (nothing survives the process). For tests of broker logic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use crate::model::*;
+use crate::InboxStore;
+
+#[derive(Default)]
+struct Inbox {
+    state: InboxState,
+    messages: BTreeMap<u64, Record>,
+}
+
+struct IdemEntry {
+    stored_at_ms: u64,
+    placement: Placement,
+    dest_tag: u8,
+    dest_id: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    inboxes: HashMap<u64, Inbox>,
+    idem: HashMap<IdempotencyKey, IdemEntry>,
+}
+
+pub struct MemoryStore {
+    config: StoreConfig,
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    pub fn new(config: StoreConfig) -> MemoryStore {
+        MemoryStore {
+            config,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+}
+
+impl InboxStore for MemoryStore {
+    fn append(&self, batch: &[NewMessage], now_ms: u64) -> Result<Vec<AppendOutcome>, StoreError> {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let inner = &mut *inner;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for m in batch {
+            let r = &m.record;
+            if let Some(key) = m.idempotency {
+                if let Some(e) = inner.idem.get(&key) {
+                    if now_ms.saturating_sub(e.stored_at_ms) <= self.config.idempotency_window_ms {
+                        let same = e.dest_tag == r.dest_tag
+                            && e.dest_id == r.dest_id
+                            && e.placement.inbox == m.inbox;
+                        outcomes.push(if same {
+                            AppendOutcome::Duplicate(e.placement)
+                        } else {
+                            AppendOutcome::Conflict
+                        });
+                        continue;
+                    }
+                }
+            }
+            let inbox = inner.inboxes.entry(m.inbox).or_default();
+            inbox.state.head_seq += 1;
+            let placement = Placement {
+                inbox: m.inbox,
+                seq: inbox.state.head_seq,
+                server_msg_id: r.server_msg_id,
+                timestamp_ms: r.timestamp_ms,
+            };
+            inbox.messages.insert(placement.seq, r.clone());
+            if let Some(key) = m.idempotency {
+                inner.idem.insert(
+                    key,
+                    IdemEntry {
+                        stored_at_ms: now_ms,
+                        placement,
+                        dest_tag: r.dest_tag,
+                        dest_id: r.dest_id,
+                    },
+                );
+            }
+            outcomes.push(AppendOutcome::Stored(placement));
+        }
+        Ok(outcomes)
+    }
+
+    fn read_after(
+        &self,
+        inbox: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let inner = self.inner.lock().expect("memory store lock");
+        let Some(i) = inner.inboxes.get(&inbox) else {
+            return Ok(Vec::new());
+        };
+        let Some(start) = after_seq.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(i.messages
+            .range(start..)
+            .take(limit)
+            .map(|(seq, record)| StoredMessage {
+                seq: *seq,
+                record: record.clone(),
+            })
+            .collect())
+    }
+
+    fn state(&self, inbox: u64) -> Result<InboxState, StoreError> {
+        let inner = self.inner.lock().expect("memory store lock");
+        Ok(inner
+            .inboxes
+            .get(&inbox)
+            .map(|i| i.state)
+            .unwrap_or_default())
+    }
+
+    fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let i = inner.inboxes.entry(inbox).or_default();
+        let acked = up_to_seq.min(i.state.head_seq);
+        i.state.acked_seq = i.state.acked_seq.max(acked);
+        Ok(i.state)
+    }
+
+    fn trim_acked(&self, inbox: u64, older_than_ms: u64) -> Result<InboxState, StoreError> {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let i = inner.inboxes.entry(inbox).or_default();
+        while let Some((&seq, r)) = i.messages.first_key_value() {
+            if seq > i.state.acked_seq || r.timestamp_ms >= older_than_ms {
+                break;
+            }
+            i.messages.pop_first();
+            i.state.oldest_seq = seq + 1;
+        }
+        Ok(i.state)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! One behaviour suite, run against every store implementation.
+
+use bytes::Bytes;
+
+use crate::*;
+
+const WINDOW_MS: u64 = 60_000;
+
+fn config() -> StoreConfig {
+    StoreConfig {
+        durability: Durability::Wal,
+        idempotency_window_ms: WINDOW_MS,
+        block_cache_bytes: 8 << 20,
+    }
+}
+
+fn msg(inbox: u64, sender: u64, cmid: u64, ts: u64, body: &str) -> NewMessage {
+    NewMessage {
+        inbox,
+        idempotency: Some(IdempotencyKey {
+            sender,
+            client_msg_id: cmid,
+        }),
+        record: Record {
+            server_msg_id: cmid * 1000 + inbox,
+            sender,
+            sender_device: 7,
+            client_msg_id: cmid,
+            timestamp_ms: ts,
+            dest_tag: 1,
+            dest_id: inbox,
+            kind: 1,
+            payload: Bytes::copy_from_slice(body.as_bytes()),
+        },
+    }
+}
+
+fn seqs(outcomes: &[AppendOutcome]) -> Vec<u64> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            AppendOutcome::Stored(p) | AppendOutcome::Duplicate(p) => p.seq,
+            AppendOutcome::Conflict => 0,
+        })
+        .collect()
+}
+
+pub(crate) fn sequences_are_gap_free_per_inbox(s: &dyn InboxStore) {
+    let out = s
+        .append(
+            &[
+                msg(1, 9, 1, 10, "a"),
+                msg(2, 9, 2, 10, "b"),
+                msg(1, 9, 3, 10, "c"),
+            ],
+            10,
+        )
+        .unwrap();
+    assert_eq!(seqs(&out), vec![1, 1, 2]);
+    let out = s.append(&[msg(1, 9, 4, 11, "d")], 11).unwrap();
+    assert_eq!(seqs(&out), vec![3]);
+    assert_eq!(s.state(1).unwrap().head_seq, 3);
+    assert_eq!(s.state(2).unwrap().head_seq, 1);
+    assert_eq!(s.state(3).unwrap(), InboxState::default());
+}
+
+pub(crate) fn reads_return_order_and_respect_limit(s: &dyn InboxStore) {
+    let batch: Vec<_> = (1..=10)
+        .map(|i| msg(5, 9, i, i, &format!("m{i}")))
+        .collect();
+    s.append(&batch, 10).unwrap();
+    // Another user's inbox right beside it must not leak into reads.
+    s.append(&[msg(6, 9, 100, 1, "other")], 10).unwrap();
+    let all = s.read_after(5, 0, 100).unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(all[3].record.payload, Bytes::from_static(b"m4"));
+    assert_eq!(all[3].record.sender_device, 7);
+    let page = s.read_after(5, 4, 3).unwrap();
+    assert_eq!(
+        page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7]
+    );
+    assert!(s.read_after(5, 10, 10).unwrap().is_empty());
+    assert!(s.read_after(5, u64::MAX, 10).unwrap().is_empty());
+    assert!(s.read_after(77, 0, 10).unwrap().is_empty());
+}
+
+pub(crate) fn retries_are_stored_once(s: &dyn InboxStore) {
+    let first = s.append(&[msg(1, 9, 42, 10, "x")], 10).unwrap();
+    let AppendOutcome::Stored(p) = first[0] else {
+        panic!("first append not stored: {first:?}")
+    };
+    let again = s.append(&[msg(1, 9, 42, 20, "x")], 20).unwrap();
+    assert_eq!(again, vec![AppendOutcome::Duplicate(p)]);
+    // The same key twice inside one batch is stored once too.
+    let both = s
+        .append(&[msg(1, 9, 43, 20, "y"), msg(1, 9, 43, 20, "y")], 20)
+        .unwrap();
+    let AppendOutcome::Stored(q) = both[0] else {
+        panic!("{both:?}")
+    };
+    assert_eq!(both[1], AppendOutcome::Duplicate(q));
+    assert_eq!(s.read_after(1, 0, 10).unwrap().len(), 2);
+    // Reusing the id for another destination is a conflict, stored nowhere.
+    let conflict = s.append(&[msg(2, 9, 42, 30, "z")], 30).unwrap();
+    assert_eq!(conflict, vec![AppendOutcome::Conflict]);
+    assert!(s.read_after(2, 0, 10).unwrap().is_empty());
+    // Another sender may use the same client id.
+    let other = s.append(&[msg(1, 8, 42, 30, "w")], 30).unwrap();
+    assert!(matches!(other[0], AppendOutcome::Stored(_)));
+    // Past the window the key is forgotten.
+    let late = s
+        .append(
+            &[msg(1, 9, 42, 10 + WINDOW_MS + 1, "x")],
+            10 + WINDOW_MS + 1,
+        )
+        .unwrap();
+    assert!(matches!(late[0], AppendOutcome::Stored(_)));
+}
+
+pub(crate) fn acks_clamp_and_never_go_back(s: &dyn InboxStore) {
+    s.append(&[msg(1, 9, 1, 1, "a"), msg(1, 9, 2, 1, "b")], 1)
+        .unwrap();
+    assert_eq!(s.ack(1, 1).unwrap().acked_seq, 1);
+    assert_eq!(s.ack(1, 99).unwrap().acked_seq, 2, "clamped to head");
+    assert_eq!(s.ack(1, 1).unwrap().acked_seq, 2, "never backwards");
+    assert_eq!(s.state(1).unwrap().acked_seq, 2);
+}
+
+pub(crate) fn trim_removes_only_old_acked_messages(s: &dyn InboxStore) {
+    let batch: Vec<_> = (1..=6).map(|i| msg(3, 9, i, i * 100, "m")).collect();
+    s.append(&batch, 600).unwrap();
+    // Nothing acked: nothing trimmed.
+    assert_eq!(s.trim_acked(3, u64::MAX).unwrap().oldest_seq, 1);
+    s.ack(3, 4).unwrap();
+    // Only messages older than 250 ms (seq 1, 2) go.
+    let st = s.trim_acked(3, 250).unwrap();
+    assert_eq!(st.oldest_seq, 3);
+    assert_eq!(s.read_after(3, 0, 10).unwrap()[0].seq, 3);
+    // Everything acked goes, unacked stays.
+    let st = s.trim_acked(3, u64::MAX).unwrap();
+    assert_eq!((st.oldest_seq, st.acked_seq, st.head_seq), (5, 4, 6));
+    let rest: Vec<_> = s
+        .read_after(3, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(rest, vec![5, 6]);
+    // Appends continue the sequence after a trim.
+    assert_eq!(
+        seqs(&s.append(&[msg(3, 9, 50, 700, "n")], 700).unwrap()),
+        vec![7]
+    );
+}
+
+macro_rules! suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            #[allow(unused_imports, reason = "used by some store constructors")]
+            use super::*;
+            fn with_store(f: fn(&dyn crate::InboxStore)) {
+                let (_guard, store) = $make;
+                f(&store);
+            }
+            #[test]
+            fn sequences_are_gap_free_per_inbox() {
+                with_store(super::sequences_are_gap_free_per_inbox)
+            }
+            #[test]
+            fn reads_return_order_and_respect_limit() {
+                with_store(super::reads_return_order_and_respect_limit)
+            }
+            #[test]
+            fn retries_are_stored_once() {
+                with_store(super::retries_are_stored_once)
+            }
+            #[test]
+            fn acks_clamp_and_never_go_back() {
+                with_store(super::acks_clamp_and_never_go_back)
+            }
+            #[test]
+            fn trim_removes_only_old_acked_messages() {
+                with_store(super::trim_removes_only_old_acked_messages)
+            }
+        }
+    };
+}
+
+suite!(memory, ((), crate::MemoryStore::new(config())));
+suite!(rocks, {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::RocksStore::open(dir.path(), config()).unwrap();
+    (dir, store)
+});
+
+mod rocks_only {
+    use super::*;
+
+    #[test]
+    fn reopen_recovers_heads_cursors_messages_and_idempotency() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path(), config()).unwrap();
+            let batch: Vec<_> = (1..=5).map(|i| msg(1, 9, i, i, "m")).collect();
+            s.append(&batch, 5).unwrap();
+            s.append(&[msg(2, 9, 99, 5, "other")], 5).unwrap();
+            s.ack(1, 3).unwrap();
+            s.trim_acked(1, 3).unwrap(); // seq 1, 2
+        }
+        let s = RocksStore::open(dir.path(), config()).unwrap();
+        let st = s.state(1).unwrap();
+        assert_eq!((st.head_seq, st.acked_seq, st.oldest_seq), (5, 3, 3));
+        assert_eq!(s.state(2).unwrap().head_seq, 1);
+        assert_eq!(
+            seqs(&s.append(&[msg(1, 9, 6, 6, "m")], 6).unwrap()),
+            vec![6]
+        );
+        let dup = s.append(&[msg(1, 9, 4, 7, "m")], 7).unwrap();
+        assert!(matches!(dup[0], AppendOutcome::Duplicate(p) if p.seq == 4));
+        let seqs_read: Vec<_> = s
+            .read_after(1, 0, 10)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs_read, vec![3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn fsync_mode_appends_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            durability: Durability::Fsync,
+            ..config()
+        };
+        let s = RocksStore::open(dir.path(), cfg).unwrap();
+        s.append(&[msg(1, 9, 1, 1, "durable")], 1).unwrap();
+        s.sync().unwrap();
+        assert_eq!(
+            s.read_after(1, 0, 1).unwrap()[0].record.payload,
+            Bytes::from_static(b"durable")
+        );
+    }
+
+    #[test]
+    fn corrupt_meta_is_reported_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path(), config()).unwrap();
+            let cf = s.db.cf_handle("meta").unwrap();
+            s.db.put_cf(cf, 1u64.to_be_bytes(), b"short").unwrap();
+        }
+        let s = RocksStore::open(dir.path(), config()).unwrap();
+        assert!(matches!(s.state(1), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            s.append(&[msg(1, 9, 1, 1, "x")], 1),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
