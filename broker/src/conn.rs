@@ -158,8 +158,9 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
     let user = hello.user_id;
     let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
 
-    // Register for live pushes before reading the inbox state, so that every
-    // message is either pushed or found by the writer's first catch-up.
+    // Register for live pushes; the shard answers with the inbox state in its
+    // own order, so every message is either pushed or found by the writer's
+    // first catch-up, and every earlier ack is reflected.
     let (dtx, drx) = mpsc::channel(limits.outbound_queue_len);
     let session = Arc::new(SessionHandle {
         id: session_id,
@@ -167,37 +168,31 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         lagging: std::sync::atomic::AtomicBool::new(false),
         wake: tokio::sync::Notify::new(),
     });
-    if !node
+    let (state_tx, state_rx) = tokio::sync::oneshot::channel();
+    let registered = node
         .shards
         .send(
             user,
             ShardCmd::Register {
                 user,
                 session: session.clone(),
+                state: state_tx,
             },
         )
-        .await
-    {
-        return goodbye(&mut wr, ErrorCode::SHUTTING_DOWN, "server shutting down").await;
-    }
+        .await;
     let unregister = |node: Arc<Node>| async move {
         node.shards
             .send(user, ShardCmd::Unregister { user, session_id })
             .await;
     };
-
-    let store = node.store.clone();
-    let state = match tokio::task::spawn_blocking(move || store.state(user)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let state = match (registered, state_rx.await) {
+        (true, Ok(Ok(s))) => s,
+        (true, Ok(Err(e))) => {
             error!(user, error = %e, "reading inbox state failed");
             unregister(node.clone()).await;
             return goodbye(&mut wr, ErrorCode::INTERNAL, "storage error").await;
         }
-        Err(_) => {
-            unregister(node.clone()).await;
-            return goodbye(&mut wr, ErrorCode::INTERNAL, "storage error").await;
-        }
+        _ => return goodbye(&mut wr, ErrorCode::SHUTTING_DOWN, "server shutting down").await,
     };
     // Resume point: what the client says it has (never past the head), or
     // what it acknowledged. If that is older than what is retained, say so.

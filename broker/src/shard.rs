@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_protocol::{Destination, ErrorCode, Message, MessageKind, SendResult};
 use courier_storage::{
-    AppendOutcome, IdempotencyKey, InboxStore, NewMessage, Record, StoreError, StoredMessage,
+    AppendOutcome, IdempotencyKey, InboxState, InboxStore, NewMessage, Record, StoreError,
+    StoredMessage,
 };
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
@@ -82,9 +83,12 @@ pub struct SendCmd {
 
 pub enum ShardCmd {
     Send(SendCmd),
+    /// Adds a live session and answers with the inbox state as of this
+    /// point in the shard's order (after every earlier send and ack).
     Register {
         user: u64,
         session: Arc<SessionHandle>,
+        state: tokio::sync::oneshot::Sender<Result<InboxState, StoreError>>,
     },
     Unregister {
         user: u64,
@@ -295,8 +299,15 @@ impl Shard {
                     });
                     sends.push(s);
                 }
-                ShardCmd::Register { user, session } => {
+                ShardCmd::Register {
+                    user,
+                    session,
+                    state,
+                } => {
+                    // Earlier acks of this batch must be visible in the state.
+                    self.apply_acks(&mut acks);
                     self.sessions.entry(user).or_default().push(session);
+                    let _ = state.send(self.store.state(user));
                 }
                 ShardCmd::Unregister { user, session_id } => {
                     if let Some(list) = self.sessions.get_mut(&user) {
@@ -326,7 +337,12 @@ impl Shard {
                 }
             }
         }
-        for (user, up_to) in acks {
+        self.apply_acks(&mut acks);
+        stop
+    }
+
+    fn apply_acks(&mut self, acks: &mut Vec<(u64, u64)>) {
+        for (user, up_to) in acks.drain(..) {
             match self.store.ack(user, up_to) {
                 Ok(state) if state.acked_seq >= state.oldest_seq => {
                     self.trim_pending.insert(user);
@@ -335,7 +351,6 @@ impl Shard {
                 Err(e) => warn!(shard = self.id, error = %e, "recording an ack failed"),
             }
         }
-        stop
     }
 
     fn finish_send(&mut self, s: SendCmd, m: NewMessage, outcome: AppendOutcome) {
@@ -354,13 +369,17 @@ impl Shard {
         match outcome {
             AppendOutcome::Stored(p) => {
                 self.stats.messages_stored.fetch_add(1, Ordering::Relaxed);
-                if let Some(msg) = to_wire(StoredMessage {
+                let stored = StoredMessage {
                     seq: p.seq,
                     record: m.record,
-                })
-                .ok()
-                {
-                    self.push(s.recipient, Arc::new(msg));
+                };
+                match to_wire(stored) {
+                    Ok(msg) => self.push(s.recipient, Arc::new(msg)),
+                    // Cannot happen for a record built above from a valid
+                    // send; if it does, the writer's catch-up reports it.
+                    Err(e) => {
+                        error!(shard = self.id, error = %e, "stored message not representable")
+                    }
                 }
             }
             AppendOutcome::Duplicate(_) => {

@@ -97,7 +97,10 @@ async fn sigkill_loses_no_acknowledged_message_and_duplicates_none() {
     // inbox exactly once, ids appear in send order, and nothing unknown is there.
     let mut total = 0;
     for s in 1..=SENDERS {
-        let st = states[&s].lock().unwrap();
+        let (acked, next_id) = {
+            let st = states[&s].lock().unwrap();
+            (st.acked.clone(), st.next_id)
+        };
         let (reader, _) = server.client(100 + s).await;
         let mut ids = Vec::new();
         let mut after = 0;
@@ -125,7 +128,7 @@ async fn sigkill_loses_no_acknowledged_message_and_duplicates_none() {
             sorted, ids,
             "sender {s}: inbox order differs from send order (seed {seed})"
         );
-        for id in &st.acked {
+        for id in &acked {
             assert!(
                 ids.binary_search(id).is_ok(),
                 "sender {s}: acknowledged id {id} lost (seed {seed})"
@@ -135,14 +138,14 @@ async fn sigkill_loses_no_acknowledged_message_and_duplicates_none() {
         // restart; only the one in flight at the last kill may be stored
         // without an ack.
         assert!(
-            ids.len() <= st.acked.len() + 1,
+            ids.len() <= acked.len() + 1,
             "sender {s}: unexplained extra messages (seed {seed})"
         );
         assert!(
-            ids.iter().all(|id| *id <= st.next_id),
+            ids.iter().all(|id| *id <= next_id),
             "sender {s}: an id never sent is stored"
         );
-        total += st.acked.len();
+        total += acked.len();
     }
     assert!(
         total > 0,

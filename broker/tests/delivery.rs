@@ -120,7 +120,9 @@ async fn resume_after_n_returns_exactly_the_rest() {
 
     // Without a resume point the session starts after what was acknowledged.
     bob.ack(15).await.unwrap();
-    bob.ping().await.unwrap(); // the ack is queued on the shard before this answer
+    // The ack is on bob's shard queue before the pong comes back, and the
+    // next session registers behind it on that same queue.
+    bob.ping().await.unwrap();
     drop(bob);
     let (bob2, welcome) = server.client(2).await;
     assert_eq!(welcome.resume_from, 16);
