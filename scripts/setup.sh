@@ -25,7 +25,7 @@ fi
 
 if ! command -v cargo >/dev/null 2>&1; then
     cat >&2 <<'MSG'
-setup: cargo is not installed. Courier needs Rust 1.85 or newer:
+setup: cargo is not installed. Courier needs Rust 1.88 or newer:
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
   . "$HOME/.cargo/env"
 MSG

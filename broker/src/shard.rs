@@ -496,3 +496,139 @@ pub fn to_wire(m: StoredMessage) -> Result<Message, StoreError> {
         payload: r.payload,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use courier_storage::{MemoryStore, StoreConfig};
+    use tokio::sync::oneshot;
+
+    fn send(i: u64, reply: &mpsc::UnboundedSender<Reply>) -> ShardCmd {
+        ShardCmd::Send(SendCmd {
+            sender: 1,
+            sender_device: 1,
+            recipient: 2,
+            client_msg_id: i,
+            kind: MessageKind::Chat,
+            payload: Bytes::from_static(b"x"),
+            reply: ReplyTo {
+                tx: reply.clone(),
+                request_id: i as u32,
+                index: None,
+            },
+        })
+    }
+
+    async fn result(rx: &mut mpsc::UnboundedReceiver<Reply>) -> SendResult {
+        match rx.recv().await.expect("a reply") {
+            Reply::SendResult { result, .. } => result,
+            _ => panic!("expected a send result"),
+        }
+    }
+
+    /// The shard core on the in-memory store: acks follow the store's
+    /// outcome, pushes follow acks, and a full session queue demotes the
+    /// session instead of blocking or dropping anything from the inbox.
+    #[tokio::test]
+    async fn acks_pushes_duplicates_and_demotion() {
+        let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let shards = Shards::start(
+            2,
+            ShardConfig {
+                queue_len: 64,
+                batch_max: 16,
+                acked_retention_ms: 0,
+            },
+            store.clone(),
+        )
+        .unwrap();
+        let (dtx, mut drx) = mpsc::channel(2);
+        let session = Arc::new(SessionHandle {
+            id: 1,
+            deliveries: dtx,
+            lagging: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        let (stx, srx) = oneshot::channel();
+        let cmd = ShardCmd::Register {
+            user: 2,
+            session: session.clone(),
+            state: stx,
+        };
+        assert!(shards.send(2, cmd).await);
+        assert_eq!(srx.await.unwrap().unwrap().head_seq, 0);
+
+        let (rtx, mut rrx) = mpsc::unbounded_channel();
+        for i in 1..=5 {
+            assert!(shards.send(2, send(i, &rtx)).await);
+        }
+        for i in 1..=5 {
+            let r = result(&mut rrx).await;
+            assert_eq!((r.code, r.seq, r.duplicate), (ErrorCode::OK, i, false));
+        }
+        // A queue of two: two pushed, the third demoted the session, the
+        // rest were not offered to it.
+        assert_eq!(drx.recv().await.unwrap().seq, 1);
+        assert_eq!(drx.recv().await.unwrap().seq, 2);
+        assert!(drx.try_recv().is_err());
+        assert!(session.lagging.load(Ordering::SeqCst));
+        assert_eq!(shards.stats.demotions.load(Ordering::Relaxed), 1);
+        assert_eq!(store.read_after(2, 0, 10).unwrap().len(), 5, "all stored");
+
+        // A retry answers with the original placement and stores nothing.
+        assert!(shards.send(2, send(3, &rtx)).await);
+        let r = result(&mut rrx).await;
+        assert_eq!((r.seq, r.duplicate), (3, true));
+        assert_eq!(store.state(2).unwrap().head_seq, 5);
+
+        // Acks reach the store; with zero retention the tick trims them.
+        assert!(
+            shards
+                .send(
+                    2,
+                    ShardCmd::Ack {
+                        user: 2,
+                        up_to_seq: 4
+                    }
+                )
+                .await
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.state(2).unwrap().oldest_seq != 5 {
+            assert!(tokio::time::Instant::now() < deadline, "never trimmed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shards.stop().await;
+        assert!(
+            !shards.send(2, send(9, &rtx)).await,
+            "stopped shards refuse work"
+        );
+    }
+
+    #[test]
+    fn ids_are_unique_and_timestamps_monotonic_within_a_shard() {
+        let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let (_tx, rx) = mpsc::channel(1);
+        let mut shard = Shard {
+            id: 3,
+            rx,
+            store,
+            stats: Arc::default(),
+            batch_max: 1,
+            acked_retention_ms: 0,
+            sessions: HashMap::new(),
+            trim_pending: HashSet::new(),
+            last_ts_ms: 0,
+            id_counter: 0,
+        };
+        let mut seen = HashSet::new();
+        let mut last_ts = 0;
+        for _ in 0..5000 {
+            let (ts, id) = shard.next_ids();
+            assert!(ts >= last_ts);
+            assert!(seen.insert(id), "duplicate id {id}");
+            assert_eq!((id >> 10) & 0x3f, 3, "shard bits");
+            last_ts = ts;
+        }
+    }
+}
