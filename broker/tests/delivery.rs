@@ -69,24 +69,15 @@ async fn every_device_of_a_user_gets_the_message() {
 async fn offline_user_receives_everything_on_connect_in_order() {
     let server = Server::start(&[]);
     let (alice, _) = server.client(1).await;
-    for i in 0..50 {
-        alice
-            .send(
-                Destination::User(2),
-                MessageKind::Chat,
-                chat(format!("m{i}")),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice, 2, 1..=50).await;
     let (bob, welcome) = server.client(2).await;
     assert_eq!(
         (welcome.head_seq, welcome.resume_from, welcome.gap),
         (50, 1, false)
     );
-    for i in 0..50u64 {
+    for i in 1..=50u64 {
         let m = bob.recv_timeout(WAIT).await.unwrap();
-        assert_eq!(m.seq, i + 1);
+        assert_eq!(m.seq, i);
         assert_eq!(m.payload, chat(format!("m{i}")));
     }
 }
@@ -95,16 +86,7 @@ async fn offline_user_receives_everything_on_connect_in_order() {
 async fn resume_after_n_returns_exactly_the_rest() {
     let server = Server::start(&[]);
     let (alice, _) = server.client(1).await;
-    for i in 1..=20 {
-        alice
-            .send(
-                Destination::User(2),
-                MessageKind::Chat,
-                chat(format!("m{i}")),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice, 2, 1..=20).await;
     let (bob, welcome) = server.resume(2, 12).await;
     assert_eq!((welcome.resume_from, welcome.gap), (13, false));
     for seq in 13..=20 {
@@ -134,16 +116,7 @@ async fn resume_older_than_retention_says_so() {
     // Acknowledged messages are trimmed at once.
     let server = Server::start(&[("COURIER_RETENTION_ACKED_RETENTION_MS", "0")]);
     let (alice, _) = server.client(1).await;
-    for i in 1..=10 {
-        alice
-            .send(
-                Destination::User(2),
-                MessageKind::Chat,
-                chat(format!("m{i}")),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice, 2, 1..=10).await;
     let (bob, _) = server.client(2).await;
     for _ in 1..=10 {
         bob.recv_timeout(WAIT).await.unwrap();
@@ -341,16 +314,7 @@ async fn a_slow_consumer_is_demoted_and_catches_up_without_loss() {
 async fn fetch_reads_history_in_pages() {
     let server = Server::start(&[]);
     let (alice, _) = server.client(1).await;
-    for i in 1..=30 {
-        alice
-            .send(
-                Destination::User(2),
-                MessageKind::Chat,
-                chat(format!("m{i}")),
-            )
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice, 2, 1..=30).await;
     let (bob, _) = server.client(2).await;
     let mut seen = HashSet::new();
     let mut after = 0;

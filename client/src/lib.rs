@@ -130,12 +130,7 @@ impl Client {
             Some(Body::Goodbye(r)) | Some(Body::Error(r)) => {
                 return Err(ClientError::Refused(r.code, r.message))
             }
-            Some(other) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected welcome, got {}",
-                    other.name()
-                )))
-            }
+            Some(other) => return Err(unexpected("welcome", &other)),
             None => return Err(ClientError::Closed(None)),
         };
 
@@ -327,10 +322,7 @@ impl Client {
         });
         match self.request(body).await? {
             Body::SendAck(a) => Ok(a),
-            other => Err(ClientError::Protocol(format!(
-                "expected send_ack, got {}",
-                other.name()
-            ))),
+            other => Err(unexpected("send_ack", &other)),
         }
     }
 
@@ -338,10 +330,7 @@ impl Client {
     pub async fn send_batch(&self, sends: Vec<Send>) -> Result<Vec<SendResult>, ClientError> {
         match self.request(Body::SendBatch(sends)).await? {
             Body::SendBatchAck(r) => Ok(r),
-            other => Err(ClientError::Protocol(format!(
-                "expected send_batch_ack, got {}",
-                other.name()
-            ))),
+            other => Err(unexpected("send_batch_ack", &other)),
         }
     }
 
@@ -389,10 +378,7 @@ impl Client {
         });
         match self.request(body).await? {
             Body::FetchReply(r) => Ok(r),
-            other => Err(ClientError::Protocol(format!(
-                "expected fetch_reply, got {}",
-                other.name()
-            ))),
+            other => Err(unexpected("fetch_reply", &other)),
         }
     }
 
@@ -400,10 +386,7 @@ impl Client {
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.request(Body::Ping { nonce: 7 }).await? {
             Body::Pong { .. } => Ok(()),
-            other => Err(ClientError::Protocol(format!(
-                "expected pong, got {}",
-                other.name()
-            ))),
+            other => Err(unexpected("pong", &other)),
         }
     }
 
@@ -416,6 +399,10 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+fn unexpected(expected: &str, got: &Body) -> ClientError {
+    ClientError::Protocol(format!("expected {expected}, got {}", got.name()))
 }
 
 async fn read_frame(

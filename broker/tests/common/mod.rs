@@ -156,6 +156,20 @@ impl Drop for Server {
     }
 }
 
+/// Sends chat messages "m<i>" for each `i` to `to`, each acknowledged.
+pub async fn send_numbered(client: &Client, to: u64, range: std::ops::RangeInclusive<u64>) {
+    for i in range {
+        client
+            .send(
+                Destination::User(to),
+                MessageKind::Chat,
+                chat(format!("m{i}")),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 pub fn chat(text: impl Into<Vec<u8>>) -> Bytes {
     Bytes::from(text.into())
 }
