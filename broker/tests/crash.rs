@@ -48,15 +48,26 @@ async fn send_until_killed(client: Client, sender: u64, state: Arc<Mutex<SenderS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_loses_no_acknowledged_message_and_duplicates_none() {
+async fn sigkill_loses_no_acknowledged_message_and_duplicates_none_fsync() {
+    kill_and_verify("fsync").await;
+}
+
+/// `wal` mode promises to survive a process crash (not a power loss): the
+/// same SIGKILL test must hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_message_and_duplicates_none_wal() {
+    kill_and_verify("wal").await;
+}
+
+async fn kill_and_verify(durability: &str) {
     let seed: u64 = std::env::var("COURIER_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("crash test seed: {seed} (replay with COURIER_TEST_SEED={seed})");
+    println!("crash test ({durability}) seed: {seed} (replay with COURIER_TEST_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let mut server = Server::start(&[("COURIER_DURABILITY", "fsync")]);
+    let mut server = Server::start(&[("COURIER_DURABILITY", durability)]);
     let states: HashMap<u64, Arc<Mutex<SenderState>>> = (1..=SENDERS)
         .map(|s| {
             (
