@@ -333,3 +333,26 @@ async fn fetch_reads_history_in_pages() {
     }
     assert_eq!(seen.len(), 30);
 }
+
+#[tokio::test]
+async fn the_client_library_keeps_an_idle_session_alive() {
+    let server = Server::start(&[("COURIER_LIMITS_IDLE_TIMEOUT_MS", "900")]);
+    let (alice, _) = server.client(1).await;
+    let (bob, welcome) = server.client(2).await;
+    assert_eq!(welcome.keepalive_ms, 300);
+    // Bob only listens, well past the idle timeout: his client pings for him.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(bob.close_reason().is_none(), "{:?}", bob.close_reason());
+    alice
+        .send(
+            Destination::User(2),
+            MessageKind::Chat,
+            chat("still there?"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.recv_timeout(WAIT).await.unwrap().payload,
+        chat("still there?")
+    );
+}

@@ -135,9 +135,19 @@ impl Client {
         };
 
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+        // Keep the session alive: if the application sends nothing for a
+        // keepalive interval, the writer sends a Ping (request id 0; its Pong
+        // is ignored).
+        let keepalive = Duration::from_millis(u64::from(welcome.keepalive_ms.max(100)));
+        let ping = encode_to_bytes(&Frame::new(0, Body::Ping { nonce: 0 }));
         tokio::spawn(async move {
             let mut batch = BytesMut::new();
-            while let Some(first) = out_rx.recv().await {
+            loop {
+                let first = match tokio::time::timeout(keepalive, out_rx.recv()).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => ping.clone(),
+                };
                 batch.extend_from_slice(&first);
                 while let Ok(more) = out_rx.try_recv() {
                     batch.extend_from_slice(&more);
