@@ -42,6 +42,8 @@ const DELIVER_BATCH_MAX: usize = 128;
 const WRITE_BUF_FLUSH: usize = 256 << 10;
 /// ...or this many deliveries are waiting to be encoded.
 const PENDING_MAX: usize = 4 * DELIVER_BATCH_MAX;
+/// How long a closing connection drains the peer's input.
+const LINGER: Duration = Duration::from_secs(1);
 /// Messages per `FetchReply` at most.
 const FETCH_LIMIT_MAX: usize = 1024;
 
@@ -91,10 +93,36 @@ async fn goodbye(wr: &mut OwnedWriteHalf, code: ErrorCode, message: impl Into<St
     let _ = wr.shutdown().await;
 }
 
+/// Says goodbye, then reads and discards what the peer still sends until it
+/// closes (at most `LINGER`): closing a socket with unread input makes the
+/// kernel reset the connection, which can destroy the goodbye in flight.
+async fn bye(
+    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    goodbye(wr, code, message).await;
+    linger(&mut reader.rd).await;
+}
+
+async fn linger(rd: &mut OwnedReadHalf) {
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = rd.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Refuses a connection the node has no room for.
 pub async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
-    let (_rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.into_split();
     goodbye(&mut wr, code, message).await;
+    linger(&mut rd).await;
 }
 
 pub async fn serve(node: Arc<Node>, stream: TcpStream) {
@@ -112,28 +140,33 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
     let handshake = Duration::from_millis(limits.handshake_timeout_ms);
     let first = match tokio::time::timeout(handshake, reader.next_frame()).await {
         Err(_) => {
-            return goodbye(
+            return bye(
                 &mut wr,
+                &mut reader,
                 ErrorCode::HANDSHAKE_TIMEOUT,
                 format!("no hello within {} ms", limits.handshake_timeout_ms),
             )
             .await
         }
         Ok(Err(ReadError::Closed | ReadError::Io(_))) => return,
-        Ok(Err(ReadError::Decode(e))) => return goodbye(&mut wr, e.code(), e.to_string()).await,
+        Ok(Err(ReadError::Decode(e))) => {
+            return bye(&mut wr, &mut reader, e.code(), e.to_string()).await
+        }
         Ok(Ok(frame)) => frame,
     };
     let Body::Hello(hello) = first.body else {
-        return goodbye(
+        return bye(
             &mut wr,
+            &mut reader,
             ErrorCode::UNEXPECTED_FRAME,
             "the first frame must be hello",
         )
         .await;
     };
     if hello.version != PROTOCOL_VERSION {
-        return goodbye(
+        return bye(
             &mut wr,
+            &mut reader,
             ErrorCode::UNSUPPORTED_VERSION,
             format!(
                 "version {} not supported; this server speaks {PROTOCOL_VERSION}",
@@ -153,7 +186,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             AuthError::Expired => ErrorCode::TOKEN_EXPIRED,
             _ => ErrorCode::AUTH_FAILED,
         };
-        return goodbye(&mut wr, code, e.to_string()).await;
+        return bye(&mut wr, &mut reader, code, e.to_string()).await;
     }
     let user = hello.user_id;
     let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
@@ -190,9 +223,17 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         (true, Ok(Err(e))) => {
             error!(user, error = %e, "reading inbox state failed");
             unregister(node.clone()).await;
-            return goodbye(&mut wr, ErrorCode::INTERNAL, "storage error").await;
+            return bye(&mut wr, &mut reader, ErrorCode::INTERNAL, "storage error").await;
         }
-        _ => return goodbye(&mut wr, ErrorCode::SHUTTING_DOWN, "server shutting down").await,
+        _ => {
+            return bye(
+                &mut wr,
+                &mut reader,
+                ErrorCode::SHUTTING_DOWN,
+                "server shutting down",
+            )
+            .await
+        }
     };
     // Resume point: what the client says it has (never past the head), or
     // what it acknowledged. If that is older than what is retained, say so.
@@ -311,10 +352,14 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             );
         }
     }
+    let server_closed = reason.is_some();
     let _ = conn.replies.send(Reply::Close(reason));
     drop(conn);
     unregister(node.clone()).await;
     let _ = writer.await;
+    if server_closed {
+        linger(&mut reader.rd).await;
+    }
     debug!(user, session_id, "session ended");
 }
 
