@@ -8,8 +8,12 @@ set -euo pipefail
 need=()
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
-if ! compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null \
-    && ! compgen -G "/usr/lib/*/libclang*.so*" >/dev/null; then
+# bindgen needs libclang itself and clang's headers: libclang-dev brings both
+# (libclang-cpp alone, which other packages pull in, is not enough).
+if command -v dpkg >/dev/null 2>&1; then
+    dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev clang)
+elif ! compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null \
+    && ! compgen -G "/usr/lib/*/libclang-[0-9]*.so*" >/dev/null; then
     need+=(libclang-dev clang)
 fi
 if ((${#need[@]})); then
