@@ -84,7 +84,10 @@ pub struct SendCmd {
 pub enum ShardCmd {
     Send(SendCmd),
     /// Adds a live session and answers with the inbox state as of this
-    /// point in the shard's order (after every earlier send and ack).
+    /// point in the shard's order: every ack queued before it is applied,
+    /// every send written by an earlier batch is counted, and sends of the
+    /// same batch are appended afterwards and therefore pushed to the new
+    /// session.
     Register {
         user: u64,
         session: Arc<SessionHandle>,
@@ -149,18 +152,7 @@ impl Shards {
         let mut threads = Vec::with_capacity(count);
         for id in 0..count {
             let (tx, rx) = mpsc::channel(config.queue_len);
-            let mut shard = Shard {
-                id: id as u64,
-                rx,
-                store: store.clone(),
-                stats: stats.clone(),
-                batch_max: config.batch_max,
-                acked_retention_ms: config.acked_retention_ms,
-                sessions: HashMap::new(),
-                trim_pending: HashSet::new(),
-                last_ts_ms: 0,
-                id_counter: 0,
-            };
+            let mut shard = Shard::new(id as u64, rx, store.clone(), stats.clone(), &config);
             let thread = std::thread::Builder::new()
                 .name(format!("courier-shard-{id}"))
                 .spawn(move || {
@@ -221,6 +213,27 @@ struct Shard {
 }
 
 impl Shard {
+    fn new(
+        id: u64,
+        rx: mpsc::Receiver<ShardCmd>,
+        store: Arc<dyn InboxStore>,
+        stats: Arc<ShardStats>,
+        config: &ShardConfig,
+    ) -> Shard {
+        Shard {
+            id,
+            rx,
+            store,
+            stats,
+            batch_max: config.batch_max,
+            acked_retention_ms: config.acked_retention_ms,
+            sessions: HashMap::new(),
+            trim_pending: HashSet::new(),
+            last_ts_ms: 0,
+            id_counter: 0,
+        }
+    }
+
     async fn run(&mut self) {
         let mut cmds = Vec::with_capacity(self.batch_max);
         let mut last_trim = Instant::now();
@@ -609,18 +622,12 @@ mod tests {
     fn ids_are_unique_and_timestamps_monotonic_within_a_shard() {
         let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
         let (_tx, rx) = mpsc::channel(1);
-        let mut shard = Shard {
-            id: 3,
-            rx,
-            store,
-            stats: Arc::default(),
+        let config = ShardConfig {
+            queue_len: 1,
             batch_max: 1,
             acked_retention_ms: 0,
-            sessions: HashMap::new(),
-            trim_pending: HashSet::new(),
-            last_ts_ms: 0,
-            id_counter: 0,
         };
+        let mut shard = Shard::new(3, rx, store, Arc::default(), &config);
         let mut seen = HashSet::new();
         let mut last_ts = 0;
         for _ in 0..5000 {

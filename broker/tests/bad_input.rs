@@ -13,17 +13,7 @@ use courier_protocol::*;
 async fn still_serving(server: &Server) {
     let (a, _) = server.client(901).await;
     let (b, _) = server.client(902).await;
-    a.send(
-        Destination::User(902),
-        MessageKind::Chat,
-        chat("still here"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        b.recv_timeout(WAIT).await.unwrap().payload,
-        chat("still here")
-    );
+    exchange(&a, 902, &b, "still here").await;
 }
 
 async fn after_hello(server: &Server, user: u64) -> Raw {

@@ -343,16 +343,5 @@ async fn the_client_library_keeps_an_idle_session_alive() {
     // Bob only listens, well past the idle timeout: his client pings for him.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(bob.close_reason().is_none(), "{:?}", bob.close_reason());
-    alice
-        .send(
-            Destination::User(2),
-            MessageKind::Chat,
-            chat("still there?"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        bob.recv_timeout(WAIT).await.unwrap().payload,
-        chat("still there?")
-    );
+    exchange(&alice, 2, &bob, "still there?").await;
 }

@@ -170,6 +170,17 @@ pub async fn send_numbered(client: &Client, to: u64, range: std::ops::RangeInclu
     }
 }
 
+/// `from` sends `text` to user `to`; `receiver` (a session of `to`) gets it next.
+pub async fn exchange(from: &Client, to: u64, receiver: &Client, text: &str) {
+    from.send(Destination::User(to), MessageKind::Chat, chat(text))
+        .await
+        .unwrap();
+    assert_eq!(
+        receiver.recv_timeout(WAIT).await.unwrap().payload,
+        chat(text)
+    );
+}
+
 pub fn chat(text: impl Into<Vec<u8>>) -> Bytes {
     Bytes::from(text.into())
 }
