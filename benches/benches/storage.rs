@@ -20,10 +20,8 @@ fn batch(start: u64, n: usize, payload: &Bytes) -> Vec<NewMessage> {
             let id = start + i;
             NewMessage {
                 inbox: id % 1000 + 1,
-                idempotency: Some(IdempotencyKey {
-                    sender: 7,
-                    client_msg_id: id,
-                }),
+                idempotency: Some(IdempotencyKey::new(7, id)),
+                reference: None,
                 record: Record {
                     server_msg_id: id,
                     sender: 7,

@@ -30,6 +30,55 @@ pub struct Config {
     pub retention: Retention,
     pub auth: Auth,
     pub storage: Storage,
+    pub groups: Groups,
+    pub social: Social,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Groups {
+    /// Members a group may have.
+    pub max_members: usize,
+    /// Groups a user may be a member of.
+    pub max_per_user: usize,
+    /// Groups with more members than this are delivered from the group log
+    /// (one write per message); up to it, by a reference in each member's
+    /// inbox (one write per member, simplest for clients).
+    pub log_threshold: usize,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            max_members: 1024,
+            max_per_user: 1024,
+            log_threshold: 256,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Social {
+    /// Recipients per broadcast list.
+    pub max_list_len: usize,
+    /// Contacts per user.
+    pub max_contacts: usize,
+    /// How long a status post lives.
+    pub status_ttl_ms: u64,
+    /// Current statuses one poster may have.
+    pub max_statuses: usize,
+}
+
+impl Default for Social {
+    fn default() -> Self {
+        Social {
+            max_list_len: 256,
+            max_contacts: 10_000,
+            status_ttl_ms: 24 * 3600 * 1000,
+            max_statuses: 100,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -91,6 +140,8 @@ impl Default for Config {
             retention: Retention::default(),
             auth: Auth::default(),
             storage: Storage::default(),
+            groups: Groups::default(),
+            social: Social::default(),
         }
     }
 }
@@ -138,7 +189,7 @@ impl Default for Storage {
     }
 }
 
-const SECTIONS: &[&str] = &["limits", "retention", "auth", "storage"];
+const SECTIONS: &[&str] = &["limits", "retention", "auth", "storage", "groups", "social"];
 
 /// Flag values that override everything else.
 #[derive(Default, Debug)]
@@ -215,6 +266,24 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.durability()?;
+        let g = &self.groups;
+        anyhow::ensure!(
+            (2..=u16::MAX as usize).contains(&g.max_members),
+            "groups.max_members must be 2 to 65535"
+        );
+        anyhow::ensure!(g.max_per_user >= 1, "groups.max_per_user must be at least 1");
+        anyhow::ensure!(
+            (1..=u16::MAX as usize).contains(&self.social.max_list_len),
+            "social.max_list_len must be 1 to 65535"
+        );
+        anyhow::ensure!(
+            (1..=u16::MAX as usize).contains(&self.social.max_contacts),
+            "social.max_contacts must be 1 to 65535"
+        );
+        anyhow::ensure!(
+            self.social.status_ttl_ms >= 1000,
+            "social.status_ttl_ms must be at least 1000"
+        );
         let l = &self.limits;
         anyhow::ensure!(l.max_batch >= 1, "limits.max_batch must be at least 1");
         anyhow::ensure!(

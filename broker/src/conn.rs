@@ -14,6 +14,10 @@
 //!   clears the flag and reads once more, so no message falls between the
 //!   two paths. Deliveries are de-duplicated by sequence: the client sees
 //!   each sequence once, in order.
+//! - The same holds per stream for log-strategy groups: the writer keeps a
+//!   cursor per group it reads (from the user's `U` rows and `C` cursors),
+//!   catches each up from the group log, and ends a stream at the event
+//!   that removed the user.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,8 +35,13 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, error, warn};
 
 use crate::auth::AuthError;
-use crate::shard::{to_wire, Reply, ReplyTo, SendCmd, SessionHandle, ShardCmd};
-use crate::{now_ms, Node};
+use crate::groups::valid_user;
+use crate::keys;
+use crate::shard::{
+    to_wire, Completion, Delivery, Fanout, FanoutAnswer, GroupOpCmd, GroupSendCmd, OpResult,
+    Reply, ReplyTo, SendCmd, SessionHandle, ShardCmd,
+};
+use crate::{now_ms, social, Node};
 
 /// Messages read from the inbox per catch-up step.
 const CATCH_UP_PAGE: usize = 256;
@@ -188,6 +197,15 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         };
         return bye(&mut wr, &mut reader, code, e.to_string()).await;
     }
+    if !valid_user(hello.user_id) {
+        return bye(
+            &mut wr,
+            &mut reader,
+            ErrorCode::AUTH_FAILED,
+            "user ids are non-zero with the top bit clear",
+        )
+        .await;
+    }
     let user = hello.user_id;
     let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
 
@@ -288,9 +306,12 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             store: node.store.clone(),
             user,
             delivered: start_after,
+            groups: HashMap::new(),
+            rescan: true,
             inflight: inflight.clone(),
             out: BytesMut::with_capacity(16 << 10),
             pending: Vec::new(),
+            pending_group: Vec::new(),
             batches: HashMap::new(),
             max_frame_len: limits.max_frame_len as usize,
         }
@@ -380,23 +401,26 @@ impl Conn {
         )));
     }
 
-    /// Checks what the client may send to a user inbox in this version.
-    fn validate(&self, s: &Send) -> Result<u64, (ErrorCode, String)> {
-        let recipient = match s.destination {
-            Destination::User(0) => {
+    /// Checks a send and says where it goes.
+    fn validate(&self, s: &Send) -> Result<Destination, (ErrorCode, String)> {
+        match s.destination {
+            Destination::User(id) if !valid_user(id) => {
                 return Err((
                     ErrorCode::INVALID_DESTINATION,
-                    "user id 0 is not a user".into(),
+                    format!("{id:#x} is not a user id"),
                 ))
             }
-            Destination::User(id) => id,
-            Destination::Group(_) | Destination::List(_) => {
+            Destination::Group(id) if id & GROUP_ID_BIT == 0 => {
                 return Err((
-                    ErrorCode::DESTINATION_UNSUPPORTED,
-                    "groups and broadcast lists are not served yet".into(),
+                    ErrorCode::INVALID_DESTINATION,
+                    format!("{id:#x} is not a group id"),
                 ))
             }
-        };
+            Destination::List(0) => {
+                return Err((ErrorCode::INVALID_DESTINATION, "list id 0".into()))
+            }
+            _ => {}
+        }
         if !matches!(s.kind, MessageKind::Chat | MessageKind::Template) {
             return Err((
                 ErrorCode::KIND_NOT_ALLOWED,
@@ -410,34 +434,150 @@ impl Conn {
                 format!("payload of {} bytes exceeds {max}", s.payload.len()),
             ));
         }
-        Ok(recipient)
+        Ok(s.destination)
     }
 
-    /// Takes an in-flight permit and queues the send on the recipient's shard.
-    /// Returns false if the shards have stopped.
-    async fn dispatch(&self, s: Send, recipient: u64, request_id: u32, index: Option<u16>) -> bool {
+    /// Takes an in-flight permit and queues the send on the shard that owns
+    /// its destination. Returns false if the shards have stopped.
+    async fn dispatch(&self, s: Send, request_id: u32, index: Option<u16>) -> bool {
         match self.inflight.acquire().await {
             Ok(p) => p.forget(), // returned by the writer when the result is written
             Err(_) => return false,
         }
-        let cmd = ShardCmd::Send(SendCmd {
-            sender: self.user,
-            sender_device: self.device,
-            recipient,
-            client_msg_id: s.client_msg_id,
-            kind: s.kind,
-            payload: s.payload,
-            reply: ReplyTo {
-                tx: self.replies.clone(),
-                request_id,
-                index,
-            },
-        });
-        if self.node.shards.send(recipient, cmd).await {
+        let reply = ReplyTo {
+            tx: self.replies.clone(),
+            request_id,
+            index,
+        };
+        let (key, cmd) = match s.destination {
+            Destination::User(recipient) => (
+                recipient,
+                ShardCmd::Send(SendCmd {
+                    sender: self.user,
+                    sender_device: self.device,
+                    recipient,
+                    client_msg_id: s.client_msg_id,
+                    destination: s.destination,
+                    scope: 0,
+                    kind: s.kind,
+                    payload: s.payload,
+                    done: Completion::Reply(reply),
+                }),
+            ),
+            Destination::Group(group) => (
+                group,
+                ShardCmd::GroupSend(GroupSendCmd {
+                    group,
+                    sender: self.user,
+                    sender_device: self.device,
+                    client_msg_id: s.client_msg_id,
+                    kind: s.kind,
+                    payload: s.payload,
+                    reply,
+                }),
+            ),
+            Destination::List(list) => return self.broadcast(s, list, request_id).await,
+        };
+        if self.node.shards.send(key, cmd).await {
             true
         } else {
             self.inflight.add_permits(1);
             false
+        }
+    }
+
+    /// A send to a broadcast list: one one-to-one copy per consenting
+    /// recipient (scoped idempotency keys), answered when all are durable.
+    /// Holds the permit `dispatch` took until the answer is written.
+    async fn broadcast(&self, s: Send, list: u64, request_id: u32) -> bool {
+        let store = self.node.store.clone();
+        let sender = self.user;
+        let lookup = tokio::task::spawn_blocking(move || {
+            let recipients = social::get_list(&*store, sender, list)?;
+            social::consenting(&*store, sender, &recipients).map_err(|e| {
+                error!(error = %e, "consent lookup failed");
+                (ErrorCode::INTERNAL, "storage error".to_owned())
+            })
+        })
+        .await
+        .unwrap_or_else(|_| Err((ErrorCode::INTERNAL, "storage error".into())));
+        let (recipients, skipped) = match lookup {
+            Ok(v) => v,
+            Err((code, _)) => {
+                let _ = self.replies.send(Reply::Broadcast {
+                    request_id,
+                    ack: Err(code),
+                });
+                return true;
+            }
+        };
+        let fanout = Fanout::new(
+            recipients.len(),
+            FanoutAnswer::Broadcast {
+                tx: self.replies.clone(),
+                request_id,
+                ack: BroadcastAck {
+                    client_msg_id: s.client_msg_id,
+                    server_msg_id: 0,
+                    timestamp_ms: 0,
+                    delivered: 0,
+                    skipped: skipped as u16,
+                    duplicate: false,
+                },
+            },
+        );
+        if recipients.is_empty() {
+            fanout.answer();
+            return true;
+        }
+        for recipient in recipients {
+            let cmd = ShardCmd::Send(SendCmd {
+                sender: self.user,
+                sender_device: self.device,
+                recipient,
+                client_msg_id: s.client_msg_id,
+                destination: Destination::List(list),
+                scope: recipient,
+                kind: s.kind,
+                payload: s.payload.clone(),
+                done: Completion::Fanout(fanout.clone()),
+            });
+            if !self.node.shards.send(recipient, cmd).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends `cmd` to the shard owning `key` and waits for its answer.
+    async fn ask<T>(
+        &self,
+        key: u64,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<OpResult<T>>) -> ShardCmd,
+    ) -> Option<OpResult<T>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.node.shards.send(key, make(tx)).await {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    /// Runs a blocking store operation and answers with its frame.
+    async fn blocking<T: std::marker::Send + 'static>(
+        &self,
+        rid: u32,
+        f: impl FnOnce(&dyn courier_storage::InboxStore) -> OpResult<T> + std::marker::Send + 'static,
+        reply: impl FnOnce(T) -> Body,
+    ) {
+        let store = self.node.store.clone();
+        match tokio::task::spawn_blocking(move || f(&*store)).await {
+            Ok(Ok(v)) => {
+                let _ = self
+                    .replies
+                    .send(Reply::Frame(Frame::new(rid, reply(v))));
+            }
+            Ok(Err((code, msg))) => self.error(rid, code, msg),
+            Err(_) => self.error(rid, ErrorCode::INTERNAL, "storage error"),
         }
     }
 
@@ -446,7 +586,7 @@ impl Conn {
         let rid = frame.request_id;
         match frame.body {
             Body::Send(s) => match self.validate(&s) {
-                Ok(recipient) => return self.dispatch(s, recipient, rid, None).await,
+                Ok(_) => return self.dispatch(s, rid, None).await,
                 Err((code, msg)) => self.error(rid, code, msg),
             },
             Body::SendBatch(sends) => {
@@ -465,9 +605,16 @@ impl Conn {
                 });
                 for (i, s) in sends.into_iter().enumerate() {
                     let index = Some(i as u16);
-                    match self.validate(&s) {
-                        Ok(recipient) => {
-                            if !self.dispatch(s, recipient, rid, index).await {
+                    let checked = self.validate(&s).and_then(|d| match d {
+                        Destination::List(_) => Err((
+                            ErrorCode::DESTINATION_UNSUPPORTED,
+                            "broadcast lists are sent with Send".into(),
+                        )),
+                        d => Ok(d),
+                    });
+                    match checked {
+                        Ok(_) => {
+                            if !self.dispatch(s, rid, index).await {
                                 return false;
                             }
                         }
@@ -495,11 +642,145 @@ impl Conn {
             }
             Body::Ack { up_to_seq } => {
                 let user = self.user;
-                return self
-                    .node
-                    .shards
-                    .send(user, ShardCmd::Ack { user, up_to_seq })
+                let cmd = ShardCmd::Mark {
+                    user,
+                    stream: 0,
+                    up_to_seq,
+                    status: ReceiptStatus::Delivered,
+                };
+                return self.node.shards.send(user, cmd).await;
+            }
+            Body::Mark(m) => {
+                if (m.stream != 0 && m.stream & GROUP_ID_BIT == 0)
+                    || m.status == ReceiptStatus::Viewed
+                {
+                    self.error(
+                        rid,
+                        ErrorCode::INVALID_REQUEST,
+                        "mark a stream (0 or a group) delivered or read; views use StatusView",
+                    );
+                    return true;
+                }
+                let user = self.user;
+                let cmd = ShardCmd::Mark {
+                    user,
+                    stream: m.stream,
+                    up_to_seq: m.up_to_seq,
+                    status: m.status,
+                };
+                return self.node.shards.send(user, cmd).await;
+            }
+            Body::Group(g) => {
+                let group = if g.op == GroupOp::Create {
+                    if g.group != 0 {
+                        self.error(rid, ErrorCode::INVALID_REQUEST, "create with group 0");
+                        return true;
+                    }
+                    self.node.new_group_id()
+                } else if g.group & GROUP_ID_BIT == 0 {
+                    self.error(rid, ErrorCode::INVALID_REQUEST, "not a group id");
+                    return true;
+                } else {
+                    g.group
+                };
+                let actor = self.user;
+                let answer = self
+                    .ask(group, |reply| {
+                        ShardCmd::GroupOp(GroupOpCmd {
+                            group,
+                            actor,
+                            op: g.op,
+                            users: g.users,
+                            reply,
+                        })
+                    })
                     .await;
+                match answer {
+                    Some(Ok(info)) => {
+                        let _ = self
+                            .replies
+                            .send(Reply::Frame(Frame::new(rid, Body::GroupInfo(info))));
+                    }
+                    Some(Err((code, msg))) => self.error(rid, code, msg),
+                    None => return false,
+                }
+            }
+            Body::ReceiptQuery { group, seq } => {
+                let asker = self.user;
+                let answer = self
+                    .ask(group, |reply| ShardCmd::ReceiptQuery {
+                        group,
+                        seq,
+                        asker,
+                        reply,
+                    })
+                    .await;
+                match answer {
+                    Some(Ok(c)) => {
+                        let _ = self
+                            .replies
+                            .send(Reply::Frame(Frame::new(rid, Body::ReceiptCounts(c))));
+                    }
+                    Some(Err((code, msg))) => self.error(rid, code, msg),
+                    None => return false,
+                }
+            }
+            Body::Contacts(c) => {
+                let (user, max) = (self.user, self.node.config.social.max_contacts);
+                self.blocking(
+                    rid,
+                    move |store| social::contacts(store, user, c.op, &c.users, max),
+                    move |users| Body::Users(Users { id: user, users }),
+                )
+                .await;
+            }
+            Body::List(l) => {
+                let (user, max) = (self.user, self.node.config.social.max_list_len);
+                let list = l.list;
+                self.blocking(
+                    rid,
+                    move |store| social::list(store, user, l.op, l.list, &l.users, max),
+                    move |users| match users {
+                        Some(users) => Body::Users(Users { id: list, users }),
+                        None => Body::Done,
+                    },
+                )
+                .await;
+            }
+            Body::StatusPost(p) => {
+                let social = &self.node.config.social;
+                let (ttl, max) = (social.status_ttl_ms, social.max_statuses);
+                let max_payload = self.node.config.limits.max_payload_len as usize;
+                if p.payload.len() > max_payload {
+                    self.error(rid, ErrorCode::PAYLOAD_TOO_LARGE, "status payload too large");
+                    return true;
+                }
+                let (poster, id) = (self.user, self.node.new_group_id() & !GROUP_ID_BIT);
+                self.blocking(
+                    rid,
+                    move |store| {
+                        social::post_status(
+                            store, poster, id, now_ms(), ttl, max, p.audience, p.users, p.payload,
+                        )
+                    },
+                    move |expires_at_ms| Body::StatusPosted {
+                        status_id: id,
+                        expires_at_ms,
+                    },
+                )
+                .await;
+            }
+            Body::StatusFetch => {
+                let viewer = self.user;
+                self.blocking(
+                    rid,
+                    move |store| social::fetch_statuses(store, viewer, now_ms()),
+                    Body::StatusList,
+                )
+                .await;
+            }
+            Body::StatusView { poster, status_id } => {
+                return self.view_status(rid, poster, status_id).await;
             }
             Body::Fetch(f) => {
                 if f.user_id != self.user {
@@ -523,6 +804,56 @@ impl Conn {
                 ErrorCode::UNEXPECTED_FRAME,
                 format!("{} is not a client request here", other.name()),
             ),
+        }
+        true
+    }
+
+    /// Records a status view as a `viewed` receipt in the poster's inbox
+    /// (once per viewer and status), then answers `Done`.
+    async fn view_status(&self, rid: u32, poster: u64, status_id: u64) -> bool {
+        let store = self.node.store.clone();
+        let viewer = self.user;
+        let allowed = tokio::task::spawn_blocking(move || {
+            social::can_view(&*store, viewer, poster, status_id, now_ms())
+        })
+        .await
+        .unwrap_or_else(|_| Err((ErrorCode::INTERNAL, "storage error".into())));
+        match allowed {
+            Ok(true) => {}
+            Ok(false) => {
+                self.error(rid, ErrorCode::NO_SUCH_STATUS, "no such status for you");
+                return true;
+            }
+            Err((code, msg)) => {
+                self.error(rid, code, msg);
+                return true;
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cmd = ShardCmd::Send(SendCmd {
+            sender: viewer,
+            sender_device: self.device,
+            recipient: poster,
+            client_msg_id: status_id,
+            destination: Destination::User(poster),
+            scope: poster,
+            kind: MessageKind::Receipt,
+            payload: ReceiptPayload {
+                status: ReceiptStatus::Viewed,
+                reader: viewer,
+                messages: vec![(status_id, status_id)],
+            }
+            .encode(),
+            done: Completion::Notify(tx),
+        });
+        if !self.node.shards.send(poster, cmd).await {
+            return false;
+        }
+        match rx.await {
+            Ok(true) => {
+                let _ = self.replies.send(Reply::Frame(Frame::new(rid, Body::Done)));
+            }
+            _ => self.error(rid, ErrorCode::INTERNAL, "storage error"),
         }
         true
     }
@@ -570,19 +901,52 @@ impl Conn {
 struct Writer {
     wr: OwnedWriteHalf,
     replies: mpsc::UnboundedReceiver<Reply>,
-    deliveries: mpsc::Receiver<Arc<Message>>,
+    deliveries: mpsc::Receiver<Delivery>,
     deliveries_open: bool,
     session: Arc<SessionHandle>,
     store: Arc<dyn InboxStore>,
     user: u64,
     /// Highest sequence handed to the socket (or queued in `pending`).
     delivered: u64,
+    /// Log-strategy groups this session reads, by group id.
+    groups: HashMap<u64, GroupStream>,
+    /// Re-read the user's group rows before the next catch-up.
+    rescan: bool,
     inflight: Arc<Semaphore>,
     out: BytesMut,
     pending: Vec<Arc<Message>>,
+    pending_group: Vec<(u64, Arc<Message>)>,
     /// Results of batches in progress: slots and how many are still missing.
     batches: HashMap<u32, (Vec<Option<SendResult>>, usize)>,
     max_frame_len: usize,
+}
+
+/// One log-strategy group as a session reads it.
+struct GroupStream {
+    /// Highest group sequence handed to the socket (or queued).
+    delivered: u64,
+    /// Last group sequence this user may see (`keys::NONE` while a member).
+    end: u64,
+}
+
+impl GroupStream {
+    /// Takes `m` as the next message of the stream; false if it is not for
+    /// this user (its own message, or past the end). Ends the stream at the
+    /// event that removed the user.
+    fn take(&mut self, user: u64, m: &Message) -> bool {
+        self.delivered = m.seq;
+        if m.kind == MessageKind::System {
+            if let Ok(ev) = GroupEvent::decode(&m.payload) {
+                if matches!(ev.kind, GroupEventKind::Removed | GroupEventKind::Left)
+                    && ev.users.contains(&user)
+                {
+                    self.end = m.seq;
+                }
+            }
+            return true;
+        }
+        m.sender != user
+    }
 }
 
 enum Step {
@@ -646,7 +1010,28 @@ impl Writer {
     }
 
     /// Accepts a live delivery; returns true if a gap needs a catch-up.
-    fn on_delivery(&mut self, m: Arc<Message>) -> bool {
+    fn on_delivery(&mut self, d: Delivery) -> bool {
+        let m = match d {
+            Delivery::Inbox(m) => m,
+            Delivery::Group(g, m) => {
+                let Some(stream) = self.groups.get_mut(&g) else {
+                    // A group this session does not read yet (just joined,
+                    // or just switched to the log strategy).
+                    self.rescan = true;
+                    return true;
+                };
+                if m.seq <= stream.delivered || m.seq > stream.end {
+                    return false;
+                }
+                if m.seq != stream.delivered + 1 {
+                    return true;
+                }
+                if stream.take(self.user, &m) {
+                    self.pending_group.push((g, m));
+                }
+                return false;
+            }
+        };
         if m.seq <= self.delivered {
             false // already sent by a catch-up
         } else if m.seq == self.delivered + 1 {
@@ -701,6 +1086,15 @@ impl Writer {
                 }
                 Step::Continue
             }
+            Reply::Broadcast { request_id, ack } => {
+                self.inflight.add_permits(1);
+                let body = match ack {
+                    Ok(ack) => Body::BroadcastAck(ack),
+                    Err(code) => Body::Error(Reason::new(code, code.description())),
+                };
+                self.encode(&Frame::new(request_id, body));
+                Step::Continue
+            }
             Reply::BatchStart { request_id, count } => {
                 self.batches
                     .insert(request_id, (vec![None; count as usize], count as usize));
@@ -743,6 +1137,31 @@ impl Writer {
             start = end;
         }
         self.pending.clear();
+        // Group log messages: one `GroupDeliver` per run of one group.
+        let mut i = 0;
+        while i < self.pending_group.len() {
+            let g = self.pending_group[i].0;
+            let mut messages = Vec::new();
+            let mut size = HEADER_LEN + 10;
+            while i < self.pending_group.len()
+                && self.pending_group[i].0 == g
+                && messages.len() < DELIVER_BATCH_MAX
+            {
+                let m = &self.pending_group[i].1;
+                let add = MESSAGE_FIXED_LEN + m.payload.len();
+                if !messages.is_empty() && size + add > budget {
+                    break;
+                }
+                size += add;
+                messages.push((**m).clone());
+                i += 1;
+            }
+            encode(
+                &Frame::new(0, Body::GroupDeliver { group: g, messages }),
+                &mut self.out,
+            );
+        }
+        self.pending_group.clear();
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -795,9 +1214,102 @@ impl Writer {
                     break;
                 }
             }
+            if let Err(e) = self.catch_up_groups().await {
+                error!(user = self.user, error = %e, "group catch-up failed; closing session");
+                self.encode(&Frame::new(
+                    0,
+                    Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
+                ));
+                self.flush().await?;
+                return Err(std::io::Error::other("storage error"));
+            }
             if !self.session.lagging.load(Ordering::SeqCst) {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads the user's group rows: which log-strategy groups to read, from
+    /// where (the confirmed cursor, or where the user joined) and to where.
+    async fn load_streams(&mut self) -> Result<(), courier_storage::StoreError> {
+        let store = self.store.clone();
+        let user = self.user;
+        let rows = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (k, v) in store.scan(&keys::user_groups(user), usize::MAX)? {
+                let (Some(g), Some(joined), Some(left), Some(log_from)) = (
+                    keys::last_u64(&k),
+                    keys::be_u64(&v, 0),
+                    keys::be_u64(&v, 8),
+                    keys::be_u64(&v, 16),
+                ) else {
+                    continue;
+                };
+                if log_from == keys::NONE {
+                    continue;
+                }
+                let confirmed = match store.get(&keys::cursor(g, user))? {
+                    Some(c) => keys::be_u64(&c, 0).unwrap_or(0),
+                    None => 0,
+                };
+                out.push((g, joined.max(log_from), left, confirmed));
+            }
+            Ok::<_, courier_storage::StoreError>(out)
+        })
+        .await
+        .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+        for (g, from, left, confirmed) in rows {
+            let stream = self.groups.entry(g).or_insert(GroupStream {
+                delivered: confirmed.max(from - 1),
+                end: left,
+            });
+            stream.end = stream.end.min(left);
+        }
+        Ok(())
+    }
+
+    /// Reads every group stream up to its log's head (or its end).
+    async fn catch_up_groups(&mut self) -> Result<(), courier_storage::StoreError> {
+        if self.rescan {
+            self.load_streams().await?;
+            self.rescan = false;
+        }
+        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        for g in groups {
+            loop {
+                let stream = &self.groups[&g];
+                if stream.delivered >= stream.end {
+                    break;
+                }
+                let store = self.store.clone();
+                let after = stream.delivered;
+                let page = tokio::task::spawn_blocking(move || {
+                    store
+                        .read_after(g, after, CATCH_UP_PAGE)?
+                        .into_iter()
+                        .map(to_wire)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+                let n = page.len();
+                let stream = self.groups.get_mut(&g).expect("present");
+                for m in page {
+                    if m.seq > stream.end {
+                        break;
+                    }
+                    if stream.take(self.user, &m) {
+                        self.pending_group.push((g, Arc::new(m)));
+                    }
+                }
+                self.flush()
+                    .await
+                    .map_err(|e| courier_storage::StoreError::Io(e.to_string()))?;
+                if n < CATCH_UP_PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }

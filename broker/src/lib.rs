@@ -6,7 +6,10 @@
 //! (`courier-storage`) and pushes what it stored to the recipients' live
 //! sessions. [`server`] binds the listeners, runs the accept loop and the
 //! graceful shutdown; [`admin`] serves `/healthz` and `/readyz`; [`config`]
-//! loads settings; [`cli`] is the command line. `docs/ARCHITECTURE.md` draws
+//! loads settings; [`cli`] is the command line. Fan-out lives in [`groups`]
+//! (group logs and their two delivery strategies) and [`receipts`] (marks
+//! and receipt messages); [`social`] holds contacts, broadcast lists and
+//! statuses; [`keys`] lays out the broker's state in the store. `docs/ARCHITECTURE.md` draws
 //! the whole data flow.
 
 pub mod admin;
@@ -14,8 +17,12 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod groups;
+pub mod keys;
+pub mod receipts;
 pub mod server;
 pub mod shard;
+pub mod social;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -43,4 +50,17 @@ pub struct Node {
     /// True once listeners are up and until shutdown starts.
     pub ready: AtomicBool,
     pub next_session: AtomicU64,
+    /// Source of new group ids (low bits; `GROUP_ID_BIT` is added). Seeded
+    /// from the clock at start so ids stay unique across restarts.
+    pub next_group: AtomicU64,
+}
+
+impl Node {
+    pub fn new_group_id(&self) -> u64 {
+        courier_protocol::GROUP_ID_BIT
+            | (self
+                .next_group
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                & !courier_protocol::GROUP_ID_BIT)
+    }
 }

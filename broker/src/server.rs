@@ -36,6 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             durability,
             idempotency_window_ms: config.retention.idempotency_window_ms,
             block_cache_bytes: config.storage.block_cache_mb << 20,
+            clock: courier_storage::Clock::system(),
         },
     )
     .with_context(|| format!("opening the store in {}", db_path.display()))?;
@@ -47,6 +48,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             queue_len: config.limits.shard_queue_len,
             batch_max: config.limits.shard_batch_max,
             acked_retention_ms: config.retention.acked_retention_ms,
+            max_group_members: config.groups.max_members,
+            max_groups_per_user: config.groups.max_per_user,
+            log_threshold: config.groups.log_threshold,
         },
         store.clone(),
     )?;
@@ -67,6 +71,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: CancellationToken::new(),
         ready: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
+        // Milliseconds since the epoch times 1,024: a restart a millisecond
+        // later starts above every id handed out before (at < 1,024 groups/ms).
+        next_group: AtomicU64::new(crate::now_ms() << 10),
     });
     tokio::spawn(admin::run(admin_listener, node.clone()));
     spawn_signal_handler(node.shutdown.clone());

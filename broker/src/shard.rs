@@ -17,20 +17,24 @@
 //! The shard only speaks through channels, so the network path (epoll today,
 //! io_uring later) and a remote shard on another node can feed it unchanged.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_protocol::{Destination, ErrorCode, Message, MessageKind, SendResult};
-use courier_storage::{
-    AppendOutcome, IdempotencyKey, InboxState, InboxStore, NewMessage, Record, StoreError,
-    StoredMessage,
+use courier_protocol::{
+    BroadcastAck, Destination, ErrorCode, GroupInfo, GroupOp, Message, MessageKind,
+    ReceiptCounts, ReceiptStatus, SendResult,
 };
-use tokio::sync::{mpsc, Notify};
+use courier_storage::{
+    AppendOutcome, IdempotencyKey, InboxState, InboxStore, KvOp, LogRef, NewMessage, Record,
+    StoreError, StoredMessage,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, error, warn};
 
+use crate::groups::GroupCache;
 use crate::now_ms;
 
 /// How often a shard trims acknowledged messages past retention.
@@ -38,7 +42,7 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 /// Inboxes trimmed per tick, so trimming never starves sends.
 const TRIM_PER_TICK_MAX: usize = 1024;
 
-/// The shard that owns `user`, out of `shards`.
+/// The shard that owns `user` (or group), out of `shards`.
 pub fn shard_of(user: u64, shards: usize) -> usize {
     // Fibonacci hashing: sequential ids spread evenly.
     ((user.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % shards as u64) as usize
@@ -52,14 +56,31 @@ pub struct ReplyTo {
     pub index: Option<u16>,
 }
 
+impl ReplyTo {
+    pub fn send(&self, result: SendResult) {
+        // The connection may be gone; its client will retry with the same id.
+        let _ = self.tx.send(Reply::SendResult {
+            request_id: self.request_id,
+            index: self.index,
+            result,
+        });
+    }
+}
+
 /// What a connection's writer receives besides live deliveries. The channel
-/// is unbounded in type but bounded in practice: each `SendResult` answers
-/// a send that holds one of the connection's `limits.max_in_flight` permits.
+/// is unbounded in type but bounded in practice: each `SendResult` and
+/// `Broadcast` answers a send that holds one of the connection's
+/// `limits.max_in_flight` permits.
 pub enum Reply {
     SendResult {
         request_id: u32,
         index: Option<u16>,
         result: SendResult,
+    },
+    /// The answer to a send to a broadcast list (returns its permit).
+    Broadcast {
+        request_id: u32,
+        ack: Result<BroadcastAck, ErrorCode>,
     },
     /// A `SendBatch` of `count` items is under way (always queued before its items).
     BatchStart {
@@ -71,47 +92,250 @@ pub enum Reply {
     Close(Option<courier_protocol::Reason>),
 }
 
+/// What happens when the write of one inbox entry has an outcome.
+pub enum Completion {
+    /// Answer the sender's connection.
+    Reply(ReplyTo),
+    /// One copy of a message with many inboxes (a group's references, a
+    /// broadcast): the last copy answers.
+    Fanout(Arc<Fanout>),
+    /// Tell an internal waiter whether it is stored (receipts, status views).
+    Notify(oneshot::Sender<bool>),
+    /// Part of a receipt emission; the last one lets the reader's shard
+    /// record how far receipts went.
+    Receipts(Arc<ReceiptBatch>),
+}
+
+/// A message being written to many inboxes, possibly on many shards.
+/// `remaining` counts the parts (one per shard); the part that brings it to
+/// zero sends the answer.
+pub struct Fanout {
+    /// Highest server message id and timestamp of the copies (a broadcast's ack).
+    pub last_id: AtomicU64,
+    pub last_ts: AtomicU64,
+    pub remaining: AtomicUsize,
+    pub failed: AtomicBool,
+    pub delivered: AtomicUsize,
+    pub duplicates: AtomicUsize,
+    pub answer: FanoutAnswer,
+}
+
+pub enum FanoutAnswer {
+    /// A group send: answered with this result (seq = group sequence).
+    Group(Option<ReplyTo>, SendResult),
+    /// A broadcast: answered with counts.
+    Broadcast {
+        tx: mpsc::UnboundedSender<Reply>,
+        request_id: u32,
+        ack: BroadcastAck,
+    },
+}
+
+impl Fanout {
+    pub fn new(parts: usize, answer: FanoutAnswer) -> Arc<Fanout> {
+        Arc::new(Fanout {
+            last_id: AtomicU64::new(0),
+            last_ts: AtomicU64::new(0),
+            remaining: AtomicUsize::new(parts),
+            failed: AtomicBool::new(false),
+            delivered: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            answer,
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    pub fn succeeded(&self) -> bool {
+        self.is_done() && !self.failed.load(Ordering::Acquire)
+    }
+
+    /// Records one part's outcome; the last part answers.
+    pub fn part_done(&self, ok: bool, stored: usize, duplicates: usize) {
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+        }
+        self.delivered.fetch_add(stored + duplicates, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        self.answer();
+    }
+
+    /// Sends the answer (called once, by the last part or when there are none).
+    pub fn answer(&self) {
+        let failed = self.failed.load(Ordering::Acquire);
+        match &self.answer {
+            FanoutAnswer::Group(Some(reply), result) => reply.send(if failed {
+                fail(result.client_msg_id, ErrorCode::INTERNAL)
+            } else {
+                *result
+            }),
+            FanoutAnswer::Group(None, _) => {}
+            FanoutAnswer::Broadcast {
+                tx,
+                request_id,
+                ack,
+            } => {
+                let delivered = self.delivered.load(Ordering::Relaxed);
+                let ack = if failed {
+                    Err(ErrorCode::INTERNAL)
+                } else {
+                    Ok(BroadcastAck {
+                        server_msg_id: self.last_id.load(Ordering::Relaxed),
+                        timestamp_ms: self.last_ts.load(Ordering::Relaxed),
+                        delivered: delivered as u16,
+                        duplicate: delivered > 0
+                            && self.duplicates.load(Ordering::Relaxed) == delivered,
+                        ..*ack
+                    })
+                };
+                let _ = tx.send(Reply::Broadcast {
+                    request_id: *request_id,
+                    ack,
+                });
+            }
+        }
+    }
+}
+
+/// Receipts emitted by one mark, in flight to the senders' shards.
+pub struct ReceiptBatch {
+    pub remaining: AtomicUsize,
+    pub failed: AtomicBool,
+    pub user: u64,
+    pub delivered: u64,
+    pub read: u64,
+    pub back: mpsc::UnboundedSender<ShardCmd>,
+}
+
+impl ReceiptBatch {
+    fn part_done(&self, ok: bool) {
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 && !self.failed.load(Ordering::Acquire)
+        {
+            let _ = self.back.send(ShardCmd::ReceiptsDone {
+                user: self.user,
+                delivered: self.delivered,
+                read: self.read,
+            });
+        }
+    }
+}
+
+/// One message to append to `recipient`'s inbox.
 pub struct SendCmd {
     pub sender: u64,
     pub sender_device: u32,
     pub recipient: u64,
+    pub client_msg_id: u64,
+    /// Destination as recorded (the user, or the broadcast list it came through).
+    pub destination: Destination,
+    /// Idempotency scope (0 for a one-to-one send).
+    pub scope: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub done: Completion,
+}
+
+/// References to one group log entry, for members on one shard.
+pub struct RefsCmd {
+    pub group: u64,
+    /// The group message (seq = group sequence).
+    pub message: Arc<Message>,
+    pub members: Vec<u64>,
+    pub fanout: Arc<Fanout>,
+}
+
+pub struct GroupSendCmd {
+    pub group: u64,
+    pub sender: u64,
+    pub sender_device: u32,
     pub client_msg_id: u64,
     pub kind: MessageKind,
     pub payload: Bytes,
     pub reply: ReplyTo,
 }
 
+pub type OpResult<T> = Result<T, (ErrorCode, String)>;
+
+pub struct GroupOpCmd {
+    pub group: u64,
+    pub actor: u64,
+    pub op: GroupOp,
+    pub users: Vec<u64>,
+    pub reply: oneshot::Sender<OpResult<GroupInfo>>,
+}
+
 pub enum ShardCmd {
     Send(SendCmd),
+    Refs(RefsCmd),
+    GroupSend(GroupSendCmd),
+    GroupOp(GroupOpCmd),
+    /// Live push of a log-strategy group message to these users' sessions.
+    GroupPush {
+        group: u64,
+        message: Arc<Message>,
+        users: Vec<u64>,
+    },
+    ReceiptQuery {
+        group: u64,
+        seq: u64,
+        asker: u64,
+        reply: oneshot::Sender<OpResult<ReceiptCounts>>,
+    },
     /// Adds a live session and answers with the inbox state as of this
-    /// point in the shard's order: every ack queued before it is applied,
+    /// point in the shard's order: every mark queued before it is applied,
     /// every send written by an earlier batch is counted, and sends of the
     /// same batch are appended afterwards and therefore pushed to the new
     /// session.
     Register {
         user: u64,
         session: Arc<SessionHandle>,
-        state: tokio::sync::oneshot::Sender<Result<InboxState, StoreError>>,
+        state: oneshot::Sender<Result<InboxState, StoreError>>,
     },
     Unregister {
         user: u64,
         session_id: u64,
     },
-    Ack {
+    /// Delivered (`Ack`) or read marks on the user's inbox (stream 0) or a
+    /// log-strategy group's stream.
+    Mark {
         user: u64,
+        stream: u64,
         up_to_seq: u64,
+        status: ReceiptStatus,
+    },
+    /// The receipts of a mark are durable in the senders' inboxes.
+    ReceiptsDone {
+        user: u64,
+        delivered: u64,
+        read: u64,
     },
     /// Finish what is queued before this, sync the store, and stop.
     Stop,
+}
+
+/// A live delivery to one session.
+pub enum Delivery {
+    /// An inbox message (seq = inbox sequence).
+    Inbox(Arc<Message>),
+    /// A log-strategy group message (seq = group sequence).
+    Group(u64, Arc<Message>),
 }
 
 /// A live session as its user's shard sees it.
 pub struct SessionHandle {
     pub id: u64,
     /// Live deliveries, bounded by `limits.outbound_queue_len`.
-    pub deliveries: mpsc::Sender<Arc<Message>>,
+    pub deliveries: mpsc::Sender<Delivery>,
     /// Set by the shard when `deliveries` was full: the session is off live
-    /// push and its writer catches up from the inbox, then clears it.
+    /// push and its writer catches up from the store, then clears it.
     pub lagging: AtomicBool,
     /// Wakes the writer when `lagging` is set.
     pub wake: Notify,
@@ -125,15 +349,36 @@ pub struct ShardStats {
     pub live_pushes: AtomicU64,
     pub demotions: AtomicU64,
     pub storage_errors: AtomicU64,
+    pub group_messages: AtomicU64,
+    pub refs_stored: AtomicU64,
+    pub receipts_stored: AtomicU64,
 }
 
+#[derive(Clone)]
 pub struct ShardConfig {
     pub queue_len: usize,
     pub batch_max: usize,
     pub acked_retention_ms: u64,
+    pub max_group_members: usize,
+    pub max_groups_per_user: usize,
+    pub log_threshold: usize,
 }
 
-/// Handles to every shard's queue and thread.
+impl ShardConfig {
+    #[cfg(test)]
+    pub fn for_tests() -> ShardConfig {
+        ShardConfig {
+            queue_len: 64,
+            batch_max: 16,
+            acked_retention_ms: 0,
+            max_group_members: 1024,
+            max_groups_per_user: 64,
+            log_threshold: 4,
+        }
+    }
+}
+
+/// Handles to every shard's queues and thread.
 pub struct Shards {
     queues: Vec<mpsc::Sender<ShardCmd>>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -149,10 +394,29 @@ impl Shards {
         assert!((1..=64).contains(&count), "1 to 64 shards");
         let stats = Arc::new(ShardStats::default());
         let mut queues = Vec::with_capacity(count);
-        let mut threads = Vec::with_capacity(count);
-        for id in 0..count {
+        let mut receivers = Vec::with_capacity(count);
+        let mut peers = Vec::with_capacity(count);
+        let mut peer_receivers = Vec::with_capacity(count);
+        for _ in 0..count {
             let (tx, rx) = mpsc::channel(config.queue_len);
-            let mut shard = Shard::new(id as u64, rx, store.clone(), stats.clone(), &config);
+            queues.push(tx);
+            receivers.push(rx);
+            let (ptx, prx) = mpsc::unbounded_channel();
+            peers.push(ptx);
+            peer_receivers.push(prx);
+        }
+        let peers: Arc<[mpsc::UnboundedSender<ShardCmd>]> = peers.into();
+        let mut threads = Vec::with_capacity(count);
+        for (id, (rx, prx)) in receivers.into_iter().zip(peer_receivers).enumerate() {
+            let mut shard = Shard::new(
+                id as u64,
+                rx,
+                prx,
+                peers.clone(),
+                store.clone(),
+                stats.clone(),
+                &config,
+            );
             let thread = std::thread::Builder::new()
                 .name(format!("courier-shard-{id}"))
                 .spawn(move || {
@@ -162,7 +426,6 @@ impl Shards {
                         .expect("shard runtime");
                     rt.block_on(shard.run());
                 })?;
-            queues.push(tx);
             threads.push(thread);
         }
         Ok(Shards {
@@ -176,10 +439,10 @@ impl Shards {
         self.queues.len()
     }
 
-    /// Queues `cmd` on the shard that owns `user`, waiting while it is full.
-    /// Returns `false` if the shard has stopped.
-    pub async fn send(&self, user: u64, cmd: ShardCmd) -> bool {
-        let q = &self.queues[shard_of(user, self.queues.len())];
+    /// Queues `cmd` on the shard that owns `key` (a user or group id),
+    /// waiting while it is full. Returns `false` if the shard has stopped.
+    pub async fn send(&self, key: u64, cmd: ShardCmd) -> bool {
+        let q = &self.queues[shard_of(key, self.queues.len())];
         q.send(cmd).await.is_ok()
     }
 
@@ -199,23 +462,52 @@ impl Shards {
     }
 }
 
-struct Shard {
-    id: u64,
+/// What a drained command still needs once the batch's write has an outcome.
+pub(crate) enum Planned {
+    /// One inbox entry.
+    Send(SendCmd),
+    /// `members.len()` inbox references.
+    Refs(RefsCmd),
+    /// One group log entry; `recipients` are the members it goes to.
+    GroupSend {
+        cmd: GroupSendCmd,
+        recipients: Vec<u64>,
+    },
+}
+
+pub(crate) struct Shard {
+    pub(crate) id: u64,
     rx: mpsc::Receiver<ShardCmd>,
-    store: Arc<dyn InboxStore>,
-    stats: Arc<ShardStats>,
+    peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
+    /// Every shard's unbounded peer queue. Shard-to-shard traffic (references,
+    /// group pushes, receipts) never waits on a bounded queue, so two shards
+    /// can never block on each other; it is bounded in practice by the
+    /// senders' in-flight permits that caused it.
+    pub(crate) peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
+    pub(crate) store: Arc<dyn InboxStore>,
+    pub(crate) stats: Arc<ShardStats>,
+    pub(crate) config: ShardConfig,
     batch_max: usize,
-    acked_retention_ms: u64,
     sessions: HashMap<u64, Vec<Arc<SessionHandle>>>,
     trim_pending: HashSet<u64>,
     last_ts_ms: u64,
     id_counter: u64,
+    /// Groups this shard owns that have been touched since start.
+    pub(crate) groups: HashMap<u64, GroupCache>,
+    /// Receipt cursors (delivered, read) of this shard's users, as emitted.
+    pub(crate) receipt_cursors: HashMap<u64, (u64, u64)>,
+    /// Group cursors (delivered, read) of this shard's users, by (group, user).
+    pub(crate) group_cursors: HashMap<(u64, u64), (u64, u64)>,
+    /// Key-value writes to make with the next batch.
+    pub(crate) kv: Vec<KvOp>,
 }
 
 impl Shard {
-    fn new(
+    pub(crate) fn new(
         id: u64,
         rx: mpsc::Receiver<ShardCmd>,
+        peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
+        peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
         store: Arc<dyn InboxStore>,
         stats: Arc<ShardStats>,
         config: &ShardConfig,
@@ -223,34 +515,62 @@ impl Shard {
         Shard {
             id,
             rx,
+            peer_rx,
+            peers,
             store,
             stats,
+            config: config.clone(),
             batch_max: config.batch_max,
-            acked_retention_ms: config.acked_retention_ms,
             sessions: HashMap::new(),
             trim_pending: HashSet::new(),
             last_ts_ms: 0,
             id_counter: 0,
+            groups: HashMap::new(),
+            receipt_cursors: HashMap::new(),
+            group_cursors: HashMap::new(),
+            kv: Vec::new(),
         }
     }
 
+    /// Queues a command on the shard that owns `key`, through its peer queue.
+    pub(crate) fn to_peer(&self, key: u64, cmd: ShardCmd) {
+        let _ = self.peers[shard_of(key, self.peers.len())].send(cmd);
+    }
+
     async fn run(&mut self) {
+        self.recover_fanouts();
         let mut cmds = Vec::with_capacity(self.batch_max);
         let mut last_trim = Instant::now();
         loop {
-            match tokio::time::timeout(TRIM_INTERVAL, self.rx.recv()).await {
+            let next = tokio::time::timeout(TRIM_INTERVAL, async {
+                tokio::select! {
+                    biased;
+                    Some(c) = self.peer_rx.recv() => Some(c),
+                    c = self.rx.recv() => c,
+                }
+            })
+            .await;
+            match next {
                 Ok(Some(cmd)) => cmds.push(cmd),
                 Ok(None) => break,
                 Err(_elapsed) => {}
             }
             while cmds.len() < self.batch_max {
-                match self.rx.try_recv() {
+                match self.peer_rx.try_recv() {
                     Ok(cmd) => cmds.push(cmd),
-                    Err(_) => break,
+                    Err(_) => match self.rx.try_recv() {
+                        Ok(cmd) => cmds.push(cmd),
+                        Err(_) => break,
+                    },
                 }
             }
             let stop = self.process(&mut cmds);
             if stop {
+                // Work other shards handed over before they stopped.
+                while let Ok(cmd) = self.peer_rx.try_recv() {
+                    cmds.push(cmd);
+                }
+                self.process(&mut cmds);
                 break;
             }
             if last_trim.elapsed() >= TRIM_INTERVAL {
@@ -258,6 +578,8 @@ impl Shard {
                 last_trim = Instant::now();
             }
         }
+        self.note_fanned();
+        self.write_kv();
         if let Err(e) = self.store.sync() {
             error!(shard = self.id, error = %e, "store sync at shard stop failed");
         }
@@ -266,7 +588,7 @@ impl Shard {
 
     /// A server timestamp that never goes backwards within this shard, and a
     /// server message id unique across shards: `ts_ms << 16 | shard << 10 | n`.
-    fn next_ids(&mut self) -> (u64, u64) {
+    pub(crate) fn next_ids(&mut self) -> (u64, u64) {
         let now = now_ms().max(self.last_ts_ms);
         if now > self.last_ts_ms {
             self.last_ts_ms = now;
@@ -284,9 +606,10 @@ impl Shard {
 
     /// Handles one drained batch; returns true on `Stop`.
     fn process(&mut self, cmds: &mut Vec<ShardCmd>) -> bool {
-        let mut sends: Vec<SendCmd> = Vec::new();
         let mut appends: Vec<NewMessage> = Vec::new();
-        let mut acks: Vec<(u64, u64)> = Vec::new();
+        let mut plan: Vec<Planned> = Vec::new();
+        let mut marks: Vec<(u64, u64, u64, ReceiptStatus)> = Vec::new();
+        let mut queries = Vec::new();
         let mut stop = false;
         for cmd in cmds.drain(..) {
             match cmd {
@@ -297,28 +620,70 @@ impl Shard {
                         idempotency: Some(IdempotencyKey {
                             sender: s.sender,
                             client_msg_id: s.client_msg_id,
+                            scope: s.scope,
                         }),
+                        reference: None,
                         record: Record {
                             server_msg_id: id,
                             sender: s.sender,
                             sender_device: s.sender_device,
                             client_msg_id: s.client_msg_id,
                             timestamp_ms: ts,
-                            dest_tag: Destination::User(s.recipient).tag(),
-                            dest_id: s.recipient,
+                            dest_tag: s.destination.tag(),
+                            dest_id: s.destination.id(),
                             kind: s.kind as u8,
                             payload: s.payload.clone(),
                         },
                     });
-                    sends.push(s);
+                    plan.push(Planned::Send(s));
                 }
+                ShardCmd::Refs(r) => {
+                    let record = record_of(&r.message);
+                    for &member in &r.members {
+                        appends.push(NewMessage {
+                            inbox: member,
+                            idempotency: Some(IdempotencyKey {
+                                sender: r.group,
+                                client_msg_id: r.message.seq,
+                                scope: member,
+                            }),
+                            reference: Some(LogRef {
+                                log: r.group,
+                                seq: r.message.seq,
+                            }),
+                            record: record.clone(),
+                        });
+                    }
+                    plan.push(Planned::Refs(r));
+                }
+                ShardCmd::GroupSend(g) => {
+                    if let Some(p) = self.plan_group_send(g, &mut appends) {
+                        plan.push(p);
+                    }
+                }
+                ShardCmd::GroupOp(op) => {
+                    // A membership change needs the exact group sequence of
+                    // its event: write what is planned first.
+                    self.write_batch(&mut appends, &mut plan);
+                    self.group_op(op);
+                }
+                ShardCmd::GroupPush {
+                    group,
+                    message,
+                    users,
+                } => {
+                    for user in users {
+                        self.push(user, Delivery::Group(group, message.clone()));
+                    }
+                }
+                ShardCmd::ReceiptQuery { .. } => queries.push(cmd),
                 ShardCmd::Register {
                     user,
                     session,
                     state,
                 } => {
-                    // Earlier acks of this batch must be visible in the state.
-                    self.apply_acks(&mut acks);
+                    // Earlier marks of this batch must be visible in the state.
+                    self.apply_marks(&mut marks);
                     self.sessions.entry(user).or_default().push(session);
                     let _ = state.send(self.store.state(user));
                 }
@@ -330,38 +695,123 @@ impl Shard {
                         }
                     }
                 }
-                ShardCmd::Ack { user, up_to_seq } => acks.push((user, up_to_seq)),
+                ShardCmd::Mark {
+                    user,
+                    stream,
+                    up_to_seq,
+                    status,
+                } => marks.push((user, stream, up_to_seq, status)),
+                ShardCmd::ReceiptsDone {
+                    user,
+                    delivered,
+                    read,
+                } => self.kv.push(KvOp::Put {
+                    key: crate::keys::receipts(user),
+                    value: crate::keys::pair(delivered, read),
+                }),
                 ShardCmd::Stop => stop = true,
             }
         }
-        if !appends.is_empty() {
-            match self.store.append(&appends, now_ms()) {
-                Ok(outcomes) => {
-                    for ((s, m), outcome) in sends.into_iter().zip(appends).zip(outcomes) {
-                        self.finish_send(s, m, outcome);
-                    }
-                }
-                Err(e) => {
-                    error!(shard = self.id, error = %e, count = sends.len(), "storage append failed; rejecting the batch");
-                    self.stats.storage_errors.fetch_add(1, Ordering::Relaxed);
-                    for s in sends {
-                        reply(&s, fail(s.client_msg_id, ErrorCode::INTERNAL));
-                    }
-                }
+        self.note_fanned();
+        self.write_batch(&mut appends, &mut plan);
+        self.apply_marks(&mut marks);
+        self.write_kv();
+        for q in queries {
+            if let ShardCmd::ReceiptQuery {
+                group,
+                seq,
+                asker,
+                reply,
+            } = q
+            {
+                let _ = reply.send(self.receipt_counts(group, seq, asker));
             }
         }
-        self.apply_acks(&mut acks);
         stop
     }
 
-    fn apply_acks(&mut self, acks: &mut Vec<(u64, u64)>) {
-        for (user, up_to) in acks.drain(..) {
-            match self.store.ack(user, up_to) {
-                Ok(state) if state.acked_seq >= state.oldest_seq => {
-                    self.trim_pending.insert(user);
+    /// Writes the planned appends (and pending key-value writes) in one
+    /// storage write, then answers and pushes.
+    pub(crate) fn write_batch(&mut self, appends: &mut Vec<NewMessage>, plan: &mut Vec<Planned>) {
+        if appends.is_empty() && self.kv.is_empty() {
+            for p in plan.drain(..) {
+                self.finish(p, &mut std::iter::empty());
+            }
+            return;
+        }
+        let kv = std::mem::take(&mut self.kv);
+        match self.store.append_with(appends, &kv, now_ms()) {
+            Ok(outcomes) => {
+                let mut it = appends.drain(..).zip(outcomes);
+                for p in plan.drain(..) {
+                    self.finish(p, &mut it);
                 }
-                Ok(_) => {}
-                Err(e) => warn!(shard = self.id, error = %e, "recording an ack failed"),
+            }
+            Err(e) => {
+                error!(shard = self.id, error = %e, count = appends.len(), "storage append failed; rejecting the batch");
+                self.stats.storage_errors.fetch_add(1, Ordering::Relaxed);
+                appends.clear();
+                // Cached group state may be ahead of the store: reload it.
+                self.groups.clear();
+                for p in plan.drain(..) {
+                    self.reject(p);
+                }
+            }
+        }
+    }
+
+    /// Writes pending key-value writes on their own (marks, receipt cursors).
+    fn write_kv(&mut self) {
+        if self.kv.is_empty() {
+            return;
+        }
+        let kv = std::mem::take(&mut self.kv);
+        if let Err(e) = self.store.append_with(&[], &kv, now_ms()) {
+            warn!(shard = self.id, error = %e, "writing cursors failed");
+        }
+    }
+
+    fn reject(&mut self, p: Planned) {
+        match p {
+            Planned::Send(s) => complete(s.done, fail(s.client_msg_id, ErrorCode::INTERNAL), false),
+            Planned::Refs(r) => r.fanout.part_done(false, 0, 0),
+            Planned::GroupSend { cmd, .. } => {
+                cmd.reply.send(fail(cmd.client_msg_id, ErrorCode::INTERNAL))
+            }
+        }
+    }
+
+    fn finish(&mut self, p: Planned, outcomes: &mut dyn Iterator<Item = (NewMessage, AppendOutcome)>) {
+        match p {
+            Planned::Send(s) => {
+                let (m, outcome) = outcomes.next().expect("one outcome per send");
+                self.finish_send(s, m, outcome);
+            }
+            Planned::Refs(r) => {
+                let (mut stored, mut dups) = (0, 0);
+                for _ in 0..r.members.len() {
+                    let (m, outcome) = outcomes.next().expect("one outcome per reference");
+                    match outcome {
+                        AppendOutcome::Stored(p) => {
+                            stored += 1;
+                            self.stats.refs_stored.fetch_add(1, Ordering::Relaxed);
+                            let msg = Message {
+                                seq: p.seq,
+                                ..(*r.message).clone()
+                            };
+                            self.push(m.inbox, Delivery::Inbox(Arc::new(msg)));
+                        }
+                        AppendOutcome::Duplicate(_) => dups += 1,
+                        AppendOutcome::Conflict => {
+                            error!(shard = self.id, group = r.group, "reference key conflict")
+                        }
+                    }
+                }
+                r.fanout.part_done(true, stored, dups);
+            }
+            Planned::GroupSend { cmd, recipients } => {
+                let (m, outcome) = outcomes.next().expect("one outcome per group send");
+                self.finish_group_send(cmd, recipients, m, outcome);
             }
         }
     }
@@ -378,16 +828,20 @@ impl Shard {
             },
             AppendOutcome::Conflict => fail(s.client_msg_id, ErrorCode::CLIENT_ID_REUSED),
         };
-        reply(&s, result);
+        complete(s.done, result, matches!(outcome, AppendOutcome::Stored(_)));
         match outcome {
             AppendOutcome::Stored(p) => {
                 self.stats.messages_stored.fetch_add(1, Ordering::Relaxed);
+                if s.kind == MessageKind::Receipt {
+                    self.stats.receipts_stored.fetch_add(1, Ordering::Relaxed);
+                }
                 let stored = StoredMessage {
                     seq: p.seq,
                     record: m.record,
+                    via: None,
                 };
                 match to_wire(stored) {
-                    Ok(msg) => self.push(s.recipient, Arc::new(msg)),
+                    Ok(msg) => self.push(s.recipient, Delivery::Inbox(Arc::new(msg))),
                     // Cannot happen for a record built above from a valid
                     // send; if it does, the writer's catch-up reports it.
                     Err(e) => {
@@ -402,26 +856,31 @@ impl Shard {
         }
     }
 
-    /// Offers `msg` to every live session of `user`. A full queue demotes the
-    /// session to catch-up (its writer re-reads the inbox); it never blocks
-    /// the shard and never drops the message from storage.
-    fn push(&mut self, user: u64, msg: Arc<Message>) {
+    /// Offers a delivery to every live session of `user`. A full queue
+    /// demotes the session to catch-up (its writer re-reads the store); it
+    /// never blocks the shard and never drops the message from storage.
+    pub(crate) fn push(&mut self, user: u64, d: Delivery) {
         let Some(list) = self.sessions.get_mut(&user) else {
             return;
         };
+        let stats = &self.stats;
         list.retain(|session| {
             if session.lagging.load(Ordering::SeqCst) {
                 return true;
             }
-            match session.deliveries.try_send(msg.clone()) {
+            let d = match &d {
+                Delivery::Inbox(m) => Delivery::Inbox(m.clone()),
+                Delivery::Group(g, m) => Delivery::Group(*g, m.clone()),
+            };
+            match session.deliveries.try_send(d) {
                 Ok(()) => {
-                    self.stats.live_pushes.fetch_add(1, Ordering::Relaxed);
+                    stats.live_pushes.fetch_add(1, Ordering::Relaxed);
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     session.lagging.store(true, Ordering::SeqCst);
                     session.wake.notify_one();
-                    self.stats.demotions.fetch_add(1, Ordering::Relaxed);
+                    stats.demotions.fetch_add(1, Ordering::Relaxed);
                     debug!(
                         user,
                         session = session.id,
@@ -437,15 +896,19 @@ impl Shard {
         }
     }
 
+    pub(crate) fn note_trim(&mut self, user: u64) {
+        self.trim_pending.insert(user);
+    }
+
     fn trim(&mut self) {
         if self.trim_pending.is_empty() {
             return;
         }
         let cutoff = now_ms()
-            .saturating_sub(self.acked_retention_ms)
+            .saturating_sub(self.config.acked_retention_ms)
             .saturating_add(
                 // Retention 0 means "trim on ack": include this very millisecond.
-                u64::from(self.acked_retention_ms == 0),
+                u64::from(self.config.acked_retention_ms == 0),
             );
         let users: Vec<u64> = self
             .trim_pending
@@ -468,7 +931,52 @@ impl Shard {
     }
 }
 
-fn fail(client_msg_id: u64, code: ErrorCode) -> SendResult {
+/// Delivers an outcome to whoever waits for it.
+fn complete(done: Completion, result: SendResult, stored: bool) {
+    let ok = result.code == ErrorCode::OK;
+    match done {
+        Completion::Reply(r) => r.send(result),
+        Completion::Fanout(f) => {
+            f.last_id.fetch_max(result.server_msg_id, Ordering::Relaxed);
+            f.last_ts.fetch_max(result.timestamp_ms, Ordering::Relaxed);
+            f.part_done(
+            ok,
+            usize::from(ok && stored),
+            usize::from(ok && !stored),
+            )
+        }
+        Completion::Notify(tx) => {
+            let _ = tx.send(ok);
+        }
+        Completion::Receipts(b) => b.part_done(ok),
+    }
+}
+
+/// The stored fields of a wire message.
+pub(crate) fn record_of(m: &Message) -> Record {
+    Record {
+        server_msg_id: m.server_msg_id,
+        sender: m.sender,
+        sender_device: m.sender_device,
+        client_msg_id: m.client_msg_id,
+        timestamp_ms: m.timestamp_ms,
+        dest_tag: m.destination.tag(),
+        dest_id: m.destination.id(),
+        kind: m.kind as u8,
+        payload: m.payload.clone(),
+    }
+}
+
+/// Groups `users` by the shard that owns them.
+pub(crate) fn by_shard(users: impl IntoIterator<Item = u64>, shards: usize) -> BTreeMap<usize, Vec<u64>> {
+    let mut out: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+    for u in users {
+        out.entry(shard_of(u, shards)).or_default().push(u);
+    }
+    out
+}
+
+pub(crate) fn fail(client_msg_id: u64, code: ErrorCode) -> SendResult {
     SendResult {
         client_msg_id,
         code,
@@ -477,15 +985,6 @@ fn fail(client_msg_id: u64, code: ErrorCode) -> SendResult {
         timestamp_ms: 0,
         duplicate: false,
     }
-}
-
-fn reply(s: &SendCmd, result: SendResult) {
-    // The connection may be gone; its client will retry with the same id.
-    let _ = s.reply.tx.send(Reply::SendResult {
-        request_id: s.reply.request_id,
-        index: s.reply.index,
-        result,
-    });
 }
 
 /// A stored message in its wire form. Fails on a record the store holds but
@@ -522,14 +1021,23 @@ mod tests {
             sender_device: 1,
             recipient: 2,
             client_msg_id: i,
+            destination: Destination::User(2),
+            scope: 0,
             kind: MessageKind::Chat,
             payload: Bytes::from_static(b"x"),
-            reply: ReplyTo {
+            done: Completion::Reply(ReplyTo {
                 tx: reply.clone(),
                 request_id: i as u32,
                 index: None,
-            },
+            }),
         })
+    }
+
+    fn inbox_seq(d: Delivery) -> u64 {
+        match d {
+            Delivery::Inbox(m) => m.seq,
+            Delivery::Group(..) => panic!("expected an inbox delivery"),
+        }
     }
 
     async fn result(rx: &mut mpsc::UnboundedReceiver<Reply>) -> SendResult {
@@ -545,16 +1053,7 @@ mod tests {
     #[tokio::test]
     async fn acks_pushes_duplicates_and_demotion() {
         let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
-        let shards = Shards::start(
-            2,
-            ShardConfig {
-                queue_len: 64,
-                batch_max: 16,
-                acked_retention_ms: 0,
-            },
-            store.clone(),
-        )
-        .unwrap();
+        let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
         let (dtx, mut drx) = mpsc::channel(2);
         let session = Arc::new(SessionHandle {
             id: 1,
@@ -581,8 +1080,8 @@ mod tests {
         }
         // A queue of two: two pushed, the third demoted the session, the
         // rest were not offered to it.
-        assert_eq!(drx.recv().await.unwrap().seq, 1);
-        assert_eq!(drx.recv().await.unwrap().seq, 2);
+        assert_eq!(inbox_seq(drx.recv().await.unwrap()), 1);
+        assert_eq!(inbox_seq(drx.recv().await.unwrap()), 2);
         assert!(drx.try_recv().is_err());
         assert!(session.lagging.load(Ordering::SeqCst));
         assert_eq!(shards.stats.demotions.load(Ordering::Relaxed), 1);
@@ -599,9 +1098,11 @@ mod tests {
             shards
                 .send(
                     2,
-                    ShardCmd::Ack {
+                    ShardCmd::Mark {
                         user: 2,
-                        up_to_seq: 4
+                        stream: 0,
+                        up_to_seq: 4,
+                        status: ReceiptStatus::Delivered,
                     }
                 )
                 .await
@@ -622,12 +1123,9 @@ mod tests {
     fn ids_are_unique_and_timestamps_monotonic_within_a_shard() {
         let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
         let (_tx, rx) = mpsc::channel(1);
-        let config = ShardConfig {
-            queue_len: 1,
-            batch_max: 1,
-            acked_retention_ms: 0,
-        };
-        let mut shard = Shard::new(3, rx, store, Arc::default(), &config);
+        let (ptx, prx) = mpsc::unbounded_channel();
+        let config = ShardConfig::for_tests();
+        let mut shard = Shard::new(3, rx, prx, vec![ptx].into(), store, Arc::default(), &config);
         let mut seen = HashSet::new();
         let mut last_ts = 0;
         for _ in 0..5000 {
@@ -637,5 +1135,105 @@ mod tests {
             assert_eq!((id >> 10) & 0x3f, 3, "shard bits");
             last_ts = ts;
         }
+    }
+
+    /// A crash after a group message reached the group log but before every
+    /// member's reference was written: at start the owning shard fans it
+    /// out again, and members who already had it get no second copy.
+    #[tokio::test]
+    async fn interrupted_reference_fan_out_is_completed_at_start() {
+        use crate::keys::{self, GroupState, Member};
+        use courier_protocol::{Role, Strategy, GROUP_ID_BIT};
+        use courier_storage::{KvOp, LogRef};
+        let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let g = GROUP_ID_BIT | 77;
+        // Joined before both messages (a real group's creation event would
+        // be at sequence 1; it does not matter here).
+        let member = |user| Member {
+            user,
+            role: Role::Member,
+            joined_seq: 0,
+        };
+        let state = GroupState {
+            strategy: Strategy::Refs,
+            log_from: keys::NONE,
+            members: vec![member(10), member(11), member(12)],
+        };
+        let record = |seq: u64| Record {
+            server_msg_id: 100 + seq,
+            sender: 10,
+            sender_device: 1,
+            client_msg_id: seq,
+            timestamp_ms: 5,
+            dest_tag: 2,
+            dest_id: g,
+            kind: MessageKind::Chat as u8,
+            payload: Bytes::from_static(b"m"),
+        };
+        let entry = |seq: u64| NewMessage {
+            inbox: g,
+            idempotency: None,
+            reference: None,
+            record: record(seq),
+        };
+        // Two messages in the log (seq 1 and 2); the fan-out mark says none
+        // is complete; member 11 already has the first reference.
+        store
+            .append_with(
+                &[entry(1), entry(2)],
+                &[
+                    KvOp::Put {
+                        key: keys::group(g),
+                        value: state.encode(),
+                    },
+                    KvOp::Put {
+                        key: keys::fanned(g),
+                        value: 0u64.to_be_bytes().to_vec(),
+                    },
+                ],
+                now_ms(),
+            )
+            .unwrap();
+        store
+            .append(
+                &[NewMessage {
+                    inbox: 11,
+                    idempotency: Some(IdempotencyKey {
+                        sender: g,
+                        client_msg_id: 1,
+                        scope: 11,
+                    }),
+                    reference: Some(LogRef { log: g, seq: 1 }),
+                    record: record(1),
+                }],
+                now_ms(),
+            )
+            .unwrap();
+        let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let heads: Vec<u64> = [11, 12]
+                .iter()
+                .map(|&u| store.state(u).unwrap().head_seq)
+                .collect();
+            if heads == [2, 2] {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not recovered: {heads:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for u in [11, 12] {
+            let got: Vec<u64> = store
+                .read_after(u, 0, 10)
+                .unwrap()
+                .iter()
+                .map(|m| m.record.client_msg_id)
+                .collect();
+            assert_eq!(got, vec![1, 2], "member {u}: both messages once, in order");
+        }
+        assert_eq!(store.state(10).unwrap().head_seq, 0, "not to the sender");
+        shards.stop().await;
+        let mark = store.get(&keys::fanned(g)).unwrap().unwrap();
+        assert_eq!(keys::be_u64(&mark, 0), Some(2), "completion recorded");
     }
 }

@@ -152,7 +152,25 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
                 .send(Destination::Group(5), MessageKind::Chat, chat("g"))
                 .await
         ),
-        ErrorCode::DESTINATION_UNSUPPORTED
+        ErrorCode::INVALID_DESTINATION,
+        "a group id has the top bit set"
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::User(GROUP_ID_BIT | 2), MessageKind::Chat, chat("g"))
+                .await
+        ),
+        ErrorCode::INVALID_DESTINATION,
+        "a user id has the top bit clear"
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::Group(GROUP_ID_BIT | 5), MessageKind::Chat, chat("g"))
+                .await
+        ),
+        ErrorCode::NOT_A_MEMBER
     );
     assert_eq!(
         rejected(
@@ -160,7 +178,15 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
                 .send(Destination::List(5), MessageKind::Chat, chat("l"))
                 .await
         ),
-        ErrorCode::DESTINATION_UNSUPPORTED
+        ErrorCode::NO_SUCH_LIST
+    );
+    assert_eq!(
+        rejected(
+            alice
+                .send(Destination::List(0), MessageKind::Chat, chat("l"))
+                .await
+        ),
+        ErrorCode::INVALID_DESTINATION
     );
     assert_eq!(
         rejected(
@@ -212,7 +238,13 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
         },
         Send {
             client_msg_id: 11,
-            destination: Destination::Group(1),
+            destination: Destination::List(1),
+            kind: MessageKind::Chat,
+            payload: chat("no"),
+        },
+        Send {
+            client_msg_id: 13,
+            destination: Destination::Group(GROUP_ID_BIT | 1),
             kind: MessageKind::Chat,
             payload: chat("no"),
         },
@@ -235,6 +267,7 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
         vec![
             ErrorCode::OK,
             ErrorCode::DESTINATION_UNSUPPORTED,
+            ErrorCode::NOT_A_MEMBER,
             ErrorCode::OK
         ]
     );

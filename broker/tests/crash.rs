@@ -23,17 +23,17 @@ struct SenderState {
     acked: Vec<u64>,
 }
 
-async fn send_until_killed(client: Client, sender: u64, state: Arc<Mutex<SenderState>>) {
+async fn send_until_killed(
+    client: Client,
+    sender: u64,
+    to: Destination,
+    state: Arc<Mutex<SenderState>>,
+) {
     loop {
         let id = state.lock().unwrap().next_id;
         let payload = chat(format!("s{sender}-{id}"));
         match client
-            .send_with_id(
-                id,
-                Destination::User(100 + sender),
-                MessageKind::Chat,
-                payload,
-            )
+            .send_with_id(id, to, MessageKind::Chat, payload)
             .await
         {
             Ok(ack) => {
@@ -59,16 +59,8 @@ async fn sigkill_loses_no_acknowledged_message_and_duplicates_none_wal() {
     kill_and_verify("wal").await;
 }
 
-async fn kill_and_verify(durability: &str) {
-    let seed: u64 = std::env::var("COURIER_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("crash test ({durability}) seed: {seed} (replay with COURIER_TEST_SEED={seed})");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-
-    let mut server = Server::start(&[("COURIER_DURABILITY", durability)]);
-    let states: HashMap<u64, Arc<Mutex<SenderState>>> = (1..=SENDERS)
+fn new_states() -> HashMap<u64, Arc<Mutex<SenderState>>> {
+    (1..=SENDERS)
         .map(|s| {
             (
                 s,
@@ -78,8 +70,17 @@ async fn kill_and_verify(durability: &str) {
                 })),
             )
         })
-        .collect();
+        .collect()
+}
 
+/// Senders 1..=SENDERS send to `to(sender)` until the server is killed, at
+/// a seeded random moment, `KILLS` times; the server restarts after each.
+async fn kill_rounds(
+    server: &mut Server,
+    states: &HashMap<u64, Arc<Mutex<SenderState>>>,
+    rng: &mut rand::rngs::StdRng,
+    to: impl Fn(u64) -> Destination,
+) {
     for round in 0..KILLS {
         let mut tasks = Vec::new();
         for s in 1..=SENDERS {
@@ -87,6 +88,7 @@ async fn kill_and_verify(durability: &str) {
             tasks.push(tokio::spawn(send_until_killed(
                 client,
                 s,
+                to(s),
                 states[&s].clone(),
             )));
         }
@@ -103,6 +105,23 @@ async fn kill_and_verify(durability: &str) {
         println!("round {round}: killed after {delay} ms, {acked} acknowledged so far");
         server.restart();
     }
+}
+
+fn seed() -> u64 {
+    std::env::var("COURIER_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+async fn kill_and_verify(durability: &str) {
+    let seed = seed();
+    println!("crash test ({durability}) seed: {seed} (replay with COURIER_TEST_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut server = Server::start(&[("COURIER_DURABILITY", durability)]);
+    let states = new_states();
+    kill_rounds(&mut server, &states, &mut rng, |s| Destination::User(100 + s)).await;
 
     // After the last restart: every acknowledged id is in its recipient's
     // inbox exactly once, ids appear in send order, and nothing unknown is there.
@@ -162,4 +181,72 @@ async fn kill_and_verify(durability: &str) {
         total > 0,
         "the senders got nothing acknowledged (seed {seed})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_group_sends_loses_and_duplicates_nothing_refs() {
+    group_kill_and_verify("100000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_group_sends_loses_and_duplicates_nothing_log() {
+    group_kill_and_verify("1").await;
+}
+
+/// Group sends under SIGKILL: afterwards every member has every
+/// acknowledged group message exactly once, each sender's messages in send
+/// order, and all members in the one group order.
+async fn group_kill_and_verify(threshold: &str) {
+    let seed = seed();
+    println!("group crash test (threshold {threshold}) seed: {seed} (replay with COURIER_TEST_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut server = Server::start(&[("COURIER_GROUPS_LOG_THRESHOLD", threshold)]);
+    let readers: Vec<u64> = (100..104).collect();
+    let members: Vec<u64> = (1..=SENDERS).chain(readers.iter().copied()).collect();
+    let g = {
+        let (admin, _) = server.client(1).await;
+        admin.create_group(members[1..].to_vec()).await.unwrap().group
+    };
+    let states = new_states();
+    kill_rounds(&mut server, &states, &mut rng, |_| Destination::Group(g)).await;
+
+    // Everything each member can read, from the beginning, in order.
+    let mut views: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+    for &m in &members {
+        let (c, _) = server.resume(m, 0).await;
+        let mut seen = Vec::new();
+        while let Ok(d) = c.next_timeout(Duration::from_secs(2)).await {
+            if d.message.kind == MessageKind::Chat {
+                assert_eq!(
+                    d.message.payload,
+                    chat(format!("s{}-{}", d.message.sender, d.message.client_msg_id))
+                );
+                seen.push((d.message.sender, d.message.client_msg_id));
+            }
+        }
+        views.insert(m, seen);
+    }
+    let full = &views[&readers[0]];
+    let mut total = 0;
+    for s in 1..=SENDERS {
+        let acked = states[&s].lock().unwrap().acked.clone();
+        let ids: Vec<u64> = full.iter().filter(|x| x.0 == s).map(|x| x.1).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted, ids, "sender {s}: duplicate or reordered (seed {seed})");
+        for id in &acked {
+            assert!(
+                ids.binary_search(id).is_ok(),
+                "sender {s}: acknowledged group message {id} lost (seed {seed})"
+            );
+        }
+        assert!(ids.len() <= acked.len() + 1, "sender {s}: unexplained extra (seed {seed})");
+        total += acked.len();
+    }
+    for (&m, seen) in &views {
+        let expected: Vec<(u64, u64)> = full.iter().filter(|x| x.0 != m).copied().collect();
+        assert_eq!(seen, &expected, "member {m} sees another order (seed {seed})");
+    }
+    assert!(total > 0, "nothing acknowledged (seed {seed})");
 }

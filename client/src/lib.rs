@@ -88,11 +88,20 @@ impl ClientConfig {
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Body>>>>;
 
+/// A message as it arrived, with the stream it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// 0: the user's inbox (`seq` is the inbox sequence). A group id: that
+    /// log-strategy group's stream (`seq` is the group sequence).
+    pub stream: u64,
+    pub message: Message,
+}
+
 pub struct Client {
     config: ClientConfig,
     out: mpsc::UnboundedSender<Bytes>,
     pending: Pending,
-    deliveries: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    deliveries: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
     next_request: AtomicU32,
     next_client_msg_id: AtomicU64,
     last_received: Arc<AtomicU64>,
@@ -178,8 +187,20 @@ impl Client {
                     match read_frame(&mut rd, &mut buf, max).await {
                         Ok(Some(frame)) => match frame.body {
                             Body::Deliver(messages) => {
-                                for m in messages {
-                                    if dtx.send(m).await.is_err() {
+                                for message in messages {
+                                    let d = Delivery { stream: 0, message };
+                                    if dtx.send(d).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                            Body::GroupDeliver { group, messages } => {
+                                for message in messages {
+                                    let d = Delivery {
+                                        stream: group,
+                                        message,
+                                    };
+                                    if dtx.send(d).await.is_err() {
                                         break;
                                     }
                                 }
@@ -344,19 +365,182 @@ impl Client {
         }
     }
 
-    /// The next delivered message, in inbox order; `None` once closed.
+    /// The next delivery from any stream (each stream in its own order);
+    /// `None` once closed.
+    pub async fn next(&self) -> Option<Delivery> {
+        let d = self.deliveries.lock().await.recv().await?;
+        if d.stream == 0 {
+            self.last_received.store(d.message.seq, Ordering::SeqCst);
+        }
+        Some(d)
+    }
+
+    /// Like [`Client::next`] with a deadline.
+    pub async fn next_timeout(&self, timeout: Duration) -> Result<Delivery, ClientError> {
+        match tokio::time::timeout(timeout, self.next()).await {
+            Ok(Some(d)) => Ok(d),
+            Ok(None) => Err(self.closed_error()),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// The next delivered message (see [`Client::next`] for its stream).
     pub async fn recv(&self) -> Option<Message> {
-        let m = self.deliveries.lock().await.recv().await?;
-        self.last_received.store(m.seq, Ordering::SeqCst);
-        Some(m)
+        self.next().await.map(|d| d.message)
     }
 
     /// Like [`Client::recv`] with a deadline.
     pub async fn recv_timeout(&self, timeout: Duration) -> Result<Message, ClientError> {
-        match tokio::time::timeout(timeout, self.recv()).await {
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err(self.closed_error()),
-            Err(_) => Err(ClientError::Timeout),
+        self.next_timeout(timeout).await.map(|d| d.message)
+    }
+
+    /// Confirms a delivery on its own stream (`Ack` for the inbox, `Mark`
+    /// delivered for a group log).
+    pub async fn confirm(&self, d: &Delivery) -> Result<(), ClientError> {
+        self.mark(d.stream, d.message.seq, ReceiptStatus::Delivered)
+            .await
+    }
+
+    /// Marks a stream (0 = inbox, or a log-strategy group) up to `seq`.
+    pub async fn mark(
+        &self,
+        stream: u64,
+        seq: u64,
+        status: ReceiptStatus,
+    ) -> Result<(), ClientError> {
+        let body = match (stream, status) {
+            (0, ReceiptStatus::Delivered) => Body::Ack { up_to_seq: seq },
+            _ => Body::Mark(Mark {
+                stream,
+                up_to_seq: seq,
+                status,
+            }),
+        };
+        self.out
+            .send(encode_to_bytes(&Frame::new(0, body)))
+            .map_err(|_| self.closed_error())
+    }
+
+    /// Marks the inbox read up to `seq` (senders get read receipts).
+    pub async fn mark_read(&self, seq: u64) -> Result<(), ClientError> {
+        self.mark(0, seq, ReceiptStatus::Read).await
+    }
+
+    /// A group operation; answers with the group's state after it.
+    pub async fn group(
+        &self,
+        op: GroupOp,
+        group: u64,
+        users: Vec<u64>,
+    ) -> Result<GroupInfo, ClientError> {
+        match self
+            .request(Body::Group(GroupRequest { op, group, users }))
+            .await?
+        {
+            Body::GroupInfo(i) => Ok(i),
+            other => Err(unexpected("group_info", &other)),
+        }
+    }
+
+    /// Creates a group with this user as admin and `members` besides.
+    pub async fn create_group(&self, members: Vec<u64>) -> Result<GroupInfo, ClientError> {
+        self.group(GroupOp::Create, 0, members).await
+    }
+
+    /// Aggregate receipts of one of this user's group messages.
+    pub async fn receipt_counts(&self, group: u64, seq: u64) -> Result<ReceiptCounts, ClientError> {
+        match self.request(Body::ReceiptQuery { group, seq }).await? {
+            Body::ReceiptCounts(c) => Ok(c),
+            other => Err(unexpected("receipt_counts", &other)),
+        }
+    }
+
+    /// Edits or reads the contact list; answers with the whole list.
+    pub async fn contacts(&self, op: ContactsOp, users: Vec<u64>) -> Result<Vec<u64>, ClientError> {
+        match self
+            .request(Body::Contacts(ContactsRequest { op, users }))
+            .await?
+        {
+            Body::Users(u) => Ok(u.users),
+            other => Err(unexpected("users", &other)),
+        }
+    }
+
+    /// Edits or reads a broadcast list (`None` after a delete).
+    pub async fn list(
+        &self,
+        op: ListOp,
+        list: u64,
+        users: Vec<u64>,
+    ) -> Result<Option<Vec<u64>>, ClientError> {
+        match self
+            .request(Body::List(ListRequest { op, list, users }))
+            .await?
+        {
+            Body::Users(u) => Ok(Some(u.users)),
+            Body::Done => Ok(None),
+            other => Err(unexpected("users", &other)),
+        }
+    }
+
+    /// Sends to a broadcast list; the ack says how many got it and how many
+    /// were skipped for lack of consent.
+    pub async fn broadcast_with_id(
+        &self,
+        client_msg_id: u64,
+        list: u64,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<BroadcastAck, ClientError> {
+        let body = Body::Send(Send {
+            client_msg_id,
+            destination: Destination::List(list),
+            kind,
+            payload,
+        });
+        match self.request(body).await? {
+            Body::BroadcastAck(a) => Ok(a),
+            other => Err(unexpected("broadcast_ack", &other)),
+        }
+    }
+
+    /// Posts a status; answers with its id and expiry.
+    pub async fn post_status(
+        &self,
+        audience: Audience,
+        users: Vec<u64>,
+        payload: Bytes,
+    ) -> Result<(u64, u64), ClientError> {
+        let body = Body::StatusPost(StatusPost {
+            audience,
+            users,
+            payload,
+        });
+        match self.request(body).await? {
+            Body::StatusPosted {
+                status_id,
+                expires_at_ms,
+            } => Ok((status_id, expires_at_ms)),
+            other => Err(unexpected("status_posted", &other)),
+        }
+    }
+
+    /// Current statuses of this user's contacts that it may see.
+    pub async fn statuses(&self) -> Result<Vec<Status>, ClientError> {
+        match self.request(Body::StatusFetch).await? {
+            Body::StatusList(l) => Ok(l),
+            other => Err(unexpected("status_list", &other)),
+        }
+    }
+
+    /// Tells the poster this user saw its status.
+    pub async fn view_status(&self, poster: u64, status_id: u64) -> Result<(), ClientError> {
+        match self
+            .request(Body::StatusView { poster, status_id })
+            .await?
+        {
+            Body::Done => Ok(()),
+            other => Err(unexpected("done", &other)),
         }
     }
 

@@ -203,6 +203,134 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
         PONG => Body::Pong { nonce: r.u64()? },
         ERROR => Body::Error(decode_reason(r)?),
         GOODBYE => Body::Goodbye(decode_reason(r)?),
+        GROUP => {
+            let op = r.u8()?;
+            let op = GroupOp::from_u8(op).ok_or_else(|| r.malformed("unknown group op"))?;
+            let group = r.u64()?;
+            Body::Group(GroupRequest {
+                op,
+                group,
+                users: r.users()?,
+            })
+        }
+        GROUP_INFO => {
+            let group = r.u64()?;
+            let head_seq = r.u64()?;
+            let strategy = r.u8()?;
+            let strategy =
+                Strategy::from_u8(strategy).ok_or_else(|| r.malformed("unknown strategy"))?;
+            let count = r.u16()? as usize;
+            let mut members = Vec::with_capacity(count.min(r.buf.len() / 9));
+            for _ in 0..count {
+                let user = r.u64()?;
+                let role = r.u8()?;
+                members.push((
+                    user,
+                    Role::from_u8(role).ok_or_else(|| r.malformed("unknown role"))?,
+                ));
+            }
+            Body::GroupInfo(GroupInfo {
+                group,
+                head_seq,
+                strategy,
+                members,
+            })
+        }
+        GROUP_DELIVER => Body::GroupDeliver {
+            group: r.u64()?,
+            messages: decode_messages(r)?,
+        },
+        MARK => {
+            let stream = r.u64()?;
+            let up_to_seq = r.u64()?;
+            let status = r.u8()?;
+            Body::Mark(Mark {
+                stream,
+                up_to_seq,
+                status: ReceiptStatus::from_u8(status)
+                    .ok_or_else(|| r.malformed("unknown receipt status"))?,
+            })
+        }
+        CONTACTS => {
+            let op = r.u8()?;
+            Body::Contacts(ContactsRequest {
+                op: ContactsOp::from_u8(op).ok_or_else(|| r.malformed("unknown contacts op"))?,
+                users: r.users()?,
+            })
+        }
+        LIST => {
+            let op = r.u8()?;
+            let op = ListOp::from_u8(op).ok_or_else(|| r.malformed("unknown list op"))?;
+            Body::List(ListRequest {
+                op,
+                list: r.u64()?,
+                users: r.users()?,
+            })
+        }
+        USERS => Body::Users(Users {
+            id: r.u64()?,
+            users: r.users()?,
+        }),
+        BROADCAST_ACK => Body::BroadcastAck(BroadcastAck {
+            client_msg_id: r.u64()?,
+            server_msg_id: r.u64()?,
+            timestamp_ms: r.u64()?,
+            delivered: r.u16()?,
+            skipped: r.u16()?,
+            duplicate: r.flag()?,
+        }),
+        RECEIPT_QUERY => Body::ReceiptQuery {
+            group: r.u64()?,
+            seq: r.u64()?,
+        },
+        RECEIPT_COUNTS => Body::ReceiptCounts(ReceiptCounts {
+            group: r.u64()?,
+            seq: r.u64()?,
+            recipients: r.u32()?,
+            delivered: r.u32()?,
+            read: r.u32()?,
+        }),
+        STATUS_POST => {
+            let audience = r.u8()?;
+            let audience =
+                Audience::from_u8(audience).ok_or_else(|| r.malformed("unknown audience"))?;
+            let users = r.users()?;
+            let len = r.u32()? as usize;
+            Body::StatusPost(StatusPost {
+                audience,
+                users,
+                payload: r.bytes(len)?,
+            })
+        }
+        STATUS_POSTED => Body::StatusPosted {
+            status_id: r.u64()?,
+            expires_at_ms: r.u64()?,
+        },
+        STATUS_FETCH => Body::StatusFetch,
+        STATUS_LIST => {
+            let count = r.u16()? as usize;
+            let mut list = Vec::with_capacity(count.min(r.buf.len() / 36));
+            for _ in 0..count {
+                let poster = r.u64()?;
+                let status_id = r.u64()?;
+                let posted_at_ms = r.u64()?;
+                let expires_at_ms = r.u64()?;
+                let len = r.u32()? as usize;
+                list.push(Status {
+                    poster,
+                    status_id,
+                    posted_at_ms,
+                    expires_at_ms,
+                    payload: r.bytes(len)?,
+                });
+            }
+            Body::StatusList(list)
+        }
+        STATUS_VIEW => Body::StatusView {
+            poster: r.u64()?,
+            status_id: r.u64()?,
+        },
+        DONE => Body::Done,
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -320,6 +448,15 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array()?))
     }
+    /// A u16 count and that many user ids.
+    fn users(&mut self) -> Result<Vec<u64>, DecodeError> {
+        let count = self.u16()? as usize;
+        let mut users = Vec::with_capacity(count.min(self.buf.len() / 8));
+        for _ in 0..count {
+            users.push(self.u64()?);
+        }
+        Ok(users)
+    }
     /// Copies `n` bytes that are present (never sized by a claim alone).
     fn bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         Ok(Bytes::copy_from_slice(self.slice(n)?))
@@ -426,6 +563,98 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
             out.put_u16(r.message.len() as u16);
             out.put_slice(r.message.as_bytes());
         }
+        Body::Group(g) => {
+            out.put_u8(g.op as u8);
+            out.put_u64(g.group);
+            put_users(&g.users, out);
+        }
+        Body::GroupInfo(g) => {
+            out.put_u64(g.group);
+            out.put_u64(g.head_seq);
+            out.put_u8(g.strategy as u8);
+            out.put_u16(u16::try_from(g.members.len()).expect("at most 65535 members"));
+            for (user, role) in &g.members {
+                out.put_u64(*user);
+                out.put_u8(*role as u8);
+            }
+        }
+        Body::GroupDeliver { group, messages } => {
+            out.put_u64(*group);
+            encode_messages(messages, out);
+        }
+        Body::Mark(m) => {
+            out.put_u64(m.stream);
+            out.put_u64(m.up_to_seq);
+            out.put_u8(m.status as u8);
+        }
+        Body::Contacts(c) => {
+            out.put_u8(c.op as u8);
+            put_users(&c.users, out);
+        }
+        Body::List(l) => {
+            out.put_u8(l.op as u8);
+            out.put_u64(l.list);
+            put_users(&l.users, out);
+        }
+        Body::Users(u) => {
+            out.put_u64(u.id);
+            put_users(&u.users, out);
+        }
+        Body::BroadcastAck(a) => {
+            out.put_u64(a.client_msg_id);
+            out.put_u64(a.server_msg_id);
+            out.put_u64(a.timestamp_ms);
+            out.put_u16(a.delivered);
+            out.put_u16(a.skipped);
+            out.put_u8(a.duplicate as u8);
+        }
+        Body::ReceiptQuery { group, seq } => {
+            out.put_u64(*group);
+            out.put_u64(*seq);
+        }
+        Body::ReceiptCounts(c) => {
+            out.put_u64(c.group);
+            out.put_u64(c.seq);
+            out.put_u32(c.recipients);
+            out.put_u32(c.delivered);
+            out.put_u32(c.read);
+        }
+        Body::StatusPost(p) => {
+            out.put_u8(p.audience as u8);
+            put_users(&p.users, out);
+            out.put_u32(u32::try_from(p.payload.len()).expect("payload under 4 GiB"));
+            out.put_slice(&p.payload);
+        }
+        Body::StatusPosted {
+            status_id,
+            expires_at_ms,
+        } => {
+            out.put_u64(*status_id);
+            out.put_u64(*expires_at_ms);
+        }
+        Body::StatusFetch | Body::Done => {}
+        Body::StatusList(list) => {
+            out.put_u16(u16::try_from(list.len()).expect("at most 65535 statuses"));
+            for st in list {
+                out.put_u64(st.poster);
+                out.put_u64(st.status_id);
+                out.put_u64(st.posted_at_ms);
+                out.put_u64(st.expires_at_ms);
+                out.put_u32(u32::try_from(st.payload.len()).expect("payload under 4 GiB"));
+                out.put_slice(&st.payload);
+            }
+        }
+        Body::StatusView { poster, status_id } => {
+            out.put_u64(*poster);
+            out.put_u64(*status_id);
+        }
+    }
+}
+
+fn put_users(users: &[u64], out: &mut BytesMut) {
+    out.put_u16(u16::try_from(users.len()).expect("at most 65535 users"));
+    for u in users {
+        out.put_u64(*u);
     }
 }
 

@@ -76,6 +76,24 @@ codes! {
     IDLE_TIMEOUT = 32, "idle timeout";
     /// The client has too many sends awaiting acknowledgement.
     TOO_MANY_IN_FLIGHT = 33, "too many sends in flight";
+    /// The sender is not a member of the group (or the group does not exist).
+    NOT_A_MEMBER = 40, "not a member of the group";
+    /// Only a group admin may do this.
+    NOT_GROUP_ADMIN = 41, "only group admins may do this";
+    /// The group would exceed its member limit.
+    GROUP_FULL = 42, "group member limit reached";
+    /// A user would exceed the limit of groups per user.
+    TOO_MANY_GROUPS = 43, "too many groups for a user";
+    /// A broadcast list would exceed its recipient limit.
+    LIST_TOO_LARGE = 44, "broadcast list too large";
+    /// No broadcast list with this id.
+    NO_SUCH_LIST = 45, "no such broadcast list";
+    /// The contact list would exceed its limit.
+    TOO_MANY_CONTACTS = 46, "too many contacts";
+    /// No such status, or it expired, or the viewer is not in its audience.
+    NO_SUCH_STATUS = 47, "no such status";
+    /// The request's fields are not valid together (unknown op, empty list, self-reference).
+    INVALID_REQUEST = 48, "invalid request";
     /// The server could not complete the request (storage failure); retry later.
     INTERNAL = 50, "internal error";
     /// The server is temporarily overloaded; retry with backoff.

@@ -50,7 +50,113 @@ pub mod frame_type {
     pub const PONG: u8 = 0x0C;
     pub const ERROR: u8 = 0x0D;
     pub const GOODBYE: u8 = 0x0E;
+    pub const GROUP: u8 = 0x0F;
+    pub const GROUP_INFO: u8 = 0x10;
+    pub const GROUP_DELIVER: u8 = 0x11;
+    pub const MARK: u8 = 0x12;
+    pub const CONTACTS: u8 = 0x13;
+    pub const LIST: u8 = 0x14;
+    pub const USERS: u8 = 0x15;
+    pub const BROADCAST_ACK: u8 = 0x16;
+    pub const RECEIPT_QUERY: u8 = 0x17;
+    pub const RECEIPT_COUNTS: u8 = 0x18;
+    pub const STATUS_POST: u8 = 0x19;
+    pub const STATUS_POSTED: u8 = 0x1A;
+    pub const STATUS_FETCH: u8 = 0x1B;
+    pub const STATUS_LIST: u8 = 0x1C;
+    pub const STATUS_VIEW: u8 = 0x1D;
+    pub const DONE: u8 = 0x1E;
+    /// The highest assigned frame type.
+    pub const LAST: u8 = DONE;
 }
+
+/// Group ids have this bit set and user ids never do, so a group's log can
+/// live in the same keyed store as user inboxes without colliding.
+pub const GROUP_ID_BIT: u64 = 1 << 63;
+
+/// Defines a `u8`-valued wire enum with `from_u8`.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $n:expr),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum $name { $($(#[$vm])* $v = $n),* }
+        impl $name {
+            pub fn from_u8(v: u8) -> Option<$name> {
+                match v { $($n => Some($name::$v),)* _ => None }
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// What a `Group` request does.
+    GroupOp {
+        /// Create a group; `group` is ignored (0) and the server assigns the
+        /// id; `users` are the first members besides the creator (admin).
+        Create = 1,
+        Add = 2,
+        Remove = 3,
+        /// The sender leaves; `users` is empty.
+        Leave = 4,
+        Promote = 5,
+        Demote = 6,
+        /// Read the group's members and head; `users` is empty.
+        Info = 7,
+    }
+);
+
+wire_enum!(
+    /// A member's role.
+    Role { Member = 1, Admin = 2 }
+);
+
+wire_enum!(
+    /// How a group's messages reach its members.
+    Strategy {
+        /// A reference in each member's inbox (body stored once, in the group log).
+        Refs = 1,
+        /// Members read the group log with their own cursor (`GroupDeliver`).
+        Log = 2,
+    }
+);
+
+wire_enum!(
+    /// A message's delivery status, which only moves forward.
+    ReceiptStatus { Delivered = 1, Read = 2, Viewed = 3 }
+);
+
+wire_enum!(
+    /// What a `Contacts` request does.
+    ContactsOp { Add = 1, Remove = 2, Get = 3 }
+);
+
+wire_enum!(
+    /// What a `List` request does.
+    ListOp {
+        /// Create or replace the list with `users`.
+        Set = 1,
+        Delete = 2,
+        Get = 3,
+    }
+);
+
+wire_enum!(
+    /// Who may see a status.
+    Audience {
+        /// Every contact of the poster (who has the poster as a contact too).
+        Contacts = 1,
+        /// Every such contact except `users`.
+        ContactsExcept = 2,
+        /// Only `users` (who must have the poster as a contact).
+        Only = 3,
+    }
+);
+
+wire_enum!(
+    /// A membership change, as announced to members in a system message.
+    GroupEventKind { Created = 1, Added = 2, Removed = 3, Left = 4, Promoted = 5, Demoted = 6 }
+);
 
 /// Where a message goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,6 +333,103 @@ impl Reason {
     }
 }
 
+/// Client -> server: a group operation. Answered by `GroupInfo` (the state
+/// after the operation) or an `Error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRequest {
+    pub op: GroupOp,
+    pub group: u64,
+    pub users: Vec<u64>,
+}
+
+/// Server -> client: a group's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group: u64,
+    /// Highest sequence in the group log.
+    pub head_seq: u64,
+    pub strategy: Strategy,
+    pub members: Vec<(u64, Role)>,
+}
+
+/// Client -> server: everything up to `up_to_seq` of a stream has reached the
+/// status. `stream` 0 is the session's own inbox; a group id is that group's
+/// log (for groups delivered by `GroupDeliver`). Answered with nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub stream: u64,
+    pub up_to_seq: u64,
+    pub status: ReceiptStatus,
+}
+
+/// Client -> server: edit or read one's contacts. Answered by `Users`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactsRequest {
+    pub op: ContactsOp,
+    pub users: Vec<u64>,
+}
+
+/// Client -> server: edit or read one of one's broadcast lists. Answered by
+/// `Users` (`Done` for a delete).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListRequest {
+    pub op: ListOp,
+    pub list: u64,
+    pub users: Vec<u64>,
+}
+
+/// Server -> client: a set of users (contacts: `id` is the user; a list: the list id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Users {
+    pub id: u64,
+    pub users: Vec<u64>,
+}
+
+/// Server -> client: a send to a broadcast list is durable in every
+/// consenting recipient's inbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BroadcastAck {
+    pub client_msg_id: u64,
+    pub server_msg_id: u64,
+    pub timestamp_ms: u64,
+    /// Recipients whose inbox has the message.
+    pub delivered: u16,
+    /// Recipients skipped because they do not have the sender as a contact.
+    pub skipped: u16,
+    /// Every delivered copy was stored by an earlier try of this send.
+    pub duplicate: bool,
+}
+
+/// Server -> client: aggregate receipts of one group message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiptCounts {
+    pub group: u64,
+    pub seq: u64,
+    /// Members the message was addressed to (current members who were in
+    /// the group when it was sent, except the sender).
+    pub recipients: u32,
+    pub delivered: u32,
+    pub read: u32,
+}
+
+/// Client -> server: post a status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusPost {
+    pub audience: Audience,
+    pub users: Vec<u64>,
+    pub payload: Bytes,
+}
+
+/// One current status, as fetched by a viewer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub poster: u64,
+    pub status_id: u64,
+    pub posted_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub payload: Bytes,
+}
+
 /// The body of a frame, one variant per frame type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
@@ -244,6 +447,22 @@ pub enum Body {
     Pong { nonce: u64 },
     Error(Reason),
     Goodbye(Reason),
+    Group(GroupRequest),
+    GroupInfo(GroupInfo),
+    GroupDeliver { group: u64, messages: Vec<Message> },
+    Mark(Mark),
+    Contacts(ContactsRequest),
+    List(ListRequest),
+    Users(Users),
+    BroadcastAck(BroadcastAck),
+    ReceiptQuery { group: u64, seq: u64 },
+    ReceiptCounts(ReceiptCounts),
+    StatusPost(StatusPost),
+    StatusPosted { status_id: u64, expires_at_ms: u64 },
+    StatusFetch,
+    StatusList(Vec<Status>),
+    StatusView { poster: u64, status_id: u64 },
+    Done,
 }
 
 impl Body {
@@ -264,6 +483,22 @@ impl Body {
             Body::Pong { .. } => PONG,
             Body::Error(_) => ERROR,
             Body::Goodbye(_) => GOODBYE,
+            Body::Group(_) => GROUP,
+            Body::GroupInfo(_) => GROUP_INFO,
+            Body::GroupDeliver { .. } => GROUP_DELIVER,
+            Body::Mark(_) => MARK,
+            Body::Contacts(_) => CONTACTS,
+            Body::List(_) => LIST,
+            Body::Users(_) => USERS,
+            Body::BroadcastAck(_) => BROADCAST_ACK,
+            Body::ReceiptQuery { .. } => RECEIPT_QUERY,
+            Body::ReceiptCounts(_) => RECEIPT_COUNTS,
+            Body::StatusPost(_) => STATUS_POST,
+            Body::StatusPosted { .. } => STATUS_POSTED,
+            Body::StatusFetch => STATUS_FETCH,
+            Body::StatusList(_) => STATUS_LIST,
+            Body::StatusView { .. } => STATUS_VIEW,
+            Body::Done => DONE,
         }
     }
 
@@ -291,6 +526,22 @@ pub fn frame_type_name(t: u8) -> &'static str {
         PONG => "pong",
         ERROR => "error",
         GOODBYE => "goodbye",
+        GROUP => "group",
+        GROUP_INFO => "group_info",
+        GROUP_DELIVER => "group_deliver",
+        MARK => "mark",
+        CONTACTS => "contacts",
+        LIST => "list",
+        USERS => "users",
+        BROADCAST_ACK => "broadcast_ack",
+        RECEIPT_QUERY => "receipt_query",
+        RECEIPT_COUNTS => "receipt_counts",
+        STATUS_POST => "status_post",
+        STATUS_POSTED => "status_posted",
+        STATUS_FETCH => "status_fetch",
+        STATUS_LIST => "status_list",
+        STATUS_VIEW => "status_view",
+        DONE => "done",
         _ => "unknown",
     }
 }

@@ -9,12 +9,15 @@
 //! Map:
 //! - [`frame`]: the frame types, their fields and the wire constants;
 //! - [`codec`]: encoding and decoding;
-//! - [`error`]: the stable numeric error codes.
+//! - [`error`]: the stable numeric error codes;
+//! - [`payload`]: payloads of the receipt and group-event messages the server writes.
 
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod payload;
 
 pub use codec::{decode, encode, encode_deliver, encode_to_bytes, DecodeError};
 pub use error::ErrorCode;
 pub use frame::*;
+pub use payload::{GroupEvent, PayloadError, ReceiptPayload};

@@ -159,6 +159,167 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                 Body::Goodbye(Reason::new(ErrorCode::SHUTTING_DOWN, "bye")),
             ),
         ),
+        (
+            "group",
+            Frame::new(
+                10,
+                Body::Group(GroupRequest {
+                    op: GroupOp::Add,
+                    group: GROUP_ID_BIT | 5,
+                    users: vec![1003, 1004],
+                }),
+            ),
+        ),
+        (
+            "group_info",
+            Frame::new(
+                10,
+                Body::GroupInfo(GroupInfo {
+                    group: GROUP_ID_BIT | 5,
+                    head_seq: 3,
+                    strategy: Strategy::Refs,
+                    members: vec![(1001, Role::Admin), (1003, Role::Member)],
+                }),
+            ),
+        ),
+        (
+            "group_deliver",
+            Frame::new(
+                0,
+                Body::GroupDeliver {
+                    group: GROUP_ID_BIT | 5,
+                    messages: vec![Message {
+                        destination: Destination::Group(GROUP_ID_BIT | 5),
+                        ..message(3)
+                    }],
+                },
+            ),
+        ),
+        (
+            "mark",
+            Frame::new(
+                11,
+                Body::Mark(Mark {
+                    stream: 0,
+                    up_to_seq: 42,
+                    status: ReceiptStatus::Read,
+                }),
+            ),
+        ),
+        (
+            "contacts",
+            Frame::new(
+                12,
+                Body::Contacts(ContactsRequest {
+                    op: ContactsOp::Add,
+                    users: vec![1002],
+                }),
+            ),
+        ),
+        (
+            "list",
+            Frame::new(
+                13,
+                Body::List(ListRequest {
+                    op: ListOp::Set,
+                    list: 1,
+                    users: vec![1002, 1003],
+                }),
+            ),
+        ),
+        (
+            "users",
+            Frame::new(
+                13,
+                Body::Users(Users {
+                    id: 1,
+                    users: vec![1002, 1003],
+                }),
+            ),
+        ),
+        (
+            "broadcast_ack",
+            Frame::new(
+                14,
+                Body::BroadcastAck(BroadcastAck {
+                    client_msg_id: 80,
+                    server_msg_id: 0x0000_0195_0000_0402,
+                    timestamp_ms: 1_700_000_000_000,
+                    delivered: 1,
+                    skipped: 1,
+                    duplicate: false,
+                }),
+            ),
+        ),
+        (
+            "receipt_query",
+            Frame::new(
+                15,
+                Body::ReceiptQuery {
+                    group: GROUP_ID_BIT | 5,
+                    seq: 3,
+                },
+            ),
+        ),
+        (
+            "receipt_counts",
+            Frame::new(
+                15,
+                Body::ReceiptCounts(ReceiptCounts {
+                    group: GROUP_ID_BIT | 5,
+                    seq: 3,
+                    recipients: 120,
+                    delivered: 37,
+                    read: 12,
+                }),
+            ),
+        ),
+        (
+            "status_post",
+            Frame::new(
+                16,
+                Body::StatusPost(StatusPost {
+                    audience: Audience::ContactsExcept,
+                    users: vec![1003],
+                    payload: Bytes::from_static(b"hi"),
+                }),
+            ),
+        ),
+        (
+            "status_posted",
+            Frame::new(
+                16,
+                Body::StatusPosted {
+                    status_id: 0x0000_0195_0000_0403,
+                    expires_at_ms: 1_700_086_400_000,
+                },
+            ),
+        ),
+        ("status_fetch", Frame::new(17, Body::StatusFetch)),
+        (
+            "status_list",
+            Frame::new(
+                17,
+                Body::StatusList(vec![Status {
+                    poster: 1001,
+                    status_id: 0x0000_0195_0000_0403,
+                    posted_at_ms: 1_700_000_000_000,
+                    expires_at_ms: 1_700_086_400_000,
+                    payload: Bytes::from_static(b"hi"),
+                }]),
+            ),
+        ),
+        (
+            "status_view",
+            Frame::new(
+                18,
+                Body::StatusView {
+                    poster: 1001,
+                    status_id: 0x0000_0195_0000_0403,
+                },
+            ),
+        ),
+        ("done", Frame::new(18, Body::Done)),
     ]
 }
 
@@ -241,7 +402,7 @@ fn document_vectors_match_the_codec_both_ways() {
 #[test]
 fn every_frame_type_has_a_vector() {
     let types: Vec<u8> = vectors().iter().map(|(_, f)| f.body.frame_type()).collect();
-    for t in 0x01..=0x0E {
+    for t in 0x01..=frame_type::LAST {
         assert!(types.contains(&t), "frame type 0x{t:02x} has no vector");
     }
 }

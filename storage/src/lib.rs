@@ -10,6 +10,11 @@
 //! - [`rocks`]: the RocksDB implementation (column families, key layout, options);
 //! - [`memory`]: the in-memory implementation.
 //!
+//! Besides inboxes the store keeps two small key-value spaces for the
+//! broker's other state (groups, contacts, lists, receipt cursors): a plain
+//! one, and an expiring one whose entries vanish from disk after their
+//! expiry (status posts). Their key layouts belong to the broker.
+//!
 //! Concurrency contract: the store is `Send + Sync`, reads may come from any
 //! thread, but each inbox must have one writer at a time (the broker's shard
 //! that owns the user). Sequence numbers are assigned here, from a cached head
@@ -34,10 +39,39 @@ pub trait InboxStore: Send + Sync + 'static {
     /// is `Duplicate` with the original's fields (or `Conflict` when the key
     /// was used for another destination). When this returns `Ok`, the batch
     /// is as durable as the configured [`Durability`] promises.
-    fn append(&self, batch: &[NewMessage], now_ms: u64) -> Result<Vec<AppendOutcome>, StoreError>;
+    fn append(&self, batch: &[NewMessage], now_ms: u64) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.append_with(batch, &[], now_ms)
+    }
+
+    /// [`InboxStore::append`] plus key-value writes, all in one atomic write
+    /// (a group's membership change and the system message announcing it).
+    /// An empty `batch` with some `kv` is a plain durable key-value write.
+    fn append_with(
+        &self,
+        batch: &[NewMessage],
+        kv: &[KvOp],
+        now_ms: u64,
+    ) -> Result<Vec<AppendOutcome>, StoreError>;
+
+    /// One value of the key-value space.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` entries of the key-value space whose key starts with
+    /// `prefix`, in key order.
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Up to `limit` unexpired entries of the expiring space under `prefix`:
+    /// (key, expires_at_ms, value), in key order.
+    fn scan_expiring(
+        &self,
+        prefix: &[u8],
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError>;
 
     /// Up to `limit` messages of `inbox` with sequence greater than `after_seq`,
     /// in sequence order (trimmed messages are gone; see [`InboxState::oldest_seq`]).
+    /// References are resolved: the message carries the referenced record.
     fn read_after(
         &self,
         inbox: u64,

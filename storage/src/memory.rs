@@ -2,6 +2,7 @@
 //! (nothing survives the process). For tests of broker logic.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Mutex;
 
 use crate::model::*;
@@ -10,7 +11,22 @@ use crate::InboxStore;
 #[derive(Default)]
 struct Inbox {
     state: InboxState,
-    messages: BTreeMap<u64, Record>,
+    messages: BTreeMap<u64, Entry>,
+}
+
+#[derive(Clone)]
+enum Entry {
+    Record(Record),
+    Ref(LogRef, u64),
+}
+
+impl Entry {
+    fn timestamp_ms(&self) -> u64 {
+        match self {
+            Entry::Record(r) => r.timestamp_ms,
+            Entry::Ref(_, ts) => *ts,
+        }
+    }
 }
 
 struct IdemEntry {
@@ -24,6 +40,16 @@ struct IdemEntry {
 struct Inner {
     inboxes: HashMap<u64, Inbox>,
     idem: HashMap<IdempotencyKey, IdemEntry>,
+    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    expiring: BTreeMap<Vec<u8>, (u64, Vec<u8>)>,
+}
+
+fn prefix_range<'a, V>(
+    map: &'a BTreeMap<Vec<u8>, V>,
+    prefix: &'a [u8],
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a V)> + 'a {
+    map.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
 }
 
 pub struct MemoryStore {
@@ -41,9 +67,38 @@ impl MemoryStore {
 }
 
 impl InboxStore for MemoryStore {
-    fn append(&self, batch: &[NewMessage], now_ms: u64) -> Result<Vec<AppendOutcome>, StoreError> {
+    fn append_with(
+        &self,
+        batch: &[NewMessage],
+        kv: &[KvOp],
+        now_ms: u64,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut inner = self.inner.lock().expect("memory store lock");
         let inner = &mut *inner;
+        for op in kv {
+            match op {
+                KvOp::Put { key, value } => {
+                    inner.kv.insert(key.clone(), value.clone());
+                }
+                KvOp::Delete { key } => {
+                    inner.kv.remove(key);
+                }
+                KvOp::PutExpiring {
+                    key,
+                    expires_at_ms,
+                    value,
+                } => {
+                    inner
+                        .expiring
+                        .insert(key.clone(), (*expires_at_ms, value.clone()));
+                }
+                KvOp::DeleteExpiringRange { from, to } => {
+                    inner
+                        .expiring
+                        .retain(|k, _| k.as_slice() < from.as_slice() || k.as_slice() >= to.as_slice());
+                }
+            }
+        }
         let mut outcomes = Vec::with_capacity(batch.len());
         for m in batch {
             let r = &m.record;
@@ -70,7 +125,11 @@ impl InboxStore for MemoryStore {
                 server_msg_id: r.server_msg_id,
                 timestamp_ms: r.timestamp_ms,
             };
-            inbox.messages.insert(placement.seq, r.clone());
+            let entry = match m.reference {
+                Some(at) => Entry::Ref(at, r.timestamp_ms),
+                None => Entry::Record(r.clone()),
+            };
+            inbox.messages.insert(placement.seq, entry);
             if let Some(key) = m.idempotency {
                 inner.idem.insert(
                     key,
@@ -100,13 +159,57 @@ impl InboxStore for MemoryStore {
         let Some(start) = after_seq.checked_add(1) else {
             return Ok(Vec::new());
         };
-        Ok(i.messages
+        i.messages
             .range(start..)
             .take(limit)
-            .map(|(seq, record)| StoredMessage {
-                seq: *seq,
-                record: record.clone(),
+            .map(|(seq, entry)| match entry {
+                Entry::Record(record) => Ok(StoredMessage {
+                    seq: *seq,
+                    record: record.clone(),
+                    via: None,
+                }),
+                Entry::Ref(at, _) => match inner
+                    .inboxes
+                    .get(&at.log)
+                    .and_then(|l| l.messages.get(&at.seq))
+                {
+                    Some(Entry::Record(record)) => Ok(StoredMessage {
+                        seq: *seq,
+                        record: record.clone(),
+                        via: Some(*at),
+                    }),
+                    _ => Err(StoreError::Corrupt {
+                        what: "inbox reference",
+                        detail: format!("{at:?} does not name a stored record"),
+                    }),
+                },
             })
+            .collect()
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.lock().expect("memory store lock").kv.get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let inner = self.inner.lock().expect("memory store lock");
+        Ok(prefix_range(&inner.kv, prefix)
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn scan_expiring(
+        &self,
+        prefix: &[u8],
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError> {
+        let inner = self.inner.lock().expect("memory store lock");
+        Ok(prefix_range(&inner.expiring, prefix)
+            .filter(|(_, (exp, _))| *exp > now_ms)
+            .take(limit)
+            .map(|(k, (exp, v))| (k.clone(), *exp, v.clone()))
             .collect())
     }
 
@@ -131,7 +234,7 @@ impl InboxStore for MemoryStore {
         let mut inner = self.inner.lock().expect("memory store lock");
         let i = inner.inboxes.entry(inbox).or_default();
         while let Some((&seq, r)) = i.messages.first_key_value() {
-            if seq > i.state.acked_seq || r.timestamp_ms >= older_than_ms {
+            if seq > i.state.acked_seq || r.timestamp_ms() >= older_than_ms {
                 break;
             }
             i.messages.pop_first();

@@ -48,6 +48,8 @@ pub struct StoreConfig {
     pub idempotency_window_ms: u64,
     /// RocksDB block cache size.
     pub block_cache_bytes: usize,
+    /// Time for expiry decisions made inside the store (compaction filters).
+    pub clock: Clock,
 }
 
 impl Default for StoreConfig {
@@ -56,6 +58,7 @@ impl Default for StoreConfig {
             durability: Durability::Fsync,
             idempotency_window_ms: 24 * 3600 * 1000,
             block_cache_bytes: 128 << 20,
+            clock: Clock::system(),
         }
     }
 }
@@ -65,6 +68,28 @@ impl Default for StoreConfig {
 pub struct IdempotencyKey {
     pub sender: u64,
     pub client_msg_id: u64,
+    /// 0 for a message with one destination. A send that becomes several
+    /// inbox entries (a broadcast list, group references) scopes each entry
+    /// by its inbox, so each is de-duplicated on its own.
+    pub scope: u64,
+}
+
+impl IdempotencyKey {
+    pub fn new(sender: u64, client_msg_id: u64) -> IdempotencyKey {
+        IdempotencyKey {
+            sender,
+            client_msg_id,
+            scope: 0,
+        }
+    }
+}
+
+/// A message stored once in a log (a group log is an inbox whose id is the
+/// group id) and referenced from other inboxes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LogRef {
+    pub log: u64,
+    pub seq: u64,
 }
 
 /// A message to append to one inbox.
@@ -73,6 +98,10 @@ pub struct NewMessage {
     pub inbox: u64,
     pub idempotency: Option<IdempotencyKey>,
     pub record: Record,
+    /// `Some`: store only a reference to this log entry (which holds
+    /// `record`); reads resolve it. The body is stored once however many
+    /// inboxes reference it.
+    pub reference: Option<LogRef>,
 }
 
 /// The stored fields of a message (everything but its sequence).
@@ -95,6 +124,58 @@ pub struct Record {
 pub struct StoredMessage {
     pub seq: u64,
     pub record: Record,
+    /// The log entry this inbox entry refers to, if it is a reference.
+    pub via: Option<LogRef>,
+}
+
+/// A write to the key-value spaces, applied atomically with an append
+/// (see [`crate::InboxStore::append_with`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvOp {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    /// A value in the expiring space: unreadable from `expires_at_ms`, and
+    /// physically removed by compaction or by [`KvOp::DeleteExpiringRange`].
+    PutExpiring {
+        key: Vec<u8>,
+        expires_at_ms: u64,
+        value: Vec<u8>,
+    },
+    /// Removes the expiring keys in `from..to` with one range tombstone.
+    DeleteExpiringRange {
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+/// The store's clock (milliseconds since the epoch), injectable for tests of
+/// expiry.
+#[derive(Clone)]
+pub struct Clock(pub std::sync::Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(std::sync::Arc::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        }))
+    }
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({} ms)", self.now_ms())
+    }
 }
 
 /// What happened to one message of an append batch.
@@ -171,6 +252,61 @@ impl From<rocksdb::Error> for StoreError {
 /// ```
 pub(crate) const RECORD_FORMAT_V1: u8 = 1;
 pub(crate) const RECORD_FIXED_LEN: usize = 47;
+
+/// Reference value layout (an inbox entry pointing at a log entry):
+///
+/// ```text
+/// 0 u8 format (2)   1 u64 log   9 u64 seq   17 u64 timestamp_ms
+/// ```
+///
+/// The timestamp is copied so trimming can age references without
+/// resolving them.
+pub(crate) const REF_FORMAT: u8 = 2;
+pub(crate) const REF_LEN: usize = 25;
+
+pub(crate) fn encode_ref(r: LogRef, timestamp_ms: u64) -> [u8; REF_LEN] {
+    let mut v = [0u8; REF_LEN];
+    v[0] = REF_FORMAT;
+    v[1..9].copy_from_slice(&r.log.to_be_bytes());
+    v[9..17].copy_from_slice(&r.seq.to_be_bytes());
+    v[17..25].copy_from_slice(&timestamp_ms.to_be_bytes());
+    v
+}
+
+/// A stored inbox value: a record, or a reference and its timestamp.
+pub(crate) enum Value {
+    Record(Record),
+    Ref(LogRef, u64),
+}
+
+impl Value {
+    pub(crate) fn decode(v: &[u8]) -> Result<Value, StoreError> {
+        if v.first() == Some(&REF_FORMAT) {
+            if v.len() != REF_LEN {
+                return Err(StoreError::Corrupt {
+                    what: "inbox reference",
+                    detail: format!("value of {} bytes, expected {REF_LEN}", v.len()),
+                });
+            }
+            let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+            return Ok(Value::Ref(
+                LogRef {
+                    log: u64_at(1),
+                    seq: u64_at(9),
+                },
+                u64_at(17),
+            ));
+        }
+        Record::decode(v).map(Value::Record)
+    }
+
+    pub(crate) fn timestamp_ms(&self) -> u64 {
+        match self {
+            Value::Record(r) => r.timestamp_ms,
+            Value::Ref(_, ts) => *ts,
+        }
+    }
+}
 
 impl Record {
     pub(crate) fn encode(&self, out: &mut BytesMut) {

@@ -7,7 +7,9 @@
 //! |---------|------------------------------|-----------------------------------------------|
 //! | `inbox` | user u64 . seq u64           | record (see [`crate::model::Record`])         |
 //! | `meta`  | user u64                     | head u64 . acked u64 . oldest u64             |
-//! | `idem`  | sender u64 . client_msg u64  | stored_at_ms u64 . inbox u64 . seq u64 . server_msg_id u64 . timestamp_ms u64 . dest_tag u8 . dest_id u64 |
+//! | `idem`  | sender u64 . client_msg u64 [. scope u64] | stored_at_ms u64 . inbox u64 . seq u64 . server_msg_id u64 . timestamp_ms u64 . dest_tag u8 . dest_id u64 |
+//! | `kv`    | broker-defined bytes         | broker-defined bytes                          |
+//! | `expiring` | broker-defined bytes      | expires_at_ms u64 . broker-defined bytes      |
 //!
 //! Why this shape:
 //! - `meta` is written in the same atomic batch as the messages, so an
@@ -21,6 +23,11 @@
 //!   filter drops entries older than the idempotency window so it stays small.
 //! - Trimming acknowledged messages is a range delete over one inbox prefix:
 //!   one tombstone instead of one per message.
+//! - An inbox entry is either a record or a 25-byte reference to a record in
+//!   another inbox (a group log); reads resolve references with a point get.
+//! - `expiring` has a compaction filter that drops entries past their expiry
+//!   (by the configured [`Clock`]); the broker also range-deletes them, so
+//!   expired data leaves the disk, not just the query results.
 //! - RocksDB checksums every WAL record and every SST block; reads verify
 //!   them, so corrupted data surfaces as [`StoreError::Corrupt`], never as a
 //!   message.
@@ -43,6 +50,8 @@ use crate::InboxStore;
 const CF_INBOX: &str = "inbox";
 const CF_META: &str = "meta";
 const CF_IDEM: &str = "idem";
+const CF_KV: &str = "kv";
+const CF_EXPIRING: &str = "expiring";
 const META_LEN: usize = 24;
 const IDEM_LEN: usize = 49;
 /// Lock stripes for the head cache: enough that shards rarely contend.
@@ -64,8 +73,29 @@ fn inbox_key(user: u64, seq: u64) -> [u8; 16] {
     k
 }
 
-fn idem_key(key: IdempotencyKey) -> [u8; 16] {
-    inbox_key(key.sender, key.client_msg_id)
+/// 16 bytes for an unscoped key (the layout every existing entry has), 24
+/// with a scope.
+fn idem_key(key: IdempotencyKey) -> ([u8; 24], usize) {
+    let mut k = [0u8; 24];
+    k[..16].copy_from_slice(&inbox_key(key.sender, key.client_msg_id));
+    if key.scope == 0 {
+        (k, 16)
+    } else {
+        k[16..].copy_from_slice(&key.scope.to_be_bytes());
+        (k, 24)
+    }
+}
+
+/// The key just past every key that starts with `prefix` (`None`: no bound).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 fn be_u64(v: &[u8], at: usize) -> u64 {
@@ -201,10 +231,29 @@ impl RocksStore {
             }
         });
 
+        let mut kv_opts = Options::default();
+        kv_opts.set_block_based_table_factory(&point_table);
+        kv_opts.set_compression_type(DBCompressionType::Lz4);
+
+        let mut expiring_opts = Options::default();
+        expiring_opts.set_block_based_table_factory(&point_table);
+        expiring_opts.set_compression_type(DBCompressionType::Lz4);
+        let clock = config.clock.clone();
+        expiring_opts.set_compaction_filter("courier-expiry", move |_level, _key, value| {
+            match value.get(..8) {
+                Some(b) if u64::from_be_bytes(b.try_into().expect("8 bytes")) <= clock.now_ms() => {
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            }
+        });
+
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_INBOX, inbox_opts),
             ColumnFamilyDescriptor::new(CF_META, meta_opts),
             ColumnFamilyDescriptor::new(CF_IDEM, idem_opts),
+            ColumnFamilyDescriptor::new(CF_KV, kv_opts),
+            ColumnFamilyDescriptor::new(CF_EXPIRING, expiring_opts),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let mut write_opts = WriteOptions::default();
@@ -277,6 +326,71 @@ impl RocksStore {
         ro
     }
 
+    /// Every key-value pair under `prefix` in column family `cf`, raw.
+    fn scan_cf(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(true);
+        if let Some(end) = prefix_end(prefix) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek(prefix);
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Compacts the expiring space now (tests and operators: expired entries
+    /// leave the SST files).
+    pub fn compact_expiring(&self) {
+        self.db
+            .compact_range_cf(self.cf(CF_EXPIRING), None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// Every raw key of the expiring space, expired or not (what is on disk).
+    pub fn raw_expiring_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .scan_cf(CF_EXPIRING, &[], usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// Resolves a reference to the record it names.
+    fn resolve(&self, at: LogRef) -> Result<Record, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_INBOX), inbox_key(at.log, at.seq))?
+        {
+            Some(v) => match Value::decode(&v)? {
+                Value::Record(r) => Ok(r),
+                Value::Ref(..) => Err(StoreError::Corrupt {
+                    what: "inbox reference",
+                    detail: format!("{at:?} names another reference"),
+                }),
+            },
+            None => Err(StoreError::Corrupt {
+                what: "inbox reference",
+                detail: format!("{at:?} does not name a stored record"),
+            }),
+        }
+    }
+
     /// A RocksDB property (e.g. `rocksdb.estimate-pending-compaction-bytes`), for metrics.
     pub fn property_int(&self, name: &str) -> Option<u64> {
         self.db.property_int_value(name).ok().flatten()
@@ -284,7 +398,12 @@ impl RocksStore {
 }
 
 impl InboxStore for RocksStore {
-    fn append(&self, batch: &[NewMessage], now_ms: u64) -> Result<Vec<AppendOutcome>, StoreError> {
+    fn append_with(
+        &self,
+        batch: &[NewMessage],
+        kv: &[KvOp],
+        now_ms: u64,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
         let mut touched: HashMap<u64, InboxState> = HashMap::new();
         let mut in_batch: HashMap<IdempotencyKey, (Placement, u8, u64)> = HashMap::new();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -297,7 +416,10 @@ impl InboxStore for RocksStore {
             if let Some(key) = m.idempotency {
                 let seen = match in_batch.get(&key) {
                     Some(&(p, tag, id)) => Some((p, tag, id)),
-                    None => match self.db.get_pinned_cf(idem_cf, idem_key(key))? {
+                    None => match {
+                        let (k, n) = idem_key(key);
+                        self.db.get_pinned_cf(idem_cf, &k[..n])?
+                    } {
                         Some(v) => {
                             let e = decode_idem(&v)?;
                             (now_ms.saturating_sub(e.stored_at_ms)
@@ -332,9 +454,18 @@ impl InboxStore for RocksStore {
                 server_msg_id: r.server_msg_id,
                 timestamp_ms: r.timestamp_ms,
             };
-            value.clear();
-            r.encode(&mut value);
-            wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
+            match m.reference {
+                Some(at) => wb.put_cf(
+                    self.cf(CF_INBOX),
+                    inbox_key(m.inbox, placement.seq),
+                    encode_ref(at, r.timestamp_ms),
+                ),
+                None => {
+                    value.clear();
+                    r.encode(&mut value);
+                    wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
+                }
+            }
             if let Some(key) = m.idempotency {
                 let entry = IdemEntry {
                     stored_at_ms: now_ms,
@@ -342,13 +473,33 @@ impl InboxStore for RocksStore {
                     dest_tag: r.dest_tag,
                     dest_id: r.dest_id,
                 };
-                wb.put_cf(idem_cf, idem_key(key), encode_idem(&entry));
+                let (k, n) = idem_key(key);
+                wb.put_cf(idem_cf, &k[..n], encode_idem(&entry));
                 in_batch.insert(key, (placement, r.dest_tag, r.dest_id));
             }
             outcomes.push(AppendOutcome::Stored(placement));
         }
         for (user, s) in &touched {
             wb.put_cf(self.cf(CF_META), user.to_be_bytes(), encode_meta(s));
+        }
+        for op in kv {
+            match op {
+                KvOp::Put { key, value } => wb.put_cf(self.cf(CF_KV), key, value),
+                KvOp::Delete { key } => wb.delete_cf(self.cf(CF_KV), key),
+                KvOp::PutExpiring {
+                    key,
+                    expires_at_ms,
+                    value,
+                } => {
+                    let mut v = Vec::with_capacity(8 + value.len());
+                    v.extend_from_slice(&expires_at_ms.to_be_bytes());
+                    v.extend_from_slice(value);
+                    wb.put_cf(self.cf(CF_EXPIRING), key, v);
+                }
+                KvOp::DeleteExpiringRange { from, to } => {
+                    wb.delete_range_cf(self.cf(CF_EXPIRING), from, to)
+                }
+            }
         }
         if wb.is_empty() {
             return Ok(outcomes);
@@ -384,9 +535,18 @@ impl InboxStore for RocksStore {
             if k.len() != 16 || be_u64(k, 0) != inbox {
                 break;
             }
-            out.push(StoredMessage {
-                seq: be_u64(k, 8),
-                record: Record::decode(v)?,
+            let seq = be_u64(k, 8);
+            out.push(match Value::decode(v)? {
+                Value::Record(record) => StoredMessage {
+                    seq,
+                    record,
+                    via: None,
+                },
+                Value::Ref(at, _) => StoredMessage {
+                    seq,
+                    record: self.resolve(at)?,
+                    via: Some(at),
+                },
             });
             it.next();
         }
@@ -396,6 +556,39 @@ impl InboxStore for RocksStore {
 
     fn state(&self, inbox: u64) -> Result<InboxState, StoreError> {
         self.cached_state(inbox)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_KV), key)?)
+    }
+
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.scan_cf(CF_KV, prefix, limit)
+    }
+
+    fn scan_expiring(
+        &self,
+        prefix: &[u8],
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, v) in self.scan_cf(CF_EXPIRING, prefix, usize::MAX)? {
+            if out.len() >= limit {
+                break;
+            }
+            if v.len() < 8 {
+                return Err(StoreError::Corrupt {
+                    what: "expiring entry",
+                    detail: format!("value of {} bytes", v.len()),
+                });
+            }
+            let expires_at = be_u64(&v, 0);
+            if expires_at > now_ms {
+                out.push((k, expires_at, v[8..].to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
@@ -437,8 +630,7 @@ impl InboxStore for RocksStore {
                 if seq > s.acked_seq {
                     break;
                 }
-                let rec = Record::decode(v)?;
-                if rec.timestamp_ms >= older_than_ms {
+                if Value::decode(v)?.timestamp_ms() >= older_than_ms {
                     break;
                 }
                 last = Some(seq);

@@ -11,16 +11,15 @@ fn config() -> StoreConfig {
         durability: Durability::Wal,
         idempotency_window_ms: WINDOW_MS,
         block_cache_bytes: 8 << 20,
+        clock: Clock::system(),
     }
 }
 
 fn msg(inbox: u64, sender: u64, cmid: u64, ts: u64, body: &str) -> NewMessage {
     NewMessage {
         inbox,
-        idempotency: Some(IdempotencyKey {
-            sender,
-            client_msg_id: cmid,
-        }),
+        idempotency: Some(IdempotencyKey::new(sender, cmid)),
+        reference: None,
         record: Record {
             server_msg_id: cmid * 1000 + inbox,
             sender,
@@ -157,6 +156,99 @@ pub(crate) fn trim_removes_only_old_acked_messages(s: &dyn InboxStore) {
     );
 }
 
+/// A log entry stored once and referenced from two inboxes reads back as
+/// the full record in each, with its own inbox sequence; scoped keys make
+/// each reference idempotent on its own.
+pub(crate) fn references_resolve_and_are_idempotent_per_scope(s: &dyn InboxStore) {
+    const LOG: u64 = 1 << 63 | 5;
+    let body = msg(LOG, 9, 1, 100, "group body");
+    let out = s.append(&[body.clone()], 100).unwrap();
+    assert_eq!(seqs(&out), vec![1]);
+    let reference = |inbox: u64| NewMessage {
+        inbox,
+        idempotency: Some(IdempotencyKey {
+            sender: LOG,
+            client_msg_id: 1,
+            scope: inbox,
+        }),
+        record: body.record.clone(),
+        reference: Some(LogRef { log: LOG, seq: 1 }),
+    };
+    // Inbox 21 already holds one message, so the reference lands at seq 2.
+    s.append(&[msg(21, 8, 1, 90, "earlier")], 90).unwrap();
+    let out = s.append(&[reference(20), reference(21)], 101).unwrap();
+    assert_eq!(seqs(&out), vec![1, 2]);
+    // Re-applying the fan-out (recovery, a retried send) stores nothing.
+    let again = s.append(&[reference(20), reference(21)], 102).unwrap();
+    assert!(again
+        .iter()
+        .all(|o| matches!(o, AppendOutcome::Duplicate(_))));
+    for (inbox, seq) in [(20, 1), (21, 2)] {
+        let read = s.read_after(inbox, seq - 1, 10).unwrap();
+        assert_eq!(read.len(), 1, "inbox {inbox}");
+        assert_eq!(read[0].seq, seq);
+        assert_eq!(read[0].record, body.record);
+        assert_eq!(read[0].via, Some(LogRef { log: LOG, seq: 1 }));
+    }
+    // References age like records: acked and old, they are trimmed.
+    s.ack(20, 1).unwrap();
+    assert_eq!(s.trim_acked(20, 1000).unwrap().oldest_seq, 2);
+    assert_eq!(s.read_after(LOG, 0, 10).unwrap().len(), 1, "log untouched");
+}
+
+pub(crate) fn kv_writes_are_atomic_with_appends_and_scan_by_prefix(s: &dyn InboxStore) {
+    let put = |k: &[u8], v: &[u8]| KvOp::Put {
+        key: k.to_vec(),
+        value: v.to_vec(),
+    };
+    s.append_with(
+        &[msg(30, 9, 1, 10, "a")],
+        &[put(b"g\x01a", b"1"), put(b"g\x01b", b"2"), put(b"g\x02a", b"3")],
+        10,
+    )
+    .unwrap();
+    assert_eq!(s.get(b"g\x01b").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(s.get(b"nope").unwrap(), None);
+    let keys: Vec<_> = s
+        .scan(b"g\x01", 10)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, vec![b"g\x01a".to_vec(), b"g\x01b".to_vec()]);
+    assert_eq!(s.scan(b"g", 1).unwrap().len(), 1, "limit");
+    s.append_with(&[], &[KvOp::Delete { key: b"g\x01a".to_vec() }], 11)
+        .unwrap();
+    assert_eq!(s.scan(b"g\x01", 10).unwrap().len(), 1);
+    // A 0xff prefix has no successor key; the scan must still stop at it.
+    s.append_with(&[], &[put(b"\xff\xff", b"x")], 12).unwrap();
+    assert_eq!(s.scan(b"\xff", 10).unwrap().len(), 1);
+}
+
+pub(crate) fn expiring_entries_vanish_from_scans_and_range_deletes(s: &dyn InboxStore) {
+    let put = |k: &[u8], exp: u64| KvOp::PutExpiring {
+        key: k.to_vec(),
+        expires_at_ms: exp,
+        value: b"v".to_vec(),
+    };
+    s.append_with(&[], &[put(b"s1", 100), put(b"s2", 200), put(b"t1", 100)], 0)
+        .unwrap();
+    assert_eq!(s.scan_expiring(b"s", 50, 10).unwrap().len(), 2);
+    let live = s.scan_expiring(b"s", 150, 10).unwrap();
+    assert_eq!(live, vec![(b"s2".to_vec(), 200, b"v".to_vec())]);
+    s.append_with(
+        &[],
+        &[KvOp::DeleteExpiringRange {
+            from: b"s".to_vec(),
+            to: b"t".to_vec(),
+        }],
+        0,
+    )
+    .unwrap();
+    assert!(s.scan_expiring(b"s", 0, 10).unwrap().is_empty());
+    assert_eq!(s.scan_expiring(b"t", 0, 10).unwrap().len(), 1);
+}
+
 macro_rules! suite {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -186,6 +278,18 @@ macro_rules! suite {
             fn trim_removes_only_old_acked_messages() {
                 with_store(super::trim_removes_only_old_acked_messages)
             }
+            #[test]
+            fn references_resolve_and_are_idempotent_per_scope() {
+                with_store(super::references_resolve_and_are_idempotent_per_scope)
+            }
+            #[test]
+            fn kv_writes_are_atomic_with_appends_and_scan_by_prefix() {
+                with_store(super::kv_writes_are_atomic_with_appends_and_scan_by_prefix)
+            }
+            #[test]
+            fn expiring_entries_vanish_from_scans_and_range_deletes() {
+                with_store(super::expiring_entries_vanish_from_scans_and_range_deletes)
+            }
         }
     };
 }
@@ -199,6 +303,39 @@ suite!(rocks, {
 
 mod rocks_only {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// With an injected clock moved past the expiry, a compaction removes
+    /// expired entries from the files: they are gone from storage, not
+    /// merely filtered out of reads.
+    #[test]
+    fn expired_entries_leave_the_disk_at_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Arc::new(AtomicU64::new(1_000));
+        let clock = {
+            let now = now.clone();
+            Clock(Arc::new(move || now.load(Ordering::SeqCst)))
+        };
+        let store = crate::RocksStore::open(dir.path(), StoreConfig { clock, ..config() }).unwrap();
+        let put = |k: &[u8], exp: u64| KvOp::PutExpiring {
+            key: k.to_vec(),
+            expires_at_ms: exp,
+            value: vec![7; 100],
+        };
+        store
+            .append_with(&[], &[put(b"old", 5_000), put(b"new", 90_000)], 1_000)
+            .unwrap();
+        store.db.flush_cf(store.db.cf_handle("expiring").unwrap()).unwrap();
+        store.compact_expiring();
+        assert_eq!(store.raw_expiring_keys().unwrap().len(), 2, "nothing expired yet");
+        now.store(6_000, Ordering::SeqCst);
+        store.compact_expiring();
+        assert_eq!(store.raw_expiring_keys().unwrap(), vec![b"new".to_vec()]);
+        now.store(100_000, Ordering::SeqCst);
+        store.compact_expiring();
+        assert!(store.raw_expiring_keys().unwrap().is_empty());
+    }
 
     #[test]
     fn reopen_recovers_heads_cursors_messages_and_idempotency() {
