@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_broker::shard::{GroupOpCmd, GroupSendCmd, Reply, ReplyTo, ShardCmd, ShardConfig, Shards};
+use courier_broker::shard::{
+    GroupOpCmd, GroupSendCmd, Reply, ReplyTo, ShardCmd, ShardConfig, Shards,
+};
 use courier_protocol::{ErrorCode, GroupOp, MessageKind};
 use courier_storage::{Durability, RocksStore, StoreConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -30,6 +30,17 @@ enum Command {
     Send(SendArgs),
     /// Print messages as they arrive (and acknowledge them).
     Listen(ListenArgs),
+    /// Create a group with you as its admin; prints the group id.
+    GroupCreate(GroupCreateArgs),
+}
+
+#[derive(Parser, Debug)]
+struct GroupCreateArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Members besides you, comma-separated user ids.
+    #[arg(long, value_delimiter = ',')]
+    members: Vec<u64>,
 }
 
 #[derive(Parser, Debug)]
@@ -52,8 +63,11 @@ struct SendArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// Recipient user id.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    to: Option<u64>,
+    /// Send to this group (an id printed by `courier group-create`).
     #[arg(long)]
-    to: u64,
+    group: Option<u64>,
     /// The text to send.
     text: String,
 }
@@ -143,20 +157,30 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Send(a) => client_runtime()?.block_on(async {
             let (client, _) = connect(&a.client, None).await?;
+            let (to, place) = match (a.to, a.group) {
+                (Some(u), _) => (courier_protocol::Destination::User(u), format!("user {u}'s inbox")),
+                (None, Some(g)) => (courier_protocol::Destination::Group(g), format!("group {g}'s log")),
+                (None, None) => anyhow::bail!("give --to USER or --group GROUP"),
+            };
             let ack = client
                 .send(
-                    courier_protocol::Destination::User(a.to),
+                    to,
                     courier_protocol::MessageKind::Chat,
                     a.text.into_bytes().into(),
                 )
                 .await?;
             println!(
-                "sent: seq {} in user {}'s inbox, server id {}{}",
+                "sent: seq {} in {place}, server id {}{}",
                 ack.seq,
-                a.to,
                 ack.server_msg_id,
                 if ack.duplicate { " (duplicate)" } else { "" }
             );
+            Ok(())
+        }),
+        Command::GroupCreate(a) => client_runtime()?.block_on(async {
+            let (client, _) = connect(&a.client, None).await?;
+            let info = client.create_group(a.members).await?;
+            println!("{}", info.group);
             Ok(())
         }),
         Command::Listen(a) => client_runtime()?.block_on(async {
@@ -171,10 +195,27 @@ pub fn main() -> anyhow::Result<()> {
             let mut seen = 0;
             while a.count.is_none_or(|c| seen < c) {
                 tokio::select! {
-                    m = client.recv() => {
-                        let Some(m) = m else { break };
-                        println!("[{}] from {}: {}", m.seq, m.sender, String::from_utf8_lossy(&m.payload));
-                        client.ack(m.seq).await?;
+                    d = client.next() => {
+                        let Some(d) = d else { break };
+                        let m = &d.message;
+                        let text = match m.kind {
+                            courier_protocol::MessageKind::System => match courier_protocol::GroupEvent::decode(&m.payload) {
+                                Ok(ev) => format!("{:?} {:?} by {}", ev.kind, ev.users, ev.actor),
+                                Err(_) => "(system message)".into(),
+                            },
+                            courier_protocol::MessageKind::Receipt => match courier_protocol::ReceiptPayload::decode(&m.payload) {
+                                Ok(r) => format!("{:?} by {} for {} message(s)", r.status, r.reader, r.messages.len()),
+                                Err(_) => "(receipt)".into(),
+                            },
+                            _ => String::from_utf8_lossy(&m.payload).into_owned(),
+                        };
+                        match m.destination {
+                            courier_protocol::Destination::Group(g) => {
+                                println!("[{}] from {} in group {g}: {text}", m.seq, m.sender)
+                            }
+                            _ => println!("[{}] from {}: {text}", m.seq, m.sender),
+                        }
+                        client.confirm(&d).await?;
                         seen += 1;
                     }
                     _ = tokio::time::sleep(Duration::from_millis(u64::from(welcome.keepalive_ms))) => {

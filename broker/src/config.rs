@@ -52,7 +52,7 @@ impl Default for Groups {
         Groups {
             max_members: 1024,
             max_per_user: 1024,
-            log_threshold: 256,
+            log_threshold: 32,
         }
     }
 }
@@ -271,7 +271,10 @@ impl Config {
             (2..=u16::MAX as usize).contains(&g.max_members),
             "groups.max_members must be 2 to 65535"
         );
-        anyhow::ensure!(g.max_per_user >= 1, "groups.max_per_user must be at least 1");
+        anyhow::ensure!(
+            g.max_per_user >= 1,
+            "groups.max_per_user must be at least 1"
+        );
         anyhow::ensure!(
             (1..=u16::MAX as usize).contains(&self.social.max_list_len),
             "social.max_list_len must be 1 to 65535"

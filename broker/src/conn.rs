@@ -38,8 +38,8 @@ use crate::auth::AuthError;
 use crate::groups::valid_user;
 use crate::keys;
 use crate::shard::{
-    to_wire, Completion, Delivery, Fanout, FanoutAnswer, GroupOpCmd, GroupSendCmd, OpResult,
-    Reply, ReplyTo, SendCmd, SessionHandle, ShardCmd,
+    to_wire, Completion, Delivery, Fanout, FanoutAnswer, GroupOpCmd, GroupSendCmd, OpResult, Reply,
+    ReplyTo, SendCmd, SessionHandle, ShardCmd,
 };
 use crate::{now_ms, social, Node};
 
@@ -572,9 +572,7 @@ impl Conn {
         let store = self.node.store.clone();
         match tokio::task::spawn_blocking(move || f(&*store)).await {
             Ok(Ok(v)) => {
-                let _ = self
-                    .replies
-                    .send(Reply::Frame(Frame::new(rid, reply(v))));
+                let _ = self.replies.send(Reply::Frame(Frame::new(rid, reply(v))));
             }
             Ok(Err((code, msg))) => self.error(rid, code, msg),
             Err(_) => self.error(rid, ErrorCode::INTERNAL, "storage error"),
@@ -752,7 +750,11 @@ impl Conn {
                 let (ttl, max) = (social.status_ttl_ms, social.max_statuses);
                 let max_payload = self.node.config.limits.max_payload_len as usize;
                 if p.payload.len() > max_payload {
-                    self.error(rid, ErrorCode::PAYLOAD_TOO_LARGE, "status payload too large");
+                    self.error(
+                        rid,
+                        ErrorCode::PAYLOAD_TOO_LARGE,
+                        "status payload too large",
+                    );
                     return true;
                 }
                 let (poster, id) = (self.user, self.node.new_group_id() & !GROUP_ID_BIT);
@@ -760,7 +762,15 @@ impl Conn {
                     rid,
                     move |store| {
                         social::post_status(
-                            store, poster, id, now_ms(), ttl, max, p.audience, p.users, p.payload,
+                            store,
+                            poster,
+                            id,
+                            now_ms(),
+                            ttl,
+                            max,
+                            p.audience,
+                            p.users,
+                            p.payload,
                         )
                     },
                     move |expires_at_ms| Body::StatusPosted {
@@ -1020,8 +1030,14 @@ impl Writer {
                     self.rescan = true;
                     return true;
                 };
-                if m.seq <= stream.delivered || m.seq > stream.end {
+                if m.seq <= stream.delivered {
                     return false;
+                }
+                if m.seq > stream.end {
+                    // Pushed past the event that removed this user: the
+                    // user was added again. Re-read where the stream starts.
+                    self.rescan = true;
+                    return true;
                 }
                 if m.seq != stream.delivered + 1 {
                     return true;
@@ -1259,11 +1275,18 @@ impl Writer {
         .await
         .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
         for (g, from, left, confirmed) in rows {
-            let stream = self.groups.entry(g).or_insert(GroupStream {
+            let fresh = GroupStream {
                 delivered: confirmed.max(from - 1),
                 end: left,
-            });
-            stream.end = stream.end.min(left);
+            };
+            match self.groups.get_mut(&g) {
+                // Removed earlier in this session and added again since.
+                Some(s) if from > s.end => *s = fresh,
+                Some(s) => s.end = s.end.min(left),
+                None => {
+                    self.groups.insert(g, fresh);
+                }
+            }
         }
         Ok(())
     }

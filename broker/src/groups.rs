@@ -165,7 +165,12 @@ impl Shard {
             let original = match self.store.read_after(g, p.seq - 1, 1) {
                 Ok(mut v) if v.first().map(|m| m.seq) == Some(p.seq) => v.remove(0),
                 other => {
-                    error!(shard = self.id, group = g, ?other, "group message of a retry not readable");
+                    error!(
+                        shard = self.id,
+                        group = g,
+                        ?other,
+                        "group message of a retry not readable"
+                    );
                     cmd.reply.send(fail(cmd.client_msg_id, ErrorCode::INTERNAL));
                     return;
                 }
@@ -339,7 +344,12 @@ impl Shard {
             }
         }
         if redone > 0 {
-            warn!(shard = self.id, group = g, redone, "completed interrupted group fan-out");
+            warn!(
+                shard = self.id,
+                group = g,
+                redone,
+                "completed interrupted group fan-out"
+            );
         }
         Ok(())
     }
@@ -353,7 +363,10 @@ impl Shard {
         let g = op.group;
         let actor = op.actor;
         if let Some(&bad) = op.users.iter().find(|&&u| !valid_user(u)) {
-            return err(ErrorCode::INVALID_REQUEST, format!("{bad:#x} is not a user id"));
+            return err(
+                ErrorCode::INVALID_REQUEST,
+                format!("{bad:#x} is not a user id"),
+            );
         }
         let mut users: Vec<u64> = Vec::with_capacity(op.users.len());
         for &u in &op.users {
@@ -363,10 +376,13 @@ impl Shard {
         }
         let max_members = self.config.max_group_members;
         let existing = self.group(g).map_err(storage)?.map(|c| c.state.clone());
-        let head = match &existing {
-            Some(_) => self.groups[&g].head,
-            None => 0,
-        };
+        // The store's head is the truth (every planned write is done).
+        let head = self.store.state(g).map_err(storage)?.head_seq;
+        // Where each current member joined, for the rows of those who leave.
+        let joined: HashMap<u64, u64> = existing
+            .iter()
+            .flat_map(|s| s.members.iter().map(|m| (m.user, m.joined_seq)))
+            .collect();
         let e = head + 1; // the event's group sequence
         let (state, kind, concerned) = match (op.op, existing) {
             (GroupOp::Create, Some(_)) => return err(ErrorCode::INVALID_REQUEST, "group exists"),
@@ -475,8 +491,8 @@ impl Shard {
             state.members[0].role = Role::Admin;
         }
         let mut kv = Vec::new();
-        let switched = state.strategy == Strategy::Refs
-            && state.members.len() > self.config.log_threshold;
+        let switched =
+            state.strategy == Strategy::Refs && state.members.len() > self.config.log_threshold;
         if switched {
             state.strategy = Strategy::Log;
             state.log_from = e;
@@ -488,7 +504,12 @@ impl Shard {
         };
         let gone = matches!(kind, GroupEventKind::Removed | GroupEventKind::Left);
         for m in &state.members {
-            if switched || (!gone && concerned.contains(&m.user) && kind != GroupEventKind::Promoted && kind != GroupEventKind::Demoted) {
+            if switched
+                || (!gone
+                    && concerned.contains(&m.user)
+                    && kind != GroupEventKind::Promoted
+                    && kind != GroupEventKind::Demoted)
+            {
                 kv.push(KvOp::Put {
                     key: keys::user_group(m.user, g),
                     value: row(m, NONE, state.log_from),
@@ -505,7 +526,7 @@ impl Shard {
                             &Member {
                                 user: u,
                                 role: Role::Member,
-                                joined_seq: 0,
+                                joined_seq: joined.get(&u).copied().unwrap_or(e),
                             },
                             e,
                             state.log_from,
@@ -562,7 +583,13 @@ impl Shard {
             Some(AppendOutcome::Stored(p)) if p.seq == e => {}
             other => {
                 self.groups.remove(&g);
-                error!(shard = self.id, group = g, ?other, expected = e, "group event landed elsewhere");
+                error!(
+                    shard = self.id,
+                    group = g,
+                    ?other,
+                    expected = e,
+                    "group event landed elsewhere"
+                );
                 return err(ErrorCode::INTERNAL, "storage error");
             }
         }
@@ -632,25 +659,40 @@ impl Shard {
     }
 
     /// Aggregate receipts of one group message, from the members' cursors.
-    pub(crate) fn receipt_counts(&mut self, g: u64, seq: u64, asker: u64) -> OpResult<ReceiptCounts> {
+    pub(crate) fn receipt_counts(
+        &mut self,
+        g: u64,
+        seq: u64,
+        asker: u64,
+    ) -> OpResult<ReceiptCounts> {
         let state = match self.group(g).map_err(storage)? {
             Some(c) => c.state.clone(),
             None => return err(ErrorCode::NOT_A_MEMBER, "no such group"),
         };
         let msg = match self.store.read_after(g, seq.saturating_sub(1), 1) {
-            Ok(v) if v.first().map(|m| m.seq) == Some(seq) && seq > 0 => v.into_iter().next().expect("one"),
+            Ok(v) if v.first().map(|m| m.seq) == Some(seq) && seq > 0 => {
+                v.into_iter().next().expect("one")
+            }
             Ok(_) => return err(ErrorCode::INVALID_REQUEST, "no such group message"),
             Err(e) => return Err(storage(e)),
         };
         if msg.record.sender != asker {
-            return err(ErrorCode::FORBIDDEN, "only the sender reads a message's receipts");
+            return err(
+                ErrorCode::FORBIDDEN,
+                "only the sender reads a message's receipts",
+            );
         }
         let cursors: HashMap<u64, (u64, u64)> = self
             .store
             .scan(&keys::cursors(g), usize::MAX)
             .map_err(storage)?
             .into_iter()
-            .filter_map(|(k, v)| Some((keys::last_u64(&k)?, (keys::be_u64(&v, 0)?, keys::be_u64(&v, 8)?))))
+            .filter_map(|(k, v)| {
+                Some((
+                    keys::last_u64(&k)?,
+                    (keys::be_u64(&v, 0)?, keys::be_u64(&v, 8)?),
+                ))
+            })
             .collect();
         let (mut recipients, mut delivered, mut read) = (0, 0, 0);
         for m in &state.members {

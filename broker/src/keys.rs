@@ -97,7 +97,12 @@ pub fn decode_users(v: &[u8]) -> Option<(Vec<u64>, usize)> {
     if v.len() < end {
         return None;
     }
-    Some(((0..n).map(|i| be_u64(v, 2 + 8 * i).expect("in range")).collect(), end))
+    Some((
+        (0..n)
+            .map(|i| be_u64(v, 2 + 8 * i).expect("in range"))
+            .collect(),
+        end,
+    ))
 }
 
 /// One member of a group.

@@ -50,19 +50,25 @@ impl Shard {
         if let Some(c) = self.group_cursors.get(&(g, user)) {
             return *c;
         }
-        let c = match self.store.get(&keys::cursor(g, user)) {
+        let c = self.read_pair(&keys::cursor(g, user));
+        self.group_cursors.insert((g, user), c);
+        c
+    }
+
+    /// A (u64, u64) value of the key-value space; (0, 0) if absent.
+    fn read_pair(&self, key: &[u8]) -> (u64, u64) {
+        match self.store.get(key) {
             Ok(Some(v)) => (
                 keys::be_u64(&v, 0).unwrap_or(0),
                 keys::be_u64(&v, 8).unwrap_or(0),
             ),
             Ok(None) => (0, 0),
             Err(e) => {
-                warn!(shard = self.id, error = %e, "reading a group cursor failed");
+                // Treated as "nothing receipted yet": at worst a receipt is repeated.
+                warn!(shard = self.id, error = %e, "reading a cursor failed");
                 (0, 0)
             }
-        };
-        self.group_cursors.insert((g, user), c);
-        c
+        }
     }
 
     /// Moves a member's group cursor forward (read implies delivered).
@@ -98,17 +104,7 @@ impl Shard {
         if let Some(c) = self.receipt_cursors.get(&user) {
             return *c;
         }
-        let c = match self.store.get(&keys::receipts(user)) {
-            Ok(Some(v)) => (
-                keys::be_u64(&v, 0).unwrap_or(0),
-                keys::be_u64(&v, 8).unwrap_or(0),
-            ),
-            Ok(None) => (0, 0),
-            Err(e) => {
-                warn!(shard = self.id, error = %e, "reading receipt cursors failed");
-                (0, 0)
-            }
-        };
+        let c = self.read_pair(&keys::receipts(user));
         self.receipt_cursors.insert(user, c);
         c
     }

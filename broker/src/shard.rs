@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_protocol::{
-    BroadcastAck, Destination, ErrorCode, GroupInfo, GroupOp, Message, MessageKind,
-    ReceiptCounts, ReceiptStatus, SendResult,
+    BroadcastAck, Destination, ErrorCode, GroupInfo, GroupOp, Message, MessageKind, ReceiptCounts,
+    ReceiptStatus, SendResult,
 };
 use courier_storage::{
     AppendOutcome, IdempotencyKey, InboxState, InboxStore, KvOp, LogRef, NewMessage, Record,
@@ -115,6 +115,8 @@ pub struct Fanout {
     pub last_ts: AtomicU64,
     pub remaining: AtomicUsize,
     pub failed: AtomicBool,
+    /// The error code of a failed part (0 until one fails).
+    pub failed_code: std::sync::atomic::AtomicU16,
     pub delivered: AtomicUsize,
     pub duplicates: AtomicUsize,
     pub answer: FanoutAnswer,
@@ -138,6 +140,7 @@ impl Fanout {
             last_ts: AtomicU64::new(0),
             remaining: AtomicUsize::new(parts),
             failed: AtomicBool::new(false),
+            failed_code: std::sync::atomic::AtomicU16::new(0),
             delivered: AtomicUsize::new(0),
             duplicates: AtomicUsize::new(0),
             answer,
@@ -153,11 +156,13 @@ impl Fanout {
     }
 
     /// Records one part's outcome; the last part answers.
-    pub fn part_done(&self, ok: bool, stored: usize, duplicates: usize) {
-        if !ok {
+    pub fn part_done(&self, code: ErrorCode, stored: usize, duplicates: usize) {
+        if code != ErrorCode::OK {
+            self.failed_code.store(code.0, Ordering::Relaxed);
             self.failed.store(true, Ordering::Release);
         }
-        self.delivered.fetch_add(stored + duplicates, Ordering::Relaxed);
+        self.delivered
+            .fetch_add(stored + duplicates, Ordering::Relaxed);
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
@@ -168,9 +173,10 @@ impl Fanout {
     /// Sends the answer (called once, by the last part or when there are none).
     pub fn answer(&self) {
         let failed = self.failed.load(Ordering::Acquire);
+        let code = ErrorCode(self.failed_code.load(Ordering::Relaxed));
         match &self.answer {
             FanoutAnswer::Group(Some(reply), result) => reply.send(if failed {
-                fail(result.client_msg_id, ErrorCode::INTERNAL)
+                fail(result.client_msg_id, code)
             } else {
                 *result
             }),
@@ -182,7 +188,7 @@ impl Fanout {
             } => {
                 let delivered = self.delivered.load(Ordering::Relaxed);
                 let ack = if failed {
-                    Err(ErrorCode::INTERNAL)
+                    Err(code)
                 } else {
                     Ok(BroadcastAck {
                         server_msg_id: self.last_id.load(Ordering::Relaxed),
@@ -217,7 +223,8 @@ impl ReceiptBatch {
         if !ok {
             self.failed.store(true, Ordering::Release);
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 && !self.failed.load(Ordering::Acquire)
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && !self.failed.load(Ordering::Acquire)
         {
             let _ = self.back.send(ShardCmd::ReceiptsDone {
                 user: self.user,
@@ -766,7 +773,9 @@ impl Shard {
             return;
         }
         let kv = std::mem::take(&mut self.kv);
-        if let Err(e) = self.store.append_with(&[], &kv, now_ms()) {
+        // Cursors and fan-out marks: losing the last of them in a power
+        // failure repeats receipts or references, which their keys absorb.
+        if let Err(e) = self.store.write_lazy(&kv) {
             warn!(shard = self.id, error = %e, "writing cursors failed");
         }
     }
@@ -774,14 +783,18 @@ impl Shard {
     fn reject(&mut self, p: Planned) {
         match p {
             Planned::Send(s) => complete(s.done, fail(s.client_msg_id, ErrorCode::INTERNAL), false),
-            Planned::Refs(r) => r.fanout.part_done(false, 0, 0),
+            Planned::Refs(r) => r.fanout.part_done(ErrorCode::INTERNAL, 0, 0),
             Planned::GroupSend { cmd, .. } => {
                 cmd.reply.send(fail(cmd.client_msg_id, ErrorCode::INTERNAL))
             }
         }
     }
 
-    fn finish(&mut self, p: Planned, outcomes: &mut dyn Iterator<Item = (NewMessage, AppendOutcome)>) {
+    fn finish(
+        &mut self,
+        p: Planned,
+        outcomes: &mut dyn Iterator<Item = (NewMessage, AppendOutcome)>,
+    ) {
         match p {
             Planned::Send(s) => {
                 let (m, outcome) = outcomes.next().expect("one outcome per send");
@@ -807,7 +820,7 @@ impl Shard {
                         }
                     }
                 }
-                r.fanout.part_done(true, stored, dups);
+                r.fanout.part_done(ErrorCode::OK, stored, dups);
             }
             Planned::GroupSend { cmd, recipients } => {
                 let (m, outcome) = outcomes.next().expect("one outcome per group send");
@@ -940,9 +953,9 @@ fn complete(done: Completion, result: SendResult, stored: bool) {
             f.last_id.fetch_max(result.server_msg_id, Ordering::Relaxed);
             f.last_ts.fetch_max(result.timestamp_ms, Ordering::Relaxed);
             f.part_done(
-            ok,
-            usize::from(ok && stored),
-            usize::from(ok && !stored),
+                result.code,
+                usize::from(ok && stored),
+                usize::from(ok && !stored),
             )
         }
         Completion::Notify(tx) => {
@@ -968,7 +981,10 @@ pub(crate) fn record_of(m: &Message) -> Record {
 }
 
 /// Groups `users` by the shard that owns them.
-pub(crate) fn by_shard(users: impl IntoIterator<Item = u64>, shards: usize) -> BTreeMap<usize, Vec<u64>> {
+pub(crate) fn by_shard(
+    users: impl IntoIterator<Item = u64>,
+    shards: usize,
+) -> BTreeMap<usize, Vec<u64>> {
     let mut out: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
     for u in users {
         out.entry(shard_of(u, shards)).or_default().push(u);
@@ -1219,7 +1235,10 @@ mod tests {
             if heads == [2, 2] {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "not recovered: {heads:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not recovered: {heads:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for u in [11, 12] {

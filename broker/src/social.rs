@@ -98,12 +98,12 @@ pub fn contacts(
 
 pub fn get_list(store: &dyn InboxStore, user: u64, list: u64) -> OpResult<Vec<u64>> {
     match store.get(&keys::list(user, list)).map_err(storage)? {
-        Some(v) => keys::decode_users(&v)
-            .map(|(u, _)| u)
-            .ok_or_else(|| storage(StoreError::Corrupt {
+        Some(v) => keys::decode_users(&v).map(|(u, _)| u).ok_or_else(|| {
+            storage(StoreError::Corrupt {
                 what: "broadcast list",
                 detail: format!("user {user} list {list}"),
-            })),
+            })
+        }),
         None => Err((ErrorCode::NO_SUCH_LIST, format!("no list {list}"))),
     }
 }

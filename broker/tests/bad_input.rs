@@ -142,10 +142,6 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
     ]);
     let (alice, welcome) = server.client(1).await;
     assert_eq!(welcome.max_batch, 4);
-    let rejected = |r: Result<SendAck, ClientError>| match r {
-        Err(ClientError::Rejected(code, _)) => code,
-        other => panic!("expected a rejection, got {other:?}"),
-    };
     assert_eq!(
         rejected(
             alice
@@ -158,7 +154,11 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
     assert_eq!(
         rejected(
             alice
-                .send(Destination::User(GROUP_ID_BIT | 2), MessageKind::Chat, chat("g"))
+                .send(
+                    Destination::User(GROUP_ID_BIT | 2),
+                    MessageKind::Chat,
+                    chat("g")
+                )
                 .await
         ),
         ErrorCode::INVALID_DESTINATION,
@@ -167,7 +167,11 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
     assert_eq!(
         rejected(
             alice
-                .send(Destination::Group(GROUP_ID_BIT | 5), MessageKind::Chat, chat("g"))
+                .send(
+                    Destination::Group(GROUP_ID_BIT | 5),
+                    MessageKind::Chat,
+                    chat("g")
+                )
                 .await
         ),
         ErrorCode::NOT_A_MEMBER
@@ -341,4 +345,123 @@ async fn sigterm_finishes_accepted_work_and_says_goodbye() {
     let (bob, _) = server.client(2).await;
     let m = bob.recv_timeout(WAIT).await.unwrap();
     assert_eq!((m.seq, m.server_msg_id), (ack.seq, ack.server_msg_id));
+}
+
+/// Fan-out requests whose fields do not fit together: each gets its code,
+/// the session goes on, nothing is written.
+#[tokio::test]
+async fn fan_out_requests_with_bad_fields_get_their_codes() {
+    let server = Server::start(&[("COURIER_SOCIAL_MAX_CONTACTS", "2")]);
+    let (alice, _) = server.client(1).await;
+    use ErrorCode as E;
+    assert_eq!(
+        rejected(
+            alice
+                .group(GroupOp::Create, GROUP_ID_BIT | 3, vec![2])
+                .await
+        ),
+        E::INVALID_REQUEST,
+        "create names no group"
+    );
+    assert_eq!(
+        rejected(alice.group(GroupOp::Info, 5, vec![]).await),
+        E::INVALID_REQUEST,
+        "5 is a user id"
+    );
+    assert_eq!(
+        rejected(alice.create_group(vec![0]).await),
+        E::INVALID_REQUEST
+    );
+    let g = alice.create_group(vec![2]).await.unwrap().group;
+    assert_eq!(
+        rejected(alice.group(GroupOp::Add, g, vec![]).await),
+        E::INVALID_REQUEST
+    );
+    assert_eq!(
+        rejected(alice.group(GroupOp::Add, g, vec![2]).await),
+        E::INVALID_REQUEST,
+        "already a member"
+    );
+    for mark in [
+        Mark {
+            stream: 7,
+            up_to_seq: 1,
+            status: ReceiptStatus::Read,
+        },
+        Mark {
+            stream: 0,
+            up_to_seq: 1,
+            status: ReceiptStatus::Viewed,
+        },
+    ] {
+        assert_eq!(
+            rejected(alice.request(Body::Mark(mark)).await),
+            E::INVALID_REQUEST
+        );
+    }
+    assert_eq!(
+        rejected(alice.receipt_counts(g, 99).await),
+        E::INVALID_REQUEST,
+        "no such group message"
+    );
+    assert_eq!(
+        rejected(alice.receipt_counts(GROUP_ID_BIT | 12345, 1).await),
+        E::NOT_A_MEMBER
+    );
+    assert_eq!(
+        rejected(alice.contacts(ContactsOp::Add, vec![1]).await),
+        E::INVALID_REQUEST,
+        "oneself"
+    );
+    assert_eq!(
+        rejected(alice.contacts(ContactsOp::Add, vec![g]).await),
+        E::INVALID_REQUEST,
+        "a group"
+    );
+    alice.contacts(ContactsOp::Add, vec![2, 3]).await.unwrap();
+    assert_eq!(
+        rejected(alice.contacts(ContactsOp::Add, vec![4]).await),
+        E::TOO_MANY_CONTACTS
+    );
+    assert_eq!(
+        alice.contacts(ContactsOp::Get, vec![]).await.unwrap(),
+        vec![2, 3],
+        "nothing written by the refused add"
+    );
+    assert_eq!(
+        rejected(alice.list(ListOp::Set, 0, vec![2]).await),
+        E::INVALID_REQUEST
+    );
+    assert_eq!(
+        rejected(alice.list(ListOp::Set, 1, vec![]).await),
+        E::LIST_TOO_LARGE,
+        "an empty list"
+    );
+    assert_eq!(rejected(alice.view_status(2, 1).await), E::NO_SUCH_STATUS);
+    assert_eq!(
+        rejected(
+            alice
+                .post_status(Audience::Contacts, vec![], Bytes::from(vec![0; 70_000]))
+                .await
+        ),
+        E::PAYLOAD_TOO_LARGE
+    );
+    alice.ping().await.unwrap();
+
+    // A group id is never a user.
+    let mut cfg = server.config(GROUP_ID_BIT | 1);
+    cfg.token = server.token(GROUP_ID_BIT | 1, 1, u64::MAX / 2);
+    match Client::connect(cfg).await {
+        Err(ClientError::Refused(code, _)) => assert_eq!(code, E::AUTH_FAILED),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+
+    // A group request with an unknown op cannot be parsed: malformed.
+    let mut raw = after_hello(&server, 1).await;
+    raw.send_bytes(&[
+        0, 0, 0, 16, 0x0f, 0, 0, 0, 1, 99, 0x80, 0, 0, 0, 0, 0, 0, 1, 0, 0,
+    ])
+    .await;
+    assert_eq!(raw.expect_goodbye().await, ErrorCode::MALFORMED_FRAME);
+    still_serving(&server).await;
 }

@@ -121,7 +121,10 @@ async fn kill_and_verify(durability: &str) {
 
     let mut server = Server::start(&[("COURIER_DURABILITY", durability)]);
     let states = new_states();
-    kill_rounds(&mut server, &states, &mut rng, |s| Destination::User(100 + s)).await;
+    kill_rounds(&mut server, &states, &mut rng, |s| {
+        Destination::User(100 + s)
+    })
+    .await;
 
     // After the last restart: every acknowledged id is in its recipient's
     // inbox exactly once, ids appear in send order, and nothing unknown is there.
@@ -205,7 +208,11 @@ async fn group_kill_and_verify(threshold: &str) {
     let members: Vec<u64> = (1..=SENDERS).chain(readers.iter().copied()).collect();
     let g = {
         let (admin, _) = server.client(1).await;
-        admin.create_group(members[1..].to_vec()).await.unwrap().group
+        admin
+            .create_group(members[1..].to_vec())
+            .await
+            .unwrap()
+            .group
     };
     let states = new_states();
     kill_rounds(&mut server, &states, &mut rng, |_| Destination::Group(g)).await;
@@ -234,19 +241,28 @@ async fn group_kill_and_verify(threshold: &str) {
         let mut sorted = ids.clone();
         sorted.sort_unstable();
         sorted.dedup();
-        assert_eq!(sorted, ids, "sender {s}: duplicate or reordered (seed {seed})");
+        assert_eq!(
+            sorted, ids,
+            "sender {s}: duplicate or reordered (seed {seed})"
+        );
         for id in &acked {
             assert!(
                 ids.binary_search(id).is_ok(),
                 "sender {s}: acknowledged group message {id} lost (seed {seed})"
             );
         }
-        assert!(ids.len() <= acked.len() + 1, "sender {s}: unexplained extra (seed {seed})");
+        assert!(
+            ids.len() <= acked.len() + 1,
+            "sender {s}: unexplained extra (seed {seed})"
+        );
         total += acked.len();
     }
     for (&m, seen) in &views {
         let expected: Vec<(u64, u64)> = full.iter().filter(|x| x.0 != m).copied().collect();
-        assert_eq!(seen, &expected, "member {m} sees another order (seed {seed})");
+        assert_eq!(
+            seen, &expected,
+            "member {m} sees another order (seed {seed})"
+        );
     }
     assert!(total > 0, "nothing acknowledged (seed {seed})");
 }

@@ -20,13 +20,6 @@ fn start(threshold: &str) -> Server {
     Server::start(&[("COURIER_GROUPS_LOG_THRESHOLD", threshold)])
 }
 
-fn rejected(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Rejected(code, _)) => code,
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-}
-
 /// The next delivery, confirmed on its stream.
 async fn next(c: &Client) -> Delivery {
     let d = c.next_timeout(WAIT).await.expect("a delivery");
@@ -246,9 +239,16 @@ async fn shared_order(threshold: &str) {
     }
     order.sort();
     let seqs: Vec<u64> = order.iter().map(|o| o.0).collect();
-    assert_eq!(seqs, (2..2 + 4 * EACH).collect::<Vec<_>>(), "gap-free group log");
+    assert_eq!(
+        seqs,
+        (2..2 + 4 * EACH).collect::<Vec<_>>(),
+        "gap-free group log"
+    );
     let ids: Vec<u64> = order.iter().map(|o| o.2).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "server ids follow the group order");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "server ids follow the group order"
+    );
     for (c, &u) in clients.iter().zip(&members) {
         let expected: Vec<u64> = order.iter().filter(|o| o.1 != u).map(|o| o.2).collect();
         let mut got = Vec::new();
@@ -359,7 +359,11 @@ async fn group_of_1024(threshold: &str) {
     for i in 0..5 {
         acks.push(
             alice
-                .send(Destination::Group(g), MessageKind::Chat, chat(format!("all {i}")))
+                .send(
+                    Destination::Group(g),
+                    MessageKind::Chat,
+                    chat(format!("all {i}")),
+                )
                 .await
                 .unwrap(),
         );
@@ -417,19 +421,17 @@ async fn ds_last_stream(c: &Client, g: u64, first: &SendAck) -> (u64, u64) {
     // Log groups are marked on the group stream at the group sequence; refs
     // groups on the inbox at the inbox sequence (event 1, then messages).
     let reply = c.fetch(0, 10).await.unwrap();
-    match reply.messages.iter().find(|m| m.server_msg_id == first.server_msg_id) {
+    match reply
+        .messages
+        .iter()
+        .find(|m| m.server_msg_id == first.server_msg_id)
+    {
         Some(m) => (0, m.seq),
         None => (g, first.seq),
     }
 }
 
-async fn wait_for_counts(
-    c: &Client,
-    g: u64,
-    seq: u64,
-    delivered: u32,
-    read: u32,
-) -> ReceiptCounts {
+async fn wait_for_counts(c: &Client, g: u64, seq: u64, delivered: u32, read: u32) -> ReceiptCounts {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let counts = c.receipt_counts(g, seq).await.unwrap();
@@ -510,14 +512,22 @@ async fn group_receipts(threshold: &str) {
         let d = bob.next_timeout(WAIT).await.unwrap();
         last = (d.stream, d.message.seq);
     }
-    bob.mark(last.0, last.1, ReceiptStatus::Delivered).await.unwrap();
+    bob.mark(last.0, last.1, ReceiptStatus::Delivered)
+        .await
+        .unwrap();
     for _ in 0..2 {
         let d = carol.next_timeout(WAIT).await.unwrap();
         last = (d.stream, d.message.seq);
     }
-    carol.mark(last.0, last.1, ReceiptStatus::Read).await.unwrap();
+    carol
+        .mark(last.0, last.1, ReceiptStatus::Read)
+        .await
+        .unwrap();
     // A late, lower delivered mark from carol changes nothing.
-    carol.mark(last.0, 1, ReceiptStatus::Delivered).await.unwrap();
+    carol
+        .mark(last.0, 1, ReceiptStatus::Delivered)
+        .await
+        .unwrap();
     wait_for_counts(&alice, g, ack.seq, 2, 1).await;
     // No receipt messages reached alice for the group message.
     nothing_more(&alice).await;
@@ -550,7 +560,11 @@ async fn receipts_reach_the_sender_after_it_reconnects_and_never_go_back() {
     for i in 1..=3 {
         acks.push(
             alice
-                .send(Destination::User(2), MessageKind::Chat, chat(format!("m{i}")))
+                .send(
+                    Destination::User(2),
+                    MessageKind::Chat,
+                    chat(format!("m{i}")),
+                )
                 .await
                 .unwrap(),
         );
@@ -601,10 +615,7 @@ async fn broadcast_reaches_only_consenting_recipients() {
     let (dave, _) = server.client(4).await;
     // Bob and carol have the shop as a contact; dave does not.
     for c in [&bob, &carol] {
-        assert_eq!(
-            c.contacts(ContactsOp::Add, vec![1]).await.unwrap(),
-            vec![1]
-        );
+        assert_eq!(c.contacts(ContactsOp::Add, vec![1]).await.unwrap(), vec![1]);
     }
     assert_eq!(
         shop.list(ListOp::Set, 7, vec![2, 3, 4]).await.unwrap(),
@@ -628,7 +639,10 @@ async fn broadcast_reaches_only_consenting_recipients() {
         .broadcast_with_id(500, 7, MessageKind::Chat, chat("sale"))
         .await
         .unwrap();
-    assert_eq!((again.delivered, again.skipped, again.duplicate), (2, 1, true));
+    assert_eq!(
+        (again.delivered, again.skipped, again.duplicate),
+        (2, 1, true)
+    );
     nothing_more(&bob).await;
     // Consent withdrawn: carol is skipped from now on.
     carol.contacts(ContactsOp::Remove, vec![1]).await.unwrap();
@@ -637,6 +651,7 @@ async fn broadcast_reaches_only_consenting_recipients() {
         .await
         .unwrap();
     assert_eq!((ack.delivered, ack.skipped), (1, 2));
+    assert_eq!(bob.recv_timeout(WAIT).await.unwrap().client_msg_id, 501);
     nothing_more(&carol).await;
     // Errors.
     assert_eq!(
@@ -655,6 +670,16 @@ async fn broadcast_reaches_only_consenting_recipients() {
         ErrorCode::INVALID_REQUEST,
         "a list of oneself"
     );
+    // The same client message id for another list is a reuse, not a retry.
+    shop.list(ListOp::Set, 10, vec![2]).await.unwrap();
+    assert_eq!(
+        rejected(
+            shop.broadcast_with_id(500, 10, MessageKind::Chat, chat("other"))
+                .await
+        ),
+        ErrorCode::CLIENT_ID_REUSED
+    );
+    nothing_more(&bob).await;
     assert_eq!(shop.list(ListOp::Delete, 7, vec![]).await.unwrap(), None);
     assert_eq!(
         rejected(shop.list(ListOp::Get, 7, vec![]).await),
@@ -674,10 +699,7 @@ async fn statuses_respect_the_audience_send_view_receipts_and_expire() {
     let (bob, _) = server.client(2).await;
     let (carol, _) = server.client(3).await;
     let (eve, _) = server.client(5).await;
-    alice
-        .contacts(ContactsOp::Add, vec![2, 3])
-        .await
-        .unwrap();
+    alice.contacts(ContactsOp::Add, vec![2, 3]).await.unwrap();
     for c in [&bob, &carol, &eve] {
         c.contacts(ContactsOp::Add, vec![1]).await.unwrap();
     }
@@ -692,11 +714,19 @@ async fn statuses_respect_the_audience_send_view_receipts_and_expire() {
     let seen = bob.statuses().await.unwrap();
     assert_eq!(seen.len(), 1);
     assert_eq!(
-        (seen[0].poster, seen[0].status_id, seen[0].payload.clone(), seen[0].expires_at_ms),
+        (
+            seen[0].poster,
+            seen[0].status_id,
+            seen[0].payload.clone(),
+            seen[0].expires_at_ms
+        ),
         (1, id, chat("beach"), expires)
     );
     let seen = carol.statuses().await.unwrap();
-    assert_eq!(seen.iter().map(|s| s.status_id).collect::<Vec<_>>(), vec![only_id]);
+    assert_eq!(
+        seen.iter().map(|s| s.status_id).collect::<Vec<_>>(),
+        vec![only_id]
+    );
     // Eve has alice as a contact, but alice does not have eve.
     assert!(eve.statuses().await.unwrap().is_empty());
     assert_eq!(

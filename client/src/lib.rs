@@ -298,26 +298,62 @@ impl Client {
 
     /// Sends a request and waits for the frame that answers it.
     pub async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let answer = self.start_request(body)?;
+        self.answer(answer).await
+    }
+
+    /// Queues a request for writing now (requests go out in the order they
+    /// were started) and returns the receiver of its answer.
+    fn start_request(&self, body: Body) -> Result<oneshot::Receiver<Body>, ClientError> {
         let id = self.request_id();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(id, tx);
-        if self.close_reason().is_some() {
-            self.pending.lock().expect("pending").remove(&id);
-            return Err(self.closed_error());
-        }
-        if self
-            .out
-            .send(encode_to_bytes(&Frame::new(id, body)))
-            .is_err()
+        if self.close_reason().is_some()
+            || self
+                .out
+                .send(encode_to_bytes(&Frame::new(id, body)))
+                .is_err()
         {
             self.pending.lock().expect("pending").remove(&id);
             return Err(self.closed_error());
         }
+        Ok(rx)
+    }
+
+    async fn answer(&self, rx: oneshot::Receiver<Body>) -> Result<Body, ClientError> {
         match rx.await {
             Ok(Body::Error(r)) => Err(ClientError::Rejected(r.code, r.message)),
             Ok(body) => Ok(body),
             Err(_) => Err(self.closed_error()),
         }
+    }
+
+    /// Queues a send now and returns a future of its ack: sends started one
+    /// after another reach the server in that order, however their acks are
+    /// awaited (pipelining with order, as the load generator needs).
+    pub fn start_send(
+        self: &Arc<Self>,
+        client_msg_id: u64,
+        destination: Destination,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<
+        impl std::future::Future<Output = Result<SendAck, ClientError>> + 'static,
+        ClientError,
+    > {
+        let rx = self.start_request(Body::Send(Send {
+            client_msg_id,
+            destination,
+            kind,
+            payload,
+        }))?;
+        let this = self.clone();
+        Ok(async move {
+            match this.answer(rx).await? {
+                Body::SendAck(a) => Ok(a),
+                other => Err(unexpected("send_ack", &other)),
+            }
+        })
     }
 
     /// Sends raw bytes (for tests of malformed input).
@@ -504,6 +540,32 @@ impl Client {
         }
     }
 
+    /// Like [`Client::start_send`] for a broadcast list.
+    pub fn start_broadcast(
+        self: &Arc<Self>,
+        client_msg_id: u64,
+        list: u64,
+        kind: MessageKind,
+        payload: Bytes,
+    ) -> Result<
+        impl std::future::Future<Output = Result<BroadcastAck, ClientError>> + 'static,
+        ClientError,
+    > {
+        let rx = self.start_request(Body::Send(Send {
+            client_msg_id,
+            destination: Destination::List(list),
+            kind,
+            payload,
+        }))?;
+        let this = self.clone();
+        Ok(async move {
+            match this.answer(rx).await? {
+                Body::BroadcastAck(a) => Ok(a),
+                other => Err(unexpected("broadcast_ack", &other)),
+            }
+        })
+    }
+
     /// Posts a status; answers with its id and expiry.
     pub async fn post_status(
         &self,
@@ -535,10 +597,7 @@ impl Client {
 
     /// Tells the poster this user saw its status.
     pub async fn view_status(&self, poster: u64, status_id: u64) -> Result<(), ClientError> {
-        match self
-            .request(Body::StatusView { poster, status_id })
-            .await?
-        {
+        match self.request(Body::StatusView { poster, status_id }).await? {
             Body::Done => Ok(()),
             other => Err(unexpected("done", &other)),
         }

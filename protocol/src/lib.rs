@@ -10,12 +10,14 @@
 //! - [`frame`]: the frame types, their fields and the wire constants;
 //! - [`codec`]: encoding and decoding;
 //! - [`error`]: the stable numeric error codes;
-//! - [`payload`]: payloads of the receipt and group-event messages the server writes.
+//! - [`payload`]: payloads of the receipt and group-event messages the server writes;
+//! - [`token`]: the `Hello` token format (minting and verification).
 
 pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod payload;
+pub mod token;
 
 pub use codec::{decode, encode, encode_deliver, encode_to_bytes, DecodeError};
 pub use error::ErrorCode;

@@ -53,12 +53,17 @@ pub trait InboxStore: Send + Sync + 'static {
         now_ms: u64,
     ) -> Result<Vec<AppendOutcome>, StoreError>;
 
+    /// Key-value writes that need not be synced (cursors: losing the last
+    /// moments of them in a power failure only repeats some work). Atomic,
+    /// written to the WAL, never waits for a sync.
+    fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError>;
+
     /// One value of the key-value space.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Up to `limit` entries of the key-value space whose key starts with
     /// `prefix`, in key order.
-    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError>;
 
     /// Up to `limit` unexpired entries of the expiring space under `prefix`:
     /// (key, expires_at_ms, value), in key order.
@@ -67,7 +72,7 @@ pub trait InboxStore: Send + Sync + 'static {
         prefix: &[u8],
         now_ms: u64,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError>;
+    ) -> Result<ExpiringEntries, StoreError>;
 
     /// Up to `limit` messages of `inbox` with sequence greater than `after_seq`,
     /// in sequence order (trimmed messages are gone; see [`InboxState::oldest_seq`]).

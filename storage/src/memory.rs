@@ -93,9 +93,9 @@ impl InboxStore for MemoryStore {
                         .insert(key.clone(), (*expires_at_ms, value.clone()));
                 }
                 KvOp::DeleteExpiringRange { from, to } => {
-                    inner
-                        .expiring
-                        .retain(|k, _| k.as_slice() < from.as_slice() || k.as_slice() >= to.as_slice());
+                    inner.expiring.retain(|k, _| {
+                        k.as_slice() < from.as_slice() || k.as_slice() >= to.as_slice()
+                    });
                 }
             }
         }
@@ -187,11 +187,21 @@ impl InboxStore for MemoryStore {
             .collect()
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.inner.lock().expect("memory store lock").kv.get(key).cloned())
+    fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
+        self.append_with(&[], kv, 0).map(|_| ())
     }
 
-    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .inner
+            .lock()
+            .expect("memory store lock")
+            .kv
+            .get(key)
+            .cloned())
+    }
+
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         let inner = self.inner.lock().expect("memory store lock");
         Ok(prefix_range(&inner.kv, prefix)
             .take(limit)
@@ -204,7 +214,7 @@ impl InboxStore for MemoryStore {
         prefix: &[u8],
         now_ms: u64,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError> {
+    ) -> Result<ExpiringEntries, StoreError> {
         let inner = self.inner.lock().expect("memory store lock");
         Ok(prefix_range(&inner.expiring, prefix)
             .filter(|(_, (exp, _))| *exp > now_ms)

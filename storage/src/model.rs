@@ -128,6 +128,11 @@ pub struct StoredMessage {
     pub via: Option<LogRef>,
 }
 
+/// Key-value pairs as scanned.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Expiring entries as scanned: (key, expires_at_ms, value).
+pub type ExpiringEntries = Vec<(Vec<u8>, u64, Vec<u8>)>;
+
 /// A write to the key-value spaces, applied atomically with an append
 /// (see [`crate::InboxStore::append_with`]).
 #[derive(Clone, Debug, PartialEq, Eq)]

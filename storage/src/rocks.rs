@@ -239,14 +239,15 @@ impl RocksStore {
         expiring_opts.set_block_based_table_factory(&point_table);
         expiring_opts.set_compression_type(DBCompressionType::Lz4);
         let clock = config.clock.clone();
-        expiring_opts.set_compaction_filter("courier-expiry", move |_level, _key, value| {
-            match value.get(..8) {
+        expiring_opts.set_compaction_filter(
+            "courier-expiry",
+            move |_level, _key, value| match value.get(..8) {
                 Some(b) if u64::from_be_bytes(b.try_into().expect("8 bytes")) <= clock.now_ms() => {
                     Decision::Remove
                 }
                 _ => Decision::Keep,
-            }
-        });
+            },
+        );
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_INBOX, inbox_opts),
@@ -327,12 +328,7 @@ impl RocksStore {
     }
 
     /// Every key-value pair under `prefix` in column family `cf`, raw.
-    fn scan_cf(
-        &self,
-        cf: &str,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_cf(&self, cf: &str, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         let mut ro = ReadOptions::default();
         ro.set_verify_checksums(true);
         if let Some(end) = prefix_end(prefix) {
@@ -395,6 +391,28 @@ impl RocksStore {
     pub fn property_int(&self, name: &str) -> Option<u64> {
         self.db.property_int_value(name).ok().flatten()
     }
+
+    fn put_kv(&self, wb: &mut WriteBatch, kv: &[KvOp]) {
+        for op in kv {
+            match op {
+                KvOp::Put { key, value } => wb.put_cf(self.cf(CF_KV), key, value),
+                KvOp::Delete { key } => wb.delete_cf(self.cf(CF_KV), key),
+                KvOp::PutExpiring {
+                    key,
+                    expires_at_ms,
+                    value,
+                } => {
+                    let mut v = Vec::with_capacity(8 + value.len());
+                    v.extend_from_slice(&expires_at_ms.to_be_bytes());
+                    v.extend_from_slice(value);
+                    wb.put_cf(self.cf(CF_EXPIRING), key, v);
+                }
+                KvOp::DeleteExpiringRange { from, to } => {
+                    wb.delete_range_cf(self.cf(CF_EXPIRING), from, to)
+                }
+            }
+        }
+    }
 }
 
 impl InboxStore for RocksStore {
@@ -416,18 +434,19 @@ impl InboxStore for RocksStore {
             if let Some(key) = m.idempotency {
                 let seen = match in_batch.get(&key) {
                     Some(&(p, tag, id)) => Some((p, tag, id)),
-                    None => match {
+                    None => {
                         let (k, n) = idem_key(key);
-                        self.db.get_pinned_cf(idem_cf, &k[..n])?
-                    } {
-                        Some(v) => {
-                            let e = decode_idem(&v)?;
-                            (now_ms.saturating_sub(e.stored_at_ms)
-                                <= self.config.idempotency_window_ms)
-                                .then_some((e.placement, e.dest_tag, e.dest_id))
+                        let stored = self.db.get_pinned_cf(idem_cf, &k[..n])?;
+                        match stored {
+                            Some(v) => {
+                                let e = decode_idem(&v)?;
+                                (now_ms.saturating_sub(e.stored_at_ms)
+                                    <= self.config.idempotency_window_ms)
+                                    .then_some((e.placement, e.dest_tag, e.dest_id))
+                            }
+                            None => None,
                         }
-                        None => None,
-                    },
+                    }
                 };
                 if let Some((p, tag, id)) = seen {
                     outcomes.push(
@@ -482,25 +501,7 @@ impl InboxStore for RocksStore {
         for (user, s) in &touched {
             wb.put_cf(self.cf(CF_META), user.to_be_bytes(), encode_meta(s));
         }
-        for op in kv {
-            match op {
-                KvOp::Put { key, value } => wb.put_cf(self.cf(CF_KV), key, value),
-                KvOp::Delete { key } => wb.delete_cf(self.cf(CF_KV), key),
-                KvOp::PutExpiring {
-                    key,
-                    expires_at_ms,
-                    value,
-                } => {
-                    let mut v = Vec::with_capacity(8 + value.len());
-                    v.extend_from_slice(&expires_at_ms.to_be_bytes());
-                    v.extend_from_slice(value);
-                    wb.put_cf(self.cf(CF_EXPIRING), key, v);
-                }
-                KvOp::DeleteExpiringRange { from, to } => {
-                    wb.delete_range_cf(self.cf(CF_EXPIRING), from, to)
-                }
-            }
-        }
+        self.put_kv(&mut wb, kv);
         if wb.is_empty() {
             return Ok(outcomes);
         }
@@ -512,6 +513,14 @@ impl InboxStore for RocksStore {
         }
         self.publish_states(&touched);
         Ok(outcomes)
+    }
+
+    fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        self.put_kv(&mut wb, kv);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self.db.write_opt(wb, &opts)?)
     }
 
     fn read_after(
@@ -562,7 +571,7 @@ impl InboxStore for RocksStore {
         Ok(self.db.get_cf(self.cf(CF_KV), key)?)
     }
 
-    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
         self.scan_cf(CF_KV, prefix, limit)
     }
 
@@ -571,7 +580,7 @@ impl InboxStore for RocksStore {
         prefix: &[u8],
         now_ms: u64,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, StoreError> {
+    ) -> Result<ExpiringEntries, StoreError> {
         let mut out = Vec::new();
         for (k, v) in self.scan_cf(CF_EXPIRING, prefix, usize::MAX)? {
             if out.len() >= limit {

@@ -162,7 +162,7 @@ pub(crate) fn trim_removes_only_old_acked_messages(s: &dyn InboxStore) {
 pub(crate) fn references_resolve_and_are_idempotent_per_scope(s: &dyn InboxStore) {
     const LOG: u64 = 1 << 63 | 5;
     let body = msg(LOG, 9, 1, 100, "group body");
-    let out = s.append(&[body.clone()], 100).unwrap();
+    let out = s.append(std::slice::from_ref(&body), 100).unwrap();
     assert_eq!(seqs(&out), vec![1]);
     let reference = |inbox: u64| NewMessage {
         inbox,
@@ -203,7 +203,11 @@ pub(crate) fn kv_writes_are_atomic_with_appends_and_scan_by_prefix(s: &dyn Inbox
     };
     s.append_with(
         &[msg(30, 9, 1, 10, "a")],
-        &[put(b"g\x01a", b"1"), put(b"g\x01b", b"2"), put(b"g\x02a", b"3")],
+        &[
+            put(b"g\x01a", b"1"),
+            put(b"g\x01b", b"2"),
+            put(b"g\x02a", b"3"),
+        ],
         10,
     )
     .unwrap();
@@ -217,9 +221,17 @@ pub(crate) fn kv_writes_are_atomic_with_appends_and_scan_by_prefix(s: &dyn Inbox
         .collect();
     assert_eq!(keys, vec![b"g\x01a".to_vec(), b"g\x01b".to_vec()]);
     assert_eq!(s.scan(b"g", 1).unwrap().len(), 1, "limit");
-    s.append_with(&[], &[KvOp::Delete { key: b"g\x01a".to_vec() }], 11)
-        .unwrap();
+    s.append_with(
+        &[],
+        &[KvOp::Delete {
+            key: b"g\x01a".to_vec(),
+        }],
+        11,
+    )
+    .unwrap();
     assert_eq!(s.scan(b"g\x01", 10).unwrap().len(), 1);
+    s.write_lazy(&[put(b"lazy", b"1")]).unwrap();
+    assert_eq!(s.get(b"lazy").unwrap(), Some(b"1".to_vec()));
     // A 0xff prefix has no successor key; the scan must still stop at it.
     s.append_with(&[], &[put(b"\xff\xff", b"x")], 12).unwrap();
     assert_eq!(s.scan(b"\xff", 10).unwrap().len(), 1);
@@ -326,9 +338,16 @@ mod rocks_only {
         store
             .append_with(&[], &[put(b"old", 5_000), put(b"new", 90_000)], 1_000)
             .unwrap();
-        store.db.flush_cf(store.db.cf_handle("expiring").unwrap()).unwrap();
+        store
+            .db
+            .flush_cf(store.db.cf_handle("expiring").unwrap())
+            .unwrap();
         store.compact_expiring();
-        assert_eq!(store.raw_expiring_keys().unwrap().len(), 2, "nothing expired yet");
+        assert_eq!(
+            store.raw_expiring_keys().unwrap().len(),
+            2,
+            "nothing expired yet"
+        );
         now.store(6_000, Ordering::SeqCst);
         store.compact_expiring();
         assert_eq!(store.raw_expiring_keys().unwrap(), vec![b"new".to_vec()]);

@@ -181,6 +181,14 @@ pub async fn exchange(from: &Client, to: u64, receiver: &Client, text: &str) {
     );
 }
 
+/// The code of a request the server refused (panics on anything else).
+pub fn rejected<T: std::fmt::Debug>(r: Result<T, courier_client::ClientError>) -> ErrorCode {
+    match r {
+        Err(courier_client::ClientError::Rejected(code, _)) => code,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
 pub fn chat(text: impl Into<Vec<u8>>) -> Bytes {
     Bytes::from(text.into())
 }

@@ -1,0 +1,75 @@
+//! The generator's checker against a relay that misbehaves on purpose: a
+//! clean relay passes; one that drops, duplicates or reorders deliveries
+//! (while acknowledging every send) is caught, each fault by its name.
+
+use std::time::Duration;
+
+use courier_loadtest::relay::{start, Faults};
+use courier_loadtest::{run, Options, Report, Scenario, Target};
+use courier_protocol::token::TokenKey;
+
+async fn run_against(faults: Faults, scenario: Scenario) -> Report {
+    let addr = start("127.0.0.1:0", faults).await.unwrap();
+    run(Options {
+        target: Target::Relay,
+        addr: addr.to_string(),
+        key: TokenKey::new(vec![1; 32]),
+        scenario,
+        users: 8,
+        first_user: 1,
+        duration: Duration::from_millis(1500),
+        size: 64,
+        rate: Some(4000.0),
+        window: 8,
+        group_size: 4,
+        progress: false,
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faithful_relay_passes() {
+    for scenario in [Scenario::OneToOne, Scenario::Group] {
+        let r = run_against(Faults::default(), scenario).await;
+        assert!(r.verdict.ok(), "{}", r.summary());
+        assert!(r.acked > 1000, "{}", r.summary());
+        assert_eq!(r.verdict.deliveries, r.verdict.expected_deliveries);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_duplicates_and_reorders_are_caught() {
+    let r = run_against(
+        Faults {
+            drop_every: 97,
+            ..Faults::default()
+        },
+        Scenario::OneToOne,
+    )
+    .await;
+    assert!(r.verdict.lost > 0, "{}", r.summary());
+    assert_eq!((r.verdict.duplicates, r.verdict.reordered), (0, 0));
+
+    let r = run_against(
+        Faults {
+            duplicate_every: 89,
+            ..Faults::default()
+        },
+        Scenario::OneToOne,
+    )
+    .await;
+    assert!(r.verdict.duplicates > 0, "{}", r.summary());
+    assert_eq!((r.verdict.lost, r.verdict.reordered), (0, 0));
+
+    let r = run_against(
+        Faults {
+            reorder_every: 83,
+            ..Faults::default()
+        },
+        Scenario::OneToOne,
+    )
+    .await;
+    assert!(r.verdict.reordered > 0, "{}", r.summary());
+    assert_eq!(r.verdict.duplicates, 0, "{}", r.summary());
+}
