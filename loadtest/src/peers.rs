@@ -3,9 +3,10 @@
 //!
 //! - **NATS core**: each user subscribes to its own subject `u.<id>`; a
 //!   group is a subject `g.<n>` every member subscribes to; one `PUB` per
-//!   message (the server fans out). No acknowledgement exists: a message
-//!   counts as acknowledged once written to the socket, and nothing is
-//!   stored, so a slow subscriber can lose messages (the checker says so).
+//!   message (the server fans out). No acknowledgement exists: each `PUB`
+//!   is followed by a `PING` and counts as acknowledged at its `PONG` (the
+//!   server has processed it); nothing is stored, so a slow subscriber can
+//!   lose messages (the checker says so).
 //! - **NATS JetStream** (file storage): one stream holds every inbox and
 //!   group subject of the run; a send is a publish acknowledged by the
 //!   stream's PubAck (stored); each user reads its subjects through push
@@ -36,20 +37,46 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
+/// Writes what is queued for a connection, many messages per write.
+fn spawn_batch_writer(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut out_rx: mpsc::UnboundedReceiver<Bytes>,
+) {
+    tokio::spawn(async move {
+        let mut batch = BytesMut::new();
+        while let Some(b) = out_rx.recv().await {
+            batch.extend_from_slice(&b);
+            while let Ok(b) = out_rx.try_recv() {
+                batch.extend_from_slice(&b);
+                if batch.len() > 256 << 10 {
+                    break;
+                }
+            }
+            if wr.write_all(&batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+        }
+    });
+}
+
 /// One NATS message as read: subscription id, subject, payload.
 type NatsMsg = (u32, String, Bytes);
 
 /// Opens a NATS connection subscribed to `subjects` (sids 1, 2, ...), and
 /// returns the writer and the stream of messages. Subscriptions are in place
 /// when this returns (a PING/PONG round trip after them).
+/// Waiters for the server's PONGs, in order (each PING's answer).
+type Pongs = Arc<Mutex<VecDeque<oneshot::Sender<()>>>>;
+
 async fn nats_open(
     addr: &str,
     subjects: &[String],
-) -> std::io::Result<(mpsc::UnboundedSender<Bytes>, mpsc::Receiver<NatsMsg>)> {
+) -> std::io::Result<(mpsc::UnboundedSender<Bytes>, mpsc::Receiver<NatsMsg>, Pongs)> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+    let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
     let (in_tx, in_rx) = mpsc::channel(4096);
     let mut hello = String::from(
         "CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false,\"protocol\":1}\r\n",
@@ -61,6 +88,8 @@ async fn nats_open(
     wr.write_all(hello.as_bytes()).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
     let pong = out.clone();
+    let pongs: Pongs = Arc::default();
+    let waiters = pongs.clone();
     tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut ready = Some(ready_tx);
@@ -95,6 +124,8 @@ async fn nats_open(
                 } else if line == "PONG" {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
+                    } else if let Some(w) = waiters.lock().expect("pongs").pop_front() {
+                        let _ = w.send(());
                     }
                 }
             }
@@ -104,26 +135,11 @@ async fn nats_open(
             }
         }
     });
-    tokio::spawn(async move {
-        let mut batch = BytesMut::new();
-        while let Some(b) = out_rx.recv().await {
-            batch.extend_from_slice(&b);
-            while let Ok(b) = out_rx.try_recv() {
-                batch.extend_from_slice(&b);
-                if batch.len() > 256 << 10 {
-                    break;
-                }
-            }
-            if wr.write_all(&batch).await.is_err() {
-                return;
-            }
-            batch.clear();
-        }
-    });
+    spawn_batch_writer(wr, out_rx);
     ready_rx
         .await
         .map_err(|_| std::io::Error::other("nats closed before PONG"))?;
-    Ok((out, in_rx))
+    Ok((out, in_rx, pongs))
 }
 
 fn nats_pub(subject: &str, reply: Option<&str>, payload: &[u8]) -> Bytes {
@@ -142,12 +158,13 @@ fn nats_pub(subject: &str, reply: Option<&str>, payload: &[u8]) -> Bytes {
 /// A NATS core connection.
 pub struct Nats {
     out: mpsc::UnboundedSender<Bytes>,
+    pongs: Pongs,
 }
 
 impl Nats {
     /// Connects and subscribes to `subjects`; payloads arrive on the inbox.
     pub async fn connect(addr: &str, subjects: &[String]) -> std::io::Result<(Nats, Inbox)> {
-        let (out, mut msgs) = nats_open(addr, subjects).await?;
+        let (out, mut msgs, pongs) = nats_open(addr, subjects).await?;
         let (in_tx, in_rx) = mpsc::channel(4096);
         tokio::spawn(async move {
             while let Some((_, _, payload)) = msgs.recv().await {
@@ -156,13 +173,24 @@ impl Nats {
                 }
             }
         });
-        Ok((Nats { out }, in_rx))
+        Ok((Nats { out, pongs }, in_rx))
     }
 
-    pub fn publish(&self, subject: &str, payload: &[u8]) -> Result<(), String> {
-        self.out
-            .send(nats_pub(subject, None, payload))
-            .map_err(|_| "closed".to_owned())
+    /// Publishes, followed by a PING; the future resolves at its PONG, when
+    /// the server has processed the message. NATS core has no per-message
+    /// acknowledgement: this flush is how a NATS client bounds what it has
+    /// in flight, which keeps a closed-loop run from flooding the server.
+    pub fn publish(
+        &self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<impl std::future::Future<Output = Result<(), String>>, String> {
+        let mut b = BytesMut::from(&nats_pub(subject, None, payload)[..]);
+        b.extend_from_slice(b"PING\r\n");
+        let (tx, rx) = oneshot::channel();
+        self.pongs.lock().expect("pongs").push_back(tx);
+        self.out.send(b.freeze()).map_err(|_| "closed".to_owned())?;
+        Ok(async move { rx.await.map_err(|_| "closed".to_owned()) })
     }
 }
 
@@ -189,7 +217,7 @@ impl JetStream {
     ) -> std::io::Result<(JetStream, Inbox)> {
         let inbox = format!("_INBOX.{stream}.{me}");
         let deliver = format!("dlv.{stream}.{me}");
-        let (out, mut msgs) = nats_open(addr, &[format!("{inbox}.*"), deliver.clone()]).await?;
+        let (out, mut msgs, _) = nats_open(addr, &[format!("{inbox}.*"), deliver.clone()]).await?;
         let (in_tx, in_rx) = mpsc::channel(4096);
         let waiting: Arc<Mutex<std::collections::HashMap<u64, oneshot::Sender<Bytes>>>> =
             Arc::default();
@@ -365,7 +393,7 @@ impl Mqtt {
         }
         hello.extend_from_slice(&mqtt_packet(0x82, &sub));
         wr.write_all(&hello).await?;
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+        let (out, out_rx) = mpsc::unbounded_channel::<Bytes>();
         let (in_tx, in_rx) = mpsc::channel(4096);
         let waiting: Arc<Mutex<std::collections::HashMap<u16, oneshot::Sender<()>>>> =
             Arc::default();
@@ -425,22 +453,7 @@ impl Mqtt {
                 }
             }
         });
-        tokio::spawn(async move {
-            let mut batch = BytesMut::new();
-            while let Some(b) = out_rx.recv().await {
-                batch.extend_from_slice(&b);
-                while let Ok(b) = out_rx.try_recv() {
-                    batch.extend_from_slice(&b);
-                    if batch.len() > 256 << 10 {
-                        break;
-                    }
-                }
-                if wr.write_all(&batch).await.is_err() {
-                    return;
-                }
-                batch.clear();
-            }
-        });
+        spawn_batch_writer(wr, out_rx);
         ready_rx
             .await
             .map_err(|_| std::io::Error::other("mqtt closed before SUBACK"))?;

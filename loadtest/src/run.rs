@@ -113,6 +113,8 @@ struct Shared {
     sent: AtomicU64,
     acked: AtomicU64,
     delivered: AtomicU64,
+    /// Nanoseconds from the start to the latest delivery.
+    last_delivery_ns: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Per second: sent, acked, delivered; and end-to-end latencies.
     seconds: Mutex<Vec<SecondRow>>,
@@ -530,42 +532,20 @@ impl Endpoint {
                     ack.await.map(|_| ()).map_err(client_error)
                 }))
             }
-            Endpoint::Nats(c) => {
-                let subject = match dest {
+            peer => {
+                // Peers name destinations by subject, stream or topic.
+                let name = match dest {
                     Dest::User(u) => user_name(tag, u),
                     Dest::Group(g) => group_name(tag, g),
                     Dest::List(_) | Dest::Nobody => unreachable!("handled above"),
                 };
-                c.publish(&subject, &body)?;
-                Ok(Box::pin(async { Ok(()) }))
-            }
-            Endpoint::Js(c) => {
-                let subject = match dest {
-                    Dest::User(u) => user_name(tag, u),
-                    Dest::Group(g) => group_name(tag, g),
-                    Dest::List(_) | Dest::Nobody => unreachable!("handled above"),
-                };
-                let ack = c.publish(&subject, &body)?;
-                Ok(Box::pin(ack))
-            }
-            Endpoint::Mqtt(c) => {
-                let topic = match dest {
-                    Dest::User(u) => user_name(tag, u),
-                    Dest::Group(g) => group_name(tag, g),
-                    Dest::List(_) | Dest::Nobody => unreachable!("handled above"),
-                }
-                .replace('.', "/");
-                let ack = c.publish(&topic, &body)?;
-                Ok(Box::pin(ack))
-            }
-            Endpoint::Redis(c) => {
-                let stream = match dest {
-                    Dest::User(u) => user_name(tag, u),
-                    Dest::Group(g) => group_name(tag, g),
-                    Dest::List(_) | Dest::Nobody => unreachable!("handled above"),
-                };
-                let ack = c.xadd(&stream, me, &body)?;
-                Ok(Box::pin(ack))
+                Ok(match peer {
+                    Endpoint::Nats(c) => Box::pin(c.publish(&name, &body)?),
+                    Endpoint::Js(c) => Box::pin(c.publish(&name, &body)?),
+                    Endpoint::Mqtt(c) => Box::pin(c.publish(&name.replace('.', "/"), &body)?),
+                    Endpoint::Redis(c) => Box::pin(c.xadd(&name, me, &body)?),
+                    Endpoint::Courier(_) => unreachable!("matched above"),
+                })
             }
         }
     }
@@ -585,6 +565,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         sent: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        last_delivery_ns: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
         seconds: Mutex::new(Vec::new()),
     });
@@ -620,6 +601,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 record(&mut h, us);
                 checker.delivered(me, conv, n);
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
+                shared.last_delivery_ns.fetch_max(
+                    now.saturating_duration_since(shared.start).as_nanos() as u64,
+                    Ordering::Relaxed,
+                );
                 let t = tally.at(&shared, now);
                 t.delivered += 1;
                 record(&mut t.e2e, us);
@@ -831,7 +816,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         delivered: shared.delivered.load(Ordering::Relaxed),
         errors,
         acked_per_s: shared.acked.load(Ordering::Relaxed) as f64 / secs,
-        delivered_per_s: shared.delivered.load(Ordering::Relaxed) as f64 / secs,
+        // Over the time deliveries took, which may outlast the sending (a
+        // server that queues shows it here and in the latencies).
+        delivered_per_s: shared.delivered.load(Ordering::Relaxed) as f64
+            / (shared.last_delivery_ns.load(Ordering::Relaxed) as f64 / 1e9).max(secs),
         end_to_end: Percentiles::of(&e2e_h),
         send_to_ack: Percentiles::of(&ack_h),
         end_to_end_curve: percentile_curve(&e2e_h),
