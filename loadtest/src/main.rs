@@ -53,6 +53,10 @@ struct Args {
     /// Open loop: messages per second offered in total (omit for closed loop).
     #[arg(long)]
     rate: Option<f64>,
+    /// Open loop at half the acknowledged rate of this earlier (closed-loop)
+    /// JSON report: the "latency at half of peak" measurement.
+    #[arg(long, conflicts_with = "rate")]
+    half_of: Option<PathBuf>,
     /// Sends in flight per sender.
     #[arg(long, default_value_t = 16)]
     window: usize,
@@ -103,6 +107,15 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("{} is not a node secret", secret_path.display()))?
         }
     };
+    let rate = match &a.half_of {
+        Some(p) => {
+            let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let peak: courier_loadtest::Report = serde_json::from_slice(&text)
+                .with_context(|| format!("parsing {}", p.display()))?;
+            Some((peak.acked_per_s / 2.0).max(1.0).round())
+        }
+        None => a.rate,
+    };
     let report = run(Options {
         target: a.target,
         addr: a.addr,
@@ -112,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         first_user: a.first_user,
         duration: Duration::from_secs(a.duration),
         size: a.size,
-        rate: a.rate,
+        rate,
         window: a.window,
         group_size: a.group_size,
         progress: true,
