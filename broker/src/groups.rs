@@ -38,8 +38,6 @@ use crate::shard::{
 /// A group this shard owns, as cached after first touch.
 pub struct GroupCache {
     pub state: GroupState,
-    /// Highest group log sequence.
-    pub head: u64,
     /// Reference fan-outs not yet known complete, by group sequence.
     pub pending: BTreeMap<u64, Arc<Fanout>>,
     /// How far fan-out is recorded as complete (the `F` key).
@@ -75,12 +73,10 @@ impl Shard {
                 Some(v) => keys::be_u64(&v, 0).unwrap_or(0),
                 None => 0,
             };
-            let head = self.store.state(g)?.head_seq;
             self.groups.insert(
                 g,
                 GroupCache {
                     state,
-                    head,
                     pending: BTreeMap::new(),
                     fanned,
                 },
@@ -207,13 +203,7 @@ impl Shard {
                 return;
             }
         };
-        let log_from = match self.groups.get_mut(&g) {
-            Some(c) => {
-                c.head = c.head.max(p.seq);
-                c.state.log_from
-            }
-            None => NONE,
-        };
+        let log_from = self.groups.get(&g).map_or(NONE, |c| c.state.log_from);
         if p.seq >= log_from {
             cmd.reply.send(result);
             self.push_log(g, message, recipients);
@@ -246,6 +236,7 @@ impl Shard {
         let fanout = Fanout::new(parts.len(), FanoutAnswer::Group(reply, result));
         if let Some(c) = self.groups.get_mut(&g) {
             c.pending.insert(message.seq, fanout.clone());
+            self.fanning.insert(g);
         }
         if parts.is_empty() {
             fanout.answer();
@@ -261,9 +252,16 @@ impl Shard {
         }
     }
 
-    /// Records how far reference fan-out is complete, for recovery.
+    /// Records how far reference fan-out is complete, for recovery. Looks
+    /// only at groups with fan-outs not yet recorded (`fanning`), so a batch
+    /// costs nothing for the other groups this shard has touched.
     pub(crate) fn note_fanned(&mut self) {
-        for (g, c) in self.groups.iter_mut() {
+        let fanning: Vec<u64> = self.fanning.iter().copied().collect();
+        for g in fanning {
+            let Some(c) = self.groups.get_mut(&g) else {
+                self.fanning.remove(&g);
+                continue;
+            };
             while let Some(entry) = c.pending.first_entry() {
                 if entry.get().succeeded() {
                     entry.remove();
@@ -273,14 +271,25 @@ impl Shard {
             }
             let upto = match c.pending.first_key_value() {
                 Some((&seq, _)) => seq - 1,
-                None => c.head,
+                // Everything written is fanned out: every log entry gets its
+                // fan-out registered right after the write that stored it.
+                None => match self.store.state(g) {
+                    Ok(s) => s.head_seq,
+                    Err(e) => {
+                        warn!(shard = self.id, group = g, error = %e, "reading a group head failed");
+                        continue;
+                    }
+                },
             };
             if upto > c.fanned {
                 c.fanned = upto;
                 self.kv.push(KvOp::Put {
-                    key: keys::fanned(*g),
+                    key: keys::fanned(g),
                     value: upto.to_be_bytes().to_vec(),
                 });
+            }
+            if c.pending.is_empty() {
+                self.fanning.remove(&g);
             }
         }
     }
@@ -315,8 +324,12 @@ impl Shard {
         let Some(c) = self.group(g)? else {
             return Ok(());
         };
-        let end = c.head.min(c.state.log_from.saturating_sub(1));
         let state = c.state.clone();
+        let end = self
+            .store
+            .state(g)?
+            .head_seq
+            .min(state.log_from.saturating_sub(1));
         let mut after = fanned;
         let mut redone = 0usize;
         while after < end {
@@ -603,7 +616,6 @@ impl Shard {
             g,
             GroupCache {
                 state: state.clone(),
-                head: e,
                 pending,
                 fanned,
             },

@@ -501,6 +501,8 @@ pub(crate) struct Shard {
     id_counter: u64,
     /// Groups this shard owns that have been touched since start.
     pub(crate) groups: HashMap<u64, GroupCache>,
+    /// Groups with reference fan-outs whose completion is not yet recorded.
+    pub(crate) fanning: HashSet<u64>,
     /// Receipt cursors (delivered, read) of this shard's users, as emitted.
     pub(crate) receipt_cursors: HashMap<u64, (u64, u64)>,
     /// Group cursors (delivered, read) of this shard's users, by (group, user).
@@ -533,6 +535,7 @@ impl Shard {
             last_ts_ms: 0,
             id_counter: 0,
             groups: HashMap::new(),
+            fanning: HashSet::new(),
             receipt_cursors: HashMap::new(),
             group_cursors: HashMap::new(),
             kv: Vec::new(),
