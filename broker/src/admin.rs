@@ -92,6 +92,21 @@ fn render_metrics(node: &Node) -> String {
             "Failed storage appends.",
             &s.storage_errors,
         ),
+        (
+            "courier_group_messages_total",
+            "Group messages appended to group logs.",
+            &s.group_messages,
+        ),
+        (
+            "courier_group_references_total",
+            "References to group messages appended to member inboxes.",
+            &s.refs_stored,
+        ),
+        (
+            "courier_receipts_stored_total",
+            "Receipt messages appended to senders' inboxes.",
+            &s.receipts_stored,
+        ),
     ] {
         let _ = writeln!(
             out,
