@@ -341,19 +341,22 @@ impl Client {
         impl std::future::Future<Output = Result<SendAck, ClientError>> + 'static,
         ClientError,
     > {
-        let rx = self.start_request(Body::Send(Send {
-            client_msg_id,
-            destination,
-            kind,
-            payload,
-        }))?;
+        self.start_answered(
+            send_body(client_msg_id, destination, kind, payload),
+            send_ack,
+        )
+    }
+
+    /// Queues a request now; the future is its answer, picked by `pick`.
+    fn start_answered<T: 'static>(
+        self: &Arc<Self>,
+        body: Body,
+        pick: fn(Body) -> Result<T, ClientError>,
+    ) -> Result<impl std::future::Future<Output = Result<T, ClientError>> + 'static, ClientError>
+    {
+        let rx = self.start_request(body)?;
         let this = self.clone();
-        Ok(async move {
-            match this.answer(rx).await? {
-                Body::SendAck(a) => Ok(a),
-                other => Err(unexpected("send_ack", &other)),
-            }
-        })
+        Ok(async move { pick(this.answer(rx).await?) })
     }
 
     /// Sends raw bytes (for tests of malformed input).
@@ -381,16 +384,10 @@ impl Client {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<SendAck, ClientError> {
-        let body = Body::Send(Send {
-            client_msg_id,
-            destination,
-            kind,
-            payload,
-        });
-        match self.request(body).await? {
-            Body::SendAck(a) => Ok(a),
-            other => Err(unexpected("send_ack", &other)),
-        }
+        send_ack(
+            self.request(send_body(client_msg_id, destination, kind, payload))
+                .await?,
+        )
     }
 
     /// Sends many messages in one frame; one result per item, in order.
@@ -528,16 +525,15 @@ impl Client {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<BroadcastAck, ClientError> {
-        let body = Body::Send(Send {
-            client_msg_id,
-            destination: Destination::List(list),
-            kind,
-            payload,
-        });
-        match self.request(body).await? {
-            Body::BroadcastAck(a) => Ok(a),
-            other => Err(unexpected("broadcast_ack", &other)),
-        }
+        broadcast_ack(
+            self.request(send_body(
+                client_msg_id,
+                Destination::List(list),
+                kind,
+                payload,
+            ))
+            .await?,
+        )
     }
 
     /// Like [`Client::start_send`] for a broadcast list.
@@ -551,19 +547,10 @@ impl Client {
         impl std::future::Future<Output = Result<BroadcastAck, ClientError>> + 'static,
         ClientError,
     > {
-        let rx = self.start_request(Body::Send(Send {
-            client_msg_id,
-            destination: Destination::List(list),
-            kind,
-            payload,
-        }))?;
-        let this = self.clone();
-        Ok(async move {
-            match this.answer(rx).await? {
-                Body::BroadcastAck(a) => Ok(a),
-                other => Err(unexpected("broadcast_ack", &other)),
-            }
-        })
+        self.start_answered(
+            send_body(client_msg_id, Destination::List(list), kind, payload),
+            broadcast_ack,
+        )
     }
 
     /// Posts a status; answers with its id and expiry.
@@ -651,6 +638,34 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+fn send_body(
+    client_msg_id: u64,
+    destination: Destination,
+    kind: MessageKind,
+    payload: Bytes,
+) -> Body {
+    Body::Send(Send {
+        client_msg_id,
+        destination,
+        kind,
+        payload,
+    })
+}
+
+fn send_ack(body: Body) -> Result<SendAck, ClientError> {
+    match body {
+        Body::SendAck(a) => Ok(a),
+        other => Err(unexpected("send_ack", &other)),
+    }
+}
+
+fn broadcast_ack(body: Body) -> Result<BroadcastAck, ClientError> {
+    match body {
+        Body::BroadcastAck(a) => Ok(a),
+        other => Err(unexpected("broadcast_ack", &other)),
     }
 }
 
