@@ -796,3 +796,41 @@ async fn fan_out_state_survives_a_restart() {
         vec![2]
     );
 }
+
+/// A receipt, once the node has stored it, survives a SIGKILL like any
+/// message: the sender, offline during the crash, gets it after restart.
+#[tokio::test]
+async fn receipts_survive_a_crash() {
+    let mut server = Server::start(&[]);
+    let (alice, _) = server.client(1).await;
+    let (bob, _) = server.client(2).await;
+    let ack = alice
+        .send(Destination::User(2), MessageKind::Chat, chat("m"))
+        .await
+        .unwrap();
+    drop(alice);
+    let m = bob.recv_timeout(WAIT).await.unwrap();
+    bob.mark_read(m.seq).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "courier_receipts_stored_total").await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "receipt never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(bob);
+    server.kill();
+    server.restart();
+    let (alice, _) = server.resume(1, 0).await;
+    let r = receipt(&alice.recv_timeout(WAIT).await.unwrap());
+    assert_eq!(
+        (r.status, r.reader, r.messages),
+        (
+            ReceiptStatus::Read,
+            2,
+            vec![(ack.client_msg_id, ack.server_msg_id)]
+        )
+    );
+    nothing_more(&alice).await;
+}
