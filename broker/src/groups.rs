@@ -587,10 +587,8 @@ impl Shard {
         };
         let outcome = match self.store.append_with(&[append], &kv, crate::now_ms()) {
             Ok(o) => o,
-            Err(e) => {
-                self.groups.remove(&g);
-                return Err(storage(e));
-            }
+            // The cache still holds the state before the change: valid.
+            Err(e) => return Err(storage(e)),
         };
         match outcome.first() {
             Some(AppendOutcome::Stored(p)) if p.seq == e => {}
@@ -606,20 +604,19 @@ impl Shard {
                 return err(ErrorCode::INTERNAL, "storage error");
             }
         }
-        let fanned = self.groups.get(&g).map(|c| c.fanned).unwrap_or(0);
-        let pending = self
-            .groups
-            .remove(&g)
-            .map(|c| c.pending)
-            .unwrap_or_default();
-        self.groups.insert(
-            g,
-            GroupCache {
-                state: state.clone(),
-                pending,
-                fanned,
-            },
-        );
+        match self.groups.get_mut(&g) {
+            Some(c) => c.state = state.clone(),
+            None => {
+                self.groups.insert(
+                    g,
+                    GroupCache {
+                        state: state.clone(),
+                        pending: BTreeMap::new(),
+                        fanned: 0,
+                    },
+                );
+            }
+        }
         let message = Arc::new(Message {
             seq: e,
             server_msg_id: id,

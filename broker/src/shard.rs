@@ -761,8 +761,9 @@ impl Shard {
                 error!(shard = self.id, error = %e, count = appends.len(), "storage append failed; rejecting the batch");
                 self.stats.storage_errors.fetch_add(1, Ordering::Relaxed);
                 appends.clear();
-                // Cached group state may be ahead of the store: reload it.
-                self.groups.clear();
+                // Planning a send changes no cached group state (only a
+                // membership change does, after its own write succeeded), so
+                // the caches, and the fan-outs they track, stay valid.
                 for p in plan.drain(..) {
                     self.reject(p);
                 }
