@@ -294,26 +294,14 @@ impl Shard {
         }
     }
 
-    /// Completes reference fan-outs a crash interrupted: every group entry
+    /// Completes reference fan-outs a crash interrupted (`marks`: this
+    /// shard's groups and their `F` marks, read once for all shards by
+    /// [`fan_out_marks`]): every group entry
     /// after the recorded `F` mark (and before the group switched to the log
     /// strategy) is fanned out again; members' shards skip references they
     /// already have.
-    pub(crate) fn recover_fanouts(&mut self) {
-        let marks = match self.store.scan(&keys::fanned_prefix(), usize::MAX) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(shard = self.id, error = %e, "reading fan-out marks failed");
-                return;
-            }
-        };
-        let shards = self.peers.len();
-        for (k, v) in marks {
-            let (Some(g), Some(fanned)) = (keys::last_u64(&k), keys::be_u64(&v, 0)) else {
-                continue;
-            };
-            if shard_of(g, shards) != self.id as usize {
-                continue;
-            }
+    pub(crate) fn recover_fanouts(&mut self, marks: Vec<(u64, u64)>) {
+        for (g, fanned) in marks {
             if let Err(e) = self.recover_group(g, fanned) {
                 error!(shard = self.id, group = g, error = %e, "fan-out recovery failed");
             }
@@ -764,4 +752,19 @@ fn info(g: u64, head: u64, s: &GroupState) -> GroupInfo {
         strategy: s.strategy,
         members: s.members.iter().map(|m| (m.user, m.role)).collect(),
     }
+}
+
+/// Every group's fan-out mark, split by owning shard: one scan at start for
+/// all shards.
+pub(crate) fn fan_out_marks(
+    store: &dyn courier_storage::InboxStore,
+    shards: usize,
+) -> Result<Vec<Vec<(u64, u64)>>, StoreError> {
+    let mut out = vec![Vec::new(); shards];
+    for (k, v) in store.scan(&keys::fanned_prefix(), usize::MAX)? {
+        if let (Some(g), Some(fanned)) = (keys::last_u64(&k), keys::be_u64(&v, 0)) {
+            out[shard_of(g, shards)].push((g, fanned));
+        }
+    }
+    Ok(out)
 }

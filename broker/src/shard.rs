@@ -413,8 +413,14 @@ impl Shards {
             peer_receivers.push(prx);
         }
         let peers: Arc<[mpsc::UnboundedSender<ShardCmd>]> = peers.into();
+        let marks = crate::groups::fan_out_marks(&*store, count).map_err(std::io::Error::other)?;
         let mut threads = Vec::with_capacity(count);
-        for (id, (rx, prx)) in receivers.into_iter().zip(peer_receivers).enumerate() {
+        for (id, ((rx, prx), marks)) in receivers
+            .into_iter()
+            .zip(peer_receivers)
+            .zip(marks)
+            .enumerate()
+        {
             let mut shard = Shard::new(
                 id as u64,
                 rx,
@@ -431,7 +437,7 @@ impl Shards {
                         .enable_time()
                         .build()
                         .expect("shard runtime");
-                    rt.block_on(shard.run());
+                    rt.block_on(shard.run(marks));
                 })?;
             threads.push(thread);
         }
@@ -547,8 +553,10 @@ impl Shard {
         let _ = self.peers[shard_of(key, self.peers.len())].send(cmd);
     }
 
-    async fn run(&mut self) {
-        self.recover_fanouts();
+    /// `marks`: this shard's groups' fan-out marks, to complete interrupted
+    /// fan-outs before anything else.
+    async fn run(&mut self, marks: Vec<(u64, u64)>) {
+        self.recover_fanouts(marks);
         let mut cmds = Vec::with_capacity(self.batch_max);
         let mut last_trim = Instant::now();
         loop {
