@@ -26,6 +26,7 @@ use crate::{admin, auth, conn, Node};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let durability = config.durability()?;
+    raise_open_file_limit(config.limits.max_connections);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let key = auth::load_or_create_secret(&config.secret_path())?;
@@ -139,6 +140,43 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     println!("courier stopped");
     info!("stopped");
     Ok(())
+}
+
+/// Every connection is a file descriptor (and RocksDB keeps its files
+/// open): raise the soft open-file limit to the hard one, and warn when
+/// even that is below `max_connections`.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r = raised;
+            }
+        }
+    }
+    // RocksDB's files and the listeners need some of the descriptors.
+    let room = r.rlim_cur.saturating_sub(1024);
+    if (max_connections as u64) > room {
+        warn!(
+            open_files = r.rlim_cur,
+            max_connections,
+            "the open-file limit (RLIMIT_NOFILE) allows about {room} connections, fewer than \
+             limits.max_connections; raise it (LimitNOFILE= in systemd, --ulimit nofile= in Docker)"
+        );
+    } else {
+        info!(open_files = r.rlim_cur, "open-file limit");
+    }
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

@@ -5,10 +5,12 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use courier_broker::auth::load_or_create_secret;
+use courier_loadtest::server::ServerProcess;
 use courier_loadtest::{run, Options, Scenario, Target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,26 +19,27 @@ async fn one_to_one_and_group_runs_lose_nothing() {
     let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
     // (scenario, group or list size, offered messages/s): bounded work.
     for (i, (scenario, group_size, rate)) in [
-        (Scenario::OneToOne, 0, 2000.0),
+        (Scenario::OneToOne, 2, 2000.0),
         (Scenario::Group, 5, 1000.0),
         (Scenario::Broadcast, 9, 200.0),
+        (Scenario::Mixed, 0, 1000.0),
     ]
     .into_iter()
     .enumerate()
     {
         let report = run(Options {
-            target: Target::Courier,
-            addr: server.addr.clone(),
-            key: key.clone(),
             scenario,
             users: 20,
             first_user: 10_000 * (i as u64 + 1),
             duration: Duration::from_secs(2),
-            size: 100,
             rate: Some(rate),
-            window: 16,
-            group_size,
-            progress: false,
+            // Mixed: groups of 3 and 8 (two of 3 for each of 8).
+            group_sizes: if scenario == Scenario::Mixed {
+                vec![(3, 2), (8, 1)]
+            } else {
+                vec![(group_size, 1)]
+            },
+            ..Options::new(Target::Courier, server.addr.clone(), key.clone())
         })
         .await
         .unwrap();
@@ -51,4 +54,113 @@ async fn one_to_one_and_group_runs_lose_nothing() {
             "nothing extra, nothing missing"
         );
     }
+}
+
+/// Clients that drop their sessions every ~0.3 s, retry what was not
+/// acknowledged and resume after what they saw: nothing lost, nothing
+/// twice, nothing out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_loses_nothing() {
+    let server = Server::start(&[]);
+    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
+    let report = run(Options {
+        scenario: Scenario::Reconnect,
+        users: 20,
+        first_user: 50_000,
+        duration: Duration::from_secs(3),
+        rate: Some(1000.0),
+        reconnect_every: Duration::from_millis(300),
+        ..Options::new(Target::Courier, server.addr.clone(), key)
+    })
+    .await
+    .unwrap();
+    println!("{}", report.summary());
+    let v = &report.verdict;
+    assert!(v.ok(), "{}", report.summary());
+    assert!(report.reconnects >= 40, "{}", report.summary());
+    assert!(report.acked > 1000, "{}", report.summary());
+    assert_eq!(v.deliveries, v.expected_deliveries, "{}", report.summary());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+/// `--chaos-kill`: the generator SIGKILLs the real server every second
+/// and restarts it; clients reconnect, retry and resume, and every
+/// acknowledged message (one-to-one and group) still arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = load_or_create_secret(&dir.path().join("secret.key")).unwrap();
+    for (i, (scenario, sizes)) in [
+        (Scenario::OneToOne, vec![(2, 1)]),
+        (Scenario::Group, vec![(5, 1)]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let command = vec![
+            env!("CARGO_BIN_EXE_courier").to_string(),
+            "serve".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--admin-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+        ];
+        let a = addr.clone();
+        let server = tokio::task::spawn_blocking(move || ServerProcess::start(command, &a))
+            .await
+            .unwrap()
+            .unwrap();
+        let report = run(Options {
+            scenario,
+            users: 10,
+            first_user: 60_000 + 1_000 * i as u64,
+            duration: Duration::from_secs(4),
+            rate: Some(500.0),
+            group_sizes: sizes,
+            chaos_kill: Some(Duration::from_millis(1200)),
+            server: Some(Arc::new(server)),
+            ..Options::new(Target::Courier, addr, key.clone())
+        })
+        .await
+        .unwrap();
+        println!("{}", report.summary());
+        let v = &report.verdict;
+        assert!(v.ok(), "{}", report.summary());
+        assert!(report.kills >= 2, "{}", report.summary());
+        assert!(report.reconnects >= 10, "{}", report.summary());
+        assert!(report.acked > 200, "{}", report.summary());
+        assert_eq!(v.deliveries, v.expected_deliveries, "{}", report.summary());
+    }
+}
+
+/// Idle sessions over two loopback source addresses: all open, all still
+/// answer after the hold, and the server's memory per connection is
+/// measured (the figure itself is for docs/BENCHMARKS.md, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_held_and_measured() {
+    let server = Server::start(&[]);
+    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
+    let pid = server.child.id();
+    let report = run(Options {
+        scenario: Scenario::Idle,
+        users: 2_000,
+        first_user: 70_000,
+        duration: Duration::from_secs(2),
+        server: Some(Arc::new(ServerProcess::existing(pid, &server.addr))),
+        source_addrs: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+        ..Options::new(Target::Courier, server.addr.clone(), key)
+    })
+    .await
+    .unwrap();
+    println!("{}", report.summary());
+    let idle = report.idle.as_ref().unwrap();
+    assert_eq!(idle.connections, 2_000, "{}", report.summary());
+    assert_eq!(idle.alive_at_end, 2_000, "{}", report.summary());
+    assert!(idle.server_rss_after.is_some() && idle.server_bytes_per_connection.is_some());
 }

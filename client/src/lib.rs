@@ -21,6 +21,7 @@
 //! session to catch-up: nothing is lost, nothing else slows down.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +30,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use courier_protocol::*;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 /// Deliveries buffered in the client before it stops reading the socket.
@@ -65,6 +66,10 @@ pub struct ClientConfig {
     pub resume_after: Option<u64>,
     pub max_frame_len: u32,
     pub connect_timeout: Duration,
+    /// Connect from this local address (a load generator spreads many
+    /// connections over several loopback addresses: each source address
+    /// has its own range of ephemeral ports).
+    pub local_addr: Option<IpAddr>,
 }
 
 impl ClientConfig {
@@ -82,6 +87,7 @@ impl ClientConfig {
             resume_after: None,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
+            local_addr: None,
         }
     }
 }
@@ -111,7 +117,7 @@ pub struct Client {
 impl Client {
     /// Connects, says hello and waits for the welcome.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Welcome), ClientError> {
-        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(&config.addr))
+        let stream = tokio::time::timeout(config.connect_timeout, open(&config))
             .await
             .map_err(|_| ClientError::Timeout)??;
         stream.set_nodelay(true)?;
@@ -127,7 +133,9 @@ impl Client {
             }),
         );
         wr.write_all(&encode_to_bytes(&hello)).await?;
-        let mut buf = BytesMut::with_capacity(64 << 10);
+        // Small at first (idle sessions stay small); read_frame grows it
+        // for a busy one.
+        let mut buf = BytesMut::with_capacity(4096);
         let first = tokio::time::timeout(
             config.connect_timeout,
             read_frame(&mut rd, &mut buf, config.max_frame_len),
@@ -673,6 +681,31 @@ fn unexpected(expected: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected {expected}, got {}", got.name()))
 }
 
+/// Opens the TCP connection, from `local_addr` when one is set.
+async fn open(config: &ClientConfig) -> std::io::Result<TcpStream> {
+    let Some(local) = config.local_addr else {
+        return TcpStream::connect(&config.addr).await;
+    };
+    let mut last = None;
+    for remote in tokio::net::lookup_host(&config.addr).await? {
+        let socket = match remote {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(remote).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolved to nothing",
+        )
+    }))
+}
+
 async fn read_frame(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     buf: &mut BytesMut,
@@ -687,8 +720,10 @@ async fn read_frame(
             Ok(None) => {}
             Err(e) => return Err(ClientError::Protocol(e.to_string())),
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 << 10);
+        if buf.capacity() - buf.len() < 1024 {
+            // Doubling up to 64 KiB: a busy session reads in large chunks,
+            // an idle one keeps a few KiB.
+            buf.reserve(buf.capacity().clamp(4096, 64 << 10));
         }
         if rd.read_buf(buf).await? == 0 {
             return Ok(None);

@@ -10,13 +10,22 @@
 //! - [`table`]: the side-by-side Markdown table of several runs;
 //! - [`svg`]: the run's report as a self-contained SVG;
 //! - [`relay`]: a storage-free relay speaking the protocol (the machine's
-//!   ceiling, and with faults the checker's test double).
+//!   ceiling, and with faults the checker's test double);
+//! - `session`: a user that reconnects, retries and resumes (the
+//!   reconnect scenario and `--chaos-kill`);
+//! - [`idle`]: the idle-connections scenario;
+//! - [`server`]: the server under test as a process (memory, chaos kills);
+//! - [`fds`]: open-file limits and loopback source addresses.
 
 pub mod checker;
+pub mod fds;
+pub mod idle;
 pub mod latency;
 pub mod peers;
 pub mod relay;
 pub mod run;
+pub mod server;
+mod session;
 pub mod svg;
 pub mod table;
 

@@ -3,12 +3,16 @@
 //! if any acknowledged message was lost, duplicated or reordered.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use courier_loadtest::server::ServerProcess;
 use courier_loadtest::{run, Options, Scenario, Target};
 use courier_protocol::token::TokenKey;
+
+type GroupSizes = Vec<(usize, u32)>;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,8 +42,10 @@ struct Args {
     /// The node's secret file, instead of `--data-dir`.
     #[arg(long)]
     secret_file: Option<PathBuf>,
-    /// Simulated users, one connection each.
-    #[arg(long, default_value_t = 100)]
+    /// Simulated users, one connection each (the idle scenario's
+    /// connections; 100,000 and more are spread over loopback source
+    /// addresses automatically).
+    #[arg(long, visible_alias = "connections", default_value_t = 100)]
     users: u64,
     /// The first user id; runs with different ranges do not see each other.
     #[arg(long, default_value_t = 1_000_000)]
@@ -60,9 +66,31 @@ struct Args {
     /// Sends in flight per sender.
     #[arg(long, default_value_t = 16)]
     window: usize,
-    /// Members per group (group scenario).
-    #[arg(long, default_value_t = 50)]
-    group_size: usize,
+    /// Group sizes: `50`, or sizes with weights such as `8x7,50x2,1024x1`
+    /// (seven groups of 8 for every two of 50 and one of 1,024). The
+    /// broadcast scenario's list size is the first size.
+    #[arg(long, default_value = "50", value_parser = courier_loadtest::run::parse_group_sizes)]
+    group_size: GroupSizes,
+    /// Reconnect scenario: seconds a session lives on average (jittered ±50%).
+    #[arg(long, default_value_t = 2.0)]
+    reconnect_every: f64,
+    /// Kill the server with SIGKILL every this many seconds while sending,
+    /// restart it, and still require zero loss (needs --server-cmd).
+    #[arg(long, requires = "server_cmd")]
+    chaos_kill: Option<f64>,
+    /// Start the server under test with this command (program and
+    /// arguments, split on spaces; no shell) and stop it at the end. Its
+    /// memory is sampled, and --chaos-kill restarts it.
+    #[arg(long, conflicts_with = "server_pid")]
+    server_cmd: Option<String>,
+    /// The pid of a running server under test, to sample its memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Local addresses to connect from, comma separated (default: one
+    /// address, or 127.0.0.1, 127.0.0.2, ... for more than 20,000
+    /// connections to a loopback server).
+    #[arg(long, value_delimiter = ',')]
+    source_addrs: Vec<std::net::IpAddr>,
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -91,6 +119,18 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("relay listening on {local}");
         std::future::pending::<()>().await;
     }
+    // A server started here first: it creates the secret the tokens need.
+    let server = match (&a.server_cmd, a.server_pid) {
+        (Some(cmd), _) => {
+            let words = cmd.split_whitespace().map(String::from).collect();
+            let addr = a.addr.clone();
+            let s =
+                tokio::task::spawn_blocking(move || ServerProcess::start(words, &addr)).await??;
+            Some(Arc::new(s))
+        }
+        (None, Some(pid)) => Some(Arc::new(ServerProcess::existing(pid, &a.addr))),
+        (None, None) => None,
+    };
     let key = match a.target {
         // Only Courier checks tokens; for the others any key will do.
         Target::Relay | Target::Nats | Target::Jetstream | Target::Redis | Target::Mqtt => {
@@ -116,10 +156,12 @@ async fn main() -> anyhow::Result<()> {
         }
         None => a.rate,
     };
+    let source_addrs = if a.source_addrs.is_empty() {
+        courier_loadtest::fds::auto_sources(&a.addr, a.users)
+    } else {
+        a.source_addrs
+    };
     let report = run(Options {
-        target: a.target,
-        addr: a.addr,
-        key,
         scenario: a.scenario,
         users: a.users,
         first_user: a.first_user,
@@ -127,8 +169,13 @@ async fn main() -> anyhow::Result<()> {
         size: a.size,
         rate,
         window: a.window,
-        group_size: a.group_size,
+        group_sizes: a.group_size,
+        reconnect_every: Duration::from_secs_f64(a.reconnect_every),
+        chaos_kill: a.chaos_kill.map(Duration::from_secs_f64),
+        server,
+        source_addrs,
         progress: true,
+        ..Options::new(a.target, a.addr, key)
     })
     .await?;
     print!("{}", report.summary());

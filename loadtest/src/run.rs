@@ -10,7 +10,7 @@
 //! run (`window`) each sender keeps that many sends in flight.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use courier_protocol::token::{Claims, TokenKey};
 use courier_protocol::{Destination, MessageKind};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::checker::{Checker, Verdict};
@@ -40,6 +41,17 @@ pub enum Scenario {
     /// business sends to a broadcast list of its customers, one in ten of
     /// whom has not consented (no contact) and must be skipped.
     Broadcast,
+    /// One-to-one pairs whose connections drop and resume all the time
+    /// (each session lives `reconnect_every`, jittered ±50%): unacknowledged
+    /// sends are retried with their ids, deliveries resume after the last
+    /// one seen. Courier only.
+    Reconnect,
+    /// Connections that only hold their session (keepalives, no messages):
+    /// what an idle connection costs. Courier only.
+    Idle,
+    /// A messenger's shape: everyone chats with a partner (7 sends in 10)
+    /// and in one group sized by `group_sizes` (3 in 10).
+    Mixed,
 }
 
 /// What the generator measures.
@@ -78,9 +90,81 @@ pub struct Options {
     /// Sends in flight per sender (the whole window in closed loop; the
     /// bound on queued sends in open loop).
     pub window: usize,
-    pub group_size: usize,
+    /// Group sizes and their weights: groups are carved from the users in
+    /// this proportion (for broadcast: the first size is the list size).
+    pub group_sizes: Vec<(usize, u32)>,
+    /// Reconnect scenario: how long a session lives on average.
+    pub reconnect_every: Duration,
+    /// Kill the server with SIGKILL this often and restart it (needs
+    /// `server` to be one this generator started); clients reconnect,
+    /// retry and resume, and the checker must still find nothing lost.
+    pub chaos_kill: Option<Duration>,
+    /// The server process, when known: its memory is sampled, and chaos
+    /// kills restart it.
+    pub server: Option<Arc<crate::server::ServerProcess>>,
+    /// Local addresses connections are spread over (empty: the kernel's choice).
+    pub source_addrs: Vec<std::net::IpAddr>,
     /// Print a progress line every second.
     pub progress: bool,
+}
+
+impl Options {
+    /// The defaults of the command line, for a target at `addr`.
+    pub fn new(target: Target, addr: impl Into<String>, key: TokenKey) -> Options {
+        Options {
+            target,
+            addr: addr.into(),
+            key,
+            scenario: Scenario::OneToOne,
+            users: 100,
+            first_user: 1_000_000,
+            duration: Duration::from_secs(10),
+            size: 100,
+            rate: None,
+            window: 16,
+            group_sizes: vec![(50, 1)],
+            reconnect_every: Duration::from_secs(2),
+            chaos_kill: None,
+            server: None,
+            source_addrs: Vec::new(),
+            progress: false,
+        }
+    }
+
+    /// Whether users run as one resilient task each (reconnecting,
+    /// retrying, resuming) rather than as a sender and a receiver.
+    fn resilient(&self) -> bool {
+        self.scenario == Scenario::Reconnect || self.chaos_kill.is_some()
+    }
+
+    /// The local address of connection `i`.
+    pub(crate) fn source(&self, i: u64) -> Option<std::net::IpAddr> {
+        (!self.source_addrs.is_empty())
+            .then(|| self.source_addrs[i as usize % self.source_addrs.len()])
+    }
+}
+
+/// Parses `50` or `8x7,50x2,1024x1` (size x weight, ...).
+pub fn parse_group_sizes(s: &str) -> Result<Vec<(usize, u32)>, String> {
+    s.split(',')
+        .map(|part| {
+            let (size, weight) = part.split_once('x').unwrap_or((part, "1"));
+            let size: usize = size
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad group size {part:?}"))?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad weight {part:?}"))?;
+            if size < 2 || weight == 0 {
+                return Err(format!(
+                    "{part:?}: a group has at least 2 members and a weight of at least 1"
+                ));
+            }
+            Ok((size, weight))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,22 +186,41 @@ pub struct Report {
     pub end_to_end_curve: Vec<(f64, u64)>,
     pub timeline: Vec<Second>,
     pub verdict: Verdict,
+    /// Sessions re-established (reconnect scenario, chaos kills).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Deliveries seen again after a resume and dropped by sequence, as a
+    /// client does (not duplicates: the same stored message twice).
+    #[serde(default)]
+    pub redelivered: u64,
+    /// Times the server was killed and restarted.
+    #[serde(default)]
+    pub kills: u64,
+    /// The idle scenario's figures.
+    #[serde(default)]
+    pub idle: Option<crate::idle::IdleReport>,
 }
 
 /// One second of the timeline: sent, acked, delivered, end-to-end latencies.
 type SecondRow = (u64, u64, u64, Histogram<u64>);
 
-struct Shared {
-    start: Instant,
-    stop: AtomicBool,
-    sent: AtomicU64,
-    acked: AtomicU64,
-    delivered: AtomicU64,
+pub(crate) struct Shared {
+    pub start: Instant,
+    pub stop: AtomicBool,
+    /// Senders still sending (or waiting for their last acks).
+    pub sending_left: AtomicUsize,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Deliveries the acknowledged messages call for.
+    pub expected: AtomicU64,
+    pub delivered: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub redelivered: AtomicU64,
     /// Nanoseconds from the start to the latest delivery.
-    last_delivery_ns: AtomicU64,
-    errors: Mutex<BTreeMap<String, u64>>,
+    pub last_delivery_ns: AtomicU64,
+    pub errors: Mutex<BTreeMap<String, u64>>,
     /// Per second: sent, acked, delivered; and end-to-end latencies.
-    seconds: Mutex<Vec<SecondRow>>,
+    pub seconds: Mutex<Vec<SecondRow>>,
 }
 
 impl Shared {
@@ -133,14 +236,73 @@ impl Shared {
         f(&mut s[i]);
     }
 
-    fn error(&self, name: String) {
+    pub(crate) fn error(&self, name: String) {
         *self.errors.lock().expect("errors").entry(name).or_default() += 1;
+    }
+
+    pub(crate) fn since_start(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
+    pub(crate) fn sent(&self, tally: &mut Tally) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        tally.at(self, Instant::now()).sent += 1;
+    }
+
+    /// Message `n` of `conversation`, meant to go at `intended`, is
+    /// acknowledged; `recipients` must each get it.
+    pub(crate) fn acked(
+        &self,
+        (conversation, n, recipients): (u64, u64, &[u64]),
+        intended: Instant,
+        h: &mut Histogram<u64>,
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) {
+        let now = Instant::now();
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.expected
+            .fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        tally.at(self, now).acked += 1;
+        record(
+            h,
+            now.saturating_duration_since(intended).as_micros() as u64,
+        );
+        checker.acked(conversation, n, recipients);
+    }
+
+    /// `me` received `payload` (anything not a generator message is skipped).
+    pub(crate) fn delivery(
+        &self,
+        me: u64,
+        payload: &[u8],
+        h: &mut Histogram<u64>,
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) {
+        let now = Instant::now();
+        let Some((conv, n, intended_ns)) = parse(payload) else {
+            return; // group events and anything not from this run
+        };
+        if sender_of(conv) == me {
+            return; // a peer echoing a member's own group message
+        }
+        let intended = self.start + Duration::from_nanos(intended_ns);
+        let us = now.saturating_duration_since(intended).as_micros() as u64;
+        record(h, us);
+        checker.delivered(me, conv, n);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_delivery_ns
+            .fetch_max(self.since_start(now), Ordering::Relaxed);
+        let t = tally.at(self, now);
+        t.delivered += 1;
+        record(&mut t.e2e, us);
     }
 }
 
 /// One task's counts for the current second, added to the shared timeline
 /// when the second changes: one lock per task per second, not per message.
-struct Tally {
+pub(crate) struct Tally {
     second: usize,
     sent: u64,
     acked: u64,
@@ -149,7 +311,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn new() -> Tally {
+    pub(crate) fn new() -> Tally {
         Tally {
             second: 0,
             sent: 0,
@@ -169,7 +331,7 @@ impl Tally {
         self
     }
 
-    fn flush(&mut self, shared: &Shared) {
+    pub(crate) fn flush(&mut self, shared: &Shared) {
         if self.sent + self.acked + self.delivered == 0 {
             return;
         }
@@ -186,7 +348,7 @@ impl Tally {
     }
 }
 
-fn payload(conversation: u64, n: u64, intended_ns: u64, size: usize) -> Bytes {
+pub(crate) fn payload(conversation: u64, n: u64, intended_ns: u64, size: usize) -> Bytes {
     let mut b = BytesMut::with_capacity(size.max(HEADER_LEN));
     b.put_u32(MAGIC);
     b.put_u64(conversation);
@@ -205,7 +367,7 @@ pub fn parse(p: &[u8]) -> Option<(u64, u64, u64)> {
     Some((at(4), at(12), at(20)))
 }
 
-fn client_error(e: ClientError) -> String {
+pub(crate) fn client_error(e: ClientError) -> String {
     match e {
         ClientError::Rejected(code, _) => format!("{code:?}"),
         ClientError::Closed(_) => "closed".into(),
@@ -215,75 +377,175 @@ fn client_error(e: ClientError) -> String {
 }
 
 /// Where one user sends: a user, a group or a broadcast list (indexes into
-/// the plan's groups and lists), or nowhere (a broadcast's customers).
+/// the plan's groups and lists).
 #[derive(Clone, Copy)]
-enum Dest {
+pub(crate) enum Dest {
     User(u64),
     Group(usize),
     List(usize),
-    Nobody,
 }
 
-/// Who sends where: per user (destination, recipients); the groups'
-/// members; the lists' (business, every customer, consenting customers).
-struct Plan {
-    targets: Vec<(Dest, Vec<u64>)>,
-    groups: Vec<Vec<u64>>,
-    lists: Vec<(u64, Vec<u64>, Vec<u64>)>,
+/// One of a user's destinations: who receives it, how often it is chosen.
+#[derive(Clone)]
+pub(crate) struct Route {
+    pub dest: Dest,
+    pub recipients: Vec<u64>,
+    pub weight: u32,
+}
+
+/// Who sends where: per user, its routes (none: it only receives); the
+/// groups' members; the lists' (business, every customer, consenting).
+pub(crate) struct Plan {
+    pub routes: Vec<Vec<Route>>,
+    pub groups: Vec<Vec<u64>>,
+    pub lists: Vec<(u64, Vec<u64>, Vec<u64>)>,
 }
 
 /// What the senders need to name destinations on the target.
-struct Routes {
-    group_ids: Vec<u64>,
+pub(crate) struct Routes {
+    pub group_ids: Vec<u64>,
     /// Consenting recipients per list (peers have no lists: the sender
     /// writes to each, as an application on them would).
-    lists: Vec<Vec<u64>>,
-    tag: u64,
+    pub lists: Vec<Vec<u64>>,
+    pub tag: u64,
 }
 
-fn plan(opts: &Options) -> anyhow::Result<Plan> {
-    let users: Vec<u64> = (0..opts.users).map(|i| opts.first_user + i).collect();
-    match opts.scenario {
-        Scenario::OneToOne => {
-            anyhow::ensure!(
-                opts.users >= 2 && opts.users.is_multiple_of(2),
-                "one-to-one needs an even number of users"
-            );
-            Ok(Plan {
-                targets: (0..users.len())
-                    .map(|i| (Dest::User(users[i ^ 1]), vec![users[i ^ 1]]))
-                    .collect(),
-                groups: Vec::new(),
-                lists: Vec::new(),
-            })
+/// User ids fit in the low 48 bits; a conversation is a user's route:
+/// `user | route << 48` (a sender's messages to its partner and to its
+/// group are two conversations, each ordered on its own).
+const USER_BITS: u32 = 48;
+
+pub(crate) fn conversation(user: u64, route: usize) -> u64 {
+    user | (route as u64) << USER_BITS
+}
+
+pub(crate) fn sender_of(conversation: u64) -> u64 {
+    conversation & ((1 << USER_BITS) - 1)
+}
+
+/// The client message id of message `n` on `route` in the run `tag`:
+/// unique per sender across routes, and across runs that reuse user ids.
+pub(crate) fn client_msg_id(tag: u64, route: usize, n: u64) -> u64 {
+    (tag & 0xFFFF) << 48 | (route as u64 & 0xFF) << 40 | n
+}
+
+/// Picks a route by weight.
+pub(crate) fn pick(routes: &[Route], rng: &mut impl rand::Rng) -> usize {
+    if routes.len() == 1 {
+        return 0;
+    }
+    let total: u32 = routes.iter().map(|r| r.weight).sum();
+    let mut x = rng.gen_range(0..total);
+    for (i, r) in routes.iter().enumerate() {
+        if x < r.weight {
+            return i;
         }
-        Scenario::Group => {
-            let k = opts.group_size.max(2);
-            anyhow::ensure!(
-                opts.users as usize >= k,
-                "group needs at least group_size users"
+        x -= r.weight;
+    }
+    routes.len() - 1
+}
+
+/// Cuts `users` into groups whose sizes follow `sizes` (size, weight) in
+/// a repeating pattern; a remainder too small for a group joins the last.
+fn carve(users: &[u64], sizes: &[(usize, u32)]) -> Vec<Vec<u64>> {
+    let pattern: Vec<usize> = sizes
+        .iter()
+        .flat_map(|&(size, w)| std::iter::repeat_n(size.max(2), w as usize))
+        .collect();
+    let mut groups: Vec<Vec<u64>> = Vec::new();
+    let mut rest = users;
+    let mut i = 0;
+    while rest.len() >= 2 {
+        let k = pattern[i % pattern.len()].min(rest.len());
+        groups.push(rest[..k].to_vec());
+        rest = &rest[k..];
+        i += 1;
+    }
+    if let (Some(last), false) = (groups.last_mut(), rest.is_empty()) {
+        last.extend_from_slice(rest);
+    }
+    groups
+}
+
+fn group_routes(groups: &[Vec<u64>], weight: u32) -> std::collections::HashMap<u64, Route> {
+    let mut by_user = std::collections::HashMap::new();
+    for (gi, members) in groups.iter().enumerate() {
+        for &u in members {
+            let others = members.iter().copied().filter(|&m| m != u).collect();
+            by_user.insert(
+                u,
+                Route {
+                    dest: Dest::Group(gi),
+                    recipients: others,
+                    weight,
+                },
             );
-            let groups: Vec<Vec<u64>> = users.chunks(k).map(|c| c.to_vec()).collect();
-            let mut targets = Vec::with_capacity(users.len());
-            for (gi, members) in groups.iter().enumerate() {
-                for &u in members {
-                    let others = members.iter().copied().filter(|&m| m != u).collect();
-                    targets.push((Dest::Group(gi), others));
-                }
-            }
+        }
+    }
+    by_user
+}
+
+pub(crate) fn plan(opts: &Options) -> anyhow::Result<Plan> {
+    let users: Vec<u64> = (0..opts.users).map(|i| opts.first_user + i).collect();
+    anyhow::ensure!(
+        opts.first_user + opts.users < 1 << USER_BITS,
+        "user ids must stay below 2^48"
+    );
+    anyhow::ensure!(!opts.group_sizes.is_empty(), "no group sizes given");
+    let pairs = || -> anyhow::Result<Vec<Route>> {
+        anyhow::ensure!(
+            opts.users >= 2 && opts.users.is_multiple_of(2),
+            "{:?} needs an even number of users",
+            opts.scenario
+        );
+        Ok((0..users.len())
+            .map(|i| Route {
+                dest: Dest::User(users[i ^ 1]),
+                recipients: vec![users[i ^ 1]],
+                weight: 7,
+            })
+            .collect())
+    };
+    match opts.scenario {
+        Scenario::OneToOne | Scenario::Reconnect => Ok(Plan {
+            routes: pairs()?.into_iter().map(|r| vec![r]).collect(),
+            groups: Vec::new(),
+            lists: Vec::new(),
+        }),
+        Scenario::Idle => Ok(Plan {
+            routes: vec![Vec::new(); users.len()],
+            groups: Vec::new(),
+            lists: Vec::new(),
+        }),
+        Scenario::Group | Scenario::Mixed => {
+            anyhow::ensure!(users.len() >= 2, "groups need at least 2 users");
+            let groups = carve(&users, &opts.group_sizes);
+            let mut in_group = group_routes(&groups, 3);
+            let routes = if opts.scenario == Scenario::Group {
+                users
+                    .iter()
+                    .map(|u| in_group.remove(u).into_iter().collect())
+                    .collect()
+            } else {
+                pairs()?
+                    .into_iter()
+                    .zip(&users)
+                    .map(|(pair, u)| std::iter::once(pair).chain(in_group.remove(u)).collect())
+                    .collect()
+            };
             Ok(Plan {
-                targets,
+                routes,
                 groups,
                 lists: Vec::new(),
             })
         }
         Scenario::Broadcast => {
-            let k = opts.group_size.max(1) + 1;
+            let k = opts.group_sizes[0].0.max(1) + 1;
             anyhow::ensure!(
                 opts.users as usize >= k,
-                "broadcast needs at least group_size + 1 users"
+                "broadcast needs at least list size + 1 users"
             );
-            let mut targets = Vec::with_capacity(users.len());
+            let mut routes = Vec::with_capacity(users.len());
             let mut lists = Vec::new();
             for block in users.chunks(k) {
                 let business = block[0];
@@ -294,12 +556,16 @@ fn plan(opts: &Options) -> anyhow::Result<Plan> {
                     .filter(|(i, _)| i % 10 != 9)
                     .map(|(_, &c)| c)
                     .collect();
-                targets.push((Dest::List(lists.len()), consenting.clone()));
-                targets.extend(customers.iter().map(|_| (Dest::Nobody, Vec::new())));
+                routes.push(vec![Route {
+                    dest: Dest::List(lists.len()),
+                    recipients: consenting.clone(),
+                    weight: 1,
+                }]);
+                routes.extend(customers.iter().map(|_| Vec::new()));
                 lists.push((business, customers, consenting));
             }
             Ok(Plan {
-                targets,
+                routes,
                 groups: Vec::new(),
                 lists,
             })
@@ -389,6 +655,7 @@ async fn connect_all(
                 let mut config = ClientConfig::new(opts.addr.clone(), u, 1, token);
                 // Start after everything already in the inbox: earlier runs are not ours.
                 config.resume_after = Some(u64::MAX);
+                config.local_addr = opts.source(i);
                 let (client, _) = Client::connect(config).await?;
                 let client = Arc::new(client);
                 sources.push(Source::Courier(client.clone(), 0));
@@ -485,11 +752,12 @@ async fn connect_all(
 }
 
 impl Endpoint {
-    /// Queues message `n` now (in order) and returns the wait for its ack.
+    /// Queues the message with client id `id` now (in order) and returns
+    /// the wait for its ack.
     fn start_send(
         &self,
         me: u64,
-        n: u64,
+        id: u64,
         dest: Dest,
         routes: &Routes,
         body: Bytes,
@@ -500,7 +768,7 @@ impl Endpoint {
         if let (Dest::List(l), false) = (dest, matches!(self, Endpoint::Courier(_))) {
             let mut acks = Vec::with_capacity(routes.lists[l].len());
             for &r in &routes.lists[l] {
-                acks.push(self.start_send(me, n, Dest::User(r), routes, body.clone())?);
+                acks.push(self.start_send(me, id, Dest::User(r), routes, body.clone())?);
             }
             return Ok(Box::pin(async move {
                 for a in acks {
@@ -510,34 +778,15 @@ impl Endpoint {
             }));
         }
         match self {
-            Endpoint::Courier(c) => {
-                let d = match dest {
-                    Dest::User(u) => Destination::User(u),
-                    Dest::Group(g) => Destination::Group(routes.group_ids[g]),
-                    Dest::List(_) => Destination::List(1),
-                    Dest::Nobody => unreachable!("nobody sends"),
-                };
-                if let Destination::List(list) = d {
-                    let ack = c
-                        .start_broadcast(n, list, MessageKind::Chat, body)
-                        .map_err(client_error)?;
-                    return Ok(Box::pin(async move {
-                        ack.await.map(|_| ()).map_err(client_error)
-                    }));
-                }
-                let ack = c
-                    .start_send(n, d, MessageKind::Chat, body)
-                    .map_err(client_error)?;
-                Ok(Box::pin(async move {
-                    ack.await.map(|_| ()).map_err(client_error)
-                }))
-            }
+            Endpoint::Courier(c) => courier_send(c, id, dest, routes, body)
+                .map_err(client_error)
+                .map(|ack| -> Ack { Box::pin(async move { ack.await.map_err(client_error) }) }),
             peer => {
                 // Peers name destinations by subject, stream or topic.
                 let name = match dest {
                     Dest::User(u) => user_name(tag, u),
                     Dest::Group(g) => group_name(tag, g),
-                    Dest::List(_) | Dest::Nobody => unreachable!("handled above"),
+                    Dest::List(_) => unreachable!("handled above"),
                 };
                 Ok(match peer {
                     Endpoint::Nats(c) => Box::pin(c.publish(&name, &body)?),
@@ -551,219 +800,189 @@ impl Endpoint {
     }
 }
 
+/// Queues a send on a Courier client; the future is its acknowledgement.
+pub(crate) fn courier_send(
+    c: &Arc<Client>,
+    id: u64,
+    dest: Dest,
+    routes: &Routes,
+    body: Bytes,
+) -> Result<impl std::future::Future<Output = Result<(), ClientError>> + Send + 'static, ClientError>
+{
+    let ack: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match dest {
+        Dest::List(_) => {
+            let ack = c.start_broadcast(id, 1, MessageKind::Chat, body)?;
+            Box::pin(async move { ack.await.map(|_| ()) })
+        }
+        Dest::User(u) => {
+            let ack = c.start_send(id, Destination::User(u), MessageKind::Chat, body)?;
+            Box::pin(async move { ack.await.map(|_| ()) })
+        }
+        Dest::Group(g) => {
+            let d = Destination::Group(routes.group_ids[g]);
+            let ack = c.start_send(id, d, MessageKind::Chat, body)?;
+            Box::pin(async move { ack.await.map(|_| ()) })
+        }
+    };
+    Ok(ack)
+}
+
+/// When each of a sender's messages is meant to go.
+#[derive(Clone, Copy)]
+pub(crate) struct Pacer {
+    start: Instant,
+    duration: Duration,
+    /// Open loop: this sender's messages per second.
+    rate: Option<f64>,
+    /// Seconds this sender is shifted by, so senders are not in lockstep.
+    offset: f64,
+}
+
+impl Pacer {
+    fn new(opts: &Options, start: Instant, senders: usize, i: usize) -> Pacer {
+        let rate = opts.rate.map(|r| r / senders.max(1) as f64);
+        Pacer {
+            start,
+            duration: opts.duration,
+            rate,
+            offset: rate.map(|r| (i as f64 * 0.618).fract() / r).unwrap_or(0.0),
+        }
+    }
+
+    /// The intended time of this sender's message `k` (from 0); `None`
+    /// once that is past the run's sending time.
+    pub(crate) fn intended(&self, k: u64) -> Option<Instant> {
+        let at = match self.rate {
+            Some(r) => self.start + Duration::from_secs_f64(self.offset + k as f64 / r),
+            None => Instant::now(),
+        };
+        (at.saturating_duration_since(self.start) < self.duration).then_some(at)
+    }
+
+    /// When sending ends.
+    pub(crate) fn end(&self) -> Instant {
+        self.start + self.duration
+    }
+}
+
+/// What one user's task hands back: send-to-ack and end-to-end latencies,
+/// and its checker's observations.
+pub(crate) type Outcome = (Histogram<u64>, Histogram<u64>, Checker);
+
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(
         opts.size >= HEADER_LEN,
         "message size must be at least {HEADER_LEN} bytes"
     );
+    crate::fds::ensure_room(opts.users)?;
+    if opts.scenario == Scenario::Idle {
+        return crate::idle::run(opts).await;
+    }
+    if opts.resilient() {
+        anyhow::ensure!(
+            opts.target == Target::Courier,
+            "reconnects and chaos kills need the courier target (resume is Courier's)"
+        );
+    }
+    if opts.chaos_kill.is_some() {
+        anyhow::ensure!(
+            opts.server.as_ref().is_some_and(|s| s.can_restart()),
+            "--chaos-kill needs a server this generator started (--server-cmd)"
+        );
+    }
     let plan = plan(&opts)?;
     let (endpoints, sources, routes) = connect_all(&opts, &plan).await?;
     let routes = Arc::new(routes);
+    let sending = plan.routes.iter().filter(|r| !r.is_empty()).count();
     let shared = Arc::new(Shared {
         start: Instant::now(),
         stop: AtomicBool::new(false),
+        sending_left: AtomicUsize::new(sending),
         sent: AtomicU64::new(0),
         acked: AtomicU64::new(0),
+        expected: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        redelivered: AtomicU64::new(0),
         last_delivery_ns: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
         seconds: Mutex::new(Vec::new()),
     });
 
-    // Receivers: one task per connection, each with its own histogram and checker.
-    let mut receivers = Vec::new();
-    for (i, mut source) in sources.into_iter().enumerate() {
-        let (shared, me) = (shared.clone(), opts.first_user + i as u64);
-        receivers.push(tokio::spawn(async move {
-            let mut h = histogram();
-            let mut checker = Checker::new();
-            let mut tally = Tally::new();
-            loop {
-                let payload = match source.next(Duration::from_millis(200)).await {
-                    Ok(Some(p)) => p,
-                    Ok(None) => {
-                        if shared.stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        continue;
-                    }
-                    Err(()) => break,
-                };
-                let now = Instant::now();
-                let Some((conv, n, intended_ns)) = parse(&payload) else {
-                    continue; // group events and anything not from this run
-                };
-                if conv == me {
-                    continue; // a peer echoing a member's own group message
-                }
-                let intended = shared.start + Duration::from_nanos(intended_ns);
-                let us = now.saturating_duration_since(intended).as_micros() as u64;
-                record(&mut h, us);
-                checker.delivered(me, conv, n);
-                shared.delivered.fetch_add(1, Ordering::Relaxed);
-                shared.last_delivery_ns.fetch_max(
-                    now.saturating_duration_since(shared.start).as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
-                let t = tally.at(&shared, now);
-                t.delivered += 1;
-                record(&mut t.e2e, us);
-            }
-            tally.flush(&shared);
-            (h, checker)
-        }));
-    }
-
-    // Senders.
-    let sending = plan
-        .targets
-        .iter()
-        .filter(|t| !matches!(t.0, Dest::Nobody))
-        .count()
-        .max(1);
-    let per_sender_rate = opts.rate.map(|r| r / sending as f64);
-    let mut senders = Vec::new();
-    let endpoints: Vec<Arc<Endpoint>> = endpoints.into_iter().map(Arc::new).collect();
-    for (i, (dest, recipients)) in plan.targets.into_iter().enumerate() {
-        let c = endpoints[i].clone();
-        let routes = routes.clone();
-        let shared = shared.clone();
-        let conv = opts.first_user + i as u64;
-        let (size, window, duration) = (opts.size, opts.window.max(1), opts.duration);
-        senders.push(tokio::spawn(async move {
-            let mut h = histogram();
-            let mut checker = Checker::new();
-            if let Dest::Nobody = dest {
-                return (h, checker);
-            }
-            let mut tally = Tally::new();
-            // Sends in flight: their number, intended time and ack, polled
-            // together on this task (no task or lock per send).
-            let mut inflight = FuturesUnordered::new();
-            let mut n = 0u64;
-            let finish = |(n, intended, r): (u64, Instant, Result<(), String>),
-                          h: &mut Histogram<u64>,
-                          checker: &mut Checker,
-                          tally: &mut Tally| {
-                let now = Instant::now();
-                match r {
-                    Ok(()) => {
-                        shared.acked.fetch_add(1, Ordering::Relaxed);
-                        tally.at(&shared, now).acked += 1;
-                        record(
-                            h,
-                            now.saturating_duration_since(intended).as_micros() as u64,
-                        );
-                        checker.acked(conv, n, &recipients);
-                    }
-                    Err(e) => shared.error(e),
-                }
+    let mut tasks = Vec::new();
+    let mut sender_index = 0;
+    for (i, ((endpoint, source), my_routes)) in endpoints
+        .into_iter()
+        .zip(sources)
+        .zip(plan.routes)
+        .enumerate()
+    {
+        let me = opts.first_user + i as u64;
+        let pacer = Pacer::new(&opts, shared.start, sending, sender_index);
+        if !my_routes.is_empty() {
+            sender_index += 1;
+        }
+        if opts.resilient() {
+            let Endpoint::Courier(client) = endpoint else {
+                unreachable!("checked: courier target")
             };
-            // Stagger the senders so an open-loop run does not start in lockstep.
-            let offset = per_sender_rate
-                .map(|r| (i as f64 * 0.618).fract() / r)
-                .unwrap_or(0.0);
-            loop {
-                let intended = match per_sender_rate {
-                    Some(r) => shared.start + Duration::from_secs_f64(offset + n as f64 / r),
-                    None => Instant::now(),
-                };
-                if intended.saturating_duration_since(shared.start) >= duration {
-                    break;
-                }
-                // Wait for the intended time and for room in the window,
-                // taking acks as they come.
-                loop {
-                    let room = inflight.len() < window;
-                    if room && Instant::now() >= intended {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(intended.into()), if room => {}
-                        Some(done) = inflight.next(), if !inflight.is_empty() => {
-                            finish(done, &mut h, &mut checker, &mut tally);
-                        }
-                    }
-                }
-                n += 1;
-                let intended_ns =
-                    intended.saturating_duration_since(shared.start).as_nanos() as u64;
-                let body = payload(conv, n, intended_ns, size);
-                shared.sent.fetch_add(1, Ordering::Relaxed);
-                tally.at(&shared, Instant::now()).sent += 1;
-                // Queued now, in order; the ack is awaited with the others.
-                let pending = c.start_send(conv, n, dest, &routes, body);
-                inflight.push(async move {
-                    let r = match pending {
-                        Ok(ack) => ack.await,
-                        Err(e) => Err(e),
-                    };
-                    (n, intended, r)
-                });
-            }
-            // This sender's last acks (bounded).
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            while let Ok(Some(done)) = tokio::time::timeout_at(deadline, inflight.next()).await {
-                finish(done, &mut h, &mut checker, &mut tally);
-            }
-            tally.flush(&shared);
-            (h, checker)
+            let user = crate::session::User {
+                me,
+                client,
+                routes: my_routes,
+                pacer,
+                window: opts.window.max(1),
+                size: opts.size,
+                lifetime: (opts.scenario == Scenario::Reconnect).then_some(opts.reconnect_every),
+            };
+            tasks.push(tokio::spawn(user.run(shared.clone(), routes.clone())));
+            continue;
+        }
+        let receiver = tokio::spawn(receive(me, source, shared.clone()));
+        let sender = tokio::spawn(send(
+            me,
+            Arc::new(endpoint),
+            my_routes,
+            pacer,
+            (opts.size, opts.window.max(1)),
+            shared.clone(),
+            routes.clone(),
+        ));
+        tasks.push(tokio::spawn(async move {
+            let (ack, _, mut checker) = sender.await.expect("sender task");
+            let (_, e2e, c) = receiver.await.expect("receiver task");
+            checker.merge(c);
+            (ack, e2e, checker)
         }));
     }
 
-    // Progress, once per second, until the senders are done.
-    let progress = {
-        let shared = shared.clone();
-        let show = opts.progress;
-        tokio::spawn(async move {
-            let mut last = (0, 0, 0);
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if shared.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let now = (
-                    shared.sent.load(Ordering::Relaxed),
-                    shared.acked.load(Ordering::Relaxed),
-                    shared.delivered.load(Ordering::Relaxed),
-                );
-                if show {
-                    let t = shared.start.elapsed().as_secs();
-                    let p99 = {
-                        let s = shared.seconds.lock().expect("seconds");
-                        s.get(t.saturating_sub(1) as usize)
-                            .map(|x| x.3.value_at_quantile(0.99))
-                            .unwrap_or(0)
-                    };
-                    let errors: u64 = shared.errors.lock().expect("errors").values().sum();
-                    eprintln!(
-                        "t={t:>3}s sent {:>8}/s acked {:>8}/s delivered {:>8}/s e2e p99 {:>7} us errors {errors}",
-                        now.0 - last.0,
-                        now.1 - last.1,
-                        now.2 - last.2,
-                        p99
-                    );
-                }
-                last = now;
-            }
-        })
+    let kills = Arc::new(AtomicU64::new(0));
+    let chaos = match (opts.chaos_kill, opts.server.clone()) {
+        (Some(every), Some(server)) => Some(tokio::spawn(chaos(
+            every,
+            server,
+            shared.clone(),
+            kills.clone(),
+        ))),
+        _ => None,
     };
+    let progress = tokio::spawn(progress(shared.clone(), opts.progress));
 
-    let mut ack_h = histogram();
-    let mut checker = Checker::new();
-    for s in senders {
-        let (h, c) = s.await?;
-        ack_h.add(&h).expect("same bounds");
-        checker.merge(c);
+    // Sending ends (every sender's last acks are in, or it gave up).
+    while shared.sending_left.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let send_end = shared.start.elapsed();
+    if let Some(chaos) = chaos {
+        chaos.await?;
+    }
     // Deliveries drain: wait until every expected one arrived or nothing
     // moved for two seconds (bounded).
-    let expected = checker.verify().expected_deliveries;
-    let mut last = (shared.delivered.load(Ordering::Relaxed), Instant::now());
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (shared.delivered.load(Ordering::Relaxed), Instant::now());
     loop {
         let d = shared.delivered.load(Ordering::Relaxed);
+        let expected = shared.expected.load(Ordering::Relaxed);
         if d >= expected || last.1.elapsed() > Duration::from_secs(2) || Instant::now() > deadline {
             break;
         }
@@ -773,14 +992,192 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shared.stop.store(true, Ordering::Relaxed);
+    let mut ack_h = histogram();
     let mut e2e_h = histogram();
-    for r in receivers {
-        let (h, c) = r.await?;
-        e2e_h.add(&h).expect("same bounds");
+    let mut checker = Checker::new();
+    for t in tasks {
+        let (a, e, c) = t.await?;
+        ack_h.add(&a).expect("same bounds");
+        e2e_h.add(&e).expect("same bounds");
         checker.merge(c);
     }
     let _ = progress.await;
-    let verdict = checker.verify();
+    let mut report = report(&opts, &shared, send_end, &ack_h, &e2e_h, checker.verify());
+    report.kills = kills.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+/// One connection's receiving: latencies and what arrived, until the run stops.
+async fn receive(me: u64, mut source: Source, shared: Arc<Shared>) -> Outcome {
+    let mut h = histogram();
+    let mut checker = Checker::new();
+    let mut tally = Tally::new();
+    loop {
+        let payload = match source.next(Duration::from_millis(200)).await {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            Err(()) => break,
+        };
+        shared.delivery(me, &payload, &mut h, &mut checker, &mut tally);
+    }
+    tally.flush(&shared);
+    (histogram(), h, checker)
+}
+
+/// One user's sending: open or closed loop over its routes, acks awaited
+/// together on this task (no task or lock per send).
+async fn send(
+    me: u64,
+    endpoint: Arc<Endpoint>,
+    my_routes: Vec<Route>,
+    pacer: Pacer,
+    (size, window): (usize, usize),
+    shared: Arc<Shared>,
+    routes: Arc<Routes>,
+) -> Outcome {
+    let mut h = histogram();
+    let mut checker = Checker::new();
+    if my_routes.is_empty() {
+        return (h, histogram(), checker);
+    }
+    let mut tally = Tally::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(me);
+    let mut ns = vec![0u64; my_routes.len()];
+    let mut inflight = FuturesUnordered::new();
+    let finish = |(ri, n, intended, r): (usize, u64, Instant, Result<(), String>),
+                  h: &mut Histogram<u64>,
+                  checker: &mut Checker,
+                  tally: &mut Tally| match r {
+        Ok(()) => shared.acked(
+            (conversation(me, ri), n, &my_routes[ri].recipients),
+            intended,
+            h,
+            checker,
+            tally,
+        ),
+        Err(e) => shared.error(e),
+    };
+    let mut k = 0;
+    while let Some(intended) = pacer.intended(k) {
+        // Wait for the intended time and for room in the window, taking
+        // acks as they come.
+        loop {
+            let room = inflight.len() < window;
+            if room && Instant::now() >= intended {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(intended.into()), if room => {}
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    finish(done, &mut h, &mut checker, &mut tally);
+                }
+            }
+        }
+        k += 1;
+        let ri = pick(&my_routes, &mut rng);
+        ns[ri] += 1;
+        let n = ns[ri];
+        let body = payload(conversation(me, ri), n, shared.since_start(intended), size);
+        shared.sent(&mut tally);
+        // Queued now, in order; the ack is awaited with the others.
+        let id = client_msg_id(routes.tag, ri, n);
+        let pending = endpoint.start_send(me, id, my_routes[ri].dest, &routes, body);
+        inflight.push(async move {
+            let r = match pending {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            (ri, n, intended, r)
+        });
+    }
+    // This sender's last acks (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(done)) = tokio::time::timeout_at(deadline, inflight.next()).await {
+        finish(done, &mut h, &mut checker, &mut tally);
+    }
+    tally.flush(&shared);
+    shared.sending_left.fetch_sub(1, Ordering::Relaxed);
+    (h, histogram(), checker)
+}
+
+/// Kills the server every `every` while messages are being sent, and
+/// restarts it at once.
+async fn chaos(
+    every: Duration,
+    server: Arc<crate::server::ServerProcess>,
+    shared: Arc<Shared>,
+    kills: Arc<AtomicU64>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if shared.sending_left.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let s = server.clone();
+        match tokio::task::spawn_blocking(move || s.kill_and_restart()).await {
+            Ok(Ok(())) => {
+                kills.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                shared.error(format!("restart failed: {e}"));
+                return;
+            }
+            Err(e) => {
+                shared.error(format!("restart failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// A progress line every second until the run stops.
+async fn progress(shared: Arc<Shared>, show: bool) {
+    let mut last = (0, 0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = (
+            shared.sent.load(Ordering::Relaxed),
+            shared.acked.load(Ordering::Relaxed),
+            shared.delivered.load(Ordering::Relaxed),
+        );
+        if show {
+            let t = shared.start.elapsed().as_secs();
+            let p99 = {
+                let s = shared.seconds.lock().expect("seconds");
+                s.get(t.saturating_sub(1) as usize)
+                    .map(|x| x.3.value_at_quantile(0.99))
+                    .unwrap_or(0)
+            };
+            let errors: u64 = shared.errors.lock().expect("errors").values().sum();
+            eprintln!(
+                "t={t:>3}s sent {:>8}/s acked {:>8}/s delivered {:>8}/s e2e p99 {:>7} us errors {errors} reconnects {}",
+                now.0 - last.0,
+                now.1 - last.1,
+                now.2 - last.2,
+                p99,
+                shared.reconnects.load(Ordering::Relaxed),
+            );
+        }
+        last = now;
+    }
+}
+
+fn report(
+    opts: &Options,
+    shared: &Shared,
+    send_end: Duration,
+    ack_h: &Histogram<u64>,
+    e2e_h: &Histogram<u64>,
+    verdict: Verdict,
+) -> Report {
     let secs = send_end.as_secs_f64().max(1e-9);
     let timeline = shared
         .seconds
@@ -801,7 +1198,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         })
         .collect();
     let errors = shared.errors.lock().expect("errors").clone();
-    Ok(Report {
+    let acked = shared.acked.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    Report {
         target: opts.target,
         scenario: opts.scenario,
         users: opts.users,
@@ -812,20 +1211,24 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             None => format!("closed loop, {} in flight per sender", opts.window),
         },
         sent: shared.sent.load(Ordering::Relaxed),
-        acked: shared.acked.load(Ordering::Relaxed),
-        delivered: shared.delivered.load(Ordering::Relaxed),
+        acked,
+        delivered,
         errors,
-        acked_per_s: shared.acked.load(Ordering::Relaxed) as f64 / secs,
+        acked_per_s: acked as f64 / secs,
         // Over the time deliveries took, which may outlast the sending (a
         // server that queues shows it here and in the latencies).
-        delivered_per_s: shared.delivered.load(Ordering::Relaxed) as f64
+        delivered_per_s: delivered as f64
             / (shared.last_delivery_ns.load(Ordering::Relaxed) as f64 / 1e9).max(secs),
-        end_to_end: Percentiles::of(&e2e_h),
-        send_to_ack: Percentiles::of(&ack_h),
-        end_to_end_curve: percentile_curve(&e2e_h),
+        end_to_end: Percentiles::of(e2e_h),
+        send_to_ack: Percentiles::of(ack_h),
+        end_to_end_curve: percentile_curve(e2e_h),
         timeline,
         verdict,
-    })
+        reconnects: shared.reconnects.load(Ordering::Relaxed),
+        redelivered: shared.redelivered.load(Ordering::Relaxed),
+        kills: 0,
+        idle: None,
+    }
 }
 
 impl Report {
@@ -867,6 +1270,40 @@ impl Report {
         );
         for e in &v.examples {
             s.push_str(&format!("  {e:?}\n"));
+        }
+        if self.reconnects + self.kills + self.redelivered > 0 {
+            s.push_str(&format!(
+                "resilience: {} reconnects, {} server kills, {} redeliveries after resume dropped by sequence\n",
+                self.reconnects, self.kills, self.redelivered
+            ));
+        }
+        if let Some(i) = &self.idle {
+            let mib = |b: Option<u64>| {
+                b.map(|b| format!("{:.1} MiB", b as f64 / (1 << 20) as f64))
+                    .unwrap_or_else(|| "unknown (no --server-pid)".into())
+            };
+            s.push_str(&format!(
+                "idle: {} sessions open ({} failed{}), opened in {:.1} s ({:.0}/s), held {:.1} s \
+                 with {} ms keepalives, {} answered at the end\n\
+                 server memory: {} before, {} after: {} per connection; generator: {:.0} B per connection\n",
+                i.connections,
+                i.failed,
+                i.first_failure
+                    .as_ref()
+                    .map(|f| format!(", first: {f}"))
+                    .unwrap_or_default(),
+                i.connect_s,
+                i.connects_per_s,
+                i.held_s,
+                i.keepalive_ms,
+                i.alive_at_end,
+                mib(i.server_rss_before),
+                mib(i.server_rss_after),
+                i.server_bytes_per_connection
+                    .map(|b| format!("{b:.0} B"))
+                    .unwrap_or_else(|| "unknown".into()),
+                i.generator_bytes_per_connection,
+            ));
         }
         s
     }

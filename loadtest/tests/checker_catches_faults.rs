@@ -11,9 +11,6 @@ use courier_protocol::token::TokenKey;
 async fn run_against(faults: Faults, scenario: Scenario) -> Report {
     let addr = start("127.0.0.1:0", faults).await.unwrap();
     run(Options {
-        target: Target::Relay,
-        addr: addr.to_string(),
-        key: TokenKey::new(vec![1; 32]),
         scenario,
         users: 8,
         first_user: 1,
@@ -21,8 +18,8 @@ async fn run_against(faults: Faults, scenario: Scenario) -> Report {
         size: 64,
         rate: Some(4000.0),
         window: 8,
-        group_size: 4,
-        progress: false,
+        group_sizes: vec![(4, 1)],
+        ..Options::new(Target::Relay, addr.to_string(), TokenKey::new(vec![1; 32]))
     })
     .await
     .unwrap()

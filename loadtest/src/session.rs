@@ -1,0 +1,276 @@
+//! A simulated user that behaves like a real mobile client whose network
+//! comes and goes: one task that sends and receives on one session, and
+//! when the session ends (the server was killed, or the reconnect scenario
+//! drops it on purpose) connects again, retries every send not yet
+//! acknowledged with its original client id (the server answers a repeat
+//! with the stored message's ack, so nothing is stored twice), and resumes
+//! deliveries after the last one it saw.
+//!
+//! Deliveries are kept or dropped by their stream sequence, as a client
+//! does: after a resume the server may send again what this client already
+//! had but had not confirmed; those are counted as `redelivered` and not
+//! shown to the checker. A message stored twice has two sequences and is
+//! shown twice, so the checker still catches a duplicate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_client::{Client, ClientError};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rand::{Rng, SeedableRng};
+
+use crate::checker::Checker;
+use crate::latency::histogram;
+use crate::run::{
+    client_error, client_msg_id, conversation, courier_send, payload, pick, Outcome, Pacer, Route,
+    Routes, Shared, Tally,
+};
+
+/// How long to keep trying to reconnect after sending has ended.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+
+pub(crate) struct User {
+    pub me: u64,
+    /// The session opened by the set-up (groups and contacts are made on it).
+    pub client: Arc<Client>,
+    pub routes: Vec<Route>,
+    pub pacer: Pacer,
+    pub window: usize,
+    pub size: usize,
+    /// Reconnect scenario: each session lives this long on average.
+    pub lifetime: Option<Duration>,
+}
+
+/// A send not yet acknowledged: retried on the next session.
+struct Unacked {
+    route: usize,
+    n: u64,
+    intended: Instant,
+    body: Bytes,
+}
+
+/// Why a session ended.
+enum End {
+    /// The connection failed or closed: connect again.
+    Lost,
+    /// The session's planned lifetime is over: connect again.
+    Dropped,
+    /// Sending is done and the run is stopping.
+    Finished,
+}
+
+impl User {
+    pub(crate) async fn run(self, shared: Arc<Shared>, routes: Arc<Routes>) -> Outcome {
+        let mut state = State {
+            me: self.me,
+            ack_h: histogram(),
+            e2e_h: histogram(),
+            checker: Checker::new(),
+            tally: Tally::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(self.me),
+            ns: vec![0; self.routes.len()],
+            k: 0,
+            unacked: BTreeMap::new(),
+            last_seq: HashMap::new(),
+            sending: !self.routes.is_empty(),
+            since_confirm: 0,
+        };
+        // The set-up session resumed after everything already there.
+        state.last_seq.insert(0, self.client.last_received_seq());
+        let mut client = Some(self.client.clone());
+        loop {
+            let c = match client.take() {
+                Some(c) => c,
+                None => match self.reconnect(&state, &shared).await {
+                    Some(c) => {
+                        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                        c
+                    }
+                    None => break,
+                },
+            };
+            match self.session(&c, &mut state, &shared, &routes).await {
+                End::Finished => break,
+                End::Lost | End::Dropped => {}
+            }
+        }
+        if state.sending {
+            // Gave up reconnecting: what is still unacknowledged is not
+            // expected anywhere (it was never acknowledged).
+            state.done_sending(&shared);
+        }
+        state.tally.flush(&shared);
+        (state.ack_h, state.e2e_h, state.checker)
+    }
+
+    /// Connects again, resuming the inbox after the last delivery seen;
+    /// `None` once the run is over or reconnecting has failed for too long.
+    async fn reconnect(&self, state: &State, shared: &Shared) -> Option<Arc<Client>> {
+        let mut config = self.client.config().clone();
+        config.resume_after = Some(state.last_seq.get(&0).copied().unwrap_or(0));
+        let mut backoff = Duration::from_millis(20);
+        let give_up = self.pacer.end() + GIVE_UP_AFTER;
+        loop {
+            if shared.stop.load(Ordering::Relaxed) || Instant::now() > give_up {
+                return None;
+            }
+            match Client::connect(config.clone()).await {
+                Ok((c, _)) => return Some(Arc::new(c)),
+                Err(ClientError::Refused(code, _)) => {
+                    // The server is up and says no: counted, and tried
+                    // again like any client would.
+                    shared.error(format!("refused {code:?}"));
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Sends, receives and takes acks on one session until it ends.
+    async fn session(
+        &self,
+        c: &Arc<Client>,
+        state: &mut State,
+        shared: &Shared,
+        routes: &Routes,
+    ) -> End {
+        let mut inflight = FuturesUnordered::new();
+        let queue = |k: u64, u: &Unacked| {
+            let id = client_msg_id(routes.tag, u.route, u.n);
+            let pending = courier_send(c, id, self.routes[u.route].dest, routes, u.body.clone());
+            async move {
+                let r = match pending {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                };
+                (k, r)
+            }
+        };
+        // Retry what the last session left unacknowledged, in order.
+        for (&k, u) in &state.unacked {
+            inflight.push(queue(k, u));
+        }
+        let lifetime = self.lifetime.map(|m| {
+            let jitter = state.rng.gen_range(0.5..1.5);
+            tokio::time::Instant::now() + m.mul_f64(jitter)
+        });
+        let mut next_at = if state.sending {
+            self.pacer.intended(state.k)
+        } else {
+            None
+        };
+        loop {
+            if state.sending && next_at.is_none() && inflight.is_empty() {
+                state.done_sending(shared);
+            }
+            let room = inflight.len() < self.window;
+            tokio::select! {
+                // A new message, when its time has come and there is room.
+                _ = tokio::time::sleep_until(next_at.unwrap_or_else(Instant::now).into()),
+                    if room && next_at.is_some() =>
+                {
+                    let intended = next_at.expect("guarded");
+                    let k = state.k;
+                    state.k += 1;
+                    let route = pick(&self.routes, &mut state.rng);
+                    state.ns[route] += 1;
+                    let n = state.ns[route];
+                    let conv = conversation(self.me, route);
+                    let body = payload(conv, n, shared.since_start(intended), self.size);
+                    let u = Unacked { route, n, intended, body };
+                    shared.sent(&mut state.tally);
+                    inflight.push(queue(k, &u));
+                    state.unacked.insert(k, u);
+                    next_at = self.pacer.intended(state.k);
+                }
+                Some((k, r)) = inflight.next(), if !inflight.is_empty() => match r {
+                    Ok(()) => {
+                        if let Some(u) = state.unacked.remove(&k) {
+                            let recipients = &self.routes[u.route].recipients;
+                            let conv = conversation(self.me, u.route);
+                            shared.acked(
+                                (conv, u.n, recipients),
+                                u.intended,
+                                &mut state.ack_h,
+                                &mut state.checker,
+                                &mut state.tally,
+                            );
+                        }
+                    }
+                    Err(e @ ClientError::Rejected(..)) => {
+                        state.unacked.remove(&k);
+                        shared.error(client_error(e));
+                    }
+                    // The session is gone: retried on the next one.
+                    Err(_) => return End::Lost,
+                },
+                d = c.next() => match d {
+                    Some(d) => state.delivered(c, d, shared).await,
+                    None => return End::Lost,
+                },
+                _ = tokio::time::sleep_until(lifetime.unwrap_or_else(tokio::time::Instant::now)),
+                    if lifetime.is_some() && state.sending =>
+                {
+                    return End::Dropped;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !state.sending => {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return End::Finished;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a user carries from one session to the next.
+struct State {
+    me: u64,
+    ack_h: hdrhistogram::Histogram<u64>,
+    e2e_h: hdrhistogram::Histogram<u64>,
+    checker: Checker,
+    tally: Tally,
+    rng: rand::rngs::StdRng,
+    /// Messages numbered so far, per route.
+    ns: Vec<u64>,
+    /// Messages generated so far (the pacer's count).
+    k: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    /// The last sequence seen per stream (0: the inbox; else a group's log).
+    last_seq: HashMap<u64, u64>,
+    sending: bool,
+    since_confirm: u32,
+}
+
+impl State {
+    fn done_sending(&mut self, shared: &Shared) {
+        self.sending = false;
+        shared.sending_left.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn delivered(&mut self, c: &Arc<Client>, d: courier_client::Delivery, shared: &Shared) {
+        let last = self.last_seq.entry(d.stream).or_insert(0);
+        if d.message.seq <= *last {
+            shared.redelivered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = d.message.seq;
+        self.since_confirm += 1;
+        if self.since_confirm >= 256 {
+            self.since_confirm = 0;
+            let _ = c.confirm(&d).await;
+        }
+        shared.delivery(
+            self.me,
+            &d.message.payload,
+            &mut self.e2e_h,
+            &mut self.checker,
+            &mut self.tally,
+        );
+    }
+}
