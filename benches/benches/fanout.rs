@@ -93,6 +93,7 @@ fn fanout(c: &mut Criterion) {
                                         request_id: 0,
                                         index: None,
                                     },
+                                    accepted: std::time::Instant::now(),
                                 });
                                 shards.send(group, cmd).await;
                             }

@@ -1,17 +1,41 @@
-//! The admin HTTP endpoint: `/healthz` (the process is alive) and `/readyz`
-//! (storage open and listeners up; 503 while shutting down). A deliberately
-//! tiny HTTP/1.1 responder: one request per connection, bounded header size.
+//! The admin HTTP endpoint.
+//!
+//! Open to whoever reaches the admin port (bind it to a private address):
+//! - `GET /healthz`: the process is alive;
+//! - `GET /readyz`: storage open and listeners up (503 while shutting down);
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Operator requests need `Authorization: Bearer <admin token>` (`courier
+//! token --admin`; a token for user 0, which no client session can use):
+//! - `GET /admin/stats`: the node's figures as JSON;
+//! - `GET /admin/users/<id>`: a user's inbox head, acknowledged and oldest
+//!   sequence;
+//! - `GET /admin/groups/<id>`: a group's strategy, members and log head;
+//! - `POST /admin/drain`: start a graceful shutdown (the node stops taking
+//!   connections, finishes accepted sends, says goodbye and exits).
+//!
+//! A deliberately tiny HTTP/1.1 responder: one request per connection,
+//! bounded header size, no request bodies.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
 
+use crate::groups::valid_user;
+use crate::keys::{self, GroupState};
+use crate::metrics::Metrics;
 use crate::Node;
 
 const REQUEST_HEAD_MAX: usize = 8192;
+
+/// The identity an admin token is minted for: user 0, device 0.
+pub const ADMIN_USER: u64 = 0;
+pub const ADMIN_DEVICE: u32 = 0;
 
 pub async fn run(listener: TcpListener, node: Arc<Node>) {
     loop {
@@ -29,7 +53,38 @@ pub async fn run(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn respond(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
+/// An answer: status line, content type, body.
+struct Answer {
+    status: &'static str,
+    content_type: String,
+    body: String,
+}
+
+impl Answer {
+    fn text(status: &'static str, body: &str) -> Answer {
+        Answer {
+            status,
+            content_type: "text/plain; charset=utf-8".into(),
+            body: body.into(),
+        }
+    }
+
+    fn json(status: &'static str, value: serde_json::Value) -> Answer {
+        let mut body = serde_json::to_string_pretty(&value).expect("JSON values serialise");
+        body.push('\n');
+        Answer {
+            status,
+            content_type: "application/json".into(),
+            body,
+        }
+    }
+
+    fn error(status: &'static str, message: &str) -> Answer {
+        Answer::json(status, json!({ "error": message }))
+    }
+}
+
+async fn respond(mut stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -39,80 +94,189 @@ async fn respond(mut stream: TcpStream, node: &Node) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
+    let head = String::from_utf8_lossy(&buf);
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next().unwrap_or_default().split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let metrics = render_metrics(node);
-    let (status, body) = match (method, path) {
-        ("GET", "/healthz") => ("200 OK", "ok\n"),
-        ("GET", "/readyz") if node.ready.load(Ordering::SeqCst) => ("200 OK", "ready\n"),
-        ("GET", "/readyz") => ("503 Service Unavailable", "not ready\n"),
-        ("GET", "/metrics") => ("200 OK", metrics.as_str()),
-        ("GET", _) => ("404 Not Found", "not found\n"),
-        _ => ("405 Method Not Allowed", "method not allowed\n"),
-    };
+    let bearer = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| v.trim().strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let answer = route(node, method, path, bearer.as_deref()).await;
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        answer.status,
+        answer.content_type,
+        answer.body.len(),
+        answer.body
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
 
-/// A first handful of counters in the Prometheus text format. The complete
-/// metric set (with the prometheus crate) comes with the observability work.
-fn render_metrics(node: &Node) -> String {
-    use std::fmt::Write;
-    let s = &node.shards.stats;
-    let mut out = String::new();
-    for (name, help, value) in [
-        (
-            "courier_messages_stored_total",
-            "Messages appended to inboxes.",
-            &s.messages_stored,
-        ),
-        (
-            "courier_duplicate_sends_total",
-            "Sends answered from the idempotency index.",
-            &s.duplicates,
-        ),
-        (
-            "courier_live_pushes_total",
-            "Messages pushed to live sessions.",
-            &s.live_pushes,
-        ),
-        (
-            "courier_slow_consumer_demotions_total",
-            "Sessions moved from live push to catch-up.",
-            &s.demotions,
-        ),
-        (
-            "courier_storage_errors_total",
-            "Failed storage appends.",
-            &s.storage_errors,
-        ),
-        (
-            "courier_group_messages_total",
-            "Group messages appended to group logs.",
-            &s.group_messages,
-        ),
-        (
-            "courier_group_references_total",
-            "References to group messages appended to member inboxes.",
-            &s.refs_stored,
-        ),
-        (
-            "courier_receipts_stored_total",
-            "Receipt messages appended to senders' inboxes.",
-            &s.receipts_stored,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
-        );
+async fn route(node: &Arc<Node>, method: &str, path: &str, bearer: Option<&str>) -> Answer {
+    match (method, path) {
+        ("GET", "/healthz") => Answer::text("200 OK", "ok\n"),
+        ("GET", "/readyz") if node.ready.load(Ordering::SeqCst) => {
+            Answer::text("200 OK", "ready\n")
+        }
+        ("GET", "/readyz") => Answer::text("503 Service Unavailable", "not ready\n"),
+        ("GET", "/metrics") => Answer {
+            status: "200 OK",
+            content_type: Metrics::content_type(),
+            body: node
+                .metrics
+                .render(node.store.health(), &node.config.data_dir),
+        },
+        (_, p) if p.starts_with("/admin/") => {
+            if let Err(e) = authorize(node, bearer) {
+                return e;
+            }
+            admin(node, method, p).await
+        }
+        ("GET", _) => Answer::text("404 Not Found", "not found\n"),
+        _ => Answer::text("405 Method Not Allowed", "method not allowed\n"),
     }
-    out
+}
+
+fn authorize(node: &Node, bearer: Option<&str>) -> Result<(), Answer> {
+    let Some(token) = bearer else {
+        return Err(Answer::error(
+            "401 Unauthorized",
+            "admin requests need Authorization: Bearer <token from courier token --admin>",
+        ));
+    };
+    node.key
+        .verify(
+            token.as_bytes(),
+            ADMIN_USER,
+            ADMIN_DEVICE,
+            crate::now_ms() / 1000,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            warn!(error = %e, "admin request refused");
+            Answer::error("403 Forbidden", &format!("not an admin token: {e}"))
+        })
+}
+
+async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
+    let rest = path.trim_start_matches("/admin/");
+    let mut parts = rest.splitn(2, '/');
+    let (what, arg) = (parts.next().unwrap_or(""), parts.next());
+    match (method, what, arg) {
+        ("GET", "stats", None) => Answer::json("200 OK", stats(node)),
+        ("GET", "users", Some(id)) => match id.parse::<u64>() {
+            Ok(u) if valid_user(u) => blocking(node, move |node| user(node, u)).await,
+            _ => Answer::error("400 Bad Request", "a user id is a number from 1 to 2^63-1"),
+        },
+        ("GET", "groups", Some(id)) => match id.parse::<u64>() {
+            Ok(g) if g & courier_protocol::GROUP_ID_BIT != 0 => {
+                blocking(node, move |node| group(node, g)).await
+            }
+            _ => Answer::error("400 Bad Request", "a group id has its top bit set"),
+        },
+        ("POST", "drain", None) => {
+            info!("drain requested over the admin port: shutting down gracefully");
+            node.shutdown.cancel();
+            Answer::json("202 Accepted", json!({ "draining": true }))
+        }
+        ("GET" | "POST", _, _) => Answer::error("404 Not Found", "no such admin request"),
+        _ => Answer::error("405 Method Not Allowed", "method not allowed"),
+    }
+}
+
+/// Runs a store read off the async threads.
+async fn blocking(node: &Arc<Node>, f: impl FnOnce(&Node) -> Answer + Send + 'static) -> Answer {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(&node))
+        .await
+        .unwrap_or_else(|_| Answer::error("500 Internal Server Error", "the request failed"))
+}
+
+fn stats(node: &Node) -> serde_json::Value {
+    let s = &node.shards.stats;
+    let m = &node.metrics;
+    let shards: Vec<_> = s
+        .queue_pushed
+        .iter()
+        .zip(&s.queue_popped)
+        .map(|(pushed, popped)| {
+            json!({
+                "queued": pushed.get().saturating_sub(popped.get()),
+                "pushed": pushed.get(),
+                "popped": popped.get(),
+            })
+        })
+        .collect();
+    let storage = node.store.health().map(|h| {
+        json!({
+            "pending_compaction_bytes": h.pending_compaction_bytes,
+            "write_stopped": h.write_stopped,
+            "write_delayed": h.write_delayed,
+            "memtable_bytes": h.memtable_bytes,
+            "block_cache_bytes": h.block_cache_bytes,
+            "live_data_bytes": h.live_data_bytes,
+            "sst_bytes": h.sst_bytes,
+            "wal_syncs": h.wal_syncs,
+        })
+    });
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": node.started.elapsed().as_secs(),
+        "ready": node.ready.load(Ordering::SeqCst),
+        "connections_open": m.connections_open.get(),
+        "connections_accepted": m.connections_accepted.get(),
+        "messages_accepted": m.messages_accepted(),
+        "messages_stored": s.messages_stored.get(),
+        "group_messages": s.group_messages.get(),
+        "duplicates": s.duplicates.get(),
+        "live_pushes": s.live_pushes.get(),
+        "slow_consumer_demotions": s.demotions.get(),
+        "storage_errors": s.storage_errors.get(),
+        "shards": shards,
+        "storage": storage,
+    })
+}
+
+fn user(node: &Node, u: u64) -> Answer {
+    match node.store.state(u) {
+        Ok(s) => Answer::json(
+            "200 OK",
+            json!({
+                "user": u,
+                "head_seq": s.head_seq,
+                "acked_seq": s.acked_seq,
+                "oldest_seq": s.oldest_seq,
+            }),
+        ),
+        Err(e) => Answer::error("500 Internal Server Error", &e.to_string()),
+    }
+}
+
+fn group(node: &Node, g: u64) -> Answer {
+    let state = match node.store.get(&keys::group(g)) {
+        Ok(Some(v)) => match GroupState::decode(&v) {
+            Some(s) => s,
+            None => return Answer::error("500 Internal Server Error", "group state unreadable"),
+        },
+        Ok(None) => return Answer::error("404 Not Found", "no such group"),
+        Err(e) => return Answer::error("500 Internal Server Error", &e.to_string()),
+    };
+    let head = node.store.state(g).map(|s| s.head_seq).unwrap_or(0);
+    let members: Vec<_> = state
+        .members
+        .iter()
+        .map(|m| json!({ "user": m.user, "role": format!("{:?}", m.role).to_lowercase(), "joined_seq": m.joined_seq }))
+        .collect();
+    Answer::json(
+        "200 OK",
+        json!({
+            "group": g,
+            "strategy": format!("{:?}", state.strategy).to_lowercase(),
+            "log_head_seq": head,
+            "members": members,
+        }),
+    )
 }

@@ -32,6 +32,38 @@ enum Command {
     Listen(ListenArgs),
     /// Create a group with you as its admin; prints the group id.
     GroupCreate(GroupCreateArgs),
+    /// Operate a running node over its admin port (stats, user, group, drain).
+    Admin(AdminArgs),
+}
+
+#[derive(Parser, Debug)]
+struct AdminArgs {
+    /// The node's admin address.
+    #[arg(long, default_value = "127.0.0.1:7701")]
+    admin_addr: String,
+    /// An admin token (`courier token --admin`); without one, a short-lived
+    /// token is minted from the node's secret (--data-dir or --config).
+    #[arg(long, env = "COURIER_ADMIN_TOKEN")]
+    token: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "COURIER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    request: AdminRequest,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminRequest {
+    /// The node's figures: connections, messages, shard queues, storage.
+    Stats,
+    /// A user's inbox head, acknowledged and oldest sequence.
+    User { id: u64 },
+    /// A group's strategy, members and log head.
+    Group { id: u64 },
+    /// Start a graceful shutdown: stop taking connections, finish accepted
+    /// sends, say goodbye to every session, exit.
+    Drain,
 }
 
 #[derive(Parser, Debug)]
@@ -101,12 +133,29 @@ struct ServeArgs {
     /// fsync (survives power loss, the default) or wal (survives a process crash).
     #[arg(long)]
     durability: Option<String>,
+    /// Log filter: a level (error, warn, info, debug, trace) or per-module
+    /// directives such as `info,courier_broker::conn=debug`. Debug logs one
+    /// line per connection event; no level logs per message.
+    #[arg(long, env = "COURIER_LOG", default_value = "info")]
+    log: String,
+    /// Log format: `text` (one line per event) or `json` (one object per line).
+    #[arg(long, env = "COURIER_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Parser, Debug)]
 struct TokenArgs {
+    #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+    user: Option<u64>,
+    /// An admin token (for `courier admin` and the admin port's /admin/ requests).
     #[arg(long)]
-    user: u64,
+    admin: bool,
     #[arg(long, default_value_t = 1)]
     device: u32,
     /// Lifetime, e.g. 30s, 15m, 24h, 7d.
@@ -148,7 +197,7 @@ pub fn main() -> anyhow::Result<()> {
                     durability: a.durability,
                 },
             )?;
-            init_logging();
+            init_logging(&a.log, a.log_format)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("courier-io")
@@ -228,41 +277,115 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Token(a) => {
-            let config = Config::load(
-                a.config.as_deref(),
-                std::env::vars(),
-                Overrides {
-                    data_dir: a.data_dir,
-                    ..Default::default()
-                },
-            )?;
-            let path = config.secret_path();
-            anyhow::ensure!(
-                path.exists(),
-                "no secret at {}: start the node once (courier serve) or pass --data-dir",
-                path.display()
-            );
-            let key = auth::load_or_create_secret(&path)?;
+            let key = node_key(a.config.as_deref(), a.data_dir)?;
             let ttl = parse_ttl(&a.ttl)?;
+            let (user_id, device_id) = match a.user {
+                Some(u) if !a.admin => (u, a.device),
+                _ => (crate::admin::ADMIN_USER, crate::admin::ADMIN_DEVICE),
+            };
             let token = key.mint(Claims {
-                user_id: a.user,
-                device_id: a.device,
+                user_id,
+                device_id,
                 expires_at_s: crate::now_ms() / 1000 + ttl.as_secs(),
             });
             println!("{token}");
             Ok(())
         }
+        Command::Admin(a) => {
+            let token = match a.token {
+                Some(t) => t,
+                None => node_key(a.config.as_deref(), a.data_dir)?.mint(Claims {
+                    user_id: crate::admin::ADMIN_USER,
+                    device_id: crate::admin::ADMIN_DEVICE,
+                    expires_at_s: crate::now_ms() / 1000 + 60,
+                }),
+            };
+            let (method, path) = match a.request {
+                AdminRequest::Stats => ("GET", "/admin/stats".to_string()),
+                AdminRequest::User { id } => ("GET", format!("/admin/users/{id}")),
+                AdminRequest::Group { id } => ("GET", format!("/admin/groups/{id}")),
+                AdminRequest::Drain => ("POST", "/admin/drain".to_string()),
+            };
+            let (status, body) = client_runtime()?
+                .block_on(http_request(&a.admin_addr, method, &path, &token))
+                .with_context(|| format!("asking the node at {}", a.admin_addr))?;
+            print!("{body}");
+            anyhow::ensure!((200..300).contains(&status), "the node answered {status}");
+            Ok(())
+        }
     }
 }
 
-fn init_logging() {
+/// The node's token key, from its configuration or data directory.
+fn node_key(
+    config: Option<&std::path::Path>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<auth::TokenKey> {
+    let config = Config::load(
+        config,
+        std::env::vars(),
+        Overrides {
+            data_dir,
+            ..Default::default()
+        },
+    )?;
+    let path = config.secret_path();
+    anyhow::ensure!(
+        path.exists(),
+        "no secret at {}: start the node once (courier serve) or pass --data-dir",
+        path.display()
+    );
+    auth::load_or_create_secret(&path)
+}
+
+/// One HTTP/1.1 request to the admin port; returns (status, body).
+async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .context("timed out connecting")??;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut response))
+        .await
+        .context("timed out waiting for the answer")??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("not an HTTP response")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    Ok((status, body.to_string()))
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("COURIER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("bad log filter {filter:?}"))?;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    Ok(())
 }
 
 fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -221,7 +221,8 @@ impl Config {
             let Some(rest) = name.strip_prefix("COURIER_") else {
                 continue;
             };
-            if rest == "CONFIG" || rest == "LOG" {
+            // Variables of the command line, not settings.
+            if ["CONFIG", "LOG", "LOG_FORMAT", "TOKEN", "ADMIN_TOKEN"].contains(&rest) {
                 continue;
             }
             let key = rest.to_ascii_lowercase();
@@ -387,6 +388,26 @@ mod tests {
         assert_eq!(c.limits.max_in_flight, 5, "file beats default");
         assert_eq!(c.limits.idle_timeout_ms, 120_000, "default");
         assert_eq!(c.durability().unwrap(), Durability::Fsync, "safe default");
+    }
+
+    #[test]
+    fn command_line_variables_are_not_settings() {
+        let c = Config::load(
+            None,
+            vars(&[
+                ("COURIER_LOG", "debug"),
+                ("COURIER_LOG_FORMAT", "json"),
+                ("COURIER_TOKEN", "t"),
+                ("COURIER_ADMIN_TOKEN", "t"),
+                ("COURIER_CONFIG", "/nowhere"),
+            ]),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.listen, Config::default().listen);
+        let err =
+            Config::load(None, vars(&[("COURIER_TOKENS", "t")]), Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("tokens"), "{err:#}");
     }
 
     #[test]

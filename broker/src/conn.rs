@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use courier_protocol::codec::peek_len;
@@ -37,6 +37,7 @@ use tracing::{debug, error, warn};
 use crate::auth::AuthError;
 use crate::groups::valid_user;
 use crate::keys;
+use crate::metrics::{AuthFailure, CloseReason, Metrics};
 use crate::shard::{
     to_wire, Completion, Delivery, Fanout, FanoutAnswer, GroupOpCmd, GroupSendCmd, OpResult, Reply,
     ReplyTo, SendCmd, SessionHandle, ShardCmd,
@@ -110,9 +111,10 @@ async fn bye(
     reader: &mut FrameReader,
     code: ErrorCode,
     message: impl Into<String>,
-) {
+) -> CloseReason {
     goodbye(wr, code, message).await;
     linger(&mut reader.rd).await;
+    CloseReason::of_code(code)
 }
 
 async fn linger(rd: &mut OwnedReadHalf) {
@@ -135,6 +137,28 @@ pub async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
 }
 
 pub async fn serve(node: Arc<Node>, stream: TcpStream) {
+    let reason = session(&node, stream).await;
+    node.metrics.closed(reason);
+}
+
+/// Counts an open session for as long as it lives.
+struct OpenSession<'a>(&'a Metrics);
+
+impl<'a> OpenSession<'a> {
+    fn new(m: &'a Metrics) -> OpenSession<'a> {
+        m.connections_open.inc();
+        OpenSession(m)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
+
+/// One connection from accept to close; returns why it closed.
+async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();
@@ -157,20 +181,23 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             )
             .await
         }
-        Ok(Err(ReadError::Closed | ReadError::Io(_))) => return,
+        Ok(Err(ReadError::Closed | ReadError::Io(_))) => return CloseReason::HandshakeFailed,
         Ok(Err(ReadError::Decode(e))) => {
-            return bye(&mut wr, &mut reader, e.code(), e.to_string()).await
+            bye(&mut wr, &mut reader, e.code(), e.to_string()).await;
+            return CloseReason::HandshakeFailed;
         }
         Ok(Ok(frame)) => frame,
     };
+    node.metrics.frame_in(first.body.frame_type());
     let Body::Hello(hello) = first.body else {
-        return bye(
+        bye(
             &mut wr,
             &mut reader,
             ErrorCode::UNEXPECTED_FRAME,
             "the first frame must be hello",
         )
         .await;
+        return CloseReason::HandshakeFailed;
     };
     if hello.version != PROTOCOL_VERSION {
         return bye(
@@ -191,6 +218,11 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         now_ms() / 1000,
     ) {
         debug!(?peer, user = hello.user_id, error = %e, "authentication failed");
+        node.metrics.auth_failed(match e {
+            AuthError::Expired => AuthFailure::Expired,
+            AuthError::WrongIdentity => AuthFailure::WrongIdentity,
+            AuthError::Malformed | AuthError::BadSignature => AuthFailure::BadToken,
+        });
         let code = match e {
             AuthError::Expired => ErrorCode::TOKEN_EXPIRED,
             _ => ErrorCode::AUTH_FAILED,
@@ -198,6 +230,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         return bye(&mut wr, &mut reader, code, e.to_string()).await;
     }
     if !valid_user(hello.user_id) {
+        node.metrics.auth_failed(AuthFailure::InvalidUser);
         return bye(
             &mut wr,
             &mut reader,
@@ -282,8 +315,10 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         .is_err()
     {
         unregister(node.clone()).await;
-        return;
+        return CloseReason::IoError;
     }
+    node.metrics.frame_out(frame_type::WELCOME);
+    let _open = OpenSession::new(&node.metrics);
     debug!(
         ?peer,
         user,
@@ -314,6 +349,8 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             pending_group: Vec::new(),
             batches: HashMap::new(),
             max_frame_len: limits.max_frame_len as usize,
+            metrics: node.metrics.clone(),
+            pushed: Vec::new(),
         }
         .run(),
     );
@@ -326,6 +363,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         inflight: inflight.clone(),
     };
     let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let mut closed_by = CloseReason::ClientClosed;
     let reason = loop {
         let next = tokio::select! {
             _ = node.shutdown.cancelled() => {
@@ -343,6 +381,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
             Ok(Err(ReadError::Closed)) => break None,
             Ok(Err(ReadError::Io(e))) => {
                 debug!(user, error = %e, "read failed");
+                closed_by = CloseReason::IoError;
                 break None;
             }
             Ok(Err(ReadError::Decode(e))) => {
@@ -374,6 +413,7 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         }
     }
     let server_closed = reason.is_some();
+    let server_reason = reason.as_ref().map(|r| r.code);
     let _ = conn.replies.send(Reply::Close(reason));
     drop(conn);
     unregister(node.clone()).await;
@@ -382,6 +422,10 @@ pub async fn serve(node: Arc<Node>, stream: TcpStream) {
         linger(&mut reader.rd).await;
     }
     debug!(user, session_id, "session ended");
+    if let Some(r) = server_reason {
+        closed_by = CloseReason::of_code(r);
+    }
+    closed_by
 }
 
 /// The reader side's per-connection state.
@@ -462,6 +506,7 @@ impl Conn {
                     kind: s.kind,
                     payload: s.payload,
                     done: Completion::Reply(reply),
+                    accepted: Instant::now(),
                 }),
             ),
             Destination::Group(group) => (
@@ -474,6 +519,7 @@ impl Conn {
                     kind: s.kind,
                     payload: s.payload,
                     reply,
+                    accepted: Instant::now(),
                 }),
             ),
             Destination::List(list) => return self.broadcast(s, list, request_id).await,
@@ -530,6 +576,7 @@ impl Conn {
             fanout.answer();
             return true;
         }
+        let accepted = Instant::now();
         for recipient in recipients {
             let cmd = ShardCmd::Send(SendCmd {
                 sender: self.user,
@@ -541,6 +588,7 @@ impl Conn {
                 kind: s.kind,
                 payload: s.payload.clone(),
                 done: Completion::Fanout(fanout.clone()),
+                accepted,
             });
             if !self.node.shards.send(recipient, cmd).await {
                 return false;
@@ -582,10 +630,14 @@ impl Conn {
     /// Handles one request; false when the node is stopping.
     async fn handle(&mut self, frame: Frame) -> bool {
         let rid = frame.request_id;
+        self.node.metrics.frame_in(frame.body.frame_type());
         match frame.body {
             Body::Send(s) => match self.validate(&s) {
                 Ok(_) => return self.dispatch(s, rid, None).await,
-                Err((code, msg)) => self.error(rid, code, msg),
+                Err((code, msg)) => {
+                    self.node.metrics.rejected(code);
+                    self.error(rid, code, msg)
+                }
             },
             Body::SendBatch(sends) => {
                 let max = self.node.config.limits.max_batch;
@@ -855,6 +907,7 @@ impl Conn {
             }
             .encode(),
             done: Completion::Notify(tx),
+            accepted: Instant::now(),
         });
         if !self.node.shards.send(poster, cmd).await {
             return false;
@@ -911,7 +964,7 @@ impl Conn {
 struct Writer {
     wr: OwnedWriteHalf,
     replies: mpsc::UnboundedReceiver<Reply>,
-    deliveries: mpsc::Receiver<Delivery>,
+    deliveries: mpsc::Receiver<(Delivery, Instant)>,
     deliveries_open: bool,
     session: Arc<SessionHandle>,
     store: Arc<dyn InboxStore>,
@@ -929,6 +982,9 @@ struct Writer {
     /// Results of batches in progress: slots and how many are still missing.
     batches: HashMap<u32, (Vec<Option<SendResult>>, usize)>,
     max_frame_len: usize,
+    metrics: Arc<Metrics>,
+    /// Accept times of the live deliveries in `out`, observed once written.
+    pushed: Vec<Instant>,
 }
 
 /// One log-strategy group as a session reads it.
@@ -1020,7 +1076,7 @@ impl Writer {
     }
 
     /// Accepts a live delivery; returns true if a gap needs a catch-up.
-    fn on_delivery(&mut self, d: Delivery) -> bool {
+    fn on_delivery(&mut self, (d, accepted): (Delivery, Instant)) -> bool {
         let m = match d {
             Delivery::Inbox(m) => m,
             Delivery::Group(g, m) => {
@@ -1044,6 +1100,8 @@ impl Writer {
                 }
                 if stream.take(self.user, &m) {
                     self.pending_group.push((g, m));
+                    self.metrics.deliveries_live.inc();
+                    self.pushed.push(accepted);
                 }
                 return false;
             }
@@ -1053,6 +1111,8 @@ impl Writer {
         } else if m.seq == self.delivered + 1 {
             self.delivered = m.seq;
             self.pending.push(m);
+            self.metrics.deliveries_live.inc();
+            self.pushed.push(accepted);
             false
         } else {
             true
@@ -1067,6 +1127,11 @@ impl Writer {
                 result,
             } => {
                 self.inflight.add_permits(1);
+                if result.code == ErrorCode::OK {
+                    self.metrics.accepted();
+                } else {
+                    self.metrics.rejected(result.code);
+                }
                 match index {
                     None if result.code == ErrorCode::OK => self.encode(&Frame::new(
                         request_id,
@@ -1104,6 +1169,10 @@ impl Writer {
             }
             Reply::Broadcast { request_id, ack } => {
                 self.inflight.add_permits(1);
+                match &ack {
+                    Ok(_) => self.metrics.accepted(),
+                    Err(code) => self.metrics.rejected(*code),
+                }
                 let body = match ack {
                     Ok(ack) => Body::BroadcastAck(ack),
                     Err(code) => Body::Error(Reason::new(code, code.description())),
@@ -1131,6 +1200,7 @@ impl Writer {
 
     fn encode(&mut self, f: &Frame) {
         self.encode_pending();
+        self.metrics.frame_out(f.body.frame_type());
         encode(f, &mut self.out);
     }
 
@@ -1150,6 +1220,7 @@ impl Writer {
                 end += 1;
             }
             encode_deliver(0, &self.pending[start..end], &mut self.out);
+            self.metrics.frame_out(frame_type::DELIVER);
             start = end;
         }
         self.pending.clear();
@@ -1176,6 +1247,7 @@ impl Writer {
                 &Frame::new(0, Body::GroupDeliver { group: g, messages }),
                 &mut self.out,
             );
+            self.metrics.frame_out(frame_type::GROUP_DELIVER);
         }
         self.pending_group.clear();
     }
@@ -1185,6 +1257,14 @@ impl Writer {
         if !self.out.is_empty() {
             self.wr.write_all(&self.out).await?;
             self.out.clear();
+        }
+        if !self.pushed.is_empty() {
+            let now = Instant::now();
+            for accepted in self.pushed.drain(..) {
+                self.metrics
+                    .accept_to_push
+                    .observe(now.saturating_duration_since(accepted).as_secs_f64());
+            }
         }
         Ok(())
     }
@@ -1220,6 +1300,7 @@ impl Writer {
                     }
                 };
                 let n = page.len();
+                self.metrics.deliveries_catch_up.inc_by(n as u64);
                 for m in page {
                     debug_assert!(m.seq > self.delivered);
                     self.delivered = m.seq;
@@ -1323,6 +1404,7 @@ impl Writer {
                     }
                     if stream.take(self.user, &m) {
                         self.pending_group.push((g, Arc::new(m)));
+                        self.metrics.deliveries_catch_up.inc();
                     }
                 }
                 self.flush()

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use courier_protocol::{
     Destination, ErrorCode, GroupEvent, GroupEventKind, GroupInfo, GroupOp, Message, MessageKind,
@@ -183,9 +184,8 @@ impl Shard {
             };
             (original, recipients)
         } else {
-            self.stats
-                .group_messages
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.group_messages.inc();
+            crate::metrics::Metrics::since(&self.stats.accept_to_durable, cmd.accepted);
             (
                 StoredMessage {
                     seq: p.seq,
@@ -204,22 +204,34 @@ impl Shard {
             }
         };
         let log_from = self.groups.get(&g).map_or(NONE, |c| c.state.log_from);
+        self.stats.fanout_size.observe(recipients.len() as f64);
         if p.seq >= log_from {
             cmd.reply.send(result);
-            self.push_log(g, message, recipients);
+            self.push_log(g, message, recipients, cmd.accepted);
         } else {
-            self.fan_refs(g, message, recipients, Some(cmd.reply), result);
+            self.fan_refs(
+                g,
+                message,
+                recipients,
+                Some(cmd.reply),
+                result,
+                cmd.accepted,
+            );
         }
     }
 
     /// Live push of a log-strategy message to the recipients' sessions.
-    fn push_log(&mut self, g: u64, message: Arc<Message>, recipients: Vec<u64>) {
+    fn push_log(&mut self, g: u64, message: Arc<Message>, recipients: Vec<u64>, accepted: Instant) {
         for (shard, users) in by_shard(recipients, self.peers.len()) {
-            let _ = self.peers[shard].send(ShardCmd::GroupPush {
-                group: g,
-                message: message.clone(),
-                users,
-            });
+            self.to_shard(
+                shard,
+                ShardCmd::GroupPush {
+                    group: g,
+                    message: message.clone(),
+                    users,
+                    accepted,
+                },
+            );
         }
     }
 
@@ -231,6 +243,7 @@ impl Shard {
         recipients: Vec<u64>,
         reply: Option<ReplyTo>,
         result: SendResult,
+        accepted: Instant,
     ) {
         let parts = by_shard(recipients, self.peers.len());
         let fanout = Fanout::new(parts.len(), FanoutAnswer::Group(reply, result));
@@ -243,12 +256,16 @@ impl Shard {
             return;
         }
         for (shard, members) in parts {
-            let _ = self.peers[shard].send(ShardCmd::Refs(RefsCmd {
-                group: g,
-                message: message.clone(),
-                members,
-                fanout: fanout.clone(),
-            }));
+            self.to_shard(
+                shard,
+                ShardCmd::Refs(RefsCmd {
+                    group: g,
+                    message: message.clone(),
+                    members,
+                    fanout: fanout.clone(),
+                    accepted,
+                }),
+            );
         }
     }
 
@@ -340,7 +357,7 @@ impl Shard {
                     timestamp_ms: msg.timestamp_ms,
                     duplicate: true,
                 };
-                self.fan_refs(g, msg, recipients, None, result);
+                self.fan_refs(g, msg, recipients, None, result, Instant::now());
                 redone += 1;
             }
         }
@@ -618,7 +635,7 @@ impl Shard {
         });
         let recipients = recipients_of(&state, &message);
         if e >= state.log_from {
-            self.push_log(g, message, recipients);
+            self.push_log(g, message, recipients, Instant::now());
         } else {
             let result = SendResult {
                 client_msg_id: 0,
@@ -628,7 +645,7 @@ impl Shard {
                 timestamp_ms: ts,
                 duplicate: false,
             };
-            self.fan_refs(g, message, recipients, None, result);
+            self.fan_refs(g, message, recipients, None, result, Instant::now());
         }
         Ok(info(g, e, &state))
     }

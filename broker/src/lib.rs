@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod groups;
 pub mod keys;
+pub mod metrics;
 pub mod receipts;
 pub mod server;
 pub mod shard;
@@ -44,6 +45,7 @@ pub struct Node {
     pub config: config::Config,
     pub store: Arc<dyn InboxStore>,
     pub shards: shard::Shards,
+    pub metrics: Arc<metrics::Metrics>,
     pub key: auth::TokenKey,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
@@ -53,6 +55,7 @@ pub struct Node {
     /// Source of new group ids (low bits; `GROUP_ID_BIT` is added). Seeded
     /// from the clock at start so ids stay unique across restarts.
     pub next_group: AtomicU64,
+    pub started: std::time::Instant,
 }
 
 impl Node {

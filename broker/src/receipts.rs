@@ -196,6 +196,7 @@ impl Shard {
             delivered: nd,
             read: nr,
             back: self.peers[self.id as usize].clone(),
+            back_pushed: self.stats.queue_pushed[self.id as usize].clone(),
         });
         let end = if nr > r { nr } else { nd };
         for ((sender, st), messages) in receipts {
@@ -223,6 +224,7 @@ impl Shard {
                         kind: MessageKind::Receipt,
                         payload,
                         done: Completion::Receipts(batch.clone()),
+                        accepted: std::time::Instant::now(),
                     }),
                 );
             }

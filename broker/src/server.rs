@@ -64,10 +64,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let metrics = Arc::new(crate::metrics::Metrics::new(&shards.stats));
+    metrics.set_io_path("epoll");
     let node = Arc::new(Node {
         config,
         store: store.clone(),
         shards,
+        metrics,
         key,
         shutdown: CancellationToken::new(),
         ready: AtomicBool::new(false),
@@ -75,6 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Milliseconds since the epoch times 1,024: a restart a millisecond
         // later starts above every id handed out before (at < 1,024 groups/ms).
         next_group: AtomicU64::new(crate::now_ms() << 10),
+        started: std::time::Instant::now(),
     });
     tokio::spawn(admin::run(admin_listener, node.clone()));
     spawn_signal_handler(node.shutdown.clone());
@@ -96,7 +100,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (stream, _peer) = tokio::select! {
             _ = node.shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    node.metrics.connections_accepted.inc();
+                    x
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
                     warn!(error = %e, "accept failed");
@@ -114,6 +121,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 });
             }
             Err(_) => {
+                node.metrics.closed(crate::metrics::CloseReason::Refused);
                 tracker.spawn(conn::refuse(
                     stream,
                     ErrorCode::TOO_MANY_CONNECTIONS,

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{debug, error, warn};
 
 use crate::groups::GroupCache;
+use crate::metrics::ShardMetrics;
 use crate::now_ms;
 
 /// How often a shard trims acknowledged messages past retention.
@@ -215,7 +216,9 @@ pub struct ReceiptBatch {
     pub user: u64,
     pub delivered: u64,
     pub read: u64,
+    /// The marking shard's peer queue, and its pushed counter.
     pub back: mpsc::UnboundedSender<ShardCmd>,
+    pub back_pushed: prometheus::IntCounter,
 }
 
 impl ReceiptBatch {
@@ -226,6 +229,7 @@ impl ReceiptBatch {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
             && !self.failed.load(Ordering::Acquire)
         {
+            self.back_pushed.inc();
             let _ = self.back.send(ShardCmd::ReceiptsDone {
                 user: self.user,
                 delivered: self.delivered,
@@ -248,6 +252,8 @@ pub struct SendCmd {
     pub kind: MessageKind,
     pub payload: Bytes,
     pub done: Completion,
+    /// When the connection accepted the send (for latency metrics).
+    pub accepted: Instant,
 }
 
 /// References to one group log entry, for members on one shard.
@@ -257,6 +263,8 @@ pub struct RefsCmd {
     pub message: Arc<Message>,
     pub members: Vec<u64>,
     pub fanout: Arc<Fanout>,
+    /// When the group send was accepted.
+    pub accepted: Instant,
 }
 
 pub struct GroupSendCmd {
@@ -267,6 +275,7 @@ pub struct GroupSendCmd {
     pub kind: MessageKind,
     pub payload: Bytes,
     pub reply: ReplyTo,
+    pub accepted: Instant,
 }
 
 pub type OpResult<T> = Result<T, (ErrorCode, String)>;
@@ -289,6 +298,7 @@ pub enum ShardCmd {
         group: u64,
         message: Arc<Message>,
         users: Vec<u64>,
+        accepted: Instant,
     },
     ReceiptQuery {
         group: u64,
@@ -339,26 +349,14 @@ pub enum Delivery {
 /// A live session as its user's shard sees it.
 pub struct SessionHandle {
     pub id: u64,
-    /// Live deliveries, bounded by `limits.outbound_queue_len`.
-    pub deliveries: mpsc::Sender<Delivery>,
+    /// Live deliveries with the time their send was accepted, bounded by
+    /// `limits.outbound_queue_len`.
+    pub deliveries: mpsc::Sender<(Delivery, Instant)>,
     /// Set by the shard when `deliveries` was full: the session is off live
     /// push and its writer catches up from the store, then clears it.
     pub lagging: AtomicBool,
     /// Wakes the writer when `lagging` is set.
     pub wake: Notify,
-}
-
-/// Counters shared by all shards (read by logs and, later, metrics).
-#[derive(Default)]
-pub struct ShardStats {
-    pub messages_stored: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub live_pushes: AtomicU64,
-    pub demotions: AtomicU64,
-    pub storage_errors: AtomicU64,
-    pub group_messages: AtomicU64,
-    pub refs_stored: AtomicU64,
-    pub receipts_stored: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -389,7 +387,7 @@ impl ShardConfig {
 pub struct Shards {
     queues: Vec<mpsc::Sender<ShardCmd>>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
-    pub stats: Arc<ShardStats>,
+    pub stats: Arc<ShardMetrics>,
 }
 
 impl Shards {
@@ -399,7 +397,7 @@ impl Shards {
         store: Arc<dyn InboxStore>,
     ) -> std::io::Result<Shards> {
         assert!((1..=64).contains(&count), "1 to 64 shards");
-        let stats = Arc::new(ShardStats::default());
+        let stats = Arc::new(ShardMetrics::new(count));
         let mut queues = Vec::with_capacity(count);
         let mut receivers = Vec::with_capacity(count);
         let mut peers = Vec::with_capacity(count);
@@ -455,8 +453,9 @@ impl Shards {
     /// Queues `cmd` on the shard that owns `key` (a user or group id),
     /// waiting while it is full. Returns `false` if the shard has stopped.
     pub async fn send(&self, key: u64, cmd: ShardCmd) -> bool {
-        let q = &self.queues[shard_of(key, self.queues.len())];
-        q.send(cmd).await.is_ok()
+        let i = shard_of(key, self.queues.len());
+        self.stats.queue_pushed[i].inc();
+        self.queues[i].send(cmd).await.is_ok()
     }
 
     /// Stops every shard after what is already queued, and waits for them.
@@ -498,7 +497,7 @@ pub(crate) struct Shard {
     /// senders' in-flight permits that caused it.
     pub(crate) peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
     pub(crate) store: Arc<dyn InboxStore>,
-    pub(crate) stats: Arc<ShardStats>,
+    pub(crate) stats: Arc<ShardMetrics>,
     pub(crate) config: ShardConfig,
     batch_max: usize,
     sessions: HashMap<u64, Vec<Arc<SessionHandle>>>,
@@ -524,7 +523,7 @@ impl Shard {
         peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
         peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
         store: Arc<dyn InboxStore>,
-        stats: Arc<ShardStats>,
+        stats: Arc<ShardMetrics>,
         config: &ShardConfig,
     ) -> Shard {
         Shard {
@@ -550,7 +549,13 @@ impl Shard {
 
     /// Queues a command on the shard that owns `key`, through its peer queue.
     pub(crate) fn to_peer(&self, key: u64, cmd: ShardCmd) {
-        let _ = self.peers[shard_of(key, self.peers.len())].send(cmd);
+        self.to_shard(shard_of(key, self.peers.len()), cmd);
+    }
+
+    /// Queues a command on shard `shard`'s peer queue.
+    pub(crate) fn to_shard(&self, shard: usize, cmd: ShardCmd) {
+        self.stats.queue_pushed[shard].inc();
+        let _ = self.peers[shard].send(cmd);
     }
 
     /// `marks`: this shard's groups' fan-out marks, to complete interrupted
@@ -582,12 +587,17 @@ impl Shard {
                     },
                 }
             }
+            if !cmds.is_empty() {
+                self.stats.queue_popped[self.id as usize].inc_by(cmds.len() as u64);
+                self.stats.shard_batch.observe(cmds.len() as f64);
+            }
             let stop = self.process(&mut cmds);
             if stop {
                 // Work other shards handed over before they stopped.
                 while let Ok(cmd) = self.peer_rx.try_recv() {
                     cmds.push(cmd);
                 }
+                self.stats.queue_popped[self.id as usize].inc_by(cmds.len() as u64);
                 self.process(&mut cmds);
                 break;
             }
@@ -689,9 +699,10 @@ impl Shard {
                     group,
                     message,
                     users,
+                    accepted,
                 } => {
                     for user in users {
-                        self.push(user, Delivery::Group(group, message.clone()));
+                        self.push(user, Delivery::Group(group, message.clone()), accepted);
                     }
                 }
                 ShardCmd::ReceiptQuery { .. } => queries.push(cmd),
@@ -758,7 +769,13 @@ impl Shard {
             return;
         }
         let kv = std::mem::take(&mut self.kv);
-        match self.store.append_with(appends, &kv, now_ms()) {
+        let started = Instant::now();
+        let written = self.store.append_with(appends, &kv, now_ms());
+        self.stats
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.write_batch.observe(appends.len() as f64);
+        match written {
             Ok(outcomes) => {
                 let mut it = appends.drain(..).zip(outcomes);
                 for p in plan.drain(..) {
@@ -767,7 +784,7 @@ impl Shard {
             }
             Err(e) => {
                 error!(shard = self.id, error = %e, count = appends.len(), "storage append failed; rejecting the batch");
-                self.stats.storage_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.storage_errors.inc();
                 appends.clear();
                 // Planning a send changes no cached group state (only a
                 // membership change does, after its own write succeeded), so
@@ -819,12 +836,12 @@ impl Shard {
                     match outcome {
                         AppendOutcome::Stored(p) => {
                             stored += 1;
-                            self.stats.refs_stored.fetch_add(1, Ordering::Relaxed);
+                            self.stats.refs_stored.inc();
                             let msg = Message {
                                 seq: p.seq,
                                 ..(*r.message).clone()
                             };
-                            self.push(m.inbox, Delivery::Inbox(Arc::new(msg)));
+                            self.push(m.inbox, Delivery::Inbox(Arc::new(msg)), r.accepted);
                         }
                         AppendOutcome::Duplicate(_) => dups += 1,
                         AppendOutcome::Conflict => {
@@ -856,9 +873,10 @@ impl Shard {
         complete(s.done, result, matches!(outcome, AppendOutcome::Stored(_)));
         match outcome {
             AppendOutcome::Stored(p) => {
-                self.stats.messages_stored.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::Metrics::since(&self.stats.accept_to_durable, s.accepted);
+                self.stats.messages_stored.inc();
                 if s.kind == MessageKind::Receipt {
-                    self.stats.receipts_stored.fetch_add(1, Ordering::Relaxed);
+                    self.stats.receipts_stored.inc();
                 }
                 let stored = StoredMessage {
                     seq: p.seq,
@@ -866,7 +884,7 @@ impl Shard {
                     via: None,
                 };
                 match to_wire(stored) {
-                    Ok(msg) => self.push(s.recipient, Delivery::Inbox(Arc::new(msg))),
+                    Ok(msg) => self.push(s.recipient, Delivery::Inbox(Arc::new(msg)), s.accepted),
                     // Cannot happen for a record built above from a valid
                     // send; if it does, the writer's catch-up reports it.
                     Err(e) => {
@@ -875,7 +893,7 @@ impl Shard {
                 }
             }
             AppendOutcome::Duplicate(_) => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.stats.duplicates.inc();
             }
             AppendOutcome::Conflict => {}
         }
@@ -884,7 +902,7 @@ impl Shard {
     /// Offers a delivery to every live session of `user`. A full queue
     /// demotes the session to catch-up (its writer re-reads the store); it
     /// never blocks the shard and never drops the message from storage.
-    pub(crate) fn push(&mut self, user: u64, d: Delivery) {
+    pub(crate) fn push(&mut self, user: u64, d: Delivery, accepted: Instant) {
         let Some(list) = self.sessions.get_mut(&user) else {
             return;
         };
@@ -897,15 +915,15 @@ impl Shard {
                 Delivery::Inbox(m) => Delivery::Inbox(m.clone()),
                 Delivery::Group(g, m) => Delivery::Group(*g, m.clone()),
             };
-            match session.deliveries.try_send(d) {
+            match session.deliveries.try_send((d, accepted)) {
                 Ok(()) => {
-                    stats.live_pushes.fetch_add(1, Ordering::Relaxed);
+                    stats.live_pushes.inc();
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     session.lagging.store(true, Ordering::SeqCst);
                     session.wake.notify_one();
-                    stats.demotions.fetch_add(1, Ordering::Relaxed);
+                    stats.demotions.inc();
                     debug!(
                         user,
                         session = session.id,
@@ -1058,6 +1076,7 @@ mod tests {
                 request_id: i as u32,
                 index: None,
             }),
+            accepted: Instant::now(),
         })
     }
 
@@ -1108,11 +1127,11 @@ mod tests {
         }
         // A queue of two: two pushed, the third demoted the session, the
         // rest were not offered to it.
-        assert_eq!(inbox_seq(drx.recv().await.unwrap()), 1);
-        assert_eq!(inbox_seq(drx.recv().await.unwrap()), 2);
+        assert_eq!(inbox_seq(drx.recv().await.unwrap().0), 1);
+        assert_eq!(inbox_seq(drx.recv().await.unwrap().0), 2);
         assert!(drx.try_recv().is_err());
         assert!(session.lagging.load(Ordering::SeqCst));
-        assert_eq!(shards.stats.demotions.load(Ordering::Relaxed), 1);
+        assert_eq!(shards.stats.demotions.get(), 1);
         assert_eq!(store.read_after(2, 0, 10).unwrap().len(), 5, "all stored");
 
         // A retry answers with the original placement and stores nothing.
@@ -1153,7 +1172,8 @@ mod tests {
         let (_tx, rx) = mpsc::channel(1);
         let (ptx, prx) = mpsc::unbounded_channel();
         let config = ShardConfig::for_tests();
-        let mut shard = Shard::new(3, rx, prx, vec![ptx].into(), store, Arc::default(), &config);
+        let stats = Arc::new(ShardMetrics::new(4));
+        let mut shard = Shard::new(3, rx, prx, vec![ptx].into(), store, stats, &config);
         let mut seen = HashSet::new();
         let mut last_ts = 0;
         for _ in 0..5000 {

@@ -534,18 +534,10 @@ async fn group_receipts(threshold: &str) {
     // The node counts what it did: one group message (events are not
     // counted there); references only for the refs strategy: the creation
     // event to all 4 members, the message to the 3 others.
-    assert_eq!(metric(&server, "courier_group_messages_total").await, 1);
-    assert_eq!(metric(&server, "courier_receipts_stored_total").await, 0);
-    let refs = metric(&server, "courier_group_references_total").await;
+    assert_eq!(server.metric("courier_group_messages_total").await, 1);
+    assert_eq!(server.metric("courier_receipts_stored_total").await, 0);
+    let refs = server.metric("courier_group_references_total").await;
     assert_eq!(refs, if threshold == REFS { 7 } else { 0 });
-}
-
-/// The value of one counter on the node's `/metrics`.
-async fn metric(server: &Server, name: &str) -> u64 {
-    let (_, body) = server.admin_get("/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
 }
 
 #[tokio::test]
@@ -614,7 +606,7 @@ async fn receipts_reach_the_sender_after_it_reconnects_and_never_go_back() {
         (ReceiptStatus::Read, vec![ids(2)])
     );
     nothing_more(&alice).await;
-    assert_eq!(metric(&server, "courier_receipts_stored_total").await, 3);
+    assert_eq!(server.metric("courier_receipts_stored_total").await, 3);
     // Receipts are not receipted back.
     let m = alice.fetch(0, 10).await.unwrap();
     alice.mark_read(m.head_seq).await.unwrap();
@@ -812,7 +804,7 @@ async fn receipts_survive_a_crash() {
     let m = bob.recv_timeout(WAIT).await.unwrap();
     bob.mark_read(m.seq).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while metric(&server, "courier_receipts_stored_total").await < 1 {
+    while server.metric("courier_receipts_stored_total").await < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "receipt never stored"

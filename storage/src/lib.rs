@@ -97,4 +97,28 @@ pub trait InboxStore: Send + Sync + 'static {
 
     /// Makes everything written so far durable (WAL sync), e.g. at shutdown.
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// The engine's health, for metrics (`None`: nothing to report, as for
+    /// the in-memory store).
+    fn health(&self) -> Option<StoreHealth> {
+        None
+    }
+}
+
+/// What the storage engine says about itself, read when metrics are scraped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Bytes compaction estimates it still has to rewrite (all column families).
+    pub pending_compaction_bytes: u64,
+    /// Writes are stopped (a write stall).
+    pub write_stopped: bool,
+    /// Writes are being slowed down.
+    pub write_delayed: bool,
+    pub memtable_bytes: u64,
+    pub block_cache_bytes: u64,
+    pub live_data_bytes: u64,
+    pub sst_bytes: u64,
+    pub running_compactions: u64,
+    /// Writes that synced the write-ahead log (since the store opened).
+    pub wal_syncs: u64,
 }

@@ -34,6 +34,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -45,13 +46,14 @@ use rocksdb::{
 };
 
 use crate::model::*;
-use crate::InboxStore;
+use crate::{InboxStore, StoreHealth};
 
 const CF_INBOX: &str = "inbox";
 const CF_META: &str = "meta";
 const CF_IDEM: &str = "idem";
 const CF_KV: &str = "kv";
 const CF_EXPIRING: &str = "expiring";
+const ALL_CFS: [&str; 6] = ["default", CF_INBOX, CF_META, CF_IDEM, CF_KV, CF_EXPIRING];
 const META_LEN: usize = 24;
 const IDEM_LEN: usize = 49;
 /// Lock stripes for the head cache: enough that shards rarely contend.
@@ -64,6 +66,9 @@ pub struct RocksStore {
     /// Cached inbox states, striped by user id. Only the inbox's single writer
     /// changes an entry, after its write succeeded.
     states: Vec<Mutex<HashMap<u64, InboxState>>>,
+    cache: Cache,
+    /// Writes that synced the WAL.
+    wal_syncs: AtomicU64,
 }
 
 fn inbox_key(user: u64, seq: u64) -> [u8; 16] {
@@ -264,6 +269,8 @@ impl RocksStore {
             config,
             write_opts,
             states: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache,
+            wal_syncs: AtomicU64::new(0),
         })
     }
 
@@ -316,7 +323,28 @@ impl RocksStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        Ok(self.db.write_opt(batch, &self.write_opts)?)
+        self.db.write_opt(batch, &self.write_opts)?;
+        if self.config.durability == Durability::Fsync {
+            self.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// An integer property summed over every column family.
+    fn property_sum(&self, name: &str) -> u64 {
+        ALL_CFS
+            .iter()
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(self.cf(cf), name)
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+
+    fn property(&self, name: &str) -> u64 {
+        self.db.property_int_value(name).ok().flatten().unwrap_or(0)
     }
 
     fn read_opts_for(&self, user: u64) -> ReadOptions {
@@ -664,6 +692,23 @@ impl InboxStore for RocksStore {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        Ok(self.db.flush_wal(true)?)
+        self.db.flush_wal(true)?;
+        self.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn health(&self) -> Option<StoreHealth> {
+        Some(StoreHealth {
+            pending_compaction_bytes: self
+                .property_sum("rocksdb.estimate-pending-compaction-bytes"),
+            write_stopped: self.property("rocksdb.is-write-stopped") != 0,
+            write_delayed: self.property("rocksdb.actual-delayed-write-rate") != 0,
+            memtable_bytes: self.property_sum("rocksdb.cur-size-all-mem-tables"),
+            block_cache_bytes: self.cache.get_usage() as u64,
+            live_data_bytes: self.property_sum("rocksdb.estimate-live-data-size"),
+            sst_bytes: self.property_sum("rocksdb.total-sst-files-size"),
+            running_compactions: self.property("rocksdb.num-running-compactions"),
+            wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
+        })
     }
 }

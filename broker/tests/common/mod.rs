@@ -147,6 +147,15 @@ impl Server {
         let code = text.split(' ').nth(1).unwrap().parse().unwrap();
         (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
     }
+
+    /// The value of one sample on the node's `/metrics`, by its exact name
+    /// and labels (`courier_x_total` or `courier_x_total{reason="y"}`).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{body}"))
+    }
 }
 
 impl Drop for Server {

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds container images without pulling anything:
+#   deploy/docker/build.sh              -> courier:latest (release build of this checkout)
+#   deploy/docker/build.sh prometheus   -> courier-prometheus:latest, from the
+#                                          prometheus binary installed here
+#                                          (Debian package `prometheus`)
+# Each image is the binary plus the shared libraries `ldd` lists, on an empty
+# file system (FROM scratch).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+what="${1:-courier}"
+
+ctx="$(mktemp -d)"
+trap 'rm -rf "$ctx"' EXIT
+mkdir -p "$ctx/rootfs/tmp"
+chmod 1777 "$ctx/rootfs/tmp"
+
+# Copies a binary and the libraries it links (with the loader) into rootfs.
+pack() {
+    local bin="$1" dest="$2"
+    install -D -m 0755 "$bin" "$ctx/rootfs$dest"
+    for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+        mkdir -p "$ctx/rootfs$(dirname "$lib")"
+        cp -L "$lib" "$ctx/rootfs$lib"
+    done
+}
+
+case "$what" in
+courier)
+    source "$root/scripts/setup.sh"
+    cd "$root"
+    # PROFILE=bench reuses an optimized build made for benchmarks (thin LTO).
+    profile="${PROFILE:-release}"
+    cargo build --profile "$profile" -p courier-broker --bin courier
+    out="$profile"
+    [ "$profile" = bench ] && out=release
+    pack "${CARGO_TARGET_DIR:-$root/target}/$out/courier" /usr/local/bin/courier
+    install -d -o 65534 -g 65534 "$ctx/rootfs/data"
+    cp "$root/deploy/docker/Dockerfile" "$ctx/Dockerfile"
+    docker build -q -t "${IMAGE:-courier:latest}" "$ctx"
+    ;;
+prometheus)
+    command -v prometheus >/dev/null || {
+        echo "build.sh: installing prometheus (Debian package)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    }
+    pack "$(command -v prometheus)" /bin/prometheus
+    install -d -o 65534 -g 65534 "$ctx/rootfs/prometheus"
+    cat >"$ctx/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY rootfs/ /
+USER 65534:65534
+EXPOSE 9090
+ENTRYPOINT ["/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
+DOCKERFILE
+    docker build -q -t "${IMAGE:-courier-prometheus:latest}" "$ctx"
+    ;;
+*)
+    echo "usage: $0 [courier|prometheus]" >&2
+    exit 2
+    ;;
+esac
