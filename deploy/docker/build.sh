@@ -35,7 +35,7 @@ courier)
     out="$profile"
     [ "$profile" = bench ] && out=release
     pack "${CARGO_TARGET_DIR:-$root/target}/$out/courier" /usr/local/bin/courier
-    install -d -o 65534 -g 65534 "$ctx/rootfs/data"
+    mkdir -p "$ctx/data"
     cp "$root/deploy/docker/Dockerfile" "$ctx/Dockerfile"
     docker build -q -t "${IMAGE:-courier:latest}" "$ctx"
     ;;
@@ -45,10 +45,11 @@ prometheus)
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
     }
     pack "$(command -v prometheus)" /bin/prometheus
-    install -d -o 65534 -g 65534 "$ctx/rootfs/prometheus"
+    mkdir -p "$ctx/data"
     cat >"$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
 COPY rootfs/ /
+COPY --chown=65534:65534 data/ /prometheus/
 USER 65534:65534
 EXPOSE 9090
 ENTRYPOINT ["/bin/prometheus"]
