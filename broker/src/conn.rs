@@ -81,6 +81,14 @@ impl FrameReader {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Decode(e)),
             }
+            if self.buf.is_empty() {
+                // Hold no buffer while the peer is quiet: an idle session
+                // costs no read buffer. Wait for bytes first.
+                if self.buf.capacity() > 0 {
+                    self.buf = BytesMut::new();
+                }
+                self.rd.readable().await.map_err(ReadError::Io)?;
+            }
             // Grow in steps, never by the peer's claimed length alone.
             if self.buf.capacity() - self.buf.len() < 4096 {
                 let want = peek_len(&self.buf)
@@ -88,9 +96,10 @@ impl FrameReader {
                     .unwrap_or(0);
                 self.buf.reserve(want.clamp(8192, 64 << 10));
             }
-            match self.rd.read_buf(&mut self.buf).await {
+            match self.rd.try_read_buf(&mut self.buf) {
                 Ok(0) => return Err(ReadError::Closed),
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
@@ -118,7 +127,9 @@ async fn bye(
 }
 
 async fn linger(rd: &mut OwnedReadHalf) {
-    let mut scratch = [0u8; 4096];
+    // On the heap, not in the future: every connection's task would carry
+    // these 4 KiB for its whole life otherwise.
+    let mut scratch = vec![0u8; 4096];
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(n) = rd.read(&mut scratch).await {
             if n == 0 {
@@ -165,7 +176,7 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
     let limits = &node.config.limits;
     let mut reader = FrameReader {
         rd,
-        buf: BytesMut::with_capacity(8192),
+        buf: BytesMut::new(),
         max_frame_len: limits.max_frame_len,
     };
 
@@ -344,7 +355,7 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
             groups: HashMap::new(),
             rescan: true,
             inflight: inflight.clone(),
-            out: BytesMut::with_capacity(16 << 10),
+            out: BytesMut::new(),
             pending: Vec::new(),
             pending_group: Vec::new(),
             batches: HashMap::new(),
@@ -522,7 +533,7 @@ impl Conn {
                     accepted: Instant::now(),
                 }),
             ),
-            Destination::List(list) => return self.broadcast(s, list, request_id).await,
+            Destination::List(list) => return Box::pin(self.broadcast(s, list, request_id)).await,
         };
         if self.node.shards.send(key, cmd).await {
             true
@@ -628,6 +639,10 @@ impl Conn {
     }
 
     /// Handles one request; false when the node is stopping.
+    /// Handles one frame. Sends, acks and marks (the frequent ones) run
+    /// here; everything else runs in `handle_other`, boxed: its future is
+    /// large, and boxing it keeps every connection's task small while the
+    /// connection waits (an idle connection should cost little memory).
     async fn handle(&mut self, frame: Frame) -> bool {
         let rid = frame.request_id;
         self.node.metrics.frame_in(frame.body.frame_type());
@@ -636,9 +651,47 @@ impl Conn {
                 Ok(_) => return self.dispatch(s, rid, None).await,
                 Err((code, msg)) => {
                     self.node.metrics.rejected(code);
-                    self.error(rid, code, msg)
+                    self.error(rid, code, msg);
+                    true
                 }
             },
+            Body::Ack { up_to_seq } => {
+                let user = self.user;
+                let cmd = ShardCmd::Mark {
+                    user,
+                    stream: 0,
+                    up_to_seq,
+                    status: ReceiptStatus::Delivered,
+                };
+                return self.node.shards.send(user, cmd).await;
+            }
+            Body::Mark(m) => {
+                if (m.stream != 0 && m.stream & GROUP_ID_BIT == 0)
+                    || m.status == ReceiptStatus::Viewed
+                {
+                    self.error(
+                        rid,
+                        ErrorCode::INVALID_REQUEST,
+                        "mark a stream (0 or a group) delivered or read; views use StatusView",
+                    );
+                    return true;
+                }
+                let user = self.user;
+                let cmd = ShardCmd::Mark {
+                    user,
+                    stream: m.stream,
+                    up_to_seq: m.up_to_seq,
+                    status: m.status,
+                };
+                return self.node.shards.send(user, cmd).await;
+            }
+            body => Box::pin(self.handle_other(Frame::new(rid, body))).await,
+        }
+    }
+
+    async fn handle_other(&mut self, frame: Frame) -> bool {
+        let rid = frame.request_id;
+        match frame.body {
             Body::SendBatch(sends) => {
                 let max = self.node.config.limits.max_batch;
                 if sends.len() > max as usize {
@@ -689,36 +742,6 @@ impl Conn {
                         }
                     }
                 }
-            }
-            Body::Ack { up_to_seq } => {
-                let user = self.user;
-                let cmd = ShardCmd::Mark {
-                    user,
-                    stream: 0,
-                    up_to_seq,
-                    status: ReceiptStatus::Delivered,
-                };
-                return self.node.shards.send(user, cmd).await;
-            }
-            Body::Mark(m) => {
-                if (m.stream != 0 && m.stream & GROUP_ID_BIT == 0)
-                    || m.status == ReceiptStatus::Viewed
-                {
-                    self.error(
-                        rid,
-                        ErrorCode::INVALID_REQUEST,
-                        "mark a stream (0 or a group) delivered or read; views use StatusView",
-                    );
-                    return true;
-                }
-                let user = self.user;
-                let cmd = ShardCmd::Mark {
-                    user,
-                    stream: m.stream,
-                    up_to_seq: m.up_to_seq,
-                    status: m.status,
-                };
-                return self.node.shards.send(user, cmd).await;
             }
             Body::Group(g) => {
                 let group = if g.op == GroupOp::Create {
@@ -1256,7 +1279,9 @@ impl Writer {
         self.encode_pending();
         if !self.out.is_empty() {
             self.wr.write_all(&self.out).await?;
-            self.out.clear();
+            // Release the buffer rather than keep it: the writer now waits,
+            // and a waiting session should cost no write buffer.
+            self.out = BytesMut::new();
         }
         if !self.pushed.is_empty() {
             let now = Instant::now();
