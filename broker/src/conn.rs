@@ -81,14 +81,13 @@ impl FrameReader {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Decode(e)),
             }
-            if self.buf.is_empty() {
-                // Hold no buffer while the peer is quiet: an idle session
-                // costs no read buffer. Wait for bytes first.
-                if self.buf.capacity() > 0 {
-                    self.buf = BytesMut::new();
-                }
-                self.rd.readable().await.map_err(ReadError::Io)?;
+            // Hold no buffer while the peer is quiet: an idle session costs
+            // no read buffer. Wait for bytes first, always (`try_read_buf`
+            // never waits: without this a partial frame would spin).
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                self.buf = BytesMut::new();
             }
+            self.rd.readable().await.map_err(ReadError::Io)?;
             // Grow in steps, never by the peer's claimed length alone.
             if self.buf.capacity() - self.buf.len() < 4096 {
                 let want = peek_len(&self.buf)

@@ -465,3 +465,41 @@ async fn fan_out_requests_with_bad_fields_get_their_codes() {
     assert_eq!(raw.expect_goodbye().await, ErrorCode::MALFORMED_FRAME);
     still_serving(&server).await;
 }
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A client that sends half a frame and stops must cost the server
+/// nothing while it waits: the session waits for the rest (or the idle
+/// timeout) without spinning, and the frame completes normally.
+#[tokio::test]
+async fn half_a_frame_is_waited_for_not_spun_on() {
+    let server = Server::start(&[]);
+    let mut raw = after_hello(&server, 1).await;
+    // A ping frame (length 13, type 0x0b, request id 7, nonce 9), split.
+    let ping = [0, 0, 0, 13, 0x0b, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 9];
+    raw.send_bytes(&ping[..6]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = cpu_ticks(server.child.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(server.child.id()) - before;
+    // A spinning reader burns a whole core: about 100 ticks in this second.
+    assert!(
+        used < 30,
+        "the server used {used} ticks waiting for half a frame"
+    );
+    raw.send_bytes(&ping[6..]).await;
+    match raw.next().await {
+        Some(Frame {
+            request_id: 7,
+            body: Body::Pong { nonce: 9 },
+        }) => {}
+        other => panic!("expected the pong, got {other:?}"),
+    }
+}

@@ -426,10 +426,14 @@ async fn admin_commands_work_and_need_an_admin_token() {
     let group = alice.create_group(vec![2]).await.unwrap().group;
     assert_eq!(bob.recv_timeout(WAIT).await.unwrap().seq, 1);
 
-    let json = |args: &[&str]| -> serde_json::Value {
+    // `courier admin` with a token minted from the node's secret.
+    let admin_cmd = |args: &[&str]| {
         let mut all = vec!["admin", "--admin-addr", &admin, "--data-dir", &dir];
         all.extend_from_slice(args);
-        let (ok, out, err) = courier(&all);
+        courier(&all)
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = admin_cmd(args);
         assert!(ok, "courier {args:?}: {err}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     };
@@ -470,25 +474,9 @@ async fn admin_commands_work_and_need_an_admin_token() {
     assert_eq!(server.admin_get("/readyz").await.0, 200, "still serving");
 
     // An unknown group, a user id that is not one.
-    let (ok, out, _) = courier(&[
-        "admin",
-        "--admin-addr",
-        &admin,
-        "--data-dir",
-        &dir,
-        "group",
-        "9223372036854775809",
-    ]);
+    let (ok, out, _) = admin_cmd(&["group", "9223372036854775809"]);
     assert!(!ok && out.contains("no such group"), "{out}");
-    let (ok, out, _) = courier(&[
-        "admin",
-        "--admin-addr",
-        &admin,
-        "--data-dir",
-        &dir,
-        "user",
-        "0",
-    ]);
+    let (ok, out, _) = admin_cmd(&["user", "0"]);
     assert!(!ok && out.contains("user id"), "{out}");
 
     // Drain: the node says goodbye to its sessions and exits cleanly.

@@ -7,8 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use courier_client::{Client, ClientConfig};
-use courier_protocol::token::Claims;
+use courier_client::Client;
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -59,15 +58,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
     let mut keepalive_ms = 0;
     let mut attempts = stream::iter(0..opts.users)
         .map(|i| {
-            let u = opts.first_user + i;
-            let token = opts.key.mint(Claims {
-                user_id: u,
-                device_id: 1,
-                expires_at_s: u64::MAX / 2,
-            });
-            let mut config = ClientConfig::new(opts.addr.clone(), u, 1, token);
-            config.resume_after = Some(u64::MAX);
-            config.local_addr = opts.source(i);
+            let mut config = opts.client_config(i);
             config.connect_timeout = Duration::from_secs(30);
             Client::connect(config)
         })

@@ -137,6 +137,22 @@ impl Options {
         self.scenario == Scenario::Reconnect || self.chaos_kill.is_some()
     }
 
+    /// The session configuration of simulated user number `i`: its token
+    /// minted from the node's key, resuming after everything already in its
+    /// inbox (earlier runs are not ours), from its source address.
+    pub(crate) fn client_config(&self, i: u64) -> ClientConfig {
+        let u = self.first_user + i;
+        let token = self.key.mint(Claims {
+            user_id: u,
+            device_id: 1,
+            expires_at_s: u64::MAX / 2,
+        });
+        let mut config = ClientConfig::new(self.addr.clone(), u, 1, token);
+        config.resume_after = Some(u64::MAX);
+        config.local_addr = self.source(i);
+        config
+    }
+
     /// The local address of connection `i`.
     pub(crate) fn source(&self, i: u64) -> Option<std::net::IpAddr> {
         (!self.source_addrs.is_empty())
@@ -647,16 +663,7 @@ async fn connect_all(
         let u = opts.first_user + i;
         match opts.target {
             Target::Courier | Target::Relay => {
-                let token = opts.key.mint(Claims {
-                    user_id: u,
-                    device_id: 1,
-                    expires_at_s: u64::MAX / 2,
-                });
-                let mut config = ClientConfig::new(opts.addr.clone(), u, 1, token);
-                // Start after everything already in the inbox: earlier runs are not ours.
-                config.resume_after = Some(u64::MAX);
-                config.local_addr = opts.source(i);
-                let (client, _) = Client::connect(config).await?;
+                let (client, _) = Client::connect(opts.client_config(i)).await?;
                 let client = Arc::new(client);
                 sources.push(Source::Courier(client.clone(), 0));
                 endpoints.push(Endpoint::Courier(client));
