@@ -135,16 +135,23 @@ impl Shard {
 
         // (original sender, status) -> (client id, server id) of each message.
         let mut receipts: BTreeMap<(u64, u8), Vec<(u64, u64)>> = BTreeMap::new();
-        let mut after = r;
+        // Messages up to the delivered cursor need nothing unless the read
+        // cursor moved: start there, not at the read cursor (a user who
+        // acknowledges but never marks read would otherwise have every ack
+        // re-read the inbox from its first unread message).
+        let mut after = if nr > r { r } else { d };
         'pages: while after < nd {
-            let page = match self.store.read_after(user, after, PAGE) {
+            // Exactly what is left of the range (a client that acknowledges
+            // one message of a long backlog reads one message).
+            let want = ((nd - after) as usize).min(PAGE);
+            let page = match self.store.read_after(user, after, want) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(shard = self.id, error = %e, "reading messages for receipts failed");
                     break;
                 }
             };
-            let full = page.len() == PAGE;
+            let full = page.len() == want;
             for m in page {
                 if m.seq > nd {
                     break 'pages;

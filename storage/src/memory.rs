@@ -55,6 +55,8 @@ fn prefix_range<'a, V>(
 pub struct MemoryStore {
     config: StoreConfig,
     inner: Mutex<Inner>,
+    /// Messages returned by `read_after`, for tests of read costs.
+    messages_read: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryStore {
@@ -62,7 +64,14 @@ impl MemoryStore {
         MemoryStore {
             config,
             inner: Mutex::new(Inner::default()),
+            messages_read: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many messages `read_after` has returned so far.
+    pub fn messages_read(&self) -> u64 {
+        self.messages_read
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -184,7 +193,11 @@ impl InboxStore for MemoryStore {
                     }),
                 },
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()
+            .inspect(|v| {
+                self.messages_read
+                    .fetch_add(v.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            })
     }
 
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
