@@ -16,7 +16,6 @@ use courier_loadtest::{run, Options, Scenario, Target};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_to_one_and_group_runs_lose_nothing() {
     let server = Server::start(&[]);
-    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
     // (scenario, group or list size, offered messages/s): bounded work.
     for (i, (scenario, group_size, rate)) in [
         (Scenario::OneToOne, 2, 2000.0),
@@ -27,23 +26,15 @@ async fn one_to_one_and_group_runs_lose_nothing() {
     .into_iter()
     .enumerate()
     {
-        let report = run(Options {
-            scenario,
-            users: 20,
-            first_user: 10_000 * (i as u64 + 1),
-            duration: Duration::from_secs(2),
-            rate: Some(rate),
-            // Mixed: groups of 3 and 8 (two of 3 for each of 8).
-            group_sizes: if scenario == Scenario::Mixed {
-                vec![(3, 2), (8, 1)]
-            } else {
-                vec![(group_size, 1)]
-            },
-            ..Options::new(Target::Courier, server.addr.clone(), key.clone())
-        })
-        .await
-        .unwrap();
-        println!("{}", report.summary());
+        // Mixed: groups of 3 and 8 (two of 3 for each of 8).
+        let sizes = if scenario == Scenario::Mixed {
+            vec![(3, 2), (8, 1)]
+        } else {
+            vec![(group_size, 1)]
+        };
+        let report = server
+            .short_load(scenario, sizes, 10_000 * (i as u64 + 1), rate)
+            .await;
         let v = &report.verdict;
         assert!(v.ok(), "{}", report.summary());
         assert!(report.acked > 100, "{}", report.summary());
@@ -62,7 +53,6 @@ async fn one_to_one_and_group_runs_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_loses_nothing() {
     let server = Server::start(&[]);
-    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
     let report = run(Options {
         scenario: Scenario::Reconnect,
         users: 20,
@@ -70,7 +60,7 @@ async fn a_reconnect_storm_loses_nothing() {
         duration: Duration::from_secs(3),
         rate: Some(1000.0),
         reconnect_every: Duration::from_millis(300),
-        ..Options::new(Target::Courier, server.addr.clone(), key)
+        ..server.load_options()
     })
     .await
     .unwrap();
@@ -145,7 +135,6 @@ async fn chaos_kills_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_held_and_measured() {
     let server = Server::start(&[]);
-    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
     let pid = server.child.id();
     let report = run(Options {
         scenario: Scenario::Idle,
@@ -154,7 +143,7 @@ async fn idle_connections_are_held_and_measured() {
         duration: Duration::from_secs(2),
         server: Some(Arc::new(ServerProcess::existing(pid, &server.addr))),
         source_addrs: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
-        ..Options::new(Target::Courier, server.addr.clone(), key)
+        ..server.load_options()
     })
     .await
     .unwrap();

@@ -20,8 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use courier_broker::auth::load_or_create_secret;
-use courier_loadtest::{run, Options, Scenario, Target};
+use courier_loadtest::Scenario;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -209,24 +208,15 @@ async fn prometheus_scrapes_the_counts_the_load_sent() {
     };
     let server = Server::start(&[]);
     let prom = Prometheus::start(&prometheus, &server.admin);
-    let key = load_or_create_secret(&server.data_dir.join("secret.key")).unwrap();
     let mut acked = 0;
     let mut group_acked = 0;
     for (i, (scenario, size)) in [(Scenario::OneToOne, 2), (Scenario::Group, 5)]
         .into_iter()
         .enumerate()
     {
-        let report = run(Options {
-            scenario,
-            users: 20,
-            first_user: 100_000 * (i as u64 + 1),
-            duration: Duration::from_secs(2),
-            rate: Some(1000.0),
-            group_sizes: vec![(size, 1)],
-            ..Options::new(Target::Courier, server.addr.clone(), key.clone())
-        })
-        .await
-        .unwrap();
+        let report = server
+            .short_load(scenario, vec![(size, 1)], 100_000 * (i as u64 + 1), 1000.0)
+            .await;
         assert!(report.verdict.ok(), "{}", report.summary());
         assert_eq!(report.acked, report.sent, "{}", report.summary());
         acked += report.acked;

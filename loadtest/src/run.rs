@@ -445,8 +445,36 @@ pub(crate) fn client_msg_id(tag: u64, route: usize, n: u64) -> u64 {
     (tag & 0xFFFF) << 48 | (route as u64 & 0xFF) << 40 | n
 }
 
+/// A sender's numbering of its messages: which route each takes (by
+/// weight, from an RNG seeded by the user, so runs repeat) and its number
+/// on that route.
+pub(crate) struct Numbering {
+    pub rng: rand::rngs::StdRng,
+    per_route: Vec<u64>,
+    /// Messages numbered so far (the pacer's count).
+    pub count: u64,
+}
+
+impl Numbering {
+    pub(crate) fn new(me: u64, routes: usize) -> Numbering {
+        Numbering {
+            rng: rand::rngs::StdRng::seed_from_u64(me),
+            per_route: vec![0; routes],
+            count: 0,
+        }
+    }
+
+    /// The next message: (route, its number on that route).
+    pub(crate) fn next(&mut self, routes: &[Route]) -> (usize, u64) {
+        self.count += 1;
+        let ri = pick(routes, &mut self.rng);
+        self.per_route[ri] += 1;
+        (ri, self.per_route[ri])
+    }
+}
+
 /// Picks a route by weight.
-pub(crate) fn pick(routes: &[Route], rng: &mut impl rand::Rng) -> usize {
+fn pick(routes: &[Route], rng: &mut impl rand::Rng) -> usize {
     if routes.len() == 1 {
         return 0;
     }
@@ -1053,8 +1081,7 @@ async fn send(
         return (h, histogram(), checker);
     }
     let mut tally = Tally::new();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(me);
-    let mut ns = vec![0u64; my_routes.len()];
+    let mut numbering = Numbering::new(me, my_routes.len());
     let mut inflight = FuturesUnordered::new();
     let finish = |(ri, n, intended, r): (usize, u64, Instant, Result<(), String>),
                   h: &mut Histogram<u64>,
@@ -1069,8 +1096,7 @@ async fn send(
         ),
         Err(e) => shared.error(e),
     };
-    let mut k = 0;
-    while let Some(intended) = pacer.intended(k) {
+    while let Some(intended) = pacer.intended(numbering.count) {
         // Wait for the intended time and for room in the window, taking
         // acks as they come.
         loop {
@@ -1085,10 +1111,7 @@ async fn send(
                 }
             }
         }
-        k += 1;
-        let ri = pick(&my_routes, &mut rng);
-        ns[ri] += 1;
-        let n = ns[ri];
+        let (ri, n) = numbering.next(&my_routes);
         let body = payload(conversation(me, ri), n, shared.since_start(intended), size);
         shared.sent(&mut tally);
         // Queued now, in order; the ack is awaited with the others.

@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_client::{Client, ClientError};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use crate::checker::Checker;
 use crate::latency::histogram;
 use crate::run::{
-    client_error, client_msg_id, conversation, courier_send, payload, pick, Outcome, Pacer, Route,
-    Routes, Shared, Tally,
+    client_error, client_msg_id, conversation, courier_send, payload, Numbering, Outcome, Pacer,
+    Route, Routes, Shared, Tally,
 };
 
 /// How long to keep trying to reconnect after sending has ended.
@@ -70,9 +70,7 @@ impl User {
             e2e_h: histogram(),
             checker: Checker::new(),
             tally: Tally::new(),
-            rng: rand::rngs::StdRng::seed_from_u64(self.me),
-            ns: vec![0; self.routes.len()],
-            k: 0,
+            numbering: Numbering::new(self.me, self.routes.len()),
             unacked: BTreeMap::new(),
             last_seq: HashMap::new(),
             sending: !self.routes.is_empty(),
@@ -156,11 +154,11 @@ impl User {
             inflight.push(queue(k, u));
         }
         let lifetime = self.lifetime.map(|m| {
-            let jitter = state.rng.gen_range(0.5..1.5);
+            let jitter = state.numbering.rng.gen_range(0.5..1.5);
             tokio::time::Instant::now() + m.mul_f64(jitter)
         });
         let mut next_at = if state.sending {
-            self.pacer.intended(state.k)
+            self.pacer.intended(state.numbering.count)
         } else {
             None
         };
@@ -175,18 +173,15 @@ impl User {
                     if room && next_at.is_some() =>
                 {
                     let intended = next_at.expect("guarded");
-                    let k = state.k;
-                    state.k += 1;
-                    let route = pick(&self.routes, &mut state.rng);
-                    state.ns[route] += 1;
-                    let n = state.ns[route];
+                    let k = state.numbering.count;
+                    let (route, n) = state.numbering.next(&self.routes);
                     let conv = conversation(self.me, route);
                     let body = payload(conv, n, shared.since_start(intended), self.size);
                     let u = Unacked { route, n, intended, body };
                     shared.sent(&mut state.tally);
                     inflight.push(queue(k, &u));
                     state.unacked.insert(k, u);
-                    next_at = self.pacer.intended(state.k);
+                    next_at = self.pacer.intended(state.numbering.count);
                 }
                 Some((k, r)) = inflight.next(), if !inflight.is_empty() => match r {
                     Ok(()) => {
@@ -235,11 +230,7 @@ struct State {
     e2e_h: hdrhistogram::Histogram<u64>,
     checker: Checker,
     tally: Tally,
-    rng: rand::rngs::StdRng,
-    /// Messages numbered so far, per route.
-    ns: Vec<u64>,
-    /// Messages generated so far (the pacer's count).
-    k: u64,
+    numbering: Numbering,
     unacked: BTreeMap<u64, Unacked>,
     /// The last sequence seen per stream (0: the inbox; else a group's log).
     last_seq: HashMap<u64, u64>,

@@ -343,10 +343,6 @@ impl RocksStore {
             .sum()
     }
 
-    fn property(&self, name: &str) -> u64 {
-        self.db.property_int_value(name).ok().flatten().unwrap_or(0)
-    }
-
     fn read_opts_for(&self, user: u64) -> ReadOptions {
         let mut ro = ReadOptions::default();
         ro.set_verify_checksums(true);
@@ -701,13 +697,18 @@ impl InboxStore for RocksStore {
         Some(StoreHealth {
             pending_compaction_bytes: self
                 .property_sum("rocksdb.estimate-pending-compaction-bytes"),
-            write_stopped: self.property("rocksdb.is-write-stopped") != 0,
-            write_delayed: self.property("rocksdb.actual-delayed-write-rate") != 0,
+            write_stopped: self.property_int("rocksdb.is-write-stopped").unwrap_or(0) != 0,
+            write_delayed: self
+                .property_int("rocksdb.actual-delayed-write-rate")
+                .unwrap_or(0)
+                != 0,
             memtable_bytes: self.property_sum("rocksdb.cur-size-all-mem-tables"),
             block_cache_bytes: self.cache.get_usage() as u64,
             live_data_bytes: self.property_sum("rocksdb.estimate-live-data-size"),
             sst_bytes: self.property_sum("rocksdb.total-sst-files-size"),
-            running_compactions: self.property("rocksdb.num-running-compactions"),
+            running_compactions: self
+                .property_int("rocksdb.num-running-compactions")
+                .unwrap_or(0),
             wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
         })
     }

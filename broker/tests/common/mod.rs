@@ -148,6 +148,36 @@ impl Server {
         (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
     }
 
+    /// Load-generator options against this node (tokens from its secret).
+    pub fn load_options(&self) -> courier_loadtest::Options {
+        let key = load_or_create_secret(&self.data_dir.join("secret.key")).unwrap();
+        courier_loadtest::Options::new(courier_loadtest::Target::Courier, self.addr.clone(), key)
+    }
+
+    /// A short open-loop run of the load generator: 20 users for 2 s,
+    /// offering `rate` messages/s, users numbered from `first_user`.
+    pub async fn short_load(
+        &self,
+        scenario: courier_loadtest::Scenario,
+        group_sizes: Vec<(usize, u32)>,
+        first_user: u64,
+        rate: f64,
+    ) -> courier_loadtest::Report {
+        let report = courier_loadtest::run(courier_loadtest::Options {
+            scenario,
+            users: 20,
+            first_user,
+            duration: Duration::from_secs(2),
+            rate: Some(rate),
+            group_sizes,
+            ..self.load_options()
+        })
+        .await
+        .unwrap();
+        println!("{}", report.summary());
+        report
+    }
+
     /// The value of one sample on the node's `/metrics`, by its exact name
     /// and labels (`courier_x_total` or `courier_x_total{reason="y"}`).
     pub async fn metric(&self, name: &str) -> u64 {
