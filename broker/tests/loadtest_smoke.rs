@@ -87,10 +87,7 @@ async fn chaos_kills_lose_nothing() {
     .into_iter()
     .enumerate()
     {
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().to_string()
-        };
+        let addr = format!("127.0.0.1:{}", free_port());
         let command = vec![
             env!("CARGO_BIN_EXE_courier").to_string(),
             "serve".into(),

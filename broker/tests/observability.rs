@@ -76,14 +76,6 @@ fn promtool(promtool: &Path, args: &[&str], stdin: Option<&str>) -> String {
     text
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One GET against Prometheus's HTTP API; the parsed JSON answer.
 fn prometheus_get(addr: &str, path_and_query: &str) -> Option<serde_json::Value> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -529,4 +521,26 @@ async fn refused_handshakes_are_counted_by_reason() {
             .await,
         1
     );
+}
+
+/// A bad log filter or format stops `courier serve` before it opens
+/// anything, naming what is wrong.
+#[test]
+fn bad_log_settings_are_refused_with_their_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let serve = [
+        "serve",
+        "--data-dir",
+        &data,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let (ok, _, err) = courier(&[&serve[..], &["--log", "info,x=["]].concat());
+    assert!(!ok && err.contains("bad log filter"), "{err}");
+    let (ok, _, err) = courier(&[&serve[..], &["--log-format", "xml"]].concat());
+    assert!(!ok && err.contains("--log-format"), "{err}");
+    assert!(!dir.path().join("db").exists(), "nothing was opened");
 }

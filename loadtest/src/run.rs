@@ -1344,6 +1344,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn group_size_specs_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_group_sizes("50"), Ok(vec![(50, 1)]));
+        assert_eq!(
+            parse_group_sizes("8x7, 50x2,1024x1"),
+            Ok(vec![(8, 7), (50, 2), (1024, 1)])
+        );
+        for (bad, says) in [
+            ("", "bad group size"),
+            ("x3", "bad group size"),
+            ("8xa", "bad weight"),
+            ("1", "at least 2 members"),
+            ("8x0", "weight of at least 1"),
+        ] {
+            let err = parse_group_sizes(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    /// Options that cannot work are refused before any connection.
+    #[tokio::test]
+    async fn impossible_options_are_refused_up_front() {
+        let base = || Options::new(Target::Courier, "127.0.0.1:1", TokenKey::new(vec![1; 32]));
+        let err = |o: Options| async move { run(o).await.unwrap_err().to_string() };
+        let e = err(Options {
+            chaos_kill: Some(Duration::from_secs(1)),
+            ..base()
+        })
+        .await;
+        assert!(e.contains("--server-cmd"), "{e}");
+        let e = err(Options {
+            scenario: Scenario::Reconnect,
+            ..Options::new(Target::Nats, "127.0.0.1:1", TokenKey::new(vec![1; 32]))
+        })
+        .await;
+        assert!(e.contains("courier target"), "{e}");
+        let e = err(Options { size: 8, ..base() }).await;
+        assert!(e.contains("at least"), "{e}");
+        let e = err(Options { users: 3, ..base() }).await;
+        assert!(e.contains("even number"), "{e}");
+    }
+
+    #[test]
     fn payloads_carry_their_stamp() {
         let p = payload(7, 9, 123, 100);
         assert_eq!(p.len(), 100);

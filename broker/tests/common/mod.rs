@@ -195,6 +195,16 @@ impl Drop for Server {
     }
 }
 
+/// A loopback port free right now (for a server that must keep its port
+/// across restarts, or a peer started by a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Sends chat messages "m<i>" for each `i` to `to`, each acknowledged.
 pub async fn send_numbered(client: &Client, to: u64, range: std::ops::RangeInclusive<u64>) {
     for i in range {
