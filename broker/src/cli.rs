@@ -133,6 +133,10 @@ struct ServeArgs {
     /// fsync (survives power loss, the default) or wal (survives a process crash).
     #[arg(long)]
     durability: Option<String>,
+    /// Network path: auto (io_uring if the kernel allows it, else epoll),
+    /// uring or epoll.
+    #[arg(long)]
+    io: Option<String>,
     /// Log filter: a level (error, warn, info, debug, trace) or per-module
     /// directives such as `info,courier_broker::conn=debug`. Debug logs one
     /// line per connection event; no level logs per message.
@@ -195,6 +199,7 @@ pub fn main() -> anyhow::Result<()> {
                     listen: a.listen,
                     admin_listen: a.admin_listen,
                     durability: a.durability,
+                    io: a.io,
                 },
             )?;
             init_logging(&a.log, a.log_format)?;

@@ -13,6 +13,8 @@ use anyhow::{bail, Context};
 use courier_storage::Durability;
 use serde::Deserialize;
 
+pub use crate::net::IoMode;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -26,6 +28,11 @@ pub struct Config {
     pub durability: String,
     /// Number of shards (writer threads); 0 = one per CPU.
     pub shards: usize,
+    /// Network path: `auto` (io_uring if the kernel allows it, else
+    /// epoll), `uring` (fail if unavailable) or `epoll`.
+    pub io: IoMode,
+    /// io_uring threads (one ring and one listener each); 0 = one per CPU.
+    pub io_threads: usize,
     pub limits: Limits,
     pub retention: Retention,
     pub auth: Auth,
@@ -136,6 +143,8 @@ impl Default for Config {
             admin_listen: "127.0.0.1:7701".parse().expect("literal"),
             durability: "fsync".into(),
             shards: 0,
+            io: IoMode::Auto,
+            io_threads: 0,
             limits: Limits::default(),
             retention: Retention::default(),
             auth: Auth::default(),
@@ -198,6 +207,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
     pub durability: Option<String>,
+    pub io: Option<String>,
 }
 
 impl Config {
@@ -258,6 +268,9 @@ impl Config {
         if let Some(v) = flags.durability {
             put("durability", toml::Value::String(v));
         }
+        if let Some(v) = flags.io {
+            put("io", toml::Value::String(v));
+        }
         let config: Config = toml::Value::Table(doc)
             .try_into()
             .context("invalid configuration")?;
@@ -307,6 +320,7 @@ impl Config {
             "queue lengths must be at least 1"
         );
         anyhow::ensure!(self.shards <= 64, "at most 64 shards");
+        anyhow::ensure!(self.io_threads <= 256, "at most 256 io_threads");
         Ok(())
     }
 
@@ -324,6 +338,16 @@ impl Config {
                 .min(64)
         } else {
             self.shards
+        }
+    }
+
+    pub fn io_thread_count(&self) -> usize {
+        if self.io_threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.io_threads
         }
     }
 

@@ -28,9 +28,6 @@ use bytes::{Buf, BytesMut};
 use courier_protocol::codec::peek_len;
 use courier_protocol::*;
 use courier_storage::InboxStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, error, warn};
 
@@ -38,6 +35,7 @@ use crate::auth::AuthError;
 use crate::groups::valid_user;
 use crate::keys;
 use crate::metrics::{AuthFailure, CloseReason, Metrics};
+use crate::net::{NetRead, NetWrite, Transport};
 use crate::shard::{
     to_wire, Completion, Delivery, Fanout, FanoutAnswer, GroupOpCmd, GroupSendCmd, OpResult, Reply,
     ReplyTo, SendCmd, SessionHandle, ShardCmd,
@@ -63,14 +61,15 @@ enum ReadError {
     Decode(DecodeError),
 }
 
-struct FrameReader {
-    rd: OwnedReadHalf,
+struct FrameReader<R> {
+    rd: R,
     buf: BytesMut,
     max_frame_len: u32,
 }
 
-impl FrameReader {
-    /// Next whole frame. Cancel-safe: partial bytes stay in `buf`.
+impl<R: NetRead> FrameReader<R> {
+    /// Next whole frame. Cancelling it may drop a partial frame (see
+    /// `NetRead::read_some`); callers that cancel close the connection.
     async fn next_frame(&mut self) -> Result<Frame, ReadError> {
         loop {
             match decode(&self.buf, self.max_frame_len) {
@@ -81,42 +80,42 @@ impl FrameReader {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Decode(e)),
             }
-            // Hold no buffer while the peer is quiet: an idle session costs
-            // no read buffer. Wait for bytes first, always (`try_read_buf`
-            // never waits: without this a partial frame would spin).
+            // Hold no buffer once a read is consumed: the read path
+            // allocates one when bytes come (epoll) or a small one for the
+            // pending read of a quiet peer (io_uring).
             if self.buf.is_empty() && self.buf.capacity() > 0 {
                 self.buf = BytesMut::new();
             }
-            self.rd.readable().await.map_err(ReadError::Io)?;
             // Grow in steps, never by the peer's claimed length alone.
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                let want = peek_len(&self.buf)
-                    .map(|l| (l as usize + 4).saturating_sub(self.buf.len()))
-                    .unwrap_or(0);
-                self.buf.reserve(want.clamp(8192, 64 << 10));
-            }
-            match self.rd.try_read_buf(&mut self.buf) {
+            let want = peek_len(&self.buf)
+                .map(|l| (l as usize + 4).saturating_sub(self.buf.len()))
+                .unwrap_or(0)
+                .clamp(8192, 64 << 10);
+            match self.rd.read_some(&mut self.buf, want).await {
                 Ok(0) => return Err(ReadError::Closed),
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(ReadError::Io(e)),
             }
         }
     }
 }
 
-async fn goodbye(wr: &mut OwnedWriteHalf, code: ErrorCode, message: impl Into<String>) {
-    let frame = Frame::new(0, Body::Goodbye(Reason::new(code, message)));
-    let _ = wr.write_all(&encode_to_bytes(&frame)).await;
-    let _ = wr.shutdown().await;
+async fn goodbye(wr: &mut impl NetWrite, code: ErrorCode, message: impl Into<String>) {
+    let mut out = BytesMut::new();
+    encode(
+        &Frame::new(0, Body::Goodbye(Reason::new(code, message))),
+        &mut out,
+    );
+    let _ = wr.write_all(out).await;
+    wr.shutdown().await;
 }
 
 /// Says goodbye, then reads and discards what the peer still sends until it
 /// closes (at most `LINGER`): closing a socket with unread input makes the
 /// kernel reset the connection, which can destroy the goodbye in flight.
-async fn bye(
-    wr: &mut OwnedWriteHalf,
-    reader: &mut FrameReader,
+async fn bye<R: NetRead>(
+    wr: &mut impl NetWrite,
+    reader: &mut FrameReader<R>,
     code: ErrorCode,
     message: impl Into<String>,
 ) -> CloseReason {
@@ -125,29 +124,34 @@ async fn bye(
     CloseReason::of_code(code)
 }
 
-async fn linger(rd: &mut OwnedReadHalf) {
+async fn linger(rd: &mut impl NetRead) {
     // On the heap, not in the future: every connection's task would carry
-    // these 4 KiB for its whole life otherwise.
-    let mut scratch = vec![0u8; 4096];
+    // these bytes for its whole life otherwise.
+    let mut scratch = BytesMut::new();
     let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = rd.read(&mut scratch).await {
+        while let Ok(n) = rd.read_some(&mut scratch, 4096).await {
             if n == 0 {
                 break;
             }
+            scratch.clear();
         }
     })
     .await;
 }
 
 /// Refuses a connection the node has no room for.
-pub async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
-    let (mut rd, mut wr) = stream.into_split();
+pub(crate) async fn refuse(stream: impl Transport, code: ErrorCode, message: &str) {
+    let (mut rd, mut wr) = stream.split();
     goodbye(&mut wr, code, message).await;
     linger(&mut rd).await;
 }
 
-pub async fn serve(node: Arc<Node>, stream: TcpStream) {
-    let reason = session(&node, stream).await;
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    stream: impl Transport,
+    peer: Option<std::net::SocketAddr>,
+) {
+    let reason = session(&node, stream, peer).await;
     node.metrics.closed(reason);
 }
 
@@ -168,10 +172,12 @@ impl Drop for OpenSession<'_> {
 }
 
 /// One connection from accept to close; returns why it closed.
-async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+async fn session<T: Transport>(
+    node: &Arc<Node>,
+    stream: T,
+    peer: Option<std::net::SocketAddr>,
+) -> CloseReason {
+    let (rd, mut wr) = stream.split();
     let limits = &node.config.limits;
     let mut reader = FrameReader {
         rd,
@@ -316,14 +322,12 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
         max_batch: limits.max_batch,
         keepalive_ms: (limits.idle_timeout_ms / 3).min(u32::MAX as u64) as u32,
     };
-    if wr
-        .write_all(&encode_to_bytes(&Frame::new(
-            first.request_id,
-            Body::Welcome(welcome),
-        )))
-        .await
-        .is_err()
-    {
+    let mut out = BytesMut::new();
+    encode(
+        &Frame::new(first.request_id, Body::Welcome(welcome)),
+        &mut out,
+    );
+    if wr.write_all(out).await.is_err() {
         unregister(node.clone()).await;
         return CloseReason::IoError;
     }
@@ -341,29 +345,26 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> CloseReason {
 
     let inflight = Arc::new(Semaphore::new(limits.max_in_flight));
     let (rtx, rrx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(
-        Writer {
-            wr,
-            replies: rrx,
-            deliveries: drx,
-            deliveries_open: true,
-            session: session.clone(),
-            store: node.store.clone(),
-            user,
-            delivered: start_after,
-            groups: HashMap::new(),
-            rescan: true,
-            inflight: inflight.clone(),
-            out: BytesMut::new(),
-            pending: Vec::new(),
-            pending_group: Vec::new(),
-            batches: HashMap::new(),
-            max_frame_len: limits.max_frame_len as usize,
-            metrics: node.metrics.clone(),
-            pushed: Vec::new(),
-        }
-        .run(),
-    );
+    let writer = T::spawn_writer(Writer {
+        wr,
+        replies: rrx,
+        deliveries: drx,
+        deliveries_open: true,
+        session: session.clone(),
+        store: node.store.clone(),
+        user,
+        delivered: start_after,
+        groups: HashMap::new(),
+        rescan: true,
+        inflight: inflight.clone(),
+        out: BytesMut::new(),
+        pending: Vec::new(),
+        pending_group: Vec::new(),
+        batches: HashMap::new(),
+        max_frame_len: limits.max_frame_len as usize,
+        metrics: node.metrics.clone(),
+        pushed: Vec::new(),
+    });
 
     let mut conn = Conn {
         node: node.clone(),
@@ -983,8 +984,8 @@ impl Conn {
 }
 
 /// The write side: the only task that writes to the socket.
-struct Writer {
-    wr: OwnedWriteHalf,
+pub(crate) struct Writer<W> {
+    wr: W,
     replies: mpsc::UnboundedReceiver<Reply>,
     deliveries: mpsc::Receiver<(Delivery, Instant)>,
     deliveries_open: bool,
@@ -1042,12 +1043,12 @@ enum Step {
     Close,
 }
 
-impl Writer {
-    async fn run(mut self) {
+impl<W: NetWrite> Writer<W> {
+    pub(crate) async fn run(mut self) {
         if let Err(e) = self.run_inner().await {
             debug!(user = self.user, error = %e, "writer stopped");
         }
-        let _ = self.wr.shutdown().await;
+        self.wr.shutdown().await;
     }
 
     async fn run_inner(&mut self) -> std::io::Result<()> {
@@ -1277,10 +1278,9 @@ impl Writer {
     async fn flush(&mut self) -> std::io::Result<()> {
         self.encode_pending();
         if !self.out.is_empty() {
-            self.wr.write_all(&self.out).await?;
-            // Release the buffer rather than keep it: the writer now waits,
-            // and a waiting session should cost no write buffer.
-            self.out = BytesMut::new();
+            // Hand the buffer over and start the next one empty: the writer
+            // now waits, and a waiting session should cost no write buffer.
+            self.wr.write_all(std::mem::take(&mut self.out)).await?;
         }
         if !self.pushed.is_empty() {
             let now = Instant::now();

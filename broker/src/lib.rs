@@ -20,6 +20,7 @@ pub mod conn;
 pub mod groups;
 pub mod keys;
 pub mod metrics;
+pub mod net;
 pub mod receipts;
 pub mod server;
 pub mod shard;

@@ -7,6 +7,7 @@
 //! `limits.shutdown_grace_ms`), then stops each shard after its queue is
 //! drained and syncs the store.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +16,23 @@ use anyhow::Context;
 use courier_protocol::ErrorCode;
 use courier_storage::{RocksStore, StoreConfig};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::net::{self, IoPath, UringStream};
 use crate::shard::{ShardConfig, Shards};
 use crate::{admin, auth, conn, Node};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let durability = config.durability()?;
+    // Before anything is opened: a forced io_uring that cannot run stops here.
+    let (io, fallback) = net::choose(config.io)?;
+    if let Some(why) = &fallback {
+        warn!(reason = %why, "io_uring unavailable; using the epoll network path");
+    }
     raise_open_file_limit(config.limits.max_connections);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
@@ -55,17 +62,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         store.clone(),
     )?;
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listeners = Listeners::bind(io, config.listen, config.io_thread_count())
         .with_context(|| format!("binding the client listener {}", config.listen))?;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
-    let client_addr = listener.local_addr()?;
+    let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
     let metrics = Arc::new(crate::metrics::Metrics::new(&shards.stats));
-    metrics.set_io_path("epoll");
+    metrics.set_io_path(io.name());
     let node = Arc::new(Node {
         config,
         store: store.clone(),
@@ -92,48 +98,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "  data:    {} (durability {durability}, {shard_count} shards)",
         node.config.data_dir.display()
     );
-    info!(%client_addr, %admin_addr, %durability, shard_count, "courier serving");
+    let io_desc = match &listeners {
+        Listeners::Epoll(_) => "epoll".to_owned(),
+        Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),
+    };
+    match &fallback {
+        None => println!("  io:      {io_desc}"),
+        Some(why) => println!("  io:      {io_desc} (io_uring unavailable: {why})"),
+    }
+    info!(%client_addr, %admin_addr, %durability, shard_count, io = io.name(), "courier serving");
 
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(node.config.limits.max_connections));
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = node.shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => {
-                    node.metrics.connections_accepted.inc();
-                    x
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
-                let node = node.clone();
-                tracker.spawn(async move {
-                    conn::serve(node, stream).await;
-                    drop(slot);
-                });
+    let mut rings = Vec::new();
+    match listeners {
+        Listeners::Epoll(listener) => accept_epoll(&node, listener, &tracker, &slots).await,
+        Listeners::Uring(listeners) => {
+            for (i, l) in listeners.into_iter().enumerate() {
+                let (node, tracker, slots) = (node.clone(), tracker.clone(), slots.clone());
+                rings.push(
+                    std::thread::Builder::new()
+                        .name(format!("courier-ring-{i}"))
+                        .spawn(move || ring_thread(node, l, tracker, slots))
+                        .context("starting an io_uring thread")?,
+                );
             }
-            Err(_) => {
-                node.metrics.closed(crate::metrics::CloseReason::Refused);
-                tracker.spawn(conn::refuse(
-                    stream,
-                    ErrorCode::TOO_MANY_CONNECTIONS,
-                    "connection limit reached",
-                ));
-            }
+            node.shutdown.cancelled().await;
         }
     }
 
     info!("shutting down: no new connections; finishing accepted work");
     node.ready.store(false, Ordering::SeqCst);
-    drop(listener);
     tracker.close();
     let grace =
         Duration::from_millis(node.config.limits.shutdown_grace_ms) + Duration::from_secs(2);
@@ -145,9 +140,161 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.shards.stop().await;
     store.sync().context("final store sync")?;
+    // Each ring stops once its connections are done (or its grace is over).
+    tokio::task::spawn_blocking(move || {
+        for r in rings {
+            let _ = r.join();
+        }
+    })
+    .await?;
     println!("courier stopped");
     info!("stopped");
     Ok(())
+}
+
+/// The client listeners of the chosen path: one tokio listener, or one
+/// `SO_REUSEPORT` socket per io_uring thread (the kernel spreads new
+/// connections over them).
+enum Listeners {
+    Epoll(TcpListener),
+    Uring(Vec<std::net::TcpListener>),
+}
+
+impl Listeners {
+    fn bind(io: IoPath, addr: SocketAddr, rings: usize) -> std::io::Result<Listeners> {
+        match io {
+            IoPath::Epoll => {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(Listeners::Epoll(TcpListener::from_std(l)?))
+            }
+            IoPath::Uring => {
+                let first = reuse_port_listener(addr)?;
+                // Port 0: the others bind the port the first one got.
+                let addr = first.local_addr()?;
+                let mut all = vec![first];
+                for _ in 1..rings.max(1) {
+                    all.push(reuse_port_listener(addr)?);
+                }
+                Ok(Listeners::Uring(all))
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listeners::Epoll(l) => l.local_addr(),
+            Listeners::Uring(l) => l[0].local_addr(),
+        }
+    }
+}
+
+fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Takes a connection slot, or counts the refusal.
+fn admit(node: &Node, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    node.metrics.connections_accepted.inc();
+    let slot = slots.clone().try_acquire_owned().ok();
+    if slot.is_none() {
+        node.metrics.closed(crate::metrics::CloseReason::Refused);
+    }
+    slot
+}
+
+const REFUSED: &str = "connection limit reached";
+
+/// Out of file descriptors and the like: back off, keep serving.
+async fn accept_failed(e: std::io::Error) {
+    warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn accept_epoll(
+    node: &Arc<Node>,
+    listener: TcpListener,
+    tracker: &TaskTracker,
+    slots: &Arc<Semaphore>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        match admit(node, slots) {
+            Some(slot) => {
+                let node = node.clone();
+                tracker.spawn(async move {
+                    conn::serve(node, stream, Some(peer)).await;
+                    drop(slot);
+                });
+            }
+            None => {
+                tracker.spawn(conn::refuse(
+                    stream,
+                    ErrorCode::TOO_MANY_CONNECTIONS,
+                    REFUSED,
+                ));
+            }
+        }
+    }
+}
+
+/// One io_uring thread: its own ring and current-thread runtime, its own
+/// listener; its connections' tasks stay on it. The shards are shared.
+fn ring_thread(
+    node: Arc<Node>,
+    listener: std::net::TcpListener,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+) {
+    tokio_uring::builder().entries(1024).start(async move {
+        let listener = tokio_uring::net::TcpListener::from_std(listener);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = node.shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                },
+            };
+            let stream = UringStream(stream);
+            match admit(&node, &slots) {
+                Some(slot) => {
+                    let node = node.clone();
+                    tokio_uring::spawn(tracker.track_future(async move {
+                        conn::serve(node, stream, Some(peer)).await;
+                        drop(slot);
+                    }));
+                }
+                None => {
+                    let refuse = conn::refuse(stream, ErrorCode::TOO_MANY_CONNECTIONS, REFUSED);
+                    tokio_uring::spawn(tracker.track_future(refuse));
+                }
+            }
+        }
+        drop(listener);
+        // Keep the ring turning until this node's connections are done: the
+        // runtime drops whatever tasks remain when this returns.
+        let grace = Duration::from_millis(node.config.limits.shutdown_grace_ms);
+        let _ = tokio::time::timeout(grace + Duration::from_secs(2), tracker.wait()).await;
+    })
 }
 
 /// Every connection is a file descriptor (and RocksDB keeps its files

@@ -148,5 +148,6 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
             server_bytes_per_connection: server_before.zip(server_after).map(|(b, a)| per(b, a)),
             generator_bytes_per_connection: per(own_before, own_after),
         }),
+        label: None,
     })
 }

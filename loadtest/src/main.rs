@@ -94,6 +94,9 @@ struct Args {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The run's name in `--table` (e.g. "Courier (epoll)"); the target's by default.
+    #[arg(long)]
+    label: Option<String>,
     /// Write an SVG report (throughput and latency over time, percentiles).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -178,6 +181,10 @@ async fn main() -> anyhow::Result<()> {
         ..Options::new(a.target, a.addr, key)
     })
     .await?;
+    let report = courier_loadtest::Report {
+        label: a.label,
+        ..report
+    };
     print!("{}", report.summary());
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)

@@ -215,6 +215,9 @@ pub struct Report {
     /// The idle scenario's figures.
     #[serde(default)]
     pub idle: Option<crate::idle::IdleReport>,
+    /// The name of this run in tables (`--label`); the target's otherwise.
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 /// One second of the timeline: sent, acked, delivered, end-to-end latencies.
@@ -1258,6 +1261,7 @@ fn report(
         redelivered: shared.redelivered.load(Ordering::Relaxed),
         kills: 0,
         idle: None,
+        label: None,
     }
 }
 

@@ -3,14 +3,26 @@
 
 use crate::run::{Report, Scenario, Target};
 
-/// A Markdown table of `reports`, one section per scenario.
+/// A Markdown table of `reports`, one section per scenario and number of
+/// users (in the order they first appear).
 pub fn markdown(reports: &[Report]) -> String {
     let mut out = String::new();
-    for scenario in [Scenario::OneToOne, Scenario::Group, Scenario::Broadcast] {
-        let rows: Vec<&Report> = reports.iter().filter(|r| r.scenario == scenario).collect();
-        if rows.is_empty() {
-            continue;
+    let mut sections: Vec<(Scenario, u64)> = Vec::new();
+    for r in reports {
+        let s = (r.scenario, r.users);
+        let shown = matches!(
+            r.scenario,
+            Scenario::OneToOne | Scenario::Group | Scenario::Broadcast
+        );
+        if shown && !sections.contains(&s) {
+            sections.push(s);
         }
+    }
+    for (scenario, users) in sections {
+        let rows: Vec<&Report> = reports
+            .iter()
+            .filter(|r| r.scenario == scenario && r.users == users)
+            .collect();
         // Ratios against Courier's closed-loop (peak) run.
         let courier = rows
             .iter()
@@ -28,8 +40,8 @@ pub fn markdown(reports: &[Report]) -> String {
                 .unwrap_or_else(|| "-".into());
             let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
             out.push_str(&format!(
-                "| {:?} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} / {} |\n",
-                r.target,
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} / {} |\n",
+                r.label.clone().unwrap_or_else(|| format!("{:?}", r.target)),
                 r.mode,
                 r.acked_per_s,
                 r.delivered_per_s,
@@ -40,6 +52,29 @@ pub fn markdown(reports: &[Report]) -> String {
                 r.verdict.lost,
                 r.verdict.duplicates,
                 r.verdict.reordered
+            ));
+        }
+    }
+    let idle: Vec<(&Report, &crate::idle::IdleReport)> = reports
+        .iter()
+        .filter_map(|r| Some((r, r.idle.as_ref()?)))
+        .collect();
+    if !idle.is_empty() {
+        out.push_str("\n**Idle connections** (sessions held, keepalive pings only):\n\n");
+        out.push_str("| target | sessions | failed | connects/s | server bytes / connection | generator bytes / connection | alive at end |\n");
+        out.push_str("|--------|---------:|-------:|-----------:|--------------------------:|-----------------------------:|-------------:|\n");
+        for (r, i) in idle {
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.0} | {} | {:.0} | {} |\n",
+                r.label.clone().unwrap_or_else(|| format!("{:?}", r.target)),
+                i.connections,
+                i.failed,
+                i.connects_per_s,
+                i.server_bytes_per_connection
+                    .map(|b| format!("{b:.0}"))
+                    .unwrap_or_else(|| "-".into()),
+                i.generator_bytes_per_connection,
+                i.alive_at_end
             ));
         }
     }

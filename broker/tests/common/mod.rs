@@ -22,7 +22,10 @@ pub struct Server {
     pub addr: String,
     pub admin: String,
     pub data_dir: PathBuf,
+    /// What the node printed when it started.
+    pub banner: Vec<String>,
     env: Vec<(String, String)>,
+    deny_uring: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -35,13 +38,29 @@ impl Server {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(&dir, env);
+        let mut s = Server::spawn(&dir, env, false);
         s._tmp = Some(tmp);
         s
     }
 
-    fn spawn(dir: &Path, env: Vec<(String, String)>) -> Server {
+    /// A node whose process may not use io_uring (a seccomp filter, as a
+    /// container runtime's default profile installs).
+    pub fn start_without_uring(env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut s = Server::spawn(tmp.path(), env, true);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    fn spawn(dir: &Path, env: Vec<(String, String)>, deny_uring: bool) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        if deny_uring {
+            deny_io_uring(&mut cmd);
+        }
         cmd.args([
             "serve",
             "--listen",
@@ -63,7 +82,12 @@ impl Server {
         let mut child = cmd.spawn().expect("start courier");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut addr, mut admin) = (None, None);
-        while addr.is_none() || admin.is_none() {
+        let mut banner = Vec::new();
+        // The banner ends with the network path line.
+        while banner
+            .last()
+            .is_none_or(|l: &String| !l.trim().starts_with("io:"))
+        {
             let line = lines
                 .next()
                 .expect("courier exited before printing its addresses")
@@ -74,6 +98,7 @@ impl Server {
             if let Some(a) = line.trim().strip_prefix("admin:   http://") {
                 admin = Some(a.trim_end_matches("/healthz").to_owned());
             }
+            banner.push(line);
         }
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
@@ -82,7 +107,9 @@ impl Server {
             addr: addr.unwrap(),
             admin: admin.unwrap(),
             data_dir: dir.to_owned(),
+            banner,
             env,
+            deny_uring,
             _tmp: None,
         }
     }
@@ -101,7 +128,7 @@ impl Server {
     /// Starts the node again on the same data dir (new ports).
     pub fn restart(&mut self) {
         let tmp = self._tmp.take();
-        let next = Server::spawn(&self.data_dir, self.env.clone());
+        let next = Server::spawn(&self.data_dir, self.env.clone(), self.deny_uring);
         let old = std::mem::replace(self, next);
         drop(old); // already stopped; dropping reaps it
         self._tmp = tmp;
@@ -193,6 +220,67 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Makes `cmd`'s process unable to use io_uring: a seccomp filter that
+/// answers `io_uring_setup` with EPERM, as Docker's default profile does.
+pub fn deny_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const IO_URING_SETUP: u32 = 425; // the same number on every architecture
+    let filter = Box::leak(Box::new([
+        // A = seccomp_data.nr
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        // if A == io_uring_setup: next, else skip one
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: IO_URING_SETUP,
+        },
+        // return ERRNO(EPERM)
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x0005_0000 | libc::EPERM as u32,
+        },
+        // return ALLOW
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ]));
+    let (at, len) = (filter.as_mut_ptr() as usize, filter.len() as u16);
+    // SAFETY: between fork and exec only prctl runs, on memory that lives
+    // for the whole process (leaked above); both are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len,
+                filter: at as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// File descriptors the process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// A loopback port free right now (for a server that must keep its port
