@@ -33,6 +33,12 @@ pub struct Config {
     pub io: IoMode,
     /// io_uring threads (one ring and one listener each); 0 = one per CPU.
     pub io_threads: usize,
+    /// io_uring only: submission queue entries per ring (a power of two).
+    /// tokio-uring hands operations to the kernel only when the queue is
+    /// full or the thread has nothing to run, so under load this is also
+    /// how many operations wait to be submitted: smaller submits sooner,
+    /// larger in bigger batches (measured in docs/BENCHMARKS.md).
+    pub io_ring_entries: u32,
     pub limits: Limits,
     pub retention: Retention,
     pub auth: Auth,
@@ -145,6 +151,7 @@ impl Default for Config {
             shards: 0,
             io: IoMode::Auto,
             io_threads: 0,
+            io_ring_entries: 256,
             limits: Limits::default(),
             retention: Retention::default(),
             auth: Auth::default(),
@@ -321,6 +328,10 @@ impl Config {
         );
         anyhow::ensure!(self.shards <= 64, "at most 64 shards");
         anyhow::ensure!(self.io_threads <= 256, "at most 256 io_threads");
+        anyhow::ensure!(
+            self.io_ring_entries.is_power_of_two() && (2..=32768).contains(&self.io_ring_entries),
+            "io_ring_entries must be a power of two from 2 to 32768"
+        );
         Ok(())
     }
 
@@ -432,6 +443,54 @@ mod tests {
         let err =
             Config::load(None, vars(&[("COURIER_TOKENS", "t")]), Overrides::default()).unwrap_err();
         assert!(format!("{err:#}").contains("tokens"), "{err:#}");
+    }
+
+    #[test]
+    fn network_path_settings() {
+        let c = Config::load(None, vars(&[]), Overrides::default()).unwrap();
+        assert_eq!((c.io, c.io_ring_entries), (IoMode::Auto, 256));
+        let c = Config::load(
+            None,
+            vars(&[
+                ("COURIER_IO", "uring"),
+                ("COURIER_IO_THREADS", "3"),
+                ("COURIER_IO_RING_ENTRIES", "64"),
+            ]),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.io, c.io_threads, c.io_ring_entries),
+            (IoMode::Uring, 3, 64)
+        );
+        assert_eq!(c.io_thread_count(), 3);
+        let c = Config::load(
+            None,
+            vars(&[("COURIER_IO", "uring")]),
+            Overrides {
+                io: Some("epoll".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.io, IoMode::Epoll, "the flag wins");
+        for (k, v, named) in [
+            ("COURIER_IO", "kqueue", "unknown variant `kqueue`"),
+            (
+                "COURIER_IO_RING_ENTRIES",
+                "100",
+                "io_ring_entries must be a power of two",
+            ),
+            (
+                "COURIER_IO_RING_ENTRIES",
+                "65536",
+                "io_ring_entries must be a power of two",
+            ),
+            ("COURIER_IO_THREADS", "1000", "at most 256 io_threads"),
+        ] {
+            let err = Config::load(None, vars(&[(k, v)]), Overrides::default()).unwrap_err();
+            assert!(format!("{err:#}").contains(named), "{k}={v}: {err:#}");
+        }
     }
 
     #[test]

@@ -66,8 +66,9 @@ pub fn choose(mode: IoMode) -> anyhow::Result<(IoPath, Option<String>)> {
 }
 
 /// Asks the kernel for a small ring and closes it. A kernel without
-/// io_uring answers ENOSYS; a seccomp profile that blocks it (Docker's
-/// default does) or `kernel.io_uring_disabled` answers EPERM.
+/// io_uring answers ENOSYS; a seccomp profile that blocks it (recent
+/// container runtimes' defaults do) or `kernel.io_uring_disabled` answers
+/// EPERM.
 pub fn probe_uring() -> Result<(), String> {
     // SAFETY: io_uring_setup only writes the params struct we own; the fd
     // it returns is closed here and never used.
@@ -147,7 +148,13 @@ impl NetRead for OwnedReadHalf {
                 buf.reserve(want);
             }
             match self.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness was stale (the last read took everything):
+                    // give the buffer back before waiting again.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
                 r => return r,
             }
         }

@@ -261,7 +261,8 @@ fn ring_thread(
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
 ) {
-    tokio_uring::builder().entries(1024).start(async move {
+    let entries = node.config.io_ring_entries;
+    tokio_uring::builder().entries(entries).start(async move {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         loop {
             let (stream, peer) = tokio::select! {

@@ -240,6 +240,10 @@ pub(crate) struct Shared {
     pub errors: Mutex<BTreeMap<String, u64>>,
     /// Per second: sent, acked, delivered; and end-to-end latencies.
     pub seconds: Mutex<Vec<SecondRow>>,
+    /// The whole run's send-to-ack and end-to-end latencies. Tasks hold
+    /// only a second's samples (an HDR histogram is ~170 KB: one per task
+    /// would cost gigabytes at 10,000 connections).
+    pub totals: Mutex<(Histogram<u64>, Histogram<u64>)>,
 }
 
 impl Shared {
@@ -274,7 +278,6 @@ impl Shared {
         &self,
         (conversation, n, recipients): (u64, u64, &[u64]),
         intended: Instant,
-        h: &mut Histogram<u64>,
         checker: &mut Checker,
         tally: &mut Tally,
     ) {
@@ -282,11 +285,10 @@ impl Shared {
         self.acked.fetch_add(1, Ordering::Relaxed);
         self.expected
             .fetch_add(recipients.len() as u64, Ordering::Relaxed);
-        tally.at(self, now).acked += 1;
-        record(
-            h,
-            now.saturating_duration_since(intended).as_micros() as u64,
-        );
+        let t = tally.at(self, now);
+        t.acked += 1;
+        t.ack_us
+            .push(now.saturating_duration_since(intended).as_micros() as u64);
         checker.acked(conversation, n, recipients);
     }
 
@@ -295,7 +297,6 @@ impl Shared {
         &self,
         me: u64,
         payload: &[u8],
-        h: &mut Histogram<u64>,
         checker: &mut Checker,
         tally: &mut Tally,
     ) {
@@ -308,26 +309,30 @@ impl Shared {
         }
         let intended = self.start + Duration::from_nanos(intended_ns);
         let us = now.saturating_duration_since(intended).as_micros() as u64;
-        record(h, us);
         checker.delivered(me, conv, n);
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.last_delivery_ns
             .fetch_max(self.since_start(now), Ordering::Relaxed);
         let t = tally.at(self, now);
         t.delivered += 1;
-        record(&mut t.e2e, us);
+        t.e2e_us.push(us);
     }
 }
 
-/// One task's counts for the current second, added to the shared timeline
-/// when the second changes: one lock per task per second, not per message.
+/// One task's counts and latencies for the current second, added to the
+/// shared timeline and totals when the second changes (or the samples pile
+/// up): a few locks per task per second, not one per message.
 pub(crate) struct Tally {
     second: usize,
     sent: u64,
     acked: u64,
     delivered: u64,
-    e2e: Histogram<u64>,
+    ack_us: Vec<u64>,
+    e2e_us: Vec<u64>,
 }
+
+/// Samples a task keeps before flushing within a second.
+const TALLY_SAMPLES_MAX: usize = 4096;
 
 impl Tally {
     pub(crate) fn new() -> Tally {
@@ -336,14 +341,15 @@ impl Tally {
             sent: 0,
             acked: 0,
             delivered: 0,
-            e2e: histogram(),
+            ack_us: Vec::new(),
+            e2e_us: Vec::new(),
         }
     }
 
     /// Moves to the second of `now`, flushing the previous one.
     fn at(&mut self, shared: &Shared, now: Instant) -> &mut Tally {
         let s = shared.second(now);
-        if s != self.second {
+        if s != self.second || self.ack_us.len() + self.e2e_us.len() >= TALLY_SAMPLES_MAX {
             self.flush(shared);
             self.second = s;
         }
@@ -358,12 +364,25 @@ impl Tally {
             x.0 += self.sent;
             x.1 += self.acked;
             x.2 += self.delivered;
-            x.3.add(&self.e2e).expect("same bounds");
+            for &us in &self.e2e_us {
+                record(&mut x.3, us);
+            }
         });
+        {
+            let mut totals = shared.totals.lock().expect("totals");
+            for &us in &self.ack_us {
+                record(&mut totals.0, us);
+            }
+            for &us in &self.e2e_us {
+                record(&mut totals.1, us);
+            }
+        }
         self.sent = 0;
         self.acked = 0;
         self.delivered = 0;
-        self.e2e.reset();
+        // Keep no capacity: a quiet task should hold nothing.
+        self.ack_us = Vec::new();
+        self.e2e_us = Vec::new();
     }
 }
 
@@ -905,7 +924,9 @@ impl Pacer {
 
 /// What one user's task hands back: send-to-ack and end-to-end latencies,
 /// and its checker's observations.
-pub(crate) type Outcome = (Histogram<u64>, Histogram<u64>, Checker);
+/// What a task hands back: what it saw, for the checker (its latencies went
+/// to `Shared::totals` as it ran).
+pub(crate) type Outcome = Checker;
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(
@@ -945,6 +966,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         last_delivery_ns: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
         seconds: Mutex::new(Vec::new()),
+        totals: Mutex::new((histogram(), histogram())),
     });
 
     let mut tasks = Vec::new();
@@ -987,10 +1009,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             routes.clone(),
         ));
         tasks.push(tokio::spawn(async move {
-            let (ack, _, mut checker) = sender.await.expect("sender task");
-            let (_, e2e, c) = receiver.await.expect("receiver task");
-            checker.merge(c);
-            (ack, e2e, checker)
+            let mut checker = sender.await.expect("sender task");
+            checker.merge(receiver.await.expect("receiver task"));
+            checker
         }));
     }
 
@@ -1030,16 +1051,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     shared.stop.store(true, Ordering::Relaxed);
-    let mut ack_h = histogram();
-    let mut e2e_h = histogram();
     let mut checker = Checker::new();
     for t in tasks {
-        let (a, e, c) = t.await?;
-        ack_h.add(&a).expect("same bounds");
-        e2e_h.add(&e).expect("same bounds");
-        checker.merge(c);
+        checker.merge(t.await?);
     }
     let _ = progress.await;
+    let (ack_h, e2e_h) = shared.totals.lock().expect("totals").clone();
     let mut report = report(&opts, &shared, send_end, &ack_h, &e2e_h, checker.verify());
     report.kills = kills.load(Ordering::Relaxed);
     Ok(report)
@@ -1047,7 +1064,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
 
 /// One connection's receiving: latencies and what arrived, until the run stops.
 async fn receive(me: u64, mut source: Source, shared: Arc<Shared>) -> Outcome {
-    let mut h = histogram();
     let mut checker = Checker::new();
     let mut tally = Tally::new();
     loop {
@@ -1061,10 +1077,10 @@ async fn receive(me: u64, mut source: Source, shared: Arc<Shared>) -> Outcome {
             }
             Err(()) => break,
         };
-        shared.delivery(me, &payload, &mut h, &mut checker, &mut tally);
+        shared.delivery(me, &payload, &mut checker, &mut tally);
     }
     tally.flush(&shared);
-    (histogram(), h, checker)
+    checker
 }
 
 /// One user's sending: open or closed loop over its routes, acks awaited
@@ -1078,22 +1094,19 @@ async fn send(
     shared: Arc<Shared>,
     routes: Arc<Routes>,
 ) -> Outcome {
-    let mut h = histogram();
     let mut checker = Checker::new();
     if my_routes.is_empty() {
-        return (h, histogram(), checker);
+        return checker;
     }
     let mut tally = Tally::new();
     let mut numbering = Numbering::new(me, my_routes.len());
     let mut inflight = FuturesUnordered::new();
     let finish = |(ri, n, intended, r): (usize, u64, Instant, Result<(), String>),
-                  h: &mut Histogram<u64>,
                   checker: &mut Checker,
                   tally: &mut Tally| match r {
         Ok(()) => shared.acked(
             (conversation(me, ri), n, &my_routes[ri].recipients),
             intended,
-            h,
             checker,
             tally,
         ),
@@ -1110,7 +1123,7 @@ async fn send(
             tokio::select! {
                 _ = tokio::time::sleep_until(intended.into()), if room => {}
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
-                    finish(done, &mut h, &mut checker, &mut tally);
+                    finish(done, &mut checker, &mut tally);
                 }
             }
         }
@@ -1131,11 +1144,11 @@ async fn send(
     // This sender's last acks (bounded).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while let Ok(Some(done)) = tokio::time::timeout_at(deadline, inflight.next()).await {
-        finish(done, &mut h, &mut checker, &mut tally);
+        finish(done, &mut checker, &mut tally);
     }
     tally.flush(&shared);
     shared.sending_left.fetch_sub(1, Ordering::Relaxed);
-    (h, histogram(), checker)
+    checker
 }
 
 /// Kills the server every `every` while messages are being sent, and

@@ -23,7 +23,6 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
 use crate::checker::Checker;
-use crate::latency::histogram;
 use crate::run::{
     client_error, client_msg_id, conversation, courier_send, payload, Numbering, Outcome, Pacer,
     Route, Routes, Shared, Tally,
@@ -66,8 +65,6 @@ impl User {
     pub(crate) async fn run(self, shared: Arc<Shared>, routes: Arc<Routes>) -> Outcome {
         let mut state = State {
             me: self.me,
-            ack_h: histogram(),
-            e2e_h: histogram(),
             checker: Checker::new(),
             tally: Tally::new(),
             numbering: Numbering::new(self.me, self.routes.len()),
@@ -101,7 +98,7 @@ impl User {
             state.done_sending(&shared);
         }
         state.tally.flush(&shared);
-        (state.ack_h, state.e2e_h, state.checker)
+        state.checker
     }
 
     /// Connects again, resuming the inbox after the last delivery seen;
@@ -191,7 +188,6 @@ impl User {
                             shared.acked(
                                 (conv, u.n, recipients),
                                 u.intended,
-                                &mut state.ack_h,
                                 &mut state.checker,
                                 &mut state.tally,
                             );
@@ -226,8 +222,6 @@ impl User {
 /// What a user carries from one session to the next.
 struct State {
     me: u64,
-    ack_h: hdrhistogram::Histogram<u64>,
-    e2e_h: hdrhistogram::Histogram<u64>,
     checker: Checker,
     tally: Tally,
     numbering: Numbering,
@@ -259,7 +253,6 @@ impl State {
         shared.delivery(
             self.me,
             &d.message.payload,
-            &mut self.e2e_h,
             &mut self.checker,
             &mut self.tally,
         );

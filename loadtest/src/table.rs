@@ -80,3 +80,71 @@ pub fn markdown(reports: &[Report]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(json: &str) -> Report {
+        serde_json::from_str(json).expect("a report")
+    }
+
+    #[test]
+    fn one_section_per_scenario_and_connection_count_with_labels() {
+        let base = report(include_str!(
+            "../../docs/bench/compare-courier-one-to-one.json"
+        ));
+        let uring = Report {
+            label: Some("Courier (uring)".into()),
+            ..base.clone()
+        };
+        let epoll = Report {
+            label: Some("Courier (epoll)".into()),
+            ..base.clone()
+        };
+        let many = Report {
+            users: 10_000,
+            ..uring.clone()
+        };
+        let relay = report(include_str!(
+            "../../docs/bench/compare-relay-one-to-one.json"
+        ));
+        let out = markdown(&[uring, epoll, relay, many]);
+        let sections: Vec<&str> = out.lines().filter(|l| l.starts_with("**")).collect();
+        assert_eq!(
+            sections,
+            [
+                "**OneToOne** (100 users, 100 B):",
+                "**OneToOne** (10000 users, 100 B):"
+            ]
+        );
+        assert!(out.contains("| Courier (uring) | closed loop"), "{out}");
+        assert!(out.contains("| Courier (epoll) | closed loop"), "{out}");
+        assert!(out.contains("| Relay | closed loop"), "{out}");
+        // The first closed-loop Courier run of a section is the baseline.
+        assert!(out.contains(" | 1.00 | "), "{out}");
+    }
+
+    #[test]
+    fn idle_runs_get_their_own_table() {
+        let mut r = report(include_str!(
+            "../../docs/bench/compare-courier-one-to-one.json"
+        ));
+        r.scenario = Scenario::Idle;
+        r.label = Some("Courier (epoll)".into());
+        r.idle = Some(crate::idle::IdleReport {
+            connections: 18_000,
+            server_bytes_per_connection: Some(10_748.4),
+            generator_bytes_per_connection: 12_487.0,
+            alive_at_end: 18_000,
+            ..Default::default()
+        });
+        let out = markdown(&[r]);
+        assert!(out.contains("**Idle connections**"), "{out}");
+        assert!(
+            out.contains("| Courier (epoll) | 18000 | 0 | 0 | 10748 | 12487 | 18000 |"),
+            "{out}"
+        );
+        assert!(!out.contains("**OneToOne**"), "{out}");
+    }
+}
