@@ -1442,3 +1442,43 @@ impl<W: NetWrite> Writer<W> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_waiting_epoll_reader_holds_no_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (node, _) = listener.accept().await.unwrap();
+        let (rd, _wr) = node.into_split();
+        let mut reader = FrameReader {
+            rd,
+            buf: BytesMut::new(),
+            max_frame_len: 1 << 20,
+        };
+        let ping = |nonce| encode_to_bytes(&Frame::new(1, Body::Ping { nonce }));
+        peer.write_all(&ping(1)).await.unwrap();
+        assert!(matches!(
+            reader.next_frame().await.ok().map(|f| f.body),
+            Some(Body::Ping { nonce: 1 })
+        ));
+        // Nothing more comes. The read that took the frame left the
+        // socket's readiness set, so the next wait starts with a read that
+        // finds nothing: the reader must give its buffer back before it
+        // waits again, or every quiet connection keeps 8 KiB.
+        let waited = tokio::time::timeout(Duration::from_millis(100), reader.next_frame()).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert_eq!(reader.buf.capacity(), 0, "a waiting reader holds a buffer");
+        // And the next frame is read as usual.
+        peer.write_all(&ping(2)).await.unwrap();
+        assert!(matches!(
+            reader.next_frame().await.ok().map(|f| f.body),
+            Some(Body::Ping { nonce: 2 })
+        ));
+    }
+}

@@ -211,10 +211,24 @@ fn admit(node: &Node, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
 
 const REFUSED: &str = "connection limit reached";
 
-/// Out of file descriptors and the like: back off, keep serving.
-async fn accept_failed(e: std::io::Error) {
-    warn!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+/// The next accepted connection, or `None` once the node stops.
+async fn next_connection<S, F>(node: &Node, accept: impl Fn() -> F) -> Option<(S, SocketAddr)>
+where
+    F: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return None,
+            r = accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 async fn accept_epoll(
@@ -223,17 +237,7 @@ async fn accept_epoll(
     tracker: &TaskTracker,
     slots: &Arc<Semaphore>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = node.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = next_connection(node, || listener.accept()).await {
         match admit(node, slots) {
             Some(slot) => {
                 let node = node.clone();
@@ -264,17 +268,7 @@ fn ring_thread(
     let entries = node.config.io_ring_entries;
     tokio_uring::builder().entries(entries).start(async move {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = node.shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_failed(e).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = next_connection(&node, || listener.accept()).await {
             let stream = UringStream(stream);
             match admit(&node, &slots) {
                 Some(slot) => {

@@ -102,7 +102,7 @@ fn an_unknown_io_setting_is_refused_by_name() {
 }
 
 /// The inode of the node's end of `raw`'s connection (from the kernel's
-/// TCP table, matched by both ports).
+/// TCP table, matched by both ports; "0" until the node accepts it).
 fn node_end(raw: &Raw) -> String {
     let ours = raw.stream.local_addr().unwrap().port();
     let theirs = raw.stream.peer_addr().unwrap().port();
@@ -141,8 +141,20 @@ async fn connections_timed_out_release_their_sockets() {
         idle.next().await.map(|f| f.body),
         Some(Body::Welcome(_))
     ));
-    let ends = [node_end(&silent), node_end(&idle)];
-    assert!(ends.iter().all(|i| holds(&s, i)));
+    // The node's ends, once it has accepted both (the silent one may still
+    // wait in the listen queue).
+    let accepted = |raw: &Raw| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let inode = node_end(raw);
+            if holds(&s, &inode) {
+                return inode;
+            }
+            assert!(std::time::Instant::now() < deadline, "never accepted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let ends = [accepted(&silent), accepted(&idle)];
     assert_eq!(silent.expect_goodbye().await, ErrorCode::HANDSHAKE_TIMEOUT);
     assert_eq!(idle.expect_goodbye().await, ErrorCode::IDLE_TIMEOUT);
     // After the linger (1 s) the node closes both, though the peers still

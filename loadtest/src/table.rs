@@ -3,6 +3,11 @@
 
 use crate::run::{Report, Scenario, Target};
 
+/// A run's name in the tables.
+fn name(r: &Report) -> String {
+    r.label.clone().unwrap_or_else(|| format!("{:?}", r.target))
+}
+
 /// A Markdown table of `reports`, one section per scenario and number of
 /// users (in the order they first appear).
 pub fn markdown(reports: &[Report]) -> String {
@@ -41,7 +46,7 @@ pub fn markdown(reports: &[Report]) -> String {
             let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
             out.push_str(&format!(
                 "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} / {} / {} |\n",
-                r.label.clone().unwrap_or_else(|| format!("{:?}", r.target)),
+                name(r),
                 r.mode,
                 r.acked_per_s,
                 r.delivered_per_s,
@@ -66,7 +71,7 @@ pub fn markdown(reports: &[Report]) -> String {
         for (r, i) in idle {
             out.push_str(&format!(
                 "| {} | {} | {} | {:.0} | {} | {:.0} | {} |\n",
-                r.label.clone().unwrap_or_else(|| format!("{:?}", r.target)),
+                name(r),
                 i.connections,
                 i.failed,
                 i.connects_per_s,
