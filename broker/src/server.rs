@@ -86,6 +86,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_group: AtomicU64::new(crate::now_ms() << 10),
         started: std::time::Instant::now(),
     });
+    let io_desc = match &listeners {
+        Listeners::Epoll(_) => "epoll".to_owned(),
+        Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),
+    };
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(node.config.limits.max_connections));
+    let (epoll_listener, rings) = match listeners {
+        Listeners::Epoll(l) => (Some(l), Vec::new()),
+        Listeners::Uring(l) => (None, start_rings(&node, l, &tracker, &slots)?),
+    };
     tokio::spawn(admin::run(admin_listener, node.clone()));
     spawn_signal_handler(node.shutdown.clone());
     node.ready.store(true, Ordering::SeqCst);
@@ -98,33 +108,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "  data:    {} (durability {durability}, {shard_count} shards)",
         node.config.data_dir.display()
     );
-    let io_desc = match &listeners {
-        Listeners::Epoll(_) => "epoll".to_owned(),
-        Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),
-    };
     match &fallback {
         None => println!("  io:      {io_desc}"),
         Some(why) => println!("  io:      {io_desc} (io_uring unavailable: {why})"),
     }
     info!(%client_addr, %admin_addr, %durability, shard_count, io = io.name(), "courier serving");
 
-    let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(node.config.limits.max_connections));
-    let mut rings = Vec::new();
-    match listeners {
-        Listeners::Epoll(listener) => accept_epoll(&node, listener, &tracker, &slots).await,
-        Listeners::Uring(listeners) => {
-            for (i, l) in listeners.into_iter().enumerate() {
-                let (node, tracker, slots) = (node.clone(), tracker.clone(), slots.clone());
-                rings.push(
-                    std::thread::Builder::new()
-                        .name(format!("courier-ring-{i}"))
-                        .spawn(move || ring_thread(node, l, tracker, slots))
-                        .context("starting an io_uring thread")?,
-                );
-            }
-            node.shutdown.cancelled().await;
-        }
+    match epoll_listener {
+        Some(listener) => accept_epoll(&node, listener, &tracker, &slots).await,
+        // The rings accept on their own threads.
+        None => node.shutdown.cancelled().await,
     }
 
     info!("shutting down: no new connections; finishing accepted work");
@@ -257,6 +250,36 @@ async fn accept_epoll(
     }
 }
 
+/// Starts one io_uring thread per listener; returns once every ring runs,
+/// or with the first one's error (a ring's memory may be refused even where
+/// the probe's small ring was not).
+fn start_rings(
+    node: &Arc<Node>,
+    listeners: Vec<std::net::TcpListener>,
+    tracker: &TaskTracker,
+    slots: &Arc<Semaphore>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut rings = Vec::new();
+    let entries = node.config.io_ring_entries;
+    for (i, l) in listeners.into_iter().enumerate() {
+        let (node, tracker, slots) = (node.clone(), tracker.clone(), slots.clone());
+        let (started_tx, started) = std::sync::mpsc::sync_channel(1);
+        rings.push(
+            std::thread::Builder::new()
+                .name(format!("courier-ring-{i}"))
+                .spawn(move || ring_thread(node, l, tracker, slots, started_tx))
+                .context("starting an io_uring thread")?,
+        );
+        started
+            .recv()
+            .context("an io_uring thread ended before it started")?
+            .with_context(|| {
+                format!("creating io_uring ring {i} ({entries} entries); io = \"epoll\" avoids io_uring")
+            })?;
+    }
+    Ok(rings)
+}
+
 /// One io_uring thread: its own ring and current-thread runtime, its own
 /// listener; its connections' tasks stay on it. The shards are shared.
 fn ring_thread(
@@ -264,9 +287,21 @@ fn ring_thread(
     listener: std::net::TcpListener,
     tracker: TaskTracker,
     slots: Arc<Semaphore>,
+    started: std::sync::mpsc::SyncSender<std::io::Result<()>>,
 ) {
-    let entries = node.config.io_ring_entries;
-    tokio_uring::builder().entries(entries).start(async move {
+    let runtime =
+        tokio_uring::Runtime::new(tokio_uring::builder().entries(node.config.io_ring_entries));
+    let runtime = match runtime {
+        Ok(r) => {
+            let _ = started.send(Ok(()));
+            r
+        }
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    runtime.block_on(async move {
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         while let Some((stream, peer)) = next_connection(&node, || listener.accept()).await {
             let stream = UringStream(stream);

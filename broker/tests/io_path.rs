@@ -89,6 +89,34 @@ fn forcing_io_uring_where_it_is_refused_fails_before_opening_anything() {
 }
 
 #[test]
+fn a_ring_the_kernel_refuses_stops_the_node_with_the_reason() {
+    // The probe's small ring is allowed; the rings of 128 entries are not
+    // (as when the kernel refuses a ring's memory).
+    for io in ["uring", "auto"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        cmd.args(["serve", "--io", io, "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path())
+            .env("COURIER_IO_RING_ENTRIES", "128");
+        seccomp_deny_uring_setup(&mut cmd, Some(128));
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{io}: started anyway: {err}");
+        assert!(
+            err.contains("creating io_uring ring 0 (128 entries)")
+                && err.contains("Operation not permitted"),
+            "{io}: {err}"
+        );
+        assert!(
+            !said.contains("clients:"),
+            "{io}: announced a node that is not serving"
+        );
+    }
+}
+
+#[test]
 fn an_unknown_io_setting_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_courier"))

@@ -223,40 +223,36 @@ impl Drop for Server {
 }
 
 /// Makes `cmd`'s process unable to use io_uring: a seccomp filter that
-/// answers `io_uring_setup` with EPERM, as Docker's default profile does.
+/// answers `io_uring_setup` with EPERM, as container runtimes' profiles do.
 pub fn deny_io_uring(cmd: &mut Command) {
+    seccomp_deny_uring_setup(cmd, None);
+}
+
+/// Makes `io_uring_setup` fail with EPERM in `cmd`'s process for rings of
+/// `entries` entries, or for every ring with `None`.
+pub fn seccomp_deny_uring_setup(cmd: &mut Command, entries: Option<u32>) {
     use std::os::unix::process::CommandExt;
     const IO_URING_SETUP: u32 = 425; // the same number on every architecture
-    let filter = Box::leak(Box::new([
-        // A = seccomp_data.nr
-        libc::sock_filter {
-            code: 0x20,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        // if A == io_uring_setup: next, else skip one
-        libc::sock_filter {
-            code: 0x15,
-            jt: 0,
-            jf: 1,
-            k: IO_URING_SETUP,
-        },
-        // return ERRNO(EPERM)
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x0005_0000 | libc::EPERM as u32,
-        },
-        // return ALLOW
-        libc::sock_filter {
-            code: 0x06,
-            jt: 0,
-            jf: 0,
-            k: 0x7fff_0000,
-        },
-    ]));
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let deny = 0x0005_0000 | libc::EPERM as u32; // SECCOMP_RET_ERRNO
+    let allow = 0x7fff_0000; // SECCOMP_RET_ALLOW
+    let program = match entries {
+        None => vec![
+            f(0x20, 0, 0, 0),              // A = seccomp_data.nr
+            f(0x15, 0, 1, IO_URING_SETUP), // A == io_uring_setup ? next : skip 1
+            f(0x06, 0, 0, deny),
+            f(0x06, 0, 0, allow),
+        ],
+        Some(n) => vec![
+            f(0x20, 0, 0, 0),              // A = seccomp_data.nr
+            f(0x15, 0, 3, IO_URING_SETUP), // not io_uring_setup: allow
+            f(0x20, 0, 0, 16),             // A = low half of args[0] (entries)
+            f(0x15, 0, 1, n),              // A == n ? deny : allow
+            f(0x06, 0, 0, deny),
+            f(0x06, 0, 0, allow),
+        ],
+    };
+    let filter = Box::leak(program.into_boxed_slice());
     let (at, len) = (filter.as_mut_ptr() as usize, filter.len() as u16);
     // SAFETY: between fork and exec only prctl runs, on memory that lives
     // for the whole process (leaked above); both are async-signal-safe.
