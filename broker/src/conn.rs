@@ -450,10 +450,10 @@ struct Conn {
 
 impl Conn {
     fn error(&self, request_id: u32, code: ErrorCode, message: impl Into<String>) {
-        let _ = self.replies.send(Reply::Frame(Frame::new(
+        let _ = self.replies.send(Reply::frame(
             request_id,
             Body::Error(Reason::new(code, message)),
-        )));
+        ));
     }
 
     /// Checks a send and says where it goes.
@@ -631,7 +631,7 @@ impl Conn {
         let store = self.node.store.clone();
         match tokio::task::spawn_blocking(move || f(&*store)).await {
             Ok(Ok(v)) => {
-                let _ = self.replies.send(Reply::Frame(Frame::new(rid, reply(v))));
+                let _ = self.replies.send(Reply::frame(rid, reply(v)));
             }
             Ok(Err((code, msg))) => self.error(rid, code, msg),
             Err(_) => self.error(rid, ErrorCode::INTERNAL, "storage error"),
@@ -770,9 +770,7 @@ impl Conn {
                     .await;
                 match answer {
                     Some(Ok(info)) => {
-                        let _ = self
-                            .replies
-                            .send(Reply::Frame(Frame::new(rid, Body::GroupInfo(info))));
+                        let _ = self.replies.send(Reply::frame(rid, Body::GroupInfo(info)));
                     }
                     Some(Err((code, msg))) => self.error(rid, code, msg),
                     None => return false,
@@ -790,9 +788,7 @@ impl Conn {
                     .await;
                 match answer {
                     Some(Ok(c)) => {
-                        let _ = self
-                            .replies
-                            .send(Reply::Frame(Frame::new(rid, Body::ReceiptCounts(c))));
+                        let _ = self.replies.send(Reply::frame(rid, Body::ReceiptCounts(c)));
                     }
                     Some(Err((code, msg))) => self.error(rid, code, msg),
                     None => return false,
@@ -879,9 +875,7 @@ impl Conn {
                 self.fetch(rid, f).await;
             }
             Body::Ping { nonce } => {
-                let _ = self
-                    .replies
-                    .send(Reply::Frame(Frame::new(rid, Body::Pong { nonce })));
+                let _ = self.replies.send(Reply::frame(rid, Body::Pong { nonce }));
             }
             Body::Pong { .. } => {}
             other => self.error(
@@ -937,7 +931,7 @@ impl Conn {
         }
         match rx.await {
             Ok(true) => {
-                let _ = self.replies.send(Reply::Frame(Frame::new(rid, Body::Done)));
+                let _ = self.replies.send(Reply::frame(rid, Body::Done));
             }
             _ => self.error(rid, ErrorCode::INTERNAL, "storage error"),
         }
@@ -972,7 +966,7 @@ impl Conn {
             Ok(Ok(reply)) => {
                 let _ = self
                     .replies
-                    .send(Reply::Frame(Frame::new(rid, Body::FetchReply(reply))));
+                    .send(Reply::frame(rid, Body::FetchReply(reply)));
             }
             Ok(Err(e)) => {
                 error!(user, error = %e, "fetch failed");

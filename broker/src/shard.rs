@@ -84,13 +84,18 @@ pub enum Reply {
         ack: Result<BroadcastAck, ErrorCode>,
     },
     /// A `SendBatch` of `count` items is under way (always queued before its items).
-    BatchStart {
-        request_id: u32,
-        count: u16,
-    },
-    Frame(courier_protocol::Frame),
+    BatchStart { request_id: u32, count: u16 },
+    /// Any other frame; boxed, so that the common replies stay small (each
+    /// session's reply queue allocates its first block of 32 up front).
+    Frame(Box<courier_protocol::Frame>),
     /// Write a `Goodbye` (if any), flush and close.
     Close(Option<courier_protocol::Reason>),
+}
+
+impl Reply {
+    pub fn frame(request_id: u32, body: courier_protocol::Body) -> Reply {
+        Reply::Frame(Box::new(courier_protocol::Frame::new(request_id, body)))
+    }
 }
 
 /// What happens when the write of one inbox entry has an outcome.
