@@ -19,6 +19,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::net::IoPath;
+
 /// Latency buckets, in seconds: 20 µs to 5 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -484,11 +486,11 @@ impl Metrics {
         }
     }
 
-    /// Marks `path` ("epoll", "uring") as the network path in use.
-    pub fn set_io_path(&self, path: &str) {
-        for p in ["epoll", "uring"] {
+    /// Marks `path` as the network path in use (and the other as not).
+    pub fn set_io_path(&self, path: IoPath) {
+        for p in [IoPath::Epoll, IoPath::Uring] {
             self.io_path
-                .with_label_values(&[p])
+                .with_label_values(&[p.name()])
                 .set(i64::from(p == path));
         }
     }

@@ -203,7 +203,6 @@ impl Shard {
             delivered: nd,
             read: nr,
             back: self.peers[self.id as usize].clone(),
-            back_pushed: self.stats.queue_pushed[self.id as usize].clone(),
         });
         let end = if nr > r { nr } else { nd };
         for ((sender, st), messages) in receipts {

@@ -71,7 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_addr = admin_listener.local_addr()?;
 
     let metrics = Arc::new(crate::metrics::Metrics::new(&shards.stats));
-    metrics.set_io_path(io.name());
+    metrics.set_io_path(io);
     let node = Arc::new(Node {
         config,
         store: store.clone(),

@@ -214,6 +214,20 @@ impl Fanout {
     }
 }
 
+/// One shard's unbounded peer queue; counts what is put on it.
+#[derive(Clone)]
+pub struct PeerQueue {
+    tx: mpsc::UnboundedSender<ShardCmd>,
+    pushed: prometheus::IntCounter,
+}
+
+impl PeerQueue {
+    pub(crate) fn send(&self, cmd: ShardCmd) {
+        self.pushed.inc();
+        let _ = self.tx.send(cmd);
+    }
+}
+
 /// Receipts emitted by one mark, in flight to the senders' shards.
 pub struct ReceiptBatch {
     pub remaining: AtomicUsize,
@@ -221,9 +235,8 @@ pub struct ReceiptBatch {
     pub user: u64,
     pub delivered: u64,
     pub read: u64,
-    /// The marking shard's peer queue, and its pushed counter.
-    pub back: mpsc::UnboundedSender<ShardCmd>,
-    pub back_pushed: prometheus::IntCounter,
+    /// The marking shard's peer queue.
+    pub back: PeerQueue,
 }
 
 impl ReceiptBatch {
@@ -234,8 +247,7 @@ impl ReceiptBatch {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
             && !self.failed.load(Ordering::Acquire)
         {
-            self.back_pushed.inc();
-            let _ = self.back.send(ShardCmd::ReceiptsDone {
+            self.back.send(ShardCmd::ReceiptsDone {
                 user: self.user,
                 delivered: self.delivered,
                 read: self.read,
@@ -407,15 +419,18 @@ impl Shards {
         let mut receivers = Vec::with_capacity(count);
         let mut peers = Vec::with_capacity(count);
         let mut peer_receivers = Vec::with_capacity(count);
-        for _ in 0..count {
+        for i in 0..count {
             let (tx, rx) = mpsc::channel(config.queue_len);
             queues.push(tx);
             receivers.push(rx);
             let (ptx, prx) = mpsc::unbounded_channel();
-            peers.push(ptx);
+            peers.push(PeerQueue {
+                tx: ptx,
+                pushed: stats.queue_pushed[i].clone(),
+            });
             peer_receivers.push(prx);
         }
-        let peers: Arc<[mpsc::UnboundedSender<ShardCmd>]> = peers.into();
+        let peers: Arc<[PeerQueue]> = peers.into();
         let marks = crate::groups::fan_out_marks(&*store, count).map_err(std::io::Error::other)?;
         let mut threads = Vec::with_capacity(count);
         for (id, ((rx, prx), marks)) in receivers
@@ -500,7 +515,7 @@ pub(crate) struct Shard {
     /// group pushes, receipts) never waits on a bounded queue, so two shards
     /// can never block on each other; it is bounded in practice by the
     /// senders' in-flight permits that caused it.
-    pub(crate) peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
+    pub(crate) peers: Arc<[PeerQueue]>,
     pub(crate) store: Arc<dyn InboxStore>,
     pub(crate) stats: Arc<ShardMetrics>,
     pub(crate) config: ShardConfig,
@@ -526,7 +541,7 @@ impl Shard {
         id: u64,
         rx: mpsc::Receiver<ShardCmd>,
         peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
-        peers: Arc<[mpsc::UnboundedSender<ShardCmd>]>,
+        peers: Arc<[PeerQueue]>,
         store: Arc<dyn InboxStore>,
         stats: Arc<ShardMetrics>,
         config: &ShardConfig,
@@ -559,8 +574,7 @@ impl Shard {
 
     /// Queues a command on shard `shard`'s peer queue.
     pub(crate) fn to_shard(&self, shard: usize, cmd: ShardCmd) {
-        self.stats.queue_pushed[shard].inc();
-        let _ = self.peers[shard].send(cmd);
+        self.peers[shard].send(cmd);
     }
 
     /// `marks`: this shard's groups' fan-out marks, to complete interrupted
@@ -1214,7 +1228,11 @@ mod tests {
         let (ptx, prx) = mpsc::unbounded_channel();
         let config = ShardConfig::for_tests();
         let stats = Arc::new(ShardMetrics::new(4));
-        let mut shard = Shard::new(3, rx, prx, vec![ptx].into(), store, stats, &config);
+        let peer = PeerQueue {
+            tx: ptx,
+            pushed: stats.queue_pushed[0].clone(),
+        };
+        let mut shard = Shard::new(3, rx, prx, vec![peer].into(), store, stats, &config);
         let mut seen = HashSet::new();
         let mut last_ts = 0;
         for _ in 0..5000 {
