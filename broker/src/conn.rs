@@ -80,12 +80,6 @@ impl<R: NetRead> FrameReader<R> {
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::Decode(e)),
             }
-            // Hold no buffer once a read is consumed: the read path
-            // allocates one when bytes come (epoll) or a small one for the
-            // pending read of a quiet peer (io_uring).
-            if self.buf.is_empty() && self.buf.capacity() > 0 {
-                self.buf = BytesMut::new();
-            }
             // Grow in steps, never by the peer's claimed length alone.
             let want = peek_len(&self.buf)
                 .map(|l| (l as usize + 4).saturating_sub(self.buf.len()))
@@ -100,13 +94,16 @@ impl<R: NetRead> FrameReader<R> {
     }
 }
 
-async fn goodbye(wr: &mut impl NetWrite, code: ErrorCode, message: impl Into<String>) {
+/// `frame` encoded into a buffer of its own, for a write that takes it.
+fn encoded(frame: &Frame) -> BytesMut {
     let mut out = BytesMut::new();
-    encode(
-        &Frame::new(0, Body::Goodbye(Reason::new(code, message))),
-        &mut out,
-    );
-    let _ = wr.write_all(out).await;
+    encode(frame, &mut out);
+    out
+}
+
+async fn goodbye(wr: &mut impl NetWrite, code: ErrorCode, message: impl Into<String>) {
+    let frame = Frame::new(0, Body::Goodbye(Reason::new(code, message)));
+    let _ = wr.write_all(encoded(&frame)).await;
     wr.shutdown().await;
 }
 
@@ -322,12 +319,8 @@ async fn session<T: Transport>(
         max_batch: limits.max_batch,
         keepalive_ms: (limits.idle_timeout_ms / 3).min(u32::MAX as u64) as u32,
     };
-    let mut out = BytesMut::new();
-    encode(
-        &Frame::new(first.request_id, Body::Welcome(welcome)),
-        &mut out,
-    );
-    if wr.write_all(out).await.is_err() {
+    let welcome = Frame::new(first.request_id, Body::Welcome(welcome));
+    if wr.write_all(encoded(&welcome)).await.is_err() {
         unregister(node.clone()).await;
         return CloseReason::IoError;
     }

@@ -107,7 +107,9 @@ pub(crate) trait Transport: Sized + 'static {
 
 pub(crate) trait NetRead: 'static {
     /// Waits for bytes and appends them to `buf`, growing it by `want` when
-    /// its spare room is small. `Ok(0)`: the peer closed. Cancelling drops
+    /// its spare room is small. An empty `buf` is not held while waiting
+    /// (a quiet connection should cost no read buffer). `Ok(0)`: the peer
+    /// closed. Cancelling drops
     /// what the read had not yet handed back; every caller that cancels a
     /// read closes the connection.
     async fn read_some(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize>;
@@ -142,19 +144,18 @@ impl Transport for tokio::net::TcpStream {
 impl NetRead for OwnedReadHalf {
     async fn read_some(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
         loop {
-            // Readiness first, then the buffer: a quiet connection holds none.
+            // Readiness first, then the buffer. Readiness may be stale (the
+            // last read took everything), so this is checked before every
+            // wait, not only the first.
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
             self.readable().await?;
             if buf.capacity() - buf.len() < MIN_SPARE {
                 buf.reserve(want);
             }
             match self.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Readiness was stale (the last read took everything):
-                    // give the buffer back before waiting again.
-                    if buf.is_empty() {
-                        *buf = BytesMut::new();
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }
         }
@@ -213,7 +214,11 @@ impl Transport for UringStream {
 impl NetRead for UringRead {
     async fn read_some(&mut self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
         // The buffer goes to the kernel with the read, so its size is what a
-        // waiting connection costs: small after a short read.
+        // waiting connection costs: an empty one is replaced, by a small one
+        // after a short read.
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
         if buf.capacity() - buf.len() < MIN_SPARE {
             let quiet = buf.is_empty() && self.last < QUIET_READ;
             buf.reserve(if quiet { QUIET_READ } else { want });
