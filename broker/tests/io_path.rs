@@ -32,6 +32,15 @@ fn expected_path() -> &'static str {
     }
 }
 
+/// `courier serve --io <io>` on loopback port 0 with its data in `data`.
+fn serve(io: &str, data: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    cmd.args(["serve", "--io", io, "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data);
+    cmd
+}
+
 async fn io_path_gauge(s: &Server, path: &str) -> u64 {
     s.metric(&format!("courier_io_path{{path=\"{path}\"}}"))
         .await
@@ -73,10 +82,7 @@ async fn auto_falls_back_to_epoll_where_io_uring_is_refused() {
 fn forcing_io_uring_where_it_is_refused_fails_before_opening_anything() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
-    cmd.args(["serve", "--io", "uring", "--listen", "127.0.0.1:0"])
-        .args(["--admin-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data);
+    let mut cmd = serve("uring", &data);
     deny_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -94,11 +100,8 @@ fn a_ring_the_kernel_refuses_stops_the_node_with_the_reason() {
     // (as when the kernel refuses a ring's memory).
     for io in ["uring", "auto"] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
-        cmd.args(["serve", "--io", io, "--listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path())
-            .env("COURIER_IO_RING_ENTRIES", "128");
+        let mut cmd = serve(io, tmp.path());
+        cmd.env("COURIER_IO_RING_ENTRIES", "128");
         seccomp_deny_uring_setup(&mut cmd, Some(128));
         let out = cmd.output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -119,11 +122,7 @@ fn a_ring_the_kernel_refuses_stops_the_node_with_the_reason() {
 #[test]
 fn an_unknown_io_setting_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args(["serve", "--io", "kqueue", "--data-dir"])
-        .arg(tmp.path())
-        .output()
-        .unwrap();
+    let out = serve("kqueue", tmp.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("unknown variant `kqueue`"), "{err}");

@@ -32,26 +32,22 @@ pub struct Server {
 impl Server {
     /// A node in a fresh data dir, with `COURIER_*` settings from `env`.
     pub fn start(env: &[(&str, &str)]) -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_owned();
-        let env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut s = Server::spawn(&dir, env, false);
-        s._tmp = Some(tmp);
-        s
+        Server::start_in_fresh_dir(env, false)
     }
 
     /// A node whose process may not use io_uring (a seccomp filter, as a
     /// container runtime's default profile installs).
     pub fn start_without_uring(env: &[(&str, &str)]) -> Server {
+        Server::start_in_fresh_dir(env, true)
+    }
+
+    fn start_in_fresh_dir(env: &[(&str, &str)], deny_uring: bool) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(tmp.path(), env, true);
+        let mut s = Server::spawn(tmp.path(), env, deny_uring);
         s._tmp = Some(tmp);
         s
     }
@@ -270,13 +266,6 @@ pub fn seccomp_deny_uring_setup(cmd: &mut Command, entries: Option<u32>) {
             Ok(())
         });
     }
-}
-
-/// File descriptors the process `pid` has open.
-pub fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 /// A loopback port free right now (for a server that must keep its port
