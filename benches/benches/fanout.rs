@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_broker::shard::{
-    GroupOpCmd, GroupSendCmd, Reply, ReplyTo, ShardCmd, ShardConfig, Shards,
-};
+use courier_broker::shard::handle::Shards;
+use courier_broker::shard::messages::{GroupOpCmd, GroupSendCmd, Reply, ReplyTo, ShardCmd};
+use courier_broker::shard::ShardConfig;
 use courier_protocol::{ErrorCode, GroupOp, MessageKind};
-use courier_storage::{Durability, RocksStore, StoreConfig};
+use courier_storage::{Clock, Durability, RocksStore, StoreConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,11 +37,13 @@ fn fanout(c: &mut Criterion) {
         for strategy in ["refs", "log"] {
             for members in [10usize, 100, 1024] {
                 let dir = tempfile::tempdir().unwrap();
+                let clock = Clock::system();
                 let store = Arc::new(
                     RocksStore::open(
                         dir.path(),
                         StoreConfig {
                             durability,
+                            clock: clock.clone(),
                             ..StoreConfig::default()
                         },
                     )
@@ -54,6 +56,7 @@ fn fanout(c: &mut Criterion) {
                     max_group_members: 1024,
                     max_groups_per_user: 1024,
                     log_threshold: if strategy == "refs" { 100_000 } else { 1 },
+                    clock,
                 };
                 let shards = Shards::start(2, config, store).unwrap();
                 let group = courier_protocol::GROUP_ID_BIT | 1;
@@ -67,7 +70,7 @@ fn fanout(c: &mut Criterion) {
                                 actor: 1,
                                 op: GroupOp::Create,
                                 users: (2..=members as u64).collect(),
-                                reply: tx,
+                                answer: tx,
                             }),
                         )
                         .await;

@@ -26,10 +26,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-use crate::groups::valid_user;
-use crate::keys::{self, GroupState};
 use crate::metrics::Metrics;
-use crate::Node;
+use crate::node::Node;
+use crate::state::ids::{is_group, valid_user};
+use crate::state::keys;
+use crate::state::rows::GroupState;
 
 const REQUEST_HEAD_MAX: usize = 8192;
 
@@ -152,7 +153,7 @@ fn authorize(node: &Node, bearer: Option<&str>) -> Result<(), Answer> {
             token.as_bytes(),
             ADMIN_USER,
             ADMIN_DEVICE,
-            crate::now_ms() / 1000,
+            node.clock.now_ms() / 1000,
         )
         .map(|_| ())
         .map_err(|e| {
@@ -172,9 +173,7 @@ async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
             _ => Answer::error("400 Bad Request", "a user id is a number from 1 to 2^63-1"),
         },
         ("GET", "groups", Some(id)) => match id.parse::<u64>() {
-            Ok(g) if g & courier_protocol::GROUP_ID_BIT != 0 => {
-                blocking(node, move |node| group(node, g)).await
-            }
+            Ok(g) if is_group(g) => blocking(node, move |node| group(node, g)).await,
             _ => Answer::error("400 Bad Request", "a group id has its top bit set"),
         },
         ("POST", "drain", None) => {

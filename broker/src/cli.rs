@@ -291,7 +291,7 @@ pub fn main() -> anyhow::Result<()> {
             let token = key.mint(Claims {
                 user_id,
                 device_id,
-                expires_at_s: crate::now_ms() / 1000 + ttl.as_secs(),
+                expires_at_s: courier_storage::Clock::system().now_ms() / 1000 + ttl.as_secs(),
             });
             println!("{token}");
             Ok(())
@@ -302,7 +302,7 @@ pub fn main() -> anyhow::Result<()> {
                 None => node_key(a.config.as_deref(), a.data_dir)?.mint(Claims {
                     user_id: crate::admin::ADMIN_USER,
                     device_id: crate::admin::ADMIN_DEVICE,
-                    expires_at_s: crate::now_ms() / 1000 + 60,
+                    expires_at_s: courier_storage::Clock::system().now_ms() / 1000 + 60,
                 }),
             };
             let (method, path) = match a.request {

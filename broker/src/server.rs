@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use courier_protocol::ErrorCode;
-use courier_storage::{RocksStore, StoreConfig};
+use courier_storage::{Clock, RocksStore, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::net::{self, IoPath, UringStream};
-use crate::shard::{ShardConfig, Shards};
-use crate::{admin, auth, conn, Node};
+use crate::metrics::{CloseReason, Metrics};
+use crate::net::uring::UringStream;
+use crate::net::{self, IoPath};
+use crate::node::Node;
+use crate::shard::handle::Shards;
+use crate::shard::ShardConfig;
+use crate::{admin, auth, session};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let durability = config.durability()?;
@@ -37,6 +41,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let key = auth::load_or_create_secret(&config.secret_path())?;
+    // One clock for the store (idempotency window, expiring space), the
+    // shards and the sessions.
+    let clock = Clock::system();
     let db_path = config.data_dir.join("db");
     let store = RocksStore::open(
         &db_path,
@@ -44,7 +51,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             durability,
             idempotency_window_ms: config.retention.idempotency_window_ms,
             block_cache_bytes: config.storage.block_cache_mb << 20,
-            clock: courier_storage::Clock::system(),
+            clock: clock.clone(),
         },
     )
     .with_context(|| format!("opening the store in {}", db_path.display()))?;
@@ -59,6 +66,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             max_group_members: config.groups.max_members,
             max_groups_per_user: config.groups.max_per_user,
             log_threshold: config.groups.log_threshold,
+            clock: clock.clone(),
         },
         store.clone(),
     )?;
@@ -70,7 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let metrics = Arc::new(crate::metrics::Metrics::new(&shards.stats));
+    let metrics = Arc::new(Metrics::new(&shards.stats));
     metrics.set_io_path(io);
     let node = Arc::new(Node {
         config,
@@ -78,12 +86,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shards,
         metrics,
         key,
+        clock: clock.clone(),
         shutdown: CancellationToken::new(),
         ready: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
         // Milliseconds since the epoch times 1,024: a restart a millisecond
         // later starts above every id handed out before (at < 1,024 groups/ms).
-        next_group: AtomicU64::new(crate::now_ms() << 10),
+        next_group: AtomicU64::new(clock.now_ms() << 10),
         started: std::time::Instant::now(),
     });
     let io_desc = match &listeners {
@@ -197,7 +206,7 @@ fn admit(node: &Node, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
     node.metrics.connections_accepted.inc();
     let slot = slots.clone().try_acquire_owned().ok();
     if slot.is_none() {
-        node.metrics.closed(crate::metrics::CloseReason::Refused);
+        node.metrics.closed(CloseReason::Refused);
     }
     slot
 }
@@ -235,12 +244,12 @@ async fn accept_epoll(
             Some(slot) => {
                 let node = node.clone();
                 tracker.spawn(async move {
-                    conn::serve(node, stream, Some(peer)).await;
+                    session::serve(node, stream, Some(peer)).await;
                     drop(slot);
                 });
             }
             None => {
-                tracker.spawn(conn::refuse(
+                tracker.spawn(session::refuse(
                     stream,
                     ErrorCode::TOO_MANY_CONNECTIONS,
                     REFUSED,
@@ -309,12 +318,12 @@ fn ring_thread(
                 Some(slot) => {
                     let node = node.clone();
                     tokio_uring::spawn(tracker.track_future(async move {
-                        conn::serve(node, stream, Some(peer)).await;
+                        session::serve(node, stream, Some(peer)).await;
                         drop(slot);
                     }));
                 }
                 None => {
-                    let refuse = conn::refuse(stream, ErrorCode::TOO_MANY_CONNECTIONS, REFUSED);
+                    let refuse = session::refuse(stream, ErrorCode::TOO_MANY_CONNECTIONS, REFUSED);
                     tokio_uring::spawn(tracker.track_future(refuse));
                 }
             }

@@ -30,6 +30,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use courier_protocol::*;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -122,146 +123,40 @@ impl Client {
             .map_err(|_| ClientError::Timeout)??;
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
-        let hello = Frame::new(
-            1,
-            Body::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                user_id: config.user_id,
-                device_id: config.device_id,
-                resume_after: config.resume_after,
-                token: Bytes::from(config.token.clone().into_bytes()),
-            }),
-        );
-        wr.write_all(&encode_to_bytes(&hello)).await?;
         // Small at first (idle sessions stay small); read_frame grows it
         // for a busy one.
         let mut buf = BytesMut::with_capacity(4096);
-        let first = tokio::time::timeout(
-            config.connect_timeout,
-            read_frame(&mut rd, &mut buf, config.max_frame_len),
-        )
-        .await
-        .map_err(|_| ClientError::Timeout)??;
-        let welcome = match first.map(|f| f.body) {
-            Some(Body::Welcome(w)) => w,
-            Some(Body::Goodbye(r)) | Some(Body::Error(r)) => {
-                return Err(ClientError::Refused(r.code, r.message))
-            }
-            Some(other) => return Err(unexpected("welcome", &other)),
-            None => return Err(ClientError::Closed(None)),
-        };
-
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
-        // Keep the session alive: if the application sends nothing for a
-        // keepalive interval, the writer sends a Ping (request id 0; its Pong
-        // is ignored).
-        let keepalive = Duration::from_millis(u64::from(welcome.keepalive_ms.max(100)));
-        let ping = encode_to_bytes(&Frame::new(0, Body::Ping { nonce: 0 }));
-        tokio::spawn(async move {
-            let mut batch = BytesMut::new();
-            loop {
-                let first = match tokio::time::timeout(keepalive, out_rx.recv()).await {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(_) => ping.clone(),
-                };
-                batch.extend_from_slice(&first);
-                while let Ok(more) = out_rx.try_recv() {
-                    batch.extend_from_slice(&more);
-                    if batch.len() > 256 << 10 {
-                        break;
-                    }
-                }
-                if wr.write_all(&batch).await.is_err() {
-                    return;
-                }
-                batch.clear();
-            }
-            let _ = wr.shutdown().await;
-        });
-
+        let welcome = handshake(&config, &mut rd, &mut wr, &mut buf).await?;
+        let out = spawn_writer(wr, &welcome);
         let pending: Pending = Arc::default();
         let closed: Arc<Mutex<Option<Option<Reason>>>> = Arc::default();
-        let last_received = Arc::new(AtomicU64::new(welcome.resume_from.saturating_sub(1)));
         let (dtx, drx) = mpsc::channel(DELIVERY_QUEUE_LEN);
-        {
-            let pending = pending.clone();
-            let closed = closed.clone();
-            // The server says how large its frames may be.
-            let max = config.max_frame_len.max(welcome.max_frame_len);
-            tokio::spawn(async move {
-                let mut reason = None;
-                loop {
-                    match read_frame(&mut rd, &mut buf, max).await {
-                        Ok(Some(frame)) => match frame.body {
-                            Body::Deliver(messages) => {
-                                for message in messages {
-                                    let d = Delivery { stream: 0, message };
-                                    if dtx.send(d).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            Body::GroupDeliver { group, messages } => {
-                                for message in messages {
-                                    let d = Delivery {
-                                        stream: group,
-                                        message,
-                                    };
-                                    if dtx.send(d).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                            Body::Goodbye(r) => {
-                                reason = Some(r);
-                                break;
-                            }
-                            Body::Ping { nonce } => {
-                                let _ = nonce; // servers do not ping in v1
-                            }
-                            body => {
-                                let waiter =
-                                    pending.lock().expect("pending").remove(&frame.request_id);
-                                match waiter {
-                                    Some(w) => {
-                                        let _ = w.send(body);
-                                    }
-                                    None => {
-                                        if let Body::Error(r) = body {
-                                            reason = Some(r);
-                                            break;
-                                        }
-                                    }
-                                }
-                            }
-                        },
-                        Ok(None) => break,
-                        Err(_) => break,
-                    }
-                }
-                *closed.lock().expect("closed") = Some(reason);
-                // Dropping the waiters fails every outstanding request.
-                pending.lock().expect("pending").clear();
-            });
-        }
+        // The server says how large its frames may be.
+        let max = config.max_frame_len.max(welcome.max_frame_len);
+        tokio::spawn(read_loop(
+            rd,
+            buf,
+            max,
+            dtx,
+            pending.clone(),
+            closed.clone(),
+        ));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        Ok((
-            Client {
-                config,
-                out: out_tx,
-                pending,
-                deliveries: tokio::sync::Mutex::new(drx),
-                next_request: AtomicU32::new(2),
-                next_client_msg_id: AtomicU64::new(seed),
-                last_received,
-                closed,
-            },
-            welcome,
-        ))
+        let last_received = Arc::new(AtomicU64::new(welcome.resume_from.saturating_sub(1)));
+        let client = Client {
+            config,
+            out,
+            pending,
+            deliveries: tokio::sync::Mutex::new(drx),
+            next_request: AtomicU32::new(2),
+            next_client_msg_id: AtomicU64::new(seed),
+            last_received,
+            closed,
+        };
+        Ok((client, welcome))
     }
 
     /// Connects again as the same user and device, resuming after the last
@@ -681,6 +576,123 @@ fn unexpected(expected: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected {expected}, got {}", got.name()))
 }
 
+/// Says hello and reads the welcome (or the server's reason for refusing).
+async fn handshake(
+    config: &ClientConfig,
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+) -> Result<Welcome, ClientError> {
+    let hello = Frame::new(
+        1,
+        Body::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            user_id: config.user_id,
+            device_id: config.device_id,
+            resume_after: config.resume_after,
+            token: Bytes::from(config.token.clone().into_bytes()),
+        }),
+    );
+    wr.write_all(&encode_to_bytes(&hello)).await?;
+    let first = tokio::time::timeout(
+        config.connect_timeout,
+        read_frame(rd, buf, config.max_frame_len),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout)??;
+    match first.map(|f| f.body) {
+        Some(Body::Welcome(w)) => Ok(w),
+        Some(Body::Goodbye(r)) | Some(Body::Error(r)) => {
+            Err(ClientError::Refused(r.code, r.message))
+        }
+        Some(other) => Err(unexpected("welcome", &other)),
+        None => Err(ClientError::Closed(None)),
+    }
+}
+
+/// Starts the task that writes queued frames, many per write. If the
+/// application sends nothing for a keepalive interval, it sends a Ping
+/// (request id 0; its Pong is ignored) to keep the session alive.
+fn spawn_writer(mut wr: OwnedWriteHalf, welcome: &Welcome) -> mpsc::UnboundedSender<Bytes> {
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+    let keepalive = Duration::from_millis(u64::from(welcome.keepalive_ms.max(100)));
+    let ping = encode_to_bytes(&Frame::new(0, Body::Ping { nonce: 0 }));
+    tokio::spawn(async move {
+        let mut batch = BytesMut::new();
+        loop {
+            let first = match tokio::time::timeout(keepalive, out_rx.recv()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => ping.clone(),
+            };
+            batch.extend_from_slice(&first);
+            while let Ok(more) = out_rx.try_recv() {
+                batch.extend_from_slice(&more);
+                if batch.len() > 256 << 10 {
+                    break;
+                }
+            }
+            if wr.write_all(&batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+        }
+        let _ = wr.shutdown().await;
+    });
+    out_tx
+}
+
+/// Reads frames until the connection ends: deliveries to `deliveries`,
+/// answers to their waiters. Then records the server's reason (if it gave
+/// one) in `closed` and fails every outstanding request.
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
+    max: u32,
+    deliveries: mpsc::Sender<Delivery>,
+    pending: Pending,
+    closed: Arc<Mutex<Option<Option<Reason>>>>,
+) {
+    let mut reason = None;
+    while let Ok(Some(frame)) = read_frame(&mut rd, &mut buf, max).await {
+        match frame.body {
+            Body::Deliver(messages) => deliver(&deliveries, 0, messages).await,
+            Body::GroupDeliver { group, messages } => deliver(&deliveries, group, messages).await,
+            Body::Goodbye(r) => {
+                reason = Some(r);
+                break;
+            }
+            // Servers do not ping in v1.
+            Body::Ping { .. } => {}
+            body => {
+                let waiter = pending.lock().expect("pending").remove(&frame.request_id);
+                match (waiter, body) {
+                    (Some(w), body) => {
+                        let _ = w.send(body);
+                    }
+                    (None, Body::Error(r)) => {
+                        reason = Some(r);
+                        break;
+                    }
+                    (None, _) => {}
+                }
+            }
+        }
+    }
+    *closed.lock().expect("closed") = Some(reason);
+    // Dropping the waiters fails every outstanding request.
+    pending.lock().expect("pending").clear();
+}
+
+/// Hands a frame's messages to the application, in order.
+async fn deliver(deliveries: &mpsc::Sender<Delivery>, stream: u64, messages: Vec<Message>) {
+    for message in messages {
+        if deliveries.send(Delivery { stream, message }).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Opens the TCP connection, from `local_addr` when one is set.
 async fn open(config: &ClientConfig) -> std::io::Result<TcpStream> {
     let Some(local) = config.local_addr else {
@@ -707,7 +719,7 @@ async fn open(config: &ClientConfig) -> std::io::Result<TcpStream> {
 }
 
 async fn read_frame(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     max: u32,
 ) -> Result<Option<Frame>, ClientError> {

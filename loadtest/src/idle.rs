@@ -9,37 +9,16 @@ use std::time::{Duration, Instant};
 
 use courier_client::Client;
 use futures_util::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
 
 use crate::checker::Verdict;
+use crate::endpoint::courier::client_error;
 use crate::latency::Percentiles;
-use crate::run::{client_error, Options, Report};
+use crate::options::Options;
+use crate::report::{IdleReport, Report};
 use crate::server::rss_bytes;
 
 /// Handshakes in flight at once while connecting.
 const CONNECTING: usize = 256;
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct IdleReport {
-    /// Sessions established (and then held).
-    pub connections: u64,
-    /// Connection attempts that failed, and the first failure's reason
-    /// (for example the open-file limit or the server's connection limit).
-    pub failed: u64,
-    pub first_failure: Option<String>,
-    pub connect_s: f64,
-    pub connects_per_s: f64,
-    pub held_s: f64,
-    /// The keepalive interval the server asked for.
-    pub keepalive_ms: u32,
-    /// Sessions that answered a ping after the hold.
-    pub alive_at_end: u64,
-    pub server_rss_before: Option<u64>,
-    pub server_rss_after: Option<u64>,
-    /// (server after - before) / connections.
-    pub server_bytes_per_connection: Option<f64>,
-    pub generator_bytes_per_connection: f64,
-}
 
 pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(

@@ -1,33 +1,50 @@
 //! Courier's load generator, as a library (the `courier-loadtest` binary is
 //! a command line over it; the broker's tests run it in-process).
 //!
-//! Map:
-//! - [`run`]: scenarios against a Courier node: connections, senders
-//!   (open or closed loop), receivers, the report;
+//! Map, in the order a run uses it:
+//! - [`options`]: the target, the scenario and the load's shape;
+//! - [`plan`]: who sends where (routes, groups, lists) and the numbering of
+//!   each sender's messages;
+//! - [`stamp`]: the stamp at the start of every payload (conversation,
+//!   number, intended send time);
+//! - `endpoint`: one user's connection per target (Courier and the relay;
+//!   the peer brokers, whose wire clients are in [`peers`]);
+//! - `pacer`: when each message is meant to go (open or closed loop);
+//! - `tally`: the shared counters and each task's per-second tally;
+//! - [`run`]: connects, runs the senders and receivers, drains, checks;
+//! - [`report`]: the figures, the timeline and the summary;
+//! - scenarios beyond send-and-receive: `session` (a user that reconnects,
+//!   retries and resumes: the reconnect scenario and `--chaos-kill`),
+//!   [`idle`] (idle connections);
 //! - [`checker`]: the end-of-run correctness check (loss, duplicates, order);
 //! - [`latency`]: HDR histograms, percentiles and the per-second timeline;
-//! - [`peers`]: NATS core and Redis Streams clients for side-by-side runs;
-//! - [`table`]: the side-by-side Markdown table of several runs;
-//! - [`svg`]: the run's report as a self-contained SVG;
+//! - [`table`]: the side-by-side Markdown table of several runs; [`svg`]:
+//!   the run's report as a self-contained SVG;
 //! - [`relay`]: a storage-free relay speaking the protocol (the machine's
 //!   ceiling, and with faults the checker's test double);
-//! - `session`: a user that reconnects, retries and resumes (the
-//!   reconnect scenario and `--chaos-kill`);
-//! - [`idle`]: the idle-connections scenario;
 //! - [`server`]: the server under test as a process (memory, chaos kills);
-//! - [`fds`]: open-file limits and loopback source addresses.
+//!   [`fds`]: open-file limits and loopback source addresses.
 
 pub mod checker;
+mod endpoint;
 pub mod fds;
 pub mod idle;
 pub mod latency;
+pub mod options;
+mod pacer;
 pub mod peers;
+mod plan;
 pub mod relay;
+pub mod report;
 pub mod run;
 pub mod server;
 mod session;
+pub mod stamp;
 pub mod svg;
 pub mod table;
+mod tally;
 
 pub use checker::{Checker, Verdict};
-pub use run::{run, Options, Report, Scenario, Target};
+pub use options::{Options, Scenario, Target};
+pub use report::Report;
+pub use run::run;

@@ -69,7 +69,7 @@ struct Args {
     /// Group sizes: `50`, or sizes with weights such as `8x7,50x2,1024x1`
     /// (seven groups of 8 for every two of 50 and one of 1,024). The
     /// broadcast scenario's list size is the first size.
-    #[arg(long, default_value = "50", value_parser = courier_loadtest::run::parse_group_sizes)]
+    #[arg(long, default_value = "50", value_parser = courier_loadtest::options::parse_group_sizes)]
     group_size: GroupSizes,
     /// Reconnect scenario: seconds a session lives on average (jittered ±50%).
     #[arg(long, default_value_t = 2.0)]

@@ -23,10 +23,11 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
 use crate::checker::Checker;
-use crate::run::{
-    client_error, client_msg_id, conversation, courier_send, payload, Numbering, Outcome, Pacer,
-    Route, Routes, Shared, Tally,
-};
+use crate::endpoint::courier::{client_error, courier_send};
+use crate::pacer::Pacer;
+use crate::plan::{client_msg_id, conversation, Numbering, Route, Routes};
+use crate::stamp::payload;
+use crate::tally::{Shared, Tally};
 
 /// How long to keep trying to reconnect after sending has ended.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
@@ -62,7 +63,7 @@ enum End {
 }
 
 impl User {
-    pub(crate) async fn run(self, shared: Arc<Shared>, routes: Arc<Routes>) -> Outcome {
+    pub(crate) async fn run(self, shared: Arc<Shared>, routes: Arc<Routes>) -> Checker {
         let mut state = State {
             me: self.me,
             checker: Checker::new(),

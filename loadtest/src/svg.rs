@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::run::Report;
+use crate::report::Report;
 
 /// A named, coloured line: (name, colour, points).
 type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);

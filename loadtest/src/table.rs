@@ -1,7 +1,8 @@
 //! The side-by-side table: reports of several targets for the same
 //! scenario, with each figure's ratio to Courier's.
 
-use crate::run::{Report, Scenario, Target};
+use crate::options::{Scenario, Target};
+use crate::report::Report;
 
 /// A run's name in the tables.
 fn name(r: &Report) -> String {
@@ -60,7 +61,7 @@ pub fn markdown(reports: &[Report]) -> String {
             ));
         }
     }
-    let idle: Vec<(&Report, &crate::idle::IdleReport)> = reports
+    let idle: Vec<(&Report, &crate::report::IdleReport)> = reports
         .iter()
         .filter_map(|r| Some((r, r.idle.as_ref()?)))
         .collect();
@@ -137,7 +138,7 @@ mod tests {
         ));
         r.scenario = Scenario::Idle;
         r.label = Some("Courier (epoll)".into());
-        r.idle = Some(crate::idle::IdleReport {
+        r.idle = Some(crate::report::IdleReport {
             connections: 18_000,
             server_bytes_per_connection: Some(10_748.4),
             generator_bytes_per_connection: 12_487.0,

@@ -1,6 +1,7 @@
 //! Contacts, broadcast lists and status posts: per-user state that needs no
-//! sequencing, read and written by the user's own sessions directly in the
-//! store (blocking calls; the connection runs them on the blocking pool).
+//! sequencing. The user's sessions read and write it directly in the store
+//! (blocking calls, run on the blocking pool); the shards read it for
+//! consent (a broadcast's recipients, a status view).
 //!
 //! Consent is the contact list: a broadcast reaches a recipient only if the
 //! recipient has the sender as a contact, and a status is shown only to
@@ -13,40 +14,32 @@
 use bytes::Bytes;
 use courier_protocol::{Audience, ContactsOp, ErrorCode, ListOp, Status};
 use courier_storage::{InboxStore, KvOp, StoreError};
-use tracing::error;
 
-use crate::groups::valid_user;
-use crate::keys;
-use crate::shard::OpResult;
+use super::ids::valid_user;
+use super::keys;
+use super::rows::{corrupt, StatusRow, UserList};
+use crate::error::{refuse, BrokerResult};
 
-fn storage(e: StoreError) -> (ErrorCode, String) {
-    error!(error = %e, "storage error");
-    (ErrorCode::INTERNAL, "storage error".into())
+fn write(store: &dyn InboxStore, ops: &[KvOp], now_ms: u64) -> BrokerResult<()> {
+    store.append_with(&[], ops, now_ms)?;
+    Ok(())
 }
 
-fn write(store: &dyn InboxStore, ops: &[KvOp]) -> OpResult<()> {
-    store
-        .append_with(&[], ops, crate::now_ms())
-        .map(|_| ())
-        .map_err(storage)
-}
-
-fn check_users(users: &[u64], me: u64) -> OpResult<()> {
+fn check_users(users: &[u64], me: u64) -> BrokerResult<()> {
     match users.iter().find(|&&u| !valid_user(u) || u == me) {
-        Some(u) => Err((
+        Some(u) => refuse(
             ErrorCode::INVALID_REQUEST,
             format!("{u:#x} is not another user's id"),
-        )),
+        ),
         None => Ok(()),
     }
 }
 
-pub fn contact_list(store: &dyn InboxStore, user: u64) -> OpResult<Vec<u64>> {
+pub fn contact_list(store: &dyn InboxStore, user: u64) -> Result<Vec<u64>, StoreError> {
     Ok(store
-        .scan(&keys::contacts(user), usize::MAX)
-        .map_err(storage)?
+        .scan(&keys::contacts(user), usize::MAX)?
         .iter()
-        .filter_map(|(k, _)| keys::last_u64(k))
+        .filter_map(|(k, _)| keys::last_id(k))
         .collect())
 }
 
@@ -61,50 +54,49 @@ pub fn contacts(
     op: ContactsOp,
     users: &[u64],
     max: usize,
-) -> OpResult<Vec<u64>> {
+    now_ms: u64,
+) -> BrokerResult<Vec<u64>> {
     check_users(users, user)?;
-    match op {
-        ContactsOp::Get => {}
+    let ops: Vec<KvOp> = match op {
+        ContactsOp::Get => Vec::new(),
         ContactsOp::Add => {
             let current = contact_list(store, user)?;
             let new = users.iter().filter(|u| !current.contains(u)).count();
             if current.len() + new > max {
-                return Err((
+                return refuse(
                     ErrorCode::TOO_MANY_CONTACTS,
                     format!("{} contacts; at most {max}", current.len() + new),
-                ));
+                );
             }
-            let ops: Vec<_> = users
+            users
                 .iter()
                 .map(|&u| KvOp::Put {
                     key: keys::contact(user, u),
                     value: Vec::new(),
                 })
-                .collect();
-            write(store, &ops)?;
+                .collect()
         }
-        ContactsOp::Remove => {
-            let ops: Vec<_> = users
-                .iter()
-                .map(|&u| KvOp::Delete {
-                    key: keys::contact(user, u),
-                })
-                .collect();
-            write(store, &ops)?;
-        }
+        ContactsOp::Remove => users
+            .iter()
+            .map(|&u| KvOp::Delete {
+                key: keys::contact(user, u),
+            })
+            .collect(),
+    };
+    if !ops.is_empty() {
+        write(store, &ops, now_ms)?;
     }
-    contact_list(store, user)
+    Ok(contact_list(store, user)?)
 }
 
-pub fn get_list(store: &dyn InboxStore, user: u64, list: u64) -> OpResult<Vec<u64>> {
-    match store.get(&keys::list(user, list)).map_err(storage)? {
-        Some(v) => keys::decode_users(&v).map(|(u, _)| u).ok_or_else(|| {
-            storage(StoreError::Corrupt {
-                what: "broadcast list",
-                detail: format!("user {user} list {list}"),
-            })
-        }),
-        None => Err((ErrorCode::NO_SUCH_LIST, format!("no list {list}"))),
+/// The recipients of `user`'s broadcast list `list`.
+pub fn get_list(store: &dyn InboxStore, user: u64, list: u64) -> BrokerResult<Vec<u64>> {
+    match store.get(&keys::list(user, list))? {
+        Some(v) => match UserList::decode(&v) {
+            Some(l) => Ok(l.0),
+            None => Err(corrupt("broadcast list", format!("user {user} list {list}")).into()),
+        },
+        None => refuse(ErrorCode::NO_SUCH_LIST, format!("no list {list}")),
     }
 }
 
@@ -116,20 +108,17 @@ pub fn list(
     list: u64,
     users: &[u64],
     max: usize,
-) -> OpResult<Option<Vec<u64>>> {
+    now_ms: u64,
+) -> BrokerResult<Option<Vec<u64>>> {
     if list == 0 {
-        return Err((ErrorCode::INVALID_REQUEST, "list id 0".into()));
+        return refuse(ErrorCode::INVALID_REQUEST, "list id 0");
     }
     match op {
         ListOp::Get => get_list(store, user, list).map(Some),
         ListOp::Delete => {
             get_list(store, user, list)?;
-            write(
-                store,
-                &[KvOp::Delete {
-                    key: keys::list(user, list),
-                }],
-            )?;
+            let key = keys::list(user, list);
+            write(store, &[KvOp::Delete { key }], now_ms)?;
             Ok(None)
         }
         ListOp::Set => {
@@ -141,18 +130,16 @@ pub fn list(
                 }
             }
             if members.is_empty() || members.len() > max {
-                return Err((
+                return refuse(
                     ErrorCode::LIST_TOO_LARGE,
                     format!("{} recipients; 1 to {max} allowed", members.len()),
-                ));
+                );
             }
-            write(
-                store,
-                &[KvOp::Put {
-                    key: keys::list(user, list),
-                    value: keys::encode_users(&members),
-                }],
-            )?;
+            let row = KvOp::Put {
+                key: keys::list(user, list),
+                value: UserList(members.clone()).encode(),
+            };
+            write(store, &[row], now_ms)?;
             Ok(Some(members))
         }
     }
@@ -175,83 +162,57 @@ pub fn consenting(
     Ok((yes, skipped))
 }
 
-struct StoredStatus {
-    posted_at_ms: u64,
-    audience: Audience,
-    users: Vec<u64>,
-    payload: Bytes,
-}
-
-fn encode_status(s: &StoredStatus) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + 2 + 8 * s.users.len() + s.payload.len());
-    v.extend_from_slice(&s.posted_at_ms.to_be_bytes());
-    v.push(s.audience as u8);
-    v.extend_from_slice(&keys::encode_users(&s.users));
-    v.extend_from_slice(&s.payload);
-    v
-}
-
-fn decode_status(v: &[u8]) -> Option<StoredStatus> {
-    let posted_at_ms = keys::be_u64(v, 0)?;
-    let audience = Audience::from_u8(*v.get(8)?)?;
-    let (users, used) = keys::decode_users(v.get(9..)?)?;
-    Some(StoredStatus {
-        posted_at_ms,
-        audience,
-        users,
-        payload: Bytes::copy_from_slice(&v[9 + used..]),
-    })
+/// A status post as it arrives from its poster.
+pub struct NewStatus {
+    pub poster: u64,
+    pub status_id: u64,
+    pub audience: Audience,
+    pub users: Vec<u64>,
+    pub payload: Bytes,
 }
 
 /// Posts a status; returns its expiry. Also deletes the poster's expired
 /// statuses (one range tombstone).
-#[allow(clippy::too_many_arguments, reason = "one call site, plain data")]
 pub fn post_status(
     store: &dyn InboxStore,
-    poster: u64,
-    status_id: u64,
+    post: NewStatus,
     now_ms: u64,
     ttl_ms: u64,
     max: usize,
-    audience: Audience,
-    users: Vec<u64>,
-    payload: Bytes,
-) -> OpResult<u64> {
-    check_users(&users, poster)?;
-    let live = store
-        .scan_expiring(&keys::statuses(poster), now_ms, max + 1)
-        .map_err(storage)?;
+) -> BrokerResult<u64> {
+    let poster = post.poster;
+    check_users(&post.users, poster)?;
+    let live = store.scan_expiring(&keys::statuses(poster), now_ms, max + 1)?;
     if live.len() >= max {
-        return Err((
+        return refuse(
             ErrorCode::INVALID_REQUEST,
             format!("at most {max} current statuses"),
-        ));
+        );
     }
     let expires_at_ms = now_ms + ttl_ms;
-    let value = encode_status(&StoredStatus {
+    let value = StatusRow {
         posted_at_ms: now_ms,
-        audience,
-        users,
-        payload,
-    });
-    write(
-        store,
-        &[
-            KvOp::DeleteExpiringRange {
-                from: keys::status(poster, 0, 0),
-                to: keys::status(poster, now_ms + 1, 0),
-            },
-            KvOp::PutExpiring {
-                key: keys::status(poster, expires_at_ms, status_id),
-                expires_at_ms,
-                value,
-            },
-        ],
-    )?;
+        audience: post.audience,
+        users: post.users,
+        payload: post.payload,
+    }
+    .encode();
+    let ops = [
+        KvOp::DeleteExpiringRange {
+            from: keys::status(poster, 0, 0),
+            to: keys::status(poster, now_ms + 1, 0),
+        },
+        KvOp::PutExpiring {
+            key: keys::status(poster, expires_at_ms, post.status_id),
+            expires_at_ms,
+            value,
+        },
+    ];
+    write(store, &ops, now_ms)?;
     Ok(expires_at_ms)
 }
 
-fn visible(s: &StoredStatus, viewer: u64) -> bool {
+fn visible(s: &StatusRow, viewer: u64) -> bool {
     match s.audience {
         Audience::Contacts => true,
         Audience::ContactsExcept => !s.users.contains(&viewer),
@@ -271,16 +232,12 @@ fn poster_statuses(
     }
     let mut out = Vec::new();
     for (k, expires_at_ms, v) in store.scan_expiring(&keys::statuses(poster), now_ms, usize::MAX)? {
-        let Some(s) = decode_status(&v) else {
-            return Err(StoreError::Corrupt {
-                what: "status",
-                detail: format!("poster {poster}"),
-            });
-        };
+        let s =
+            StatusRow::decode(&v).ok_or_else(|| corrupt("status", format!("poster {poster}")))?;
         if visible(&s, viewer) {
             out.push(Status {
                 poster,
-                status_id: keys::last_u64(&k).unwrap_or(0),
+                status_id: keys::last_id(&k).unwrap_or(0),
                 posted_at_ms: s.posted_at_ms,
                 expires_at_ms,
                 payload: s.payload,
@@ -292,10 +249,14 @@ fn poster_statuses(
 }
 
 /// Every current status of the viewer's contacts that the viewer may see.
-pub fn fetch_statuses(store: &dyn InboxStore, viewer: u64, now_ms: u64) -> OpResult<Vec<Status>> {
+pub fn fetch_statuses(
+    store: &dyn InboxStore,
+    viewer: u64,
+    now_ms: u64,
+) -> BrokerResult<Vec<Status>> {
     let mut out = Vec::new();
     for poster in contact_list(store, viewer)? {
-        out.extend(poster_statuses(store, poster, viewer, now_ms).map_err(storage)?);
+        out.extend(poster_statuses(store, poster, viewer, now_ms)?);
     }
     Ok(out)
 }
@@ -307,12 +268,11 @@ pub fn can_view(
     poster: u64,
     status_id: u64,
     now_ms: u64,
-) -> OpResult<bool> {
-    if !valid_user(poster) || !has_contact(store, viewer, poster).map_err(storage)? {
+) -> Result<bool, StoreError> {
+    if !valid_user(poster) || !has_contact(store, viewer, poster)? {
         return Ok(false);
     }
-    Ok(poster_statuses(store, poster, viewer, now_ms)
-        .map_err(storage)?
+    Ok(poster_statuses(store, poster, viewer, now_ms)?
         .iter()
         .any(|s| s.status_id == status_id))
 }

@@ -1,0 +1,171 @@
+//! Catch-up: a session's writer reads what it missed from the store.
+//!
+//! The inbox from the last delivered sequence up to its head, then every
+//! log-strategy group stream from its cursor (from the user's `U` rows and
+//! `C` cursors) up to the log's head or the event that removed the user.
+//! It clears `lagging` before reading and reads once more if the shard set
+//! it again meanwhile, so no message falls between live push and catch-up.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use courier_protocol::{Body, ErrorCode, Frame, Reason};
+use tracing::error;
+
+use super::streams::GroupStream;
+use super::writer::Writer;
+use crate::net::seam::NetWrite;
+use crate::state::ids::NONE;
+use crate::state::keys;
+use crate::state::message::to_wire;
+use crate::state::rows::{Cursors, MemberRow};
+
+/// Messages read from the store per catch-up step.
+const CATCH_UP_PAGE: usize = 256;
+
+impl<W: NetWrite> Writer<W> {
+    /// Reads the inbox after `delivered` up to its head and sends it, until
+    /// no push was missed in between (see the module comment).
+    pub(super) async fn catch_up(&mut self) -> std::io::Result<()> {
+        self.flush().await?;
+        loop {
+            self.session.lagging.store(false, Ordering::SeqCst);
+            loop {
+                let store = self.store.clone();
+                let (user, after) = (self.user, self.delivered);
+                let page = tokio::task::spawn_blocking(move || {
+                    store
+                        .read_after(user, after, CATCH_UP_PAGE)?
+                        .into_iter()
+                        .map(to_wire)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                let page = match page {
+                    Ok(p) => p,
+                    Err(e) => {
+                        error!(user, error = %e, "catch-up read failed; closing session");
+                        self.encode(&Frame::new(
+                            0,
+                            Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
+                        ));
+                        self.flush().await?;
+                        return Err(std::io::Error::other("storage error"));
+                    }
+                };
+                let n = page.len();
+                self.metrics.deliveries_catch_up.inc_by(n as u64);
+                for m in page {
+                    debug_assert!(m.seq > self.delivered);
+                    self.delivered = m.seq;
+                    self.pending.push(Arc::new(m));
+                }
+                self.flush().await?;
+                if n < CATCH_UP_PAGE {
+                    break;
+                }
+            }
+            if let Err(e) = self.catch_up_groups().await {
+                error!(user = self.user, error = %e, "group catch-up failed; closing session");
+                self.encode(&Frame::new(
+                    0,
+                    Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
+                ));
+                self.flush().await?;
+                return Err(std::io::Error::other("storage error"));
+            }
+            if !self.session.lagging.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads the user's group rows: which log-strategy groups to read, from
+    /// where (the confirmed cursor, or where the user joined) and to where.
+    async fn load_streams(&mut self) -> Result<(), courier_storage::StoreError> {
+        let store = self.store.clone();
+        let user = self.user;
+        let rows = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (k, v) in store.scan(&keys::user_groups(user), usize::MAX)? {
+                let (Some(g), Some(row)) = (keys::last_id(&k), MemberRow::decode(&v)) else {
+                    continue;
+                };
+                if row.log_from == NONE {
+                    continue;
+                }
+                let confirmed = match store.get(&keys::cursor(g, user))? {
+                    Some(c) => Cursors::decode(&c).delivered,
+                    None => 0,
+                };
+                let (joined, left, log_from) = (row.joined, row.left, row.log_from);
+                out.push((g, joined.max(log_from), left, confirmed));
+            }
+            Ok::<_, courier_storage::StoreError>(out)
+        })
+        .await
+        .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+        for (g, from, left, confirmed) in rows {
+            let fresh = GroupStream {
+                delivered: confirmed.max(from - 1),
+                end: left,
+            };
+            match self.groups.get_mut(&g) {
+                // Removed earlier in this session and added again since.
+                Some(s) if from > s.end => *s = fresh,
+                Some(s) => s.end = s.end.min(left),
+                None => {
+                    self.groups.insert(g, fresh);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every group stream up to its log's head (or its end).
+    async fn catch_up_groups(&mut self) -> Result<(), courier_storage::StoreError> {
+        if self.rescan {
+            self.load_streams().await?;
+            self.rescan = false;
+        }
+        let groups: Vec<u64> = self.groups.keys().copied().collect();
+        for g in groups {
+            loop {
+                let stream = &self.groups[&g];
+                if stream.delivered >= stream.end {
+                    break;
+                }
+                let store = self.store.clone();
+                let after = stream.delivered;
+                let page = tokio::task::spawn_blocking(move || {
+                    store
+                        .read_after(g, after, CATCH_UP_PAGE)?
+                        .into_iter()
+                        .map(to_wire)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await
+                .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+                let n = page.len();
+                let stream = self.groups.get_mut(&g).expect("present");
+                for m in page {
+                    if m.seq > stream.end {
+                        break;
+                    }
+                    if stream.take(self.user, &m) {
+                        self.pending_group.push((g, Arc::new(m)));
+                        self.metrics.deliveries_catch_up.inc();
+                    }
+                }
+                self.flush()
+                    .await
+                    .map_err(|e| courier_storage::StoreError::Io(e.to_string()))?;
+                if n < CATCH_UP_PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}

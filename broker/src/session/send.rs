@@ -1,0 +1,205 @@
+//! `Send` and `SendBatch`: checked here, sequenced and stored by the
+//! destination's shard (the recipient's, the group's, or for a broadcast
+//! list the sender's, which plans the copies).
+
+use std::time::Instant;
+
+use courier_protocol::{Destination, ErrorCode, MessageKind, Send, GROUP_ID_BIT};
+use tokio::sync::oneshot;
+
+use super::reader::Reader;
+use crate::error::{refuse, BrokerResult};
+use crate::shard::messages::{
+    failed, BroadcastCmd, Completion, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
+};
+use crate::state::ids::valid_user;
+
+impl Reader {
+    /// A single send; false when the node is stopping.
+    pub(super) async fn send(&mut self, rid: u32, s: Send) -> bool {
+        match self.validate(&s) {
+            Ok(_) => self.dispatch(s, rid, None).await,
+            Err(e) => {
+                self.node.metrics.rejected(e.code());
+                self.failed(rid, &e);
+                true
+            }
+        }
+    }
+
+    /// A batch of sends, answered with one `SendBatchAck` (the writer
+    /// collects the results); broadcast lists are not batched.
+    pub(super) async fn send_batch(&mut self, rid: u32, sends: Vec<Send>) -> bool {
+        let max = self.node.config.limits.max_batch;
+        if sends.len() > max as usize {
+            let message = format!("{} items; at most {max}", sends.len());
+            self.error(rid, ErrorCode::BATCH_TOO_LARGE, message);
+            return true;
+        }
+        let start = Reply::BatchStart {
+            request_id: rid,
+            count: sends.len() as u16,
+        };
+        let _ = self.replies.send(start);
+        for (i, s) in sends.into_iter().enumerate() {
+            let index = Some(i as u16);
+            let checked = self.validate(&s).and_then(|d| match d {
+                Destination::List(_) => refuse(
+                    ErrorCode::DESTINATION_UNSUPPORTED,
+                    "broadcast lists are sent with Send",
+                ),
+                d => Ok(d),
+            });
+            let sent = match checked {
+                Ok(_) => self.dispatch(s, rid, index).await,
+                Err(e) => {
+                    self.reject_item(rid, index, s.client_msg_id, e.code())
+                        .await
+                }
+            };
+            if !sent {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Answers one refused item of a batch in its slot.
+    async fn reject_item(
+        &self,
+        rid: u32,
+        index: Option<u16>,
+        client_msg_id: u64,
+        code: ErrorCode,
+    ) -> bool {
+        // The writer returns a permit per result: take one.
+        match self.inflight.acquire().await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        let _ = self.replies.send(Reply::SendResult {
+            request_id: rid,
+            index,
+            result: failed(client_msg_id, code),
+        });
+        true
+    }
+
+    /// Checks a send and says where it goes.
+    fn validate(&self, s: &Send) -> BrokerResult<Destination> {
+        match s.destination {
+            Destination::User(id) if !valid_user(id) => {
+                return refuse(
+                    ErrorCode::INVALID_DESTINATION,
+                    format!("{id:#x} is not a user id"),
+                )
+            }
+            Destination::Group(id) if id & GROUP_ID_BIT == 0 => {
+                return refuse(
+                    ErrorCode::INVALID_DESTINATION,
+                    format!("{id:#x} is not a group id"),
+                )
+            }
+            Destination::List(0) => return refuse(ErrorCode::INVALID_DESTINATION, "list id 0"),
+            _ => {}
+        }
+        if !matches!(s.kind, MessageKind::Chat | MessageKind::Template) {
+            return refuse(
+                ErrorCode::KIND_NOT_ALLOWED,
+                format!("kind {:?} is not sent with Send", s.kind),
+            );
+        }
+        let max = self.node.config.limits.max_payload_len as usize;
+        if s.payload.len() > max {
+            return refuse(
+                ErrorCode::PAYLOAD_TOO_LARGE,
+                format!("payload of {} bytes exceeds {max}", s.payload.len()),
+            );
+        }
+        Ok(s.destination)
+    }
+
+    /// Takes an in-flight permit and queues the send on the shard that owns
+    /// its destination. Returns false if the shards have stopped.
+    async fn dispatch(&self, s: Send, request_id: u32, index: Option<u16>) -> bool {
+        match self.inflight.acquire().await {
+            Ok(p) => p.forget(), // returned by the writer when the result is written
+            Err(_) => return false,
+        }
+        let reply = ReplyTo {
+            tx: self.replies.clone(),
+            request_id,
+            index,
+        };
+        let accepted = Instant::now();
+        let (key, cmd) = match s.destination {
+            Destination::User(recipient) => (
+                recipient,
+                ShardCmd::Send(SendCmd {
+                    sender: self.user,
+                    sender_device: self.device,
+                    recipient,
+                    client_msg_id: s.client_msg_id,
+                    destination: s.destination,
+                    scope: 0,
+                    kind: s.kind,
+                    payload: s.payload,
+                    done: Completion::Reply(reply),
+                    accepted,
+                }),
+            ),
+            Destination::Group(group) => (
+                group,
+                ShardCmd::GroupSend(GroupSendCmd {
+                    group,
+                    sender: self.user,
+                    sender_device: self.device,
+                    client_msg_id: s.client_msg_id,
+                    kind: s.kind,
+                    payload: s.payload,
+                    reply,
+                    accepted,
+                }),
+            ),
+            Destination::List(list) => return Box::pin(self.broadcast(s, list, reply)).await,
+        };
+        if self.node.shards.send(key, cmd).await {
+            true
+        } else {
+            self.inflight.add_permits(1);
+            false
+        }
+    }
+
+    /// A send to a broadcast list: the sender's shard plans the copies and
+    /// answers once all are durable; this session queues them on the
+    /// recipients' shards in order (so they keep their place among the
+    /// session's later sends), waiting where a queue is full. Holds the
+    /// permit `dispatch` took until the answer is written.
+    async fn broadcast(&self, s: Send, list: u64, reply: ReplyTo) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let plan = ShardCmd::Broadcast(BroadcastCmd {
+            sender: self.user,
+            sender_device: self.device,
+            list,
+            client_msg_id: s.client_msg_id,
+            kind: s.kind,
+            payload: s.payload,
+            reply,
+            copies: tx,
+        });
+        if !self.node.shards.send(self.user, plan).await {
+            return false;
+        }
+        let Ok(copies) = rx.await else {
+            return false;
+        };
+        for copy in copies {
+            let recipient = copy.recipient;
+            if !self.node.shards.send(recipient, ShardCmd::Send(copy)).await {
+                return false;
+            }
+        }
+        true
+    }
+}

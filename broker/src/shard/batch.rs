@@ -1,0 +1,155 @@
+//! A batch's one storage write, and what each planned command gets once it
+//! has an outcome: its answer, its pushes, its part's report.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use courier_protocol::{ErrorCode, Message, SendResult};
+use courier_storage::{AppendOutcome, NewMessage};
+use tracing::{error, warn};
+
+use super::core::Shard;
+use super::messages::{failed, Completion, Delivery, ShardCmd};
+use super::tracking::{Batch, Planned};
+use crate::error::BrokerError;
+
+impl Shard {
+    /// Writes the planned appends (and pending key-value writes) in one
+    /// storage write, then answers and pushes.
+    pub(crate) fn write_batch(&mut self, batch: &mut Batch) {
+        if batch.appends.is_empty() && self.kv.is_empty() {
+            for p in batch.plan.drain(..) {
+                self.finish(p, &mut std::iter::empty());
+            }
+            return;
+        }
+        let kv = std::mem::take(&mut self.kv);
+        let started = Instant::now();
+        let written = self.store.append_with(&batch.appends, &kv, self.now_ms());
+        self.stats
+            .write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.stats.write_batch.observe(batch.appends.len() as f64);
+        match written {
+            Ok(outcomes) => {
+                let mut it = batch.appends.drain(..).zip(outcomes);
+                for p in batch.plan.drain(..) {
+                    self.finish(p, &mut it);
+                }
+            }
+            Err(e) => {
+                error!(shard = self.id, error = %e, count = batch.appends.len(), "storage append failed; rejecting the batch");
+                self.stats.storage_errors.inc();
+                batch.appends.clear();
+                // Planning a send changes no cached group state (only a
+                // membership change does, after its own write succeeded), so
+                // the caches, and the fan-outs they track, stay valid.
+                for p in batch.plan.drain(..) {
+                    self.reject(p);
+                }
+            }
+        }
+    }
+
+    /// Writes pending key-value writes on their own (marks, receipt cursors).
+    pub(crate) fn write_kv(&mut self) {
+        if self.kv.is_empty() {
+            return;
+        }
+        let kv = std::mem::take(&mut self.kv);
+        // Cursors and fan-out marks: losing the last of them in a power
+        // failure repeats receipts or references, which their keys absorb.
+        if let Err(e) = self.store.write_lazy(&kv) {
+            warn!(shard = self.id, error = %e, "writing cursors failed");
+        }
+    }
+
+    fn reject(&mut self, p: Planned) {
+        match p {
+            Planned::Send(s) => {
+                let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
+                self.complete(s.done, result, false);
+            }
+            Planned::Refs(r) => self.to_peer(
+                r.group,
+                ShardCmd::RefsDone {
+                    group: r.group,
+                    seq: r.message.seq,
+                    code: ErrorCode::INTERNAL,
+                },
+            ),
+            Planned::GroupSend { cmd, .. } => cmd
+                .reply
+                .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL)),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        p: Planned,
+        outcomes: &mut dyn Iterator<Item = (NewMessage, AppendOutcome)>,
+    ) {
+        match p {
+            Planned::Send(s) => {
+                let (m, outcome) = outcomes.next().expect("one outcome per send");
+                self.finish_send(s, m, outcome);
+            }
+            Planned::Refs(r) => {
+                for _ in 0..r.members.len() {
+                    let (m, outcome) = outcomes.next().expect("one outcome per reference");
+                    match outcome {
+                        AppendOutcome::Stored(p) => {
+                            self.stats.refs_stored.inc();
+                            let msg = Message {
+                                seq: p.seq,
+                                ..(*r.message).clone()
+                            };
+                            self.push(m.inbox, Delivery::Inbox(Arc::new(msg)), r.accepted);
+                        }
+                        AppendOutcome::Duplicate(_) => {}
+                        AppendOutcome::Conflict => {
+                            error!(shard = self.id, group = r.group, "reference key conflict")
+                        }
+                    }
+                }
+                let done = ShardCmd::RefsDone {
+                    group: r.group,
+                    seq: r.message.seq,
+                    code: ErrorCode::OK,
+                };
+                self.to_peer(r.group, done);
+            }
+            Planned::GroupSend { cmd, recipients } => {
+                let (m, outcome) = outcomes.next().expect("one outcome per group send");
+                self.finish_group_send(cmd, recipients, m, outcome);
+            }
+        }
+    }
+
+    /// Delivers an outcome to whoever waits for it.
+    pub(crate) fn complete(&mut self, done: Completion, result: SendResult, stored: bool) {
+        let ok = result.code == ErrorCode::OK;
+        match done {
+            Completion::Reply(r) => r.send(result),
+            Completion::Copy { sender, token } => self.to_peer(
+                sender,
+                ShardCmd::CopyDone {
+                    sender,
+                    token,
+                    result,
+                    stored,
+                },
+            ),
+            Completion::Receipt { reader, token } => {
+                self.to_peer(reader, ShardCmd::ReceiptPartDone { reader, token, ok })
+            }
+            Completion::Stored(answer) => {
+                let _ = answer.send(if ok {
+                    Ok(())
+                } else {
+                    Err(BrokerError::refused(ErrorCode::INTERNAL, "storage error"))
+                });
+            }
+        }
+    }
+}

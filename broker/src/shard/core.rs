@@ -1,0 +1,307 @@
+//! One shard: its state, its loop, and the one dispatch of its commands.
+//!
+//! The loop: wait for a command, drain up to `limits.shard_batch_max` more
+//! without waiting, plan every command of the batch, append everything in
+//! one storage write (one WAL sync in fsync mode: group commit), answer each
+//! sender, push each stored message to the recipients' online sessions,
+//! apply the marks, then go round again. The domains the loop runs are in
+//! their own files: `inbox`, `groups`, `receipts`, `fanout`; the write and
+//! its outcomes in `batch`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier_storage::{Clock, InboxStore, KvOp};
+use tokio::sync::mpsc;
+use tracing::{debug, error};
+
+use super::messages::{ReceiptQueryCmd, SessionHandle, ShardCmd};
+use super::route::shard_of;
+use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout, PendingReceipts};
+use crate::metrics::ShardMetrics;
+use crate::state::rows::Cursors;
+
+/// How often a shard trims acknowledged messages past retention.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What every shard is configured with.
+#[derive(Clone)]
+pub struct ShardConfig {
+    pub queue_len: usize,
+    pub batch_max: usize,
+    pub acked_retention_ms: u64,
+    pub max_group_members: usize,
+    pub max_groups_per_user: usize,
+    pub log_threshold: usize,
+    /// The node's one clock (the store's idempotency window and expiring
+    /// space read the same one).
+    pub clock: Clock,
+}
+
+impl ShardConfig {
+    #[cfg(test)]
+    pub fn for_tests() -> ShardConfig {
+        ShardConfig {
+            queue_len: 64,
+            batch_max: 16,
+            acked_retention_ms: 0,
+            max_group_members: 1024,
+            max_groups_per_user: 64,
+            log_threshold: 4,
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// One shard's unbounded peer queue; counts what is put on it.
+#[derive(Clone)]
+pub struct PeerQueue {
+    pub(crate) tx: mpsc::UnboundedSender<ShardCmd>,
+    pub(crate) pushed: prometheus::IntCounter,
+}
+
+impl PeerQueue {
+    pub(crate) fn send(&self, cmd: ShardCmd) {
+        self.pushed.inc();
+        let _ = self.tx.send(cmd);
+    }
+}
+
+pub(crate) struct Shard {
+    pub(crate) id: u64,
+    /// Commands from sessions (bounded: `limits.shard_queue_len`).
+    rx: mpsc::Receiver<ShardCmd>,
+    /// Commands from other shards (see `peers`).
+    peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
+    /// Every shard's unbounded peer queue. Shard-to-shard traffic (references,
+    /// group pushes, receipts, parts' outcomes) never waits on a bounded
+    /// queue, so two shards can never block on each other; it is bounded in
+    /// practice by the senders' in-flight permits that caused it.
+    pub(crate) peers: Arc<[PeerQueue]>,
+    pub(crate) store: Arc<dyn InboxStore>,
+    pub(crate) stats: Arc<ShardMetrics>,
+    pub(crate) config: ShardConfig,
+    /// Live sessions of this shard's users.
+    pub(crate) sessions: HashMap<u64, Vec<Arc<SessionHandle>>>,
+    /// Users whose inboxes have acknowledged messages to trim.
+    pub(crate) trim_pending: HashSet<u64>,
+    /// The last server timestamp handed out, and the ids used in it.
+    last_ts_ms: u64,
+    id_counter: u64,
+    /// Groups this shard owns that have been touched since start.
+    pub(crate) groups: HashMap<u64, GroupCache>,
+    /// Reference fan-outs in flight or not yet recorded in `F`, by group
+    /// and group sequence.
+    pub(crate) fanouts: HashMap<u64, BTreeMap<u64, PendingFanout>>,
+    /// Broadcasts of this shard's users in flight, by token.
+    pub(crate) broadcasts: HashMap<u64, PendingBroadcast>,
+    /// Receipt emissions of this shard's users in flight, by token.
+    pub(crate) receipts_in_flight: HashMap<u64, PendingReceipts>,
+    /// Source of the tokens above.
+    next_token: u64,
+    /// Receipt cursors of this shard's users, as emitted (`R` rows).
+    pub(crate) receipt_cursors: HashMap<u64, Cursors>,
+    /// Group cursors of this shard's users, by (group, user) (`C` rows).
+    pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
+    /// Key-value writes to make with the next batch.
+    pub(crate) kv: Vec<KvOp>,
+}
+
+impl Shard {
+    pub(crate) fn new(
+        id: u64,
+        rx: mpsc::Receiver<ShardCmd>,
+        peer_rx: mpsc::UnboundedReceiver<ShardCmd>,
+        peers: Arc<[PeerQueue]>,
+        store: Arc<dyn InboxStore>,
+        stats: Arc<ShardMetrics>,
+        config: &ShardConfig,
+    ) -> Shard {
+        Shard {
+            id,
+            rx,
+            peer_rx,
+            peers,
+            store,
+            stats,
+            config: config.clone(),
+            sessions: HashMap::new(),
+            trim_pending: HashSet::new(),
+            last_ts_ms: 0,
+            id_counter: 0,
+            groups: HashMap::new(),
+            fanouts: HashMap::new(),
+            broadcasts: HashMap::new(),
+            receipts_in_flight: HashMap::new(),
+            next_token: 0,
+            receipt_cursors: HashMap::new(),
+            group_cursors: HashMap::new(),
+            kv: Vec::new(),
+        }
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.config.clock.now_ms()
+    }
+
+    /// A token for a fan-out this shard waits for.
+    pub(crate) fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Queues a command on the shard that owns `key`, through its peer queue.
+    pub(crate) fn to_peer(&self, key: u64, cmd: ShardCmd) {
+        self.to_shard(shard_of(key, self.peers.len()), cmd);
+    }
+
+    /// Queues a command on shard `shard`'s peer queue.
+    pub(crate) fn to_shard(&self, shard: usize, cmd: ShardCmd) {
+        self.peers[shard].send(cmd);
+    }
+
+    /// `marks`: this shard's groups' fan-out marks, to complete interrupted
+    /// fan-outs before anything else.
+    pub(crate) async fn run(&mut self, marks: Vec<(u64, u64)>) {
+        self.recover_fanouts(marks);
+        let mut cmds = Vec::with_capacity(self.config.batch_max);
+        let mut last_trim = Instant::now();
+        loop {
+            if !self.drain(&mut cmds).await {
+                break;
+            }
+            if self.process(&mut cmds) {
+                // Work other shards handed over before they stopped.
+                while let Ok(cmd) = self.peer_rx.try_recv() {
+                    cmds.push(cmd);
+                }
+                self.stats.queue_popped[self.id as usize].inc_by(cmds.len() as u64);
+                self.process(&mut cmds);
+                break;
+            }
+            if last_trim.elapsed() >= TRIM_INTERVAL {
+                self.trim();
+                last_trim = Instant::now();
+            }
+        }
+        self.note_fanned();
+        self.write_kv();
+        if let Err(e) = self.store.sync() {
+            error!(shard = self.id, error = %e, "store sync at shard stop failed");
+        }
+        debug!(shard = self.id, "shard stopped");
+    }
+
+    /// Waits for a command (at most until the next trim), then takes up to
+    /// a batch of whatever else is queued, peers first. False once every
+    /// session-side sender is gone.
+    async fn drain(&mut self, cmds: &mut Vec<ShardCmd>) -> bool {
+        let next = tokio::time::timeout(TRIM_INTERVAL, async {
+            tokio::select! {
+                biased;
+                Some(c) = self.peer_rx.recv() => Some(c),
+                c = self.rx.recv() => c,
+            }
+        })
+        .await;
+        match next {
+            Ok(Some(cmd)) => cmds.push(cmd),
+            Ok(None) => return false,
+            Err(_elapsed) => {}
+        }
+        while cmds.len() < self.config.batch_max {
+            match self.peer_rx.try_recv() {
+                Ok(cmd) => cmds.push(cmd),
+                Err(_) => match self.rx.try_recv() {
+                    Ok(cmd) => cmds.push(cmd),
+                    Err(_) => break,
+                },
+            }
+        }
+        if !cmds.is_empty() {
+            self.stats.queue_popped[self.id as usize].inc_by(cmds.len() as u64);
+            self.stats.shard_batch.observe(cmds.len() as f64);
+        }
+        true
+    }
+
+    /// Handles one drained batch; returns true on `Stop`.
+    fn process(&mut self, cmds: &mut Vec<ShardCmd>) -> bool {
+        let mut batch = Batch::default();
+        for cmd in cmds.drain(..) {
+            self.take(cmd, &mut batch);
+        }
+        self.note_fanned();
+        self.write_batch(&mut batch);
+        self.apply_marks(&mut batch.marks);
+        self.write_kv();
+        self.answer_queries(std::mem::take(&mut batch.queries));
+        batch.stop
+    }
+
+    /// The one dispatch: plans a command into `batch`, or runs it.
+    fn take(&mut self, cmd: ShardCmd, batch: &mut Batch) {
+        match cmd {
+            ShardCmd::Send(s) => self.plan_send(s, batch),
+            ShardCmd::GroupSend(g) => self.plan_group_send(g, batch),
+            ShardCmd::Refs(r) => self.plan_refs(r, batch),
+            ShardCmd::GroupOp(op) => {
+                // A membership change needs the exact group sequence of its
+                // event: write what is planned first.
+                self.write_batch(batch);
+                self.group_op(op);
+            }
+            ShardCmd::Broadcast(b) => self.plan_broadcast(b),
+            ShardCmd::StatusView(v) => self.plan_status_view(v, batch),
+            ShardCmd::ReceiptQuery(q) => batch.queries.push(q),
+            ShardCmd::Mark(m) => batch.marks.push(m),
+            ShardCmd::Register(r) => {
+                // Earlier marks of this batch must be visible in the state.
+                self.apply_marks(&mut batch.marks);
+                self.register(r);
+            }
+            ShardCmd::Unregister { user, session_id } => self.unregister(user, session_id),
+            ShardCmd::GroupPush {
+                group,
+                message,
+                users,
+                accepted,
+            } => self.push_group(group, message, users, accepted),
+            ShardCmd::RefsDone { group, seq, code } => self.refs_done(group, seq, code),
+            ShardCmd::CopyDone {
+                token,
+                result,
+                stored,
+                ..
+            } => self.copy_done(token, result, stored),
+            ShardCmd::ReceiptPartDone { token, ok, .. } => self.receipt_part_done(token, ok),
+            ShardCmd::Stop => batch.stop = true,
+        }
+    }
+
+    fn answer_queries(&mut self, queries: Vec<ReceiptQueryCmd>) {
+        for q in queries {
+            let counts = self.receipt_counts(q.group, q.seq, q.asker);
+            let _ = q.answer.send(counts);
+        }
+    }
+
+    /// A server timestamp that never goes backwards within this shard, and a
+    /// server message id unique across shards: `ts_ms << 16 | shard << 10 | n`.
+    pub(crate) fn next_ids(&mut self) -> (u64, u64) {
+        let now = self.now_ms().max(self.last_ts_ms);
+        if now > self.last_ts_ms {
+            self.last_ts_ms = now;
+            self.id_counter = 0;
+        } else if self.id_counter == 1023 {
+            // 1,024 ids in one millisecond: borrow the next millisecond.
+            self.last_ts_ms += 1;
+            self.id_counter = 0;
+        } else {
+            self.id_counter += 1;
+        }
+        let id = (self.last_ts_ms << 16) | (self.id << 10) | self.id_counter;
+        (self.last_ts_ms, id)
+    }
+}

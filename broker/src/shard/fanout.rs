@@ -1,0 +1,296 @@
+//! Fan-out: how one message reaches many inboxes. Every plan is made here,
+//! on the shard that owns the answer; sessions only ask.
+//!
+//! - **Group references** (groups up to `groups.log_threshold` members):
+//!   after the log write, each members' shard appends a 25-byte reference
+//!   to the log entry to each member's inbox (`RefsCmd`, one per shard) and
+//!   reports with `RefsDone`. The sender's ack waits for every part, so an
+//!   ack means durable for every member. References are idempotent per
+//!   member (scoped key), and the log remembers how far fan-out is complete
+//!   (the `F` row), so a crash between the log write and the references is
+//!   repaired at start (`recover_fanouts`).
+//! - **Group log** (larger groups): the log write is the whole durable
+//!   write; the ack follows it. Online members get a live push through
+//!   their shard (`GroupPush`); every session reads the logs of its
+//!   log-strategy groups from its own cursor on catch-up.
+//! - **Broadcast lists**: the sender's shard reads the list and the
+//!   recipients' consent and plans one one-to-one copy per consenting
+//!   recipient (scoped idempotency keys); the session queues the copies on
+//!   the recipients' shards, each reports with `CopyDone`, and the sender's
+//!   shard answers when all are durable.
+//!
+//! Receipts, the other fan-out (one mark, many senders), are in `receipts`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use courier_protocol::{BroadcastAck, Destination, ErrorCode, Message, SendResult};
+use courier_storage::{KvOp, StoreError};
+use tracing::{error, warn};
+
+use super::core::Shard;
+use super::groups::recipients_of;
+use super::messages::{BroadcastCmd, Completion, RefsCmd, ReplyTo, SendCmd, ShardCmd};
+use super::route::by_shard;
+use super::tracking::{PendingBroadcast, PendingFanout};
+use crate::error::BrokerError;
+use crate::state::keys;
+use crate::state::message::to_wire;
+use crate::state::rows::{FanMark, GroupState};
+use crate::state::social;
+
+impl Shard {
+    /// Sends a just-written membership event to the members.
+    pub(crate) fn announce(&mut self, g: u64, message: Arc<Message>, state: &GroupState) {
+        let recipients = recipients_of(state, &message);
+        if message.seq >= state.log_from {
+            self.push_log(g, message, recipients, Instant::now());
+        } else {
+            self.fan_refs(g, message, recipients, None, Instant::now());
+        }
+    }
+
+    /// Live push of a log-strategy message to the recipients' sessions.
+    pub(crate) fn push_log(
+        &mut self,
+        g: u64,
+        message: Arc<Message>,
+        recipients: Vec<u64>,
+        accepted: Instant,
+    ) {
+        for (shard, users) in by_shard(recipients, self.peers.len()) {
+            let push = ShardCmd::GroupPush {
+                group: g,
+                message: message.clone(),
+                users,
+                accepted,
+            };
+            self.to_shard(shard, push);
+        }
+    }
+
+    /// Sends references to every recipient's shard; the last part's
+    /// `RefsDone` sends `answer`.
+    pub(crate) fn fan_refs(
+        &mut self,
+        g: u64,
+        message: Arc<Message>,
+        recipients: Vec<u64>,
+        answer: Option<(ReplyTo, SendResult)>,
+        accepted: Instant,
+    ) {
+        let parts = by_shard(recipients, self.peers.len());
+        let mut pending = PendingFanout {
+            remaining: parts.len(),
+            failed: None,
+            answer,
+        };
+        if parts.is_empty() {
+            pending.answer();
+        }
+        self.fanouts
+            .entry(g)
+            .or_default()
+            .insert(message.seq, pending);
+        for (shard, members) in parts {
+            let refs = RefsCmd {
+                group: g,
+                message: message.clone(),
+                members,
+                accepted,
+            };
+            self.to_shard(shard, ShardCmd::Refs(refs));
+        }
+    }
+
+    /// One members' shard stored its part of a reference fan-out.
+    pub(crate) fn refs_done(&mut self, g: u64, seq: u64, code: ErrorCode) {
+        match self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
+            Some(pending) => pending.part_done(code),
+            None => error!(
+                shard = self.id,
+                group = g,
+                seq,
+                "a fan-out part for nothing in flight"
+            ),
+        }
+    }
+
+    /// Records how far reference fan-out is complete, for recovery. Looks
+    /// only at groups with fan-outs not yet recorded, so a batch costs
+    /// nothing for the other groups this shard has touched.
+    pub(crate) fn note_fanned(&mut self) {
+        let groups: Vec<u64> = self.fanouts.keys().copied().collect();
+        for g in groups {
+            let pending = self.fanouts.get_mut(&g).expect("listed");
+            while let Some(entry) = pending.first_entry() {
+                if entry.get().succeeded() {
+                    entry.remove();
+                } else {
+                    break;
+                }
+            }
+            let first_open = pending.first_key_value().map(|(&seq, _)| seq);
+            if first_open.is_none() {
+                self.fanouts.remove(&g);
+            }
+            let upto = match first_open {
+                Some(seq) => seq - 1,
+                // Everything written is fanned out: every log entry gets its
+                // fan-out registered right after the write that stored it.
+                None => match self.store.state(g) {
+                    Ok(s) => s.head_seq,
+                    Err(e) => {
+                        warn!(shard = self.id, group = g, error = %e, "reading a group head failed");
+                        continue;
+                    }
+                },
+            };
+            if let Some(c) = self.groups.get_mut(&g) {
+                if upto > c.fanned {
+                    c.fanned = upto;
+                    self.kv.push(KvOp::Put {
+                        key: keys::fanned(g),
+                        value: FanMark(upto).encode(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Completes reference fan-outs a crash interrupted (`marks`: this
+    /// shard's groups and their `F` marks, read once for all shards by
+    /// `fan_out_marks`): every group entry after the recorded mark (and
+    /// before the group switched to the log strategy) is fanned out again;
+    /// members' shards skip references they already have.
+    pub(crate) fn recover_fanouts(&mut self, marks: Vec<(u64, u64)>) {
+        for (g, fanned) in marks {
+            if let Err(e) = self.recover_group(g, fanned) {
+                error!(shard = self.id, group = g, error = %e, "fan-out recovery failed");
+            }
+        }
+    }
+
+    fn recover_group(&mut self, g: u64, fanned: u64) -> Result<(), StoreError> {
+        let Some(c) = self.group(g)? else {
+            return Ok(());
+        };
+        let state = c.state.clone();
+        let end = self
+            .store
+            .state(g)?
+            .head_seq
+            .min(state.log_from.saturating_sub(1));
+        let mut after = fanned;
+        let mut redone = 0usize;
+        while after < end {
+            let page = self.store.read_after(g, after, 256)?;
+            if page.is_empty() {
+                break;
+            }
+            for m in page {
+                if m.seq > end {
+                    break;
+                }
+                after = m.seq;
+                let msg = Arc::new(to_wire(m)?);
+                let recipients = recipients_of(&state, &msg);
+                self.fan_refs(g, msg, recipients, None, Instant::now());
+                redone += 1;
+            }
+        }
+        if redone > 0 {
+            warn!(
+                shard = self.id,
+                group = g,
+                redone,
+                "completed interrupted group fan-out"
+            );
+        }
+        Ok(())
+    }
+
+    /// Plans a broadcast on the sender's shard: one copy per consenting
+    /// recipient, handed back to the session to queue in order.
+    pub(crate) fn plan_broadcast(&mut self, b: BroadcastCmd) {
+        let (recipients, skipped) = match self.consenting_recipients(b.sender, b.list) {
+            Ok(v) => v,
+            Err(e) => {
+                if let BrokerError::Storage(e) = &e {
+                    error!(shard = self.id, error = %e, "broadcast list or consent lookup failed");
+                }
+                b.reply.broadcast(Err(e.code()));
+                let _ = b.copies.send(Vec::new());
+                return;
+            }
+        };
+        let token = self.token();
+        let pending = PendingBroadcast {
+            remaining: recipients.len(),
+            failed: None,
+            stored: 0,
+            duplicates: 0,
+            last_id: 0,
+            last_ts: 0,
+            reply: b.reply,
+            ack: BroadcastAck {
+                client_msg_id: b.client_msg_id,
+                server_msg_id: 0,
+                timestamp_ms: 0,
+                delivered: 0,
+                skipped: skipped as u16,
+                duplicate: false,
+            },
+        };
+        if recipients.is_empty() {
+            pending.answer();
+            let _ = b.copies.send(Vec::new());
+            return;
+        }
+        self.broadcasts.insert(token, pending);
+        let accepted = Instant::now();
+        let copies = recipients
+            .into_iter()
+            .map(|recipient| SendCmd {
+                sender: b.sender,
+                sender_device: b.sender_device,
+                recipient,
+                client_msg_id: b.client_msg_id,
+                destination: Destination::List(b.list),
+                scope: recipient,
+                kind: b.kind,
+                payload: b.payload.clone(),
+                done: Completion::Copy {
+                    sender: b.sender,
+                    token,
+                },
+                accepted,
+            })
+            .collect();
+        let _ = b.copies.send(copies);
+    }
+
+    fn consenting_recipients(
+        &self,
+        sender: u64,
+        list: u64,
+    ) -> Result<(Vec<u64>, usize), BrokerError> {
+        let recipients = social::get_list(&*self.store, sender, list)?;
+        Ok(social::consenting(&*self.store, sender, &recipients)?)
+    }
+
+    /// One copy of a broadcast has an outcome; the last one answers.
+    pub(crate) fn copy_done(&mut self, token: u64, result: SendResult, stored: bool) {
+        let Some(pending) = self.broadcasts.get_mut(&token) else {
+            error!(
+                shard = self.id,
+                token, "a broadcast copy for nothing in flight"
+            );
+            return;
+        };
+        if pending.copy_done(&result, stored) {
+            pending.answer();
+            self.broadcasts.remove(&token);
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The node's handle to its shards: start them, queue commands on them,
+//! stop them.
+//!
+//! Each shard runs on its own OS thread with a current-thread runtime, so a
+//! blocking RocksDB write (with its fsync) never stalls the network threads.
+//! Sessions reach a shard through its bounded command queue
+//! (`limits.shard_queue_len`); when it is full the session's reader waits,
+//! which stops reading that socket: backpressure reaches the client through
+//! TCP and nothing grows without bound.
+
+use std::sync::Arc;
+
+use courier_storage::InboxStore;
+use tokio::sync::mpsc;
+
+use super::core::{PeerQueue, Shard, ShardConfig};
+use super::groups::fan_out_marks;
+use super::messages::ShardCmd;
+use super::route::shard_of;
+use crate::metrics::ShardMetrics;
+
+/// Handles to every shard's queues and thread.
+pub struct Shards {
+    queues: Vec<mpsc::Sender<ShardCmd>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    pub stats: Arc<ShardMetrics>,
+}
+
+impl Shards {
+    pub fn start(
+        count: usize,
+        config: ShardConfig,
+        store: Arc<dyn InboxStore>,
+    ) -> std::io::Result<Shards> {
+        assert!((1..=64).contains(&count), "1 to 64 shards");
+        let stats = Arc::new(ShardMetrics::new(count));
+        let mut queues = Vec::with_capacity(count);
+        let mut receivers = Vec::with_capacity(count);
+        let mut peers = Vec::with_capacity(count);
+        let mut peer_receivers = Vec::with_capacity(count);
+        for i in 0..count {
+            let (tx, rx) = mpsc::channel(config.queue_len);
+            queues.push(tx);
+            receivers.push(rx);
+            let (ptx, prx) = mpsc::unbounded_channel();
+            peers.push(PeerQueue {
+                tx: ptx,
+                pushed: stats.queue_pushed[i].clone(),
+            });
+            peer_receivers.push(prx);
+        }
+        let peers: Arc<[PeerQueue]> = peers.into();
+        let marks = fan_out_marks(&*store, count).map_err(std::io::Error::other)?;
+        let mut threads = Vec::with_capacity(count);
+        for (id, ((rx, prx), marks)) in receivers
+            .into_iter()
+            .zip(peer_receivers)
+            .zip(marks)
+            .enumerate()
+        {
+            let mut shard = Shard::new(
+                id as u64,
+                rx,
+                prx,
+                peers.clone(),
+                store.clone(),
+                stats.clone(),
+                &config,
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("courier-shard-{id}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .expect("shard runtime");
+                    rt.block_on(shard.run(marks));
+                })?;
+            threads.push(thread);
+        }
+        Ok(Shards {
+            queues,
+            threads: std::sync::Mutex::new(threads),
+            stats,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Queues `cmd` on the shard that owns `key` (a user or group id),
+    /// waiting while it is full. Returns `false` if the shard has stopped.
+    pub async fn send(&self, key: u64, cmd: ShardCmd) -> bool {
+        let i = shard_of(key, self.queues.len());
+        self.stats.queue_pushed[i].inc();
+        self.queues[i].send(cmd).await.is_ok()
+    }
+
+    /// Stops every shard after what is already queued, and waits for them.
+    pub async fn stop(&self) {
+        for q in &self.queues {
+            let _ = q.send(ShardCmd::Stop).await;
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await
+        .ok();
+    }
+}

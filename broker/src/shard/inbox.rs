@@ -1,0 +1,208 @@
+//! A shard's users' inboxes and live sessions: appending one-to-one sends
+//! and group references, pushing what was stored to online sessions (a full
+//! session queue moves the session to catch-up), registering sessions, and
+//! trimming acknowledged messages past retention.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use courier_protocol::{ErrorCode, Message, MessageKind, SendResult};
+use courier_storage::{AppendOutcome, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage};
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use super::core::Shard;
+use super::messages::{failed, Delivery, RefsCmd, RegisterCmd, SendCmd};
+use super::tracking::{Batch, Planned};
+use crate::metrics::Metrics;
+use crate::state::message::{record_of, to_wire};
+
+/// Inboxes trimmed per tick, so trimming never starves sends.
+const TRIM_PER_TICK_MAX: usize = 1024;
+
+impl Shard {
+    /// Plans one inbox entry for a send.
+    pub(crate) fn plan_send(&mut self, s: SendCmd, batch: &mut Batch) {
+        let (ts, id) = self.next_ids();
+        batch.appends.push(NewMessage {
+            inbox: s.recipient,
+            idempotency: Some(IdempotencyKey {
+                sender: s.sender,
+                client_msg_id: s.client_msg_id,
+                scope: s.scope,
+            }),
+            reference: None,
+            record: Record {
+                server_msg_id: id,
+                sender: s.sender,
+                sender_device: s.sender_device,
+                client_msg_id: s.client_msg_id,
+                timestamp_ms: ts,
+                dest_tag: s.destination.tag(),
+                dest_id: s.destination.id(),
+                kind: s.kind as u8,
+                payload: s.payload.clone(),
+            },
+        });
+        batch.plan.push(Planned::Send(s));
+    }
+
+    /// Plans one reference to a group log entry per member.
+    pub(crate) fn plan_refs(&mut self, r: RefsCmd, batch: &mut Batch) {
+        let record = record_of(&r.message);
+        for &member in &r.members {
+            batch.appends.push(NewMessage {
+                inbox: member,
+                idempotency: Some(IdempotencyKey {
+                    sender: r.group,
+                    client_msg_id: r.message.seq,
+                    scope: member,
+                }),
+                reference: Some(LogRef {
+                    log: r.group,
+                    seq: r.message.seq,
+                }),
+                record: record.clone(),
+            });
+        }
+        batch.plan.push(Planned::Refs(r));
+    }
+
+    pub(crate) fn finish_send(&mut self, s: SendCmd, m: NewMessage, outcome: AppendOutcome) {
+        let result = match outcome {
+            AppendOutcome::Stored(p) | AppendOutcome::Duplicate(p) => SendResult {
+                client_msg_id: s.client_msg_id,
+                code: ErrorCode::OK,
+                server_msg_id: p.server_msg_id,
+                seq: p.seq,
+                timestamp_ms: p.timestamp_ms,
+                duplicate: matches!(outcome, AppendOutcome::Duplicate(_)),
+            },
+            AppendOutcome::Conflict => failed(s.client_msg_id, ErrorCode::CLIENT_ID_REUSED),
+        };
+        let stored = matches!(outcome, AppendOutcome::Stored(_));
+        self.complete(s.done, result, stored);
+        match outcome {
+            AppendOutcome::Stored(p) => {
+                Metrics::since(&self.stats.accept_to_durable, s.accepted);
+                self.stats.messages_stored.inc();
+                if s.kind == MessageKind::Receipt {
+                    self.stats.receipts_stored.inc();
+                }
+                let stored = StoredMessage {
+                    seq: p.seq,
+                    record: m.record,
+                    via: None,
+                };
+                match to_wire(stored) {
+                    Ok(msg) => self.push(s.recipient, Delivery::Inbox(Arc::new(msg)), s.accepted),
+                    // Cannot happen for a record built above from a valid
+                    // send; if it does, the writer's catch-up reports it.
+                    Err(e) => {
+                        error!(shard = self.id, error = %e, "stored message not representable")
+                    }
+                }
+            }
+            AppendOutcome::Duplicate(_) => self.stats.duplicates.inc(),
+            AppendOutcome::Conflict => {}
+        }
+    }
+
+    pub(crate) fn register(&mut self, r: RegisterCmd) {
+        self.sessions.entry(r.user).or_default().push(r.session);
+        let _ = r.state.send(self.store.state(r.user).map_err(Into::into));
+    }
+
+    pub(crate) fn unregister(&mut self, user: u64, session_id: u64) {
+        if let Some(list) = self.sessions.get_mut(&user) {
+            list.retain(|s| s.id != session_id);
+            if list.is_empty() {
+                self.sessions.remove(&user);
+            }
+        }
+    }
+
+    /// Live push of a log-strategy group message to these users' sessions.
+    pub(crate) fn push_group(
+        &mut self,
+        group: u64,
+        message: Arc<Message>,
+        users: Vec<u64>,
+        accepted: Instant,
+    ) {
+        for user in users {
+            self.push(user, Delivery::Group(group, message.clone()), accepted);
+        }
+    }
+
+    /// Offers a delivery to every live session of `user`. A full queue
+    /// demotes the session to catch-up (its writer re-reads the store); it
+    /// never blocks the shard and never drops the message from storage.
+    pub(crate) fn push(&mut self, user: u64, d: Delivery, accepted: Instant) {
+        let Some(list) = self.sessions.get_mut(&user) else {
+            return;
+        };
+        let stats = &self.stats;
+        list.retain(|session| {
+            if session.lagging.load(Ordering::SeqCst) {
+                return true;
+            }
+            match session.deliveries.try_send((d.clone(), accepted)) {
+                Ok(()) => {
+                    stats.live_pushes.inc();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    session.lagging.store(true, Ordering::SeqCst);
+                    session.wake.notify_one();
+                    stats.demotions.inc();
+                    debug!(
+                        user,
+                        session = session.id,
+                        "slow consumer moved to catch-up"
+                    );
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if list.is_empty() {
+            self.sessions.remove(&user);
+        }
+    }
+
+    pub(crate) fn note_trim(&mut self, user: u64) {
+        self.trim_pending.insert(user);
+    }
+
+    pub(crate) fn trim(&mut self) {
+        if self.trim_pending.is_empty() {
+            return;
+        }
+        let retention = self.config.acked_retention_ms;
+        let cutoff = self
+            .now_ms()
+            .saturating_sub(retention)
+            // Retention 0 means "trim on ack": include this very millisecond.
+            .saturating_add(u64::from(retention == 0));
+        let users: Vec<u64> = self
+            .trim_pending
+            .iter()
+            .take(TRIM_PER_TICK_MAX)
+            .copied()
+            .collect();
+        for user in users {
+            match self.store.trim_acked(user, cutoff) {
+                Ok(s) if s.oldest_seq <= s.acked_seq => {} // more to trim later
+                Ok(_) => {
+                    self.trim_pending.remove(&user);
+                }
+                Err(e) => {
+                    warn!(shard = self.id, error = %e, "trimming an inbox failed");
+                    self.trim_pending.remove(&user);
+                }
+            }
+        }
+    }
+}

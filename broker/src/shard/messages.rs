@@ -1,0 +1,287 @@
+//! The vocabulary between sessions and shards, and between shards: every
+//! command a shard takes ([`ShardCmd`]), what it answers ([`Reply`],
+//! [`Answer`]) and what it pushes ([`Delivery`]).
+//!
+//! These are plain data: ids, payload bytes, shared immutable messages, the
+//! time a send was accepted, and the ends of channels to answer on. Nothing
+//! holds a socket or a session's internals, and no state is shared between
+//! shards: a part of a fan-out reports back to the shard that waits for it
+//! with a message of its own (`RefsDone`, `CopyDone`, `ReceiptPartDone`),
+//! never through a shared counter. A remote gateway can therefore stand in
+//! for a session by keeping the channel ends on its own node and carrying
+//! what arrives on them over its link (`accepted` then travels as an age).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use courier_protocol::{
+    Body, BroadcastAck, Destination, ErrorCode, Frame, GroupInfo, GroupOp, Message, MessageKind,
+    Reason, ReceiptCounts, ReceiptStatus, SendResult,
+};
+use courier_storage::InboxState;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::error::BrokerResult;
+
+/// Where a shard sends the one answer to a request a session waits for.
+pub type Answer<T> = oneshot::Sender<BrokerResult<T>>;
+
+/// A session's queue for answers, through which its writer writes them.
+/// Unbounded in type but bounded in practice: each `SendResult` and
+/// `Broadcast` answers a send that holds one of the session's
+/// `limits.max_in_flight` permits.
+pub type ReplyQueue = mpsc::UnboundedSender<Reply>;
+
+/// Where the outcome of a send goes: a session's reply queue, and the
+/// request it answers.
+pub struct ReplyTo {
+    pub tx: ReplyQueue,
+    pub request_id: u32,
+    /// Position in a `SendBatch`, or `None` for a single `Send`.
+    pub index: Option<u16>,
+}
+
+impl ReplyTo {
+    pub fn send(&self, result: SendResult) {
+        // The session may be gone; its client will retry with the same id.
+        let _ = self.tx.send(Reply::SendResult {
+            request_id: self.request_id,
+            index: self.index,
+            result,
+        });
+    }
+
+    /// The answer to a send to a broadcast list (returns its permit).
+    pub fn broadcast(&self, ack: Result<BroadcastAck, ErrorCode>) {
+        let _ = self.tx.send(Reply::Broadcast {
+            request_id: self.request_id,
+            ack,
+        });
+    }
+}
+
+/// What a session's writer receives besides live deliveries.
+pub enum Reply {
+    SendResult {
+        request_id: u32,
+        index: Option<u16>,
+        result: SendResult,
+    },
+    /// The answer to a send to a broadcast list (returns its permit).
+    Broadcast {
+        request_id: u32,
+        ack: Result<BroadcastAck, ErrorCode>,
+    },
+    /// A `SendBatch` of `count` items is under way (always queued before its items).
+    BatchStart { request_id: u32, count: u16 },
+    /// Any other frame; boxed, so that the common replies stay small (each
+    /// session's reply queue allocates its first block of 32 up front).
+    Frame(Box<Frame>),
+    /// Write a `Goodbye` (if any), flush and close.
+    Close(Option<Reason>),
+}
+
+impl Reply {
+    pub fn frame(request_id: u32, body: Body) -> Reply {
+        Reply::Frame(Box::new(Frame::new(request_id, body)))
+    }
+}
+
+/// A failed send's result.
+pub fn failed(client_msg_id: u64, code: ErrorCode) -> SendResult {
+    SendResult {
+        client_msg_id,
+        code,
+        server_msg_id: 0,
+        seq: 0,
+        timestamp_ms: 0,
+        duplicate: false,
+    }
+}
+
+/// Who is told when the write of one inbox entry has an outcome.
+pub enum Completion {
+    /// The sender's session.
+    Reply(ReplyTo),
+    /// One copy of a broadcast: the sender's shard, which holds the
+    /// broadcast's answer under `token`, is sent a `CopyDone`.
+    Copy { sender: u64, token: u64 },
+    /// Part of the receipts one mark emitted: the reader's shard, which
+    /// records how far receipts went once all parts are durable, is sent a
+    /// `ReceiptPartDone`.
+    Receipt { reader: u64, token: u64 },
+    /// A waiting request (a status view's receipt): whether it is stored.
+    Stored(Answer<()>),
+}
+
+/// One message to append to `recipient`'s inbox.
+pub struct SendCmd {
+    pub sender: u64,
+    pub sender_device: u32,
+    pub recipient: u64,
+    pub client_msg_id: u64,
+    /// Destination as recorded (the user, or the broadcast list it came through).
+    pub destination: Destination,
+    /// Idempotency scope (0 for a one-to-one send).
+    pub scope: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub done: Completion,
+    /// When the session accepted the send (for latency metrics).
+    pub accepted: Instant,
+}
+
+/// A message to a group, for the group's shard to sequence in its log.
+pub struct GroupSendCmd {
+    pub group: u64,
+    pub sender: u64,
+    pub sender_device: u32,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub reply: ReplyTo,
+    pub accepted: Instant,
+}
+
+/// References to one group log entry, for members on one shard. Answered
+/// with a `RefsDone` to the group's shard.
+pub struct RefsCmd {
+    pub group: u64,
+    /// The group message (seq = group sequence).
+    pub message: Arc<Message>,
+    pub members: Vec<u64>,
+    /// When the group send was accepted.
+    pub accepted: Instant,
+}
+
+/// A membership change or an info request, for the group's shard.
+pub struct GroupOpCmd {
+    pub group: u64,
+    pub actor: u64,
+    pub op: GroupOp,
+    pub users: Vec<u64>,
+    pub answer: Answer<GroupInfo>,
+}
+
+/// A send to a broadcast list, for the sender's shard (which owns the
+/// list): it plans one copy per consenting recipient and answers with them;
+/// the session queues them on the recipients' shards in order, and the
+/// sender's shard answers `reply` once every copy is durable. With no
+/// recipient (or an error) it answers `reply` at once and `copies` empty.
+pub struct BroadcastCmd {
+    pub sender: u64,
+    pub sender_device: u32,
+    pub list: u64,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub reply: ReplyTo,
+    pub copies: oneshot::Sender<Vec<SendCmd>>,
+}
+
+/// A status view, for the poster's shard: if the viewer may see the status,
+/// a `viewed` receipt goes into the poster's inbox (once per viewer and
+/// status), and `answer` says whether it is stored.
+pub struct StatusViewCmd {
+    pub viewer: u64,
+    pub viewer_device: u32,
+    pub poster: u64,
+    pub status_id: u64,
+    pub answer: Answer<()>,
+}
+
+/// Aggregate receipts of one group message, for the group's shard.
+pub struct ReceiptQueryCmd {
+    pub group: u64,
+    pub seq: u64,
+    pub asker: u64,
+    pub answer: Answer<ReceiptCounts>,
+}
+
+/// Delivered (`Ack`) or read marks on the user's inbox (stream 0) or a
+/// log-strategy group's stream, for the user's shard.
+pub struct MarkCmd {
+    pub user: u64,
+    pub stream: u64,
+    pub up_to_seq: u64,
+    pub status: ReceiptStatus,
+}
+
+/// Adds a live session and answers with the inbox state as of this point
+/// in the shard's order: every mark queued before it is applied, every send
+/// written by an earlier batch is counted, and sends of the same batch are
+/// appended afterwards and therefore pushed to the new session.
+pub struct RegisterCmd {
+    pub user: u64,
+    pub session: Arc<SessionHandle>,
+    pub state: Answer<InboxState>,
+}
+
+pub enum ShardCmd {
+    Send(SendCmd),
+    GroupSend(GroupSendCmd),
+    Refs(RefsCmd),
+    GroupOp(GroupOpCmd),
+    Broadcast(BroadcastCmd),
+    StatusView(StatusViewCmd),
+    ReceiptQuery(ReceiptQueryCmd),
+    Mark(MarkCmd),
+    Register(RegisterCmd),
+    Unregister {
+        user: u64,
+        session_id: u64,
+    },
+    /// Live push of a log-strategy group message to these users' sessions.
+    GroupPush {
+        group: u64,
+        message: Arc<Message>,
+        users: Vec<u64>,
+        accepted: Instant,
+    },
+    /// One shard's part of a reference fan-out has an outcome.
+    RefsDone {
+        group: u64,
+        seq: u64,
+        code: ErrorCode,
+    },
+    /// One copy of a broadcast has an outcome.
+    CopyDone {
+        sender: u64,
+        token: u64,
+        result: SendResult,
+        stored: bool,
+    },
+    /// One part of a mark's receipts has an outcome.
+    ReceiptPartDone {
+        reader: u64,
+        token: u64,
+        ok: bool,
+    },
+    /// Finish what is queued before this, sync the store, and stop.
+    Stop,
+}
+
+/// A live delivery to one session.
+#[derive(Clone)]
+pub enum Delivery {
+    /// An inbox message (seq = inbox sequence).
+    Inbox(Arc<Message>),
+    /// A log-strategy group message (seq = group sequence).
+    Group(u64, Arc<Message>),
+}
+
+/// A live session as its user's shard sees it: where to push, and the flag
+/// that moves it to catch-up.
+pub struct SessionHandle {
+    pub id: u64,
+    /// Live deliveries with the time their send was accepted, bounded by
+    /// `limits.outbound_queue_len`.
+    pub deliveries: mpsc::Sender<(Delivery, Instant)>,
+    /// Set by the shard when `deliveries` was full: the session is off live
+    /// push and its writer catches up from the store, then clears it.
+    pub lagging: AtomicBool,
+    /// Wakes the writer when `lagging` is set.
+    pub wake: Notify,
+}

@@ -1,0 +1,35 @@
+//! The shards: one writer per shard.
+//!
+//! Users (and groups) are partitioned over shards by a hash of their id. A
+//! shard owns its users' inboxes (it is their only writer), their live
+//! sessions, and its groups' logs. Everyone else talks to it in the
+//! vocabulary of [`messages`], through its bounded command queue (sessions)
+//! or its peer queue (other shards), so the network path and, later, a
+//! remote node can feed it unchanged.
+//!
+//! - [`messages`]: every command, reply and delivery (plain data);
+//! - [`handle`]: `Shards`, the node's handle (start, queue, stop);
+//! - [`route`]: which shard owns an id;
+//! - `core`: a shard's state, its loop and its one dispatch;
+//! - `tracking`: the batch being planned and the fan-outs it waits for;
+//! - `batch`: the batch's storage write and each command's outcome;
+//! - `inbox`: one-to-one appends, live pushes, sessions, trimming;
+//! - `groups`: group sends, membership changes, receipt counts;
+//! - `fanout`: references, log pushes and broadcast lists, with recovery;
+//! - `receipts`: marks, receipt messages and status views.
+
+mod batch;
+mod core;
+mod fanout;
+mod groups;
+pub mod handle;
+mod inbox;
+pub mod messages;
+mod receipts;
+pub mod route;
+mod tracking;
+
+pub use self::core::ShardConfig;
+
+#[cfg(test)]
+mod tests;

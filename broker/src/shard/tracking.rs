@@ -1,0 +1,139 @@
+//! What a shard keeps between commands: the plan of the batch it is
+//! building, the groups it has loaded, and the fan-outs it waits for (each
+//! counted here, by the one shard that owns its answer, from the parts'
+//! `*Done` messages).
+
+use courier_protocol::{BroadcastAck, ErrorCode, SendResult};
+use courier_storage::NewMessage;
+
+use super::messages::{failed, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo, SendCmd};
+use crate::state::rows::{Cursors, GroupState};
+
+/// One drained batch of commands, as planned before its storage write.
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// Inbox entries to append in the batch's one write.
+    pub appends: Vec<NewMessage>,
+    /// What each planned command still needs once the write has an outcome,
+    /// in the order of `appends`.
+    pub plan: Vec<Planned>,
+    /// Marks, applied after the write.
+    pub marks: Vec<MarkCmd>,
+    /// Receipt queries, answered last (they read the cursors marks moved).
+    pub queries: Vec<ReceiptQueryCmd>,
+    /// A `Stop` was among the commands.
+    pub stop: bool,
+}
+
+/// What a planned command still needs once the batch's write has an outcome.
+pub(crate) enum Planned {
+    /// One inbox entry.
+    Send(SendCmd),
+    /// `members.len()` inbox references.
+    Refs(RefsCmd),
+    /// One group log entry; `recipients` are the members it goes to.
+    GroupSend {
+        cmd: GroupSendCmd,
+        recipients: Vec<u64>,
+    },
+}
+
+/// A group this shard owns, as cached after first touch.
+pub(crate) struct GroupCache {
+    pub state: GroupState,
+    /// How far fan-out is recorded as complete (the `F` row).
+    pub fanned: u64,
+}
+
+/// A reference fan-out in flight, on the group's shard: one part per
+/// members' shard, each answering with a `RefsDone`.
+pub(crate) struct PendingFanout {
+    pub remaining: usize,
+    /// The code of a failed part.
+    pub failed: Option<ErrorCode>,
+    /// The sender's answer (none for membership events and recoveries).
+    pub answer: Option<(ReplyTo, SendResult)>,
+}
+
+impl PendingFanout {
+    /// Complete, and every part stored: the `F` mark may pass it.
+    pub fn succeeded(&self) -> bool {
+        self.remaining == 0 && self.failed.is_none()
+    }
+
+    /// Records one part; the last one answers the sender.
+    pub fn part_done(&mut self, code: ErrorCode) {
+        if code != ErrorCode::OK {
+            self.failed = Some(code);
+        }
+        self.remaining = self.remaining.saturating_sub(1);
+        if self.remaining == 0 {
+            self.answer();
+        }
+    }
+
+    /// Sends the answer (once: by the last part, or at once when there are none).
+    pub fn answer(&mut self) {
+        if let Some((reply, result)) = self.answer.take() {
+            reply.send(match self.failed {
+                Some(code) => failed(result.client_msg_id, code),
+                None => result,
+            });
+        }
+    }
+}
+
+/// A broadcast in flight, on the sender's shard: one copy per recipient,
+/// each answering with a `CopyDone`.
+pub(crate) struct PendingBroadcast {
+    pub remaining: usize,
+    pub failed: Option<ErrorCode>,
+    /// Copies stored now, and copies that were already stored (a retry).
+    pub stored: usize,
+    pub duplicates: usize,
+    /// Highest server message id and timestamp of the copies.
+    pub last_id: u64,
+    pub last_ts: u64,
+    pub reply: ReplyTo,
+    /// The answer's fixed fields (client id, recipients skipped).
+    pub ack: BroadcastAck,
+}
+
+impl PendingBroadcast {
+    /// Records one copy; true when it was the last.
+    pub fn copy_done(&mut self, result: &SendResult, stored: bool) -> bool {
+        let ok = result.code == ErrorCode::OK;
+        if !ok {
+            self.failed = Some(result.code);
+        }
+        self.last_id = self.last_id.max(result.server_msg_id);
+        self.last_ts = self.last_ts.max(result.timestamp_ms);
+        self.stored += usize::from(ok && stored);
+        self.duplicates += usize::from(ok && !stored);
+        self.remaining = self.remaining.saturating_sub(1);
+        self.remaining == 0
+    }
+
+    pub fn answer(&self) {
+        let delivered = self.stored + self.duplicates;
+        self.reply.broadcast(match self.failed {
+            Some(code) => Err(code),
+            None => Ok(BroadcastAck {
+                server_msg_id: self.last_id,
+                timestamp_ms: self.last_ts,
+                delivered: delivered as u16,
+                duplicate: delivered > 0 && self.duplicates == delivered,
+                ..self.ack
+            }),
+        });
+    }
+}
+
+/// The receipts one mark emitted, in flight, on the reader's shard: once
+/// every part is durable the reader's `R` row moves to `cursors`.
+pub(crate) struct PendingReceipts {
+    pub remaining: usize,
+    pub failed: bool,
+    pub reader: u64,
+    pub cursors: Cursors,
+}

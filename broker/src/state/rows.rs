@@ -1,0 +1,305 @@
+//! Every value the broker stores, as a type with its encoding next to its
+//! decoding. Decoding never trusts a length: a value that is short, long or
+//! names an unknown enum value decodes to `None`, and the caller reports it
+//! as corrupt (or, for cursors, treats it as "nothing yet", which at worst
+//! repeats an idempotent receipt). Keys are in [`super::keys`].
+
+use bytes::Bytes;
+use courier_protocol::{Audience, Role, Strategy};
+use courier_storage::StoreError;
+
+use super::ids::NONE;
+use super::keys::be_u64;
+
+/// A decoding failure, reported as corrupt data (never served).
+pub fn corrupt(what: &'static str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// One member of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user: u64,
+    pub role: Role,
+    /// Group log sequence of the event that added the member.
+    pub joined_seq: u64,
+}
+
+/// `G` group: the group as its shard sees it.
+/// Layout: strategy u8 . log_from u64 . count u16 . count x (user u64 . role u8 . joined_seq u64).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupState {
+    pub strategy: Strategy,
+    /// First group sequence delivered by the log strategy (`NONE` while refs).
+    pub log_from: u64,
+    /// Members in join order.
+    pub members: Vec<Member>,
+}
+
+impl GroupState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(11 + 17 * self.members.len());
+        v.push(self.strategy as u8);
+        v.extend_from_slice(&self.log_from.to_be_bytes());
+        v.extend_from_slice(&(self.members.len() as u16).to_be_bytes());
+        for m in &self.members {
+            v.extend_from_slice(&m.user.to_be_bytes());
+            v.push(m.role as u8);
+            v.extend_from_slice(&m.joined_seq.to_be_bytes());
+        }
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<GroupState> {
+        let strategy = Strategy::from_u8(*v.first()?)?;
+        let log_from = be_u64(v, 1)?;
+        let n = u16::from_be_bytes(v.get(9..11)?.try_into().ok()?) as usize;
+        if v.len() != 11 + 17 * n {
+            return None;
+        }
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let at = 11 + 17 * i;
+            members.push(Member {
+                user: be_u64(v, at)?,
+                role: Role::from_u8(v[at + 8])?,
+                joined_seq: be_u64(v, at + 9)?,
+            });
+        }
+        Some(GroupState {
+            strategy,
+            log_from,
+            members,
+        })
+    }
+
+    pub fn member(&self, user: u64) -> Option<&Member> {
+        self.members.iter().find(|m| m.user == user)
+    }
+
+    pub fn is_admin(&self, user: u64) -> bool {
+        self.member(user).is_some_and(|m| m.role == Role::Admin)
+    }
+}
+
+/// `U` user . group: one user's membership of one group, as the user's
+/// sessions need it to read the group's log.
+/// Layout: joined u64 . left u64 . log_from u64 (24 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberRow {
+    /// Group sequence of the event that added the user.
+    pub joined: u64,
+    /// Group sequence of the event that removed the user (`NONE` while a member).
+    pub left: u64,
+    /// First group sequence on the log strategy (`NONE` while refs).
+    pub log_from: u64,
+}
+
+impl MemberRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.joined.to_be_bytes());
+        v.extend_from_slice(&self.left.to_be_bytes());
+        v.extend_from_slice(&self.log_from.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<MemberRow> {
+        Some(MemberRow {
+            joined: be_u64(v, 0)?,
+            left: be_u64(v, 8)?,
+            log_from: be_u64(v, 16)?,
+        })
+    }
+
+    /// Still a member (counts toward `groups.max_per_user`).
+    pub fn is_current(&self) -> bool {
+        self.left == NONE
+    }
+}
+
+/// `C` group . user and `R` user: how far a user's delivered and read
+/// receipts have gone (group sequences for `C`, inbox sequences for `R`).
+/// Layout: delivered u64 . read u64 (16 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursors {
+    pub delivered: u64,
+    pub read: u64,
+}
+
+impl Cursors {
+    pub fn new(delivered: u64, read: u64) -> Cursors {
+        Cursors { delivered, read }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&self.delivered.to_be_bytes());
+        v.extend_from_slice(&self.read.to_be_bytes());
+        v
+    }
+
+    /// Missing halves read as 0 ("nothing receipted yet").
+    pub fn decode(v: &[u8]) -> Cursors {
+        Cursors {
+            delivered: be_u64(v, 0).unwrap_or(0),
+            read: be_u64(v, 8).unwrap_or(0),
+        }
+    }
+
+    /// Moved forward by a mark up to `seq` (read implies delivered).
+    pub fn advanced(self, seq: u64, read: bool) -> Cursors {
+        let r = if read { self.read.max(seq) } else { self.read };
+        Cursors {
+            delivered: self.delivered.max(seq).max(r),
+            read: r,
+        }
+    }
+}
+
+/// `F` group: reference fan-out is complete up to this group sequence.
+/// Layout: u64.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FanMark(pub u64);
+
+impl FanMark {
+    pub fn encode(&self) -> Vec<u8> {
+        self.0.to_be_bytes().to_vec()
+    }
+
+    /// A short value reads as 0: everything is fanned out again, which the
+    /// references' idempotency keys absorb.
+    pub fn decode(v: &[u8]) -> FanMark {
+        FanMark(be_u64(v, 0).unwrap_or(0))
+    }
+}
+
+/// A list of users (`L` rows, and inside a [`StatusRow`]).
+/// Layout: count u16 . count x user u64.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserList(pub Vec<u64>);
+
+impl UserList {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(2 + 8 * self.0.len());
+        self.encode_into(&mut v);
+        v
+    }
+
+    fn encode_into(&self, v: &mut Vec<u8>) {
+        v.extend_from_slice(&(self.0.len() as u16).to_be_bytes());
+        for u in &self.0 {
+            v.extend_from_slice(&u.to_be_bytes());
+        }
+    }
+
+    /// The list and the number of bytes it took; `None` if short.
+    pub fn decode_prefix(v: &[u8]) -> Option<(UserList, usize)> {
+        let n = u16::from_be_bytes(v.get(..2)?.try_into().ok()?) as usize;
+        let end = 2 + 8 * n;
+        if v.len() < end {
+            return None;
+        }
+        let users = (0..n)
+            .map(|i| be_u64(v, 2 + 8 * i).expect("in range"))
+            .collect();
+        Some((UserList(users), end))
+    }
+
+    pub fn decode(v: &[u8]) -> Option<UserList> {
+        Self::decode_prefix(v).map(|(l, _)| l)
+    }
+}
+
+/// Expiring `S` poster . expires_at . status_id: one status post.
+/// Layout: posted_at u64 . audience u8 . users ([`UserList`]) . payload (the rest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusRow {
+    pub posted_at_ms: u64,
+    pub audience: Audience,
+    pub users: Vec<u64>,
+    pub payload: Bytes,
+}
+
+impl StatusRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(9 + 2 + 8 * self.users.len() + self.payload.len());
+        v.extend_from_slice(&self.posted_at_ms.to_be_bytes());
+        v.push(self.audience as u8);
+        UserList(self.users.clone()).encode_into(&mut v);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<StatusRow> {
+        let posted_at_ms = be_u64(v, 0)?;
+        let audience = Audience::from_u8(*v.get(8)?)?;
+        let (users, used) = UserList::decode_prefix(v.get(9..)?)?;
+        Some(StatusRow {
+            posted_at_ms,
+            audience,
+            users: users.0,
+            payload: Bytes::copy_from_slice(&v[9 + used..]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_state_round_trips_and_rejects_truncation() {
+        let g = GroupState {
+            strategy: Strategy::Log,
+            log_from: 9,
+            members: vec![
+                Member {
+                    user: 1,
+                    role: Role::Admin,
+                    joined_seq: 1,
+                },
+                Member {
+                    user: 2,
+                    role: Role::Member,
+                    joined_seq: 3,
+                },
+            ],
+        };
+        let v = g.encode();
+        assert_eq!(GroupState::decode(&v), Some(g));
+        assert_eq!(GroupState::decode(&v[..v.len() - 1]), None);
+        let users = UserList(vec![5, 6]);
+        assert_eq!(UserList::decode_prefix(&users.encode()), Some((users, 18)));
+    }
+
+    #[test]
+    fn rows_round_trip_and_short_values_are_refused() {
+        let row = MemberRow {
+            joined: 3,
+            left: NONE,
+            log_from: 7,
+        };
+        assert_eq!(MemberRow::decode(&row.encode()), Some(row));
+        assert_eq!(MemberRow::decode(&row.encode()[..23]), None);
+        assert!(row.is_current());
+        let c = Cursors::new(9, 4);
+        assert_eq!(Cursors::decode(&c.encode()), c);
+        assert_eq!(Cursors::decode(&[]), Cursors::default());
+        assert_eq!(Cursors::new(2, 0).advanced(5, true), Cursors::new(5, 5));
+        assert_eq!(Cursors::new(8, 1).advanced(5, false), Cursors::new(8, 1));
+        assert_eq!(FanMark::decode(&FanMark(12).encode()), FanMark(12));
+        let s = StatusRow {
+            posted_at_ms: 1,
+            audience: Audience::Only,
+            users: vec![4, 5],
+            payload: Bytes::from_static(b"sunset"),
+        };
+        assert_eq!(StatusRow::decode(&s.encode()), Some(s.clone()));
+        assert_eq!(StatusRow::decode(&s.encode()[..12]), None);
+        assert_eq!(UserList::decode(&[0, 2, 0]), None);
+    }
+}

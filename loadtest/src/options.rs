@@ -1,0 +1,185 @@
+//! What a run is told: the target, the scenario and the load's shape.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_client::ClientConfig;
+use courier_protocol::token::{Claims, TokenKey};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Users chat in pairs: each user sends to its partner.
+    OneToOne,
+    /// Users form groups of `group_size`; each member sends to its group.
+    Group,
+    /// Users form blocks of one business and `group_size` customers; the
+    /// business sends to a broadcast list of its customers, one in ten of
+    /// whom has not consented (no contact) and must be skipped.
+    Broadcast,
+    /// One-to-one pairs whose connections drop and resume all the time
+    /// (each session lives `reconnect_every`, jittered ±50%): unacknowledged
+    /// sends are retried with their ids, deliveries resume after the last
+    /// one seen. Courier only.
+    Reconnect,
+    /// Connections that only hold their session (keepalives, no messages):
+    /// what an idle connection costs. Courier only.
+    Idle,
+    /// A messenger's shape: everyone chats with a partner (7 sends in 10)
+    /// and in one group sized by `group_sizes` (3 in 10).
+    Mixed,
+}
+
+/// What the generator measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// A Courier node (tokens minted from its secret).
+    Courier,
+    /// The bare relay (`courier-loadtest --serve-relay`): no storage, no auth.
+    Relay,
+    /// NATS core: subjects per user and per group, no durability.
+    Nats,
+    /// NATS JetStream: one file stream, push consumers per subject.
+    Jetstream,
+    /// Redis Streams: a stream per inbox and per group.
+    Redis,
+    /// Mosquitto: MQTT QoS 1, persistent sessions, a topic per inbox and group.
+    Mqtt,
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub target: Target,
+    pub addr: String,
+    pub key: TokenKey,
+    pub scenario: Scenario,
+    /// Simulated users (one connection each).
+    pub users: u64,
+    /// The first user id (ids `first_user .. first_user + users`).
+    pub first_user: u64,
+    pub duration: Duration,
+    /// Payload bytes per message (at least `HEADER_LEN`).
+    pub size: usize,
+    /// Open loop: messages per second offered in total.
+    pub rate: Option<f64>,
+    /// Sends in flight per sender (the whole window in closed loop; the
+    /// bound on queued sends in open loop).
+    pub window: usize,
+    /// Group sizes and their weights: groups are carved from the users in
+    /// this proportion (for broadcast: the first size is the list size).
+    pub group_sizes: Vec<(usize, u32)>,
+    /// Reconnect scenario: how long a session lives on average.
+    pub reconnect_every: Duration,
+    /// Kill the server with SIGKILL this often and restart it (needs
+    /// `server` to be one this generator started); clients reconnect,
+    /// retry and resume, and the checker must still find nothing lost.
+    pub chaos_kill: Option<Duration>,
+    /// The server process, when known: its memory is sampled, and chaos
+    /// kills restart it.
+    pub server: Option<Arc<crate::server::ServerProcess>>,
+    /// Local addresses connections are spread over (empty: the kernel's choice).
+    pub source_addrs: Vec<std::net::IpAddr>,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+impl Options {
+    /// The defaults of the command line, for a target at `addr`.
+    pub fn new(target: Target, addr: impl Into<String>, key: TokenKey) -> Options {
+        Options {
+            target,
+            addr: addr.into(),
+            key,
+            scenario: Scenario::OneToOne,
+            users: 100,
+            first_user: 1_000_000,
+            duration: Duration::from_secs(10),
+            size: 100,
+            rate: None,
+            window: 16,
+            group_sizes: vec![(50, 1)],
+            reconnect_every: Duration::from_secs(2),
+            chaos_kill: None,
+            server: None,
+            source_addrs: Vec::new(),
+            progress: false,
+        }
+    }
+
+    /// Whether users run as one resilient task each (reconnecting,
+    /// retrying, resuming) rather than as a sender and a receiver.
+    pub(crate) fn resilient(&self) -> bool {
+        self.scenario == Scenario::Reconnect || self.chaos_kill.is_some()
+    }
+
+    /// The session configuration of simulated user number `i`: its token
+    /// minted from the node's key, resuming after everything already in its
+    /// inbox (earlier runs are not ours), from its source address.
+    pub(crate) fn client_config(&self, i: u64) -> ClientConfig {
+        let u = self.first_user + i;
+        let token = self.key.mint(Claims {
+            user_id: u,
+            device_id: 1,
+            expires_at_s: u64::MAX / 2,
+        });
+        let mut config = ClientConfig::new(self.addr.clone(), u, 1, token);
+        config.resume_after = Some(u64::MAX);
+        config.local_addr = self.source(i);
+        config
+    }
+
+    /// The local address of connection `i`.
+    pub(crate) fn source(&self, i: u64) -> Option<std::net::IpAddr> {
+        (!self.source_addrs.is_empty())
+            .then(|| self.source_addrs[i as usize % self.source_addrs.len()])
+    }
+}
+
+/// Parses `50` or `8x7,50x2,1024x1` (size x weight, ...).
+pub fn parse_group_sizes(s: &str) -> Result<Vec<(usize, u32)>, String> {
+    s.split(',')
+        .map(|part| {
+            let (size, weight) = part.split_once('x').unwrap_or((part, "1"));
+            let size: usize = size
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad group size {part:?}"))?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad weight {part:?}"))?;
+            if size < 2 || weight == 0 {
+                return Err(format!(
+                    "{part:?}: a group has at least 2 members and a weight of at least 1"
+                ));
+            }
+            Ok((size, weight))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_size_specs_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_group_sizes("50"), Ok(vec![(50, 1)]));
+        assert_eq!(
+            parse_group_sizes("8x7, 50x2,1024x1"),
+            Ok(vec![(8, 7), (50, 2), (1024, 1)])
+        );
+        for (bad, says) in [
+            ("", "bad group size"),
+            ("x3", "bad group size"),
+            ("8xa", "bad weight"),
+            ("1", "at least 2 members"),
+            ("8x0", "weight of at least 1"),
+        ] {
+            let err = parse_group_sizes(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+}

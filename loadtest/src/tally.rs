@@ -1,0 +1,200 @@
+//! Counting as the run goes: the shared counters and timeline, and each
+//! task's tally of the current second (flushed a few times a second, not
+//! locked per message).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::checker::Checker;
+use crate::latency::{histogram, record};
+use crate::plan::sender_of;
+use crate::stamp::parse;
+
+/// One second of the timeline: sent, acked, delivered, end-to-end latencies.
+pub(crate) type SecondRow = (u64, u64, u64, Histogram<u64>);
+
+pub(crate) struct Shared {
+    pub start: Instant,
+    pub stop: AtomicBool,
+    /// Senders still sending (or waiting for their last acks).
+    pub sending_left: AtomicUsize,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Deliveries the acknowledged messages call for.
+    pub expected: AtomicU64,
+    pub delivered: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub redelivered: AtomicU64,
+    /// Nanoseconds from the start to the latest delivery.
+    pub last_delivery_ns: AtomicU64,
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    /// Per second: sent, acked, delivered; and end-to-end latencies.
+    pub seconds: Mutex<Vec<SecondRow>>,
+    /// The whole run's send-to-ack and end-to-end latencies. Tasks hold
+    /// only a second's samples (an HDR histogram is ~170 KB: one per task
+    /// would cost gigabytes at 10,000 connections).
+    pub totals: Mutex<(Histogram<u64>, Histogram<u64>)>,
+}
+
+impl Shared {
+    /// Counters at zero, the clock started now, `sending` senders to wait for.
+    pub(crate) fn new(sending: usize) -> Shared {
+        Shared {
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            sending_left: AtomicUsize::new(sending),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            seconds: Mutex::new(Vec::new()),
+            totals: Mutex::new((histogram(), histogram())),
+        }
+    }
+
+    fn second(&self, at: Instant) -> usize {
+        at.saturating_duration_since(self.start).as_secs() as usize
+    }
+
+    fn bump_at(&self, i: usize, f: impl FnOnce(&mut SecondRow)) {
+        let mut s = self.seconds.lock().expect("seconds");
+        while s.len() <= i {
+            s.push((0, 0, 0, histogram()));
+        }
+        f(&mut s[i]);
+    }
+
+    pub(crate) fn error(&self, name: String) {
+        *self.errors.lock().expect("errors").entry(name).or_default() += 1;
+    }
+
+    pub(crate) fn since_start(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
+    pub(crate) fn sent(&self, tally: &mut Tally) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        tally.at(self, Instant::now()).sent += 1;
+    }
+
+    /// Message `n` of `conversation`, meant to go at `intended`, is
+    /// acknowledged; `recipients` must each get it.
+    pub(crate) fn acked(
+        &self,
+        (conversation, n, recipients): (u64, u64, &[u64]),
+        intended: Instant,
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) {
+        let now = Instant::now();
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.expected
+            .fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        let t = tally.at(self, now);
+        t.acked += 1;
+        t.ack_us
+            .push(now.saturating_duration_since(intended).as_micros() as u64);
+        checker.acked(conversation, n, recipients);
+    }
+
+    /// `me` received `payload` (anything not a generator message is skipped).
+    pub(crate) fn delivery(
+        &self,
+        me: u64,
+        payload: &[u8],
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) {
+        let now = Instant::now();
+        let Some((conv, n, intended_ns)) = parse(payload) else {
+            return; // group events and anything not from this run
+        };
+        if sender_of(conv) == me {
+            return; // a peer echoing a member's own group message
+        }
+        let intended = self.start + Duration::from_nanos(intended_ns);
+        let us = now.saturating_duration_since(intended).as_micros() as u64;
+        checker.delivered(me, conv, n);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.last_delivery_ns
+            .fetch_max(self.since_start(now), Ordering::Relaxed);
+        let t = tally.at(self, now);
+        t.delivered += 1;
+        t.e2e_us.push(us);
+    }
+}
+
+/// One task's counts and latencies for the current second, added to the
+/// shared timeline and totals when the second changes (or the samples pile
+/// up): a few locks per task per second, not one per message.
+pub(crate) struct Tally {
+    second: usize,
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+    ack_us: Vec<u64>,
+    e2e_us: Vec<u64>,
+}
+
+/// Samples a task keeps before flushing within a second.
+const TALLY_SAMPLES_MAX: usize = 4096;
+
+impl Tally {
+    pub(crate) fn new() -> Tally {
+        Tally {
+            second: 0,
+            sent: 0,
+            acked: 0,
+            delivered: 0,
+            ack_us: Vec::new(),
+            e2e_us: Vec::new(),
+        }
+    }
+
+    /// Moves to the second of `now`, flushing the previous one.
+    fn at(&mut self, shared: &Shared, now: Instant) -> &mut Tally {
+        let s = shared.second(now);
+        if s != self.second || self.ack_us.len() + self.e2e_us.len() >= TALLY_SAMPLES_MAX {
+            self.flush(shared);
+            self.second = s;
+        }
+        self
+    }
+
+    pub(crate) fn flush(&mut self, shared: &Shared) {
+        if self.sent + self.acked + self.delivered == 0 {
+            return;
+        }
+        shared.bump_at(self.second, |x| {
+            x.0 += self.sent;
+            x.1 += self.acked;
+            x.2 += self.delivered;
+            for &us in &self.e2e_us {
+                record(&mut x.3, us);
+            }
+        });
+        {
+            let mut totals = shared.totals.lock().expect("totals");
+            for &us in &self.ack_us {
+                record(&mut totals.0, us);
+            }
+            for &us in &self.e2e_us {
+                record(&mut totals.1, us);
+            }
+        }
+        self.sent = 0;
+        self.acked = 0;
+        self.delivered = 0;
+        // Keep no capacity: a quiet task should hold nothing.
+        self.ack_us = Vec::new();
+        self.e2e_us = Vec::new();
+    }
+}
