@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use courier_protocol::{Body, ErrorCode, Frame, Reason};
+use courier_protocol::{Body, ErrorCode, Frame, Message, Reason};
 use tracing::error;
 
 use super::streams::GroupStream;
@@ -31,27 +31,16 @@ impl<W: NetWrite> Writer<W> {
         loop {
             self.session.lagging.store(false, Ordering::SeqCst);
             loop {
-                let store = self.store.clone();
-                let (user, after) = (self.user, self.delivered);
-                let page = tokio::task::spawn_blocking(move || {
-                    store
-                        .read_after(user, after, CATCH_UP_PAGE)?
-                        .into_iter()
-                        .map(to_wire)
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .map_err(std::io::Error::other)?;
+                let user = self.user;
+                let page = self
+                    .read_page(user, self.delivered)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 let page = match page {
                     Ok(p) => p,
                     Err(e) => {
                         error!(user, error = %e, "catch-up read failed; closing session");
-                        self.encode(&Frame::new(
-                            0,
-                            Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
-                        ));
-                        self.flush().await?;
-                        return Err(std::io::Error::other("storage error"));
+                        return self.storage_goodbye().await;
                     }
                 };
                 let n = page.len();
@@ -68,12 +57,7 @@ impl<W: NetWrite> Writer<W> {
             }
             if let Err(e) = self.catch_up_groups().await {
                 error!(user = self.user, error = %e, "group catch-up failed; closing session");
-                self.encode(&Frame::new(
-                    0,
-                    Body::Goodbye(Reason::new(ErrorCode::INTERNAL, "storage error")),
-                ));
-                self.flush().await?;
-                return Err(std::io::Error::other("storage error"));
+                return self.storage_goodbye().await;
             }
             if !self.session.lagging.load(Ordering::SeqCst) {
                 return Ok(());
@@ -136,17 +120,10 @@ impl<W: NetWrite> Writer<W> {
                 if stream.delivered >= stream.end {
                     break;
                 }
-                let store = self.store.clone();
-                let after = stream.delivered;
-                let page = tokio::task::spawn_blocking(move || {
-                    store
-                        .read_after(g, after, CATCH_UP_PAGE)?
-                        .into_iter()
-                        .map(to_wire)
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await
-                .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+                let page = self
+                    .read_page(g, stream.delivered)
+                    .await
+                    .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
                 let n = page.len();
                 let stream = self.groups.get_mut(&g).expect("present");
                 for m in page {
@@ -167,5 +144,31 @@ impl<W: NetWrite> Writer<W> {
             }
         }
         Ok(())
+    }
+
+    /// One page of `inbox` (the user's, or a group log) after `after`, in
+    /// wire form, read on the blocking pool.
+    async fn read_page(
+        &self,
+        inbox: u64,
+        after: u64,
+    ) -> Result<Result<Vec<Message>, courier_storage::StoreError>, tokio::task::JoinError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store
+                .read_after(inbox, after, CATCH_UP_PAGE)?
+                .into_iter()
+                .map(to_wire)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+    }
+
+    /// Tells the client the store failed and ends the writer.
+    async fn storage_goodbye(&mut self) -> std::io::Result<()> {
+        let reason = Reason::new(ErrorCode::INTERNAL, "storage error");
+        self.encode(&Frame::new(0, Body::Goodbye(reason)));
+        self.flush().await?;
+        Err(std::io::Error::other("storage error"))
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use courier_protocol::{Destination, ErrorCode, MessageKind, Send, GROUP_ID_BIT};
+use courier_protocol::{Destination, ErrorCode, MessageKind, Send};
 use tokio::sync::oneshot;
 
 use super::reader::Reader;
@@ -12,7 +12,7 @@ use crate::error::{refuse, BrokerResult};
 use crate::shard::messages::{
     failed, BroadcastCmd, Completion, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
 };
-use crate::state::ids::valid_user;
+use crate::state::ids::{is_group, valid_user};
 
 impl Reader {
     /// A single send; false when the node is stopping.
@@ -94,7 +94,7 @@ impl Reader {
                     format!("{id:#x} is not a user id"),
                 )
             }
-            Destination::Group(id) if id & GROUP_ID_BIT == 0 => {
+            Destination::Group(id) if !is_group(id) => {
                 return refuse(
                     ErrorCode::INVALID_DESTINATION,
                     format!("{id:#x} is not a group id"),
