@@ -695,6 +695,44 @@ async fn broadcast_reaches_only_consenting_recipients() {
     );
 }
 
+/// A broadcast copy keeps its place among the sender's one-to-one sends to
+/// the same recipient: pipelined without waiting for acks, the recipient
+/// gets them in the order they were sent (the copies are planned by the
+/// sender's shard but queued by the sender's session, in order).
+#[tokio::test]
+async fn broadcasts_and_direct_sends_to_one_recipient_keep_their_order() {
+    let server = Server::start(&[]);
+    let (shop, _) = server.client(1).await;
+    let shop = std::sync::Arc::new(shop);
+    let (bob, _) = server.client(2).await;
+    bob.contacts(ContactsOp::Add, vec![1]).await.unwrap();
+    shop.list(ListOp::Set, 7, vec![2]).await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..40u64 {
+        let body = chat(format!("m{i}"));
+        if i % 2 == 0 {
+            let ack = shop
+                .start_broadcast(1000 + i, 7, MessageKind::Chat, body)
+                .unwrap();
+            acks.push(tokio::spawn(async move { ack.await.map(|_| ()) }));
+        } else {
+            let ack = shop
+                .start_send(1000 + i, Destination::User(2), MessageKind::Chat, body)
+                .unwrap();
+            acks.push(tokio::spawn(async move { ack.await.map(|_| ()) }));
+        }
+    }
+    for a in acks {
+        a.await.unwrap().unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..40 {
+        got.push(bob.recv_timeout(WAIT).await.unwrap().client_msg_id);
+    }
+    assert_eq!(got, (1000..1040).collect::<Vec<u64>>(), "in the order sent");
+    nothing_more(&bob).await;
+}
+
 /// Statuses: audience rules, view receipts once per viewer, and expiry
 /// (a short `social.status_ttl_ms` stands in for 24 hours here; the
 /// storage test `expired_entries_leave_the_disk_at_compaction` shows the
