@@ -30,6 +30,9 @@ impl Shard {
             .write_seconds
             .observe(started.elapsed().as_secs_f64());
         self.stats.write_batch.observe(batch.appends.len() as f64);
+        if !kv.is_empty() {
+            self.kv_written(written.is_ok());
+        }
         match written {
             Ok(outcomes) => {
                 let mut it = batch.appends.drain(..).zip(outcomes);
@@ -57,11 +60,16 @@ impl Shard {
             return;
         }
         let kv = std::mem::take(&mut self.kv);
-        // Cursors and fan-out marks: losing the last of them in a power
-        // failure repeats receipts or references, which their keys absorb.
-        if let Err(e) = self.store.write_lazy(&kv) {
+        // Cursors, fan-out marks and the receipt outbox: losing the last of
+        // them in a power failure loses nothing acknowledged. Receipts are
+        // sent only after their outbox rows are written, and each is stored
+        // with a synced write that comes later in the same log, so a receipt
+        // that survives has its outbox row and `R` row with it.
+        let written = self.store.write_lazy(&kv);
+        if let Err(e) = &written {
             warn!(shard = self.id, error = %e, "writing cursors failed");
         }
+        self.kv_written(written.is_ok());
     }
 
     fn reject(&mut self, p: Planned) {
@@ -140,9 +148,14 @@ impl Shard {
                     stored,
                 },
             ),
-            Completion::Receipt { reader, token } => {
-                self.to_peer(reader, ShardCmd::ReceiptPartDone { reader, token, ok })
-            }
+            Completion::Receipt { reader, emission } => self.to_peer(
+                reader,
+                ShardCmd::ReceiptPartDone {
+                    reader,
+                    emission,
+                    ok,
+                },
+            ),
             Completion::Stored(answer) => {
                 let _ = answer.send(if ok {
                     Ok(())

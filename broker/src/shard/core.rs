@@ -18,9 +18,9 @@ use tracing::{debug, error};
 
 use super::messages::{ReceiptQueryCmd, SessionHandle, ShardCmd};
 use super::route::shard_of;
-use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout, PendingReceipts};
+use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
 use crate::metrics::ShardMetrics;
-use crate::state::rows::Cursors;
+use crate::state::rows::{Cursors, OutboxRow, ReceiptRow};
 
 /// How often a shard trims acknowledged messages past retention.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -96,12 +96,18 @@ pub(crate) struct Shard {
     pub(crate) fanouts: HashMap<u64, BTreeMap<u64, PendingFanout>>,
     /// Broadcasts of this shard's users in flight, by token.
     pub(crate) broadcasts: HashMap<u64, PendingBroadcast>,
-    /// Receipt emissions of this shard's users in flight, by token.
-    pub(crate) receipts_in_flight: HashMap<u64, PendingReceipts>,
+    /// Receipts planned by marks whose outbox rows are in `kv`, not yet
+    /// written: (reader, emission, row). Sent once that write succeeds.
+    pub(crate) outbox_unwritten: Vec<(u64, u64, OutboxRow)>,
+    /// Receipts written to the outbox and not yet durable at their senders,
+    /// by (reader, emission): the row, and whether an attempt is in flight
+    /// (false after a failed one: sent again on the next tick).
+    pub(crate) outbox: BTreeMap<(u64, u64), (OutboxRow, bool)>,
     /// Source of the tokens above.
     next_token: u64,
-    /// Receipt cursors of this shard's users, as emitted (`R` rows).
-    pub(crate) receipt_cursors: HashMap<u64, Cursors>,
+    /// Receipt rows of this shard's users as planned (`R` rows): ahead of
+    /// the disk only until the next key-value write, which carries them.
+    pub(crate) receipt_rows: HashMap<u64, ReceiptRow>,
     /// Group cursors of this shard's users, by (group, user) (`C` rows).
     pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
     /// Key-value writes to make with the next batch.
@@ -133,9 +139,10 @@ impl Shard {
             groups: HashMap::new(),
             fanouts: HashMap::new(),
             broadcasts: HashMap::new(),
-            receipts_in_flight: HashMap::new(),
+            outbox_unwritten: Vec::new(),
+            outbox: BTreeMap::new(),
             next_token: 0,
-            receipt_cursors: HashMap::new(),
+            receipt_rows: HashMap::new(),
             group_cursors: HashMap::new(),
             kv: Vec::new(),
         }
@@ -165,6 +172,7 @@ impl Shard {
     /// fan-outs before anything else.
     pub(crate) async fn run(&mut self, marks: Vec<(u64, u64)>) {
         self.recover_fanouts(marks);
+        self.recover_receipts();
         let mut cmds = Vec::with_capacity(self.config.batch_max);
         let mut last_trim = Instant::now();
         loop {
@@ -182,6 +190,7 @@ impl Shard {
             }
             if last_trim.elapsed() >= TRIM_INTERVAL {
                 self.trim();
+                self.retry_receipts();
                 last_trim = Instant::now();
             }
         }
@@ -275,7 +284,11 @@ impl Shard {
                 stored,
                 ..
             } => self.copy_done(token, result, stored),
-            ShardCmd::ReceiptPartDone { token, ok, .. } => self.receipt_part_done(token, ok),
+            ShardCmd::ReceiptPartDone {
+                reader,
+                emission,
+                ok,
+            } => self.receipt_part_done(reader, emission, ok),
             ShardCmd::Stop => batch.stop = true,
         }
     }

@@ -108,10 +108,10 @@ pub enum Completion {
     /// One copy of a broadcast: the sender's shard, which holds the
     /// broadcast's answer under `token`, is sent a `CopyDone`.
     Copy { sender: u64, token: u64 },
-    /// Part of the receipts one mark emitted: the reader's shard, which
-    /// records how far receipts went once all parts are durable, is sent a
+    /// One receipt from the reader's outbox: the reader's shard, which
+    /// deletes the outbox row once the receipt is durable, is sent a
     /// `ReceiptPartDone`.
-    Receipt { reader: u64, token: u64 },
+    Receipt { reader: u64, emission: u64 },
     /// A waiting request (a status view's receipt): whether it is stored.
     Stored(Answer<()>),
 }
@@ -253,10 +253,10 @@ pub enum ShardCmd {
         result: SendResult,
         stored: bool,
     },
-    /// One part of a mark's receipts has an outcome.
+    /// One receipt of a reader's outbox has an outcome.
     ReceiptPartDone {
         reader: u64,
-        token: u64,
+        emission: u64,
         ok: bool,
     },
     /// Finish what is queued before this, sync the store, and stop.

@@ -10,11 +10,19 @@
 //!   the group's aggregate counts read: group senders get no receipt storm.
 //!
 //! Read implies delivered; a message first marked read gets only a `read`
-//! receipt, so what the sender sees only moves forward. The `R` row is
-//! written once every receipt of the mark is durable (each part reports
-//! with `ReceiptPartDone`); after a crash in between, the next mark
-//! re-emits from the durable cursor and the receipts' idempotency keys
-//! absorb the repeats.
+//! receipt, so what the sender sees only moves forward.
+//!
+//! Exactly once, across crashes (an outbox): a mark plans its receipts as
+//! outbox rows (`O` reader . emission) and moves the `R` row in the same
+//! atomic write; only after that write are the receipts queued on the
+//! senders' shards, each keyed by (reader, emission number, the sender's
+//! receipt scope). A receipt's durable outcome deletes its outbox row; a
+//! failed one is sent again on the next tick; at start every outbox row is
+//! sent again and the keys absorb what was already stored. So a range is
+//! planned once (the `R` row moved with it) and each planned receipt is
+//! stored once (its key), whatever is killed when. What a repeat after more
+//! than the idempotency window (24 hours by default) would store twice is a
+//! receipt whose outbox row outlived a crash by that long.
 //!
 //! A status view is a `viewed` receipt in the poster's inbox, planned on the
 //! poster's shard once the viewer is found allowed to see the status.
@@ -24,20 +32,31 @@ use std::time::Instant;
 
 use courier_protocol::{Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus};
 use courier_storage::{KvOp, StoredMessage};
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::core::Shard;
 use super::messages::{Completion, MarkCmd, SendCmd, ShardCmd, StatusViewCmd};
-use super::tracking::{Batch, PendingReceipts};
+use super::route::shard_of;
+use super::tracking::Batch;
 use crate::error::{BrokerError, BrokerResult};
 use crate::state::keys;
-use crate::state::rows::Cursors;
+use crate::state::rows::{Cursors, OutboxRow, ReceiptRow};
 use crate::state::social;
 
 /// Inbox messages read per step while emitting receipts.
 const PAGE: usize = 1024;
 /// Messages named by one receipt message at most.
 const RECEIPT_MESSAGES_MAX: usize = 4096;
+/// Outbox rows one shard reads at start at most (normally there are none
+/// or a handful: a row lives from a mark until its receipt is durable).
+const OUTBOX_RECOVER_MAX: usize = 1 << 20;
+
+/// The idempotency scope of receipts to `sender`: the top bit, which no
+/// user id has, keeps a receipt's key apart from a broadcast copy's
+/// (reader, client id, recipient) with the same numbers.
+pub(crate) fn receipt_scope(sender: u64) -> u64 {
+    sender | (1 << 63)
+}
 
 /// The receipts a mark owes: (original sender, status) -> (client id,
 /// server id) of each message.
@@ -104,17 +123,31 @@ impl Shard {
         self.advance_group_cursor(g, user, up_to.min(head), status);
     }
 
-    fn receipt_cursor(&mut self, user: u64) -> Cursors {
-        if let Some(c) = self.receipt_cursors.get(&user) {
-            return *c;
+    fn receipt_row(&mut self, user: u64) -> ReceiptRow {
+        if let Some(r) = self.receipt_rows.get(&user) {
+            return *r;
         }
-        let c = self.read_cursors(&keys::receipts(user));
-        self.receipt_cursors.insert(user, c);
-        c
+        let r = match self.store.get(&keys::receipts(user)) {
+            Ok(Some(v)) => ReceiptRow::decode(&v),
+            Ok(None) => ReceiptRow::default(),
+            Err(e) => {
+                // Treated as "nothing receipted yet" would repeat receipts
+                // under new emission numbers: refuse to plan instead.
+                warn!(shard = self.id, user, error = %e, "reading a receipt row failed");
+                return ReceiptRow {
+                    emitted: u64::MAX,
+                    ..ReceiptRow::default()
+                };
+            }
+        };
+        self.receipt_rows.insert(user, r);
+        r
     }
 
-    /// Acknowledges the inbox up to `up_to`, then emits the receipts of what
-    /// the mark newly covers.
+    /// Acknowledges the inbox up to `up_to`, then plans the receipts of what
+    /// the mark newly covers: their outbox rows and the moved `R` row go in
+    /// the next key-value write, and the receipts are sent once it is done
+    /// ([`Shard::kv_written`]).
     fn mark_inbox(&mut self, user: u64, up_to: u64, status: ReceiptStatus) {
         // Read implies delivered: both move the inbox's ack cursor.
         let state = match self.store.ack(user, up_to) {
@@ -127,26 +160,27 @@ impl Shard {
         if state.acked_seq >= state.oldest_seq {
             self.note_trim(user);
         }
-        let old = self.receipt_cursor(user);
+        let old = self.receipt_row(user);
+        if old.emitted == u64::MAX {
+            return; // unreadable row (logged); the next mark tries again
+        }
+        let cursors = old.cursors;
         let read = if status == ReceiptStatus::Read {
-            old.read.max(up_to.min(state.head_seq))
+            cursors.read.max(up_to.min(state.head_seq))
         } else {
-            old.read
+            cursors.read
         };
-        let new = Cursors::new(old.delivered.max(state.acked_seq).max(read), read);
-        if new == old {
+        let new = Cursors::new(cursors.delivered.max(state.acked_seq).max(read), read);
+        if new == cursors {
             return;
         }
-        self.receipt_cursors.insert(user, new);
-        let owed = self.owed_receipts(user, old, new);
-        if owed.is_empty() {
-            self.kv.push(KvOp::Put {
-                key: keys::receipts(user),
-                value: new.encode(),
-            });
-            return;
-        }
-        self.emit_receipts(user, old, new, owed);
+        let owed = self.owed_receipts(user, cursors, new);
+        let row = self.plan_emissions(user, old, new, owed);
+        self.receipt_rows.insert(user, row);
+        self.kv.push(KvOp::Put {
+            key: keys::receipts(user),
+            value: row.encode(),
+        });
     }
 
     /// Reads the inbox range between `old` and `new` and collects the
@@ -214,82 +248,146 @@ impl Shard {
             .push((rec.client_msg_id, rec.server_msg_id));
     }
 
-    /// Sends each original sender its receipts (in chunks), through the
-    /// sender's shard; the `R` row follows once all are durable.
-    fn emit_receipts(&mut self, user: u64, old: Cursors, new: Cursors, owed: Owed) {
-        let parts: usize = owed
-            .values()
-            .map(|v| v.len().div_ceil(RECEIPT_MESSAGES_MAX))
-            .sum();
-        let token = self.token();
-        self.receipts_in_flight.insert(
-            token,
-            PendingReceipts {
-                remaining: parts,
-                failed: false,
-                reader: user,
-                cursors: new,
-            },
-        );
-        let end = if new.read > old.read {
-            new.read
-        } else {
-            new.delivered
-        };
+    /// One outbox row per original sender, status and chunk of what the
+    /// mark owes, each under the reader's next emission number; returns the
+    /// `R` row that goes with them.
+    fn plan_emissions(
+        &mut self,
+        user: u64,
+        old: ReceiptRow,
+        new: Cursors,
+        owed: Owed,
+    ) -> ReceiptRow {
+        let mut emitted = old.emitted;
         for ((sender, st), messages) in owed {
             let status = ReceiptStatus::from_u8(st).expect("from a ReceiptStatus");
-            for (i, chunk) in messages.chunks(RECEIPT_MESSAGES_MAX).enumerate() {
-                let payload = ReceiptPayload {
-                    status,
-                    reader: user,
-                    messages: chunk.to_vec(),
-                }
-                .encode();
-                // Unique per (reader, range end, status, chunk) and scoped by the
-                // receiving sender: a re-emission of the same mark is a duplicate.
-                let client_msg_id =
-                    (u64::from(st) << 56) | ((i as u64 & 0xff) << 48) | (end & ((1 << 48) - 1));
-                let receipt = SendCmd {
-                    sender: user,
-                    sender_device: 0,
-                    recipient: sender,
-                    client_msg_id,
-                    destination: Destination::User(sender),
-                    scope: sender,
-                    kind: MessageKind::Receipt,
-                    payload,
-                    done: Completion::Receipt {
+            for chunk in messages.chunks(RECEIPT_MESSAGES_MAX) {
+                emitted += 1;
+                let row = OutboxRow {
+                    sender,
+                    payload: ReceiptPayload {
+                        status,
                         reader: user,
-                        token,
-                    },
-                    accepted: Instant::now(),
+                        messages: chunk.to_vec(),
+                    }
+                    .encode(),
                 };
-                self.to_peer(sender, ShardCmd::Send(receipt));
+                self.kv.push(KvOp::Put {
+                    key: keys::outbox(user, emitted),
+                    value: row.encode(),
+                });
+                self.outbox_unwritten.push((user, emitted, row));
             }
+        }
+        ReceiptRow {
+            cursors: new,
+            emitted,
         }
     }
 
-    /// One part of a mark's receipts has an outcome; once all are durable
-    /// the reader's `R` row records how far receipts went.
-    pub(crate) fn receipt_part_done(&mut self, token: u64, ok: bool) {
-        let Some(p) = self.receipts_in_flight.get_mut(&token) else {
+    /// The key-value write that carried planned receipt rows has an outcome.
+    /// Written: the receipts it planned are sent. Failed: they are forgotten
+    /// with every cached `R` row (the next mark plans again from the disk,
+    /// where the range is still owed).
+    pub(crate) fn kv_written(&mut self, ok: bool) {
+        if !ok {
+            self.outbox_unwritten.clear();
+            self.receipt_rows.clear();
+            return;
+        }
+        for (reader, emission, row) in std::mem::take(&mut self.outbox_unwritten) {
+            self.send_receipt(reader, emission, &row);
+            self.outbox.insert((reader, emission), (row, true));
+        }
+    }
+
+    /// Queues one outbox row on the original sender's shard. Its idempotency
+    /// key (reader, emission, the sender in the receipt scope) makes a
+    /// repeat, after a crash or a failed write, store nothing twice.
+    fn send_receipt(&self, reader: u64, emission: u64, row: &OutboxRow) {
+        let receipt = SendCmd {
+            sender: reader,
+            sender_device: 0,
+            recipient: row.sender,
+            client_msg_id: emission,
+            destination: Destination::User(row.sender),
+            scope: receipt_scope(row.sender),
+            kind: MessageKind::Receipt,
+            payload: row.payload.clone(),
+            done: Completion::Receipt { reader, emission },
+            accepted: Instant::now(),
+        };
+        self.to_peer(row.sender, ShardCmd::Send(receipt));
+    }
+
+    /// One receipt has an outcome at its sender's shard: durable, its outbox
+    /// row goes; failed, it is sent again on the next tick.
+    pub(crate) fn receipt_part_done(&mut self, reader: u64, emission: u64, ok: bool) {
+        let Some(entry) = self.outbox.get_mut(&(reader, emission)) else {
             warn!(
                 shard = self.id,
-                token, "a receipt part for nothing in flight"
+                reader, emission, "a receipt outcome for nothing in the outbox"
             );
             return;
         };
-        p.failed |= !ok;
-        p.remaining = p.remaining.saturating_sub(1);
-        if p.remaining > 0 {
+        if !ok {
+            entry.1 = false;
             return;
         }
-        let p = self.receipts_in_flight.remove(&token).expect("present");
-        if !p.failed {
-            self.kv.push(KvOp::Put {
-                key: keys::receipts(p.reader),
-                value: p.cursors.encode(),
-            });
+        self.outbox.remove(&(reader, emission));
+        self.kv.push(KvOp::Delete {
+            key: keys::outbox(reader, emission),
+        });
+    }
+
+    /// Sends again the receipts whose last attempt failed.
+    pub(crate) fn retry_receipts(&mut self) {
+        let again: Vec<(u64, u64)> = self
+            .outbox
+            .iter()
+            .filter(|(_, (_, in_flight))| !in_flight)
+            .map(|(k, _)| *k)
+            .collect();
+        for (reader, emission) in again {
+            let entry = self.outbox.get_mut(&(reader, emission)).expect("listed");
+            entry.1 = true;
+            let row = entry.0.clone();
+            self.send_receipt(reader, emission, &row);
+        }
+    }
+
+    /// At start: sends every outbox row of this shard's users again (a crash
+    /// came between planning them and their being durable at the senders).
+    pub(crate) fn recover_receipts(&mut self) {
+        let rows = match self.store.scan(&keys::outbox_prefix(), OUTBOX_RECOVER_MAX) {
+            Ok(rows) => rows,
+            Err(e) => {
+                error!(shard = self.id, error = %e, "reading the receipt outbox failed; its receipts wait for the next start");
+                return;
+            }
+        };
+        if rows.len() == OUTBOX_RECOVER_MAX {
+            warn!(shard = self.id, "more than {OUTBOX_RECOVER_MAX} receipts in the outbox; the rest wait for the next start");
+        }
+        let shards = self.peers.len();
+        for (key, value) in rows {
+            let (Some(reader), Some(emission)) = (keys::be_u64(&key, 1), keys::be_u64(&key, 9))
+            else {
+                error!(shard = self.id, key = ?key, "corrupt receipt outbox key; skipped");
+                continue;
+            };
+            if shard_of(reader, shards) != self.id as usize {
+                continue;
+            }
+            let Some(row) = OutboxRow::decode(&value) else {
+                error!(
+                    shard = self.id,
+                    reader, emission, "corrupt receipt outbox row; skipped"
+                );
+                continue;
+            };
+            self.send_receipt(reader, emission, &row);
+            self.outbox.insert((reader, emission), (row, true));
         }
     }
 

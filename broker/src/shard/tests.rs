@@ -287,3 +287,240 @@ async fn interrupted_reference_fan_out_is_completed_at_start() {
     let mark = store.get(&keys::fanned(g)).unwrap().unwrap();
     assert_eq!(FanMark::decode(&mark), FanMark(2), "completion recorded");
 }
+
+/// One write the store carried out, in order: replaying a prefix of them
+/// gives the state a crash right after that write leaves behind (kill -9
+/// keeps every write that returned; the store's log is replayed in order).
+#[derive(Clone)]
+enum Write {
+    Append(Vec<NewMessage>, Vec<courier_storage::KvOp>, u64),
+    Lazy(Vec<courier_storage::KvOp>),
+    Ack(u64, u64),
+    Trim(u64, u64),
+}
+
+impl Write {
+    fn apply(&self, store: &dyn InboxStore) {
+        match self {
+            Write::Append(m, kv, now) => drop(store.append_with(m, kv, *now).unwrap()),
+            Write::Lazy(kv) => store.write_lazy(kv).unwrap(),
+            Write::Ack(inbox, seq) => drop(store.ack(*inbox, *seq).unwrap()),
+            Write::Trim(inbox, older) => drop(store.trim_acked(*inbox, *older).unwrap()),
+        }
+    }
+}
+
+/// The in-memory store, remembering every write in the order it was made.
+struct Recording {
+    inner: MemoryStore,
+    log: std::sync::Mutex<Vec<Write>>,
+}
+
+impl Recording {
+    fn record<T>(&self, w: Write, f: impl FnOnce(&MemoryStore) -> T) -> T {
+        // One lock around the write and its record: the log's order is the
+        // order the writes were applied in.
+        let mut log = self.log.lock().unwrap();
+        let out = f(&self.inner);
+        log.push(w);
+        out
+    }
+}
+
+impl InboxStore for Recording {
+    fn append_with(
+        &self,
+        batch: &[NewMessage],
+        kv: &[courier_storage::KvOp],
+        now_ms: u64,
+    ) -> Result<Vec<courier_storage::AppendOutcome>, courier_storage::StoreError> {
+        let w = Write::Append(batch.to_vec(), kv.to_vec(), now_ms);
+        self.record(w, |s| s.append_with(batch, kv, now_ms))
+    }
+    fn write_lazy(&self, kv: &[courier_storage::KvOp]) -> Result<(), courier_storage::StoreError> {
+        self.record(Write::Lazy(kv.to_vec()), |s| s.write_lazy(kv))
+    }
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, courier_storage::StoreError> {
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<courier_storage::KvPairs, courier_storage::StoreError> {
+        self.inner.scan(prefix, limit)
+    }
+    fn scan_expiring(
+        &self,
+        prefix: &[u8],
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<courier_storage::ExpiringEntries, courier_storage::StoreError> {
+        self.inner.scan_expiring(prefix, now_ms, limit)
+    }
+    fn read_after(
+        &self,
+        inbox: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<courier_storage::StoredMessage>, courier_storage::StoreError> {
+        self.inner.read_after(inbox, after_seq, limit)
+    }
+    fn state(
+        &self,
+        inbox: u64,
+    ) -> Result<courier_storage::InboxState, courier_storage::StoreError> {
+        self.inner.state(inbox)
+    }
+    fn ack(
+        &self,
+        inbox: u64,
+        up_to_seq: u64,
+    ) -> Result<courier_storage::InboxState, courier_storage::StoreError> {
+        self.record(Write::Ack(inbox, up_to_seq), |s| s.ack(inbox, up_to_seq))
+    }
+    fn trim_acked(
+        &self,
+        inbox: u64,
+        older_than_ms: u64,
+    ) -> Result<courier_storage::InboxState, courier_storage::StoreError> {
+        let w = Write::Trim(inbox, older_than_ms);
+        self.record(w, |s| s.trim_acked(inbox, older_than_ms))
+    }
+    fn sync(&self) -> Result<(), courier_storage::StoreError> {
+        Ok(())
+    }
+}
+
+/// Senders 1 and 3 each sent chat messages 1..=PER_SENDER to reader 2.
+const PER_SENDER: u64 = 6;
+
+fn chat_to_2(sender: u64, i: u64, reply: &mpsc::UnboundedSender<Reply>) -> ShardCmd {
+    let ShardCmd::Send(mut s) = send(i, reply) else {
+        unreachable!()
+    };
+    s.sender = sender;
+    ShardCmd::Send(s)
+}
+
+fn mark_2(up_to_seq: u64, status: ReceiptStatus) -> ShardCmd {
+    ShardCmd::Mark(MarkCmd {
+        user: 2,
+        stream: 0,
+        up_to_seq,
+        status,
+    })
+}
+
+/// How many receipts of each (client message id, status) sender `s` holds.
+fn receipts_at(store: &dyn InboxStore, s: u64) -> std::collections::BTreeMap<(u64, u8), usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for m in store.read_after(s, 0, 10_000).unwrap() {
+        assert_eq!(m.record.kind, MessageKind::Receipt as u8);
+        let r = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
+        assert_eq!(r.reader, 2);
+        for (client_id, _) in r.messages {
+            *counts.entry((client_id, r.status as u8)).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// How many messages of sender `s` reader 2's inbox holds (ids 1..=n).
+fn sent_by(store: &dyn InboxStore, s: u64) -> u64 {
+    store
+        .read_after(2, 0, 100)
+        .unwrap()
+        .iter()
+        .filter(|m| m.record.sender == s)
+        .count() as u64
+}
+
+/// Waits until every message in reader 2's inbox has its read receipt at
+/// its sender and no more receipts arrive for a moment.
+async fn receipts_settle(store: &dyn InboxStore, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = (0, 0);
+    loop {
+        let (a, b) = (receipts_at(store, 1), receipts_at(store, 3));
+        let all_read = [(1, &a), (3, &b)].iter().all(|(s, c)| {
+            (1..=sent_by(store, *s)).all(|i| c.contains_key(&(i, ReceiptStatus::Read as u8)))
+        });
+        let now = (a.values().sum(), b.values().sum());
+        if all_read && now == last {
+            return;
+        }
+        last = now;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: receipts did not settle: {a:?} {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// A reader marks its inbox in increasing steps while its receipts travel
+/// to two senders on two shards. For every write of that run, a crash
+/// right after it is replayed (a fresh store with the writes up to there),
+/// the node starts again and the reader marks everything read: each sender
+/// then holds exactly one read receipt per message and at most one
+/// delivered receipt, never two, and none is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
+    let rec = Arc::new(Recording {
+        inner: MemoryStore::new(StoreConfig::default()),
+        log: Default::default(),
+    });
+    let store: Arc<dyn InboxStore> = rec.clone();
+    let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
+    let (rtx, mut rrx) = mpsc::unbounded_channel();
+    for i in 1..=PER_SENDER {
+        for s in [1, 3] {
+            assert!(shards.send(2, chat_to_2(s, i, &rtx)).await);
+            assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+        }
+    }
+    let steps = [
+        (2, ReceiptStatus::Read),
+        (5, ReceiptStatus::Delivered),
+        (7, ReceiptStatus::Read),
+        (9, ReceiptStatus::Delivered),
+        (10, ReceiptStatus::Read),
+        (12, ReceiptStatus::Read),
+    ];
+    for (seq, status) in steps {
+        assert!(shards.send(2, mark_2(seq, status)).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receipts_settle(&*store, "first run").await;
+    shards.stop().await;
+
+    let log = rec.log.lock().unwrap().clone();
+    assert!(log.len() > 10, "only {} writes recorded", log.len());
+    for cut in 0..=log.len() {
+        let after: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        for w in &log[..cut] {
+            w.apply(&*after);
+        }
+        let shards = Shards::start(2, ShardConfig::for_tests(), after.clone()).unwrap();
+        let head = after.state(2).unwrap().head_seq;
+        assert!(shards.send(2, mark_2(head, ReceiptStatus::Read)).await);
+        let what = format!("crash after write {cut} of {}", log.len());
+        receipts_settle(&*after, &what).await;
+        shards.stop().await;
+        for s in [1, 3] {
+            let counts = receipts_at(&*after, s);
+            for i in 1..=sent_by(&*after, s) {
+                assert_eq!(
+                    counts.get(&(i, ReceiptStatus::Read as u8)),
+                    Some(&1),
+                    "{what}: sender {s} message {i}: read receipts {counts:?}"
+                );
+            }
+            assert!(
+                counts.values().all(|&n| n == 1),
+                "{what}: sender {s} holds a receipt twice: {counts:?}"
+            );
+        }
+    }
+}

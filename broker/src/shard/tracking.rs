@@ -7,7 +7,7 @@ use courier_protocol::{BroadcastAck, ErrorCode, SendResult};
 use courier_storage::NewMessage;
 
 use super::messages::{failed, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo, SendCmd};
-use crate::state::rows::{Cursors, GroupState};
+use crate::state::rows::GroupState;
 
 /// One drained batch of commands, as planned before its storage write.
 #[derive(Default)]
@@ -127,13 +127,4 @@ impl PendingBroadcast {
             }),
         });
     }
-}
-
-/// The receipts one mark emitted, in flight, on the reader's shard: once
-/// every part is durable the reader's `R` row moves to `cursors`.
-pub(crate) struct PendingReceipts {
-    pub remaining: usize,
-    pub failed: bool,
-    pub reader: u64,
-    pub cursors: Cursors,
 }

@@ -8,7 +8,8 @@
 //! | `F` group                   | [`FanMark`](super::rows::FanMark): refs fan-out done up to | group's shard |
 //! | `U` user . group            | [`MemberRow`](super::rows::MemberRow): joined . left . log_from | group's shard |
 //! | `C` group . user            | [`Cursors`](super::rows::Cursors): delivered . read (group seqs) | user's shard |
-//! | `R` user                    | [`Cursors`](super::rows::Cursors): delivered . read (inbox seqs receipted) | user's shard |
+//! | `R` user                    | [`ReceiptRow`](super::rows::ReceiptRow): delivered . read (inbox seqs receipted) . emitted | user's shard |
+//! | `O` user . emission         | [`OutboxRow`](super::rows::OutboxRow): a receipt not yet durable at its sender | user's shard |
 //! | `K` user . contact          | empty                                    | user's session |
 //! | `L` user . list             | [`UserList`](super::rows::UserList): count u16 . users | user's session |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
@@ -45,6 +46,12 @@ pub fn cursors(g: u64) -> Vec<u8> {
 }
 pub fn receipts(user: u64) -> Vec<u8> {
     key(b'R', &[user])
+}
+pub fn outbox(reader: u64, emission: u64) -> Vec<u8> {
+    key(b'O', &[reader, emission])
+}
+pub fn outbox_prefix() -> Vec<u8> {
+    vec![b'O']
 }
 pub fn contact(user: u64, contact: u64) -> Vec<u8> {
     key(b'K', &[user, contact])

@@ -160,6 +160,70 @@ impl Cursors {
     }
 }
 
+/// `R` user: how far the user's receipts have been planned, and how many
+/// receipt emissions (outbox entries) were ever planned for the user.
+/// Layout: delivered u64 . read u64 . emitted u64 (24 bytes; a 16-byte row
+/// from before emissions were counted reads as `emitted` 0).
+///
+/// The row moves in the same atomic write as the outbox entries (`O` rows)
+/// of the mark that moved it, so a mark's range is receipted once: after a
+/// crash either both are there (the outbox is re-sent, its keys absorb the
+/// repeat) or neither (the next mark covers the range again).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiptRow {
+    pub cursors: Cursors,
+    /// Emission numbers handed out so far; the next is `emitted + 1`. Each
+    /// one is the receipt's client message id, unique for the reader.
+    pub emitted: u64,
+}
+
+impl ReceiptRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.cursors.encode();
+        v.extend_from_slice(&self.emitted.to_be_bytes());
+        v
+    }
+
+    /// Missing parts read as 0 (nothing receipted, nothing emitted yet).
+    pub fn decode(v: &[u8]) -> ReceiptRow {
+        ReceiptRow {
+            cursors: Cursors::decode(v),
+            emitted: be_u64(v, 16).unwrap_or(0),
+        }
+    }
+}
+
+/// `O` reader . emission: one receipt message planned and not yet known to
+/// be durable in the original sender's inbox. Deleted once it is.
+/// Layout: sender u64 . receipt payload (the wire `ReceiptPayload`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The original sender: whose inbox the receipt goes to.
+    pub sender: u64,
+    pub payload: Bytes,
+}
+
+impl OutboxRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + self.payload.len());
+        v.extend_from_slice(&self.sender.to_be_bytes());
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    /// `None` for a value too short to name a sender or whose payload is not
+    /// a receipt.
+    pub fn decode(v: &[u8]) -> Option<OutboxRow> {
+        let sender = be_u64(v, 0)?;
+        let payload = &v[8..];
+        courier_protocol::ReceiptPayload::decode(payload).ok()?;
+        Some(OutboxRow {
+            sender,
+            payload: Bytes::copy_from_slice(payload),
+        })
+    }
+}
+
 /// `F` group: reference fan-out is complete up to this group sequence.
 /// Layout: u64.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,5 +365,29 @@ mod tests {
         assert_eq!(StatusRow::decode(&s.encode()), Some(s.clone()));
         assert_eq!(StatusRow::decode(&s.encode()[..12]), None);
         assert_eq!(UserList::decode(&[0, 2, 0]), None);
+    }
+
+    #[test]
+    fn receipt_rows_round_trip_and_read_the_older_layout() {
+        let r = ReceiptRow {
+            cursors: Cursors::new(9, 4),
+            emitted: 17,
+        };
+        assert_eq!(ReceiptRow::decode(&r.encode()), r);
+        // A row written before emissions were counted.
+        let old = ReceiptRow::decode(&Cursors::new(9, 4).encode());
+        assert_eq!((old.cursors, old.emitted), (Cursors::new(9, 4), 0));
+        let o = OutboxRow {
+            sender: 5,
+            payload: courier_protocol::ReceiptPayload {
+                status: courier_protocol::ReceiptStatus::Read,
+                reader: 6,
+                messages: vec![(1, 2)],
+            }
+            .encode(),
+        };
+        assert_eq!(OutboxRow::decode(&o.encode()), Some(o.clone()));
+        assert_eq!(OutboxRow::decode(&o.encode()[..7]), None);
+        assert_eq!(OutboxRow::decode(&o.encode()[..20]), None);
     }
 }

@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +18,9 @@ use tokio::net::TcpStream;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Log lines a test keeps of one node at most.
+const LOG_LINES_MAX: usize = 100_000;
+
 pub struct Server {
     pub child: Child,
     pub addr: String,
@@ -24,38 +28,60 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// What the node printed when it started.
     pub banner: Vec<String>,
+    /// Every line the node has logged (stderr) so far; also echoed to the
+    /// test's own stderr.
+    pub log: Arc<Mutex<Vec<String>>>,
     env: Vec<(String, String)>,
     deny_uring: bool,
+    open_files: Option<u64>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// A node in a fresh data dir, with `COURIER_*` settings from `env`.
     pub fn start(env: &[(&str, &str)]) -> Server {
-        Server::start_in_fresh_dir(env, false)
+        Server::start_in_fresh_dir(env, false, None)
     }
 
     /// A node whose process may not use io_uring (a seccomp filter, as a
     /// container runtime's default profile installs).
     pub fn start_without_uring(env: &[(&str, &str)]) -> Server {
-        Server::start_in_fresh_dir(env, true)
+        Server::start_in_fresh_dir(env, true, None)
     }
 
-    fn start_in_fresh_dir(env: &[(&str, &str)], deny_uring: bool) -> Server {
+    /// A node whose process may open at most `n` files (soft and hard
+    /// RLIMIT_NOFILE), as a container's `--ulimit nofile=` makes it.
+    pub fn start_with_open_files(env: &[(&str, &str)], n: u64) -> Server {
+        Server::start_in_fresh_dir(env, false, Some(n))
+    }
+
+    fn start_in_fresh_dir(
+        env: &[(&str, &str)],
+        deny_uring: bool,
+        open_files: Option<u64>,
+    ) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut s = Server::spawn(tmp.path(), env, deny_uring);
+        let mut s = Server::spawn(tmp.path(), env, deny_uring, open_files);
         s._tmp = Some(tmp);
         s
     }
 
-    fn spawn(dir: &Path, env: Vec<(String, String)>, deny_uring: bool) -> Server {
+    fn spawn(
+        dir: &Path,
+        env: Vec<(String, String)>,
+        deny_uring: bool,
+        open_files: Option<u64>,
+    ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
         if deny_uring {
             deny_io_uring(&mut cmd);
+        }
+        if let Some(n) = open_files {
+            limit_open_files(&mut cmd, n);
         }
         cmd.args([
             "serve",
@@ -71,11 +97,23 @@ impl Server {
             std::env::var("COURIER_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
         for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start courier");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap();
+                if log.len() < LOG_LINES_MAX {
+                    log.push(line);
+                }
+            }
+        });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut addr, mut admin) = (None, None);
         let mut banner = Vec::new();
@@ -104,10 +142,18 @@ impl Server {
             admin: admin.unwrap(),
             data_dir: dir.to_owned(),
             banner,
+            log,
             env,
             deny_uring,
+            open_files,
             _tmp: None,
         }
+    }
+
+    /// The lines logged so far that contain `needle`.
+    pub fn logged(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
     /// SIGKILL: no shutdown path runs.
@@ -121,10 +167,21 @@ impl Server {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
     }
 
+    /// Sets (or replaces) one environment variable for the next restart.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the node again on the same data dir (new ports).
     pub fn restart(&mut self) {
         let tmp = self._tmp.take();
-        let next = Server::spawn(&self.data_dir, self.env.clone(), self.deny_uring);
+        let next = Server::spawn(
+            &self.data_dir,
+            self.env.clone(),
+            self.deny_uring,
+            self.open_files,
+        );
         let old = std::mem::replace(self, next);
         drop(old); // already stopped; dropping reaps it
         self._tmp = tmp;
@@ -216,6 +273,35 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sets `cmd`'s process's open-file limit (soft and hard) to `n`.
+pub fn limit_open_files(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only setrlimit runs (async-signal-safe)
+    // on a struct on the stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A TCP connection to `addr` from the loopback address `127.0.0.<last>`
+/// (a different source address for the node's per-source budgets).
+pub async fn connect_from(last: u8, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+        .unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
 }
 
 /// Makes `cmd`'s process unable to use io_uring: a seccomp filter that
@@ -323,8 +409,12 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: &str) -> Raw {
+        Raw::over(TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn over(stream: TcpStream) -> Raw {
         Raw {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            stream,
             buf: BytesMut::new(),
         }
     }
@@ -348,10 +438,12 @@ impl Raw {
                     let _ = self.buf.split_to(n);
                     return Some(f);
                 }
-                let mut chunk = [0u8; 65536];
-                match self.stream.read(&mut chunk).await {
+                // Into the buffer on the heap: a 64 KiB array here would sit
+                // in every future that awaits this one.
+                self.buf.reserve(65536);
+                match self.stream.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(_) => {}
                 }
             }
         })
