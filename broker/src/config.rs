@@ -11,11 +11,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use courier_storage::Durability;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::net::IoMode;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the RocksDB store and the token secret live.
@@ -45,9 +45,13 @@ pub struct Config {
     pub storage: Storage,
     pub groups: Groups,
     pub social: Social,
+    /// `COURIER_*` environment variables that name no setting (and are not
+    /// one of the command line's): ignored, and named in a warning at start.
+    #[serde(skip)]
+    pub unknown_env: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Groups {
     /// Members a group may have.
@@ -70,7 +74,7 @@ impl Default for Groups {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Social {
     /// Recipients per broadcast list.
@@ -94,10 +98,30 @@ impl Default for Social {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Connections at once, authenticated or not. Lowered at start to what
+    /// the open-file limit allows after `reserved_files`.
     pub max_connections: usize,
+    /// Descriptors kept out of the connection budget: the store's files,
+    /// the admin port, refusals being said.
+    pub reserved_files: usize,
+    /// Connections that have not completed their handshake, in all.
+    pub max_unauthenticated: usize,
+    /// Connections from one source address that have not completed their
+    /// handshake.
+    pub max_unauthenticated_per_source: usize,
+    /// New connections per second from one source address (a burst of one
+    /// second's worth); 0 = unlimited.
+    pub new_connections_per_source_per_sec: u32,
+    /// Messages one user may send per second, over all their connections
+    /// (a burst of one second's worth; each item of a batch counts);
+    /// 0 = unlimited.
+    pub sends_per_user_per_sec: u32,
+    /// Messages one connection may send per second (a burst of one second's
+    /// worth); 0 = unlimited.
+    pub sends_per_connection_per_sec: u32,
     pub max_frame_len: u32,
     pub max_payload_len: u32,
     pub max_batch: u16,
@@ -118,7 +142,7 @@ pub struct Limits {
     pub shutdown_grace_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// How long acknowledged messages stay in the inbox (for other devices
@@ -128,14 +152,14 @@ pub struct Retention {
     pub idempotency_window_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// Hex secret file; empty = `<data_dir>/secret.key`, created on first start.
     pub secret_file: PathBuf,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
     pub block_cache_mb: usize,
@@ -158,6 +182,7 @@ impl Default for Config {
             storage: Storage::default(),
             groups: Groups::default(),
             social: Social::default(),
+            unknown_env: Vec::new(),
         }
     }
 }
@@ -166,6 +191,12 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 100_000,
+            reserved_files: 1024,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_source: 64,
+            new_connections_per_source_per_sec: 500,
+            sends_per_user_per_sec: 10_000,
+            sends_per_connection_per_sec: 10_000,
             max_frame_len: 1 << 20,
             max_payload_len: 64 << 10,
             max_batch: 256,
@@ -234,6 +265,8 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let known = Config::known_keys();
+        let mut unknown_env = Vec::new();
         for (name, value) in vars {
             let Some(rest) = name.strip_prefix("COURIER_") else {
                 continue;
@@ -243,23 +276,38 @@ impl Config {
                 continue;
             }
             let key = rest.to_ascii_lowercase();
-            let (table, key) = match SECTIONS.iter().find_map(|s| {
-                key.strip_prefix(&format!("{s}_"))
-                    .map(|k| (*s, k.to_owned()))
-            }) {
-                Some((section, k)) => {
+            let path = SECTIONS
+                .iter()
+                .find_map(|s| key.strip_prefix(&format!("{s}_")).map(|k| (Some(*s), k)))
+                .unwrap_or((None, &key));
+            let is_known = match path {
+                (Some(section), k) => known
+                    .get(section)
+                    .and_then(toml::Value::as_table)
+                    .is_some_and(|t| t.contains_key(k)),
+                (None, k) => known.get(k).is_some_and(|v| !v.is_table()),
+            };
+            // Other programs' variables share the prefix (a test harness's
+            // `COURIER_BIN`, say): named in a warning, never fatal.
+            if !is_known {
+                unknown_env.push(name);
+                continue;
+            }
+            let (table, key) = match path {
+                (Some(section), k) => {
                     let t = doc
                         .entry(section)
                         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                     let toml::Value::Table(t) = t else {
                         bail!("config key {section} must be a table");
                     };
-                    (t, k)
+                    (t, k.to_owned())
                 }
-                None => (&mut doc, key),
+                (None, k) => (&mut doc, k.to_owned()),
             };
             table.insert(key, env_value(&value));
         }
+        unknown_env.sort();
         let mut put = |k: &str, v: toml::Value| {
             doc.insert(k.to_owned(), v);
         };
@@ -278,11 +326,17 @@ impl Config {
         if let Some(v) = flags.io {
             put("io", toml::Value::String(v));
         }
-        let config: Config = toml::Value::Table(doc)
+        let mut config: Config = toml::Value::Table(doc)
             .try_into()
             .context("invalid configuration")?;
         config.validate()?;
+        config.unknown_env = unknown_env;
         Ok(config)
+    }
+
+    /// Every setting's key, as the defaults serialize (sections as tables).
+    fn known_keys() -> toml::Table {
+        toml::Table::try_from(Config::default()).expect("the defaults serialize")
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -321,6 +375,14 @@ impl Config {
         anyhow::ensure!(
             l.max_in_flight >= 1,
             "limits.max_in_flight must be at least 1"
+        );
+        anyhow::ensure!(
+            l.max_connections >= 1 && l.max_unauthenticated >= 1 && l.max_unauthenticated_per_source >= 1,
+            "limits.max_connections, limits.max_unauthenticated and limits.max_unauthenticated_per_source must be at least 1"
+        );
+        anyhow::ensure!(
+            l.reserved_files >= 64,
+            "limits.reserved_files must be at least 64 (the store and the admin port need descriptors)"
         );
         anyhow::ensure!(
             l.outbound_queue_len >= 1 && l.shard_queue_len >= 1 && l.shard_batch_max >= 1,
@@ -440,9 +502,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listen, Config::default().listen);
-        let err =
-            Config::load(None, vars(&[("COURIER_TOKENS", "t")]), Overrides::default()).unwrap_err();
-        assert!(format!("{err:#}").contains("tokens"), "{err:#}");
+        assert!(c.unknown_env.is_empty(), "{:?}", c.unknown_env);
+    }
+
+    /// Another program's variable with the prefix, or a misspelt setting,
+    /// is named and ignored; the node still starts.
+    #[test]
+    fn unknown_variables_are_named_not_fatal() {
+        let c = Config::load(
+            None,
+            vars(&[
+                ("COURIER_BIN", "/usr/bin/courier"),
+                ("COURIER_TOKENS", "t"),
+                ("COURIER_LIMITS_MAX_BATCHES", "3"),
+                ("COURIER_LIMITS", "3"),
+                ("COURIER_SHARDS", "3"),
+            ]),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.shards, 3, "a known one next to them still applies");
+        assert_eq!(
+            c.unknown_env,
+            [
+                "COURIER_BIN",
+                "COURIER_LIMITS",
+                "COURIER_LIMITS_MAX_BATCHES",
+                "COURIER_TOKENS"
+            ]
+        );
+        assert_eq!(c.limits.max_batch, Limits::default().max_batch);
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_stay_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[limits]\nmax_batches = 3\n").unwrap();
+        let err = Config::load(Some(&path), vars(&[]), Overrides::default()).unwrap_err();
+        assert!(format!("{err:#}").contains("max_batches"), "{err:#}");
     }
 
     #[test]
@@ -502,13 +600,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("durability"), "{err:#}");
-        let err = Config::load(
-            None,
-            vars(&[("COURIER_LIMITS_MAX_BATCHES", "3")]),
-            Overrides::default(),
-        )
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("max_batches"), "{err:#}");
         let err = Config::load(
             None,
             vars(&[("COURIER_LIMITS_MAX_BATCH", "0")]),

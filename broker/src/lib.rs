@@ -18,8 +18,9 @@
 //!   fan-out);
 //! - [`session`]: handshake, reader with one dispatch, one handler per
 //!   request kind, writer and catch-up;
-//! - the node: [`config`], [`metrics`], [`auth`], [`node`] (what every
-//!   connection shares), [`server`] (start, accept loops, shutdown),
+//! - the node: [`config`], [`metrics`], [`auth`], [`gate`] (admission:
+//!   connection, unauthenticated and per-source budgets), [`node`] (what
+//!   every connection shares), [`server`] (start, accept loops, shutdown),
 //!   [`admin`] (health, metrics, admin API) and [`cli`].
 //!
 //! `docs/ARCHITECTURE.md` draws the whole data flow.
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -19,6 +19,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::gate::Refusal;
 use crate::net::IoPath;
 
 /// Latency buckets, in seconds: 20 µs to 5 s.
@@ -288,6 +289,12 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections_accepted: IntCounter,
     closed: Vec<IntCounter>,
+    /// By `Refusal` (declaration order).
+    refused: Vec<IntCounter>,
+    /// Accept errors: out of descriptors, other.
+    accept_errors: [IntCounter; 2],
+    /// Waiting handshakes closed to make room (`limits.max_unauthenticated`).
+    pub handshakes_evicted: IntCounter,
     auth_failures: Vec<IntCounter>,
     /// By frame type byte; the last slot counts unknown types.
     frames_in: Vec<IntCounter>,
@@ -297,6 +304,9 @@ pub struct Metrics {
     rejected_other: IntCounter,
     pub deliveries_live: IntCounter,
     pub deliveries_catch_up: IntCounter,
+    /// Sessions closed because a catch-up read from the store failed
+    /// (never a client that went away).
+    pub catch_up_storage_errors: IntCounter,
     /// From a send accepted on its connection to a recipient's session
     /// writing it to its socket (live pushes only).
     pub accept_to_push: Histogram,
@@ -335,6 +345,16 @@ impl Metrics {
             "courier_connections_closed_total",
             "Connections closed, by reason.",
             "reason",
+        );
+        let refused_vec = vec(
+            "courier_connections_refused_total",
+            "Connections refused at accept, by budget: connections, source_unauthenticated, source_rate.",
+            "reason",
+        );
+        let accept_errors_vec = vec(
+            "courier_accept_errors_total",
+            "Accepts that failed, by kind: files (out of descriptors), other.",
+            "kind",
         );
         let auth_vec = vec(
             "courier_auth_failures_total",
@@ -419,6 +439,18 @@ impl Metrics {
                 .iter()
                 .map(|r| closed_vec.with_label_values(&[r.label()]))
                 .collect(),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| refused_vec.with_label_values(&[r.label()]))
+                .collect(),
+            accept_errors: [
+                accept_errors_vec.with_label_values(&["files"]),
+                accept_errors_vec.with_label_values(&["other"]),
+            ],
+            handshakes_evicted: counter_r(
+                "courier_handshakes_evicted_total",
+                "Oldest waiting handshakes closed because limits.max_unauthenticated connections were waiting.",
+            ),
             auth_failures: AuthFailure::ALL
                 .iter()
                 .map(|r| auth_vec.with_label_values(&[r.label()]))
@@ -436,6 +468,10 @@ impl Metrics {
             rejected_other: rejected_vec.with_label_values(&["UNKNOWN"]),
             deliveries_live: deliveries_vec.with_label_values(&["live"]),
             deliveries_catch_up: deliveries_vec.with_label_values(&["catch_up"]),
+            catch_up_storage_errors: counter_r(
+                "courier_catch_up_storage_errors_total",
+                "Sessions closed because reading their catch-up from the store failed.",
+            ),
             accept_to_push,
             io_path,
             store: StoreGauges {
@@ -497,6 +533,15 @@ impl Metrics {
 
     pub fn closed(&self, reason: CloseReason) {
         self.closed[reason as usize].inc();
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
+    }
+
+    pub fn accept_error(&self, e: &std::io::Error) {
+        let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+        self.accept_errors[usize::from(!out_of_files)].inc();
     }
 
     pub fn auth_failed(&self, reason: AuthFailure) {

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenKey;
 use crate::config::Config;
+use crate::gate::{Gate, SendRates};
 use crate::metrics::Metrics;
 use crate::shard::handle::Shards;
 
@@ -18,6 +19,10 @@ pub struct Node {
     pub shards: Shards,
     pub metrics: Arc<Metrics>,
     pub key: TokenKey,
+    /// Admission: connection budgets, unauthenticated budgets, rates.
+    pub gate: Gate,
+    /// Sends per second per user (`limits.sends_per_user_per_sec`).
+    pub send_rates: SendRates,
     /// The node's one clock: token expiry, server times, status expiry; the
     /// shards and the store read the same one.
     pub clock: Clock,
@@ -30,6 +35,48 @@ pub struct Node {
     /// at start so ids stay unique across restarts.
     pub next_group: AtomicU64,
     pub started: std::time::Instant,
+    /// Lets the accept loops' error line through once per 10 seconds.
+    pub accept_log: LogEvery,
+}
+
+/// Lets a repeated log line through at most once per interval and counts
+/// the occurrences in between, so a storm stays readable (the metric
+/// beside it counts every one).
+pub struct LogEvery {
+    interval_ms: u64,
+    next_ms: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LogEvery {
+    pub fn new(interval_ms: u64) -> LogEvery {
+        LogEvery {
+            interval_ms,
+            next_ms: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one occurrence; true if this one should be logged.
+    pub fn due(&self, now_ms: u64) -> bool {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Occurrences since the last call (the one being logged included).
+    pub fn take(&self) -> u64 {
+        self.count.swap(0, Ordering::Relaxed)
+    }
 }
 
 impl Node {
@@ -41,5 +88,21 @@ impl Node {
     /// A new status id (from the same source, without the group bit).
     pub fn new_status_id(&self) -> u64 {
         self.new_group_id() & !GROUP_ID_BIT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogEvery;
+
+    #[test]
+    fn a_storm_is_logged_once_per_interval_with_its_count() {
+        let log = LogEvery::new(10_000);
+        assert!(log.due(1_000));
+        assert_eq!(log.take(), 1);
+        let logged = (0..600).filter(|i| log.due(1_000 + i * 10)).count();
+        assert_eq!(logged, 0, "60 per second for 6 s: none within the interval");
+        assert!(log.due(11_000));
+        assert_eq!(log.take(), 601, "the line says how many there were");
     }
 }

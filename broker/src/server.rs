@@ -16,12 +16,13 @@ use anyhow::Context;
 use courier_protocol::ErrorCode;
 use courier_storage::{Clock, RocksStore, StoreConfig};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::gate::{Admitted, Gate, GateLimits, SendRates, REFUSING_MAX};
 use crate::metrics::{CloseReason, Metrics};
 use crate::net::uring::UringStream;
 use crate::net::{self, IoPath};
@@ -32,12 +33,18 @@ use crate::{admin, auth, session};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let durability = config.durability()?;
+    if !config.unknown_env.is_empty() {
+        warn!(
+            variables = %config.unknown_env.join(", "),
+            "ignoring COURIER_* environment variables that name no setting (see docs/CONFIGURATION.md)"
+        );
+    }
     // Before anything is opened: a forced io_uring that cannot run stops here.
     let (io, fallback) = net::choose(config.io)?;
     if let Some(why) = &fallback {
         warn!(reason = %why, "io_uring unavailable; using the epoll network path");
     }
-    raise_open_file_limit(config.limits.max_connections);
+    let connections_max = connection_budget(&config.limits);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let key = auth::load_or_create_secret(&config.secret_path())?;
@@ -80,12 +87,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new(&shards.stats));
     metrics.set_io_path(io);
+    let gate = Gate::new(GateLimits {
+        connections: connections_max,
+        unauthenticated: config.limits.max_unauthenticated,
+        unauthenticated_per_source: config.limits.max_unauthenticated_per_source,
+        new_per_source_per_sec: config.limits.new_connections_per_source_per_sec,
+        refusing: (config.limits.reserved_files / 2).min(REFUSING_MAX),
+    });
+    let send_rates = SendRates::new(config.limits.sends_per_user_per_sec);
     let node = Arc::new(Node {
         config,
         store: store.clone(),
         shards,
         metrics,
         key,
+        gate,
+        send_rates,
         clock: clock.clone(),
         shutdown: CancellationToken::new(),
         ready: AtomicBool::new(false),
@@ -94,16 +111,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // later starts above every id handed out before (at < 1,024 groups/ms).
         next_group: AtomicU64::new(clock.now_ms() << 10),
         started: std::time::Instant::now(),
+        accept_log: crate::node::LogEvery::new(10_000),
     });
     let io_desc = match &listeners {
         Listeners::Epoll(_) => "epoll".to_owned(),
         Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),
     };
     let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(node.config.limits.max_connections));
     let (epoll_listener, rings) = match listeners {
         Listeners::Epoll(l) => (Some(l), Vec::new()),
-        Listeners::Uring(l) => (None, start_rings(&node, l, &tracker, &slots)?),
+        Listeners::Uring(l) => (None, start_rings(&node, l, &tracker)?),
     };
     tokio::spawn(admin::run(admin_listener, node.clone()));
     spawn_signal_handler(node.shutdown.clone());
@@ -124,7 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(%client_addr, %admin_addr, %durability, shard_count, io = io.name(), "courier serving");
 
     match epoll_listener {
-        Some(listener) => accept_epoll(&node, listener, &tracker, &slots).await,
+        Some(listener) => accept_epoll(&node, listener, &tracker).await,
         // The rings accept on their own threads.
         None => node.shutdown.cancelled().await,
     }
@@ -201,60 +218,81 @@ fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListene
     Ok(s.into())
 }
 
-/// Takes a connection slot, or counts the refusal.
-fn admit(node: &Node, slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    node.metrics.connections_accepted.inc();
-    let slot = slots.clone().try_acquire_owned().ok();
-    if slot.is_none() {
-        node.metrics.closed(CloseReason::Refused);
-    }
-    slot
+/// What becomes of one accepted connection: served, refused with a
+/// goodbye, or closed at once (no room left even to refuse politely).
+enum Admission {
+    Serve(Admitted),
+    Refuse(ErrorCode, &'static str, OwnedSemaphorePermit),
+    Close,
 }
 
-const REFUSED: &str = "connection limit reached";
+/// Asks the gate about a connection from `peer`, and counts the answer.
+fn admit(node: &Node, peer: SocketAddr) -> Admission {
+    node.metrics.connections_accepted.inc();
+    match node.gate.admit(Some(peer.ip()), node.clock.now_ms()) {
+        Ok(admitted) => {
+            if admitted.evicted_another {
+                node.metrics.handshakes_evicted.inc();
+            }
+            Admission::Serve(admitted)
+        }
+        Err(refused) => {
+            node.metrics.refused(refused.why);
+            node.metrics.closed(CloseReason::Refused);
+            let (code, message) = refused.why.code();
+            match refused.room {
+                Some(room) => Admission::Refuse(code, message, room),
+                None => Admission::Close,
+            }
+        }
+    }
+}
 
-/// The next accepted connection, or `None` once the node stops.
+/// The next accepted connection, or `None` once the node stops. Accept
+/// errors (out of descriptors, mostly) back off exponentially up to a
+/// second, are counted, and are logged at most once per
+/// `ACCEPT_LOG_INTERVAL` with how many there were since the last line.
 async fn next_connection<S, F>(node: &Node, accept: impl Fn() -> F) -> Option<(S, SocketAddr)>
 where
     F: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
 {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return None,
             r = accept() => match r {
                 Ok(x) => return Some(x),
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    node.metrics.accept_error(&e);
+                    if node.accept_log.due(node.clock.now_ms()) {
+                        let since = node.accept_log.take();
+                        warn!(error = %e, errors = since, "accept failed; backing off (counted in courier_accept_errors_total)");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
         }
     }
 }
 
-async fn accept_epoll(
-    node: &Arc<Node>,
-    listener: TcpListener,
-    tracker: &TaskTracker,
-    slots: &Arc<Semaphore>,
-) {
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+async fn accept_epoll(node: &Arc<Node>, listener: TcpListener, tracker: &TaskTracker) {
     while let Some((stream, peer)) = next_connection(node, || listener.accept()).await {
-        match admit(node, slots) {
-            Some(slot) => {
+        match admit(node, peer) {
+            Admission::Serve(admitted) => {
                 let node = node.clone();
+                tracker.spawn(session::serve(node, stream, Some(peer), admitted));
+            }
+            Admission::Refuse(code, message, room) => {
                 tracker.spawn(async move {
-                    session::serve(node, stream, Some(peer)).await;
-                    drop(slot);
+                    session::refuse(stream, code, message).await;
+                    drop(room);
                 });
             }
-            None => {
-                tracker.spawn(session::refuse(
-                    stream,
-                    ErrorCode::TOO_MANY_CONNECTIONS,
-                    REFUSED,
-                ));
-            }
+            Admission::Close => drop(stream),
         }
     }
 }
@@ -266,17 +304,16 @@ fn start_rings(
     node: &Arc<Node>,
     listeners: Vec<std::net::TcpListener>,
     tracker: &TaskTracker,
-    slots: &Arc<Semaphore>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut rings = Vec::new();
     let entries = node.config.io_ring_entries;
     for (i, l) in listeners.into_iter().enumerate() {
-        let (node, tracker, slots) = (node.clone(), tracker.clone(), slots.clone());
+        let (node, tracker) = (node.clone(), tracker.clone());
         let (started_tx, started) = std::sync::mpsc::sync_channel(1);
         rings.push(
             std::thread::Builder::new()
                 .name(format!("courier-ring-{i}"))
-                .spawn(move || ring_thread(node, l, tracker, slots, started_tx))
+                .spawn(move || ring_thread(node, l, tracker, started_tx))
                 .context("starting an io_uring thread")?,
         );
         started
@@ -295,7 +332,6 @@ fn ring_thread(
     node: Arc<Node>,
     listener: std::net::TcpListener,
     tracker: TaskTracker,
-    slots: Arc<Semaphore>,
     started: std::sync::mpsc::SyncSender<std::io::Result<()>>,
 ) {
     let runtime =
@@ -314,18 +350,18 @@ fn ring_thread(
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         while let Some((stream, peer)) = next_connection(&node, || listener.accept()).await {
             let stream = UringStream(stream);
-            match admit(&node, &slots) {
-                Some(slot) => {
-                    let node = node.clone();
+            match admit(&node, peer) {
+                Admission::Serve(admitted) => {
+                    let serve = session::serve(node.clone(), stream, Some(peer), admitted);
+                    tokio_uring::spawn(tracker.track_future(serve));
+                }
+                Admission::Refuse(code, message, room) => {
                     tokio_uring::spawn(tracker.track_future(async move {
-                        session::serve(node, stream, Some(peer)).await;
-                        drop(slot);
+                        session::refuse(stream, code, message).await;
+                        drop(room);
                     }));
                 }
-                None => {
-                    let refuse = session::refuse(stream, ErrorCode::TOO_MANY_CONNECTIONS, REFUSED);
-                    tokio_uring::spawn(tracker.track_future(refuse));
-                }
+                Admission::Close => drop(stream),
             }
         }
         drop(listener);
@@ -336,10 +372,39 @@ fn ring_thread(
     })
 }
 
-/// Every connection is a file descriptor (and RocksDB keeps its files
-/// open): raise the soft open-file limit to the hard one, and warn when
-/// even that is below `max_connections`.
-fn raise_open_file_limit(max_connections: usize) {
+/// Every connection is a file descriptor: raises the soft open-file limit
+/// to the hard one and returns how many connections the node will hold,
+/// `limits.max_connections` or fewer if the descriptors left after
+/// `limits.reserved_files` (the store's files, the admin port, refusals
+/// being said) do not allow it. Beyond that number new clients get a
+/// `Goodbye TOO_MANY_CONNECTIONS` instead of an accept that fails.
+fn connection_budget(limits: &crate::config::Limits) -> usize {
+    let open_files = raise_open_file_limit();
+    let allowed = open_files
+        .saturating_sub(limits.reserved_files as u64)
+        .max(1);
+    if (limits.max_connections as u64) > allowed {
+        warn!(
+            open_files,
+            reserved_files = limits.reserved_files,
+            max_connections = limits.max_connections,
+            "the open-file limit (RLIMIT_NOFILE {open_files}) allows {allowed} connections after \
+             limits.reserved_files; serving at most {allowed}. Raise the limit (LimitNOFILE= in \
+             systemd, --ulimit nofile= in Docker) to serve limits.max_connections"
+        );
+        allowed as usize
+    } else {
+        info!(
+            open_files,
+            max_connections = limits.max_connections,
+            "open-file limit"
+        );
+        limits.max_connections
+    }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the soft limit.
+fn raise_open_file_limit() -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -347,7 +412,7 @@ fn raise_open_file_limit(max_connections: usize) {
     // SAFETY: getrlimit and setrlimit only read and write the struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return;
+            return u64::MAX;
         }
         if r.rlim_cur < r.rlim_max {
             let raised = libc::rlimit {
@@ -359,18 +424,7 @@ fn raise_open_file_limit(max_connections: usize) {
             }
         }
     }
-    // RocksDB's files and the listeners need some of the descriptors.
-    let room = r.rlim_cur.saturating_sub(1024);
-    if (max_connections as u64) > room {
-        warn!(
-            open_files = r.rlim_cur,
-            max_connections,
-            "the open-file limit (RLIMIT_NOFILE) allows about {room} connections, fewer than \
-             limits.max_connections; raise it (LimitNOFILE= in systemd, --ulimit nofile= in Docker)"
-        );
-    } else {
-        info!(open_files = r.rlim_cur, "open-file limit");
-    }
+    r.rlim_cur
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

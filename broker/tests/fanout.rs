@@ -864,3 +864,52 @@ async fn receipts_survive_a_crash() {
     );
     nothing_more(&alice).await;
 }
+
+/// A member who goes away in the middle of reading a group's log back is a
+/// client leaving, not a storage failure: nothing is logged as a storage
+/// error, the storage-error counter stays at zero, and the member can still
+/// read everything afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_during_group_catch_up_is_not_a_storage_error() {
+    let server = start(LOG);
+    let alice = std::sync::Arc::new(server.client(1).await.0);
+    let g = alice.create_group(vec![2]).await.unwrap().group;
+    let body = chat(vec![b'x'; 4000]);
+    let mut sends = Vec::new();
+    for _ in 0..1500 {
+        let id = alice.new_client_msg_id();
+        let send = alice.start_send(id, Destination::Group(g), MessageKind::Chat, body.clone());
+        sends.push(send.unwrap());
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    let token = server.token(2, 1, u32::MAX as u64);
+    for _ in 0..10 {
+        let mut raw = Raw::connect(&server.addr).await;
+        raw.send(&Raw::hello(2, &token)).await;
+        // The welcome, then the first group messages of ~6 MB: leave
+        // with the rest unread (the kernel answers the node's next writes
+        // with a reset).
+        for _ in 0..3 {
+            raw.next().await.expect("a frame");
+        }
+        drop(raw);
+    }
+    // Everything is still there for a member who stays.
+    let (bob, _) = server.client(2).await;
+    let mut got = 0;
+    while got < 1501 {
+        let d = bob.next_timeout(WAIT).await.expect("the whole log");
+        got += 1;
+        if got % 256 == 0 {
+            bob.confirm(&d).await.unwrap();
+        }
+    }
+    assert_eq!(
+        server.metric("courier_catch_up_storage_errors_total").await,
+        0
+    );
+    let storage = server.logged("storage");
+    assert!(storage.is_empty(), "logged as storage errors: {storage:?}");
+}

@@ -76,6 +76,15 @@ codes! {
     IDLE_TIMEOUT = 32, "idle timeout";
     /// The client has too many sends awaiting acknowledgement.
     TOO_MANY_IN_FLIGHT = 33, "too many sends in flight";
+    /// Too many connections (in all, or from the client's address) have not
+    /// authenticated yet; the stream is closed.
+    TOO_MANY_UNAUTHENTICATED = 34, "too many connections waiting to authenticate";
+    /// Too many new connections from the client's address per second; the
+    /// stream is closed.
+    CONNECTION_RATE_LIMITED = 35, "too many new connections per second";
+    /// The user or connection sent more per second than allowed; the send
+    /// was not stored, the stream stays open. Retry after a pause.
+    SEND_RATE_LIMITED = 36, "too many sends per second";
     /// The sender is not a member of the group (or the group does not exist).
     NOT_A_MEMBER = 40, "not a member of the group";
     /// Only a group admin may do this.
@@ -113,6 +122,8 @@ impl ErrorCode {
                 | ErrorCode::AUTH_FAILED
                 | ErrorCode::TOKEN_EXPIRED
                 | ErrorCode::TOO_MANY_CONNECTIONS
+                | ErrorCode::TOO_MANY_UNAUTHENTICATED
+                | ErrorCode::CONNECTION_RATE_LIMITED
                 | ErrorCode::SHUTTING_DOWN
                 | ErrorCode::IDLE_TIMEOUT
         )

@@ -6,7 +6,7 @@ use std::io;
 use serde::Deserialize;
 
 /// `io` setting: which network path to run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoMode {
     /// io_uring if the kernel allows it, otherwise epoll.

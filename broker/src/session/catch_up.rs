@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use courier_protocol::{Body, ErrorCode, Frame, Message, Reason};
+use courier_storage::StoreError;
 use tracing::error;
 
 use super::streams::GroupStream;
@@ -22,6 +23,25 @@ use crate::state::rows::{Cursors, MemberRow};
 
 /// Messages read from the store per catch-up step.
 const CATCH_UP_PAGE: usize = 256;
+
+/// Why a group catch-up stopped. Classified where it happens: a socket
+/// error is the client going away (not the node's fault, not logged as an
+/// error); a store error is the node's, logged and told to the client.
+enum CatchUpError {
+    Socket(std::io::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for CatchUpError {
+    fn from(e: StoreError) -> Self {
+        CatchUpError::Store(e)
+    }
+}
+
+/// A read task that did not finish (it panicked): the store read failed.
+fn read_task_failed(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io(format!("catch-up read task: {e}"))
+}
 
 impl<W: NetWrite> Writer<W> {
     /// Reads the inbox after `delivered` up to its head and sends it, until
@@ -55,9 +75,13 @@ impl<W: NetWrite> Writer<W> {
                     break;
                 }
             }
-            if let Err(e) = self.catch_up_groups().await {
-                error!(user = self.user, error = %e, "group catch-up failed; closing session");
-                return self.storage_goodbye().await;
+            match self.catch_up_groups().await {
+                Ok(()) => {}
+                Err(CatchUpError::Socket(e)) => return Err(e),
+                Err(CatchUpError::Store(e)) => {
+                    error!(user = self.user, error = %e, "group catch-up failed; closing session");
+                    return self.storage_goodbye().await;
+                }
             }
             if !self.session.lagging.load(Ordering::SeqCst) {
                 return Ok(());
@@ -67,7 +91,7 @@ impl<W: NetWrite> Writer<W> {
 
     /// Reads the user's group rows: which log-strategy groups to read, from
     /// where (the confirmed cursor, or where the user joined) and to where.
-    async fn load_streams(&mut self) -> Result<(), courier_storage::StoreError> {
+    async fn load_streams(&mut self) -> Result<(), StoreError> {
         let store = self.store.clone();
         let user = self.user;
         let rows = tokio::task::spawn_blocking(move || {
@@ -86,10 +110,10 @@ impl<W: NetWrite> Writer<W> {
                 let (joined, left, log_from) = (row.joined, row.left, row.log_from);
                 out.push((g, joined.max(log_from), left, confirmed));
             }
-            Ok::<_, courier_storage::StoreError>(out)
+            Ok::<_, StoreError>(out)
         })
         .await
-        .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+        .map_err(read_task_failed)??;
         for (g, from, left, confirmed) in rows {
             let fresh = GroupStream {
                 delivered: confirmed.max(from - 1),
@@ -108,7 +132,7 @@ impl<W: NetWrite> Writer<W> {
     }
 
     /// Reads every group stream up to its log's head (or its end).
-    async fn catch_up_groups(&mut self) -> Result<(), courier_storage::StoreError> {
+    async fn catch_up_groups(&mut self) -> Result<(), CatchUpError> {
         if self.rescan {
             self.load_streams().await?;
             self.rescan = false;
@@ -123,7 +147,7 @@ impl<W: NetWrite> Writer<W> {
                 let page = self
                     .read_page(g, stream.delivered)
                     .await
-                    .map_err(|e| courier_storage::StoreError::Io(e.to_string()))??;
+                    .map_err(read_task_failed)??;
                 let n = page.len();
                 let stream = self.groups.get_mut(&g).expect("present");
                 for m in page {
@@ -135,9 +159,7 @@ impl<W: NetWrite> Writer<W> {
                         self.metrics.deliveries_catch_up.inc();
                     }
                 }
-                self.flush()
-                    .await
-                    .map_err(|e| courier_storage::StoreError::Io(e.to_string()))?;
+                self.flush().await.map_err(CatchUpError::Socket)?;
                 if n < CATCH_UP_PAGE {
                     break;
                 }
@@ -152,7 +174,7 @@ impl<W: NetWrite> Writer<W> {
         &self,
         inbox: u64,
         after: u64,
-    ) -> Result<Result<Vec<Message>, courier_storage::StoreError>, tokio::task::JoinError> {
+    ) -> Result<Result<Vec<Message>, StoreError>, tokio::task::JoinError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             store
@@ -166,6 +188,7 @@ impl<W: NetWrite> Writer<W> {
 
     /// Tells the client the store failed and ends the writer.
     async fn storage_goodbye(&mut self) -> std::io::Result<()> {
+        self.metrics.catch_up_storage_errors.inc();
         let reason = Reason::new(ErrorCode::INTERNAL, "storage error");
         self.encode(&Frame::new(0, Body::Goodbye(reason)));
         self.flush().await?;

@@ -73,6 +73,19 @@ impl<R: NetRead> FrameReader<R> {
         linger(&mut self.rd).await;
         CloseReason::of_code(code)
     }
+
+    /// Says goodbye and closes without lingering: for a peer that has sent
+    /// nothing (a waiting handshake closed to make room), whose slot must
+    /// come free now rather than after `LINGER`.
+    pub(crate) async fn bye_at_once(
+        &mut self,
+        wr: &mut impl NetWrite,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> CloseReason {
+        goodbye(wr, code, message).await;
+        CloseReason::of_code(code)
+    }
 }
 
 /// `frame` encoded into a buffer of its own, for a write that takes it.

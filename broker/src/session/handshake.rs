@@ -9,6 +9,7 @@ use std::time::Duration;
 use courier_protocol::{frame_type, Body, ErrorCode, Frame, Hello, Welcome, PROTOCOL_VERSION};
 use courier_storage::InboxState;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use super::frames::{encoded, FrameReader, ReadError};
@@ -39,8 +40,9 @@ pub(crate) async fn start<R: NetRead>(
     reader: &mut FrameReader<R>,
     wr: &mut impl NetWrite,
     peer: Option<std::net::SocketAddr>,
+    evicted: &CancellationToken,
 ) -> Result<Started, CloseReason> {
-    let (request_id, hello) = read_hello(node, reader, wr).await?;
+    let (request_id, hello) = read_hello(node, reader, wr, evicted).await?;
     if let Err((code, message)) = authenticate(node, &hello, peer) {
         return Err(reader.bye(wr, code, message).await);
     }
@@ -88,10 +90,20 @@ async fn read_hello<R: NetRead>(
     node: &Node,
     reader: &mut FrameReader<R>,
     wr: &mut impl NetWrite,
+    evicted: &CancellationToken,
 ) -> Result<(u32, Hello), CloseReason> {
     let limits = &node.config.limits;
     let handshake = Duration::from_millis(limits.handshake_timeout_ms);
-    let first = match tokio::time::timeout(handshake, reader.next_frame()).await {
+    let first = tokio::select! {
+        r = tokio::time::timeout(handshake, reader.next_frame()) => r,
+        _ = evicted.cancelled() => {
+            // The oldest waiting handshake, closed for a newer connection
+            // (limits.max_unauthenticated).
+            let message = "no hello yet, and newer connections need the room";
+            return Err(reader.bye_at_once(wr, ErrorCode::HANDSHAKE_TIMEOUT, message).await);
+        }
+    };
+    let first = match first {
         Err(_) => {
             let message = format!("no hello within {} ms", limits.handshake_timeout_ms);
             return Err(reader.bye(wr, ErrorCode::HANDSHAKE_TIMEOUT, message).await);

@@ -46,6 +46,7 @@ use tracing::{debug, warn};
 use self::frames::{linger, FrameReader};
 use self::reader::{Ended, Reader};
 use self::writer::{SpawnWriter, Writer, WriterInputs};
+use crate::gate::{Admitted, Bucket, Handshaking};
 use crate::metrics::{CloseReason, Metrics};
 use crate::net::seam::Transport;
 use crate::node::Node;
@@ -58,11 +59,16 @@ pub(crate) async fn serve<T: Transport>(
     node: Arc<Node>,
     stream: T,
     peer: Option<std::net::SocketAddr>,
+    admitted: Admitted,
 ) where
     T::Wr: SpawnWriter,
 {
-    let reason = session(&node, stream, peer).await;
+    let Admitted {
+        slot, handshaking, ..
+    } = admitted;
+    let reason = session(&node, stream, peer, handshaking).await;
     node.metrics.closed(reason);
+    drop(slot);
 }
 
 /// Counts an open session for as long as it lives.
@@ -87,6 +93,7 @@ async fn session<T: Transport>(
     node: &Arc<Node>,
     stream: T,
     peer: Option<std::net::SocketAddr>,
+    handshaking: Handshaking,
 ) -> CloseReason
 where
     T::Wr: SpawnWriter,
@@ -94,7 +101,10 @@ where
     let (rd, mut wr) = stream.split();
     let limits = &node.config.limits;
     let mut frames = FrameReader::new(rd, limits.max_frame_len);
-    let started = match handshake::start(node, &mut frames, &mut wr, peer).await {
+    let started = handshake::start(node, &mut frames, &mut wr, peer, &handshaking.evicted).await;
+    // Welcomed or not, the connection no longer waits to authenticate.
+    drop(handshaking);
+    let started = match started {
         Ok(s) => s,
         Err(reason) => return reason,
     };
@@ -117,6 +127,7 @@ where
         device: started.device,
         replies: rtx,
         inflight: inflight.clone(),
+        send_bucket: Bucket::full(limits.sends_per_connection_per_sec, node.clock.now_ms()),
     };
     let Ended { goodbye, closed_by } = reader.read_loop(&mut frames).await;
     if goodbye.as_ref().map(|r| r.code) == Some(ErrorCode::SHUTTING_DOWN) {

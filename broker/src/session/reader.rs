@@ -13,6 +13,7 @@ use tracing::{debug, error};
 
 use super::frames::{FrameReader, ReadError};
 use crate::error::{BrokerError, BrokerResult};
+use crate::gate::Bucket;
 use crate::metrics::CloseReason;
 use crate::net::seam::NetRead;
 use crate::node::Node;
@@ -28,6 +29,8 @@ pub(crate) struct Reader {
     /// One permit per send in flight (`limits.max_in_flight`); the writer
     /// returns it when it writes the send's answer.
     pub(super) inflight: Arc<Semaphore>,
+    /// This connection's sends per second (`limits.sends_per_connection_per_sec`).
+    pub(super) send_bucket: Bucket,
 }
 
 /// Why the read loop ended: the goodbye to send (none if the client went

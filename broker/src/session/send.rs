@@ -17,7 +17,10 @@ use crate::state::ids::{is_group, valid_user};
 impl Reader {
     /// A single send; false when the node is stopping.
     pub(super) async fn send(&mut self, rid: u32, s: Send) -> bool {
-        match self.validate(&s) {
+        match self
+            .validate(&s)
+            .and_then(|d| self.within_rates().map(|_| d))
+        {
             Ok(_) => self.dispatch(s, rid, None).await,
             Err(e) => {
                 self.node.metrics.rejected(e.code());
@@ -43,13 +46,16 @@ impl Reader {
         let _ = self.replies.send(start);
         for (i, s) in sends.into_iter().enumerate() {
             let index = Some(i as u16);
-            let checked = self.validate(&s).and_then(|d| match d {
-                Destination::List(_) => refuse(
-                    ErrorCode::DESTINATION_UNSUPPORTED,
-                    "broadcast lists are sent with Send",
-                ),
-                d => Ok(d),
-            });
+            let checked = self
+                .validate(&s)
+                .and_then(|d| match d {
+                    Destination::List(_) => refuse(
+                        ErrorCode::DESTINATION_UNSUPPORTED,
+                        "broadcast lists are sent with Send",
+                    ),
+                    d => Ok(d),
+                })
+                .and_then(|d| self.within_rates().map(|_| d));
             let sent = match checked {
                 Ok(_) => self.dispatch(s, rid, index).await,
                 Err(e) => {
@@ -83,6 +89,26 @@ impl Reader {
             result: failed(client_msg_id, code),
         });
         true
+    }
+
+    /// Takes one send from the connection's and the user's budgets
+    /// (`limits.sends_per_connection_per_sec`, `limits.sends_per_user_per_sec`).
+    /// A send over either is refused with `SEND_RATE_LIMITED` and not
+    /// stored; the connection stays open.
+    fn within_rates(&mut self) -> BrokerResult<()> {
+        let limits = &self.node.config.limits;
+        let now_ms = self.node.clock.now_ms();
+        let per_connection = limits.sends_per_connection_per_sec;
+        if !self.send_bucket.take(per_connection, now_ms) {
+            let why = format!("more than {per_connection} sends per second on this connection");
+            return refuse(ErrorCode::SEND_RATE_LIMITED, why);
+        }
+        if !self.node.send_rates.take(self.user, now_ms) {
+            let per_user = limits.sends_per_user_per_sec;
+            let why = format!("more than {per_user} sends per second from this user");
+            return refuse(ErrorCode::SEND_RATE_LIMITED, why);
+        }
+        Ok(())
     }
 
     /// Checks a send and says where it goes.
