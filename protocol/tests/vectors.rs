@@ -78,7 +78,7 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                     },
                     Send {
                         client_msg_id: 79,
-                        destination: Destination::Group(5),
+                        destination: Destination::List(5),
                         kind: MessageKind::Chat,
                         payload: Bytes::new(),
                     },
