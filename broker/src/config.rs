@@ -163,6 +163,11 @@ pub struct Auth {
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
     pub block_cache_mb: usize,
+    /// Below this much free space on the data directory's file system the
+    /// node refuses sends (`STORAGE_FULL`) and keeps serving reads, so the
+    /// store never runs out of space mid-write; sends resume by themselves
+    /// once space returns.
+    pub min_free_mb: u64,
 }
 
 impl Default for Config {
@@ -232,6 +237,7 @@ impl Default for Storage {
     fn default() -> Self {
         Storage {
             block_cache_mb: 128,
+            min_free_mb: 256,
         }
     }
 }

@@ -37,6 +37,7 @@ impl BrokerError {
     pub fn code(&self) -> ErrorCode {
         match self {
             BrokerError::Refused { code, .. } => *code,
+            BrokerError::Storage(StoreError::NoSpace(_)) => ErrorCode::STORAGE_FULL,
             BrokerError::Storage(_) => ErrorCode::INTERNAL,
             BrokerError::Stopped => ErrorCode::SHUTTING_DOWN,
         }
@@ -46,6 +47,7 @@ impl BrokerError {
     pub fn client_message(&self) -> String {
         match self {
             BrokerError::Refused { message, .. } => message.clone(),
+            BrokerError::Storage(StoreError::NoSpace(_)) => "storage full".to_owned(),
             BrokerError::Storage(_) => "storage error".to_owned(),
             BrokerError::Stopped => "server shutting down".to_owned(),
         }

@@ -295,6 +295,8 @@ pub struct Metrics {
     accept_errors: [IntCounter; 2],
     /// Waiting handshakes closed to make room (`limits.max_unauthenticated`).
     pub handshakes_evicted: IntCounter,
+    /// 1 while sends are refused for want of disk space.
+    pub storage_full: IntGauge,
     auth_failures: Vec<IntCounter>,
     /// By frame type byte; the last slot counts unknown types.
     frames_in: Vec<IntCounter>,
@@ -447,6 +449,10 @@ impl Metrics {
                 accept_errors_vec.with_label_values(&["files"]),
                 accept_errors_vec.with_label_values(&["other"]),
             ],
+            storage_full: gauge(
+                "courier_storage_full",
+                "1 while sends are refused because the data disk has less than storage.min_free_mb free.",
+            ),
             handshakes_evicted: counter_r(
                 "courier_handshakes_evicted_total",
                 "Oldest waiting handshakes closed because limits.max_unauthenticated connections were waiting.",
@@ -617,7 +623,7 @@ impl Metrics {
 }
 
 /// (available, total) bytes of the file system holding `path`.
-fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+pub(crate) fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid

@@ -37,6 +37,9 @@ pub struct Node {
     pub started: std::time::Instant,
     /// Lets the accept loops' error line through once per 10 seconds.
     pub accept_log: LogEvery,
+    /// Free space on the data directory is under `storage.min_free_mb`:
+    /// sends are refused with `STORAGE_FULL` (set by the disk watch).
+    pub disk_full: AtomicBool,
 }
 
 /// Lets a repeated log line through at most once per interval and counts

@@ -112,6 +112,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         next_group: AtomicU64::new(clock.now_ms() << 10),
         started: std::time::Instant::now(),
         accept_log: crate::node::LogEvery::new(10_000),
+        disk_full: AtomicBool::new(false),
     });
     let io_desc = match &listeners {
         Listeners::Epoll(_) => "epoll".to_owned(),
@@ -123,6 +124,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Listeners::Uring(l) => (None, start_rings(&node, l, &tracker)?),
     };
     tokio::spawn(admin::run(admin_listener, node.clone()));
+    tokio::spawn(watch_disk(node.clone()));
     spawn_signal_handler(node.shutdown.clone());
     node.ready.store(true, Ordering::SeqCst);
 
@@ -425,6 +427,39 @@ fn raise_open_file_limit() -> u64 {
         }
     }
     r.rlim_cur
+}
+
+/// How often the free space of the data directory is read.
+const DISK_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Refuses sends while the data directory's file system has less than
+/// `storage.min_free_mb` free, and lets them in again once it has more: the
+/// store never fills the disk mid-write, reads and sessions go on, and
+/// service comes back by itself.
+async fn watch_disk(node: Arc<Node>) {
+    let min_free = node.config.storage.min_free_mb << 20;
+    let mut tick = tokio::time::interval(DISK_WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some((free, _)) = crate::metrics::disk_space(&node.config.data_dir) else {
+            continue;
+        };
+        let full = free < min_free;
+        if node.disk_full.swap(full, Ordering::Relaxed) != full {
+            node.metrics.storage_full.set(i64::from(full));
+            if full {
+                warn!(free_bytes = free, min_free_bytes = min_free, "the data disk is nearly full; refusing sends (STORAGE_FULL) until space returns");
+            } else {
+                info!(
+                    free_bytes = free,
+                    "the data disk has room again; accepting sends"
+                );
+            }
+        }
+    }
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

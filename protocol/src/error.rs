@@ -107,6 +107,9 @@ codes! {
     INTERNAL = 50, "internal error";
     /// The server is temporarily overloaded; retry with backoff.
     OVERLOADED = 51, "overloaded";
+    /// The node's disk is (nearly) full: the message was not stored; reads
+    /// go on. Retry later with the same client message id.
+    STORAGE_FULL = 52, "storage full";
 }
 
 impl ErrorCode {

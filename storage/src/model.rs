@@ -230,6 +230,9 @@ pub enum StoreError {
     /// Bytes on disk that fail a checksum or do not decode. Never served.
     #[error("corrupt data in {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// The file system is full: nothing of the write was stored.
+    #[error("storage full: {0}")]
+    NoSpace(String),
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -240,6 +243,8 @@ impl From<rocksdb::Error> for StoreError {
                 what: "rocksdb",
                 detail: text,
             }
+        } else if text.contains("No space left") || text.contains("NoSpace") {
+            StoreError::NoSpace(text)
         } else {
             StoreError::Io(text)
         }

@@ -17,10 +17,7 @@ use crate::state::ids::{is_group, valid_user};
 impl Reader {
     /// A single send; false when the node is stopping.
     pub(super) async fn send(&mut self, rid: u32, s: Send) -> bool {
-        match self
-            .validate(&s)
-            .and_then(|d| self.within_rates().map(|_| d))
-        {
+        match self.validate(&s).and_then(|d| self.may_send().map(|_| d)) {
             Ok(_) => self.dispatch(s, rid, None).await,
             Err(e) => {
                 self.node.metrics.rejected(e.code());
@@ -55,7 +52,7 @@ impl Reader {
                     ),
                     d => Ok(d),
                 })
-                .and_then(|d| self.within_rates().map(|_| d));
+                .and_then(|d| self.may_send().map(|_| d));
             let sent = match checked {
                 Ok(_) => self.dispatch(s, rid, index).await,
                 Err(e) => {
@@ -91,11 +88,23 @@ impl Reader {
         true
     }
 
-    /// Takes one send from the connection's and the user's budgets
-    /// (`limits.sends_per_connection_per_sec`, `limits.sends_per_user_per_sec`).
-    /// A send over either is refused with `SEND_RATE_LIMITED` and not
-    /// stored; the connection stays open.
-    fn within_rates(&mut self) -> BrokerResult<()> {
+    /// Whether a valid send may go on: the disk has room
+    /// (`storage.min_free_mb`, else `STORAGE_FULL`), and one send is taken
+    /// from the connection's and the user's budgets
+    /// (`limits.sends_per_connection_per_sec`, `limits.sends_per_user_per_sec`;
+    /// over either: `SEND_RATE_LIMITED`). A refused send is not stored; the
+    /// connection stays open.
+    fn may_send(&mut self) -> BrokerResult<()> {
+        if self
+            .node
+            .disk_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return refuse(
+                ErrorCode::STORAGE_FULL,
+                "the node's disk is full; retry later",
+            );
+        }
         let limits = &self.node.config.limits;
         let now_ms = self.node.clock.now_ms();
         let per_connection = limits.sends_per_connection_per_sec;

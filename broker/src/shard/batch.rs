@@ -44,11 +44,14 @@ impl Shard {
                 error!(shard = self.id, error = %e, count = batch.appends.len(), "storage append failed; rejecting the batch");
                 self.stats.storage_errors.inc();
                 batch.appends.clear();
+                // A full disk is told as such (the client retries later);
+                // anything else is an internal error.
+                let code = BrokerError::from(e).code();
                 // Planning a send changes no cached group state (only a
                 // membership change does, after its own write succeeded), so
                 // the caches, and the fan-outs they track, stay valid.
                 for p in batch.plan.drain(..) {
-                    self.reject(p);
+                    self.reject(p, code);
                 }
             }
         }
@@ -72,10 +75,10 @@ impl Shard {
         self.kv_written(written.is_ok());
     }
 
-    fn reject(&mut self, p: Planned) {
+    fn reject(&mut self, p: Planned, code: ErrorCode) {
         match p {
             Planned::Send(s) => {
-                let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
+                let result = failed(s.client_msg_id, code);
                 self.complete(s.done, result, false);
             }
             Planned::Refs(r) => self.to_peer(
@@ -83,12 +86,10 @@ impl Shard {
                 ShardCmd::RefsDone {
                     group: r.group,
                     seq: r.message.seq,
-                    code: ErrorCode::INTERNAL,
+                    code,
                 },
             ),
-            Planned::GroupSend { cmd, .. } => cmd
-                .reply
-                .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL)),
+            Planned::GroupSend { cmd, .. } => cmd.reply.send(failed(cmd.client_msg_id, code)),
         }
     }
 

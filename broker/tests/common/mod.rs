@@ -55,6 +55,21 @@ impl Server {
         Server::start_in_fresh_dir(env, false, Some(n))
     }
 
+    /// A node on `dir` (kept by the caller: a file system the test
+    /// mounted, or a store it prepared).
+    pub fn start_in(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Server::spawn(dir, env, false, None)
+    }
+
+    /// Waits for the node's process to end (after `terminate`).
+    pub fn wait_exit(&mut self) {
+        let _ = self.child.wait();
+    }
+
     fn start_in_fresh_dir(
         env: &[(&str, &str)],
         deny_uring: bool,
