@@ -23,6 +23,9 @@
 //!   every connection shares), [`server`] (start, accept loops, shutdown),
 //!   [`admin`] (health, metrics, admin API) and [`cli`].
 //!
+//! [`fuzzing`] holds the fuzz targets (stored rows, the session state
+//! machine against an in-process node) that `fuzz/` and the tests drive.
+//!
 //! `docs/ARCHITECTURE.md` draws the whole data flow.
 
 pub mod admin;
@@ -30,6 +33,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod gate;
 pub mod metrics;
 pub mod net;

@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenKey;
 use crate::config::Config;
-use crate::gate::{Gate, SendRates};
+use crate::gate::{Gate, GateLimits, SendRates, REFUSING_MAX};
 use crate::metrics::Metrics;
 use crate::shard::handle::Shards;
+use crate::shard::ShardConfig;
 
 pub struct Node {
     pub config: Config,
@@ -83,6 +84,61 @@ impl LogEvery {
 }
 
 impl Node {
+    /// A node over `store`: its shards started, its metrics, budgets and
+    /// flags, serving nothing yet (the server binds the listeners; the
+    /// session fuzz target drives sessions over loopback sockets).
+    pub fn assemble(
+        config: Config,
+        store: Arc<dyn InboxStore>,
+        key: TokenKey,
+        clock: Clock,
+        connections_max: usize,
+    ) -> std::io::Result<Arc<Node>> {
+        let limits = &config.limits;
+        let shards = Shards::start(
+            config.shard_count(),
+            ShardConfig {
+                queue_len: limits.shard_queue_len,
+                batch_max: limits.shard_batch_max,
+                acked_retention_ms: config.retention.acked_retention_ms,
+                max_group_members: config.groups.max_members,
+                max_groups_per_user: config.groups.max_per_user,
+                log_threshold: config.groups.log_threshold,
+                clock: clock.clone(),
+            },
+            store.clone(),
+        )?;
+        let gate = Gate::new(GateLimits {
+            connections: connections_max,
+            unauthenticated: limits.max_unauthenticated,
+            unauthenticated_per_source: limits.max_unauthenticated_per_source,
+            new_per_source_per_sec: limits.new_connections_per_source_per_sec,
+            refusing: (limits.reserved_files / 2).min(REFUSING_MAX),
+        });
+        let send_rates = SendRates::new(limits.sends_per_user_per_sec);
+        let metrics = Arc::new(Metrics::new(&shards.stats));
+        Ok(Arc::new(Node {
+            config,
+            store,
+            shards,
+            metrics,
+            key,
+            gate,
+            send_rates,
+            // Milliseconds since the epoch times 1,024: a restart a
+            // millisecond later starts above every id handed out before
+            // (at < 1,024 groups/ms).
+            next_group: AtomicU64::new(clock.now_ms() << 10),
+            clock,
+            shutdown: CancellationToken::new(),
+            ready: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+            started: std::time::Instant::now(),
+            accept_log: LogEvery::new(10_000),
+            disk_full: AtomicBool::new(false),
+        }))
+    }
+
     /// A new group id (`GROUP_ID_BIT` set).
     pub fn new_group_id(&self) -> u64 {
         GROUP_ID_BIT | (self.next_group.fetch_add(1, Ordering::Relaxed) & !GROUP_ID_BIT)

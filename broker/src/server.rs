@@ -8,7 +8,7 @@
 //! drained and syncs the store.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +22,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::gate::{Admitted, Gate, GateLimits, SendRates, REFUSING_MAX};
-use crate::metrics::{CloseReason, Metrics};
+use crate::gate::Admitted;
+use crate::metrics::CloseReason;
 use crate::net::uring::UringStream;
 use crate::net::{self, IoPath};
 use crate::node::Node;
-use crate::shard::handle::Shards;
-use crate::shard::ShardConfig;
 use crate::{admin, auth, session};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -64,19 +62,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("opening the store in {}", db_path.display()))?;
     let store: Arc<dyn courier_storage::InboxStore> = Arc::new(store);
     let shard_count = config.shard_count();
-    let shards = Shards::start(
-        shard_count,
-        ShardConfig {
-            queue_len: config.limits.shard_queue_len,
-            batch_max: config.limits.shard_batch_max,
-            acked_retention_ms: config.retention.acked_retention_ms,
-            max_group_members: config.groups.max_members,
-            max_groups_per_user: config.groups.max_per_user,
-            log_threshold: config.groups.log_threshold,
-            clock: clock.clone(),
-        },
-        store.clone(),
-    )?;
     let listeners = Listeners::bind(io, config.listen, config.io_thread_count())
         .with_context(|| format!("binding the client listener {}", config.listen))?;
     let admin_listener = TcpListener::bind(config.admin_listen)
@@ -85,35 +70,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let metrics = Arc::new(Metrics::new(&shards.stats));
-    metrics.set_io_path(io);
-    let gate = Gate::new(GateLimits {
-        connections: connections_max,
-        unauthenticated: config.limits.max_unauthenticated,
-        unauthenticated_per_source: config.limits.max_unauthenticated_per_source,
-        new_per_source_per_sec: config.limits.new_connections_per_source_per_sec,
-        refusing: (config.limits.reserved_files / 2).min(REFUSING_MAX),
-    });
-    let send_rates = SendRates::new(config.limits.sends_per_user_per_sec);
-    let node = Arc::new(Node {
-        config,
-        store: store.clone(),
-        shards,
-        metrics,
-        key,
-        gate,
-        send_rates,
-        clock: clock.clone(),
-        shutdown: CancellationToken::new(),
-        ready: AtomicBool::new(false),
-        next_session: AtomicU64::new(1),
-        // Milliseconds since the epoch times 1,024: a restart a millisecond
-        // later starts above every id handed out before (at < 1,024 groups/ms).
-        next_group: AtomicU64::new(clock.now_ms() << 10),
-        started: std::time::Instant::now(),
-        accept_log: crate::node::LogEvery::new(10_000),
-        disk_full: AtomicBool::new(false),
-    });
+    let node = Node::assemble(config, store.clone(), key, clock, connections_max)?;
+    node.metrics.set_io_path(io);
     let io_desc = match &listeners {
         Listeners::Epoll(_) => "epoll".to_owned(),
         Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),

@@ -98,6 +98,11 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
             if flags & !1 != 0 {
                 return Err(r.malformed("unknown flag bits"));
             }
+            // One spelling per hello: without the resume bit the field is 0
+            // (found by fuzzing: any value was accepted and dropped).
+            if flags & 1 == 0 && after != 0 {
+                return Err(r.malformed("resume_after set without the resume flag"));
+            }
             let token_len = r.u16()? as usize;
             if token_len > MAX_TOKEN_LEN {
                 return Err(r.malformed("token longer than 1024 bytes"));

@@ -11,11 +11,14 @@
 //! - [`codec`]: encoding and decoding;
 //! - [`error`]: the stable numeric error codes;
 //! - [`payload`]: payloads of the receipt and group-event messages the server writes;
-//! - [`token`]: the `Hello` token format (minting and verification).
+//! - [`token`]: the `Hello` token format (minting and verification);
+//! - [`fuzzing`]: fuzz targets for every decoder here, and a seeded mutator
+//!   the test suites drive them with.
 
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod payload;
 pub mod token;
 

@@ -8,7 +8,8 @@
 //! Map:
 //! - [`model`]: records, outcomes, inbox state and the store configuration;
 //! - [`rocks`]: the RocksDB implementation (column families, key layout, options);
-//! - [`memory`]: the in-memory implementation.
+//! - [`memory`]: the in-memory implementation;
+//! - [`fuzzing`]: the fuzz target for every stored value layout.
 //!
 //! Besides inboxes the store keeps two small key-value spaces for the
 //! broker's other state (groups, contacts, lists, receipt cursors): a plain
@@ -20,6 +21,7 @@
 //! that owns the user). Sequence numbers are assigned here, from a cached head
 //! that only that writer advances.
 
+pub mod fuzzing;
 pub mod memory;
 pub mod model;
 pub mod rocks;

@@ -107,7 +107,7 @@ fn be_u64(v: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(v[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn encode_meta(s: &InboxState) -> [u8; META_LEN] {
+pub(crate) fn encode_meta(s: &InboxState) -> [u8; META_LEN] {
     let mut v = [0u8; META_LEN];
     v[..8].copy_from_slice(&s.head_seq.to_be_bytes());
     v[8..16].copy_from_slice(&s.acked_seq.to_be_bytes());
@@ -115,7 +115,7 @@ fn encode_meta(s: &InboxState) -> [u8; META_LEN] {
     v
 }
 
-fn decode_meta(v: &[u8]) -> Result<InboxState, StoreError> {
+pub(crate) fn decode_meta(v: &[u8]) -> Result<InboxState, StoreError> {
     if v.len() != META_LEN {
         return Err(StoreError::Corrupt {
             what: "inbox meta",
@@ -127,7 +127,10 @@ fn decode_meta(v: &[u8]) -> Result<InboxState, StoreError> {
         acked_seq: be_u64(v, 8),
         oldest_seq: be_u64(v, 16),
     };
-    if s.acked_seq > s.head_seq || s.oldest_seq == 0 || s.oldest_seq > s.head_seq + 1 {
+    // Checked: a head of u64::MAX on disk is corrupt, not an overflow
+    // (found by fuzzing).
+    if s.acked_seq > s.head_seq || s.oldest_seq == 0 || s.oldest_seq > s.head_seq.saturating_add(1)
+    {
         return Err(StoreError::Corrupt {
             what: "inbox meta",
             detail: format!("inconsistent cursors {s:?}"),
@@ -136,14 +139,14 @@ fn decode_meta(v: &[u8]) -> Result<InboxState, StoreError> {
     Ok(s)
 }
 
-struct IdemEntry {
-    stored_at_ms: u64,
-    placement: Placement,
-    dest_tag: u8,
-    dest_id: u64,
+pub(crate) struct IdemEntry {
+    pub(crate) stored_at_ms: u64,
+    pub(crate) placement: Placement,
+    pub(crate) dest_tag: u8,
+    pub(crate) dest_id: u64,
 }
 
-fn encode_idem(e: &IdemEntry) -> [u8; IDEM_LEN] {
+pub(crate) fn encode_idem(e: &IdemEntry) -> [u8; IDEM_LEN] {
     let mut v = [0u8; IDEM_LEN];
     v[..8].copy_from_slice(&e.stored_at_ms.to_be_bytes());
     v[8..16].copy_from_slice(&e.placement.inbox.to_be_bytes());
@@ -155,7 +158,7 @@ fn encode_idem(e: &IdemEntry) -> [u8; IDEM_LEN] {
     v
 }
 
-fn decode_idem(v: &[u8]) -> Result<IdemEntry, StoreError> {
+pub(crate) fn decode_idem(v: &[u8]) -> Result<IdemEntry, StoreError> {
     if v.len() != IDEM_LEN {
         return Err(StoreError::Corrupt {
             what: "idempotency index",
