@@ -503,3 +503,15 @@ async fn half_a_frame_is_waited_for_not_spun_on() {
         other => panic!("expected the pong, got {other:?}"),
     }
 }
+
+/// Another program's variable with the node's prefix (a harness's
+/// `COURIER_BIN`) does not stop `courier serve`: it is named in a warning
+/// and the node serves.
+#[tokio::test]
+async fn unrelated_courier_variables_are_named_not_fatal() {
+    let server = Server::start(&[("COURIER_BIN", "/usr/local/bin/courier")]);
+    let warned = server.logged_soon("COURIER_BIN");
+    assert_eq!(warned.len(), 1, "one warning names it: {warned:?}");
+    assert!(warned[0].contains("name no setting"), "{warned:?}");
+    still_serving(&server).await;
+}

@@ -119,7 +119,7 @@ async fn a_flipped_byte_in_a_table_file_is_reported_never_served() {
         "a corrupt block was served: {delivered:?}"
     );
     let sst_name = sst.file_name().unwrap().to_str().unwrap();
-    let said = server.logged("Corruption");
+    let said = server.logged_soon("Corruption");
     assert!(
         said.iter()
             .any(|l| l.contains(sst_name) && l.contains("user=2")),

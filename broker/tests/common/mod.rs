@@ -171,6 +171,19 @@ impl Server {
         log.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
+    /// The lines containing `needle`, waiting up to `WAIT` for the first
+    /// (the node's log is read by another thread, a moment behind).
+    pub fn logged_soon(&self, needle: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let found = self.logged(needle);
+            if !found.is_empty() || std::time::Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
