@@ -17,16 +17,7 @@ async fn still_serving(server: &Server) {
 }
 
 async fn after_hello(server: &Server, user: u64) -> Raw {
-    let mut raw = Raw::connect(&server.addr).await;
-    raw.send(&Raw::hello(user, &server.token(user, 1, u64::MAX / 2)))
-        .await;
-    match raw.next().await {
-        Some(Frame {
-            body: Body::Welcome(_),
-            ..
-        }) => raw,
-        other => panic!("expected welcome, got {other:?}"),
-    }
+    Raw::welcomed_from(server, user, 1).await
 }
 
 #[tokio::test]

@@ -69,20 +69,6 @@ fn table() -> Vec<Row> {
     rows
 }
 
-/// A raw session of `user` after its welcome, from `127.0.0.<source>`.
-async fn session(server: &Server, user: u64, source: u8) -> Raw {
-    let mut raw = Raw::over(connect_from(source, &server.addr).await);
-    raw.send(&Raw::hello(user, &server.token(user, 1, u64::MAX / 2)))
-        .await;
-    match raw.next().await {
-        Some(Frame {
-            body: Body::Welcome(_),
-            ..
-        }) => raw,
-        other => panic!("expected welcome, got {other:?}"),
-    }
-}
-
 /// The answer to request `rid` (deliveries in between are skipped).
 async fn answer(raw: &mut Raw, rid: u32) -> Body {
     loop {
@@ -176,7 +162,7 @@ async fn on_the_main_node(seen: &mut Seen) {
         ("COURIER_LIMITS_NEW_CONNECTIONS_PER_SOURCE_PER_SEC", "0"),
     ]);
     let u = |id| Destination::User(id);
-    let mut raw = session(&server, 1, 1).await;
+    let mut raw = Raw::welcomed_from(&server, 1, 1).await;
     let batch = Body::SendBatch(vec![
         chat_to(1, u(2)),
         chat_to(2, u(0)),
@@ -264,7 +250,7 @@ async fn on_the_main_node(seen: &mut Seen) {
         users: vec![2, 3, 4],
     });
     provoke(&mut raw, 18, contacts, seen).await;
-    let mut member = session(&server, 2, 1).await;
+    let mut member = Raw::welcomed_from(&server, 2, 1).await;
     provoke(
         &mut member,
         1,
@@ -274,7 +260,7 @@ async fn on_the_main_node(seen: &mut Seen) {
     .await;
     // Over the connection's send rate (20 a second): 25 sends and a batch
     // of 4 written at once, so the node reads them all within the second.
-    let mut rated = session(&server, 6, 1).await;
+    let mut rated = Raw::welcomed_from(&server, 6, 1).await;
     let mut frames = bytes::BytesMut::new();
     for i in 0..25 {
         encode(
@@ -299,13 +285,13 @@ async fn on_the_main_node(seen: &mut Seen) {
     still_open(&mut rated).await;
 
     // The stream cannot be trusted: goodbye and close.
-    let mut raw = session(&server, 1, 1).await;
+    let mut raw = Raw::welcomed_from(&server, 1, 1).await;
     raw.send_bytes(&[0, 0, 0, 6, 0x0b, 0, 0, 0, 1, 0xaa]).await;
     goodbye(&mut raw, seen).await;
-    let mut raw = session(&server, 1, 1).await;
+    let mut raw = Raw::welcomed_from(&server, 1, 1).await;
     raw.send_bytes(&(64u32 << 20).to_be_bytes()).await;
     goodbye(&mut raw, seen).await;
-    let mut raw = session(&server, 1, 1).await;
+    let mut raw = Raw::welcomed_from(&server, 1, 1).await;
     raw.send_bytes(&[0, 0, 0, 5, 0x7f, 0, 0, 0, 1]).await;
     goodbye(&mut raw, seen).await;
     // Before the welcome.
@@ -335,7 +321,7 @@ async fn on_a_small_node(seen: &mut Seen) {
         ("COURIER_LIMITS_HANDSHAKE_TIMEOUT_MS", "500"),
         ("COURIER_LIMITS_IDLE_TIMEOUT_MS", "1500"),
     ]);
-    let mut held = session(&server, 1, 1).await;
+    let mut held = Raw::welcomed_from(&server, 1, 1).await;
     let mut refused = Raw::connect(&server.addr).await;
     goodbye(&mut refused, seen).await;
     goodbye(&mut held, seen).await; // idle
@@ -346,7 +332,7 @@ async fn on_a_small_node(seen: &mut Seen) {
     goodbye(&mut silent, seen).await; // no hello in time
     drop(silent);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut stopping = session(&server, 1, 1).await;
+    let mut stopping = Raw::welcomed_from(&server, 1, 1).await;
     server.terminate();
     goodbye(&mut stopping, seen).await;
 }

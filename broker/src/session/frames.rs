@@ -69,9 +69,9 @@ impl<R: NetRead> FrameReader<R> {
         code: ErrorCode,
         message: impl Into<String>,
     ) -> CloseReason {
-        goodbye(wr, code, message).await;
+        let reason = self.bye_at_once(wr, code, message).await;
         linger(&mut self.rd).await;
-        CloseReason::of_code(code)
+        reason
     }
 
     /// Says goodbye and closes without lingering: for a peer that has sent

@@ -499,6 +499,21 @@ impl Raw {
         }
     }
 
+    /// A raw session of `user` (device 1) from `127.0.0.<source>`, after
+    /// its welcome.
+    pub async fn welcomed_from(server: &Server, user: u64, source: u8) -> Raw {
+        let mut raw = Raw::over(connect_from(source, &server.addr).await);
+        raw.send(&Raw::hello(user, &server.token(user, 1, u64::MAX / 2)))
+            .await;
+        match raw.next().await {
+            Some(Frame {
+                body: Body::Welcome(_),
+                ..
+            }) => raw,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
     pub fn hello(user: u64, token: &str) -> Frame {
         Frame::new(
             1,
