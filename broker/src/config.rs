@@ -45,6 +45,7 @@ pub struct Config {
     pub storage: Storage,
     pub groups: Groups,
     pub social: Social,
+    pub tls: Tls,
     /// `COURIER_*` environment variables that name no setting (and are not
     /// one of the command line's): ignored, and named in a warning at start.
     #[serde(skip)]
@@ -187,6 +188,7 @@ impl Default for Config {
             storage: Storage::default(),
             groups: Groups::default(),
             social: Social::default(),
+            tls: Tls::default(),
             unknown_env: Vec::new(),
         }
     }
@@ -242,7 +244,34 @@ impl Default for Storage {
     }
 }
 
-const SECTIONS: &[&str] = &["limits", "retention", "auth", "storage", "groups", "social"];
+const SECTIONS: &[&str] = &[
+    "limits",
+    "retention",
+    "auth",
+    "storage",
+    "groups",
+    "social",
+    "tls",
+];
+
+/// TLS on the client port. Without a certificate the port speaks plain
+/// TCP. Files are PEM; SIGHUP reads them again (new handshakes use the new
+/// ones, open sessions keep theirs).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain, leaf first; empty: no TLS.
+    pub cert_file: PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates whose client certificates are accepted (service
+    /// accounts); empty: clients are not asked for one.
+    pub client_ca_file: PathBuf,
+    /// With `client_ca_file`: refuse clients that present no certificate.
+    pub require_client_cert: bool,
+    /// Lowest TLS version accepted: `1.3` (when empty) or `1.2`.
+    pub min_version: String,
+}
 
 /// Flag values that override everything else.
 #[derive(Default, Debug)]
@@ -385,6 +414,19 @@ impl Config {
         anyhow::ensure!(
             l.max_connections >= 1 && l.max_unauthenticated >= 1 && l.max_unauthenticated_per_source >= 1,
             "limits.max_connections, limits.max_unauthenticated and limits.max_unauthenticated_per_source must be at least 1"
+        );
+        let t = &self.tls;
+        anyhow::ensure!(
+            t.cert_file.as_os_str().is_empty() == t.key_file.as_os_str().is_empty(),
+            "tls.cert_file and tls.key_file go together"
+        );
+        anyhow::ensure!(
+            ["", "1.2", "1.3"].contains(&t.min_version.as_str()),
+            "tls.min_version must be 1.2 or 1.3"
+        );
+        anyhow::ensure!(
+            !t.require_client_cert || !t.client_ca_file.as_os_str().is_empty(),
+            "tls.require_client_cert needs tls.client_ca_file"
         );
         anyhow::ensure!(
             l.reserved_files >= 64,

@@ -89,7 +89,7 @@ fn rig() -> &'static Rig {
             ..StoreConfig::default()
         }));
         let key = TokenKey::new(RIG_SECRET.to_vec());
-        let node = Node::assemble(config, store, key, clock, 100_000).expect("a node");
+        let node = Node::assemble(config, store, key, clock, 100_000, None).expect("a node");
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
             .expect("a loopback listener");

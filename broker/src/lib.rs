@@ -18,7 +18,8 @@
 //!   fan-out);
 //! - [`session`]: handshake, reader with one dispatch, one handler per
 //!   request kind, writer and catch-up;
-//! - the node: [`config`], [`metrics`], [`auth`], [`gate`] (admission:
+//! - the node: [`config`], [`metrics`], [`auth`], [`certs`] (the client
+//!   port's TLS configuration, reloaded on SIGHUP), [`gate`] (admission:
 //!   connection, unauthenticated and per-source budgets), [`node`] (what
 //!   every connection shares), [`server`] (start, accept loops, shutdown),
 //!   [`admin`] (health, metrics, admin API) and [`cli`].
@@ -30,6 +31,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod error;

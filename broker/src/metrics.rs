@@ -297,6 +297,10 @@ pub struct Metrics {
     pub handshakes_evicted: IntCounter,
     /// 1 while sends are refused for want of disk space.
     pub storage_full: IntGauge,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: IntCounter,
+    /// Successful reloads of the TLS certificates (SIGHUP).
+    pub tls_reloads: IntCounter,
     auth_failures: Vec<IntCounter>,
     /// By frame type byte; the last slot counts unknown types.
     frames_in: Vec<IntCounter>,
@@ -449,6 +453,14 @@ impl Metrics {
                 accept_errors_vec.with_label_values(&["files"]),
                 accept_errors_vec.with_label_values(&["other"]),
             ],
+            tls_handshake_failures: counter_r(
+                "courier_tls_handshake_failures_total",
+                "TLS handshakes on the client port that failed or timed out.",
+            ),
+            tls_reloads: counter_r(
+                "courier_tls_reloads_total",
+                "TLS certificate reloads (SIGHUP) that succeeded.",
+            ),
             storage_full: gauge(
                 "courier_storage_full",
                 "1 while sends are refused because the data disk has less than storage.min_free_mb free.",

@@ -8,6 +8,7 @@ use courier_storage::{Clock, InboxStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenKey;
+use crate::certs::TlsSettings;
 use crate::config::Config;
 use crate::gate::{Gate, GateLimits, SendRates, REFUSING_MAX};
 use crate::metrics::Metrics;
@@ -22,6 +23,8 @@ pub struct Node {
     pub key: TokenKey,
     /// Admission: connection budgets, unauthenticated budgets, rates.
     pub gate: Gate,
+    /// The client port's TLS configuration (`None`: plain TCP).
+    pub tls: Option<TlsSettings>,
     /// Sends per second per user (`limits.sends_per_user_per_sec`).
     pub send_rates: SendRates,
     /// The node's one clock: token expiry, server times, status expiry; the
@@ -93,6 +96,7 @@ impl Node {
         key: TokenKey,
         clock: Clock,
         connections_max: usize,
+        tls: Option<TlsSettings>,
     ) -> std::io::Result<Arc<Node>> {
         let limits = &config.limits;
         let shards = Shards::start(
@@ -124,6 +128,7 @@ impl Node {
             metrics,
             key,
             gate,
+            tls,
             send_rates,
             // Milliseconds since the epoch times 1,024: a restart a
             // millisecond later starts above every id handed out before

@@ -19,14 +19,18 @@ use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::certs::TlsSettings;
 use crate::config::Config;
 use crate::gate::Admitted;
 use crate::metrics::CloseReason;
+use crate::net::seam::Transport;
+use crate::net::tls::TlsWrite;
 use crate::net::uring::UringStream;
 use crate::net::{self, IoPath};
 use crate::node::Node;
+use crate::session::SpawnWriter;
 use crate::{admin, auth, session};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -70,7 +74,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let node = Node::assemble(config, store.clone(), key, clock, connections_max)?;
+    let tls = TlsSettings::load(&config.tls).context("loading the TLS certificates (tls.*)")?;
+    let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
     let io_desc = match &listeners {
         Listeners::Epoll(_) => "epoll".to_owned(),
@@ -84,6 +89,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(admin::run(admin_listener, node.clone()));
     tokio::spawn(watch_disk(node.clone()));
     spawn_signal_handler(node.shutdown.clone());
+    if node.tls.is_some() {
+        tokio::spawn(reload_tls_on_hangup(node.clone()));
+    }
     node.ready.store(true, Ordering::SeqCst);
 
     // Tests and scripts read these lines to find the ports.
@@ -236,12 +244,73 @@ where
     }
 }
 
+/// The TLS handshake, then the session. The handshake is part of the
+/// connection's handshake: inside `limits.handshake_timeout_ms`, holding a
+/// waiting-handshake place (and closed if evicted from it).
+async fn serve_tls<T: Transport>(node: Arc<Node>, stream: T, peer: SocketAddr, admitted: Admitted)
+where
+    TlsWrite<T::Wr>: SpawnWriter,
+{
+    let config = node
+        .tls
+        .as_ref()
+        .expect("serve_tls runs with TLS")
+        .current();
+    let limit = Duration::from_millis(node.config.limits.handshake_timeout_ms);
+    let shaken = tokio::select! {
+        r = tokio::time::timeout(limit, net::tls::accept(stream, config)) => r.ok(),
+        _ = admitted.handshaking.evicted.cancelled() => None,
+    };
+    match shaken {
+        Some(Ok(stream)) => session::serve(node, stream, Some(peer), admitted).await,
+        failed => {
+            let why = match failed {
+                Some(Err(e)) => e.to_string(),
+                _ => "no TLS handshake in time".to_owned(),
+            };
+            debug!(%peer, error = %why, "TLS handshake failed");
+            node.metrics.tls_handshake_failures.inc();
+            node.metrics.closed(CloseReason::HandshakeFailed);
+        }
+    }
+}
+
+/// SIGHUP: read the TLS certificate files again (new handshakes use them;
+/// sessions keep theirs). A failure keeps the old ones and says why.
+async fn reload_tls_on_hangup(node: Arc<Node>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install the SIGHUP handler; TLS certificates will not be reloaded");
+        return;
+    };
+    let tls = node.tls.as_ref().expect("started with TLS");
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = hangup.recv() => {}
+        }
+        match tls.reload() {
+            Ok(()) => {
+                node.metrics.tls_reloads.inc();
+                info!("SIGHUP: TLS certificates reloaded");
+            }
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "SIGHUP: TLS certificates not reloaded; keeping the old ones"
+            ),
+        }
+    }
+}
+
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 async fn accept_epoll(node: &Arc<Node>, listener: TcpListener, tracker: &TaskTracker) {
     while let Some((stream, peer)) = next_connection(node, || listener.accept()).await {
         match admit(node, peer) {
+            Admission::Serve(admitted) if node.tls.is_some() => {
+                tracker.spawn(serve_tls(node.clone(), stream, peer, admitted));
+            }
             Admission::Serve(admitted) => {
                 let node = node.clone();
                 tracker.spawn(session::serve(node, stream, Some(peer), admitted));
@@ -311,6 +380,10 @@ fn ring_thread(
         while let Some((stream, peer)) = next_connection(&node, || listener.accept()).await {
             let stream = UringStream(stream);
             match admit(&node, peer) {
+                Admission::Serve(admitted) if node.tls.is_some() => {
+                    let serve = serve_tls(node.clone(), stream, peer, admitted);
+                    tokio_uring::spawn(tracker.track_future(serve));
+                }
                 Admission::Serve(admitted) => {
                     let serve = session::serve(node.clone(), stream, Some(peer), admitted);
                     tokio_uring::spawn(tracker.track_future(serve));

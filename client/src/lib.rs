@@ -30,7 +30,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use courier_protocol::*;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,6 +70,8 @@ pub struct ClientConfig {
     /// connections over several loopback addresses: each source address
     /// has its own range of ephemeral ports).
     pub local_addr: Option<IpAddr>,
+    /// TLS to a node that serves it (`tls.*` settings); `None`: plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 impl ClientConfig {
@@ -89,6 +90,7 @@ impl ClientConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
             local_addr: None,
+            tls: None,
         }
     }
 }
@@ -118,11 +120,9 @@ pub struct Client {
 impl Client {
     /// Connects, says hello and waits for the welcome.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Welcome), ClientError> {
-        let stream = tokio::time::timeout(config.connect_timeout, open(&config))
+        let (mut rd, mut wr) = tokio::time::timeout(config.connect_timeout, open_session(&config))
             .await
             .map_err(|_| ClientError::Timeout)??;
-        stream.set_nodelay(true)?;
-        let (mut rd, mut wr) = stream.into_split();
         // Small at first (idle sessions stay small); read_frame grows it
         // for a busy one.
         let mut buf = BytesMut::with_capacity(4096);
@@ -579,8 +579,8 @@ fn unexpected(expected: &str, got: &Body) -> ClientError {
 /// Says hello and reads the welcome (or the server's reason for refusing).
 async fn handshake(
     config: &ClientConfig,
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+    rd: &mut Rd,
+    wr: &mut Wr,
     buf: &mut BytesMut,
 ) -> Result<Welcome, ClientError> {
     let hello = Frame::new(
@@ -613,7 +613,7 @@ async fn handshake(
 /// Starts the task that writes queued frames, many per write. If the
 /// application sends nothing for a keepalive interval, it sends a Ping
 /// (request id 0; its Pong is ignored) to keep the session alive.
-fn spawn_writer(mut wr: OwnedWriteHalf, welcome: &Welcome) -> mpsc::UnboundedSender<Bytes> {
+fn spawn_writer(mut wr: Wr, welcome: &Welcome) -> mpsc::UnboundedSender<Bytes> {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
     let keepalive = Duration::from_millis(u64::from(welcome.keepalive_ms.max(100)));
     let ping = encode_to_bytes(&Frame::new(0, Body::Ping { nonce: 0 }));
@@ -646,7 +646,7 @@ fn spawn_writer(mut wr: OwnedWriteHalf, welcome: &Welcome) -> mpsc::UnboundedSen
 /// answers to their waiters. Then records the server's reason (if it gave
 /// one) in `closed` and fails every outstanding request.
 async fn read_loop(
-    mut rd: OwnedReadHalf,
+    mut rd: Rd,
     mut buf: BytesMut,
     max: u32,
     deliveries: mpsc::Sender<Delivery>,
@@ -693,6 +693,90 @@ async fn deliver(deliveries: &mpsc::Sender<Delivery>, stream: u64, messages: Vec
     }
 }
 
+/// The read and write halves of a connection, plain or TLS.
+type Rd = Box<dyn tokio::io::AsyncRead + std::marker::Send + Unpin>;
+type Wr = Box<dyn tokio::io::AsyncWrite + std::marker::Send + Unpin>;
+
+/// TLS to the node: the rustls configuration (which CAs to trust, a client
+/// certificate if the node asks for one) and the name the node's
+/// certificate must carry.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: String,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in the PEM file `ca_file`; TLS 1.3 and
+    /// 1.2 (the node decides which it accepts). With `client_cert`, a
+    /// (certificate chain, key) pair of PEM files presented when asked.
+    pub fn from_files(
+        ca_file: &std::path::Path,
+        server_name: impl Into<String>,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<ClientTls, ClientError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: String| ClientError::Protocol(what);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file)
+            .map_err(|e| bad(format!("{}: {e}", ca_file.display())))?
+        {
+            let cert = cert.map_err(|e| bad(format!("{}: {e}", ca_file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("{}: {e}", ca_file.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match client_cert {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain = CertificateDer::pem_file_iter(chain)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| bad(format!("{}: {e}", chain.display())))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| bad(format!("{}: {e}", key.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(e.to_string()))?
+            }
+        };
+        Ok(ClientTls {
+            config: Arc::new(config),
+            server_name: server_name.into(),
+        })
+    }
+}
+
+/// Opens the connection (TCP, then TLS when configured) and splits it.
+async fn open_session(config: &ClientConfig) -> Result<(Rd, Wr), ClientError> {
+    let stream = open(config).await?;
+    stream.set_nodelay(true)?;
+    let Some(tls) = &config.tls else {
+        let (rd, wr) = stream.into_split();
+        return Ok((Box::new(rd), Box::new(wr)));
+    };
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| ClientError::Protocol(format!("server name {}: {e}", tls.server_name)))?;
+    let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, stream)
+        .await?;
+    let (rd, wr) = tokio::io::split(stream);
+    Ok((Box::new(rd), Box::new(wr)))
+}
+
 /// Opens the TCP connection, from `local_addr` when one is set.
 async fn open(config: &ClientConfig) -> std::io::Result<TcpStream> {
     let Some(local) = config.local_addr else {
@@ -719,7 +803,7 @@ async fn open(config: &ClientConfig) -> std::io::Result<TcpStream> {
 }
 
 async fn read_frame(
-    rd: &mut OwnedReadHalf,
+    rd: &mut Rd,
     buf: &mut BytesMut,
     max: u32,
 ) -> Result<Option<Frame>, ClientError> {

@@ -91,6 +91,13 @@ struct Args {
     /// connections to a loopback server).
     #[arg(long, value_delimiter = ',')]
     source_addrs: Vec<std::net::IpAddr>,
+    /// Speak TLS to a Courier target that serves it, trusting the CA
+    /// certificates in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name the node's certificate carries (with --tls-ca).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -164,7 +171,19 @@ async fn main() -> anyhow::Result<()> {
     } else {
         a.source_addrs
     };
+    let tls = match &a.tls_ca {
+        Some(ca) => Some(
+            courier_client::ClientTls::from_files(ca, a.tls_name.clone(), None)
+                .with_context(|| format!("TLS with the CAs in {}", ca.display()))?,
+        ),
+        None => None,
+    };
+    anyhow::ensure!(
+        tls.is_none() || a.target == Target::Courier,
+        "--tls-ca is for a Courier target"
+    );
     let report = run(Options {
+        tls,
         scenario: a.scenario,
         users: a.users,
         first_user: a.first_user,

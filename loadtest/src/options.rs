@@ -83,6 +83,8 @@ pub struct Options {
     pub source_addrs: Vec<std::net::IpAddr>,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Speak TLS to a Courier target (the node's `tls.*` settings).
+    pub tls: Option<courier_client::ClientTls>,
 }
 
 impl Options {
@@ -105,6 +107,7 @@ impl Options {
             server: None,
             source_addrs: Vec::new(),
             progress: false,
+            tls: None,
         }
     }
 
@@ -127,6 +130,7 @@ impl Options {
         let mut config = ClientConfig::new(self.addr.clone(), u, 1, token);
         config.resume_after = Some(u64::MAX);
         config.local_addr = self.source(i);
+        config.tls = self.tls.clone();
         config
     }
 

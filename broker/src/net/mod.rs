@@ -6,7 +6,8 @@
 //!
 //! - [`path`]: the `io` setting, the io_uring probe and the fallback;
 //! - [`seam`]: `Transport` (a socket split in two), `NetRead`, `NetWrite`;
-//! - [`epoll`], [`uring`]: the two implementations of the seam.
+//! - [`epoll`], [`uring`]: the two implementations of the seam;
+//! - [`tls`]: TLS over either of them (rustls, sans-IO, through the seam).
 //!
 //! Buffers are owned, as io_uring needs: the kernel writes into memory it
 //! holds until the operation completes, so a read takes the buffer and
@@ -16,6 +17,7 @@
 pub mod epoll;
 pub mod path;
 pub mod seam;
+pub mod tls;
 pub mod uring;
 
 pub use path::{choose, probe_uring, IoMode, IoPath};

@@ -45,7 +45,8 @@ use tracing::{debug, warn};
 
 use self::frames::{linger, FrameReader};
 use self::reader::{Ended, Reader};
-use self::writer::{SpawnWriter, Writer, WriterInputs};
+pub(crate) use self::writer::SpawnWriter;
+use self::writer::{Writer, WriterInputs};
 use crate::gate::{Admitted, Bucket, Handshaking};
 use crate::metrics::{CloseReason, Metrics};
 use crate::net::seam::Transport;

@@ -23,6 +23,7 @@ use tracing::debug;
 use super::streams::GroupStream;
 use crate::metrics::Metrics;
 use crate::net::seam::NetWrite;
+use crate::net::tls::TlsWrite;
 use crate::net::uring::UringWrite;
 use crate::node::Node;
 use crate::shard::messages::{Delivery, Reply, SessionHandle};
@@ -48,6 +49,18 @@ impl SpawnWriter for OwnedWriteHalf {
 
 impl SpawnWriter for UringWrite {
     fn spawn(w: Writer<UringWrite>) -> JoinHandle<()> {
+        tokio_uring::spawn(w.run())
+    }
+}
+
+impl SpawnWriter for TlsWrite<OwnedWriteHalf> {
+    fn spawn(w: Writer<TlsWrite<OwnedWriteHalf>>) -> JoinHandle<()> {
+        tokio::spawn(w.run())
+    }
+}
+
+impl SpawnWriter for TlsWrite<UringWrite> {
+    fn spawn(w: Writer<TlsWrite<UringWrite>>) -> JoinHandle<()> {
         tokio_uring::spawn(w.run())
     }
 }
