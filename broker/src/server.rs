@@ -89,9 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(admin::run(admin_listener, node.clone()));
     tokio::spawn(watch_disk(node.clone()));
     spawn_signal_handler(node.shutdown.clone());
-    if node.tls.is_some() {
-        tokio::spawn(reload_tls_on_hangup(node.clone()));
-    }
+    tokio::spawn(reload_tls_on_hangup(node.clone()));
     node.ready.store(true, Ordering::SeqCst);
 
     // Tests and scripts read these lines to find the ports.
@@ -279,16 +277,21 @@ where
 /// sessions keep theirs). A failure keeps the old ones and says why.
 async fn reload_tls_on_hangup(node: Arc<Node>) {
     use tokio::signal::unix::{signal, SignalKind};
+    // Installed with or without TLS: SIGHUP's default action would end the
+    // process.
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler; TLS certificates will not be reloaded");
         return;
     };
-    let tls = node.tls.as_ref().expect("started with TLS");
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
             _ = hangup.recv() => {}
         }
+        let Some(tls) = &node.tls else {
+            warn!("SIGHUP: no TLS certificates to reload (tls.cert_file is not set)");
+            continue;
+        };
         match tls.reload() {
             Ok(()) => {
                 node.metrics.tls_reloads.inc();

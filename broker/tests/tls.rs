@@ -181,3 +181,15 @@ async fn the_load_generator_runs_over_tls() {
     assert!(report.verdict.ok(), "{}", report.summary());
     assert!(report.acked > 1000, "{}", report.summary());
 }
+
+/// SIGHUP reloads certificates; a node without TLS says there is nothing
+/// to reload and goes on (the signal's default action would end it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_stop_a_node_without_tls() {
+    let server = Server::start(&[]);
+    unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(server.logged_soon("no TLS certificates to reload").len(), 1);
+    let (a, _) = server.client(1).await;
+    let (b, _) = server.client(2).await;
+    exchange(&a, 2, &b, "still up").await;
+}

@@ -13,7 +13,7 @@
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rustls::{ServerConfig, ServerConnection};
 
 use super::seam::{NetRead, NetWrite, Transport, MIN_SPARE};
@@ -56,13 +56,13 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Everything rustls has to send, encrypted.
-fn pending_tls(conn: &mut ServerConnection) -> io::Result<BytesMut> {
-    let mut out = Vec::new();
+/// Everything rustls has to send, encrypted, in one buffer for one write.
+fn pending_tls(conn: &mut ServerConnection, room: usize) -> io::Result<BytesMut> {
+    let mut out = BytesMut::with_capacity(room).writer();
     while conn.wants_write() {
         conn.write_tls(&mut out)?;
     }
-    Ok(BytesMut::from(&out[..]))
+    Ok(out.into_inner())
 }
 
 /// Hands `cipher` to rustls and decrypts it (what does not fit in rustls's
@@ -91,7 +91,7 @@ pub(crate) async fn accept<T: Transport>(
     let mut cipher = BytesMut::new();
     while conn.is_handshaking() {
         if conn.wants_write() {
-            wr.write_all(pending_tls(&mut conn)?).await?;
+            wr.write_all(pending_tls(&mut conn, 0)?).await?;
             continue;
         }
         if rd.read_some(&mut cipher, CIPHER_READ).await? == 0 {
@@ -103,14 +103,14 @@ pub(crate) async fn accept<T: Transport>(
         let absorbed = absorb(&mut conn, &cipher);
         cipher = BytesMut::new();
         if let Err(e) = absorbed {
-            let alert = pending_tls(&mut conn)?;
+            let alert = pending_tls(&mut conn, 0)?;
             let _ = wr.write_all(alert).await;
             return Err(tls_error(e));
         }
     }
     // Session tickets and the like.
     if conn.wants_write() {
-        wr.write_all(pending_tls(&mut conn)?).await?;
+        wr.write_all(pending_tls(&mut conn, 0)?).await?;
     }
     let conn = Arc::new(Mutex::new(conn));
     Ok(TlsStream {
@@ -175,7 +175,9 @@ impl<W: NetWrite> NetWrite for TlsWrite<W> {
         let out = {
             let mut conn = self.conn.lock().expect("tls lock");
             conn.writer().write_all(&buf)?;
-            pending_tls(&mut conn)?
+            // Room for the records' headers and tags (22 bytes per record
+            // of at most 16 KiB).
+            pending_tls(&mut conn, buf.len() + 64 + buf.len() / 512)?
         };
         drop(buf);
         self.inner.write_all(out).await
@@ -185,7 +187,7 @@ impl<W: NetWrite> NetWrite for TlsWrite<W> {
         let out = {
             let mut conn = self.conn.lock().expect("tls lock");
             conn.send_close_notify();
-            pending_tls(&mut conn)
+            pending_tls(&mut conn, 64)
         };
         if let Ok(out) = out {
             let _ = self.inner.write_all(out).await;
