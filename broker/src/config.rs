@@ -200,8 +200,12 @@ impl Default for Limits {
             max_connections: 100_000,
             reserved_files: 1024,
             max_unauthenticated: 1024,
-            max_unauthenticated_per_source: 64,
-            new_connections_per_source_per_sec: 500,
+            // Half the waiting places: one address never takes them all.
+            max_unauthenticated_per_source: 512,
+            // A backstop: a load balancer or a NAT puts many real clients
+            // behind one address (set it lower where clients connect
+            // directly).
+            new_connections_per_source_per_sec: 10_000,
             sends_per_user_per_sec: 10_000,
             sends_per_connection_per_sec: 10_000,
             max_frame_len: 1 << 20,

@@ -594,6 +594,9 @@ async fn handshake(
         }),
     );
     wr.write_all(&encode_to_bytes(&hello)).await?;
+    // TLS may keep what it encrypted until flushed (a plain socket's flush
+    // does nothing).
+    wr.flush().await?;
     let first = tokio::time::timeout(
         config.connect_timeout,
         read_frame(rd, buf, config.max_frame_len),
@@ -632,7 +635,7 @@ fn spawn_writer(mut wr: Wr, welcome: &Welcome) -> mpsc::UnboundedSender<Bytes> {
                     break;
                 }
             }
-            if wr.write_all(&batch).await.is_err() {
+            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
                 return;
             }
             batch.clear();
