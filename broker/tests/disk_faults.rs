@@ -77,16 +77,21 @@ fn marked(i: u64) -> Bytes {
     Bytes::from(v)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_in_a_table_file_is_reported_never_served() {
-    let mut server = Server::start(&[]);
+/// User 1 sends the marked messages `ids` to user 2, each acknowledged.
+async fn send_marked(server: &Server, ids: std::ops::Range<u64>) {
     let (alice, _) = server.client(1).await;
-    for i in 0..20 {
+    for i in ids {
         alice
             .send(Destination::User(2), MessageKind::Chat, marked(i))
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_a_table_file_is_reported_never_served() {
+    let mut server = Server::start(&[]);
+    send_marked(&server, 0..20).await;
     server.terminate();
     server.wait_exit();
     // Into table files, then one byte of message 10's payload flipped.
@@ -134,13 +139,7 @@ async fn a_flipped_byte_in_a_table_file_is_reported_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_in_the_log_stops_the_node_naming_the_file() {
     let mut server = Server::start(&[]);
-    let (alice, _) = server.client(1).await;
-    for i in 0..200 {
-        alice
-            .send(Destination::User(2), MessageKind::Chat, marked(i))
-            .await
-            .unwrap();
-    }
+    send_marked(&server, 0..200).await;
     server.kill();
     let log = store_files(&server.data_dir, |n| n.ends_with(".log"))
         .pop()
