@@ -88,8 +88,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tokio::spawn(admin::run(admin_listener, node.clone()));
     tokio::spawn(watch_disk(node.clone()));
+    // The handlers are installed here, before the node announces itself:
+    // a signal that came before a spawned task installed its own would
+    // meet the default action (SIGHUP's ends the process).
     spawn_signal_handler(node.shutdown.clone());
-    tokio::spawn(reload_tls_on_hangup(node.clone()));
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => drop(tokio::spawn(reload_tls_on_hangup(node.clone(), hangup))),
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler; TLS certificates will not be reloaded")
+        }
+    }
     node.ready.store(true, Ordering::SeqCst);
 
     // Tests and scripts read these lines to find the ports.
@@ -275,14 +283,9 @@ where
 
 /// SIGHUP: read the TLS certificate files again (new handshakes use them;
 /// sessions keep theirs). A failure keeps the old ones and says why.
-async fn reload_tls_on_hangup(node: Arc<Node>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    // Installed with or without TLS: SIGHUP's default action would end the
-    // process.
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        warn!("cannot install the SIGHUP handler; TLS certificates will not be reloaded");
-        return;
-    };
+/// Installed with or without TLS: SIGHUP's default action would end the
+/// process.
+async fn reload_tls_on_hangup(node: Arc<Node>, mut hangup: tokio::signal::unix::Signal) {
     loop {
         tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -496,16 +499,18 @@ async fn watch_disk(node: Arc<Node>) {
     }
 }
 
+/// Installs the SIGTERM and SIGINT handlers now (the caller's moment) and
+/// waits for either in a task.
 fn spawn_signal_handler(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop the node with SIGKILL");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            warn!("cannot install signal handlers; stop the node with SIGKILL");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received"),
             _ = int.recv() => info!("SIGINT received"),
