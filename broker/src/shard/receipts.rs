@@ -123,25 +123,23 @@ impl Shard {
         self.advance_group_cursor(g, user, up_to.min(head), status);
     }
 
-    fn receipt_row(&mut self, user: u64) -> ReceiptRow {
+    /// The user's `R` row, cached; `None` if the store cannot read it
+    /// (treating that as "nothing receipted yet" would repeat receipts
+    /// under new emission numbers: the caller plans nothing instead).
+    fn receipt_row(&mut self, user: u64) -> Option<ReceiptRow> {
         if let Some(r) = self.receipt_rows.get(&user) {
-            return *r;
+            return Some(*r);
         }
         let r = match self.store.get(&keys::receipts(user)) {
             Ok(Some(v)) => ReceiptRow::decode(&v),
             Ok(None) => ReceiptRow::default(),
             Err(e) => {
-                // Treated as "nothing receipted yet" would repeat receipts
-                // under new emission numbers: refuse to plan instead.
                 warn!(shard = self.id, user, error = %e, "reading a receipt row failed");
-                return ReceiptRow {
-                    emitted: u64::MAX,
-                    ..ReceiptRow::default()
-                };
+                return None;
             }
         };
         self.receipt_rows.insert(user, r);
-        r
+        Some(r)
     }
 
     /// Acknowledges the inbox up to `up_to`, then plans the receipts of what
@@ -160,10 +158,9 @@ impl Shard {
         if state.acked_seq >= state.oldest_seq {
             self.note_trim(user);
         }
-        let old = self.receipt_row(user);
-        if old.emitted == u64::MAX {
+        let Some(old) = self.receipt_row(user) else {
             return; // unreadable row (logged); the next mark tries again
-        }
+        };
         let cursors = old.cursors;
         let read = if status == ReceiptStatus::Read {
             cursors.read.max(up_to.min(state.head_seq))
