@@ -225,7 +225,7 @@ fn admit(node: &Node, peer: SocketAddr) -> Admission {
 /// The next accepted connection, or `None` once the node stops. Accept
 /// errors (out of descriptors, mostly) back off exponentially up to a
 /// second, are counted, and are logged at most once per
-/// `ACCEPT_LOG_INTERVAL` with how many there were since the last line.
+/// 10 s (`Node::accept_log`) with how many there were since the last line.
 async fn next_connection<S, F>(node: &Node, accept: impl Fn() -> F) -> Option<(S, SocketAddr)>
 where
     F: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
