@@ -120,13 +120,14 @@ pub struct Client {
 impl Client {
     /// Connects, says hello and waits for the welcome.
     pub async fn connect(config: ClientConfig) -> Result<(Client, Welcome), ClientError> {
-        let (mut rd, mut wr) = tokio::time::timeout(config.connect_timeout, open_session(&config))
-            .await
-            .map_err(|_| ClientError::Timeout)??;
-        // Small at first (idle sessions stay small); read_frame grows it
-        // for a busy one.
-        let mut buf = BytesMut::with_capacity(4096);
-        let welcome = handshake(&config, &mut rd, &mut wr, &mut buf).await?;
+        // Small buffer at first (idle sessions stay small); read_frame grows
+        // it for a busy one.
+        let RawSession {
+            reader: rd,
+            writer: wr,
+            welcome,
+            buffered: buf,
+        } = RawSession::open(&config).await?;
         let out = spawn_writer(wr, &welcome);
         let pending: Pending = Arc::default();
         let closed: Arc<Mutex<Option<Option<Reason>>>> = Arc::default();
@@ -697,8 +698,38 @@ async fn deliver(deliveries: &mpsc::Sender<Delivery>, stream: u64, messages: Vec
 }
 
 /// The read and write halves of a connection, plain or TLS.
-type Rd = Box<dyn tokio::io::AsyncRead + std::marker::Send + Unpin>;
-type Wr = Box<dyn tokio::io::AsyncWrite + std::marker::Send + Unpin>;
+pub type Rd = Box<dyn tokio::io::AsyncRead + std::marker::Send + Unpin>;
+pub type Wr = Box<dyn tokio::io::AsyncWrite + std::marker::Send + Unpin>;
+
+/// A welcomed session whose frames the caller reads and writes itself,
+/// with no background task (a load generator's hot loop, a test that
+/// needs the bytes): the connection's halves, the welcome, and whatever
+/// was read past the welcome (`buffered`, to be parsed first).
+pub struct RawSession {
+    pub reader: Rd,
+    pub writer: Wr,
+    pub welcome: Welcome,
+    pub buffered: BytesMut,
+}
+
+impl RawSession {
+    /// Connects (TCP, or TLS when the config says so), says hello and
+    /// waits for the welcome.
+    pub async fn open(config: &ClientConfig) -> Result<RawSession, ClientError> {
+        let (mut reader, mut writer) =
+            tokio::time::timeout(config.connect_timeout, open_session(config))
+                .await
+                .map_err(|_| ClientError::Timeout)??;
+        let mut buffered = BytesMut::with_capacity(4096);
+        let welcome = handshake(config, &mut reader, &mut writer, &mut buffered).await?;
+        Ok(RawSession {
+            reader,
+            writer,
+            welcome,
+            buffered,
+        })
+    }
+}
 
 /// TLS to the node: the rustls configuration (which CAs to trust, a client
 /// certificate if the node asks for one) and the name the node's

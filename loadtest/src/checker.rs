@@ -10,6 +10,13 @@
 //! - no message arrives twice;
 //! - messages arrive in increasing number (gaps allowed only for messages
 //!   that were never acknowledged).
+//!
+//! And per (reader, conversation) that owes receipts (one-to-one and
+//! broadcast, on a target that writes them): each message the reader got
+//! comes back to its sender with exactly one `read` receipt if a read mark
+//! covered it (and at most one `delivered` before it), otherwise with
+//! exactly one `delivered` receipt and no `read` one; no receipt names a
+//! message the reader never got.
 
 use std::collections::HashMap;
 
@@ -24,6 +31,13 @@ pub struct Checker {
     acked: HashMap<Key, Vec<u64>>,
     /// Delivered message numbers per (recipient, conversation), in arrival order.
     seen: HashMap<Key, Vec<u64>>,
+    /// Per (reader, conversation) that owes receipts: the highest message
+    /// number a read mark covered (0: none).
+    owes: HashMap<Key, u64>,
+    /// Receipts the senders got per (reader, conversation): a byte per
+    /// message number (index n - 1), delivered receipts in the low nibble,
+    /// read ones in the high, each saturating at 15.
+    receipts: HashMap<Key, Vec<u8>>,
 }
 
 /// One problem the checker found.
@@ -41,6 +55,11 @@ pub enum ProblemKind {
     Lost,
     Duplicate,
     Reordered,
+    ReceiptMissing,
+    ReceiptDuplicated,
+    /// A receipt for a message its reader never got, or a read receipt no
+    /// read mark called for.
+    ReceiptUnexpected,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -51,13 +70,27 @@ pub struct Verdict {
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// Messages that owed receipts (zero where none are checked).
+    #[serde(default)]
+    pub receipts_owed: u64,
+    #[serde(default)]
+    pub receipts_missing: u64,
+    #[serde(default)]
+    pub receipts_duplicated: u64,
+    #[serde(default)]
+    pub receipts_unexpected: u64,
     /// The first problems found (at most 20), for the report.
     pub examples: Vec<Problem>,
 }
 
 impl Verdict {
     pub fn ok(&self) -> bool {
-        self.lost == 0 && self.duplicates == 0 && self.reordered == 0
+        self.lost == 0
+            && self.duplicates == 0
+            && self.reordered == 0
+            && self.receipts_missing == 0
+            && self.receipts_duplicated == 0
+            && self.receipts_unexpected == 0
     }
 }
 
@@ -81,6 +114,31 @@ impl Checker {
             .push(n);
     }
 
+    /// `reader`'s messages of `conversation` owe receipts; a read mark
+    /// covered them up to number `read_up_to`.
+    pub fn owes_receipts(&mut self, reader: u64, conversation: u64, read_up_to: u64) {
+        let r = self.owes.entry((reader, conversation)).or_default();
+        *r = (*r).max(read_up_to);
+    }
+
+    /// The sender of `conversation` got a receipt from `reader` for
+    /// message `n`: `read`, or delivered.
+    pub fn receipt(&mut self, reader: u64, conversation: u64, n: u64, read: bool) {
+        let Some(i) = (n as usize).checked_sub(1) else {
+            return;
+        };
+        let v = self.receipts.entry((reader, conversation)).or_default();
+        if v.len() <= i {
+            v.resize(i + 1, 0);
+        }
+        let (d, r) = (v[i] & 0xF, v[i] >> 4);
+        v[i] = if read {
+            d | (r + 1).min(15) << 4
+        } else {
+            (d + 1).min(15) | r << 4
+        };
+    }
+
     /// Folds another checker's observations into this one (one per task).
     pub fn merge(&mut self, other: Checker) {
         for (k, v) in other.acked {
@@ -88,6 +146,21 @@ impl Checker {
         }
         for (k, v) in other.seen {
             self.seen.entry(k).or_default().extend(v);
+        }
+        for (k, r) in other.owes {
+            let e = self.owes.entry(k).or_default();
+            *e = (*e).max(r);
+        }
+        for (k, v) in other.receipts {
+            let mine = self.receipts.entry(k).or_default();
+            if mine.len() < v.len() {
+                mine.resize(v.len(), 0);
+            }
+            for (a, b) in mine.iter_mut().zip(v) {
+                let d = ((*a & 0xF) + (b & 0xF)).min(15);
+                let r = ((*a >> 4) + (b >> 4)).min(15);
+                *a = d | r << 4;
+            }
         }
     }
 
@@ -98,6 +171,9 @@ impl Checker {
                 ProblemKind::Lost => v.lost += 1,
                 ProblemKind::Duplicate => v.duplicates += 1,
                 ProblemKind::Reordered => v.reordered += 1,
+                ProblemKind::ReceiptMissing => v.receipts_missing += 1,
+                ProblemKind::ReceiptDuplicated => v.receipts_duplicated += 1,
+                ProblemKind::ReceiptUnexpected => v.receipts_unexpected += 1,
             }
             if v.examples.len() < 20 {
                 v.examples.push(Problem {
@@ -136,7 +212,55 @@ impl Checker {
                 last = last.max(n);
             }
         }
+        self.verify_receipts(&mut v, note);
         v
+    }
+
+    fn verify_receipts(&self, v: &mut Verdict, note: impl Fn(&mut Verdict, ProblemKind, Key, u64)) {
+        let count = |key: &Key, n: u64| {
+            let c = self
+                .receipts
+                .get(key)
+                .and_then(|r| r.get(n as usize - 1))
+                .copied()
+                .unwrap_or(0);
+            (c & 0xF, c >> 4)
+        };
+        let mut got = std::collections::HashSet::new();
+        for (key, &read_up_to) in &self.owes {
+            let mut seen = self.seen.get(key).cloned().unwrap_or_default();
+            seen.sort_unstable();
+            seen.dedup();
+            for n in seen {
+                got.insert((*key, n));
+                v.receipts_owed += 1;
+                let (d, r) = count(key, n);
+                let kind = if n <= read_up_to {
+                    match (d, r) {
+                        (_, 0) => Some(ProblemKind::ReceiptMissing),
+                        (0 | 1, 1) => None,
+                        _ => Some(ProblemKind::ReceiptDuplicated),
+                    }
+                } else {
+                    match (d, r) {
+                        (1, 0) => None,
+                        (0, 0) => Some(ProblemKind::ReceiptMissing),
+                        (_, 0) => Some(ProblemKind::ReceiptDuplicated),
+                        _ => Some(ProblemKind::ReceiptUnexpected),
+                    }
+                };
+                if let Some(kind) = kind {
+                    note(v, kind, *key, n);
+                }
+            }
+        }
+        for (key, counts) in &self.receipts {
+            for (i, &c) in counts.iter().enumerate() {
+                if c != 0 && !got.contains(&(*key, i as u64 + 1)) {
+                    note(v, ProblemKind::ReceiptUnexpected, *key, i as u64 + 1);
+                }
+            }
+        }
     }
 }
 
@@ -180,6 +304,49 @@ mod tests {
             conversation: 7,
             n: 4
         }));
+        assert!(!v.ok());
+    }
+
+    #[test]
+    fn receipts_are_checked_against_what_was_read_and_marked() {
+        let mut c = Checker::new();
+        // Reader 1 got messages 1..=4 of conversation 7 and marked 1..=2 read.
+        for n in 1..=4 {
+            c.acked(7, n, &[1]);
+            c.delivered(1, 7, n);
+        }
+        c.owes_receipts(1, 7, 2);
+        // 1: delivered then read; 2: read only (coalesced); 3, 4: delivered.
+        c.receipt(1, 7, 1, false);
+        c.receipt(1, 7, 1, true);
+        c.receipt(1, 7, 2, true);
+        c.receipt(1, 7, 3, false);
+        c.receipt(1, 7, 4, false);
+        let v = c.verify();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(v.receipts_owed, 4);
+
+        let mut bad = Checker::new();
+        for n in 1..=4 {
+            bad.delivered(1, 7, n);
+        }
+        bad.owes_receipts(1, 7, 2);
+        bad.receipt(1, 7, 1, true);
+        bad.receipt(1, 7, 1, true); // read twice
+        bad.receipt(1, 7, 3, false);
+        bad.receipt(1, 7, 3, true); // read though no mark covered it
+        bad.receipt(1, 7, 9, false); // never delivered
+                                     // 2 has no read receipt, 4 no delivered one.
+        let v = bad.verify();
+        assert_eq!(
+            (
+                v.receipts_missing,
+                v.receipts_duplicated,
+                v.receipts_unexpected
+            ),
+            (2, 1, 2),
+            "{v:?}"
+        );
         assert!(!v.ok());
     }
 }

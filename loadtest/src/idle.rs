@@ -128,5 +128,10 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
             generator_bytes_per_connection: per(own_before, own_after),
         }),
         label: None,
+        acks: None,
+        read_share: 0.0,
+        receipts: 0,
+        generator_cpu: None,
+        stages: Vec::new(),
     })
 }

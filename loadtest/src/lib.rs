@@ -7,8 +7,12 @@
 //!   each sender's messages;
 //! - [`stamp`]: the stamp at the start of every payload (conversation,
 //!   number, intended send time);
-//! - `endpoint`: one user's connection per target (Courier and the relay;
-//!   the peer brokers, whose wire clients are in [`peers`]);
+//! - `driver`: a Courier or relay user as one loop over its raw session
+//!   (acknowledges what it reads like a phone, marks a share read, counts
+//!   the receipts it gets; one thread per core);
+//! - `endpoint`: setting up groups and lists; a user's connection where
+//!   users are tasks (the peer brokers, whose wire clients are in
+//!   [`peers`]; Courier users that reconnect);
 //! - `pacer`: when each message is meant to go (open or closed loop);
 //! - `tally`: the shared counters and each task's per-second tally;
 //! - [`run`]: connects, runs the senders and receivers, drains, checks;
@@ -16,7 +20,10 @@
 //! - scenarios beyond send-and-receive: `session` (a user that reconnects,
 //!   retries and resumes: the reconnect scenario and `--chaos-kill`),
 //!   [`idle`] (idle connections);
-//! - [`checker`]: the end-of-run correctness check (loss, duplicates, order);
+//! - [`checker`]: the end-of-run correctness check (loss, duplicates, order,
+//!   receipts);
+//! - [`stages`]: the node's stage histograms over the run (where the
+//!   milliseconds go);
 //! - [`latency`]: HDR histograms, percentiles and the per-second timeline;
 //! - [`table`]: the side-by-side Markdown table of several runs; [`svg`]:
 //!   the run's report as a self-contained SVG;
@@ -26,6 +33,7 @@
 //!   [`fds`]: open-file limits and loopback source addresses.
 
 pub mod checker;
+mod driver;
 mod endpoint;
 pub mod fds;
 pub mod idle;
@@ -39,12 +47,13 @@ pub mod report;
 pub mod run;
 pub mod server;
 mod session;
+pub mod stages;
 pub mod stamp;
 pub mod svg;
 pub mod table;
 mod tally;
 
 pub use checker::{Checker, Verdict};
-pub use options::{Options, Scenario, Target};
+pub use options::{Acks, Options, Scenario, Target};
 pub use report::Report;
 pub use run::run;

@@ -98,6 +98,25 @@ struct Args {
     /// The name the node's certificate carries (with --tls-ca).
     #[arg(long, default_value = "localhost")]
     tls_name: String,
+    /// How receivers acknowledge: each batch they read (as a phone does;
+    /// the senders' delivered receipts flow) or lazily, every 256
+    /// deliveries (the old generator's way, for comparison).
+    #[arg(long, value_enum, default_value = "each-batch")]
+    acks: courier_loadtest::Acks,
+    /// Share of read batches a user opens (marks read), 0 to 1.
+    #[arg(long, default_value_t = 0.25)]
+    read_share: f64,
+    /// Milliseconds between receiving a batch and opening it.
+    #[arg(long, default_value_t = 200)]
+    read_delay_ms: u64,
+    /// Threads for Courier and relay users, each with its own runtime
+    /// (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The node's admin address (e.g. 127.0.0.1:7701): its stage
+    /// histograms are read before and after the run and reported.
+    #[arg(long)]
+    metrics: Option<String>,
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -197,6 +216,11 @@ async fn main() -> anyhow::Result<()> {
         server,
         source_addrs,
         progress: true,
+        acks: a.acks,
+        read_share: a.read_share,
+        read_delay: Duration::from_millis(a.read_delay_ms),
+        threads: a.threads,
+        metrics: a.metrics,
         ..Options::new(a.target, a.addr, key)
     })
     .await?;

@@ -49,6 +49,20 @@ pub enum Target {
     Mqtt,
 }
 
+/// How receivers acknowledge what they read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Acks {
+    /// As a phone does: every batch read is acknowledged at once (Courier:
+    /// `Ack` up to its last message, `Mark` for log groups), which is what
+    /// makes the senders' delivered receipts flow.
+    EachBatch,
+    /// One acknowledgement per 256 deliveries (how the generator measured
+    /// before it acknowledged like a phone; for comparison, named as such
+    /// in tables).
+    Lazy,
+}
+
 #[derive(Clone)]
 pub struct Options {
     pub target: Target,
@@ -85,6 +99,18 @@ pub struct Options {
     pub progress: bool,
     /// Speak TLS to a Courier target (the node's `tls.*` settings).
     pub tls: Option<courier_client::ClientTls>,
+    /// How receivers acknowledge what they read.
+    pub acks: Acks,
+    /// Share of read batches a user opens (marks read), `read_delay`
+    /// after it got them.
+    pub read_share: f64,
+    pub read_delay: Duration,
+    /// Threads the Courier and relay users run on, each with a
+    /// single-threaded runtime of its own (0: one per core).
+    pub threads: usize,
+    /// The node's admin address: its stage histograms are read before and
+    /// after the run (the report's `stages`).
+    pub metrics: Option<String>,
 }
 
 impl Options {
@@ -108,6 +134,19 @@ impl Options {
             source_addrs: Vec::new(),
             progress: false,
             tls: None,
+            acks: Acks::EachBatch,
+            read_share: 0.25,
+            read_delay: Duration::from_millis(200),
+            threads: 0,
+            metrics: None,
+        }
+    }
+
+    /// The threads users run on (one per core unless told).
+    pub(crate) fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 

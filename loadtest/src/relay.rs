@@ -108,6 +108,7 @@ async fn serve(relay: Arc<Relay>, stream: TcpStream) {
     // The writer: replies and deliveries, many frames per write.
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     let (dtx, mut drx) = mpsc::unbounded_channel::<Message>();
+    let mine = dtx.clone();
     relay
         .state
         .lock()
@@ -219,7 +220,20 @@ async fn serve(relay: Arc<Relay>, stream: TcpStream) {
             }
         }
     }
-    relay.state.lock().expect("state").sessions.remove(&user);
+    {
+        // Only this session's entry: a newer session of the same user (a
+        // reconnect, or a generator's setup connection closing after the
+        // run's connection arrived) keeps its own.
+        let mut state = relay.state.lock().expect("state");
+        if state
+            .sessions
+            .get(&user)
+            .is_some_and(|tx| tx.same_channel(&mine))
+        {
+            state.sessions.remove(&user);
+        }
+    }
+    drop(mine);
     drop(out_tx);
     let _ = writer.await;
 }

@@ -48,6 +48,23 @@ pub struct Report {
     /// The name of this run in tables (`--label`); the target's otherwise.
     #[serde(default)]
     pub label: Option<String>,
+    /// How receivers acknowledged (absent in reports from before the
+    /// generator acknowledged like a phone: those were lazy).
+    #[serde(default)]
+    pub acks: Option<crate::options::Acks>,
+    /// Share of read batches marked read.
+    #[serde(default)]
+    pub read_share: f64,
+    /// Receipt items (one message's delivered or read) the senders got.
+    #[serde(default)]
+    pub receipts: u64,
+    /// The generator's own CPU while sending, in cores (CPU seconds per
+    /// second; includes the relay when it runs in this process).
+    #[serde(default)]
+    pub generator_cpu: Option<f64>,
+    /// The node's stages over the run (with `--metrics`).
+    #[serde(default)]
+    pub stages: Vec<crate::stages::Stage>,
 }
 
 /// The idle scenario's figures.
@@ -132,6 +149,15 @@ pub(crate) fn report(
         kills: 0,
         idle: None,
         label: None,
+        acks: matches!(opts.target, Target::Courier | Target::Relay).then_some(opts.acks),
+        read_share: if opts.target == Target::Courier {
+            opts.read_share
+        } else {
+            0.0
+        },
+        receipts: 0,
+        generator_cpu: None,
+        stages: Vec::new(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Runs one scenario against a Courier node and measures it.
 //!
-//! Every simulated user is one connection (one `courier-client` session).
+//! Every simulated user is one connection. Courier and relay users run as
+//! [`crate::driver`] loops over raw sessions, on one thread per core;
+//! peer broker users (and Courier users that reconnect) as tasks.
 //! Senders stamp each payload with its conversation, its number in the
 //! conversation and its *intended* send time; receivers measure end-to-end
 //! latency against that intended time. In an open-loop run (`rate`) the
@@ -13,21 +15,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
+use courier_client::RawSession;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::checker::Checker;
-use crate::endpoint::{connect_all, Endpoint, Source};
+use crate::driver::{drive, Habits, Sender};
+use crate::endpoint::{connect_all, set_up_only, Endpoint};
 use crate::options::{Options, Scenario, Target};
 use crate::pacer::Pacer;
-use crate::plan::{client_msg_id, conversation, plan, Numbering, Route, Routes};
+use crate::peers::Inbox;
+use crate::plan::{client_msg_id, conversation, plan, Numbering, Plan, Route, Routes};
 use crate::report::{report, Report};
 use crate::stamp::{payload, HEADER_LEN};
-use crate::tally::{Shared, Tally};
+use crate::tally::{Phase, Shared, Tally};
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     anyhow::ensure!(
         opts.size >= HEADER_LEN,
         "message size must be at least {HEADER_LEN} bytes"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.read_share),
+        "the read share is a fraction between 0 and 1"
     );
     crate::fds::ensure_room(opts.users)?;
     if opts.scenario == Scenario::Idle {
@@ -46,56 +58,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         );
     }
     let plan = plan(&opts)?;
-    let (endpoints, sources, routes) = connect_all(&opts, &plan).await?;
-    let routes = Arc::new(routes);
-    let sending = plan.routes.iter().filter(|r| !r.is_empty()).count();
-    let shared = Arc::new(Shared::new(sending));
-
-    let mut tasks = Vec::new();
-    let mut sender_index = 0;
-    for (i, ((endpoint, source), my_routes)) in endpoints
-        .into_iter()
-        .zip(sources)
-        .zip(plan.routes)
-        .enumerate()
-    {
-        let me = opts.first_user + i as u64;
-        let pacer = Pacer::new(&opts, shared.start, sending, sender_index);
-        if !my_routes.is_empty() {
-            sender_index += 1;
-        }
-        if opts.resilient() {
-            let Endpoint::Courier(client) = endpoint else {
-                unreachable!("checked: courier target")
-            };
-            let user = crate::session::User {
-                me,
-                client,
-                routes: my_routes,
-                pacer,
-                window: opts.window.max(1),
-                size: opts.size,
-                lifetime: (opts.scenario == Scenario::Reconnect).then_some(opts.reconnect_every),
-            };
-            tasks.push(tokio::spawn(user.run(shared.clone(), routes.clone())));
-            continue;
-        }
-        let receiver = tokio::spawn(receive(me, source, shared.clone()));
-        let sender = tokio::spawn(send(
-            me,
-            Arc::new(endpoint),
-            my_routes,
-            pacer,
-            (opts.size, opts.window.max(1)),
-            shared.clone(),
-            routes.clone(),
-        ));
-        tasks.push(tokio::spawn(async move {
-            let mut checker = sender.await.expect("sender task");
-            checker.merge(receiver.await.expect("receiver task"));
-            checker
-        }));
-    }
+    let driven = matches!(opts.target, Target::Courier | Target::Relay) && !opts.resilient();
+    let (shared, users) = if driven {
+        start_driven(&opts, plan).await?
+    } else {
+        start_tasks(&opts, plan).await?
+    };
+    let metrics_before = read_metrics(&opts).await;
+    let cpu_at_start = process_cpu();
 
     let kills = Arc::new(AtomicU64::new(0));
     let chaos = match (opts.chaos_kill, opts.server.clone()) {
@@ -114,55 +84,280 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let send_end = shared.start.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_at_start);
     if let Some(chaos) = chaos {
         chaos.await?;
     }
     // Deliveries drain: wait until every expected one arrived or nothing
     // moved for two seconds (bounded).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = (shared.delivered.load(Ordering::Relaxed), Instant::now());
-    loop {
+    settle(&shared, Duration::from_secs(30), || {
         let d = shared.delivered.load(Ordering::Relaxed);
-        let expected = shared.expected.load(Ordering::Relaxed);
-        if d >= expected || last.1.elapsed() > Duration::from_secs(2) || Instant::now() > deadline {
-            break;
-        }
-        if d != last.0 {
-            last = (d, Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        (d, d >= shared.expected.load(Ordering::Relaxed))
+    })
+    .await;
+    // Then every user acknowledges all it read, and the receipts that
+    // calls for come back (Courier's users only: nobody else writes them).
+    let receipts = driven && opts.target == Target::Courier;
+    if receipts {
+        shared.set_phase(Phase::Settling);
+        settle(&shared, Duration::from_secs(15), || {
+            (shared.receipts.load(Ordering::Relaxed), false)
+        })
+        .await;
     }
-    shared.stop.store(true, Ordering::Relaxed);
+    let metrics_after = read_metrics(&opts).await;
+    shared.set_phase(Phase::Stopped);
     let mut checker = Checker::new();
-    for t in tasks {
-        checker.merge(t.await?);
+    for u in users {
+        checker.merge(u.await?);
     }
     let _ = progress.await;
     let (ack_h, e2e_h) = shared.totals.lock().expect("totals").clone();
     let mut report = report(&opts, &shared, send_end, &ack_h, &e2e_h, checker.verify());
     report.kills = kills.load(Ordering::Relaxed);
+    report.generator_cpu = Some(cpu.as_secs_f64() / send_end.as_secs_f64().max(1e-9));
+    report.receipts = shared.receipts.load(Ordering::Relaxed);
+    if let (Some(before), Some(after)) = (metrics_before, metrics_after) {
+        report.stages = crate::stages::stages(&before, &after);
+    }
     Ok(report)
 }
 
-/// One connection's receiving: latencies and what arrived, until the run stops.
-async fn receive(me: u64, mut source: Source, shared: Arc<Shared>) -> Checker {
+/// The node's metrics text, when asked for (`None`, said why, if it could
+/// not be read: the run's own figures stand without it).
+async fn read_metrics(opts: &Options) -> Option<String> {
+    let addr = opts.metrics.clone()?;
+    match tokio::task::spawn_blocking(move || crate::stages::scrape(&addr)).await {
+        Ok(Ok(text)) => Some(text),
+        Ok(Err(e)) => {
+            eprintln!("loadtest: reading the node's metrics failed: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Waits until `progress` says done, or its count stood still for two
+/// seconds, or `limit` passed.
+async fn settle(shared: &Shared, limit: Duration, progress: impl Fn() -> (u64, bool)) {
+    let deadline = Instant::now() + limit;
+    let mut last = (progress().0, Instant::now());
+    loop {
+        let (count, done) = progress();
+        if done || last.1.elapsed() > Duration::from_secs(2) || Instant::now() > deadline {
+            break;
+        }
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        if shared.phase() == Phase::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a user (or a thread of users) hands the checker at the end.
+type Pending = Pin<Box<dyn Future<Output = anyhow::Result<Checker>> + Send>>;
+
+/// Courier and relay users as driver loops, spread over one thread per
+/// core (each a single-threaded runtime: a user's loop never moves between
+/// cores). Every thread connects its users first; the clock starts when
+/// all are connected.
+async fn start_driven(opts: &Options, plan: Plan) -> anyhow::Result<(Arc<Shared>, Vec<Pending>)> {
+    let routes = Arc::new(set_up_only(opts, &plan).await?);
+    let threads = opts.threads().min(opts.users as usize).max(1);
+    let sending = plan.routes.iter().filter(|r| !r.is_empty()).count();
+    let mut assigned: Vec<Vec<(u64, Vec<Route>, usize)>> = vec![Vec::new(); threads];
+    let mut sender_index = 0;
+    for (i, r) in plan.routes.into_iter().enumerate() {
+        let si = sender_index;
+        if !r.is_empty() {
+            sender_index += 1;
+        }
+        assigned[i % threads].push((i as u64, r, si));
+    }
+    let habits = Habits {
+        acks: opts.acks,
+        read_share: opts.read_share,
+        read_delay: opts.read_delay,
+        window: opts.window.max(1),
+        size: opts.size,
+        receipts: opts.target == Target::Courier,
+    };
+    let mut ready = Vec::new();
+    let mut go = Vec::new();
+    let mut done = Vec::new();
+    for (t, users) in assigned.into_iter().enumerate() {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<Arc<Shared>>(1);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Checker>();
+        let (opts, routes) = (opts.clone(), routes.clone());
+        std::thread::Builder::new()
+            .name(format!("loadtest-{t}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let sessions = rt.block_on(async {
+                    let mut sessions = Vec::with_capacity(users.len());
+                    for (i, _, _) in &users {
+                        sessions.push(RawSession::open(&opts.client_config(*i)).await?);
+                    }
+                    anyhow::Ok(sessions)
+                });
+                let sessions = match sessions {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let Ok(shared) = go_rx.recv() else { return };
+                let checker = rt.block_on(async {
+                    let mut loops = Vec::with_capacity(users.len());
+                    for ((i, my_routes, si), session) in users.into_iter().zip(sessions) {
+                        let sender = (!my_routes.is_empty()).then(|| Sender {
+                            pacer: Pacer::new(&opts, shared.start, sending, si),
+                            routes: my_routes,
+                        });
+                        loops.push(tokio::spawn(drive(
+                            opts.first_user + i,
+                            session,
+                            sender,
+                            habits,
+                            shared.clone(),
+                            routes.clone(),
+                        )));
+                    }
+                    let mut checker = Checker::new();
+                    for l in loops {
+                        if let Ok(c) = l.await {
+                            checker.merge(c);
+                        }
+                    }
+                    checker
+                });
+                let _ = done_tx.send(checker);
+            })?;
+        ready.push(ready_rx);
+        go.push(go_tx);
+        done.push(done_rx);
+    }
+    for r in ready {
+        r.await
+            .map_err(|_| anyhow::anyhow!("a generator thread failed"))??;
+    }
+    let shared = Arc::new(Shared::new(sending));
+    for g in go {
+        g.send(shared.clone())?;
+    }
+    let pending = done
+        .into_iter()
+        .map(|d| -> Pending {
+            Box::pin(async move {
+                d.await
+                    .map_err(|_| anyhow::anyhow!("a generator thread failed"))
+            })
+        })
+        .collect();
+    Ok((shared, pending))
+}
+
+/// Users as tasks on this runtime: a sender and a receiver per peer
+/// broker user, one resilient task per Courier user that reconnects.
+async fn start_tasks(opts: &Options, plan: Plan) -> anyhow::Result<(Arc<Shared>, Vec<Pending>)> {
+    let (users, routes) = connect_all(opts, &plan).await?;
+    let routes = Arc::new(routes);
+    let sending = plan.routes.iter().filter(|r| !r.is_empty()).count();
+    let shared = Arc::new(Shared::new(sending));
+    let mut tasks: Vec<Pending> = Vec::new();
+    let mut sender_index = 0;
+    for (i, ((endpoint, inbox), my_routes)) in users.into_iter().zip(plan.routes).enumerate() {
+        let me = opts.first_user + i as u64;
+        let pacer = Pacer::new(opts, shared.start, sending, sender_index);
+        if !my_routes.is_empty() {
+            sender_index += 1;
+        }
+        let task = match (endpoint, inbox) {
+            (Endpoint::Courier(client), _) => {
+                let user = crate::session::User {
+                    me,
+                    client,
+                    routes: my_routes,
+                    pacer,
+                    window: opts.window.max(1),
+                    size: opts.size,
+                    lifetime: (opts.scenario == Scenario::Reconnect)
+                        .then_some(opts.reconnect_every),
+                };
+                tokio::spawn(user.run(shared.clone(), routes.clone()))
+            }
+            (endpoint, inbox) => {
+                let receiver = inbox.map(|i| tokio::spawn(receive(me, i, shared.clone())));
+                let sender = tokio::spawn(send(
+                    me,
+                    Arc::new(endpoint),
+                    my_routes,
+                    pacer,
+                    (opts.size, opts.window.max(1)),
+                    shared.clone(),
+                    routes.clone(),
+                ));
+                tokio::spawn(async move {
+                    let mut checker = sender.await.expect("sender task");
+                    if let Some(r) = receiver {
+                        checker.merge(r.await.expect("receiver task"));
+                    }
+                    checker
+                })
+            }
+        };
+        tasks.push(Box::pin(async move { Ok(task.await?) }));
+    }
+    Ok((shared, tasks))
+}
+
+/// A peer user's receiving: latencies and what arrived, until the run stops.
+async fn receive(me: u64, mut inbox: Inbox, shared: Arc<Shared>) -> Checker {
     let mut checker = Checker::new();
     let mut tally = Tally::new();
     loop {
-        let payload = match source.next(Duration::from_millis(200)).await {
+        let payload = match tokio::time::timeout(Duration::from_millis(200), inbox.recv()).await {
             Ok(Some(p)) => p,
-            Ok(None) => {
+            Ok(None) => break,
+            Err(_) => {
                 if shared.stop.load(Ordering::Relaxed) {
                     break;
                 }
                 continue;
             }
-            Err(()) => break,
         };
         shared.delivery(me, &payload, &mut checker, &mut tally);
     }
     tally.flush(&shared);
     checker
+}
+
+/// This process's CPU time (user and system, every thread) so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// One user's sending: open or closed loop over its routes, acks awaited

@@ -10,12 +10,17 @@ pub const HEADER_LEN: usize = 4 + 8 + 8 + 8;
 
 pub(crate) fn payload(conversation: u64, n: u64, intended_ns: u64, size: usize) -> Bytes {
     let mut b = BytesMut::with_capacity(size.max(HEADER_LEN));
-    b.put_u32(MAGIC);
-    b.put_u64(conversation);
-    b.put_u64(n);
-    b.put_u64(intended_ns);
-    b.resize(size.max(HEADER_LEN), b'.');
+    put(&mut b, conversation, n, intended_ns, size);
     b.freeze()
+}
+
+/// Appends a payload of `size` bytes (at least the stamp) to `out`.
+pub(crate) fn put(out: &mut BytesMut, conversation: u64, n: u64, intended_ns: u64, size: usize) {
+    out.put_u32(MAGIC);
+    out.put_u64(conversation);
+    out.put_u64(n);
+    out.put_u64(intended_ns);
+    out.put_bytes(b'.', size.saturating_sub(HEADER_LEN));
 }
 
 /// (conversation, n, intended_ns) of a generator payload.

@@ -3,7 +3,7 @@
 //! locked per message).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,20 @@ use crate::stamp::parse;
 /// One second of the timeline: sent, acked, delivered, end-to-end latencies.
 pub(crate) type SecondRow = (u64, u64, u64, Histogram<u64>);
 
+/// Where the run is, for the users' loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    /// Sending and delivering are over: every user acknowledges all it
+    /// read (lazy ones too), and the receipts that calls for come in.
+    Settling,
+    Stopped,
+}
+
 pub(crate) struct Shared {
     pub start: Instant,
     pub stop: AtomicBool,
+    phase: AtomicU8,
     /// Senders still sending (or waiting for their last acks).
     pub sending_left: AtomicUsize,
     pub sent: AtomicU64,
@@ -27,6 +38,8 @@ pub(crate) struct Shared {
     /// Deliveries the acknowledged messages call for.
     pub expected: AtomicU64,
     pub delivered: AtomicU64,
+    /// Receipt items (one message's delivered or read) senders received.
+    pub receipts: AtomicU64,
     pub reconnects: AtomicU64,
     pub redelivered: AtomicU64,
     /// Nanoseconds from the start to the latest delivery.
@@ -46,17 +59,34 @@ impl Shared {
         Shared {
             start: Instant::now(),
             stop: AtomicBool::new(false),
+            phase: AtomicU8::new(0),
             sending_left: AtomicUsize::new(sending),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            receipts: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             seconds: Mutex::new(Vec::new()),
             totals: Mutex::new((histogram(), histogram())),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Running,
+            1 => Phase::Settling,
+            _ => Phase::Stopped,
+        }
+    }
+
+    pub(crate) fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Relaxed);
+        if p == Phase::Stopped {
+            self.stop.store(true, Ordering::Relaxed);
         }
     }
 
@@ -137,11 +167,11 @@ impl Shared {
 /// up): a few locks per task per second, not one per message.
 pub(crate) struct Tally {
     second: usize,
-    sent: u64,
-    acked: u64,
-    delivered: u64,
-    ack_us: Vec<u64>,
-    e2e_us: Vec<u64>,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub ack_us: Vec<u64>,
+    pub e2e_us: Vec<u64>,
 }
 
 /// Samples a task keeps before flushing within a second.
@@ -160,7 +190,7 @@ impl Tally {
     }
 
     /// Moves to the second of `now`, flushing the previous one.
-    fn at(&mut self, shared: &Shared, now: Instant) -> &mut Tally {
+    pub(crate) fn at(&mut self, shared: &Shared, now: Instant) -> &mut Tally {
         let s = shared.second(now);
         if s != self.second || self.ack_us.len() + self.e2e_us.len() >= TALLY_SAMPLES_MAX {
             self.flush(shared);

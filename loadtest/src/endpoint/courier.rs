@@ -1,6 +1,7 @@
 //! The Courier endpoint (also the relay's, which speaks the protocol):
 //! sends by destination, and the groups and lists a scenario needs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,13 +49,12 @@ pub(crate) fn courier_send(
 /// Creates the plan's groups (each by its first member) and returns their
 /// ids by plan index.
 pub(crate) async fn create_groups(
-    clients: &[Arc<Client>],
+    clients: &HashMap<u64, Arc<Client>>,
     plan: &Plan,
-    first_user: u64,
 ) -> anyhow::Result<Vec<u64>> {
     let mut ids = Vec::with_capacity(plan.groups.len());
     for members in &plan.groups {
-        let creator = &clients[(members[0] - first_user) as usize];
+        let creator = &clients[&members[0]];
         ids.push(creator.create_group(members[1..].to_vec()).await?.group);
     }
     Ok(ids)
@@ -63,11 +63,10 @@ pub(crate) async fn create_groups(
 /// Sets up the plan's broadcast lists: consenting customers add the
 /// business as a contact; the business sets its list of every customer.
 pub(crate) async fn create_lists(
-    clients: &[Arc<Client>],
+    clients: &HashMap<u64, Arc<Client>>,
     plan: &Plan,
-    first_user: u64,
 ) -> anyhow::Result<()> {
-    let client = |u: u64| &clients[(u - first_user) as usize];
+    let client = |u: u64| &clients[&u];
     for (business, customers, consenting) in &plan.lists {
         for &c in consenting {
             client(c)

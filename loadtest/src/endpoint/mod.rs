@@ -1,15 +1,16 @@
-//! One simulated user's connection to the target, and how it sends and
-//! receives: `courier` for Courier and the relay, `peer` for the peer
-//! brokers.
+//! One simulated user's connection to the target in the runs whose users
+//! are tasks, and how it sends: `courier` for Courier users that reconnect
+//! (and the groups and lists every Courier run sets up), `peer` for the
+//! peer brokers.
 
 pub(crate) mod courier;
 pub(crate) mod peer;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use courier_client::{Client, ClientError};
+use courier_client::Client;
 
 use self::courier::{client_error, courier_send};
 use self::peer::{group_name, user_name, Ack, Peer};
@@ -17,72 +18,78 @@ use crate::options::{Options, Target};
 use crate::peers::Inbox;
 use crate::plan::{Dest, Plan, Routes};
 
-/// One simulated user's connection to the target.
+/// One simulated user's connection to the target, in the runs whose users
+/// are tasks (peer brokers; Courier users that reconnect): Courier users
+/// that only send and receive run as [`crate::driver`] loops instead.
 pub(crate) enum Endpoint {
     Courier(Arc<Client>),
     Peer(Peer),
 }
 
-/// Where a user's deliveries come from.
-pub(crate) enum Source {
-    /// A Courier session, and how many deliveries it has not yet confirmed.
-    Courier(Arc<Client>, u32),
-    Peer(Inbox),
-}
-
-impl Source {
-    /// The next payload; `Ok(None)` after `wait` without one; `Err` once closed.
-    pub(crate) async fn next(&mut self, wait: Duration) -> Result<Option<Bytes>, ()> {
-        match self {
-            Source::Courier(c, unconfirmed) => match c.next_timeout(wait).await {
-                Ok(d) => {
-                    *unconfirmed += 1;
-                    if *unconfirmed >= 256 {
-                        let _ = c.confirm(&d).await;
-                        *unconfirmed = 0;
-                    }
-                    Ok(Some(d.message.payload))
-                }
-                Err(ClientError::Timeout) => Ok(None),
-                Err(_) => Err(()),
-            },
-            Source::Peer(rx) => match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(Some(p)) => Ok(Some(p)),
-                Ok(None) => Err(()),
-                Err(_) => Ok(None),
-            },
-        }
-    }
-}
-
-/// Connects every user and sets up the groups and lists; returns the
-/// endpoints, the sources of their deliveries, and the routes' names on
-/// the target.
+/// Connects every user (with a peer's inbox of deliveries) and sets up the
+/// groups and lists; returns them and the routes' names on the target.
 pub(crate) async fn connect_all(
     opts: &Options,
     plan: &Plan,
-) -> anyhow::Result<(Vec<Endpoint>, Vec<Source>, Routes)> {
-    let tag = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let mut endpoints = Vec::new();
-    let mut sources = Vec::new();
+) -> anyhow::Result<(Vec<(Endpoint, Option<Inbox>)>, Routes)> {
+    let tag = run_tag();
+    let mut users = Vec::new();
     for i in 0..opts.users {
-        let (endpoint, source) = connect_one(opts, plan, tag, i).await?;
-        endpoints.push(endpoint);
-        sources.push(source);
+        users.push(connect_one(opts, plan, tag, i).await?);
     }
-    let courier_target = matches!(opts.target, Target::Courier | Target::Relay);
-    let clients: Vec<Arc<Client>> = endpoints
+    let clients: HashMap<u64, Arc<Client>> = users
         .iter()
-        .filter_map(|e| match e {
-            Endpoint::Courier(c) => Some(c.clone()),
+        .enumerate()
+        .filter_map(|(i, (e, _))| match e {
+            Endpoint::Courier(c) => Some((opts.first_user + i as u64, c.clone())),
             Endpoint::Peer(_) => None,
         })
         .collect();
+    let routes = set_up(opts, plan, tag, &clients).await?;
+    Ok((users, routes))
+}
+
+/// For runs whose Courier or relay users are driver loops: sets up the
+/// plan's groups and lists over short-lived sessions of only the users
+/// that own them (closed before the run's sessions connect, so the run
+/// resumes after everything they caused).
+pub(crate) async fn set_up_only(opts: &Options, plan: &Plan) -> anyhow::Result<Routes> {
+    let mut owners: Vec<u64> = plan.groups.iter().map(|m| m[0]).collect();
+    if opts.target == Target::Courier {
+        for (business, _, consenting) in &plan.lists {
+            owners.push(*business);
+            owners.extend(consenting);
+        }
+    }
+    owners.sort_unstable();
+    owners.dedup();
+    let mut clients = HashMap::new();
+    for u in owners {
+        let (client, _) = Client::connect(opts.client_config(u - opts.first_user)).await?;
+        clients.insert(u, Arc::new(client));
+    }
+    set_up(opts, plan, run_tag(), &clients).await
+}
+
+/// A number that tells this run's messages from earlier runs' (the time).
+fn run_tag() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Creates the plan's groups and lists through `clients` (Courier and the
+/// relay; peers name groups by subject and have no lists).
+async fn set_up(
+    opts: &Options,
+    plan: &Plan,
+    tag: u64,
+    clients: &HashMap<u64, Arc<Client>>,
+) -> anyhow::Result<Routes> {
+    let courier_target = matches!(opts.target, Target::Courier | Target::Relay);
     let group_ids = if courier_target && !plan.groups.is_empty() {
-        courier::create_groups(&clients, plan, opts.first_user).await?
+        courier::create_groups(clients, plan).await?
     } else {
         (0..plan.groups.len() as u64).collect()
     };
@@ -93,14 +100,13 @@ pub(crate) async fn connect_all(
         );
     }
     if opts.target == Target::Courier {
-        courier::create_lists(&clients, plan, opts.first_user).await?;
+        courier::create_lists(clients, plan).await?;
     }
-    let routes = Routes {
+    Ok(Routes {
         group_ids,
         lists: plan.lists.iter().map(|l| l.2.clone()).collect(),
         tag,
-    };
-    Ok((endpoints, sources, routes))
+    })
 }
 
 /// Connects the run's `i`-th user.
@@ -109,14 +115,10 @@ async fn connect_one(
     plan: &Plan,
     tag: u64,
     i: u64,
-) -> anyhow::Result<(Endpoint, Source)> {
+) -> anyhow::Result<(Endpoint, Option<Inbox>)> {
     if matches!(opts.target, Target::Courier | Target::Relay) {
         let (client, _) = Client::connect(opts.client_config(i)).await?;
-        let client = Arc::new(client);
-        return Ok((
-            Endpoint::Courier(client.clone()),
-            Source::Courier(client, 0),
-        ));
+        return Ok((Endpoint::Courier(Arc::new(client)), None));
     }
     let u = opts.first_user + i;
     let groups: Vec<usize> = plan
@@ -127,7 +129,7 @@ async fn connect_one(
         .map(|(i, _)| i)
         .collect();
     let (peer, inbox) = peer::connect(opts, tag, i, u, &groups).await?;
-    Ok((Endpoint::Peer(peer), Source::Peer(inbox)))
+    Ok((Endpoint::Peer(peer), Some(inbox)))
 }
 
 impl Endpoint {
