@@ -56,6 +56,7 @@ fn fanout(c: &mut Criterion) {
                     max_group_members: 1024,
                     max_groups_per_user: 1024,
                     log_threshold: if strategy == "refs" { 100_000 } else { 1 },
+                    mark_coalesce: Duration::from_millis(10),
                     clock,
                 };
                 let shards = Shards::start(2, config, store).unwrap();

@@ -139,6 +139,10 @@ pub struct Limits {
     pub shard_queue_len: usize,
     /// Commands a shard drains into one storage write.
     pub shard_batch_max: usize,
+    /// How long a shard holds a user's delivered/read marks to merge them
+    /// (0: each applies with its batch). Merged marks cost one cursor write
+    /// and one receipt per original sender; receipts appear this much later.
+    pub mark_coalesce_ms: u64,
     /// How long shutdown waits for connections to finish before closing them.
     pub shutdown_grace_ms: u64,
 }
@@ -217,6 +221,7 @@ impl Default for Limits {
             outbound_queue_len: 1024,
             shard_queue_len: 8192,
             shard_batch_max: 512,
+            mark_coalesce_ms: 10,
             shutdown_grace_ms: 10_000,
         }
     }

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use courier_protocol::GROUP_ID_BIT;
 use courier_storage::{Clock, InboxStore};
@@ -108,6 +109,7 @@ impl Node {
                 max_group_members: config.groups.max_members,
                 max_groups_per_user: config.groups.max_per_user,
                 log_threshold: config.groups.log_threshold,
+                mark_coalesce: Duration::from_millis(limits.mark_coalesce_ms),
                 clock: clock.clone(),
             },
             store.clone(),

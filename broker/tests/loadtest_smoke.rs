@@ -1,7 +1,9 @@
 //! A short run of the bundled load generator against the real node, for
 //! correctness (not speed): every acknowledged message must arrive exactly
 //! once, in order, at every intended recipient (for broadcasts: every
-//! consenting one, and no other).
+//! consenting one, and no other), and every message a reader acknowledged
+//! or marked read must come back to its sender as exactly one delivered or
+//! read receipt.
 
 mod common;
 
@@ -44,6 +46,12 @@ async fn one_to_one_and_group_runs_lose_nothing() {
             v.deliveries, v.expected_deliveries,
             "nothing extra, nothing missing"
         );
+        // Receipts were checked where the node writes them (not for
+        // group messages, which get counts).
+        if scenario != Scenario::Group {
+            assert!(v.receipts_owed > 100, "{}", report.summary());
+            assert!(report.receipts >= v.receipts_owed, "{}", report.summary());
+        }
     }
 }
 

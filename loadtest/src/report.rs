@@ -198,6 +198,27 @@ impl Report {
             v.reordered,
             if v.ok() { "OK" } else { "FAILED" }
         );
+        if v.receipts_owed > 0 {
+            s.push_str(&format!(
+                "receipts: {} items received for {} messages that owed them; {} missing, {} duplicated, {} unexpected\n",
+                self.receipts,
+                v.receipts_owed,
+                v.receipts_missing,
+                v.receipts_duplicated,
+                v.receipts_unexpected
+            ));
+        }
+        if let Some(cpu) = self.generator_cpu {
+            s.push_str(&format!(
+                "generator: {:.0}% of a core while sending{}\n",
+                cpu * 100.0,
+                match self.acks {
+                    Some(crate::options::Acks::Lazy) => ", lazy acks (every 256 deliveries)",
+                    Some(crate::options::Acks::EachBatch) => ", acks each batch read",
+                    None => "",
+                }
+            ));
+        }
         for e in &v.examples {
             s.push_str(&format!("  {e:?}\n"));
         }

@@ -34,6 +34,12 @@ pub struct ShardConfig {
     pub max_group_members: usize,
     pub max_groups_per_user: usize,
     pub log_threshold: usize,
+    /// How long a user's marks are held and merged before they are applied
+    /// (zero: applied with the batch that brought them). Marks only move
+    /// cursors forward, so many become one: one cursor write, one read of
+    /// the inbox range, one receipt per original sender instead of one per
+    /// acknowledged batch.
+    pub mark_coalesce: Duration,
     /// The node's one clock (the store's idempotency window and expiring
     /// space read the same one).
     pub clock: Clock,
@@ -49,6 +55,7 @@ impl ShardConfig {
             max_group_members: 1024,
             max_groups_per_user: 64,
             log_threshold: 4,
+            mark_coalesce: Duration::ZERO,
             clock: Clock::system(),
         }
     }
@@ -112,6 +119,19 @@ pub(crate) struct Shard {
     pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
     /// Key-value writes to make with the next batch.
     pub(crate) kv: Vec<KvOp>,
+    /// Marks held to be merged (`mark_coalesce`), by (user, stream): the
+    /// highest delivered and read sequences marked.
+    pub(crate) held_marks: BTreeMap<(u64, u64), HeldMark>,
+    /// When the oldest held mark is due.
+    pub(crate) marks_due: Option<Instant>,
+}
+
+/// Marks of one (user, stream) merged while held: read implies delivered,
+/// so `delivered >= read`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct HeldMark {
+    pub delivered: u64,
+    pub read: u64,
 }
 
 impl Shard {
@@ -145,6 +165,8 @@ impl Shard {
             receipt_rows: HashMap::new(),
             group_cursors: HashMap::new(),
             kv: Vec::new(),
+            held_marks: BTreeMap::new(),
+            marks_due: None,
         }
     }
 
@@ -206,7 +228,13 @@ impl Shard {
     /// a batch of whatever else is queued, peers first. False once every
     /// session-side sender is gone.
     async fn drain(&mut self, cmds: &mut Vec<ShardCmd>) -> bool {
-        let next = tokio::time::timeout(TRIM_INTERVAL, async {
+        let wait = match self.marks_due {
+            Some(due) => due
+                .saturating_duration_since(Instant::now())
+                .min(TRIM_INTERVAL),
+            None => TRIM_INTERVAL,
+        };
+        let next = tokio::time::timeout(wait, async {
             tokio::select! {
                 biased;
                 Some(c) = self.peer_rx.recv() => Some(c),
@@ -243,6 +271,10 @@ impl Shard {
         }
         self.note_fanned();
         self.write_batch(&mut batch);
+        // Queries read the cursors marks move, and a stopping shard keeps
+        // nothing: both take every held mark now.
+        let all = batch.stop || !batch.queries.is_empty();
+        self.release_marks(all, &mut batch.marks);
         self.apply_marks(&mut batch.marks);
         self.write_kv();
         self.answer_queries(std::mem::take(&mut batch.queries));
@@ -264,9 +296,10 @@ impl Shard {
             ShardCmd::Broadcast(b) => self.plan_broadcast(b),
             ShardCmd::StatusView(v) => self.plan_status_view(v, batch),
             ShardCmd::ReceiptQuery(q) => batch.queries.push(q),
-            ShardCmd::Mark(m) => batch.marks.push(m),
+            ShardCmd::Mark(m) => self.hold_mark(m, batch),
             ShardCmd::Register(r) => {
-                // Earlier marks of this batch must be visible in the state.
+                // Earlier marks (held ones too) must be visible in the state.
+                self.release_marks(true, &mut batch.marks);
                 self.apply_marks(&mut batch.marks);
                 self.register(r);
             }

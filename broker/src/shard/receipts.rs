@@ -63,6 +63,49 @@ pub(crate) fn receipt_scope(sender: u64) -> u64 {
 type Owed = BTreeMap<(u64, u8), Vec<(u64, u64)>>;
 
 impl Shard {
+    /// A mark from a session: applied with this batch, or held to be merged
+    /// with the user's next ones for `mark_coalesce`.
+    pub(crate) fn hold_mark(&mut self, m: MarkCmd, batch: &mut Batch) {
+        if self.config.mark_coalesce.is_zero() {
+            batch.marks.push(m);
+            return;
+        }
+        let held = self.held_marks.entry((m.user, m.stream)).or_default();
+        held.delivered = held.delivered.max(m.up_to_seq);
+        if m.status == ReceiptStatus::Read {
+            held.read = held.read.max(m.up_to_seq);
+        }
+        if self.marks_due.is_none() {
+            self.marks_due = Some(Instant::now() + self.config.mark_coalesce);
+        }
+    }
+
+    /// Moves the held marks into `marks` once they are due (or `all` now).
+    /// Read first, then delivered beyond it: what was read before its
+    /// delivered mark was applied gets only its read receipt.
+    pub(crate) fn release_marks(&mut self, all: bool, marks: &mut Vec<MarkCmd>) {
+        if self.held_marks.is_empty()
+            || !(all || self.marks_due.is_some_and(|d| d <= Instant::now()))
+        {
+            return;
+        }
+        self.marks_due = None;
+        for ((user, stream), held) in std::mem::take(&mut self.held_marks) {
+            let mark = |up_to_seq, status| MarkCmd {
+                user,
+                stream,
+                up_to_seq,
+                status,
+            };
+            if held.read > 0 {
+                marks.push(mark(held.read, ReceiptStatus::Read));
+            }
+            if held.delivered > held.read {
+                marks.push(mark(held.delivered, ReceiptStatus::Delivered));
+            }
+        }
+    }
+
     pub(crate) fn apply_marks(&mut self, marks: &mut Vec<MarkCmd>) {
         for m in marks.drain(..) {
             if m.stream == 0 {

@@ -524,3 +524,72 @@ async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
         }
     }
 }
+
+/// Marks held for `mark_coalesce` merge into one cursor move per user:
+/// three delivered marks and a read mark within the window give the sender
+/// one read receipt (for what was read before its delivered mark applied)
+/// and one delivered receipt; applied one by one, the same marks give four.
+#[tokio::test]
+async fn held_marks_merge_into_one_receipt_per_status() {
+    for (coalesce, expected) in [
+        (
+            Duration::from_millis(100),
+            vec![(2u8, vec![1, 2]), (1, vec![3])],
+        ),
+        (
+            Duration::ZERO,
+            vec![(1, vec![1]), (1, vec![2]), (1, vec![3]), (2, vec![1, 2])],
+        ),
+    ] {
+        let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let config = ShardConfig {
+            mark_coalesce: coalesce,
+            ..ShardConfig::for_tests()
+        };
+        let shards = Shards::start(1, config, store.clone()).unwrap();
+        let (rtx, mut rrx) = mpsc::unbounded_channel();
+        for i in 1..=6 {
+            assert!(shards.send(2, send(i, &rtx)).await);
+        }
+        for _ in 1..=6 {
+            assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+        }
+        let mark = |up_to_seq, status| {
+            ShardCmd::Mark(MarkCmd {
+                user: 2,
+                stream: 0,
+                up_to_seq,
+                status,
+            })
+        };
+        for m in [
+            mark(1, ReceiptStatus::Delivered),
+            mark(2, ReceiptStatus::Delivered),
+            mark(3, ReceiptStatus::Delivered),
+            mark(2, ReceiptStatus::Read),
+        ] {
+            assert!(shards.send(2, m).await);
+        }
+        // The receipts land in the sender's (user 1's) inbox.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let receipts = loop {
+            let got: Vec<(u8, Vec<u64>)> = store
+                .read_after(1, 0, 100)
+                .unwrap()
+                .into_iter()
+                .map(|m| {
+                    let p = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
+                    (p.status as u8, p.messages.iter().map(|x| x.0).collect())
+                })
+                .collect();
+            if got.len() >= expected.len() || Instant::now() > deadline {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(receipts, expected, "coalescing {coalesce:?}");
+        // Nothing more comes later.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(store.read_after(1, 0, 100).unwrap().len(), expected.len());
+    }
+}
