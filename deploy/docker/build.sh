@@ -5,7 +5,10 @@
 #                                          prometheus binary installed here
 #                                          (Debian package `prometheus`)
 # Each image is the binary plus the shared libraries `ldd` lists, on an empty
-# file system (FROM scratch).
+# file system (FROM scratch). The courier binary goes in stripped; its debug
+# information stays beside the build (`<target>/<profile>/courier.debug`,
+# found by the stripped binary's debug link) for profiling and symbolizing
+# a core or a perf profile taken from a container.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 what="${1:-courier}"
@@ -34,7 +37,12 @@ courier)
     cargo build --profile "$profile" -p courier-broker --bin courier
     out="$profile"
     [ "$profile" = bench ] && out=release
-    pack "${CARGO_TARGET_DIR:-$root/target}/$out/courier" /usr/local/bin/courier
+    bin="${CARGO_TARGET_DIR:-$root/target}/$out/courier"
+    objcopy --only-keep-debug "$bin" "$bin.debug"
+    objcopy --strip-debug --strip-unneeded --add-gnu-debuglink="$bin.debug" "$bin" "$ctx/courier"
+    pack "$ctx/courier" /usr/local/bin/courier
+    rm "$ctx/courier"
+    echo "build.sh: debug information in $bin.debug" >&2
     mkdir -p "$ctx/data"
     cp "$root/deploy/docker/Dockerfile" "$ctx/Dockerfile"
     docker build -q -t "${IMAGE:-courier:latest}" "$ctx"
