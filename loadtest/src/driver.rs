@@ -429,7 +429,8 @@ impl Loop {
                 self.sent_all = Some(now + LAST_ACKS);
                 break;
             };
-            if intended > now {
+            // (A closed loop's intended time is the moment of asking.)
+            if intended > Instant::now() {
                 self.next_send = Some(intended);
                 break;
             }

@@ -9,6 +9,11 @@ use courier_loadtest::{run, Options, Report, Scenario, Target};
 use courier_protocol::token::TokenKey;
 
 async fn run_against(faults: Faults, scenario: Scenario) -> Report {
+    run_paced(faults, scenario, Some(4000.0)).await
+}
+
+/// `rate` `None`: closed loop (the window always full).
+async fn run_paced(faults: Faults, scenario: Scenario, rate: Option<f64>) -> Report {
     let addr = start("127.0.0.1:0", faults).await.unwrap();
     run(Options {
         scenario,
@@ -16,7 +21,7 @@ async fn run_against(faults: Faults, scenario: Scenario) -> Report {
         first_user: 1,
         duration: Duration::from_millis(1500),
         size: 64,
-        rate: Some(4000.0),
+        rate,
         window: 8,
         group_sizes: vec![(4, 1)],
         ..Options::new(Target::Relay, addr.to_string(), TokenKey::new(vec![1; 32]))
@@ -33,6 +38,11 @@ async fn a_faithful_relay_passes() {
         assert!(r.acked > 1000, "{}", r.summary());
         assert_eq!(r.verdict.deliveries, r.verdict.expected_deliveries);
     }
+    // Closed loop: every sender keeps its window full for the whole run.
+    let r = run_paced(Faults::default(), Scenario::OneToOne, None).await;
+    assert!(r.verdict.ok(), "{}", r.summary());
+    assert!(r.acked > 1000, "{}", r.summary());
+    assert_eq!(r.acked, r.sent, "{}", r.summary());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
