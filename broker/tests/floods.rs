@@ -66,6 +66,12 @@ async fn silent_connections_do_not_lock_real_users_out() {
         for _ in 0..10 {
             silent.push(connect_from(source, &server.addr).await);
         }
+        // Admitted in this order: a connect returns before the node has
+        // accepted it, and on io_uring each ring thread accepts from its
+        // own listener, so later addresses could otherwise overtake.
+        server
+            .wait_for_metric("courier_connections_accepted_total", silent.len() as u64)
+            .await;
     }
     // One address more than its share.
     let mut extra = Vec::new();
