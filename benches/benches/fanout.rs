@@ -16,7 +16,7 @@ use courier_broker::shard::ShardConfig;
 use courier_protocol::{ErrorCode, GroupOp, MessageKind};
 use courier_storage::{Clock, Durability, RocksStore, StoreConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -77,7 +77,7 @@ fn fanout(c: &mut Criterion) {
                         .await;
                     rx.await.unwrap().unwrap();
                 });
-                let (rtx, mut rrx) = mpsc::unbounded_channel();
+                let (rtx, mut rrx) = courier_broker::mailbox::unbounded();
                 let mut next_id = 0u64;
                 g.throughput(Throughput::Elements((PIPELINE * (members - 1)) as u64));
                 g.bench_function(BenchmarkId::new(strategy, members), |b| {

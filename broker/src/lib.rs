@@ -37,6 +37,7 @@ pub mod config;
 pub mod error;
 pub mod fuzzing;
 pub mod gate;
+pub mod mailbox;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -219,7 +219,10 @@ mod tests {
         // What was queued is dropped with the receiver.
         assert_eq!(Arc::strong_count(&queued), 1);
         assert!(tx.is_closed());
-        assert!(matches!(tx.try_send(Arc::new(3)), Err(TrySendError::Closed(_))));
+        assert!(matches!(
+            tx.try_send(Arc::new(3)),
+            Err(TrySendError::Closed(_))
+        ));
     }
 
     /// A `recv` dropped before it finishes (a `select!` that took another

@@ -142,6 +142,9 @@ pub struct ShardMetrics {
     pub group_messages: IntCounter,
     pub refs_stored: IntCounter,
     pub receipts_stored: IntCounter,
+    /// Marks whose range was read back from the store (not all among the
+    /// shard's remembered recent entries).
+    pub receipt_range_reads: IntCounter,
     /// Commands put on each shard's queues, and taken off them (children
     /// of the two families, one per shard).
     pub queue_pushed: Vec<IntCounter>,
@@ -219,6 +222,10 @@ impl ShardMetrics {
                 "courier_receipts_stored_total",
                 "Receipt messages appended to senders' inboxes.",
             ),
+            receipt_range_reads: counter(
+                "courier_receipt_range_reads_total",
+                "Marks whose newly covered inbox range was read from the store (not remembered in memory).",
+            ),
             queue_pushed: children(&pushed),
             queue_popped: children(&popped),
             queue_families: [pushed, popped],
@@ -260,6 +267,7 @@ impl ShardMetrics {
             &self.group_messages,
             &self.refs_stored,
             &self.receipts_stored,
+            &self.receipt_range_reads,
         ] {
             register(r, c.clone());
         }

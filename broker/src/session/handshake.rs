@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use courier_protocol::{frame_type, Body, ErrorCode, Frame, Hello, Welcome, PROTOCOL_VERSION};
 use courier_storage::InboxState;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
 use super::frames::{encoded, FrameReader, ReadError};
 use crate::auth::AuthError;
 use crate::error::BrokerError;
+use crate::mailbox;
 use crate::metrics::{AuthFailure, CloseReason};
 use crate::net::seam::{NetRead, NetWrite};
 use crate::node::Node;
@@ -28,7 +29,7 @@ pub(crate) struct Started {
     pub session_id: u64,
     /// The handle the user's shard pushes to.
     pub handle: Arc<SessionHandle>,
-    pub deliveries: mpsc::Receiver<(Delivery, std::time::Instant)>,
+    pub deliveries: mailbox::Receiver<(Delivery, std::time::Instant)>,
     /// Delivery resumes after this inbox sequence.
     pub start_after: u64,
 }
@@ -169,9 +170,9 @@ fn session_handle(
     session_id: u64,
 ) -> (
     Arc<SessionHandle>,
-    mpsc::Receiver<(Delivery, std::time::Instant)>,
+    mailbox::Receiver<(Delivery, std::time::Instant)>,
 ) {
-    let (tx, rx) = mpsc::channel(node.config.limits.outbound_queue_len);
+    let (tx, rx) = mailbox::bounded(node.config.limits.outbound_queue_len);
     let handle = Arc::new(SessionHandle {
         id: session_id,
         deliveries: tx,

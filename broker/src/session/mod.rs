@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_protocol::ErrorCode;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use self::frames::{linger, FrameReader};
@@ -48,6 +48,7 @@ use self::reader::{Ended, Reader};
 pub(crate) use self::writer::SpawnWriter;
 use self::writer::{Writer, WriterInputs};
 use crate::gate::{Admitted, Bucket, Handshaking};
+use crate::mailbox;
 use crate::metrics::{CloseReason, Metrics};
 use crate::net::seam::Transport;
 use crate::node::Node;
@@ -112,7 +113,7 @@ where
     let _open = OpenSession::new(&node.metrics);
     let (user, session_id) = (started.user, started.session_id);
     let inflight = Arc::new(Semaphore::new(limits.max_in_flight));
-    let (rtx, rrx) = mpsc::unbounded_channel();
+    let (rtx, rrx) = mailbox::unbounded();
     let inputs = WriterInputs {
         replies: rrx,
         deliveries: started.deliveries,

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use courier_protocol::{Body, ErrorCode, Frame, Reason};
 use courier_storage::InboxStore;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, error};
 
 use super::frames::{FrameReader, ReadError};
 use crate::error::{BrokerError, BrokerResult};
 use crate::gate::Bucket;
+use crate::mailbox;
 use crate::metrics::CloseReason;
 use crate::net::seam::NetRead;
 use crate::node::Node;
@@ -25,7 +26,7 @@ pub(crate) struct Reader {
     pub(super) user: u64,
     pub(super) device: u32,
     /// The writer's reply queue (answers to this session's requests).
-    pub(super) replies: mpsc::UnboundedSender<Reply>,
+    pub(super) replies: mailbox::Sender<Reply>,
     /// One permit per send in flight (`limits.max_in_flight`); the writer
     /// returns it when it writes the send's answer.
     pub(super) inflight: Arc<Semaphore>,

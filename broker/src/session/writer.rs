@@ -16,11 +16,12 @@ use courier_protocol::{
 };
 use courier_storage::InboxStore;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::streams::GroupStream;
+use crate::mailbox;
 use crate::metrics::Metrics;
 use crate::net::seam::NetWrite;
 use crate::net::tls::TlsWrite;
@@ -67,8 +68,8 @@ impl SpawnWriter for TlsWrite<UringWrite> {
 
 /// What a writer is started with, besides its socket.
 pub(crate) struct WriterInputs {
-    pub replies: mpsc::UnboundedReceiver<Reply>,
-    pub deliveries: mpsc::Receiver<(Delivery, Instant)>,
+    pub replies: mailbox::Receiver<Reply>,
+    pub deliveries: mailbox::Receiver<(Delivery, Instant)>,
     pub session: Arc<SessionHandle>,
     pub user: u64,
     /// Delivery resumes after this inbox sequence.
@@ -81,9 +82,9 @@ pub(crate) struct Writer<W> {
     /// The socket's write half; only this task writes to it.
     wr: W,
     /// Answers from the reader and the shards (see `ReplyQueue`).
-    replies: mpsc::UnboundedReceiver<Reply>,
+    replies: mailbox::Receiver<Reply>,
     /// Live deliveries from the user's shard (bounded).
-    deliveries: mpsc::Receiver<(Delivery, Instant)>,
+    deliveries: mailbox::Receiver<(Delivery, Instant)>,
     /// False once the shard dropped its end (the session was unregistered).
     deliveries_open: bool,
     /// The handle the shard pushes to; its `lagging` flag sends this writer

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use courier_protocol::{ErrorCode, Message, SendResult};
-use courier_storage::{AppendOutcome, NewMessage};
+use courier_storage::{AppendOutcome, NewMessage, StoredMessage};
 use tracing::{error, warn};
 
 use super::core::Shard;
@@ -109,6 +109,14 @@ impl Shard {
                     match outcome {
                         AppendOutcome::Stored(p) => {
                             self.stats.refs_stored.inc();
+                            self.remember(
+                                m.inbox,
+                                &StoredMessage {
+                                    seq: p.seq,
+                                    record: m.record,
+                                    via: m.reference,
+                                },
+                            );
                             let msg = Message {
                                 seq: p.seq,
                                 ..(*r.message).clone()

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error};
 
 use super::messages::{ReceiptQueryCmd, SessionHandle, ShardCmd};
+use super::recent::Recent;
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
 use crate::metrics::ShardMetrics;
@@ -124,6 +125,8 @@ pub(crate) struct Shard {
     pub(crate) held_marks: BTreeMap<(u64, u64), HeldMark>,
     /// When the oldest held mark is due.
     pub(crate) marks_due: Option<Instant>,
+    /// Online users' latest inbox entries, for their marks' receipts.
+    pub(crate) recent: Recent,
 }
 
 /// Marks of one (user, stream) merged while held: read implies delivered,
@@ -167,6 +170,7 @@ impl Shard {
             kv: Vec::new(),
             held_marks: BTreeMap::new(),
             marks_due: None,
+            recent: Recent::default(),
         }
     }
 

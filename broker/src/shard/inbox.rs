@@ -9,12 +9,13 @@ use std::time::Instant;
 
 use courier_protocol::{ErrorCode, Message, MessageKind, SendResult};
 use courier_storage::{AppendOutcome, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage};
-use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use super::core::Shard;
 use super::messages::{failed, Delivery, RefsCmd, RegisterCmd, SendCmd};
+use super::recent::Fact;
 use super::tracking::{Batch, Planned};
+use crate::mailbox::TrySendError;
 use crate::metrics::Metrics;
 use crate::state::message::{record_of, to_wire};
 
@@ -95,6 +96,7 @@ impl Shard {
                     record: m.record,
                     via: None,
                 };
+                self.remember(s.recipient, &stored);
                 match to_wire(stored) {
                     Ok(msg) => self.push(s.recipient, Delivery::Inbox(Arc::new(msg)), s.accepted),
                     // Cannot happen for a record built above from a valid
@@ -119,7 +121,16 @@ impl Shard {
             list.retain(|s| s.id != session_id);
             if list.is_empty() {
                 self.sessions.remove(&user);
+                self.recent.forget(user);
             }
+        }
+    }
+
+    /// Remembers what a mark of a just-stored entry will owe, for users
+    /// online now (they are the ones who acknowledge at once).
+    pub(crate) fn remember(&mut self, user: u64, m: &StoredMessage) {
+        if self.sessions.contains_key(&user) {
+            self.recent.stored(user, m.seq, Fact::of(user, m));
         }
     }
 
@@ -153,7 +164,7 @@ impl Shard {
                     stats.live_pushes.inc();
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(TrySendError::Full(_)) => {
                     session.lagging.store(true, Ordering::SeqCst);
                     session.wake.notify_one();
                     stats.demotions.inc();
@@ -164,7 +175,7 @@ impl Shard {
                     );
                     true
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(TrySendError::Closed(_)) => false,
             }
         });
         if list.is_empty() {

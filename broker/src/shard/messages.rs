@@ -21,9 +21,10 @@ use courier_protocol::{
     Reason, ReceiptCounts, ReceiptStatus, SendResult,
 };
 use courier_storage::InboxState;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::error::BrokerResult;
+use crate::mailbox;
 
 /// Where a shard sends the one answer to a request a session waits for.
 pub type Answer<T> = oneshot::Sender<BrokerResult<T>>;
@@ -32,7 +33,7 @@ pub type Answer<T> = oneshot::Sender<BrokerResult<T>>;
 /// Unbounded in type but bounded in practice: each `SendResult` and
 /// `Broadcast` answers a send that holds one of the session's
 /// `limits.max_in_flight` permits.
-pub type ReplyQueue = mpsc::UnboundedSender<Reply>;
+pub type ReplyQueue = mailbox::Sender<Reply>;
 
 /// Where the outcome of a send goes: a session's reply queue, and the
 /// request it answers.
@@ -278,7 +279,7 @@ pub struct SessionHandle {
     pub id: u64,
     /// Live deliveries with the time their send was accepted, bounded by
     /// `limits.outbound_queue_len`.
-    pub deliveries: mpsc::Sender<(Delivery, Instant)>,
+    pub deliveries: mailbox::Sender<(Delivery, Instant)>,
     /// Set by the shard when `deliveries` was full: the session is off live
     /// push and its writer catches up from the store, then clears it.
     pub lagging: AtomicBool,

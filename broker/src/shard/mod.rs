@@ -16,7 +16,8 @@
 //! - `inbox`: one-to-one appends, live pushes, sessions, trimming;
 //! - `groups`: group sends, membership changes, receipt counts;
 //! - `fanout`: references, log pushes and broadcast lists, with recovery;
-//! - `receipts`: marks, receipt messages and status views.
+//! - `receipts`: marks, receipt messages and status views;
+//! - `recent`: online users' latest inbox entries and what marks of them owe.
 
 mod batch;
 mod core;
@@ -26,6 +27,7 @@ pub mod handle;
 mod inbox;
 pub mod messages;
 mod receipts;
+mod recent;
 pub mod route;
 mod tracking;
 

@@ -31,11 +31,12 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use courier_protocol::{Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus};
-use courier_storage::{KvOp, StoredMessage};
+use courier_storage::KvOp;
 use tracing::{error, warn};
 
 use super::core::Shard;
 use super::messages::{Completion, MarkCmd, SendCmd, ShardCmd, StatusViewCmd};
+use super::recent::Fact;
 use super::route::shard_of;
 use super::tracking::Batch;
 use crate::error::{BrokerError, BrokerResult};
@@ -223,8 +224,9 @@ impl Shard {
         });
     }
 
-    /// Reads the inbox range between `old` and `new` and collects the
-    /// receipts it owes; group references move group cursors instead.
+    /// Collects the receipts the inbox range between `old` and `new` owes
+    /// (from the recent entries when they cover it, else from the store);
+    /// group references move group cursors instead.
     fn owed_receipts(&mut self, user: u64, old: Cursors, new: Cursors) -> Owed {
         let mut owed = Owed::new();
         // Messages up to the delivered cursor need nothing unless the read
@@ -236,6 +238,14 @@ impl Shard {
         } else {
             old.delivered
         };
+        if let Some(facts) = self.recent.range(user, after, new.delivered) {
+            for (seq, fact) in facts {
+                self.owe(user, seq, fact, old, new, &mut owed);
+            }
+            self.recent.done_up_to(user, new.read);
+            return owed;
+        }
+        self.stats.receipt_range_reads.inc();
         while after < new.delivered {
             // Exactly what is left of the range (a client that acknowledges
             // one message of a long backlog reads one message).
@@ -253,7 +263,7 @@ impl Shard {
                     return owed;
                 }
                 after = m.seq;
-                self.owe(user, &m, old, new, &mut owed);
+                self.owe(user, m.seq, Fact::of(user, &m), old, new, &mut owed);
             }
             if !full {
                 break;
@@ -263,29 +273,34 @@ impl Shard {
     }
 
     /// What one message of a marked range owes.
-    fn owe(&mut self, user: u64, m: &StoredMessage, old: Cursors, new: Cursors, owed: &mut Owed) {
-        let st = if m.seq > old.read && m.seq <= new.read {
+    fn owe(
+        &mut self,
+        user: u64,
+        seq: u64,
+        fact: Fact,
+        old: Cursors,
+        new: Cursors,
+        owed: &mut Owed,
+    ) {
+        let st = if seq > old.read && seq <= new.read {
             ReceiptStatus::Read
-        } else if m.seq > old.delivered {
+        } else if seq > old.delivered {
             ReceiptStatus::Delivered
         } else {
             return;
         };
-        if let Some(via) = m.via {
-            self.advance_group_cursor(via.log, user, via.seq, st);
-            return;
+        match fact {
+            Fact::GroupRef { log, seq } => self.advance_group_cursor(log, user, seq, st),
+            Fact::Receipt {
+                sender,
+                client_msg_id,
+                server_msg_id,
+            } => owed
+                .entry((sender, st as u8))
+                .or_default()
+                .push((client_msg_id, server_msg_id)),
+            Fact::Nothing => {}
         }
-        let rec = &m.record;
-        let kind = MessageKind::from_u8(rec.kind);
-        if rec.sender == user
-            || rec.dest_tag == Destination::Group(0).tag()
-            || !matches!(kind, Some(MessageKind::Chat | MessageKind::Template))
-        {
-            return;
-        }
-        owed.entry((rec.sender, st as u8))
-            .or_default()
-            .push((rec.client_msg_id, rec.server_msg_id));
     }
 
     /// One outbox row per original sender, status and chunk of what the

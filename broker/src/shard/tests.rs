@@ -17,9 +17,10 @@ use super::handle::Shards;
 use super::messages::{
     Completion, Delivery, MarkCmd, RegisterCmd, Reply, ReplyTo, SendCmd, SessionHandle, ShardCmd,
 };
+use crate::mailbox;
 use crate::metrics::ShardMetrics;
 
-fn send(i: u64, reply: &mpsc::UnboundedSender<Reply>) -> ShardCmd {
+fn send(i: u64, reply: &mailbox::Sender<Reply>) -> ShardCmd {
     ShardCmd::Send(SendCmd {
         sender: 1,
         sender_device: 1,
@@ -45,7 +46,7 @@ fn inbox_seq(d: Delivery) -> u64 {
     }
 }
 
-async fn result(rx: &mut mpsc::UnboundedReceiver<Reply>) -> SendResult {
+async fn result(rx: &mut mailbox::Receiver<Reply>) -> SendResult {
     match rx.recv().await.expect("a reply") {
         Reply::SendResult { result, .. } => result,
         _ => panic!("expected a send result"),
@@ -63,7 +64,7 @@ async fn acks_read_only_what_they_newly_cover() {
     let mem = Arc::new(MemoryStore::new(StoreConfig::default()));
     let store: Arc<dyn InboxStore> = mem.clone();
     let shards = Shards::start(1, ShardConfig::for_tests(), store).unwrap();
-    let (rtx, mut rrx) = mpsc::unbounded_channel();
+    let (rtx, mut rrx) = mailbox::unbounded();
     for i in 1..=300 {
         assert!(shards.send(2, send(i, &rtx)).await);
     }
@@ -95,7 +96,7 @@ async fn acks_read_only_what_they_newly_cover() {
 async fn acks_pushes_duplicates_and_demotion() {
     let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
     let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
-    let (dtx, mut drx) = mpsc::channel(2);
+    let (dtx, mut drx) = mailbox::bounded(2);
     let session = Arc::new(SessionHandle {
         id: 1,
         deliveries: dtx,
@@ -111,7 +112,7 @@ async fn acks_pushes_duplicates_and_demotion() {
     assert!(shards.send(2, cmd).await);
     assert_eq!(srx.await.unwrap().unwrap().head_seq, 0);
 
-    let (rtx, mut rrx) = mpsc::unbounded_channel();
+    let (rtx, mut rrx) = mailbox::unbounded();
     for i in 1..=5 {
         assert!(shards.send(2, send(i, &rtx)).await);
     }
@@ -395,7 +396,7 @@ impl InboxStore for Recording {
 /// Senders 1 and 3 each sent chat messages 1..=PER_SENDER to reader 2.
 const PER_SENDER: u64 = 6;
 
-fn chat_to_2(sender: u64, i: u64, reply: &mpsc::UnboundedSender<Reply>) -> ShardCmd {
+fn chat_to_2(sender: u64, i: u64, reply: &mailbox::Sender<Reply>) -> ShardCmd {
     let ShardCmd::Send(mut s) = send(i, reply) else {
         unreachable!()
     };
@@ -473,7 +474,7 @@ async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
     });
     let store: Arc<dyn InboxStore> = rec.clone();
     let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
-    let (rtx, mut rrx) = mpsc::unbounded_channel();
+    let (rtx, mut rrx) = mailbox::unbounded();
     for i in 1..=PER_SENDER {
         for s in [1, 3] {
             assert!(shards.send(2, chat_to_2(s, i, &rtx)).await);
@@ -547,7 +548,7 @@ async fn held_marks_merge_into_one_receipt_per_status() {
             ..ShardConfig::for_tests()
         };
         let shards = Shards::start(1, config, store.clone()).unwrap();
-        let (rtx, mut rrx) = mpsc::unbounded_channel();
+        let (rtx, mut rrx) = mailbox::unbounded();
         for i in 1..=6 {
             assert!(shards.send(2, send(i, &rtx)).await);
         }
@@ -591,5 +592,88 @@ async fn held_marks_merge_into_one_receipt_per_status() {
         // Nothing more comes later.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(store.read_after(1, 0, 100).unwrap().len(), expected.len());
+    }
+}
+
+/// Marks of what was just stored for an online user are planned from the
+/// shard's memory of its recent entries, reading nothing back from the
+/// store; an offline user's marks read the store; the receipts are the
+/// same either way.
+#[tokio::test]
+async fn an_online_users_marks_read_nothing_back() {
+    for online in [true, false] {
+        let mem = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let store: Arc<dyn InboxStore> = mem.clone();
+        let shards = Shards::start(1, ShardConfig::for_tests(), store.clone()).unwrap();
+        let (dtx, _drx) = mailbox::bounded(1024);
+        if online {
+            let (stx, srx) = oneshot::channel();
+            let session = Arc::new(SessionHandle {
+                id: 1,
+                deliveries: dtx,
+                lagging: AtomicBool::new(false),
+                wake: Notify::new(),
+            });
+            let cmd = ShardCmd::Register(RegisterCmd {
+                user: 2,
+                session,
+                state: stx,
+            });
+            assert!(shards.send(2, cmd).await);
+            srx.await.unwrap().unwrap();
+        }
+        let (rtx, mut rrx) = mailbox::unbounded();
+        for i in 1..=6 {
+            assert!(shards.send(2, send(i, &rtx)).await);
+        }
+        for _ in 1..=6 {
+            assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+        }
+        let before = mem.messages_read();
+        for (up_to_seq, status) in [
+            (3, ReceiptStatus::Delivered),
+            (2, ReceiptStatus::Read),
+            (6, ReceiptStatus::Delivered),
+            (6, ReceiptStatus::Read),
+        ] {
+            let mark = MarkCmd {
+                user: 2,
+                stream: 0,
+                up_to_seq,
+                status,
+            };
+            assert!(shards.send(2, ShardCmd::Mark(mark)).await);
+        }
+        // Four receipts land in the sender's inbox.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.state(1).unwrap().head_seq < 4 {
+            assert!(Instant::now() < deadline, "receipts never came");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let read_back = mem.messages_read() - before;
+        if online {
+            assert_eq!(read_back, 0, "an online user's marks read the store");
+        } else {
+            assert!(read_back >= 6, "{read_back} messages read");
+        }
+        let receipts: Vec<(u8, Vec<u64>)> = store
+            .read_after(1, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                let p = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
+                (p.status as u8, p.messages.iter().map(|x| x.0).collect())
+            })
+            .collect();
+        assert_eq!(
+            receipts,
+            [
+                (1, vec![1, 2, 3]),
+                (2, vec![1, 2]),
+                (1, vec![4, 5, 6]),
+                (2, vec![3, 4, 5, 6])
+            ],
+            "online: {online}"
+        );
     }
 }
