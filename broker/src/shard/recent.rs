@@ -9,10 +9,13 @@ use courier_protocol::{Destination, MessageKind};
 use courier_storage::StoredMessage;
 
 /// What a shard remembers of an online user's latest inbox entries for
-/// their receipts (see [`Recent`]): at most this many per user...
-const RECENT_PER_USER: usize = 64;
-/// ...and this many in all (beyond, new entries are not remembered and
-/// their marks read the store, as before).
+/// their receipts (see [`Recent`]): at most this many per user (a phone
+/// opens a chat a moment after it acknowledged it: at 1,500 messages a
+/// second, 200 ms are 300 entries)...
+const RECENT_PER_USER: usize = 1024;
+/// ...and this many in all, about 10 MB per shard (beyond, users with no
+/// entries get none and the others keep as many as they have; marks of
+/// what is not remembered read the store, as before).
 const RECENT_MAX: usize = 1 << 18;
 
 /// What a mark of one inbox entry owes, as remembered when it was stored.
@@ -81,7 +84,8 @@ impl Recent {
             self.users.remove(&user);
             return;
         }
-        if q.len() == RECENT_PER_USER {
+        // At either bound the user's oldest entry makes room.
+        if q.len() == RECENT_PER_USER || self.len >= RECENT_MAX {
             q.pop_front();
             self.len -= 1;
         }
