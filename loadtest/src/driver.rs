@@ -57,8 +57,9 @@ pub(crate) struct Sender {
 
 /// Deliveries between two acknowledgements in lazy mode.
 const LAZY_ACK_EVERY: u32 = 256;
-/// How often a quiet loop looks at the run's phase.
-const TICK: Duration = Duration::from_millis(200);
+/// A deadline that never comes (nothing is due: the loop waits for its
+/// socket or a change of the run's phase, with no timer firing).
+const NEVER: Duration = Duration::from_secs(86_400);
 /// How long a sender waits for its last acks.
 const LAST_ACKS: Duration = Duration::from_secs(30);
 /// Read buffer growth step (a frame larger than this grows it to fit).
@@ -161,9 +162,11 @@ pub(crate) async fn drive(
     if l.sender.is_none() {
         l.sent_all = Some(Instant::now());
     }
-    let sleep = tokio::time::sleep(TICK);
+    let never = Instant::now() + NEVER;
+    let sleep = tokio::time::sleep_until(never.into());
     tokio::pin!(sleep);
-    let mut wake = Instant::now() + TICK;
+    let mut wake = never;
+    let mut phase = shared.watch_phase();
     let mut final_acks = false;
     loop {
         let now = Instant::now();
@@ -190,15 +193,21 @@ pub(crate) async fn drive(
         if l.closed {
             break;
         }
-        // Sleep until the next due send or read mark, or a tick.
-        let mut until = Instant::now() + TICK;
+        // Sleep until the next due send or read mark, or the end of the
+        // wait for the last acks; a quiet connection arms no timer at all
+        // (10,000 of them ticking would cost the generator a good share of
+        // a core).
+        let mut until = never;
         if let Some(at) = l.next_send {
             until = until.min(at);
         }
         if let Some((at, _, _)) = l.reads.front() {
             until = until.min(*at);
         }
-        if until < wake || wake <= Instant::now() {
+        if let (Some(_), Some(last_acks)) = (&l.sender, l.sent_all) {
+            until = until.min(last_acks);
+        }
+        if until != wake {
             wake = until;
             sleep.as_mut().reset(wake.into());
         }
@@ -216,6 +225,7 @@ pub(crate) async fn drive(
                 }
             },
             _ = &mut sleep => {}
+            _ = phase.changed() => {}
         }
         if l.closed {
             if l.sent_all.is_none() {

@@ -10,7 +10,8 @@
 //! - **NATS JetStream** (file storage): one stream holds every inbox and
 //!   group subject of the run; a send is a publish acknowledged by the
 //!   stream's PubAck (stored); each user reads its subjects through push
-//!   consumers.
+//!   consumers with `ack_policy: all`, acknowledging the last message of
+//!   each consumer in every batch it reads (a phone's acknowledgement).
 //! - **Redis Streams**: an inbox is a stream `in.<id>`; a group is one
 //!   stream `g.<n>` its members read (one write per message, like Courier's
 //!   log strategy). `XADD` answers with the entry id (the acknowledgement);
@@ -60,8 +61,9 @@ fn spawn_batch_writer(
     });
 }
 
-/// One NATS message as read: subscription id, subject, payload.
-type NatsMsg = (u32, String, Bytes);
+/// One NATS message as read: subscription id, subject, reply subject (if
+/// any), payload.
+type NatsMsg = (u32, String, Option<String>, Bytes);
 
 /// Opens a NATS connection subscribed to `subjects` (sids 1, 2, ...), and
 /// returns the writer and the stream of messages. Subscriptions are in place
@@ -110,10 +112,11 @@ async fn nats_open(
                         break; // wait for the payload
                     }
                     let subject = subject.to_string();
+                    let reply = (parts.len() == 4).then(|| parts[2].to_string());
                     buf.advance(end + 2);
                     let payload = buf.split_to(len).freeze();
                     buf.advance(2);
-                    if in_tx.send((sid, subject, payload)).await.is_err() {
+                    if in_tx.send((sid, subject, reply, payload)).await.is_err() {
                         return;
                     }
                     continue;
@@ -167,7 +170,7 @@ impl Nats {
         let (out, mut msgs, pongs) = nats_open(addr, subjects).await?;
         let (in_tx, in_rx) = mpsc::channel(4096);
         tokio::spawn(async move {
-            while let Some((_, _, payload)) = msgs.recv().await {
+            while let Some((_, _, _, payload)) = msgs.recv().await {
                 if in_tx.send(payload).await.is_err() {
                     return;
                 }
@@ -222,18 +225,41 @@ impl JetStream {
         let waiting: Arc<Mutex<std::collections::HashMap<u64, oneshot::Sender<Bytes>>>> =
             Arc::default();
         let w = waiting.clone();
+        let acks_out = out.clone();
         tokio::spawn(async move {
-            while let Some((sid, subject, payload)) = msgs.recv().await {
-                if sid == 1 {
-                    let n = subject
-                        .rsplit('.')
-                        .next()
-                        .and_then(|x| x.parse::<u64>().ok());
-                    if let Some(tx) = n.and_then(|n| w.lock().expect("waiting").remove(&n)) {
-                        let _ = tx.send(payload);
+            // Per consumer, the reply subject of the last message read: with
+            // `ack_policy: all`, acknowledging it acknowledges everything
+            // before it, so each batch read costs one ack per consumer (a
+            // phone's acknowledgement of what it read).
+            let mut last: Vec<(String, String)> = Vec::new();
+            while let Some(first) = msgs.recv().await {
+                let mut next = Some(first);
+                while let Some((sid, subject, reply, payload)) = next.take() {
+                    if sid == 1 {
+                        let n = subject
+                            .rsplit('.')
+                            .next()
+                            .and_then(|x| x.parse::<u64>().ok());
+                        if let Some(tx) = n.and_then(|n| w.lock().expect("waiting").remove(&n)) {
+                            let _ = tx.send(payload);
+                        }
+                    } else {
+                        if let Some(reply) = reply {
+                            // $JS.ACK.<stream>.<consumer>.<...>
+                            let consumer = reply.split('.').nth(3).unwrap_or("").to_string();
+                            match last.iter_mut().find(|(c, _)| *c == consumer) {
+                                Some(l) => l.1 = reply,
+                                None => last.push((consumer, reply)),
+                            }
+                        }
+                        if in_tx.send(payload).await.is_err() {
+                            return;
+                        }
                     }
-                } else if in_tx.send(payload).await.is_err() {
-                    return;
+                    next = msgs.try_recv().ok();
+                }
+                for (_, reply) in last.drain(..) {
+                    let _ = acks_out.send(nats_pub(&reply, None, b""));
                 }
             }
         });
@@ -267,7 +293,7 @@ impl JetStream {
         }
         for s in subjects {
             let config = format!(
-                "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{deliver}\",\"filter_subject\":\"{s}\",\"ack_policy\":\"none\",\"deliver_policy\":\"all\"}}}}"
+                "{{\"stream_name\":\"{stream}\",\"config\":{{\"deliver_subject\":\"{deliver}\",\"filter_subject\":\"{s}\",\"ack_policy\":\"all\",\"max_ack_pending\":65536,\"deliver_policy\":\"all\"}}}}"
             );
             check(
                 js.request(

@@ -161,9 +161,14 @@ mod tests {
 
     #[test]
     fn one_section_per_scenario_and_connection_count_with_labels() {
-        let base = report(include_str!(
-            "../../docs/bench/compare-courier-one-to-one.json"
-        ));
+        // As a report from before realistic acks and stage readings.
+        let base = Report {
+            acks: None,
+            stages: Vec::new(),
+            ..report(include_str!(
+                "../../docs/bench/compare-courier-one-to-one.json"
+            ))
+        };
         let uring = Report {
             label: Some("Courier (uring)".into()),
             ..base.clone()
@@ -222,9 +227,12 @@ mod tests {
 
     #[test]
     fn latency_runs_and_lazy_acks_are_set_apart() {
-        let base = report(include_str!(
-            "../../docs/bench/compare-courier-one-to-one.json"
-        ));
+        let base = Report {
+            stages: Vec::new(),
+            ..report(include_str!(
+                "../../docs/bench/compare-courier-one-to-one.json"
+            ))
+        };
         let realistic = Report {
             acks: Some(Acks::EachBatch),
             read_share: 0.25,
@@ -258,5 +266,25 @@ mod tests {
         assert!(out.contains(" | 0.50 | "), "{out}");
         assert!(out.contains("acks each batch, 25% read"), "{out}");
         assert!(out.contains(" | 50% | "), "{out}");
+    }
+
+    #[test]
+    fn the_nodes_stages_get_their_own_table() {
+        let mut r = report(include_str!(
+            "../../docs/bench/compare-courier-one-to-one.json"
+        ));
+        r.stages = vec![crate::stages::Stage {
+            name: "storage write incl. sync (per batch)".into(),
+            count: 10,
+            mean_us: 2000.0,
+            p50_us: 1900.0,
+            p99_us: 4000.0,
+        }];
+        let out = markdown(&[r]);
+        assert!(out.contains("**Where the time goes**"), "{out}");
+        assert!(
+            out.contains("| storage write incl. sync (per batch) | 10 | 2000 us | 1900 us | 4000 us |"),
+            "{out}"
+        );
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub start: Instant,
     pub stop: AtomicBool,
     phase: AtomicU8,
+    /// Tells waiting user loops that the phase changed.
+    phase_changed: tokio::sync::watch::Sender<()>,
     /// Senders still sending (or waiting for their last acks).
     pub sending_left: AtomicUsize,
     pub sent: AtomicU64,
@@ -60,6 +62,7 @@ impl Shared {
             start: Instant::now(),
             stop: AtomicBool::new(false),
             phase: AtomicU8::new(0),
+            phase_changed: tokio::sync::watch::Sender::new(()),
             sending_left: AtomicUsize::new(sending),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
@@ -88,6 +91,12 @@ impl Shared {
         if p == Phase::Stopped {
             self.stop.store(true, Ordering::Relaxed);
         }
+        self.phase_changed.send_replace(());
+    }
+
+    /// A receiver whose `changed()` completes at the next phase change.
+    pub(crate) fn watch_phase(&self) -> tokio::sync::watch::Receiver<()> {
+        self.phase_changed.subscribe()
     }
 
     fn second(&self, at: Instant) -> usize {
