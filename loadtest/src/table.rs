@@ -283,7 +283,9 @@ mod tests {
         let out = markdown(&[r]);
         assert!(out.contains("**Where the time goes**"), "{out}");
         assert!(
-            out.contains("| storage write incl. sync (per batch) | 10 | 2000 us | 1900 us | 4000 us |"),
+            out.contains(
+                "| storage write incl. sync (per batch) | 10 | 2000 us | 1900 us | 4000 us |"
+            ),
             "{out}"
         );
     }

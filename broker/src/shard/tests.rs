@@ -526,6 +526,19 @@ async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
     }
 }
 
+/// The receipts in `user`'s inbox: (status, client ids named), in order.
+fn receipts_in(store: &dyn InboxStore, user: u64) -> Vec<(u8, Vec<u64>)> {
+    store
+        .read_after(user, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let p = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
+            (p.status as u8, p.messages.iter().map(|x| x.0).collect())
+        })
+        .collect()
+}
+
 /// Marks held for `mark_coalesce` merge into one cursor move per user:
 /// three delivered marks and a read mark within the window give the sender
 /// one read receipt (for what was read before its delivered mark applied)
@@ -574,15 +587,7 @@ async fn held_marks_merge_into_one_receipt_per_status() {
         // The receipts land in the sender's (user 1's) inbox.
         let deadline = Instant::now() + Duration::from_secs(5);
         let receipts = loop {
-            let got: Vec<(u8, Vec<u64>)> = store
-                .read_after(1, 0, 100)
-                .unwrap()
-                .into_iter()
-                .map(|m| {
-                    let p = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
-                    (p.status as u8, p.messages.iter().map(|x| x.0).collect())
-                })
-                .collect();
+            let got = receipts_in(&*store, 1);
             if got.len() >= expected.len() || Instant::now() > deadline {
                 break got;
             }
@@ -656,17 +661,8 @@ async fn an_online_users_marks_read_nothing_back() {
         } else {
             assert!(read_back >= 6, "{read_back} messages read");
         }
-        let receipts: Vec<(u8, Vec<u64>)> = store
-            .read_after(1, 0, 100)
-            .unwrap()
-            .into_iter()
-            .map(|m| {
-                let p = courier_protocol::ReceiptPayload::decode(&m.record.payload).unwrap();
-                (p.status as u8, p.messages.iter().map(|x| x.0).collect())
-            })
-            .collect();
         assert_eq!(
-            receipts,
+            receipts_in(&*store, 1),
             [
                 (1, vec![1, 2, 3]),
                 (2, vec![1, 2]),
