@@ -15,8 +15,10 @@
 //! - **Redis Streams**: an inbox is a stream `in.<id>`; a group is one
 //!   stream `g.<n>` its members read (one write per message, like Courier's
 //!   log strategy). `XADD` answers with the entry id (the acknowledgement);
-//!   each user reads with `XREAD BLOCK` on a second connection. Durability
-//!   is the server's (the comparison script runs it with AOF everysec).
+//!   each user reads with `XREADGROUP BLOCK` through a consumer group of
+//!   its own on a second connection and acknowledges each batch with
+//!   `XACK`. Durability is the server's (the comparison script runs it
+//!   with AOF everysec).
 //! - **Mosquitto** (MQTT 3.1.1, QoS 1, persistent sessions): each user
 //!   subscribes to `in/<id>` and its groups' topics `g/<n>` at QoS 1 with a
 //!   non-clean session; a send is a QoS 1 `PUBLISH`, acknowledged by the
@@ -671,11 +673,41 @@ impl Redis {
         let reader = RedisPipe::connect(addr).await?;
         let (in_tx, in_rx) = mpsc::channel(4096);
         let me = me.to_string();
+        // Each user reads through a consumer group of its own on each of its
+        // streams (a group stream has one per member), from the start, and
+        // acknowledges each batch it read with XACK: a phone's
+        // acknowledgement, and the pending-entries bookkeeping it costs.
+        let group = format!("u{me}");
+        for s in &streams {
+            let rx = reader
+                .start(&[
+                    b"XGROUP",
+                    b"CREATE",
+                    s.as_bytes(),
+                    group.as_bytes(),
+                    b"0",
+                    b"MKSTREAM",
+                ])
+                .map_err(std::io::Error::other)?;
+            match rx.await {
+                Ok(Resp::Simple(_)) => {}
+                Ok(Resp::Error(e)) if e.starts_with("BUSYGROUP") => {}
+                Ok(other) => {
+                    return Err(std::io::Error::other(format!(
+                        "redis XGROUP CREATE {s}: {other:?}"
+                    )))
+                }
+                Err(_) => return Err(std::io::Error::other("redis closed")),
+            }
+        }
         tokio::spawn(async move {
-            let mut ids: Vec<String> = vec!["0-0".to_owned(); streams.len()];
+            let mut read: Vec<Vec<Vec<u8>>> = vec![Vec::new(); streams.len()];
             loop {
                 let mut args: Vec<Vec<u8>> = vec![
-                    b"XREAD".to_vec(),
+                    b"XREADGROUP".to_vec(),
+                    b"GROUP".to_vec(),
+                    group.as_bytes().to_vec(),
+                    b"c".to_vec(),
                     b"COUNT".to_vec(),
                     b"1000".to_vec(),
                     b"BLOCK".to_vec(),
@@ -683,7 +715,7 @@ impl Redis {
                     b"STREAMS".to_vec(),
                 ];
                 args.extend(streams.iter().map(|s| s.as_bytes().to_vec()));
-                args.extend(ids.iter().map(|s| s.as_bytes().to_vec()));
+                args.extend(streams.iter().map(|_| b">".to_vec()));
                 let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
                 let Ok(rx) = reader.start(&refs) else { return };
                 let Ok(reply) = rx.await else { return };
@@ -711,7 +743,7 @@ impl Redis {
                         };
                         let fields = e.pop();
                         if let Some(Resp::Bulk(Some(id))) = e.pop() {
-                            ids[i] = String::from_utf8_lossy(&id).into_owned();
+                            read[i].push(id.to_vec());
                         }
                         // Fields: "from" <user> "d" <payload>.
                         let Some(Resp::Array(Some(f))) = fields else {
@@ -730,6 +762,17 @@ impl Redis {
                             }
                         }
                     }
+                }
+                // The batch is read: acknowledge it (pipelined; the reply
+                // is not awaited).
+                for (s, ids) in streams.iter().zip(&mut read) {
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    let mut ack: Vec<&[u8]> = vec![b"XACK", s.as_bytes(), group.as_bytes()];
+                    ack.extend(ids.iter().map(|id| id.as_slice()));
+                    let _ = reader.start(&ack);
+                    ids.clear();
                 }
             }
         });
