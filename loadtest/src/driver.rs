@@ -12,9 +12,11 @@
 //! exactly one delivered or read receipt per message as the reader's marks
 //! call for.
 //!
-//! Frames are parsed by hand from the byte layouts in the protocol
-//! document (the codec would build a `Vec<Message>` per frame); anything
-//! but the frames of the hot path is ignored.
+//! The frames of the hot path are parsed and written by hand from the byte
+//! layouts in the protocol document (`Deliver`, where the codec would
+//! build a `Vec<Message>` per frame, and `Send`, whose payload is written
+//! in place); the rest goes through the codec, and anything not for a user
+//! is ignored.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -23,13 +25,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use courier_client::RawSession;
-use courier_protocol::ErrorCode;
+use courier_protocol::{
+    decode, encode, frame_type, Body, ErrorCode, Frame, Mark, MessageKind, ReceiptPayload,
+    ReceiptStatus,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::checker::Checker;
 use crate::options::Acks;
 use crate::pacer::Pacer;
-use crate::plan::{client_msg_id, conversation, sender_of, Dest, Numbering, Route, Routes};
+use crate::plan::{client_msg_id, conversation, route_and_number, Numbering, Route, Routes};
 use crate::stamp;
 use crate::tally::{Phase, Shared, Tally};
 
@@ -259,31 +264,27 @@ impl Loop {
                 &frame[5..],
             );
             match kind {
-                // SendAck, BroadcastAck.
-                0x05 | 0x16 => self.answered(rid, None, now),
-                // Error: a request failed (request id 0: the session did).
-                0x0D => {
-                    let code = ErrorCode(u16_at(body, 0).unwrap_or(0));
+                frame_type::SEND_ACK | frame_type::BROADCAST_ACK => self.answered(rid, None, now),
+                // A request failed (request id 0: the session did).
+                frame_type::ERROR => {
+                    let code = reason(&input[..4 + len], max_frame)?;
                     if rid == 0 {
                         return Err(format!("{code:?}"));
                     }
                     self.answered(rid, Some(code), now);
                 }
-                // Goodbye.
-                0x0E => {
-                    let code = ErrorCode(u16_at(body, 0).unwrap_or(0));
+                frame_type::GOODBYE => {
+                    let code = reason(&input[..4 + len], max_frame)?;
                     if self.sent_all.is_none() || self.shared.phase() == Phase::Running {
                         self.shared.error(format!("goodbye {code:?}"));
                     }
                     self.closed = true;
                 }
-                // Deliver.
-                0x07 => {
+                frame_type::DELIVER => {
                     self.deliver(0, body, now).ok_or("malformed deliver")?;
                     delivered_now = true;
                 }
-                // GroupDeliver.
-                0x11 => {
+                frame_type::GROUP_DELIVER => {
                     let group = u64_at(body, 0).ok_or("malformed group deliver")?;
                     self.deliver(group, &body[8..], now)
                         .ok_or("malformed group deliver")?;
@@ -317,19 +318,16 @@ impl Loop {
                 self.receipt(payload);
                 continue;
             }
-            let Some((conv, n, intended_ns)) = stamp::parse(payload) else {
-                continue; // group events, anything not from this run
-            };
-            if sender_of(conv) == self.me {
+            let Some((conv, n)) = self.shared.note_delivery(
+                self.me,
+                payload,
+                now,
+                &mut self.checker,
+                &mut self.tally,
+            ) else {
                 continue;
-            }
-            let intended = self.shared.start + Duration::from_nanos(intended_ns);
-            let us = now.saturating_duration_since(intended).as_micros() as u64;
-            self.checker.delivered(self.me, conv, n);
+            };
             self.delivered += 1;
-            let t = self.tally.at(&self.shared, now);
-            t.delivered += 1;
-            t.e2e_us.push(us);
             // A group's messages get counts, not receipts.
             if self.habits.receipts && dest_tag != 2 {
                 match self.owed.iter_mut().find(|o| o.0 == conv) {
@@ -355,29 +353,23 @@ impl Loop {
 
     /// A receipt in this user's inbox: each message it names, counted.
     fn receipt(&mut self, p: &[u8]) {
-        let (Some(&status), Some(reader), Some(count)) = (p.first(), u64_at(p, 1), u16_at(p, 9))
-        else {
+        let Ok(r) = ReceiptPayload::decode(p) else {
             self.shared.error("malformed receipt".into());
             return;
         };
-        let read = match status {
-            1 => false,
-            2 => true,
-            _ => return, // a status view
+        let read = match r.status {
+            ReceiptStatus::Delivered => false,
+            ReceiptStatus::Read => true,
+            ReceiptStatus::Viewed => return,
         };
-        for i in 0..count as usize {
-            let Some(id) = u64_at(p, 11 + 16 * i) else {
-                self.shared.error("malformed receipt".into());
-                return;
-            };
-            // Only this run's messages (ids carry the run's tag).
-            if id >> 48 != self.routes.tag & 0xFFFF {
-                continue;
-            }
-            let route = ((id >> 40) & 0xFF) as usize;
-            let n = id & ((1 << 40) - 1);
+        // Only this run's messages (ids carry the run's tag).
+        for (route, n) in r
+            .messages
+            .iter()
+            .filter_map(|&(id, _)| route_and_number(self.routes.tag, id))
+        {
             self.checker
-                .receipt(reader, conversation(self.me, route), n, read);
+                .receipt(r.reader, conversation(self.me, route), n, read);
             self.receipts += 1;
         }
     }
@@ -403,13 +395,20 @@ impl Loop {
         self.unacked = 0;
         if self.inbox_read > self.inbox_acked {
             self.inbox_acked = self.inbox_read;
-            put_header(&mut self.out, 8, 0x08);
-            self.out.put_u64(self.inbox_read);
+            encode(
+                &Frame::new(
+                    0,
+                    Body::Ack {
+                        up_to_seq: self.inbox_read,
+                    },
+                ),
+                &mut self.out,
+            );
         }
         for s in &mut self.streams {
             if s.1 > s.2 {
                 s.2 = s.1;
-                put_mark(&mut self.out, s.0, s.1, 1);
+                put_mark(&mut self.out, s.0, s.1, ReceiptStatus::Delivered);
             }
         }
     }
@@ -418,7 +417,7 @@ impl Loop {
     fn reads_due(&mut self, now: Instant) {
         while self.reads.front().is_some_and(|r| r.0 <= now) {
             let (_, seq, convs) = self.reads.pop_front().expect("checked");
-            put_mark(&mut self.out, 0, seq, 2);
+            put_mark(&mut self.out, 0, seq, ReceiptStatus::Read);
             for (conv, n) in convs {
                 if let Some(o) = self.owed.iter_mut().find(|o| o.0 == conv) {
                     o.2 = o.2.max(n);
@@ -447,21 +446,19 @@ impl Loop {
             self.free.pop();
             let (ri, n) = self.numbering.next(&s.routes);
             let conv = conversation(self.me, ri);
-            let (tag, id) = match s.routes[ri].dest {
-                Dest::User(u) => (1, u),
-                Dest::Group(g) => (2, self.routes.group_ids[g]),
-                Dest::List(_) => (3, 1),
-            };
-            // Send: client id 8, destination 9, kind 1, payload 4+n.
+            let dest = self.routes.destination(s.routes[ri].dest);
+            // Send, encoded here so that the payload is written in place
+            // (the codec would take it as `Bytes`, one allocation per
+            // message): length, type, request id (the window slot,
+            // 1-based), client id 8, destination 9, kind 1, payload 4+n.
             let size = self.habits.size.max(stamp::HEADER_LEN);
-            put_header(&mut self.out, 8 + 9 + 1 + 4 + size, 0x03);
-            // The request id is the window slot (1-based).
-            let at = self.out.len() - 4;
-            self.out[at..].copy_from_slice(&slot.to_be_bytes());
+            self.out.put_u32((1 + 4 + 8 + 9 + 1 + 4 + size) as u32);
+            self.out.put_u8(frame_type::SEND);
+            self.out.put_u32(slot);
             self.out.put_u64(client_msg_id(self.routes.tag, ri, n));
-            self.out.put_u8(tag);
-            self.out.put_u64(id);
-            self.out.put_u8(1); // chat
+            self.out.put_u8(dest.tag());
+            self.out.put_u64(dest.id());
+            self.out.put_u8(MessageKind::Chat as u8);
             self.out.put_u32(size as u32);
             stamp::put(
                 &mut self.out,
@@ -492,14 +489,11 @@ impl Loop {
             self.shared.error(format!("{code:?}"));
             return;
         }
-        let recipients = &s.routes[ri].recipients;
+        let ack = (conversation(self.me, ri), n, &s.routes[ri].recipients[..]);
         self.acked += 1;
-        self.expected += recipients.len() as u64;
-        let t = self.tally.at(&self.shared, now);
-        t.acked += 1;
-        t.ack_us
-            .push(now.saturating_duration_since(intended).as_micros() as u64);
-        self.checker.acked(conversation(self.me, ri), n, recipients);
+        self.expected +=
+            self.shared
+                .note_ack(ack, intended, now, &mut self.checker, &mut self.tally);
     }
 
     /// Adds this turn's counts to the shared ones; a sender whose window
@@ -557,19 +551,27 @@ impl Loop {
     }
 }
 
-/// A frame's length, type and request id 0, for a body of `body` bytes.
-fn put_header(out: &mut BytesMut, body: usize, kind: u8) {
-    out.put_u32((1 + 4 + body) as u32);
-    out.put_u8(kind);
-    out.put_u32(0);
+/// The code of a whole `Error` or `Goodbye` frame (rare: the codec reads it).
+fn reason(frame: &[u8], max_frame: usize) -> Result<ErrorCode, String> {
+    match decode(frame, max_frame as u32) {
+        Ok(Some((
+            Frame {
+                body: Body::Error(r) | Body::Goodbye(r),
+                ..
+            },
+            _,
+        ))) => Ok(r.code),
+        _ => Err("malformed error frame".into()),
+    }
 }
 
-/// `Mark { stream, up_to_seq, status }` (1 delivered, 2 read).
-fn put_mark(out: &mut BytesMut, stream: u64, seq: u64, status: u8) {
-    put_header(out, 17, 0x12);
-    out.put_u64(stream);
-    out.put_u64(seq);
-    out.put_u8(status);
+fn put_mark(out: &mut BytesMut, stream: u64, up_to_seq: u64, status: ReceiptStatus) {
+    let mark = Mark {
+        stream,
+        up_to_seq,
+        status,
+    };
+    encode(&Frame::new(0, Body::Mark(mark)), out);
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {

@@ -1,6 +1,7 @@
 //! Who sends where: the routes of every simulated user, the groups and
 //! broadcast lists they form, and how messages are numbered per route.
 
+use courier_protocol::Destination;
 use rand::SeedableRng;
 
 use crate::options::{Options, Scenario};
@@ -39,6 +40,20 @@ pub(crate) struct Routes {
     pub tag: u64,
 }
 
+/// The number each sender gives its one broadcast list.
+pub(crate) const LIST_ID: u64 = 1;
+
+impl Routes {
+    /// Where `dest` is on Courier (and the relay).
+    pub(crate) fn destination(&self, dest: Dest) -> Destination {
+        match dest {
+            Dest::User(u) => Destination::User(u),
+            Dest::Group(g) => Destination::Group(self.group_ids[g]),
+            Dest::List(_) => Destination::List(LIST_ID),
+        }
+    }
+}
+
 /// User ids fit in the low 48 bits; a conversation is a user's route:
 /// `user | route << 48` (a sender's messages to its partner and to its
 /// group are two conversations, each ordered on its own).
@@ -56,6 +71,12 @@ pub(crate) fn sender_of(conversation: u64) -> u64 {
 /// unique per sender across routes, and across runs that reuse user ids.
 pub(crate) fn client_msg_id(tag: u64, route: usize, n: u64) -> u64 {
     (tag & 0xFFFF) << 48 | (route as u64 & 0xFF) << 40 | n
+}
+
+/// (route, n) of a client message id of the run `tag` ([`client_msg_id`]
+/// backwards); `None` for another run's.
+pub(crate) fn route_and_number(tag: u64, id: u64) -> Option<(usize, u64)> {
+    (id >> 48 == tag & 0xFFFF).then_some((((id >> 40) & 0xFF) as usize, id & ((1 << 40) - 1)))
 }
 
 /// A sender's numbering of its messages: which route each takes (by
@@ -227,5 +248,20 @@ pub(crate) fn plan(opts: &Options) -> anyhow::Result<Plan> {
                 lists,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receipt names messages by client id: the route and number come
+    /// back out of it, and another run's ids are not this run's.
+    #[test]
+    fn client_ids_give_back_their_route_and_number() {
+        let tag = 0x1234_5678;
+        let id = client_msg_id(tag, 3, 987_654);
+        assert_eq!(route_and_number(tag, id), Some((3, 987_654)));
+        assert_eq!(route_and_number(tag + 1, id), None);
     }
 }

@@ -150,7 +150,7 @@ async fn settle(shared: &Shared, limit: Duration, progress: impl Fn() -> (u64, b
         if count != last.0 {
             last = (count, Instant::now());
         }
-        if shared.phase() == Phase::Stopped {
+        if shared.stopped() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -337,7 +337,7 @@ async fn receive(me: u64, mut inbox: Inbox, shared: Arc<Shared>) -> Checker {
             Ok(Some(p)) => p,
             Ok(None) => break,
             Err(_) => {
-                if shared.stop.load(Ordering::Relaxed) {
+                if shared.stopped() {
                     break;
                 }
                 continue;
@@ -463,7 +463,7 @@ async fn progress(shared: Arc<Shared>, show: bool) {
     let mut last = (0, 0, 0);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if shared.stop.load(Ordering::Relaxed) {
+        if shared.stopped() {
             break;
         }
         let now = (

@@ -110,7 +110,7 @@ impl User {
         let mut backoff = Duration::from_millis(20);
         let give_up = self.pacer.end() + GIVE_UP_AFTER;
         loop {
-            if shared.stop.load(Ordering::Relaxed) || Instant::now() > give_up {
+            if shared.stopped() || Instant::now() > give_up {
                 return None;
             }
             match Client::connect(config.clone()).await {
@@ -211,7 +211,7 @@ impl User {
                     return End::Dropped;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !state.sending => {
-                    if shared.stop.load(Ordering::Relaxed) {
+                    if shared.stopped() {
                         return End::Finished;
                     }
                 }

@@ -3,7 +3,7 @@
 //! locked per message).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,6 @@ pub(crate) enum Phase {
 
 pub(crate) struct Shared {
     pub start: Instant,
-    pub stop: AtomicBool,
     phase: AtomicU8,
     /// Tells waiting user loops that the phase changed.
     phase_changed: tokio::sync::watch::Sender<()>,
@@ -60,7 +59,6 @@ impl Shared {
     pub(crate) fn new(sending: usize) -> Shared {
         Shared {
             start: Instant::now(),
-            stop: AtomicBool::new(false),
             phase: AtomicU8::new(0),
             phase_changed: tokio::sync::watch::Sender::new(()),
             sending_left: AtomicUsize::new(sending),
@@ -88,10 +86,12 @@ impl Shared {
 
     pub(crate) fn set_phase(&self, p: Phase) {
         self.phase.store(p as u8, Ordering::Relaxed);
-        if p == Phase::Stopped {
-            self.stop.store(true, Ordering::Relaxed);
-        }
         self.phase_changed.send_replace(());
+    }
+
+    /// The run has ended: every user stops.
+    pub(crate) fn stopped(&self) -> bool {
+        self.phase() == Phase::Stopped
     }
 
     /// A receiver whose `changed()` completes at the next phase change.
@@ -128,20 +128,33 @@ impl Shared {
     /// acknowledged; `recipients` must each get it.
     pub(crate) fn acked(
         &self,
-        (conversation, n, recipients): (u64, u64, &[u64]),
+        ack: (u64, u64, &[u64]),
         intended: Instant,
         checker: &mut Checker,
         tally: &mut Tally,
     ) {
-        let now = Instant::now();
+        let expected = self.note_ack(ack, intended, Instant::now(), checker, tally);
         self.acked.fetch_add(1, Ordering::Relaxed);
-        self.expected
-            .fetch_add(recipients.len() as u64, Ordering::Relaxed);
+        self.expected.fetch_add(expected, Ordering::Relaxed);
+    }
+
+    /// An acknowledgement in the task's checker and tally, not yet in the
+    /// shared counters (a caller that counts many adds them at once);
+    /// returns the deliveries it calls for.
+    pub(crate) fn note_ack(
+        &self,
+        (conversation, n, recipients): (u64, u64, &[u64]),
+        intended: Instant,
+        now: Instant,
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) -> u64 {
         let t = tally.at(self, now);
         t.acked += 1;
         t.ack_us
             .push(now.saturating_duration_since(intended).as_micros() as u64);
         checker.acked(conversation, n, recipients);
+        recipients.len() as u64
     }
 
     /// `me` received `payload` (anything not a generator message is skipped).
@@ -153,21 +166,39 @@ impl Shared {
         tally: &mut Tally,
     ) {
         let now = Instant::now();
-        let Some((conv, n, intended_ns)) = parse(payload) else {
-            return; // group events and anything not from this run
-        };
+        if self
+            .note_delivery(me, payload, now, checker, tally)
+            .is_some()
+        {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            self.last_delivery_ns
+                .fetch_max(self.since_start(now), Ordering::Relaxed);
+        }
+    }
+
+    /// A delivery in the task's checker and tally, not yet in the shared
+    /// counters; returns its (conversation, number), or `None` for anything
+    /// that is not another user's generator message.
+    pub(crate) fn note_delivery(
+        &self,
+        me: u64,
+        payload: &[u8],
+        now: Instant,
+        checker: &mut Checker,
+        tally: &mut Tally,
+    ) -> Option<(u64, u64)> {
+        // Group events and anything not from this run carry no stamp.
+        let (conv, n, intended_ns) = parse(payload)?;
         if sender_of(conv) == me {
-            return; // a peer echoing a member's own group message
+            return None; // a peer echoing a member's own group message
         }
         let intended = self.start + Duration::from_nanos(intended_ns);
         let us = now.saturating_duration_since(intended).as_micros() as u64;
         checker.delivered(me, conv, n);
-        self.delivered.fetch_add(1, Ordering::Relaxed);
-        self.last_delivery_ns
-            .fetch_max(self.since_start(now), Ordering::Relaxed);
         let t = tally.at(self, now);
         t.delivered += 1;
         t.e2e_us.push(us);
+        Some((conv, n))
     }
 }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use courier_client::{Client, ClientError};
 use courier_protocol::{Destination, MessageKind};
 
-use crate::plan::{Dest, Plan, Routes};
+use crate::plan::{Dest, Plan, Routes, LIST_ID};
 
 pub(crate) fn client_error(e: ClientError) -> String {
     match e {
@@ -28,21 +28,17 @@ pub(crate) fn courier_send(
     body: Bytes,
 ) -> Result<impl std::future::Future<Output = Result<(), ClientError>> + Send + 'static, ClientError>
 {
-    let ack: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match dest {
-        Dest::List(_) => {
-            let ack = c.start_broadcast(id, 1, MessageKind::Chat, body)?;
-            Box::pin(async move { ack.await.map(|_| ()) })
-        }
-        Dest::User(u) => {
-            let ack = c.start_send(id, Destination::User(u), MessageKind::Chat, body)?;
-            Box::pin(async move { ack.await.map(|_| ()) })
-        }
-        Dest::Group(g) => {
-            let d = Destination::Group(routes.group_ids[g]);
-            let ack = c.start_send(id, d, MessageKind::Chat, body)?;
-            Box::pin(async move { ack.await.map(|_| ()) })
-        }
-    };
+    let ack: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        match routes.destination(dest) {
+            Destination::List(list) => {
+                let ack = c.start_broadcast(id, list, MessageKind::Chat, body)?;
+                Box::pin(async move { ack.await.map(|_| ()) })
+            }
+            d => {
+                let ack = c.start_send(id, d, MessageKind::Chat, body)?;
+                Box::pin(async move { ack.await.map(|_| ()) })
+            }
+        };
     Ok(ack)
 }
 
@@ -74,7 +70,7 @@ pub(crate) async fn create_lists(
                 .await?;
         }
         client(*business)
-            .list(courier_protocol::ListOp::Set, 1, customers.clone())
+            .list(courier_protocol::ListOp::Set, LIST_ID, customers.clone())
             .await?;
     }
     Ok(())
