@@ -12,11 +12,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use courier_protocol::ReceiptStatus;
 use courier_storage::{Clock, InboxStore, KvOp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::messages::{ReceiptQueryCmd, SessionHandle, ShardCmd};
+use super::messages::{MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd};
 use super::recent::Recent;
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
@@ -135,6 +136,26 @@ pub(crate) struct Shard {
 pub(crate) struct HeldMark {
     pub delivered: u64,
     pub read: u64,
+}
+
+impl HeldMark {
+    /// The marks to apply for `(user, stream)`: read first, then delivered
+    /// beyond it (what was read before its delivered mark was applied gets
+    /// only its read receipt).
+    pub(crate) fn release(self, (user, stream): (u64, u64), marks: &mut Vec<MarkCmd>) {
+        let mark = |up_to_seq, status| MarkCmd {
+            user,
+            stream,
+            up_to_seq,
+            status,
+        };
+        if self.read > 0 {
+            marks.push(mark(self.read, ReceiptStatus::Read));
+        }
+        if self.delivered > self.read {
+            marks.push(mark(self.delivered, ReceiptStatus::Delivered));
+        }
+    }
 }
 
 impl Shard {
@@ -302,8 +323,9 @@ impl Shard {
             ShardCmd::ReceiptQuery(q) => batch.queries.push(q),
             ShardCmd::Mark(m) => self.hold_mark(m, batch),
             ShardCmd::Register(r) => {
-                // Earlier marks (held ones too) must be visible in the state.
-                self.release_marks(true, &mut batch.marks);
+                // Earlier marks (the user's held ones too) must be visible
+                // in the state.
+                self.release_marks_of(r.user, &mut batch.marks);
                 self.apply_marks(&mut batch.marks);
                 self.register(r);
             }

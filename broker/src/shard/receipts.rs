@@ -82,8 +82,6 @@ impl Shard {
     }
 
     /// Moves the held marks into `marks` once they are due (or `all` now).
-    /// Read first, then delivered beyond it: what was read before its
-    /// delivered mark was applied gets only its read receipt.
     pub(crate) fn release_marks(&mut self, all: bool, marks: &mut Vec<MarkCmd>) {
         if self.held_marks.is_empty()
             || !(all || self.marks_due.is_some_and(|d| d <= Instant::now()))
@@ -91,19 +89,25 @@ impl Shard {
             return;
         }
         self.marks_due = None;
-        for ((user, stream), held) in std::mem::take(&mut self.held_marks) {
-            let mark = |up_to_seq, status| MarkCmd {
-                user,
-                stream,
-                up_to_seq,
-                status,
-            };
-            if held.read > 0 {
-                marks.push(mark(held.read, ReceiptStatus::Read));
-            }
-            if held.delivered > held.read {
-                marks.push(mark(held.delivered, ReceiptStatus::Delivered));
-            }
+        for (key, held) in std::mem::take(&mut self.held_marks) {
+            held.release(key, marks);
+        }
+    }
+
+    /// Moves `user`'s held marks into `marks` now (a new session of the
+    /// user resumes after them); other users' keep waiting.
+    pub(crate) fn release_marks_of(&mut self, user: u64, marks: &mut Vec<MarkCmd>) {
+        let keys: Vec<(u64, u64)> = self
+            .held_marks
+            .range((user, 0)..=(user, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let held = self.held_marks.remove(&key).expect("listed");
+            held.release(key, marks);
+        }
+        if self.held_marks.is_empty() {
+            self.marks_due = None;
         }
     }
 
@@ -238,11 +242,13 @@ impl Shard {
         } else {
             old.delivered
         };
-        if let Some(facts) = self.recent.range(user, after, new.delivered) {
+        // Whichever way the range is read, what is read owes nothing more.
+        let recent = self.recent.range(user, after, new.delivered);
+        self.recent.done_up_to(user, new.read);
+        if let Some(facts) = recent {
             for (seq, fact) in facts {
                 self.owe(user, seq, fact, old, new, &mut owed);
             }
-            self.recent.done_up_to(user, new.read);
             return owed;
         }
         self.stats.receipt_range_reads.inc();

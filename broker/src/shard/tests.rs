@@ -673,3 +673,45 @@ async fn an_online_users_marks_read_nothing_back() {
         );
     }
 }
+
+/// A new session resumes after every mark its user sent before it, even
+/// marks the shard still holds to merge (without it, a client that
+/// acknowledged and reconnected within `mark_coalesce` would be sent again
+/// what it had acknowledged).
+#[tokio::test]
+async fn a_new_session_sees_its_users_held_marks() {
+    let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+    let config = ShardConfig {
+        mark_coalesce: Duration::from_secs(3600),
+        ..ShardConfig::for_tests()
+    };
+    let shards = Shards::start(1, config, store.clone()).unwrap();
+    let (rtx, mut rrx) = mailbox::unbounded();
+    for i in 1..=3 {
+        assert!(shards.send(2, send(i, &rtx)).await);
+        assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+    }
+    let mark = MarkCmd {
+        user: 2,
+        stream: 0,
+        up_to_seq: 2,
+        status: ReceiptStatus::Delivered,
+    };
+    assert!(shards.send(2, ShardCmd::Mark(mark)).await);
+    let (dtx, _drx) = mailbox::bounded(16);
+    let (stx, srx) = oneshot::channel();
+    let session = Arc::new(SessionHandle {
+        id: 1,
+        deliveries: dtx,
+        lagging: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    let cmd = ShardCmd::Register(RegisterCmd {
+        user: 2,
+        session,
+        state: stx,
+    });
+    assert!(shards.send(2, cmd).await);
+    let state = srx.await.unwrap().unwrap();
+    assert_eq!((state.head_seq, state.acked_seq), (3, 2));
+}
