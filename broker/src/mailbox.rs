@@ -2,7 +2,7 @@
 //! reader and the shards), which hold nothing while empty.
 //!
 //! tokio's `mpsc` allocates its first block of 32 slots when the channel is
-//! made: about 1.3 KiB for deliveries and 1.8 KiB for replies, for every
+//! made (room for 32 deliveries, and for 32 replies), for every
 //! connection, idle or not. Here a queue is a `VecDeque` behind a mutex,
 //! allocated by its first message and let go once a burst is drained, and a
 //! `Notify` that wakes the one receiver when a message lands in an empty
