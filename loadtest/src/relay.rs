@@ -265,3 +265,34 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use courier_client::{Client, ClientConfig};
+
+    use super::*;
+
+    /// A user's older connection closing leaves its newer one registered:
+    /// a message sent after the close still reaches the newer one.
+    #[tokio::test]
+    async fn an_older_session_closing_keeps_the_newer_one() {
+        let addr = start("127.0.0.1:0", Faults::default()).await.unwrap();
+        let connect = |user| Client::connect(ClientConfig::new(addr.to_string(), user, 1, "x"));
+        let (older, _) = connect(1).await.unwrap();
+        let (newer, _) = connect(1).await.unwrap();
+        let (sender, _) = connect(2).await.unwrap();
+        drop(older);
+        // Time for the relay to see the older connection end (if it has
+        // not, the message still reaches the newer one, and the test says
+        // nothing: it can only pass wrongly, never fail wrongly).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sender
+            .send(Destination::User(1), MessageKind::Chat, "still here".into())
+            .await
+            .unwrap();
+        let got = newer.recv_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(&got.payload[..], b"still here");
+    }
+}
