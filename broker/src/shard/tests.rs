@@ -53,6 +53,29 @@ async fn result(rx: &mut mailbox::Receiver<Reply>) -> SendResult {
     }
 }
 
+/// A session of `user` registered on its shard, and the inbox state the
+/// shard answered with.
+async fn register(
+    shards: &Shards,
+    user: u64,
+    deliveries: mailbox::Sender<(Delivery, Instant)>,
+) -> (Arc<SessionHandle>, courier_storage::InboxState) {
+    let session = Arc::new(SessionHandle {
+        id: 1,
+        deliveries,
+        lagging: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    let (stx, srx) = oneshot::channel();
+    let cmd = ShardCmd::Register(RegisterCmd {
+        user,
+        session: session.clone(),
+        state: stx,
+    });
+    assert!(shards.send(user, cmd).await);
+    (session, srx.await.unwrap().unwrap())
+}
+
 /// The shard core on the in-memory store: acks follow the store's
 /// outcome, pushes follow acks, and a full session queue demotes the
 /// session instead of blocking or dropping anything from the inbox.
@@ -97,20 +120,8 @@ async fn acks_pushes_duplicates_and_demotion() {
     let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
     let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
     let (dtx, mut drx) = mailbox::bounded(2);
-    let session = Arc::new(SessionHandle {
-        id: 1,
-        deliveries: dtx,
-        lagging: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
-    let (stx, srx) = oneshot::channel();
-    let cmd = ShardCmd::Register(RegisterCmd {
-        user: 2,
-        session: session.clone(),
-        state: stx,
-    });
-    assert!(shards.send(2, cmd).await);
-    assert_eq!(srx.await.unwrap().unwrap().head_seq, 0);
+    let (session, state) = register(&shards, 2, dtx).await;
+    assert_eq!(state.head_seq, 0);
 
     let (rtx, mut rrx) = mailbox::unbounded();
     for i in 1..=5 {
@@ -612,20 +623,7 @@ async fn an_online_users_marks_read_nothing_back() {
         let shards = Shards::start(1, ShardConfig::for_tests(), store.clone()).unwrap();
         let (dtx, _drx) = mailbox::bounded(1024);
         if online {
-            let (stx, srx) = oneshot::channel();
-            let session = Arc::new(SessionHandle {
-                id: 1,
-                deliveries: dtx,
-                lagging: AtomicBool::new(false),
-                wake: Notify::new(),
-            });
-            let cmd = ShardCmd::Register(RegisterCmd {
-                user: 2,
-                session,
-                state: stx,
-            });
-            assert!(shards.send(2, cmd).await);
-            srx.await.unwrap().unwrap();
+            register(&shards, 2, dtx).await;
         }
         let (rtx, mut rrx) = mailbox::unbounded();
         for i in 1..=6 {
@@ -699,19 +697,6 @@ async fn a_new_session_sees_its_users_held_marks() {
     };
     assert!(shards.send(2, ShardCmd::Mark(mark)).await);
     let (dtx, _drx) = mailbox::bounded(16);
-    let (stx, srx) = oneshot::channel();
-    let session = Arc::new(SessionHandle {
-        id: 1,
-        deliveries: dtx,
-        lagging: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
-    let cmd = ShardCmd::Register(RegisterCmd {
-        user: 2,
-        session,
-        state: stx,
-    });
-    assert!(shards.send(2, cmd).await);
-    let state = srx.await.unwrap().unwrap();
+    let (_, state) = register(&shards, 2, dtx).await;
     assert_eq!((state.head_seq, state.acked_seq), (3, 2));
 }
