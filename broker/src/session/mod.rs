@@ -36,6 +36,7 @@ mod social;
 mod streams;
 mod writer;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,20 +58,34 @@ use crate::shard::messages::Reply;
 pub(crate) use self::frames::refuse;
 
 /// Serves one accepted connection to its end and counts why it ended.
-pub(crate) async fn serve<T: Transport>(
+///
+/// A task is as large as the largest state its future can be in, and a
+/// session spends its life waiting in its read loop, so that state is kept
+/// small (see the size test below): the handshake and the close, taken once,
+/// are boxed; and the long-lived futures here are `async move` blocks that
+/// use what they captured in place (an `async fn`'s arguments stay in every
+/// state of its future, and a `let` of one is a second copy).
+pub(crate) fn serve<T: Transport>(
     node: Arc<Node>,
     stream: T,
     peer: Option<std::net::SocketAddr>,
     admitted: Admitted,
-) where
+) -> impl Future<Output = ()>
+where
     T::Wr: SpawnWriter,
 {
     let Admitted {
         slot, handshaking, ..
     } = admitted;
-    let reason = session(&node, stream, peer, handshaking).await;
-    node.metrics.closed(reason);
-    drop(slot);
+    let opening = Box::pin(open(node.clone(), stream, peer, handshaking));
+    async move {
+        let reason = match opening.await {
+            Ok(opened) => live(&node, opened).await,
+            Err(reason) => reason,
+        };
+        node.metrics.closed(reason);
+        drop(slot);
+    }
 }
 
 /// Counts an open session for as long as it lives.
@@ -89,62 +104,91 @@ impl Drop for OpenSession<'_> {
     }
 }
 
-/// One connection from accept to close: handshake, writer, read loop,
-/// finish what was accepted, goodbye. Returns why it closed.
-async fn session<T: Transport>(
-    node: &Arc<Node>,
+/// A connection through its handshake.
+struct Opened<T: Transport> {
+    frames: FrameReader<T::Rd>,
+    wr: T::Wr,
+    started: handshake::Started,
+}
+
+/// The handshake: the connection's halves and the welcomed session, or why
+/// it ended.
+async fn open<T: Transport>(
+    node: Arc<Node>,
     stream: T,
     peer: Option<std::net::SocketAddr>,
     handshaking: Handshaking,
-) -> CloseReason
+) -> Result<Opened<T>, CloseReason> {
+    let (rd, mut wr) = stream.split();
+    let mut frames = FrameReader::new(rd, node.config.limits.max_frame_len);
+    let started = handshake::start(&node, &mut frames, &mut wr, peer, &handshaking.evicted).await;
+    // Welcomed or not, the connection no longer waits to authenticate.
+    drop(handshaking);
+    Ok(Opened {
+        frames,
+        wr,
+        started: started?,
+    })
+}
+
+/// A welcomed session: its writer task, its read loop, its close.
+fn live<T: Transport>(node: &Arc<Node>, opened: Opened<T>) -> impl Future<Output = CloseReason> + '_
 where
     T::Wr: SpawnWriter,
 {
-    let (rd, mut wr) = stream.split();
-    let limits = &node.config.limits;
-    let mut frames = FrameReader::new(rd, limits.max_frame_len);
-    let started = handshake::start(node, &mut frames, &mut wr, peer, &handshaking.evicted).await;
-    // Welcomed or not, the connection no longer waits to authenticate.
-    drop(handshaking);
-    let started = match started {
-        Ok(s) => s,
-        Err(reason) => return reason,
-    };
-    let _open = OpenSession::new(&node.metrics);
+    let Opened {
+        mut frames,
+        wr,
+        started,
+    } = opened;
     let (user, session_id) = (started.user, started.session_id);
+    let (mut reader, writer) = begin(node, wr, started);
+    async move {
+        let _open = OpenSession::new(&node.metrics);
+        let Ended { goodbye, closed_by } = reader.read_loop(&mut frames).await;
+        if goodbye.as_ref().map(|r| r.code) == Some(ErrorCode::SHUTTING_DOWN) {
+            Box::pin(finish_in_flight(node, &reader.inflight, user)).await;
+        }
+        let server_closed = goodbye.is_some();
+        let _ = reader.replies.send(Reply::Close(goodbye));
+        drop(reader);
+        handshake::unregister(node, user, session_id).await;
+        let _ = writer.await;
+        if server_closed {
+            Box::pin(linger(&mut frames.rd)).await;
+        }
+        debug!(user, session_id, "session ended");
+        closed_by
+    }
+}
+
+/// Starts a welcomed session's writer task and makes its reader.
+fn begin<W: SpawnWriter>(
+    node: &Arc<Node>,
+    wr: W,
+    started: handshake::Started,
+) -> (Reader, tokio::task::JoinHandle<()>) {
+    let limits = &node.config.limits;
     let inflight = Arc::new(Semaphore::new(limits.max_in_flight));
     let (rtx, rrx) = mailbox::unbounded();
     let inputs = WriterInputs {
         replies: rrx,
         deliveries: started.deliveries,
         session: started.handle,
-        user,
+        user: started.user,
         start_after: started.start_after,
         inflight: inflight.clone(),
     };
-    let writer = T::Wr::spawn(Writer::new(wr, inputs, node));
-    let mut reader = Reader {
+    let writer = W::spawn(Writer::new(wr, inputs, node));
+    let reader = Reader {
         node: node.clone(),
-        user,
+        user: started.user,
         device: started.device,
         replies: rtx,
-        inflight: inflight.clone(),
+        inflight,
         send_bucket: Bucket::full(limits.sends_per_connection_per_sec, node.clock.now_ms()),
     };
-    let Ended { goodbye, closed_by } = reader.read_loop(&mut frames).await;
-    if goodbye.as_ref().map(|r| r.code) == Some(ErrorCode::SHUTTING_DOWN) {
-        finish_in_flight(node, &inflight, user).await;
-    }
-    let server_closed = goodbye.is_some();
-    let _ = reader.replies.send(Reply::Close(goodbye));
-    drop(reader);
-    handshake::unregister(node, user, session_id).await;
-    let _ = writer.await;
-    if server_closed {
-        linger(&mut frames.rd).await;
-    }
-    debug!(user, session_id, "session ended");
-    closed_by
+    (reader, writer)
 }
 
 /// At shutdown, waits until every in-flight send is answered (bounded by
@@ -161,5 +205,93 @@ async fn finish_in_flight(node: &Node, inflight: &Semaphore, user: u64) {
             user,
             "in-flight sends not answered within the shutdown grace"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+    use super::*;
+    use crate::net::uring::{UringRead, UringStream, UringWrite};
+
+    /// Stands in for an argument whose value is never needed: only the
+    /// type of the future built from it is.
+    fn never<T>() -> T {
+        unreachable!("only the future's type is used")
+    }
+
+    fn size_of_future<F: Future>(_: impl FnOnce() -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every connection holds two tasks (this session's and its writer's)
+    /// for its whole life; their futures are most of what an idle
+    /// connection costs (`docs/BENCHMARKS.md`, "Idle connections"). They
+    /// were 1,944 and 984 bytes before the long-lived states were trimmed;
+    /// this fails if either grows past 1 KiB again, and prints the parts
+    /// (`cargo test -p courier-broker --lib waiting_session -- --nocapture`).
+    #[test]
+    fn a_waiting_sessions_tasks_stay_under_a_kib() {
+        type Tcp = tokio::net::TcpStream;
+        let tasks = [
+            (
+                "session task, epoll",
+                size_of_future(|| serve::<Tcp>(never(), never(), never(), never())),
+            ),
+            (
+                "session task, io_uring",
+                size_of_future(|| serve::<UringStream>(never(), never(), never(), never())),
+            ),
+            (
+                "writer task, epoll",
+                size_of_future(|| never::<Writer<OwnedWriteHalf>>().run()),
+            ),
+            (
+                "writer task, io_uring",
+                size_of_future(|| never::<Writer<UringWrite>>().run()),
+            ),
+        ];
+        let parts = [
+            (
+                "read loop, epoll",
+                size_of_future(|| {
+                    never::<&'static mut Reader>()
+                        .read_loop(never::<&'static mut FrameReader<OwnedReadHalf>>())
+                }),
+            ),
+            (
+                "read loop, io_uring",
+                size_of_future(|| {
+                    never::<&'static mut Reader>()
+                        .read_loop(never::<&'static mut FrameReader<UringRead>>())
+                }),
+            ),
+            (
+                "the next frame's read, epoll",
+                size_of_future(|| never::<&'static mut FrameReader<OwnedReadHalf>>().next_frame()),
+            ),
+            (
+                "the next frame's read, io_uring",
+                size_of_future(|| never::<&'static mut FrameReader<UringRead>>().next_frame()),
+            ),
+            (
+                "handshake (boxed)",
+                size_of_future(|| open::<Tcp>(never(), never(), never(), never())),
+            ),
+            (
+                "writer state",
+                std::mem::size_of::<Writer<OwnedWriteHalf>>(),
+            ),
+            ("reader state", std::mem::size_of::<Reader>()),
+        ];
+        for (what, size) in tasks.iter().chain(&parts) {
+            eprintln!("{what}: {size} bytes");
+        }
+        for (what, size) in tasks {
+            assert!(size <= 1024, "{what}: {size} bytes");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! gap, sends it to catch-up (`catch_up`), which reads the store.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -143,18 +144,26 @@ impl<W: NetWrite> Writer<W> {
         }
     }
 
-    pub(crate) async fn run(mut self) {
-        if let Err(e) = self.run_inner().await {
-            debug!(user = self.user, error = %e, "writer stopped");
+    /// The writer's task. An `async move` block that uses the writer it
+    /// captured in place: an `async fn run(self)` would hold it twice in
+    /// every state of the task (its argument and its body's copy).
+    pub(crate) fn run(self) -> impl Future<Output = ()> {
+        let mut w = self;
+        async move {
+            if let Err(e) = w.run_inner().await {
+                debug!(user = w.user, error = %e, "writer stopped");
+            }
+            w.wr.shutdown().await;
         }
-        self.wr.shutdown().await;
     }
 
     async fn run_inner(&mut self) -> std::io::Result<()> {
         let mut need_catch_up = true;
         loop {
             if need_catch_up || self.session.lagging.load(Ordering::SeqCst) {
-                self.catch_up().await?;
+                // Boxed: a waiting writer's task should not carry the
+                // space of the store reads it makes only now and then.
+                Box::pin(self.catch_up()).await?;
                 need_catch_up = false;
             }
             let step = tokio::select! {

@@ -8,10 +8,12 @@
 //! which stops reading that socket: backpressure reaches the client through
 //! TCP and nothing grows without bound.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use courier_storage::InboxStore;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::core::{PeerQueue, Shard, ShardConfig};
 use super::groups::fan_out_marks;
@@ -90,11 +92,46 @@ impl Shards {
     }
 
     /// Queues `cmd` on the shard that owns `key` (a user or group id),
-    /// waiting while it is full. Returns `false` if the shard has stopped.
-    pub async fn send(&self, key: u64, cmd: ShardCmd) -> bool {
+    /// waiting while it is full. Resolves to `false` if the shard has
+    /// stopped.
+    ///
+    /// The command is queued at the call when there is room; only a wait
+    /// for room is a future of its own, boxed: it is rare, and its state
+    /// (the command and the queue's permit request, over 500 bytes) would
+    /// otherwise be part of every session's task for the session's whole
+    /// life, idle or not.
+    pub fn send(&self, key: u64, cmd: ShardCmd) -> impl Future<Output = bool> + Send + '_ {
+        let waiting = match self.try_send(key, cmd) {
+            Ok(()) => Err(true),
+            Err(TrySendError::Closed(_)) => Err(false),
+            Err(TrySendError::Full(cmd)) => Ok(Box::pin(self.send_waiting(key, cmd))),
+        };
+        async move {
+            match waiting {
+                Ok(wait) => wait.await,
+                Err(queued) => queued,
+            }
+        }
+    }
+
+    /// Queues `cmd` if its shard's queue has room; gives it back if not
+    /// (to be waited with, by value: the command is the error's payload).
+    #[allow(clippy::result_large_err)]
+    pub fn try_send(&self, key: u64, cmd: ShardCmd) -> Result<(), TrySendError<ShardCmd>> {
         let i = shard_of(key, self.queues.len());
+        self.queues[i].try_send(cmd)?;
         self.stats.queue_pushed[i].inc();
-        self.queues[i].send(cmd).await.is_ok()
+        Ok(())
+    }
+
+    /// Queues `cmd`, waiting for room (callers box it: see `send`).
+    pub async fn send_waiting(&self, key: u64, cmd: ShardCmd) -> bool {
+        let i = shard_of(key, self.queues.len());
+        let queued = self.queues[i].send(cmd).await.is_ok();
+        if queued {
+            self.stats.queue_pushed[i].inc();
+        }
+        queued
     }
 
     /// Stops every shard after what is already queued, and waits for them.
