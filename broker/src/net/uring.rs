@@ -12,9 +12,10 @@ use super::seam::{NetRead, NetWrite, Transport, MIN_SPARE};
 /// operations take `&self`, and its tasks stay on their thread).
 pub(crate) struct UringStream(pub tokio_uring::net::TcpStream);
 
-/// What a read on an empty buffer reserves when the peer's last read was
-/// short: an idle connection's pending read holds this much, not `want`.
-const QUIET_READ: usize = 1024;
+/// The least a read on an empty buffer reserves. Such a read is sized by
+/// the one before it (see `read_some`): an idle connection, whose last read
+/// was a ping, has this much waiting in the kernel, not `want`.
+const MIN_READ: usize = 64;
 
 pub(crate) struct UringRead {
     stream: Rc<tokio_uring::net::TcpStream>,
@@ -50,8 +51,14 @@ impl NetRead for UringRead {
             *buf = BytesMut::new();
         }
         if buf.capacity() - buf.len() < MIN_SPARE {
-            let quiet = buf.is_empty() && self.last < QUIET_READ;
-            buf.reserve(if quiet { QUIET_READ } else { want });
+            // Twice the last read, so that a connection that fills its
+            // buffer is soon back to full-sized reads.
+            let size = if buf.is_empty() {
+                (self.last * 2).next_power_of_two().clamp(MIN_READ, want)
+            } else {
+                want
+            };
+            buf.reserve(size);
         }
         let owned = std::mem::take(buf);
         let (len, cap) = (owned.len(), owned.capacity());
