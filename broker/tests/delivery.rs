@@ -345,3 +345,93 @@ async fn the_client_library_keeps_an_idle_session_alive() {
     assert!(bob.close_reason().is_none(), "{:?}", bob.close_reason());
     exchange(&alice, 2, &bob, "still there?").await;
 }
+
+/// Sends that must wait (for one of the session's two in-flight permits,
+/// and for room on the one shard's one-slot queue) are stored once each,
+/// in each sender's order: the waits are the rare path the reader takes
+/// out of line, and nothing may be lost, repeated or reordered there.
+#[tokio::test]
+async fn sends_that_wait_for_permits_and_queue_room_keep_their_order() {
+    let server = Server::start(&[
+        ("COURIER_SHARDS", "1"),
+        ("COURIER_LIMITS_SHARD_QUEUE_LEN", "1"),
+        ("COURIER_LIMITS_MAX_IN_FLIGHT", "2"),
+    ]);
+    let (receiver, _) = server.client(10).await;
+    let senders = [1u64, 2, 3, 4];
+    let (batches, singles) = (2u64, 50u64);
+    let sent = senders.map(|user| {
+        let server = &server;
+        async move {
+            let (client, _) = server.client(user).await;
+            let mut last_seq = 0;
+            for b in 0..batches {
+                let sends: Vec<Send> = (0..100)
+                    .map(|i| Send {
+                        client_msg_id: user << 32 | (b * 100 + i),
+                        destination: Destination::User(10),
+                        kind: MessageKind::Chat,
+                        payload: chat(format!("{user}:{}", b * 100 + i)),
+                    })
+                    .collect();
+                for r in client.send_batch(sends).await.unwrap() {
+                    assert_eq!(r.code, ErrorCode::OK);
+                    assert!(r.seq > last_seq, "sender {user}: seqs in send order");
+                    last_seq = r.seq;
+                }
+            }
+            // Single sends in flight together: each waits for a permit.
+            let acks = futures_util::future::join_all((0..singles).map(|i| {
+                let n = batches * 100 + i;
+                client.send(
+                    Destination::User(10),
+                    MessageKind::Chat,
+                    chat(format!("{user}:{n}")),
+                )
+            }))
+            .await;
+            for ack in acks {
+                assert!(
+                    ack.unwrap().seq > last_seq,
+                    "sender {user}: singles after the batches"
+                );
+            }
+        }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(sent),
+    )
+    .await
+    .expect("every send acknowledged within 30 s");
+
+    let per_sender = batches * 100 + singles;
+    let total = per_sender * senders.len() as u64;
+    let mut seen = HashSet::new();
+    let mut next_in_batches = std::collections::HashMap::new();
+    for seq in 1..=total {
+        let m = receiver.recv_timeout(WAIT).await.unwrap();
+        assert_eq!(m.seq, seq, "the inbox has no gap and no repeat");
+        let text = String::from_utf8(m.payload.to_vec()).unwrap();
+        let (user, n) = text.split_once(':').unwrap();
+        let (user, n): (u64, u64) = (user.parse().unwrap(), n.parse().unwrap());
+        assert!(seen.insert((user, n)), "{user}:{n} stored twice");
+        if n < batches * 100 {
+            let expected = next_in_batches.entry(user).or_insert(0u64);
+            assert_eq!(n, *expected, "sender {user}'s batches arrive in order");
+            *expected += 1;
+        }
+    }
+    assert_eq!(
+        seen.len() as u64,
+        total,
+        "every sender's every message arrived"
+    );
+    assert!(
+        receiver
+            .recv_timeout(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing more"
+    );
+}
