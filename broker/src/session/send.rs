@@ -2,24 +2,18 @@
 //! destination's shard (the recipient's, the group's, or for a broadcast
 //! list the sender's, which plans the copies).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Instant;
 
 use courier_protocol::{Destination, ErrorCode, MessageKind, Send};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, TryAcquireError};
 
 use super::reader::Reader;
 use crate::error::{refuse, BrokerResult};
+use crate::shard::handle::Queued;
 use crate::shard::messages::{
     failed, BroadcastCmd, Completion, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
 };
 use crate::state::ids::{is_group, valid_user};
-
-/// A send's wait for a permit, for room on its shard's queue, or for its
-/// broadcast's plan (see `Reader::dispatch`).
-type Wait<'a> = Pin<Box<dyn Future<Output = bool> + std::marker::Send + 'a>>;
 
 impl Reader {
     /// A single send; false when the node is stopping.
@@ -166,43 +160,28 @@ impl Reader {
     ///
     /// Done at the call when a permit and room on the queue are free (the
     /// usual case); only a wait for either, or a broadcast (which waits for
-    /// its plan), is a future of its own, boxed: kept inline, those waits
-    /// would make every session's task larger for its whole life.
-    fn dispatch(
-        &self,
-        s: Send,
-        request_id: u32,
-        index: Option<u16>,
-    ) -> impl Future<Output = bool> + std::marker::Send + '_ {
-        let waiting = match self.inflight.try_acquire() {
+    /// its plan), is a future of its own, boxed (see `Shards::send`).
+    fn dispatch(&self, s: Send, request_id: u32, index: Option<u16>) -> Queued<'_> {
+        match self.inflight.try_acquire() {
             // The permit is returned by the writer when the result is written.
             Ok(permit) => {
                 permit.forget();
                 self.queue(s, request_id, index)
             }
-            Err(TryAcquireError::Closed) => Ok(false),
-            Err(TryAcquireError::NoPermits) => Err(Box::pin(async move {
+            Err(TryAcquireError::Closed) => Queued::Now(false),
+            Err(TryAcquireError::NoPermits) => Queued::Waiting(Box::pin(async move {
                 match self.inflight.acquire().await {
                     Ok(permit) => permit.forget(),
                     Err(_) => return false,
                 }
-                match self.queue(s, request_id, index) {
-                    Ok(queued) => queued,
-                    Err(wait) => wait.await,
-                }
-            }) as Wait<'_>),
-        };
-        async move {
-            match waiting {
-                Ok(queued) => queued,
-                Err(wait) => wait.await,
-            }
+                self.queue(s, request_id, index).await
+            })),
         }
     }
 
-    /// Queues a send whose permit is taken: whether it was queued, or the
-    /// wait for room (or for a broadcast's plan) to await.
-    fn queue(&self, s: Send, request_id: u32, index: Option<u16>) -> Result<bool, Wait<'_>> {
+    /// Queues a send whose permit is taken (given back if the shard has
+    /// stopped).
+    fn queue(&self, s: Send, request_id: u32, index: Option<u16>) -> Queued<'_> {
         let reply = ReplyTo {
             tx: self.replies.clone(),
             request_id,
@@ -238,21 +217,21 @@ impl Reader {
                     accepted,
                 }),
             ),
-            Destination::List(list) => return Err(Box::pin(self.broadcast(s, list, reply))),
-        };
-        match self.node.shards.try_send(key, cmd) {
-            Ok(()) => Ok(true),
-            Err(TrySendError::Closed(_)) => {
-                self.inflight.add_permits(1);
-                Ok(false)
+            Destination::List(list) => {
+                return Queued::Waiting(Box::pin(self.broadcast(s, list, reply)))
             }
-            Err(TrySendError::Full(cmd)) => Err(Box::pin(async move {
-                let queued = self.node.shards.send_waiting(key, cmd).await;
-                if !queued {
-                    self.inflight.add_permits(1);
-                }
-                queued
-            })),
+        };
+        let give_back = |queued: bool| {
+            if !queued {
+                self.inflight.add_permits(1);
+            }
+            queued
+        };
+        match self.node.shards.send(key, cmd) {
+            Queued::Now(queued) => Queued::Now(give_back(queued)),
+            Queued::Waiting(wait) => {
+                Queued::Waiting(Box::pin(async move { give_back(wait.await) }))
+            }
         }
     }
 

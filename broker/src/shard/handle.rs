@@ -9,7 +9,9 @@
 //! TCP and nothing grows without bound.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use courier_storage::InboxStore;
 use tokio::sync::mpsc;
@@ -20,6 +22,29 @@ use super::groups::fan_out_marks;
 use super::messages::ShardCmd;
 use super::route::shard_of;
 use crate::metrics::ShardMetrics;
+
+/// What queuing without waiting came to (`Shards::send`, and a session's
+/// sends, which may also wait for an in-flight permit); awaiting it waits
+/// if it must.
+pub enum Queued<'a> {
+    /// Queued (`true`), or refused because the shard has stopped.
+    Now(bool),
+    /// No room (or a permit to wait for): the boxed wait, resolving like
+    /// `Now`.
+    Waiting(Pin<Box<dyn Future<Output = bool> + Send + 'a>>),
+}
+
+/// Resolves to whether the command was queued, waiting for it if it must.
+impl Future for Queued<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        match self.get_mut() {
+            Queued::Now(queued) => Poll::Ready(*queued),
+            Queued::Waiting(wait) => wait.as_mut().poll(cx),
+        }
+    }
+}
 
 /// Handles to every shard's queues and thread.
 pub struct Shards {
@@ -91,47 +116,30 @@ impl Shards {
         self.queues.len()
     }
 
-    /// Queues `cmd` on the shard that owns `key` (a user or group id),
-    /// waiting while it is full. Resolves to `false` if the shard has
-    /// stopped.
+    /// Queues `cmd` on the shard that owns `key` (a user or group id): now
+    /// if its queue has room; awaiting the result waits for room if not,
+    /// and resolves to `false` if the shard has stopped.
     ///
-    /// The command is queued at the call when there is room; only a wait
-    /// for room is a future of its own, boxed: it is rare, and its state
-    /// (the command and the queue's permit request, over 500 bytes) would
-    /// otherwise be part of every session's task for the session's whole
-    /// life, idle or not.
-    pub fn send(&self, key: u64, cmd: ShardCmd) -> impl Future<Output = bool> + Send + '_ {
-        let waiting = match self.try_send(key, cmd) {
-            Ok(()) => Err(true),
-            Err(TrySendError::Closed(_)) => Err(false),
-            Err(TrySendError::Full(cmd)) => Ok(Box::pin(self.send_waiting(key, cmd))),
-        };
-        async move {
-            match waiting {
-                Ok(wait) => wait.await,
-                Err(queued) => queued,
+    /// The wait for room is a future of its own, boxed: it is rare, and its
+    /// state (the command and the queue's permit request, over 500 bytes)
+    /// would otherwise be part of every session's task for the session's
+    /// whole life, idle or not.
+    pub fn send(&self, key: u64, cmd: ShardCmd) -> Queued<'_> {
+        let i = shard_of(key, self.queues.len());
+        match self.queues[i].try_send(cmd) {
+            Ok(()) => {
+                self.stats.queue_pushed[i].inc();
+                Queued::Now(true)
             }
+            Err(TrySendError::Closed(_)) => Queued::Now(false),
+            Err(TrySendError::Full(cmd)) => Queued::Waiting(Box::pin(async move {
+                let queued = self.queues[i].send(cmd).await.is_ok();
+                if queued {
+                    self.stats.queue_pushed[i].inc();
+                }
+                queued
+            })),
         }
-    }
-
-    /// Queues `cmd` if its shard's queue has room; gives it back if not
-    /// (to be waited with, by value: the command is the error's payload).
-    #[allow(clippy::result_large_err)]
-    pub fn try_send(&self, key: u64, cmd: ShardCmd) -> Result<(), TrySendError<ShardCmd>> {
-        let i = shard_of(key, self.queues.len());
-        self.queues[i].try_send(cmd)?;
-        self.stats.queue_pushed[i].inc();
-        Ok(())
-    }
-
-    /// Queues `cmd`, waiting for room (callers box it: see `send`).
-    pub async fn send_waiting(&self, key: u64, cmd: ShardCmd) -> bool {
-        let i = shard_of(key, self.queues.len());
-        let queued = self.queues[i].send(cmd).await.is_ok();
-        if queued {
-            self.stats.queue_pushed[i].inc();
-        }
-        queued
     }
 
     /// Stops every shard after what is already queued, and waits for them.
