@@ -17,6 +17,13 @@ pub(crate) struct UringStream(pub tokio_uring::net::TcpStream);
 /// was a ping, has this much waiting in the kernel, not `want`.
 const MIN_READ: usize = 64;
 
+/// What a read on an empty buffer reserves after a read of `last` bytes:
+/// twice that (a power of two), so that a connection that fills its buffer
+/// is soon back to full-sized reads, at least `MIN_READ`, at most `want`.
+fn empty_read_size(last: usize, want: usize) -> usize {
+    (last * 2).next_power_of_two().clamp(MIN_READ, want)
+}
+
 pub(crate) struct UringRead {
     stream: Rc<tokio_uring::net::TcpStream>,
     /// Bytes the last read returned.
@@ -51,14 +58,11 @@ impl NetRead for UringRead {
             *buf = BytesMut::new();
         }
         if buf.capacity() - buf.len() < MIN_SPARE {
-            // Twice the last read, so that a connection that fills its
-            // buffer is soon back to full-sized reads.
-            let size = if buf.is_empty() {
-                (self.last * 2).next_power_of_two().clamp(MIN_READ, want)
+            buf.reserve(if buf.is_empty() {
+                empty_read_size(self.last, want)
             } else {
                 want
-            };
-            buf.reserve(size);
+            });
         }
         let owned = std::mem::take(buf);
         let (len, cap) = (owned.len(), owned.capacity());
@@ -89,5 +93,20 @@ impl NetWrite for UringWrite {
 
     async fn shutdown(&mut self) {
         let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_buffers_read_is_sized_by_the_last_read() {
+        let want = 8192;
+        assert_eq!(empty_read_size(0, want), 64, "the first read: a Hello");
+        assert_eq!(empty_read_size(18, want), 64, "after a ping: idle");
+        assert_eq!(empty_read_size(120, want), 256, "after one send");
+        assert_eq!(empty_read_size(3000, want), want, "busy: full-sized");
+        assert_eq!(empty_read_size(64 << 10, want), want);
     }
 }
