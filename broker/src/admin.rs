@@ -11,6 +11,9 @@
 //! - `GET /admin/users/<id>`: a user's inbox head, acknowledged and oldest
 //!   sequence;
 //! - `GET /admin/groups/<id>`: a group's strategy, members and log head;
+//! - `GET /admin/cluster`: the cluster as this node sees it (nodes and
+//!   their states, the controller, etcd, the map); `GET
+//!   /admin/cluster/shards`: every shard's owner and epoch;
 //! - `POST /admin/drain`: start a graceful shutdown (the node stops taking
 //!   connections, finishes accepted sends, says goodbye and exits).
 //!
@@ -175,6 +178,14 @@ async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
         ("GET", "groups", Some(id)) => match id.parse::<u64>() {
             Ok(g) if is_group(g) => blocking(node, move |node| group(node, g)).await,
             _ => Answer::error("400 Bad Request", "a group id has its top bit set"),
+        },
+        ("GET", "cluster", None | Some("shards")) => match node.cluster.get() {
+            Some(c) if arg.is_none() => Answer::json("200 OK", c.status()),
+            Some(c) => Answer::json("200 OK", c.shards()),
+            None => Answer::error(
+                "404 Not Found",
+                "this node is a single node (started without --cluster)",
+            ),
         },
         ("POST", "drain", None) => {
             info!("drain requested over the admin port: shutting down gracefully");

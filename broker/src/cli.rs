@@ -32,7 +32,7 @@ enum Command {
     Listen(ListenArgs),
     /// Create a group with you as its admin; prints the group id.
     GroupCreate(GroupCreateArgs),
-    /// Operate a running node over its admin port (stats, user, group, drain).
+    /// Operate a running node over its admin port (stats, user, group, drain, cluster).
     Admin(AdminArgs),
 }
 
@@ -64,6 +64,18 @@ enum AdminRequest {
     /// Start a graceful shutdown: stop taking connections, finish accepted
     /// sends, say goodbye to every session, exit.
     Drain,
+    /// The cluster as this node sees it.
+    #[command(subcommand)]
+    Cluster(ClusterRequest),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterRequest {
+    /// Nodes, their states and shard counts, the controller, etcd's
+    /// reachability, the map's state and the moves a rebalance would make.
+    Status,
+    /// Every shard's owner and epoch.
+    Shards,
 }
 
 #[derive(Parser, Debug)]
@@ -137,6 +149,19 @@ struct ServeArgs {
     /// uring or epoll.
     #[arg(long)]
     io: Option<String>,
+    /// Join this cluster (cluster.name); without it the node is a single
+    /// node with no etcd.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// etcd's client URLs, comma-separated (cluster.etcd).
+    #[arg(long)]
+    etcd: Option<String>,
+    /// This node's id in the cluster (cluster.node_id).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// HOST:PORT the other nodes reach this node on (cluster.advertise).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Log filter: a level (error, warn, info, debug, trace) or per-module
     /// directives such as `info,courier_broker::conn=debug`. Debug logs one
     /// line per connection event; no level logs per message.
@@ -200,6 +225,10 @@ pub fn main() -> anyhow::Result<()> {
                     admin_listen: a.admin_listen,
                     durability: a.durability,
                     io: a.io,
+                    cluster: a.cluster,
+                    etcd: a.etcd,
+                    node_id: a.node_id,
+                    advertise: a.advertise,
                 },
             )?;
             init_logging(&a.log, a.log_format)?;
@@ -310,6 +339,10 @@ pub fn main() -> anyhow::Result<()> {
                 AdminRequest::User { id } => ("GET", format!("/admin/users/{id}")),
                 AdminRequest::Group { id } => ("GET", format!("/admin/groups/{id}")),
                 AdminRequest::Drain => ("POST", "/admin/drain".to_string()),
+                AdminRequest::Cluster(ClusterRequest::Status) => ("GET", "/admin/cluster".to_string()),
+                AdminRequest::Cluster(ClusterRequest::Shards) => {
+                    ("GET", "/admin/cluster/shards".to_string())
+                }
             };
             let (status, body) = client_runtime()?
                 .block_on(http_request(&a.admin_addr, method, &path, &token))

@@ -46,6 +46,7 @@ pub struct Config {
     pub groups: Groups,
     pub social: Social,
     pub tls: Tls,
+    pub cluster: ClusterSettings,
     /// `COURIER_*` environment variables that name no setting (and are not
     /// one of the command line's): ignored, and named in a warning at start.
     #[serde(skip)]
@@ -193,6 +194,7 @@ impl Default for Config {
             groups: Groups::default(),
             social: Social::default(),
             tls: Tls::default(),
+            cluster: ClusterSettings::default(),
             unknown_env: Vec::new(),
         }
     }
@@ -261,7 +263,117 @@ const SECTIONS: &[&str] = &[
     "groups",
     "social",
     "tls",
+    "cluster",
 ];
+
+/// Membership of a cluster (docs/ARCHITECTURE.md, "The cluster"). With no
+/// `name` the node is a single node: embedded store, no etcd.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// The cluster's name (`--cluster`); empty: a single node.
+    pub name: String,
+    /// etcd's client URLs, comma-separated (`--etcd`).
+    pub etcd: String,
+    /// This node's id in the cluster (`--node-id`): letters, digits and
+    /// `-`, remembered by its data directory.
+    pub node_id: String,
+    /// Where the other nodes reach this node, HOST:PORT (`--advertise`);
+    /// empty: the client listener's address, when it names one host.
+    pub advertise: String,
+    /// Shards of a new cluster; fixed once the cluster exists (the stored
+    /// count wins).
+    pub shards: u32,
+    /// Nodes that must be registered before the controller creates the
+    /// shard map of a new cluster.
+    pub initial_nodes: u32,
+    /// This node's share of shards relative to the others'.
+    pub capacity: u32,
+    /// Lifetime of the node's etcd lease: how long after a node stops
+    /// renewing it the others see it gone.
+    pub lease_ttl_s: u32,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            name: String::new(),
+            etcd: String::new(),
+            node_id: String::new(),
+            advertise: String::new(),
+            shards: 256,
+            initial_nodes: 1,
+            capacity: 100,
+            lease_ttl_s: 10,
+        }
+    }
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    /// The etcd endpoints, trimmed, without empty items.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.etcd
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.enabled() {
+            anyhow::ensure!(
+                self.etcd.is_empty() && self.node_id.is_empty() && self.advertise.is_empty(),
+                "cluster.etcd, cluster.node_id and cluster.advertise need cluster.name (--cluster)"
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            valid_name(&self.name),
+            "cluster.name {:?}: 1 to 63 lowercase letters, digits or '-', starting with a letter or digit",
+            self.name
+        );
+        anyhow::ensure!(
+            valid_name(&self.node_id),
+            "cluster.node_id {:?}: 1 to 63 lowercase letters, digits or '-', starting with a letter or digit (--node-id)",
+            self.node_id
+        );
+        anyhow::ensure!(
+            !self.endpoints().is_empty(),
+            "cluster.etcd: a cluster node needs etcd's URLs (--etcd http://HOST:2379[,...])"
+        );
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.shards),
+            "cluster.shards must be 1 to 65536"
+        );
+        anyhow::ensure!(
+            self.initial_nodes >= 1,
+            "cluster.initial_nodes must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.capacity),
+            "cluster.capacity must be 1 to 10000"
+        );
+        anyhow::ensure!(
+            (2..=300).contains(&self.lease_ttl_s),
+            "cluster.lease_ttl_s must be 2 to 300"
+        );
+        Ok(())
+    }
+}
+
+/// A cluster or node name: what etcd keys, file names and container
+/// hostnames all accept.
+pub fn valid_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
 
 /// TLS on the client port. Without a certificate the port speaks plain
 /// TCP. Files are PEM; SIGHUP reads them again (new handshakes use the new
@@ -290,6 +402,10 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
     pub durability: Option<String>,
     pub io: Option<String>,
+    pub cluster: Option<String>,
+    pub etcd: Option<String>,
+    pub node_id: Option<String>,
+    pub advertise: Option<String>,
 }
 
 impl Config {
@@ -370,6 +486,22 @@ impl Config {
         if let Some(v) = flags.io {
             put("io", toml::Value::String(v));
         }
+        let cluster_flags = [
+            ("name", flags.cluster),
+            ("etcd", flags.etcd),
+            ("node_id", flags.node_id),
+            ("advertise", flags.advertise),
+        ];
+        for (key, value) in cluster_flags {
+            let Some(v) = value else { continue };
+            let t = doc
+                .entry("cluster")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = t else {
+                bail!("config key cluster must be a table");
+            };
+            t.insert(key.to_owned(), toml::Value::String(v));
+        }
         let mut config: Config = toml::Value::Table(doc)
             .try_into()
             .context("invalid configuration")?;
@@ -385,6 +517,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.durability()?;
+        self.cluster.validate()?;
         let g = &self.groups;
         anyhow::ensure!(
             (2..=u16::MAX as usize).contains(&g.max_members),
@@ -479,6 +612,19 @@ impl Config {
         } else {
             self.io_threads
         }
+    }
+
+    /// Where the other nodes of a cluster reach this one, given the
+    /// client listener's bound address.
+    pub fn advertise(&self, bound: SocketAddr) -> anyhow::Result<String> {
+        if !self.cluster.advertise.is_empty() {
+            return Ok(self.cluster.advertise.clone());
+        }
+        anyhow::ensure!(
+            !bound.ip().is_unspecified(),
+            "cluster.advertise (--advertise HOST:PORT) is needed when the client listener ({bound}) names no single address"
+        );
+        Ok(bound.to_string())
     }
 
     pub fn secret_path(&self) -> PathBuf {

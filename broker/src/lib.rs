@@ -18,6 +18,8 @@
 //!   fan-out);
 //! - [`session`]: handshake, reader with one dispatch, one handler per
 //!   request kind, writer and catch-up;
+//! - [`cluster`]: membership, the controller and the shard map on etcd
+//!   (a node started with a cluster name);
 //! - the node: [`config`], [`metrics`], [`auth`], [`certs`] (the client
 //!   port's TLS configuration, reloaded on SIGHUP), [`gate`] (admission:
 //!   connection, unauthenticated and per-source budgets), [`node`] (what
@@ -33,6 +35,7 @@ pub mod admin;
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fuzzing;

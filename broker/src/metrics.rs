@@ -346,6 +346,12 @@ struct StoreGauges {
 }
 
 impl Metrics {
+    /// Adds a collector that lives elsewhere (the cluster's gauges) to
+    /// what `/metrics` serves.
+    pub fn register<C: prometheus::core::Collector + 'static>(&self, c: C) {
+        register(&self.registry, c);
+    }
+
     pub fn new(shards: &ShardMetrics) -> Metrics {
         let r = Registry::new();
         shards.register(&r);

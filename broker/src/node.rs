@@ -45,6 +45,9 @@ pub struct Node {
     /// Free space on the data directory is under `storage.min_free_mb`:
     /// sends are refused with `STORAGE_FULL` (set by the disk watch).
     pub disk_full: AtomicBool,
+    /// This node's cluster membership, set at start when the node was
+    /// started with a cluster name (a single node has none).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Lets a repeated log line through at most once per interval and counts
@@ -143,6 +146,7 @@ impl Node {
             started: std::time::Instant::now(),
             accept_log: LogEvery::new(10_000),
             disk_full: AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
         }))
     }
 

@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::certs::TlsSettings;
+use crate::cluster::identity::Identity;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gate::Admitted;
 use crate::metrics::CloseReason;
@@ -49,6 +51,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let connections_max = connection_budget(&config.limits);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    // Before the store opens: a data dir serves one node of one cluster,
+    // or a single node.
+    let identity = config.cluster.enabled().then(|| Identity {
+        cluster: config.cluster.name.clone(),
+        node_id: config.cluster.node_id.clone(),
+    });
+    crate::cluster::identity::check(&config.data_dir, identity.as_ref())?;
     let key = auth::load_or_create_secret(&config.secret_path())?;
     // One clock for the store (idempotency window, expiring space), the
     // shards and the sessions.
@@ -77,6 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tls = TlsSettings::load(&config.tls).context("loading the TLS certificates (tls.*)")?;
     let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
+    if node.config.cluster.enabled() {
+        let cluster = Cluster::join(&node.config, client_addr, admin_addr, &node.metrics).await?;
+        let _ = node.cluster.set(cluster);
+    }
     let io_desc = match &listeners {
         Listeners::Epoll(_) => "epoll".to_owned(),
         Listeners::Uring(l) => format!("io_uring, {} rings", l.len()),
@@ -108,6 +121,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "  data:    {} (durability {durability}, {shard_count} shards)",
         node.config.data_dir.display()
     );
+    if let Some(c) = node.cluster.get() {
+        println!(
+            "  cluster: {} as node {} (etcd {})",
+            c.settings.name, c.settings.node_id, c.settings.etcd
+        );
+    }
     match &fallback {
         None => println!("  io:      {io_desc}"),
         Some(why) => println!("  io:      {io_desc} (io_uring unavailable: {why})"),
@@ -133,6 +152,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.shards.stop().await;
     store.sync().context("final store sync")?;
+    if let Some(c) = node.cluster.get() {
+        c.leave().await;
+    }
     // Each ring stops once its connections are done (or its grace is over).
     tokio::task::spawn_blocking(move || {
         for r in rings {

@@ -256,6 +256,23 @@ impl Server {
         (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
     }
 
+    /// One GET of an operator request (`/admin/...`) with an admin token:
+    /// (status code, body).
+    pub async fn admin_request(&self, path: &str) -> (u16, String) {
+        let token = self.token(0, 0, u64::MAX / 2);
+        let mut s = TcpStream::connect(&self.admin).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+        (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    }
+
     /// Load-generator options against this node (tokens from its secret).
     pub fn load_options(&self) -> courier_loadtest::Options {
         let key = load_or_create_secret(&self.data_dir.join("secret.key")).unwrap();

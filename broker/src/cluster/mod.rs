@@ -1,0 +1,311 @@
+//! The cluster's control plane, on etcd: membership, the controller and the
+//! shard map. The data plane (shards, store, fan-out) stays Courier's own.
+//!
+//! ```text
+//!  node ──lease──► nodes/<id>         registered while its lease lives (member.rs)
+//!  node ──campaign► controller/<lease> the oldest candidacy is the controller (controller.rs)
+//!  controller ──txn on the leader key──► config, shards/<n> {owner}; epoch = mod_revision
+//!  every node ◄──watch the root── one read of all keys per change: the View (member.rs)
+//! ```
+//!
+//! Rules (docs/ARCHITECTURE.md, "The cluster"):
+//! - only the controller writes the map, and only in transactions that
+//!   hold while its candidacy key is the one it was elected with, so a
+//!   deposed controller's writes fail;
+//! - ownership changes only through a move in which the old owner takes
+//!   part; a node that is lost keeps its shards (unavailable) until it
+//!   returns with its disk, because without replication nobody else has
+//!   their data;
+//! - when etcd cannot be reached, every node keeps the view it has: nobody
+//!   can change ownership without etcd, so the last view read stays true
+//!   for everyone.
+
+mod controller;
+pub mod identity;
+pub mod keys;
+mod member;
+pub mod placement;
+pub mod view;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::{Client, ConnectOptions};
+use prometheus::{IntGauge, IntGaugeVec, Opts};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::config::{ClusterSettings, Config};
+use crate::metrics::Metrics;
+use keys::Keys;
+use placement::Candidate;
+use view::{NodeRecord, NodeState, View};
+
+/// How long one etcd request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// This node's membership of its cluster.
+pub struct Cluster {
+    pub settings: ClusterSettings,
+    keys: Keys,
+    client: Client,
+    /// The latest view; changes wake whoever waits on it.
+    view: watch::Receiver<Arc<View>>,
+    /// The node's current lease (0 before it registered).
+    lease: watch::Receiver<i64>,
+    /// What this node registers; its state follows the map.
+    record: Mutex<NodeRecord>,
+    /// True while this node is the controller.
+    controlling: AtomicBool,
+    /// True while the lease is being renewed.
+    lease_ok: AtomicBool,
+    gauges: Gauges,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+struct Gauges {
+    etcd_up: IntGauge,
+    controller: IntGauge,
+    shards_owned: IntGauge,
+    shards_unavailable: IntGauge,
+    nodes: IntGaugeVec,
+    map_revision: IntGauge,
+}
+
+impl Gauges {
+    fn new(metrics: &Metrics) -> Gauges {
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            metrics.register(g.clone());
+            g
+        };
+        let nodes = IntGaugeVec::new(
+            Opts::new(
+                "courier_cluster_nodes",
+                "Nodes of the cluster as this node sees them, by state (lost: owns shards, not registered).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        metrics.register(nodes.clone());
+        Gauges {
+            etcd_up: gauge(
+                "courier_cluster_etcd_up",
+                "1 while this node reads and watches etcd; 0 while it serves the last map it read.",
+            ),
+            controller: gauge(
+                "courier_cluster_controller",
+                "1 on the node that is the cluster's controller.",
+            ),
+            shards_owned: gauge(
+                "courier_cluster_shards_owned",
+                "Shards this node owns in the current map.",
+            ),
+            shards_unavailable: gauge(
+                "courier_cluster_shards_unavailable",
+                "Shards whose owner is not registered (unavailable until it returns).",
+            ),
+            nodes,
+            map_revision: gauge(
+                "courier_cluster_view_revision",
+                "The etcd revision of the cluster view this node acts on.",
+            ),
+        }
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster `config` names: connects to etcd, registers this
+    /// node under a lease (waiting out a previous run's registration, and
+    /// refusing an id a live node holds), reads the map, and starts the
+    /// lease renewal, the watch and the candidacy for controller.
+    pub async fn join(
+        config: &Config,
+        clients: std::net::SocketAddr,
+        admin: std::net::SocketAddr,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let settings = config.cluster.clone();
+        let endpoints = settings.endpoints();
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = Client::connect(&endpoints, Some(options))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", settings.etcd))?;
+        let record = NodeRecord {
+            advertise: config.advertise(clients)?,
+            clients: clients.to_string(),
+            admin: admin.to_string(),
+            capacity: settings.capacity,
+            state: NodeState::Joining,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_ms: courier_storage::Clock::system().now_ms(),
+        };
+        let keys = Keys::new(&settings.name);
+        let (view_tx, view) = watch::channel(Arc::new(View::default()));
+        let (lease_tx, lease) = watch::channel(0);
+        let cluster = Arc::new(Cluster {
+            keys,
+            client,
+            view,
+            lease,
+            record: Mutex::new(record),
+            controlling: AtomicBool::new(false),
+            lease_ok: AtomicBool::new(false),
+            gauges: Gauges::new(metrics),
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            settings,
+        });
+        let lease = cluster.register_at_start().await?;
+        lease_tx.send_replace(lease);
+        cluster.lease_ok.store(true, Ordering::SeqCst);
+        info!(
+            cluster = %cluster.settings.name,
+            node = %cluster.settings.node_id,
+            lease = format!("{lease:x}"),
+            "registered in the cluster"
+        );
+        cluster.tasks.spawn(cluster.clone().renew(lease_tx));
+        cluster.tasks.spawn(cluster.clone().follow(view_tx));
+        cluster.tasks.spawn(cluster.clone().steward());
+        cluster.tasks.spawn(controller::run(cluster.clone()));
+        Ok(cluster)
+    }
+
+    /// The latest view of the cluster.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.settings.node_id
+    }
+
+    pub fn is_controller(&self) -> bool {
+        self.controlling.load(Ordering::SeqCst)
+    }
+
+    /// Leaves on shutdown: says `draining`, then revokes the lease, so the
+    /// others see the node gone at once instead of after its lease's TTL
+    /// (a controller's candidacy goes with it). Bounded; best effort.
+    pub async fn leave(&self) {
+        self.set_state(NodeState::Draining).await;
+        self.stop.cancel();
+        let lease = *self.lease.borrow();
+        if lease != 0 {
+            let mut client = self.client.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+
+    /// The registered nodes that may own shards (not draining), with
+    /// their capacities.
+    fn candidates(view: &View) -> Vec<Candidate<'_>> {
+        view.nodes
+            .iter()
+            .filter(|(_, n)| n.state != NodeState::Draining)
+            .map(|(id, n)| Candidate {
+                id,
+                capacity: n.capacity,
+            })
+            .collect()
+    }
+
+    /// The cluster as this node sees it, for `GET /admin/cluster`.
+    pub fn status(&self) -> serde_json::Value {
+        let view = self.view();
+        let nodes: Vec<serde_json::Value> = view
+            .known_nodes()
+            .into_iter()
+            .map(|id| {
+                let owned = view.owned_by(&id);
+                match view.nodes.get(&id) {
+                    Some(n) => json!({
+                        "id": id,
+                        "state": n.state.name(),
+                        "advertise": n.advertise,
+                        "clients": n.clients,
+                        "admin": n.admin,
+                        "capacity": n.capacity,
+                        "version": n.version,
+                        "shards": owned,
+                    }),
+                    None => json!({ "id": id, "state": "lost", "shards": owned }),
+                }
+            })
+            .collect();
+        let planned_moves = if view.map_complete() {
+            let owners: Vec<&str> = view
+                .owners
+                .iter()
+                .flatten()
+                .map(|o| o.node.as_str())
+                .collect();
+            let draining: Vec<&str> = view
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.state == NodeState::Draining)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            placement::rebalance(&owners, &Cluster::candidates(&view), &draining).len()
+        } else {
+            0
+        };
+        let epochs = view.owners.iter().flatten().map(|o| o.epoch);
+        json!({
+            "cluster": self.settings.name,
+            "node": self.settings.node_id,
+            "controller": view.controller,
+            "this_node_is_controller": self.is_controller(),
+            "etcd": if view.etcd_up { "up" } else { "unreachable: serving the last map read" },
+            "lease": if self.lease_ok.load(Ordering::SeqCst) { "renewed" } else { "not renewed" },
+            "revision": view.revision,
+            "map": match (&view.config, view.map_complete()) {
+                (None, _) => format!(
+                    "not created: waiting for {} registered node(s)",
+                    self.settings.initial_nodes
+                ),
+                (Some(_), false) => "being created".to_owned(),
+                (Some(_), true) => "complete".to_owned(),
+            },
+            "shards": view.owners.len(),
+            "shards_unavailable": view.unavailable(),
+            "epochs": { "min": epochs.clone().min(), "max": epochs.max() },
+            "planned_moves": planned_moves,
+            "nodes": nodes,
+            "unreadable_keys": view.unreadable,
+        })
+    }
+
+    /// Owners of every shard, by shard number (`GET /admin/cluster/shards`).
+    pub fn shards(&self) -> serde_json::Value {
+        let view = self.view();
+        let shards: Vec<serde_json::Value> = view
+            .owners
+            .iter()
+            .enumerate()
+            .map(|(n, o)| match o {
+                Some(o) => json!({
+                    "shard": n,
+                    "owner": o.node,
+                    "epoch": o.epoch,
+                    "available": view.nodes.contains_key(&o.node),
+                }),
+                None => json!({ "shard": n, "owner": null }),
+            })
+            .collect();
+        json!({ "revision": view.revision, "shards": shards })
+    }
+}

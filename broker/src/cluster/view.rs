@@ -1,0 +1,252 @@
+//! What a node knows of its cluster: one consistent read of the cluster's
+//! keys at one etcd revision, refreshed whenever a watch reports a change.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::{Key, Keys};
+
+/// `config`: written once, when the controller creates the shard map.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ClusterRecord {
+    pub shards: u32,
+    pub created_ms: u64,
+}
+
+/// `nodes/<id>`: a node's registration, alive with its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct NodeRecord {
+    /// Where the other nodes reach it.
+    pub advertise: String,
+    /// Its client and admin listeners, as bound.
+    pub clients: String,
+    pub admin: String,
+    pub capacity: u32,
+    pub state: NodeState,
+    pub version: String,
+    pub started_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Registered, owning no shard yet.
+    Joining,
+    /// Owns shards and serves them.
+    Serving,
+    /// Shutting down: takes no new shards.
+    Draining,
+}
+
+impl NodeState {
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Serving => "serving",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+/// `shards/<n>`: a shard's owner. Its epoch is not in the value: it is the
+/// revision of the write that set it (the key's `mod_revision`), which no
+/// writer can choose and every reader sees the same.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ShardRecord {
+    pub owner: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub node: String,
+    pub epoch: i64,
+}
+
+/// The cluster as one read saw it.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The etcd revision of the read.
+    pub revision: i64,
+    /// Set once the controller has created the map.
+    pub config: Option<ClusterRecord>,
+    /// One slot per shard (empty before the map exists); `None`: not yet
+    /// assigned (a creation in progress).
+    pub owners: Vec<Option<Owner>>,
+    /// Registered (live) nodes.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// The node whose candidacy is the oldest: the controller.
+    pub controller: Option<String>,
+    /// False while the last attempt to read or watch etcd failed: the view
+    /// is the last one read, kept and served.
+    pub etcd_up: bool,
+    /// Values that did not parse (named in the status, never fatal).
+    pub unreadable: Vec<String>,
+}
+
+impl View {
+    /// Builds the view from every key under the cluster's root, read at
+    /// `revision`: `(key, value, create_revision, mod_revision)`.
+    pub fn from_kvs<'a>(
+        keys: &Keys,
+        revision: i64,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64, i64)>,
+    ) -> View {
+        let mut view = View {
+            revision,
+            etcd_up: true,
+            ..View::default()
+        };
+        let mut shards = Vec::new();
+        let mut oldest_candidate: Option<(i64, String)> = None;
+        for (key, value, created, modified) in kvs {
+            let Some(what) = keys.parse(key) else {
+                continue;
+            };
+            match what {
+                Key::Config => match serde_json::from_slice(value) {
+                    Ok(c) => view.config = Some(c),
+                    Err(_) => view.unreadable.push(key.to_owned()),
+                },
+                Key::Node(id) => match serde_json::from_slice(value) {
+                    Ok(n) => drop(view.nodes.insert(id.to_owned(), n)),
+                    Err(_) => view.unreadable.push(key.to_owned()),
+                },
+                Key::Candidate => {
+                    let node = String::from_utf8_lossy(value).into_owned();
+                    if oldest_candidate.as_ref().is_none_or(|(c, _)| created < *c) {
+                        oldest_candidate = Some((created, node));
+                    }
+                }
+                Key::Shard(n) => match serde_json::from_slice::<ShardRecord>(value) {
+                    Ok(r) => shards.push((
+                        n,
+                        Owner {
+                            node: r.owner,
+                            epoch: modified,
+                        },
+                    )),
+                    Err(_) => view.unreadable.push(key.to_owned()),
+                },
+            }
+        }
+        view.controller = oldest_candidate.map(|(_, n)| n);
+        if let Some(c) = &view.config {
+            view.owners = vec![None; c.shards as usize];
+            for (n, owner) in shards {
+                if let Some(slot) = view.owners.get_mut(n as usize) {
+                    *slot = Some(owner);
+                }
+            }
+        }
+        view
+    }
+
+    /// The map exists and every shard has an owner.
+    pub fn map_complete(&self) -> bool {
+        self.config.is_some() && self.owners.iter().all(Option::is_some)
+    }
+
+    /// The shard a user (or group) belongs to; `None` before the map exists.
+    pub fn shard_of(&self, id: u64) -> Option<u32> {
+        let count = self.owners.len();
+        (count > 0).then(|| crate::shard::route::shard_of(id, count) as u32)
+    }
+
+    /// Shards owned by `node`.
+    pub fn owned_by(&self, node: &str) -> usize {
+        self.owners
+            .iter()
+            .flatten()
+            .filter(|o| o.node == node)
+            .count()
+    }
+
+    /// Shards whose owner is not registered: unavailable until it returns
+    /// with its disk (no other node may take them without replication).
+    pub fn unavailable(&self) -> usize {
+        self.owners
+            .iter()
+            .flatten()
+            .filter(|o| !self.nodes.contains_key(&o.node))
+            .count()
+    }
+
+    /// Every node the cluster knows: registered ones and owners that are
+    /// gone (lost: their shards wait for them).
+    pub fn known_nodes(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.nodes.keys().cloned().collect();
+        for o in self.owners.iter().flatten() {
+            if !all.contains(&o.node) {
+                all.push(o.node.clone());
+            }
+        }
+        all.sort();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(state: NodeState) -> Vec<u8> {
+        serde_json::to_vec(&NodeRecord {
+            advertise: "10.0.0.1:7700".into(),
+            clients: "10.0.0.1:7700".into(),
+            admin: "10.0.0.1:7701".into(),
+            capacity: 100,
+            state,
+            version: "0".into(),
+            started_ms: 1,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_read_of_the_keys_becomes_the_map_with_epochs_and_the_oldest_candidate() {
+        let k = Keys::new("blue");
+        let config = br#"{"shards":3,"created_ms":5}"#.to_vec();
+        let (n1, n2) = (node(NodeState::Serving), node(NodeState::Joining));
+        let owner = |o: &str| format!(r#"{{"owner":"{o}"}}"#).into_bytes();
+        let (s0, s1) = (owner("n1"), owner("gone"));
+        let election = k.election();
+        let rows: Vec<(String, Vec<u8>, i64, i64)> = vec![
+            (k.config(), config, 10, 10),
+            (k.node("n1"), n1, 3, 3),
+            (k.node("n2"), n2, 4, 4),
+            (format!("{election}/2"), b"n2".to_vec(), 8, 8),
+            (format!("{election}/1"), b"n1".to_vec(), 6, 6),
+            (k.shard(0), s0, 10, 12),
+            (k.shard(1), s1, 10, 10),
+            (k.shard(2), b"{".to_vec(), 10, 10),
+            ("/courier/green/config".into(), b"?".to_vec(), 1, 1),
+        ];
+        let view = View::from_kvs(
+            &k,
+            20,
+            rows.iter()
+                .map(|(key, v, c, m)| (key.as_str(), v.as_slice(), *c, *m)),
+        );
+        assert_eq!(
+            view.controller.as_deref(),
+            Some("n1"),
+            "oldest candidacy leads"
+        );
+        assert_eq!(
+            view.owners[0],
+            Some(Owner {
+                node: "n1".into(),
+                epoch: 12
+            }),
+            "the epoch is the revision that last set the owner"
+        );
+        assert_eq!(view.owners[2], None, "an unreadable record is no owner");
+        assert_eq!(view.unreadable, [k.shard(2)]);
+        assert!(!view.map_complete());
+        assert_eq!(view.owned_by("n1"), 1);
+        assert_eq!(view.unavailable(), 1, "gone is not registered");
+        assert_eq!(view.known_nodes(), ["gone", "n1", "n2"]);
+        assert!(view.shard_of(42).is_some_and(|s| s < 3));
+    }
+}

@@ -1,0 +1,428 @@
+//! The cluster's control plane against a real etcd (Debian's
+//! `etcd-server`, 3.4) and real nodes on loopback: registration under
+//! leases, one controller, the shard map created once and agreed by
+//! every node, a SIGKILLed node that keeps its shards (unavailable) until
+//! it returns, a new controller when the old one dies, nodes that keep
+//! serving their map while etcd is down, and data directories that stay
+//! with their node.
+//!
+//! etcd comes from the Debian package `etcd-server` (`scripts/test`
+//! installs it). Run elsewhere without it, these tests say loudly that
+//! they skipped; with `TEST_REQUIRE_TOOLS=1` (set by `scripts/test`) a
+//! missing etcd fails them instead.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// One etcd member on loopback, its data in a temporary directory.
+struct Etcd {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd, or returns `None` after saying loudly that the test
+    /// skips (panicking instead when the tools are required).
+    fn start() -> Option<Etcd> {
+        let binary = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("etcd"))
+                .find(|p| p.is_file())
+        });
+        let Some(binary) = binary else {
+            let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "etcd is not installed (Debian package `etcd-server`; scripts/test installs it)"
+            );
+            eprintln!(
+                "\n*** SKIPPED: etcd is not installed. Install the Debian package `etcd-server` \
+                 (scripts/test does) to run this test. ***\n"
+            );
+            return None;
+        };
+        let mut etcd = Etcd {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            binary,
+        };
+        etcd.run();
+        Some(etcd)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts (or starts again) the member on its data and ports, and
+    /// waits until it answers `/health` (bounded).
+    fn run(&mut self) {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let child = Command::new(&self.binary)
+            .args(["--name", "e1", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("e1={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while !self.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy; its log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer.contains("\"health\":\"true\"")
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node of cluster `name` with id `id` on etcd at `etcd`.
+fn cluster_env(name: &str, id: &str, etcd: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("COURIER_CLUSTER_NAME", name),
+        ("COURIER_CLUSTER_ETCD", etcd),
+        ("COURIER_CLUSTER_NODE_ID", id),
+        // Short leases: a killed node is seen gone within seconds.
+        ("COURIER_CLUSTER_LEASE_TTL_S", "2"),
+        ("COURIER_SHARDS", "2"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.dedup_by(|a, b| a.0 == b.0);
+    env
+}
+
+fn start_node(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Server {
+    let env = cluster_env(name, id, &etcd.url(), extra);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Server::start(&env)
+}
+
+async fn status(node: &Server) -> Value {
+    let (code, body) = node.admin_request("/admin/cluster").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn shards(node: &Server) -> Vec<Value> {
+    let (code, body) = node.admin_request("/admin/cluster/shards").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["shards"].as_array().unwrap().clone()
+}
+
+/// Waits (bounded) until `check` holds for `node`'s status; the last
+/// status seen goes into the failure.
+async fn wait_status(node: &Server, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(node).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never happened; last status {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_entry<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {status:#}"))
+}
+
+fn all_serving(s: &Value, ids: &[&str]) -> bool {
+    s["map"] == "complete"
+        && ids.iter().all(|id| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == *id && n["state"] == "serving")
+        })
+}
+
+/// Named so the epoll pass of `scripts/test` can skip them: the control
+/// plane does not touch the network path.
+mod control_plane {
+    use super::*;
+
+    /// Three nodes come up together (the map waits for all three), agree on
+    /// one map of 256 shards spread 86/85/85 and on one controller. The
+    /// controller is SIGKILLed: another node takes over, and the dead node's
+    /// shards stay its own (unavailable, same epochs) until it comes back on
+    /// its data dir, when it serves them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_share_one_map_and_a_killed_node_keeps_its_shards() {
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["n1", "n2", "n3"];
+        let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
+        let mut nodes: Vec<Server> = ids
+            .iter()
+            .map(|id| start_node("blue", id, &etcd, &extra))
+            .collect();
+        for (node, id) in nodes.iter().zip(ids) {
+            assert!(
+                node.banner
+                    .iter()
+                    .any(|l| l.contains(&format!("cluster: blue as node {id}"))),
+                "{:?}",
+                node.banner
+            );
+        }
+        let first = wait_status(
+            &nodes[0],
+            "the map complete with three serving nodes",
+            |s| all_serving(s, &ids),
+        )
+        .await;
+        assert_eq!(first["shards"], 256);
+        let mut counts: Vec<u64> = ids
+            .iter()
+            .map(|id| node_entry(&first, id)["shards"].as_u64().unwrap())
+            .collect();
+        counts.sort();
+        assert_eq!(counts, [85, 85, 86], "{first:#}");
+        let controller = first["controller"].as_str().unwrap().to_owned();
+        let map = shards(&nodes[0]).await;
+        for node in &nodes[1..] {
+            let s = wait_status(node, "the same view", |s| all_serving(s, &ids)).await;
+            assert_eq!(s["controller"], controller.as_str());
+            assert_eq!(
+                shards(node).await,
+                map,
+                "every node reads the same owners and epochs"
+            );
+        }
+        let mut controllers = 0;
+        let mut owned = 0;
+        for node in &nodes {
+            controllers += node.metric("courier_cluster_controller").await;
+            owned += node.metric("courier_cluster_shards_owned").await;
+            assert_eq!(node.metric("courier_cluster_etcd_up").await, 1);
+        }
+        assert_eq!(
+            (controllers, owned),
+            (1, 256),
+            "one controller; every shard owned once"
+        );
+
+        // SIGKILL the controller.
+        let dead = ids.iter().position(|id| *id == controller).unwrap();
+        let dead_shards = node_entry(&first, &controller)["shards"].as_u64().unwrap();
+        nodes[dead].kill();
+        let survivor = &nodes[(dead + 1) % 3];
+        let after = wait_status(survivor, "a new controller and the dead node lost", |s| {
+            s["controller"].as_str().is_some_and(|c| c != controller)
+                && node_entry(s, &controller)["state"] == "lost"
+        })
+        .await;
+        assert_eq!(
+            node_entry(&after, &controller)["shards"].as_u64().unwrap(),
+            dead_shards,
+            "nobody takes a lost node's shards without replication"
+        );
+        assert_eq!(after["shards_unavailable"].as_u64().unwrap(), dead_shards);
+        let unavailable_map = shards(survivor).await;
+        for (before, now) in map.iter().zip(&unavailable_map) {
+            assert_eq!(before["owner"], now["owner"]);
+            assert_eq!(
+                before["epoch"], now["epoch"],
+                "no ownership change, no new epoch"
+            );
+            assert_eq!(now["available"], now["owner"] != controller.as_str());
+        }
+        assert_eq!(
+            survivor.metric("courier_cluster_shards_unavailable").await,
+            dead_shards
+        );
+
+        // It comes back on its own disk and serves its shards again.
+        nodes[dead].restart();
+        let back = wait_status(&nodes[dead], "the node back and serving", |s| {
+            all_serving(s, &ids) && s["shards_unavailable"] == 0
+        })
+        .await;
+        assert_eq!(
+            node_entry(&back, &controller)["shards"].as_u64().unwrap(),
+            dead_shards
+        );
+        assert_eq!(shards(&nodes[dead]).await, map, "same owners, same epochs");
+    }
+
+    /// etcd dies: the nodes keep serving clients with the map they have and
+    /// say so; etcd comes back on its data: they read and register again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_keep_serving_their_map_while_etcd_is_down() {
+        let Some(mut etcd) = Etcd::start() else {
+            return;
+        };
+        let extra = [("COURIER_CLUSTER_INITIAL_NODES", "2")];
+        let a = start_node("green", "a", &etcd, &extra);
+        let b = start_node("green", "b", &etcd, &extra);
+        wait_status(&a, "the map", |s| all_serving(s, &["a", "b"])).await;
+        let map = shards(&a).await;
+
+        etcd.kill();
+        let down = wait_status(&a, "etcd seen unreachable", |s| s["etcd"] != "up").await;
+        assert_eq!(down["map"], "complete", "the map is kept");
+        assert_eq!(shards(&a).await, map);
+        assert_eq!(a.metric("courier_cluster_etcd_up").await, 0);
+        // Clients are served meanwhile.
+        let (alice, _) = a.client(11).await;
+        let (bob, _) = a.client(12).await;
+        exchange(&alice, 12, &bob, "while etcd is down").await;
+
+        etcd.run();
+        for node in [&a, &b] {
+            wait_status(node, "etcd back, both registered", |s| {
+                s["etcd"] == "up" && all_serving(s, &["a", "b"])
+            })
+            .await;
+            assert_eq!(shards(node).await, map, "nothing moved meanwhile");
+        }
+    }
+
+    /// What `courier serve` printed on stderr before it exited (it must exit
+    /// within the bound).
+    fn refused(dir: &Path, env: &[(String, String)]) -> String {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("COURIER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(!status.success());
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return err;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("courier serve kept running where it should have refused to start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A data dir serves one node of one cluster; a live node's id cannot be
+    /// taken by another process; a single node's store does not join.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_dirs_and_node_ids_stay_with_their_node() {
+        let Some(etcd) = Etcd::start() else { return };
+        let mut n1 = start_node("red", "n1", &etcd, &[]);
+        wait_status(&n1, "the map", |s| all_serving(s, &["n1"])).await;
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        let err = refused(
+            elsewhere.path(),
+            &cluster_env("red", "n1", &etcd.url(), &[]),
+        );
+        assert!(err.contains("two nodes cannot share an id"), "{err}");
+
+        n1.kill();
+        let dir = n1.data_dir.clone();
+        let err = refused(&dir, &cluster_env("black", "n1", &etcd.url(), &[]));
+        assert!(
+            err.contains("not node \"n1\" of cluster \"black\""),
+            "{err}"
+        );
+        let err = refused(&dir, &[]);
+        assert!(
+            err.contains("start it with --cluster red --node-id n1"),
+            "{err}"
+        );
+
+        let single_dir = tempfile::tempdir().unwrap();
+        drop(Server::start_in(single_dir.path(), &[]));
+        let err = refused(
+            single_dir.path(),
+            &cluster_env("red", "n9", &etcd.url(), &[]),
+        );
+        assert!(err.contains("holds a single node's store"), "{err}");
+
+        // The original still restarts as itself (waiting out its old lease).
+        n1.restart();
+        wait_status(&n1, "n1 back", |s| all_serving(s, &["n1"])).await;
+    }
+}
