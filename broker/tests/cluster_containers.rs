@@ -1,0 +1,406 @@
+//! The cluster on a real cluster of containers: `deploy/cluster/compose.yaml`
+//! (three etcd members, three Courier nodes, HAProxy) with images built in
+//! the test from the binaries the suite already built and Debian's etcd
+//! and haproxy, nothing pulled. Faults are real: `docker kill`, `docker
+//! network disconnect`, the etcd leader killed, all of etcd stopped.
+//!
+//! Needs Docker with `docker-compose`. Elsewhere the test says loudly that
+//! it skipped; with `TEST_REQUIRE_TOOLS=1` (set by `scripts/test`) a
+//! missing Docker fails it instead. Everything it starts (containers,
+//! networks, volumes) is removed when it ends, failed or not.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use courier_broker::auth::{load_or_create_secret, Claims};
+use courier_client::{Client, ClientConfig};
+use serde_json::Value;
+
+/// Bound on every wait for the cluster to reach a state.
+const CLUSTER_WAIT: Duration = Duration::from_secs(60);
+const NODES: [&str; 3] = ["courier-1", "courier-2", "courier-3"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a command, returning its standard output; panics with its output
+/// if it fails.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn docker(args: &[&str]) -> String {
+    run(Command::new("docker").args(args))
+}
+
+/// Docker and docker-compose work here; otherwise say so loudly (or fail
+/// when the tools are required).
+fn docker_available() -> bool {
+    let ok = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("docker-compose")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !ok {
+        let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "Docker with docker-compose is needed for the container tests"
+        );
+        eprintln!("\n*** SKIPPED: Docker with docker-compose is not available here. ***\n");
+    }
+    ok
+}
+
+/// One compose project of the cluster; taken down with its volumes on drop.
+struct Deployment {
+    project: String,
+    env: Vec<(String, String)>,
+    secret: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    fn up() -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.key");
+        load_or_create_secret(&secret).unwrap();
+        // The nodes run as an unprivileged user.
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let build = repo().join("deploy/docker/build.sh");
+        let tag = "cluster-test";
+        for (what, image) in [
+            ("courier", format!("courier:{tag}")),
+            ("etcd", format!("courier-etcd:{tag}")),
+            ("haproxy", format!("courier-haproxy:{tag}")),
+        ] {
+            let mut cmd = Command::new(&build);
+            cmd.arg(what).env("IMAGE", &image);
+            if what == "courier" {
+                cmd.env("BIN", env!("CARGO_BIN_EXE_courier"));
+            }
+            run(&mut cmd);
+        }
+        let project = format!("couriertest{}", std::process::id());
+        let env: Vec<(String, String)> = [
+            ("COURIER_IMAGE", format!("courier:{tag}")),
+            ("ETCD_IMAGE", format!("courier-etcd:{tag}")),
+            ("HAPROXY_IMAGE", format!("courier-haproxy:{tag}")),
+            ("COURIER_SECRET_FILE", secret.display().to_string()),
+            // Any free host port for the load balancer.
+            ("CLIENTS_PUBLISH", "127.0.0.1:".into()),
+            ("COURIER_LEASE_TTL_S", "3".into()),
+            // A killed node stays down until the test starts it.
+            ("COURIER_RESTART", "no".into()),
+            ("COURIER_LOG", "info".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let d = Deployment {
+            project,
+            env,
+            secret,
+            _dir: dir,
+        };
+        let mut services = vec!["etcd-1", "etcd-2", "etcd-3"];
+        services.extend(NODES);
+        services.push("haproxy");
+        let mut args = vec!["up", "-d", "--no-build"];
+        args.extend(services);
+        d.compose(&args);
+        d
+    }
+
+    fn compose(&self, args: &[&str]) -> String {
+        let file = repo().join("deploy/cluster/compose.yaml");
+        run(Command::new("docker-compose")
+            .arg("-f")
+            .arg(file)
+            .args(["-p", &self.project])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+    }
+
+    fn container(&self, service: &str) -> String {
+        format!("{}_{service}_1", self.project)
+    }
+
+    fn network(&self) -> String {
+        format!("{}_cluster", self.project)
+    }
+
+    fn ip(&self, service: &str) -> String {
+        let ip = docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.container(service),
+        ]);
+        ip.trim().to_owned()
+    }
+
+    fn admin_token(&self) -> String {
+        load_or_create_secret(&self.secret).unwrap().mint(Claims {
+            user_id: 0,
+            device_id: 0,
+            expires_at_s: u64::MAX / 2,
+        })
+    }
+
+    /// `GET /admin/cluster` on a node, over the project's network; `None`
+    /// if the node does not answer.
+    fn status(&self, service: &str) -> Option<Value> {
+        let ip = self.ip(service);
+        if ip.is_empty() {
+            return None;
+        }
+        let mut s = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:7701").parse().ok()?,
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let token = self.admin_token();
+        s.write_all(
+            format!(
+                "GET /admin/cluster HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+    }
+
+    /// Waits (bounded) until `check` holds for `service`'s status.
+    fn wait(&self, service: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status(service) {
+                if check(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            if Instant::now() > deadline {
+                let logs = Command::new("docker")
+                    .args(["logs", "--tail", "40", &self.container(service)])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                panic!(
+                    "{service}: {what}: never happened; last status {last:#?}\nits log:\n{logs}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let file = repo().join("deploy/cluster/compose.yaml");
+        let _ = Command::new("docker-compose")
+            .arg("-f")
+            .arg(file)
+            .args(["-p", &self.project, "down", "-v", "-t", "0"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output();
+    }
+}
+
+fn state_of<'a>(status: &'a Value, id: &str) -> &'a str {
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == id))
+        .and_then(|n| n["state"].as_str())
+        .unwrap_or("absent")
+}
+
+fn shards_of(status: &Value, id: &str) -> u64 {
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == id))
+        .and_then(|n| n["shards"].as_u64())
+        .unwrap_or(0)
+}
+
+fn all_serving(s: &Value) -> bool {
+    s["map"] == "complete" && s["etcd"] == "up" && NODES.iter().all(|n| state_of(s, n) == "serving")
+}
+
+/// The etcd member that leads now (asked of etcd-1's etcdctl).
+fn etcd_leader(d: &Deployment) -> String {
+    let out = docker(&[
+        "exec",
+        &d.container("etcd-1"),
+        "/usr/local/bin/etcdctl",
+        "--endpoints=http://etcd-1:2379,http://etcd-2:2379,http://etcd-3:2379",
+        "endpoint",
+        "status",
+        "-w",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let members = v.as_array().unwrap();
+    let leader_id = members[0]["Status"]["leader"].as_u64().unwrap();
+    let leader = members
+        .iter()
+        .find(|m| m["Status"]["header"]["member_id"].as_u64() == Some(leader_id))
+        .unwrap();
+    let endpoint = leader["Endpoint"].as_str().unwrap();
+    endpoint
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Named so the epoll pass of `scripts/test` skips it: the control plane
+/// does not touch the network path.
+mod control_plane {
+    use super::*;
+
+    #[test]
+    fn a_three_node_cluster_in_containers_keeps_its_map_through_kills_cuts_and_etcd_outages() {
+        if !docker_available() {
+            return;
+        }
+        let d = Deployment::up();
+        let first = d.wait(
+            "courier-1",
+            "three serving nodes and a complete map",
+            all_serving,
+        );
+        let mut counts: Vec<u64> = NODES.iter().map(|n| shards_of(&first, n)).collect();
+        counts.sort();
+        assert_eq!(counts, [85, 85, 86], "{first:#}");
+        for n in &NODES[1..] {
+            let s = d.wait(n, "the same view", all_serving);
+            assert_eq!(s["controller"], first["controller"]);
+        }
+
+        // HAProxy passes a client to a ready node.
+        let port = docker(&["port", &d.container("haproxy"), "7700"]);
+        let addr = port.lines().next().unwrap().trim().to_owned();
+        let token = load_or_create_secret(&d.secret).unwrap().mint(Claims {
+            user_id: 7,
+            device_id: 1,
+            expires_at_s: u64::MAX / 2,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, welcome) = tokio::time::timeout(
+                Duration::from_secs(20),
+                Client::connect(ClientConfig::new(addr.clone(), 7, 1, token)),
+            )
+            .await
+            .expect("connect through HAProxy in time")
+            .expect("welcomed through HAProxy");
+            assert_eq!(welcome.head_seq, 0);
+            client.ping().await.unwrap();
+        });
+
+        // SIGKILL a node: it is lost, its shards wait for it; it comes back.
+        let killed = "courier-2";
+        let its_shards = shards_of(&first, killed);
+        docker(&["kill", &d.container(killed)]);
+        let s = d.wait("courier-1", "courier-2 lost", |s| {
+            state_of(s, killed) == "lost"
+        });
+        assert_eq!(
+            shards_of(&s, killed),
+            its_shards,
+            "nobody takes a lost node's shards"
+        );
+        assert_eq!(s["shards_unavailable"].as_u64(), Some(its_shards));
+        assert!(s["controller"].as_str().is_some_and(|c| c != killed));
+        docker(&["start", &d.container(killed)]);
+        let s = d.wait("courier-1", "courier-2 back", |s| {
+            all_serving(s) && s["shards_unavailable"] == 0
+        });
+        assert_eq!(shards_of(&s, killed), its_shards);
+
+        // Cut a node off the network: the others see it lost; it keeps its
+        // own map meanwhile and says etcd is unreachable; reconnected, all
+        // serve again.
+        let cut = "courier-3";
+        let network = d.network();
+        docker(&["network", "disconnect", &network, &d.container(cut)]);
+        d.wait("courier-1", "courier-3 lost", |s| {
+            state_of(s, cut) == "lost"
+        });
+        docker(&[
+            "network",
+            "connect",
+            "--alias",
+            cut,
+            &network,
+            &d.container(cut),
+        ]);
+        for n in NODES {
+            d.wait(n, "all serving after the cut healed", |s| {
+                all_serving(s) && s["shards_unavailable"] == 0
+            });
+        }
+
+        // Kill the etcd leader: the other two members keep the quorum.
+        let leader = etcd_leader(&d);
+        docker(&["kill", &d.container(&leader)]);
+        for n in NODES {
+            d.wait(n, "serving with two etcd members", all_serving);
+        }
+        docker(&["start", &d.container(&leader)]);
+
+        // Stop all of etcd for a few seconds: nodes keep their map; then back.
+        let before = d.status("courier-1").unwrap();
+        docker(&[
+            "stop",
+            "-t",
+            "0",
+            &d.container("etcd-1"),
+            &d.container("etcd-2"),
+            &d.container("etcd-3"),
+        ]);
+        let during = d.wait("courier-1", "etcd seen unreachable", |s| s["etcd"] != "up");
+        assert_eq!(during["map"], "complete");
+        assert_eq!(
+            NODES.map(|n| shards_of(&during, n)),
+            NODES.map(|n| shards_of(&before, n)),
+            "the map is kept while etcd is away"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        docker(&[
+            "start",
+            &d.container("etcd-1"),
+            &d.container("etcd-2"),
+            &d.container("etcd-3"),
+        ]);
+        for n in NODES {
+            d.wait(n, "etcd back, all serving", |s| {
+                all_serving(s) && s["shards_unavailable"] == 0
+            });
+        }
+    }
+}
