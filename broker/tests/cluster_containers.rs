@@ -404,3 +404,57 @@ mod control_plane {
         }
     }
 }
+
+/// The Kubernetes manifests (`deploy/k8s/`) are valid against the
+/// Kubernetes API schema, strictly (no unknown fields), checked by
+/// `kubernetes-validate` (PyPI; `scripts/test` installs it).
+#[test]
+fn the_kubernetes_manifests_follow_the_api_schema() {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("kubernetes-validate"))
+            .find(|p| p.is_file())
+    });
+    let Some(validator) = found else {
+        let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "kubernetes-validate is not installed (PyPI; scripts/test installs it)"
+        );
+        eprintln!("\n*** SKIPPED: kubernetes-validate (PyPI) is not installed. ***\n");
+        return;
+    };
+    let dir = repo().join("deploy/k8s");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    let out = Command::new(validator)
+        .args(["--strict", "-k", "1.30.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for resource in [
+        "statefulset/etcd",
+        "statefulset/courier",
+        "service/etcd",
+        "service/courier",
+        "service/courier-clients",
+        "poddisruptionbudget/etcd",
+        "poddisruptionbudget/courier",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {resource} ")),
+            "{resource} not validated:\n{text}"
+        );
+    }
+}
