@@ -33,7 +33,8 @@ struct Args {
     /// What the simulated users do.
     #[arg(long, value_enum, default_value = "one-to-one")]
     scenario: Scenario,
-    /// The node's client address.
+    /// The node's client address; for a Courier cluster, several nodes'
+    /// comma-separated (users are spread over them evenly).
     #[arg(long, default_value = "127.0.0.1:7700")]
     addr: String,
     /// The node's data directory (its `secret.key` mints the users' tokens).
@@ -186,7 +187,8 @@ async fn main() -> anyhow::Result<()> {
         None => a.rate,
     };
     let source_addrs = if a.source_addrs.is_empty() {
-        courier_loadtest::fds::auto_sources(&a.addr, a.users)
+        let first = a.addr.split(',').next().unwrap_or(&a.addr).trim();
+        courier_loadtest::fds::auto_sources(first, a.users)
     } else {
         a.source_addrs
     };

@@ -66,6 +66,9 @@ pub enum Acks {
 #[derive(Clone)]
 pub struct Options {
     pub target: Target,
+    /// The target's client address. A Courier cluster takes several,
+    /// comma-separated: user `i` connects to address `i mod n`, so the
+    /// users are spread evenly over the nodes.
     pub addr: String,
     pub key: TokenKey,
     pub scenario: Scenario,
@@ -166,11 +169,21 @@ impl Options {
             device_id: 1,
             expires_at_s: u64::MAX / 2,
         });
-        let mut config = ClientConfig::new(self.addr.clone(), u, 1, token);
+        let mut config = ClientConfig::new(self.addr_of(i).to_owned(), u, 1, token);
         config.resume_after = Some(u64::MAX);
         config.local_addr = self.source(i);
         config.tls = self.tls.clone();
         config
+    }
+
+    /// The node simulated user number `i` connects to.
+    pub(crate) fn addr_of(&self, i: u64) -> &str {
+        let n = self.addr.split(',').count() as u64;
+        self.addr
+            .split(',')
+            .nth((i % n) as usize)
+            .map(str::trim)
+            .unwrap_or(&self.addr)
     }
 
     /// The local address of connection `i`.
@@ -206,6 +219,17 @@ pub fn parse_group_sizes(s: &str) -> Result<Vec<(usize, u32)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_spread_over_the_nodes_given() {
+        let key = TokenKey::new(vec![7; 32]);
+        let one = Options::new(Target::Courier, "127.0.0.1:7700", key.clone());
+        assert_eq!(one.addr_of(5), "127.0.0.1:7700");
+        let three = Options::new(Target::Courier, "a:1, b:2,c:3", key);
+        let picked: Vec<&str> = (0..6).map(|i| three.addr_of(i)).collect();
+        assert_eq!(picked, ["a:1", "b:2", "c:3", "a:1", "b:2", "c:3"]);
+        assert_eq!(three.client_config(4).addr, "b:2");
+    }
 
     #[test]
     fn group_size_specs_parse_or_say_what_is_wrong() {
