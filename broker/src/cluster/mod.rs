@@ -23,6 +23,7 @@
 mod controller;
 pub mod identity;
 pub mod keys;
+pub mod link;
 mod member;
 pub mod placement;
 pub mod view;
