@@ -292,6 +292,12 @@ pub struct ClusterSettings {
     /// Lifetime of the node's etcd lease: how long after a node stops
     /// renewing it the others see it gone.
     pub lease_ttl_s: u32,
+    /// The node-to-node link listener (the port is advertised with the
+    /// host of `advertise`).
+    pub link_listen: SocketAddr,
+    /// Hex secret the nodes' links authenticate with; empty: the token
+    /// secret (`auth.secret_file`), which a cluster's nodes share anyway.
+    pub secret_file: PathBuf,
 }
 
 impl Default for ClusterSettings {
@@ -305,6 +311,8 @@ impl Default for ClusterSettings {
             initial_nodes: 1,
             capacity: 100,
             lease_ttl_s: 10,
+            link_listen: "0.0.0.0:7702".parse().expect("literal"),
+            secret_file: PathBuf::new(),
         }
     }
 }
@@ -625,6 +633,15 @@ impl Config {
             "cluster.advertise (--advertise HOST:PORT) is needed when the client listener ({bound}) names no single address"
         );
         Ok(bound.to_string())
+    }
+
+    /// The cluster secret's file (the token secret unless set).
+    pub fn cluster_secret_path(&self) -> PathBuf {
+        if self.cluster.secret_file.as_os_str().is_empty() {
+            self.secret_path()
+        } else {
+            self.cluster.secret_file.clone()
+        }
     }
 
     pub fn secret_path(&self) -> PathBuf {

@@ -62,6 +62,13 @@ impl Etcd {
         Some(etcd)
     }
 
+    /// The cluster secret every node of a test shares (created once).
+    fn cluster_secret(&self) -> String {
+        let path = self.dir.path().join("cluster.key");
+        courier_broker::auth::load_or_create_secret(&path).unwrap();
+        path.display().to_string()
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
     }
@@ -131,13 +138,19 @@ impl Drop for Etcd {
 }
 
 /// A node of cluster `name` with id `id` on etcd at `etcd`.
-fn cluster_env(name: &str, id: &str, etcd: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+fn cluster_env(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let url = etcd.url();
+    let secret = etcd.cluster_secret();
     let mut env: Vec<(String, String)> = [
         ("COURIER_CLUSTER_NAME", name),
-        ("COURIER_CLUSTER_ETCD", etcd),
+        ("COURIER_CLUSTER_ETCD", url.as_str()),
+        // The nodes' links authenticate with a secret they share.
+        ("COURIER_CLUSTER_SECRET_FILE", secret.as_str()),
         ("COURIER_CLUSTER_NODE_ID", id),
         // Short leases: a killed node is seen gone within seconds.
         ("COURIER_CLUSTER_LEASE_TTL_S", "2"),
+        // Several nodes on one host: each its own link port.
+        ("COURIER_CLUSTER_LINK_LISTEN", "127.0.0.1:0"),
         ("COURIER_SHARDS", "2"),
     ]
     .iter()
@@ -149,7 +162,7 @@ fn cluster_env(name: &str, id: &str, etcd: &str, extra: &[(&str, &str)]) -> Vec<
 }
 
 fn start_node(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Server {
-    let env = cluster_env(name, id, &etcd.url(), extra);
+    let env = cluster_env(name, id, etcd, extra);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Server::start(&env)
 }
@@ -191,6 +204,16 @@ fn node_entry<'a>(status: &'a Value, id: &str) -> &'a Value {
         .iter()
         .find(|n| n["id"] == id)
         .unwrap_or_else(|| panic!("{id} not in {status:#}"))
+}
+
+/// The state of this node's link to `peer` in its status.
+fn link_state(s: &Value, peer: &str) -> String {
+    s["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["node"] == peer))
+        .and_then(|l| l["state"].as_str())
+        .unwrap_or("absent")
+        .to_owned()
 }
 
 fn all_serving(s: &Value, ids: &[&str]) -> bool {
@@ -256,6 +279,15 @@ mod control_plane {
                 "every node reads the same owners and epochs"
             );
         }
+        // Every node has an authenticated link to each other node.
+        for (node, id) in nodes.iter().zip(ids) {
+            wait_status(node, "links up to the other two", |s| {
+                ids.iter()
+                    .filter(|p| **p != id)
+                    .all(|p| link_state(s, p) == "up")
+            })
+            .await;
+        }
         let mut controllers = 0;
         let mut owned = 0;
         for node in &nodes {
@@ -273,7 +305,8 @@ mod control_plane {
         let dead = ids.iter().position(|id| *id == controller).unwrap();
         let dead_shards = node_entry(&first, &controller)["shards"].as_u64().unwrap();
         nodes[dead].kill();
-        let survivor = &nodes[(dead + 1) % 3];
+        let survivor_at = (dead + 1) % 3;
+        let survivor = &nodes[survivor_at];
         let after = wait_status(survivor, "a new controller and the dead node lost", |s| {
             s["controller"].as_str().is_some_and(|c| c != controller)
                 && node_entry(s, &controller)["state"] == "lost"
@@ -285,6 +318,10 @@ mod control_plane {
             "nobody takes a lost node's shards without replication"
         );
         assert_eq!(after["shards_unavailable"].as_u64().unwrap(), dead_shards);
+        wait_status(survivor, "the link to the dead node down", |s| {
+            link_state(s, &controller) == "down"
+        })
+        .await;
         let unavailable_map = shards(survivor).await;
         for (before, now) in map.iter().zip(&unavailable_map) {
             assert_eq!(before["owner"], now["owner"]);
@@ -310,6 +347,12 @@ mod control_plane {
             dead_shards
         );
         assert_eq!(shards(&nodes[dead]).await, map, "same owners, same epochs");
+        wait_status(
+            &nodes[survivor_at],
+            "the link to the returned node up again",
+            |s| link_state(s, &controller) == "up",
+        )
+        .await;
     }
 
     /// etcd dies: the nodes keep serving clients with the map they have and
@@ -343,6 +386,43 @@ mod control_plane {
             .await;
             assert_eq!(shards(node).await, map, "nothing moved meanwhile");
         }
+    }
+
+    /// Links authenticate: a node that does not hold the cluster secret
+    /// gets no link to the others (they say why in their logs), while the
+    /// ones that do are linked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_without_the_cluster_secret_gets_no_link() {
+        let Some(etcd) = Etcd::start() else { return };
+        let a = start_node("teal", "a", &etcd, &[]);
+        let b = start_node("teal", "b", &etcd, &[]);
+        let wrong = tempfile::tempdir().unwrap();
+        let wrong_key = wrong.path().join("other.key");
+        courier_broker::auth::load_or_create_secret(&wrong_key).unwrap();
+        let wrong_key = wrong_key.display().to_string();
+        let c = start_node(
+            "teal",
+            "c",
+            &etcd,
+            &[("COURIER_CLUSTER_SECRET_FILE", wrong_key.as_str())],
+        );
+        wait_status(&a, "a linked to b", |s| link_state(s, "b") == "up").await;
+        // Give c's links time to be tried (probes run every second).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for (node, me) in [(&a, "a"), (&b, "b")] {
+            let s = status(node).await;
+            assert_eq!(link_state(&s, "c"), "down", "{me}: {s:#}");
+        }
+        let s = status(&c).await;
+        assert_eq!(
+            (link_state(&s, "a"), link_state(&s, "b")),
+            ("down".into(), "down".into())
+        );
+        assert!(
+            !a.logged_soon("cluster secret").is_empty()
+                || !c.logged_soon("cluster secret").is_empty(),
+            "the refusal is logged with its reason"
+        );
     }
 
     /// What `courier serve` printed on stderr before it exited (it must exit
@@ -394,15 +474,12 @@ mod control_plane {
         wait_status(&n1, "the map", |s| all_serving(s, &["n1"])).await;
 
         let elsewhere = tempfile::tempdir().unwrap();
-        let err = refused(
-            elsewhere.path(),
-            &cluster_env("red", "n1", &etcd.url(), &[]),
-        );
+        let err = refused(elsewhere.path(), &cluster_env("red", "n1", &etcd, &[]));
         assert!(err.contains("two nodes cannot share an id"), "{err}");
 
         n1.kill();
         let dir = n1.data_dir.clone();
-        let err = refused(&dir, &cluster_env("black", "n1", &etcd.url(), &[]));
+        let err = refused(&dir, &cluster_env("black", "n1", &etcd, &[]));
         assert!(
             err.contains("not node \"n1\" of cluster \"black\""),
             "{err}"
@@ -415,10 +492,7 @@ mod control_plane {
 
         let single_dir = tempfile::tempdir().unwrap();
         drop(Server::start_in(single_dir.path(), &[]));
-        let err = refused(
-            single_dir.path(),
-            &cluster_env("red", "n9", &etcd.url(), &[]),
-        );
+        let err = refused(single_dir.path(), &cluster_env("red", "n9", &etcd, &[]));
         assert!(err.contains("holds a single node's store"), "{err}");
 
         // The original still restarts as itself (waiting out its old lease).

@@ -242,6 +242,15 @@ fn shards_of(status: &Value, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+fn link_state(status: &Value, peer: &str) -> String {
+    status["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["node"] == peer))
+        .and_then(|l| l["state"].as_str())
+        .unwrap_or("absent")
+        .to_owned()
+}
+
 fn all_serving(s: &Value) -> bool {
     s["map"] == "complete" && s["etcd"] == "up" && NODES.iter().all(|n| state_of(s, n) == "serving")
 }
@@ -348,8 +357,8 @@ mod control_plane {
         let cut = "courier-3";
         let network = d.network();
         docker(&["network", "disconnect", &network, &d.container(cut)]);
-        d.wait("courier-1", "courier-3 lost", |s| {
-            state_of(s, cut) == "lost"
+        d.wait("courier-1", "courier-3 lost, its link down", |s| {
+            state_of(s, cut) == "lost" && link_state(s, cut) == "down"
         });
         docker(&[
             "network",
@@ -360,8 +369,13 @@ mod control_plane {
             &d.container(cut),
         ]);
         for n in NODES {
-            d.wait(n, "all serving after the cut healed", |s| {
-                all_serving(s) && s["shards_unavailable"] == 0
+            d.wait(n, "all serving after the cut healed, links up", |s| {
+                all_serving(s)
+                    && s["shards_unavailable"] == 0
+                    && NODES
+                        .iter()
+                        .filter(|p| **p != n)
+                        .all(|p| link_state(s, p) == "up")
             });
         }
 

@@ -196,6 +196,9 @@ pub fn dial(
     let pending = peer.pending.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
+        // A failure is logged when it differs from the one before (a
+        // peer that is down or misconfigured is not a log line a second).
+        let mut last_error = String::new();
         while !stop.is_cancelled() {
             let connected = async {
                 let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(&addr))
@@ -215,12 +218,17 @@ pub fn dial(
             match connected {
                 Ok(stream) => {
                     backoff = Duration::from_millis(50);
+                    last_error.clear();
                     info!(peer = %peer_id, %addr, "link up");
                     serve(
                         stream, &settings, &peer_id, &queue_tx, &pending, &handler, &stop,
                     )
                     .await;
                     info!(peer = %peer_id, "link down");
+                }
+                Err(e) if e != last_error => {
+                    warn!(peer = %peer_id, %addr, error = %e, "link: cannot connect; retrying");
+                    last_error = e;
                 }
                 Err(e) => debug!(peer = %peer_id, %addr, error = %e, "link: cannot connect"),
             }
@@ -511,9 +519,13 @@ async fn dialer_handshake(
     let their_mac: [u8; MAC_LEN] = get_array(&mut challenge)?;
     let ids = [s.node_id.as_str(), peer_id];
     let nonces = [&nonce[..], &their_nonce[..]];
-    mac(s, "acceptor", ids, nonces)
+    if mac(s, "acceptor", ids, nonces)
         .verify_slice(&their_mac)
-        .map_err(|_| "the peer does not hold the cluster secret".to_owned())?;
+        .is_err()
+    {
+        let _ = write_frame(stream, kind::REFUSED, b"wrong cluster secret").await;
+        return Err("the peer does not hold the cluster secret".to_owned());
+    }
     let proof = mac(s, "dialer", ids, nonces).finalize().into_bytes();
     write_frame(stream, kind::PROOF, &proof)
         .await

@@ -24,6 +24,7 @@ mod controller;
 pub mod identity;
 pub mod keys;
 pub mod link;
+pub mod links;
 mod member;
 pub mod placement;
 pub mod view;
@@ -66,6 +67,8 @@ pub struct Cluster {
     /// True while the lease is being renewed.
     lease_ok: AtomicBool,
     gauges: Gauges,
+    /// Links to the other nodes.
+    pub links: Arc<links::Links>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -77,6 +80,7 @@ struct Gauges {
     shards_unavailable: IntGauge,
     nodes: IntGaugeVec,
     map_revision: IntGauge,
+    links_up: IntGauge,
 }
 
 impl Gauges {
@@ -117,6 +121,10 @@ impl Gauges {
                 "courier_cluster_view_revision",
                 "The etcd revision of the cluster view this node acts on.",
             ),
+            links_up: gauge(
+                "courier_cluster_links_up",
+                "Links to other nodes that answered their last probe (one per known peer).",
+            ),
         }
     }
 }
@@ -142,8 +150,30 @@ impl Cluster {
         let client = Client::connect(&endpoints, Some(options))
             .await
             .with_context(|| format!("connecting to etcd at {}", settings.etcd))?;
+        let advertise = config.advertise(clients)?;
+        let link_listener = tokio::net::TcpListener::bind(settings.link_listen)
+            .await
+            .with_context(|| format!("binding the link listener {}", settings.link_listen))?;
+        let link_port = link_listener.local_addr()?.port();
+        let host = advertise
+            .rsplit_once(':')
+            .map_or(advertise.as_str(), |(h, _)| h);
+        let secret = links::load_secret(&config.cluster_secret_path())?;
+        let stop = CancellationToken::new();
+        let links = links::Links::start(
+            link::LinkSettings {
+                cluster: settings.name.clone(),
+                node_id: settings.node_id.clone(),
+                secret: links::link_key(&secret),
+                queue_len: 4096,
+                max_frame: config.limits.max_frame_len.saturating_mul(2),
+            },
+            link_listener,
+            stop.clone(),
+        );
         let record = NodeRecord {
-            advertise: config.advertise(clients)?,
+            link: format!("{host}:{link_port}"),
+            advertise,
             clients: clients.to_string(),
             admin: admin.to_string(),
             capacity: settings.capacity,
@@ -163,7 +193,8 @@ impl Cluster {
             controlling: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             gauges: Gauges::new(metrics),
-            stop: CancellationToken::new(),
+            links,
+            stop,
             tasks: TaskTracker::new(),
             settings,
         });
@@ -180,6 +211,9 @@ impl Cluster {
         cluster.tasks.spawn(cluster.clone().follow(view_tx));
         cluster.tasks.spawn(cluster.clone().steward());
         cluster.tasks.spawn(controller::run(cluster.clone()));
+        cluster
+            .tasks
+            .spawn(links::run(cluster.clone(), cluster.links.clone()));
         Ok(cluster)
     }
 
@@ -237,6 +271,7 @@ impl Cluster {
                         "id": id,
                         "state": n.state.name(),
                         "advertise": n.advertise,
+                        "link": n.link,
                         "clients": n.clients,
                         "admin": n.admin,
                         "capacity": n.capacity,
@@ -286,6 +321,7 @@ impl Cluster {
             "epochs": { "min": epochs.clone().min(), "max": epochs.max() },
             "planned_moves": planned_moves,
             "nodes": nodes,
+            "links": self.links.status(),
             "unreadable_keys": view.unreadable,
         })
     }

@@ -19,6 +19,9 @@ pub struct ClusterRecord {
 pub struct NodeRecord {
     /// Where the other nodes reach it.
     pub advertise: String,
+    /// Where the other nodes' links connect (HOST:PORT).
+    #[serde(default)]
+    pub link: String,
     /// Its client and admin listeners, as bound.
     pub clients: String,
     pub admin: String,
@@ -193,6 +196,7 @@ mod tests {
     fn node(state: NodeState) -> Vec<u8> {
         serde_json::to_vec(&NodeRecord {
             advertise: "10.0.0.1:7700".into(),
+            link: "10.0.0.1:7702".into(),
             clients: "10.0.0.1:7700".into(),
             admin: "10.0.0.1:7701".into(),
             capacity: 100,
