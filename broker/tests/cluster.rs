@@ -428,16 +428,7 @@ mod control_plane {
     /// What `courier serve` printed on stderr before it exited (it must exit
     /// within the bound).
     fn refused(dir: &Path, env: &[(String, String)]) -> String {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir)
+        let mut child = serve_command(dir)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("COURIER_LOG", "warn")
             .stdout(Stdio::null())

@@ -36,16 +36,7 @@ fn flip(path: &Path, at: usize) {
 /// `courier serve` on `data` as a plain process: what it printed, and
 /// whether it ran (it is stopped after `wait` if it did).
 fn serve_briefly(data: &Path, wait: Duration) -> (bool, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data)
+    let mut child = serve_command(data)
         .env("COURIER_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

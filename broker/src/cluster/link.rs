@@ -121,6 +121,15 @@ pub struct Peer {
 }
 
 impl Peer {
+    fn new(peer_id: String, queue: watch::Receiver<Option<mpsc::Sender<Frame>>>) -> Arc<Peer> {
+        Arc::new(Peer {
+            peer_id,
+            queue,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
     /// Sends a request and waits for its answer, at most `deadline`.
     pub async fn request(&self, body: Bytes, deadline: Duration) -> Result<Bytes, LinkError> {
         let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
@@ -187,12 +196,7 @@ pub fn dial(
     stop: CancellationToken,
 ) -> Arc<Peer> {
     let (queue_tx, queue) = watch::channel(None);
-    let peer = Arc::new(Peer {
-        peer_id: peer_id.clone(),
-        queue,
-        pending: Arc::new(Mutex::new(HashMap::new())),
-        next_id: AtomicU64::new(1),
-    });
+    let peer = Peer::new(peer_id.clone(), queue);
     let pending = peer.pending.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
@@ -285,12 +289,7 @@ pub async fn accept(
                 Err(_) => return warn!("link refused: handshake timed out"),
             };
             let (queue_tx, queue) = watch::channel(None);
-            let peer = Arc::new(Peer {
-                peer_id: peer_id.clone(),
-                queue,
-                pending: Arc::new(Mutex::new(HashMap::new())),
-                next_id: AtomicU64::new(1),
-            });
+            let peer = Peer::new(peer_id.clone(), queue);
             peers
                 .lock()
                 .expect("not poisoned")

@@ -91,23 +91,14 @@ impl Server {
         deny_uring: bool,
         open_files: Option<u64>,
     ) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+        let mut cmd = serve_command(dir);
         if deny_uring {
             deny_io_uring(&mut cmd);
         }
         if let Some(n) = open_files {
             limit_open_files(&mut cmd, n);
         }
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env(
+        cmd.env(
             "COURIER_LOG",
             std::env::var("COURIER_LOG").unwrap_or_else(|_| "warn".into()),
         )
@@ -246,27 +237,22 @@ impl Server {
 
     /// One HTTP GET on the admin port: (status code, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.admin).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.unwrap();
-        let code = text.split(' ').nth(1).unwrap().parse().unwrap();
-        (code, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+        self.get(path, "").await
     }
 
     /// One GET of an operator request (`/admin/...`) with an admin token:
     /// (status code, body).
     pub async fn admin_request(&self, path: &str) -> (u16, String) {
         let token = self.token(0, 0, u64::MAX / 2);
+        self.get(path, &format!("authorization: Bearer {token}\r\n"))
+            .await
+    }
+
+    async fn get(&self, path: &str, headers: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.admin).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
         let code = text.split(' ').nth(1).unwrap().parse().unwrap();
@@ -334,6 +320,21 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `courier serve` on `dir`, both listeners on any free loopback port.
+pub fn serve_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir);
+    cmd
 }
 
 /// Sets `cmd`'s process's open-file limit (soft and hard) to `n`.
