@@ -11,22 +11,36 @@ use std::path::Path;
 use courier_protocol::token::{decode_hex, encode_hex};
 pub use courier_protocol::token::{Claims, TokenError as AuthError, TokenKey, SECRET_LEN_MIN};
 
+/// The hex secret in `text` (read from `path`), at least
+/// `SECRET_LEN_MIN` bytes.
+fn parse_secret(text: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let secret = decode_hex(text.trim())
+        .with_context(|| format!("secret file {} is not hex", path.display()))?;
+    anyhow::ensure!(
+        secret.len() >= SECRET_LEN_MIN,
+        "secret in {} is {} bytes; at least {SECRET_LEN_MIN} required",
+        path.display(),
+        secret.len()
+    );
+    Ok(secret)
+}
+
+/// Reads the hex secret at `path` (which must exist): the token secret,
+/// or a cluster's link secret.
+pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading secret file {}", path.display()))?;
+    parse_secret(&text, path)
+}
+
 /// Loads the hex secret at `path`, creating a random one (mode 0600) if the
 /// file does not exist.
 pub fn load_or_create_secret(path: &Path) -> anyhow::Result<TokenKey> {
     use anyhow::Context;
     match fs::read_to_string(path) {
-        Ok(text) => {
-            let secret = decode_hex(text.trim())
-                .with_context(|| format!("secret file {} is not hex", path.display()))?;
-            anyhow::ensure!(
-                secret.len() >= SECRET_LEN_MIN,
-                "secret in {} is {} bytes; at least {SECRET_LEN_MIN} required",
-                path.display(),
-                secret.len()
-            );
-            Ok(TokenKey::new(secret))
-        }
+        Ok(text) => Ok(TokenKey::new(parse_secret(&text, path)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let secret: [u8; 32] = rand::random();
             if let Some(dir) = path.parent() {

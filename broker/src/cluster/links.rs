@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use serde_json::json;
@@ -29,14 +28,6 @@ pub fn link_key(secret: &[u8]) -> Arc<[u8]> {
     let mut m = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     m.update(b"courier node-to-node link key v1");
     Arc::from(&m.finalize().into_bytes()[..])
-}
-
-/// Reads the hex cluster secret.
-pub fn load_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the cluster secret {}", path.display()))?;
-    courier_protocol::token::decode_hex(text.trim())
-        .with_context(|| format!("the cluster secret {} is not hex", path.display()))
 }
 
 /// What the node answers its peers. Commands of the data plane come here

@@ -158,7 +158,8 @@ impl Cluster {
         let host = advertise
             .rsplit_once(':')
             .map_or(advertise.as_str(), |(h, _)| h);
-        let secret = links::load_secret(&config.cluster_secret_path())?;
+        let secret = crate::auth::read_secret(&config.cluster_secret_path())
+            .context("the cluster secret (cluster.secret_file)")?;
         let stop = CancellationToken::new();
         let links = links::Links::start(
             link::LinkSettings {
