@@ -34,23 +34,7 @@ impl Etcd {
     /// Starts etcd, or returns `None` after saying loudly that the test
     /// skips (panicking instead when the tools are required).
     fn start() -> Option<Etcd> {
-        let binary = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("etcd"))
-                .find(|p| p.is_file())
-        });
-        let Some(binary) = binary else {
-            let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "etcd is not installed (Debian package `etcd-server`; scripts/test installs it)"
-            );
-            eprintln!(
-                "\n*** SKIPPED: etcd is not installed. Install the Debian package `etcd-server` \
-                 (scripts/test does) to run this test. ***\n"
-            );
-            return None;
-        };
+        let binary = tool("etcd", "Debian package `etcd-server`")?;
         let mut etcd = Etcd {
             child: None,
             client_port: free_port(),

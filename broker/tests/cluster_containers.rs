@@ -9,11 +9,14 @@
 //! missing Docker fails it instead. Everything it starts (containers,
 //! networks, volumes) is removed when it ends, failed or not.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::tool;
 use courier_broker::auth::{load_or_create_secret, Claims};
 use courier_client::{Client, ClientConfig};
 use serde_json::Value;
@@ -424,18 +427,7 @@ mod control_plane {
 /// `kubernetes-validate` (PyPI; `scripts/test` installs it).
 #[test]
 fn the_kubernetes_manifests_follow_the_api_schema() {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("kubernetes-validate"))
-            .find(|p| p.is_file())
-    });
-    let Some(validator) = found else {
-        let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "kubernetes-validate is not installed (PyPI; scripts/test installs it)"
-        );
-        eprintln!("\n*** SKIPPED: kubernetes-validate (PyPI) is not installed. ***\n");
+    let Some(validator) = tool("kubernetes-validate", "PyPI package `kubernetes-validate`") else {
         return;
     };
     let dir = repo().join("deploy/k8s");

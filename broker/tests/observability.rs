@@ -26,26 +26,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The path of `tool`, or `None` after saying loudly why the test skips
-/// (and panicking instead when the tools are required).
+/// Prometheus's programs, or a loud skip (`common::tool`).
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "{name} is not installed (Debian package `prometheus`; scripts/test installs it)"
-        );
-        eprintln!(
-            "\n*** SKIPPED: {name} is not installed. Install the Debian package `prometheus` \
-             (scripts/test does) to run this test. ***\n"
-        );
-    }
-    found
+    common::tool(name, "Debian package `prometheus`")
 }
 
 /// Runs `promtool` with `args` (and `stdin`), requiring success.

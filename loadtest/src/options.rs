@@ -178,12 +178,8 @@ impl Options {
 
     /// The node simulated user number `i` connects to.
     pub(crate) fn addr_of(&self, i: u64) -> &str {
-        let n = self.addr.split(',').count() as u64;
-        self.addr
-            .split(',')
-            .nth((i % n) as usize)
-            .map(str::trim)
-            .unwrap_or(&self.addr)
+        let addrs: Vec<&str> = self.addr.split(',').map(str::trim).collect();
+        addrs[(i % addrs.len() as u64) as usize]
     }
 
     /// The local address of connection `i`.

@@ -322,6 +322,30 @@ impl Drop for Server {
     }
 }
 
+/// The path of the program `name` (from `from`: a Debian package, PyPI),
+/// or `None` after saying loudly that the test skips; with
+/// `TEST_REQUIRE_TOOLS=1` (set by `scripts/test`) a missing one fails the
+/// test instead.
+pub fn tool(name: &str, from: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let required = std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "{name} is not installed ({from}; scripts/test installs it)"
+        );
+        eprintln!(
+            "\n*** SKIPPED: {name} is not installed. Install it ({from}; scripts/test does) \
+             to run this test. ***\n"
+        );
+    }
+    found
+}
+
 /// `courier serve` on `dir`, both listeners on any free loopback port.
 pub fn serve_command(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_courier"));
