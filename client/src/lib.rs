@@ -27,11 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use courier_protocol::error::retry_after_ms;
 use courier_protocol::*;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
+
+/// The pause before retrying a `SHARD_UNAVAILABLE` refusal that names no
+/// retry-after hint.
+const UNAVAILABLE_HINT_MS: u64 = 250;
 
 /// Deliveries buffered in the client before it stops reading the socket.
 const DELIVERY_QUEUE_LEN: usize = 4096;
@@ -72,6 +77,12 @@ pub struct ClientConfig {
     pub local_addr: Option<IpAddr>,
     /// TLS to a node that serves it (`tls.*` settings); `None`: plain TCP.
     pub tls: Option<ClientTls>,
+    /// How long `send` and `send_with_id` keep retrying a send refused
+    /// with the retryable `SHARD_UNAVAILABLE` (a cluster node that owns
+    /// the destination is out of reach), each time after the server's
+    /// retry-after hint and with the same client message id. Zero: return
+    /// the refusal at once.
+    pub unavailable_retry: Duration,
 }
 
 impl ClientConfig {
@@ -91,6 +102,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             local_addr: None,
             tls: None,
+            unavailable_retry: Duration::from_secs(30),
         }
     }
 }
@@ -288,10 +300,22 @@ impl Client {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<SendAck, ClientError> {
-        send_ack(
-            self.request(send_body(client_msg_id, destination, kind, payload))
-                .await?,
-        )
+        let give_up = tokio::time::Instant::now() + self.config.unavailable_retry;
+        loop {
+            let body = send_body(client_msg_id, destination, kind, payload.clone());
+            match self.request(body).await {
+                Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
+                    let hint = retry_after_ms(&message).unwrap_or(UNAVAILABLE_HINT_MS);
+                    let at =
+                        tokio::time::Instant::now() + Duration::from_millis(hint.clamp(10, 5_000));
+                    if at > give_up {
+                        return Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message));
+                    }
+                    tokio::time::sleep_until(at).await;
+                }
+                answer => return send_ack(answer?),
+            }
+        }
     }
 
     /// Sends many messages in one frame; one result per item, in order.

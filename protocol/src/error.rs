@@ -110,6 +110,28 @@ codes! {
     /// The node's disk is (nearly) full: the message was not stored; reads
     /// go on. Retry later with the same client message id.
     STORAGE_FULL = 52, "storage full";
+    /// The cluster node that owns the destination (or the sender's own
+    /// shard) cannot be reached now: the message was not stored. Retry
+    /// with the same client message id after the hint (see
+    /// [`retry_after_ms`]).
+    SHARD_UNAVAILABLE = 53, "shard unavailable";
+}
+
+/// The prefix of an `Error` message that carries a retry-after hint:
+/// `retry after 250 ms: ...`.
+pub const RETRY_AFTER_PREFIX: &str = "retry after ";
+
+/// The retry-after hint an `Error` frame's message carries, in
+/// milliseconds (`SHARD_UNAVAILABLE` always has one).
+pub fn retry_after_ms(message: &str) -> Option<u64> {
+    let rest = message.strip_prefix(RETRY_AFTER_PREFIX)?;
+    let (ms, _) = rest.split_once(" ms")?;
+    ms.parse().ok()
+}
+
+/// An `Error` message with a retry-after hint, as [`retry_after_ms`] reads it.
+pub fn with_retry_after(ms: u64, message: &str) -> String {
+    format!("{RETRY_AFTER_PREFIX}{ms} ms: {message}")
 }
 
 impl ErrorCode {

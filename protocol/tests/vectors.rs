@@ -153,6 +153,16 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
             Frame::new(6, Body::Error(Reason::new(ErrorCode::FORBIDDEN, "no"))),
         ),
         (
+            "error_retry_after",
+            Frame::new(
+                7,
+                Body::Error(Reason::new(
+                    ErrorCode::SHARD_UNAVAILABLE,
+                    error::with_retry_after(500, "shard unavailable"),
+                )),
+            ),
+        ),
+        (
             "goodbye",
             Frame::new(
                 0,
@@ -405,4 +415,18 @@ fn every_frame_type_has_a_vector() {
     for t in 0x01..=frame_type::LAST {
         assert!(types.contains(&t), "frame type 0x{t:02x} has no vector");
     }
+}
+
+#[test]
+fn the_retry_after_hint_reads_back_from_its_vector() {
+    let (_, frame) = vectors()
+        .into_iter()
+        .find(|(name, _)| *name == "error_retry_after")
+        .unwrap();
+    let Body::Error(reason) = frame.body else {
+        panic!("an error frame")
+    };
+    assert_eq!(error::retry_after_ms(&reason.message), Some(500));
+    assert_eq!(error::retry_after_ms("shard unavailable"), None);
+    assert_eq!(error::retry_after_ms("retry after soon ms: x"), None);
 }
