@@ -526,6 +526,13 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         self.durability()?;
         self.cluster.validate()?;
+        // A gateway forwards the sessions of users another node owns to
+        // that node's client port, in plain TCP inside the cluster's
+        // network; a port that speaks only TLS cannot take them yet.
+        anyhow::ensure!(
+            !self.cluster.enabled() || self.tls.cert_file.as_os_str().is_empty(),
+            "tls.cert_file cannot be used with a cluster yet: nodes forward sessions to each other's client ports in plain TCP (terminate TLS at the load balancer)"
+        );
         let g = &self.groups;
         anyhow::ensure!(
             (2..=u16::MAX as usize).contains(&g.max_members),

@@ -54,11 +54,16 @@ pub enum CloseReason {
     Refused,
     /// The store failed while the session was starting or catching up.
     StorageError,
+    /// A cluster gateway forwarded the session to its user's node, where it
+    /// ended (that node counts its own reason).
+    Forwarded,
+    /// The node that owns the user's shard was out of reach.
+    Unavailable,
 }
 
 impl CloseReason {
     /// In declaration order: `reason as usize` indexes it.
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientClosed,
         CloseReason::IoError,
         CloseReason::IdleTimeout,
@@ -68,6 +73,8 @@ impl CloseReason {
         CloseReason::ShuttingDown,
         CloseReason::Refused,
         CloseReason::StorageError,
+        CloseReason::Forwarded,
+        CloseReason::Unavailable,
     ];
 
     pub fn label(self) -> &'static str {
@@ -81,6 +88,8 @@ impl CloseReason {
             CloseReason::ShuttingDown => "shutting_down",
             CloseReason::Refused => "refused",
             CloseReason::StorageError => "storage_error",
+            CloseReason::Forwarded => "forwarded",
+            CloseReason::Unavailable => "unavailable",
         }
     }
 
@@ -95,6 +104,7 @@ impl CloseReason {
                 CloseReason::HandshakeFailed
             }
             ErrorCode::TOO_MANY_CONNECTIONS => CloseReason::Refused,
+            ErrorCode::SHARD_UNAVAILABLE => CloseReason::Unavailable,
             _ => CloseReason::ProtocolError,
         }
     }

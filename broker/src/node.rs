@@ -150,9 +150,24 @@ impl Node {
         }))
     }
 
-    /// A new group id (`GROUP_ID_BIT` set).
+    /// A new group id (`GROUP_ID_BIT` set). In a cluster, one whose shard
+    /// this node owns: the group lives beside its creator, and no two nodes
+    /// can hand out the same id.
     pub fn new_group_id(&self) -> u64 {
-        GROUP_ID_BIT | (self.next_group.fetch_add(1, Ordering::Relaxed) & !GROUP_ID_BIT)
+        loop {
+            let id =
+                GROUP_ID_BIT | (self.next_group.fetch_add(1, Ordering::Relaxed) & !GROUP_ID_BIT);
+            if self.is_local(id) {
+                return id;
+            }
+        }
+    }
+
+    /// Whether this node's shards hold `id` (a user or group): always on a
+    /// single node; in a cluster, when this node owns its shard (or before
+    /// the map exists).
+    pub fn is_local(&self, id: u64) -> bool {
+        self.cluster.get().is_none_or(|c| c.owns(id))
     }
 
     /// A new status id (from the same source, without the group bit).

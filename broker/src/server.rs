@@ -87,7 +87,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
     if node.config.cluster.enabled() {
-        let cluster = Cluster::join(&node.config, client_addr, admin_addr, &node.metrics).await?;
+        let owner = Arc::new(crate::cluster::route::Owner {
+            node: Arc::downgrade(&node),
+        });
+        let cluster =
+            Cluster::join(&node.config, client_addr, admin_addr, &node.metrics, owner).await?;
+        let router = crate::cluster::route::Router::new(cluster.clone(), &node);
+        node.shards.set_remote(Arc::new(router));
         let _ = node.cluster.set(cluster);
     }
     let io_desc = match &listeners {

@@ -128,7 +128,10 @@ fn cluster_env(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Vec
     let mut env: Vec<(String, String)> = [
         ("COURIER_CLUSTER_NAME", name),
         ("COURIER_CLUSTER_ETCD", url.as_str()),
-        // The nodes' links authenticate with a secret they share.
+        // The nodes share the token secret (a client's token is good on
+        // every node: a gateway checks it, and the owner it forwards to
+        // again), and their links authenticate with it.
+        ("COURIER_AUTH_SECRET_FILE", secret.as_str()),
         ("COURIER_CLUSTER_SECRET_FILE", secret.as_str()),
         ("COURIER_CLUSTER_NODE_ID", id),
         // Short leases: a killed node is seen gone within seconds.
@@ -465,6 +468,16 @@ mod control_plane {
             "{err}"
         );
 
+        // Sessions are forwarded between nodes in plain TCP: a cluster node
+        // with a TLS-only client port is refused, saying why.
+        let tls_dir = tempfile::tempdir().unwrap();
+        let tls = [("COURIER_TLS_CERT_FILE", "/nonexistent/fullchain.pem")];
+        let err = refused(tls_dir.path(), &cluster_env("red", "n8", &etcd, &tls));
+        assert!(
+            err.contains("tls.cert_file cannot be used with a cluster yet"),
+            "{err}"
+        );
+
         let single_dir = tempfile::tempdir().unwrap();
         drop(Server::start_in(single_dir.path(), &[]));
         let err = refused(single_dir.path(), &cluster_env("red", "n9", &etcd, &[]));
@@ -473,5 +486,172 @@ mod control_plane {
         // The original still restarts as itself (waiting out its old lease).
         n1.restart();
         wait_status(&n1, "n1 back", |s| all_serving(s, &["n1"])).await;
+    }
+}
+
+/// The first user id (from `from` on) whose shard `owner` owns in `map`.
+fn user_on(map: &[Value], owner: &str, from: u64) -> u64 {
+    (from..)
+        .find(|&u| map[courier_broker::shard::route::shard_of(u, map.len())]["owner"] == owner)
+        .unwrap()
+}
+
+/// The data plane across nodes: it crosses the network path (forwarded
+/// sessions), so it runs in both passes of `scripts/test`.
+mod data_plane {
+    use super::*;
+    use courier_client::ClientError;
+    use courier_protocol::error::retry_after_ms;
+    use courier_protocol::{Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus};
+
+    /// The next receipt message `client` receives: (reader, status, client
+    /// message id) for each message it covers.
+    async fn receipts(client: &courier_client::Client) -> Vec<(u64, u8, u64)> {
+        let d = client.next_timeout(WAIT).await.expect("a receipt");
+        assert_eq!(d.message.kind, MessageKind::Receipt);
+        let r = ReceiptPayload::decode(&d.message.payload).unwrap();
+        r.messages
+            .into_iter()
+            .map(|(id, _)| (r.reader, r.status as u8, id))
+            .collect()
+    }
+
+    /// Three nodes, each user on the node that owns its shard, clients
+    /// connected to other nodes than their users' (a gateway forwards them):
+    /// a one-to-one message crosses from one owner to another and its
+    /// delivered and read receipts come back, each once. The recipient's
+    /// node is SIGKILLed: a send to it is refused with the retryable
+    /// `SHARD_UNAVAILABLE` and a hint (a client that does not retry sees
+    /// it), a connection for its user too; the client library's retry of
+    /// the same id succeeds once the node is back, stored once. A group
+    /// with members on other nodes is refused with its own code.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_to_one_crosses_nodes_from_any_gateway_and_waits_out_a_lost_owner() {
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["p1", "p2", "p3"];
+        let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
+        let mut nodes: Vec<Server> = ids
+            .iter()
+            .map(|id| start_node("plum", id, &etcd, &extra))
+            .collect();
+        for (node, id) in nodes.iter().zip(ids) {
+            wait_status(node, "serving, linked to the other two", |s| {
+                all_serving(s, &ids)
+                    && ids
+                        .iter()
+                        .filter(|p| **p != id)
+                        .all(|p| link_state(s, p) == "up")
+            })
+            .await;
+        }
+        let map = shards(&nodes[0]).await;
+        let alice = user_on(&map, "p1", 100);
+        let bob = user_on(&map, "p3", 100);
+        let carol = user_on(&map, "p2", 100);
+
+        // Alice through p2, Bob through p1: neither on its own node.
+        let (a, _) = nodes[1].client(alice).await;
+        let (b, _) = nodes[0].client(bob).await;
+        let ack = a
+            .send_with_id(1, Destination::User(bob), MessageKind::Chat, chat("hi bob"))
+            .await
+            .unwrap();
+        assert_eq!((ack.seq, ack.duplicate), (1, false));
+        let got = b.next_timeout(WAIT).await.unwrap();
+        assert_eq!(
+            (got.message.sender, got.message.payload.clone()),
+            (alice, chat("hi bob"))
+        );
+        b.confirm(&got).await.unwrap();
+        b.mark_read(got.message.seq).await.unwrap();
+        // The read receipt comes back (a delivered one too, unless the read
+        // mark overtook it), each once.
+        let mut seen = Vec::new();
+        while !seen.contains(&(bob, ReceiptStatus::Read as u8, 1)) {
+            seen.extend(receipts(&a).await);
+        }
+        assert!(a.next_timeout(Duration::from_millis(500)).await.is_err());
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "no receipt twice: {seen:?}");
+        assert!(nodes[1].metric("courier_cluster_forwarded_sessions").await >= 1);
+
+        // A group can hold only members of its creator's node for now.
+        let refused = a.create_group(vec![bob]).await;
+        assert_eq!(rejected(refused), ErrorCode::DESTINATION_UNSUPPORTED);
+
+        // Bob's node dies.
+        nodes[2].kill();
+        wait_status(&nodes[0], "p3's link down", |s| {
+            link_state(s, "p3") == "down"
+        })
+        .await;
+        let mut impatient = nodes[1].config(alice);
+        impatient.unavailable_retry = Duration::ZERO;
+        let (a2, _) = courier_client::Client::connect(impatient).await.unwrap();
+        match a2
+            .send_with_id(
+                2,
+                Destination::User(bob),
+                MessageKind::Chat,
+                chat("are you there"),
+            )
+            .await
+        {
+            Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
+                assert!(
+                    retry_after_ms(&message).is_some_and(|ms| ms > 0),
+                    "{message}"
+                )
+            }
+            other => panic!("expected SHARD_UNAVAILABLE, got {other:?}"),
+        }
+        // Refused where Alice's session lives: her node.
+        let refused_sends = r#"courier_cluster_unavailable_total{what="send"}"#;
+        assert!(nodes[0].metric(refused_sends).await >= 1);
+        match courier_client::Client::connect(nodes[0].config(bob)).await {
+            Err(ClientError::Refused(ErrorCode::SHARD_UNAVAILABLE, message)) => {
+                assert!(retry_after_ms(&message).is_some(), "{message}")
+            }
+            other => panic!("expected a refused session, got {:?}", other.map(|_| ())),
+        }
+
+        // The patient client retries the same id until Bob's node is back.
+        let retrying = {
+            let a = std::sync::Arc::new(a);
+            let a2 = a.clone();
+            let task = tokio::spawn(async move {
+                a2.send_with_id(
+                    2,
+                    Destination::User(bob),
+                    MessageKind::Chat,
+                    chat("are you there"),
+                )
+                .await
+            });
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(!task.is_finished(), "nothing to store it in yet");
+            (a, task)
+        };
+        nodes[2].restart();
+        let ack = tokio::time::timeout(WAIT, retrying.1)
+            .await
+            .expect("the retry ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack.seq, 2, "stored once, after the first message");
+        let (b, _) = nodes[1].resume(bob, 1).await;
+        let got = b.next_timeout(WAIT).await.unwrap();
+        assert_eq!((got.message.seq, got.message.client_msg_id), (2, 2));
+        assert!(
+            b.next_timeout(Duration::from_millis(300)).await.is_err(),
+            "nothing twice"
+        );
+
+        // Carol, on the third node, reaches both through her own node.
+        let (c, _) = nodes[1].client(carol).await;
+        exchange(&c, alice, &retrying.0, "hello alice").await;
+        exchange(&c, bob, &b, "hello bob").await;
     }
 }

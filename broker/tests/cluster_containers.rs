@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::tool;
 use courier_broker::auth::{load_or_create_secret, Claims};
 use courier_client::{Client, ClientConfig};
+use courier_protocol::{Destination, MessageKind};
 use serde_json::Value;
 
 /// Bound on every wait for the cluster to reach a state.
@@ -168,6 +169,23 @@ impl Deployment {
     /// `GET /admin/cluster` on a node, over the project's network; `None`
     /// if the node does not answer.
     fn status(&self, service: &str) -> Option<Value> {
+        serde_json::from_str(&self.get(service, "/admin/cluster")?).ok()
+    }
+
+    /// The sum of a counter's or gauge's samples on a node whose labels
+    /// contain `labels` (`""`: all).
+    fn metric(&self, service: &str, name: &str, labels: &str) -> u64 {
+        let text = self.get(service, "/metrics").unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// The body of `GET path` on a node's admin port, over the project's
+    /// network; `None` if the node does not answer.
+    fn get(&self, service: &str, path: &str) -> Option<String> {
         let ip = self.ip(service);
         if ip.is_empty() {
             return None;
@@ -181,14 +199,14 @@ impl Deployment {
         let token = self.admin_token();
         s.write_all(
             format!(
-                "GET /admin/cluster HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
         .ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
-        serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+        Some(text.split_once("\r\n\r\n")?.1.to_owned())
     }
 
     /// Waits (bounded) until `check` holds for `service`'s status.
@@ -310,29 +328,76 @@ mod control_plane {
             assert_eq!(s["controller"], first["controller"]);
         }
 
-        // HAProxy passes a client to a ready node.
+        // HAProxy passes clients to the nodes in turn; each node forwards
+        // a client whose user another node owns. Six users in a ring each
+        // send to the next: every message arrives, across nodes.
         let port = docker(&["port", &d.container("haproxy"), "7700"]);
         let addr = port.lines().next().unwrap().trim().to_owned();
-        let token = load_or_create_secret(&d.secret).unwrap().mint(Claims {
-            user_id: 7,
-            device_id: 1,
-            expires_at_s: u64::MAX / 2,
-        });
+        let users: Vec<u64> = (7..13).collect();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let (client, welcome) = tokio::time::timeout(
-                Duration::from_secs(20),
-                Client::connect(ClientConfig::new(addr.clone(), 7, 1, token)),
-            )
-            .await
-            .expect("connect through HAProxy in time")
-            .expect("welcomed through HAProxy");
-            assert_eq!(welcome.head_seq, 0);
-            client.ping().await.unwrap();
+            let mut clients = Vec::new();
+            for &user in &users {
+                let token = load_or_create_secret(&d.secret).unwrap().mint(Claims {
+                    user_id: user,
+                    device_id: 1,
+                    expires_at_s: u64::MAX / 2,
+                });
+                let (client, welcome) = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    Client::connect(ClientConfig::new(addr.clone(), user, 1, token)),
+                )
+                .await
+                .expect("connect through HAProxy in time")
+                .expect("welcomed through HAProxy");
+                assert_eq!(welcome.head_seq, 0);
+                clients.push(client);
+            }
+            for (i, c) in clients.iter().enumerate() {
+                let to = users[(i + 1) % users.len()];
+                let text = format!("ring {i}");
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    c.send(Destination::User(to), MessageKind::Chat, text.into()),
+                )
+                .await
+                .expect("acknowledged in time")
+                .expect("acknowledged");
+            }
+            for i in 0..clients.len() {
+                let receiver = &clients[(i + 1) % clients.len()];
+                let m = receiver
+                    .recv_timeout(Duration::from_secs(20))
+                    .await
+                    .expect("the ring's message arrives");
+                assert_eq!(
+                    (m.sender, &m.payload[..]),
+                    (users[i], format!("ring {i}").as_bytes())
+                );
+            }
+            let forwarded: u64 = NODES
+                .iter()
+                .map(|n| d.metric(n, "courier_cluster_forwarded_sessions", ""))
+                .sum();
+            assert!(
+                forwarded >= 1,
+                "some clients reached another node than their user's"
+            );
         });
+        let crossed: u64 = NODES
+            .iter()
+            .map(|n| {
+                d.metric(
+                    n,
+                    "courier_cluster_remote_sends_total",
+                    "outcome=\"stored\"",
+                )
+            })
+            .sum();
+        assert!(crossed >= 1, "some of the ring crossed nodes");
 
         // SIGKILL a node: it is lost, its shards wait for it; it comes back.
         let killed = "courier-2";

@@ -30,26 +30,28 @@ pub fn link_key(secret: &[u8]) -> Arc<[u8]> {
     Arc::from(&m.finalize().into_bytes()[..])
 }
 
-/// What the node answers its peers. Commands of the data plane come here
-/// next; today a link carries its own health probes.
-struct NodeHandler;
+/// What the node answers its peers: the links' own health probes, and
+/// the data plane's requests (`route::Owner`).
+struct NodeHandler {
+    data: Arc<dyn Handler>,
+}
 
 impl Handler for NodeHandler {
     fn request(
         &self,
-        _from: &str,
+        from: &str,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>> {
-        Box::pin(async move {
-            if &body[..] == PING {
-                Ok(Bytes::from_static(b"pong"))
-            } else {
-                Err("unknown request".into())
-            }
-        })
+        if &body[..] == PING {
+            Box::pin(async { Ok(Bytes::from_static(b"pong")) })
+        } else {
+            self.data.request(from, body)
+        }
     }
 
-    fn message(&self, _from: &str, _body: Bytes) {}
+    fn message(&self, from: &str, body: Bytes) {
+        self.data.message(from, body)
+    }
 }
 
 struct Dialed {
@@ -75,15 +77,17 @@ pub struct Links {
 }
 
 impl Links {
-    /// Starts accepting links on `listener`.
+    /// Starts accepting links on `listener`; `data` answers the data
+    /// plane's requests.
     pub fn start(
         settings: LinkSettings,
         listener: TcpListener,
+        data: Arc<dyn Handler>,
         stop: CancellationToken,
     ) -> Arc<Links> {
         let links = Arc::new(Links {
             settings,
-            handler: Arc::new(NodeHandler),
+            handler: Arc::new(NodeHandler { data }),
             dialed: Mutex::new(HashMap::new()),
             accepted: Arc::new(Mutex::new(HashMap::new())),
             probes: Mutex::new(BTreeMap::new()),

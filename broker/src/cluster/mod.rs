@@ -27,7 +27,9 @@ pub mod link;
 pub mod links;
 mod member;
 pub mod placement;
+pub mod route;
 pub mod view;
+pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,6 +71,8 @@ pub struct Cluster {
     gauges: Gauges,
     /// Links to the other nodes.
     pub links: Arc<links::Links>,
+    /// What the data plane counts.
+    pub plane: route::PlaneMetrics,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -134,11 +138,13 @@ impl Cluster {
     /// node under a lease (waiting out a previous run's registration, and
     /// refusing an id a live node holds), reads the map, and starts the
     /// lease renewal, the watch and the candidacy for controller.
+    /// `data` answers the data plane's requests from other nodes.
     pub async fn join(
         config: &Config,
         clients: std::net::SocketAddr,
         admin: std::net::SocketAddr,
         metrics: &Metrics,
+        data: Arc<dyn link::Handler>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let settings = config.cluster.clone();
         let endpoints = settings.endpoints();
@@ -170,6 +176,7 @@ impl Cluster {
                 max_frame: config.limits.max_frame_len.saturating_mul(2),
             },
             link_listener,
+            data,
             stop.clone(),
         );
         let record = NodeRecord {
@@ -195,6 +202,7 @@ impl Cluster {
             lease_ok: AtomicBool::new(false),
             gauges: Gauges::new(metrics),
             links,
+            plane: route::PlaneMetrics::new(metrics),
             stop,
             tasks: TaskTracker::new(),
             settings,
@@ -225,6 +233,19 @@ impl Cluster {
 
     pub fn node_id(&self) -> &str {
         &self.settings.node_id
+    }
+
+    /// Whether this node owns the shard of `id` (a user or group) in the
+    /// current map; true before the map exists, when every node serves
+    /// from its own store.
+    pub fn owns(&self, id: u64) -> bool {
+        let view = self.view();
+        match view.shard_of(id) {
+            None => true,
+            Some(s) => view.owners[s as usize]
+                .as_ref()
+                .is_some_and(|o| o.node == self.settings.node_id),
+        }
     }
 
     pub fn is_controller(&self) -> bool {

@@ -6,14 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier_protocol::error::with_retry_after;
 use courier_protocol::{frame_type, Body, ErrorCode, Frame, Hello, Welcome, PROTOCOL_VERSION};
 use courier_storage::InboxState;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use super::forward::Forward;
 use super::frames::{encoded, FrameReader, ReadError};
 use crate::auth::AuthError;
+use crate::cluster::route::RETRY_AFTER_MS;
 use crate::error::BrokerError;
 use crate::mailbox;
 use crate::metrics::{AuthFailure, CloseReason};
@@ -34,6 +37,14 @@ pub(crate) struct Started {
     pub start_after: u64,
 }
 
+/// How a handshake that passed goes on.
+pub(crate) enum Begun {
+    /// Welcomed here.
+    Here(Started),
+    /// The user's shard is another cluster node's: carried there.
+    Forward(Forward),
+}
+
 /// Runs the handshake; on failure the client has been told why (where the
 /// stream still allows it) and the reason to count is returned.
 pub(crate) async fn start<R: NetRead>(
@@ -42,10 +53,28 @@ pub(crate) async fn start<R: NetRead>(
     wr: &mut impl NetWrite,
     peer: Option<std::net::SocketAddr>,
     evicted: &CancellationToken,
-) -> Result<Started, CloseReason> {
+) -> Result<Begun, CloseReason> {
     let (request_id, hello) = read_hello(node, reader, wr, evicted).await?;
     if let Err((code, message)) = authenticate(node, &hello, peer) {
         return Err(reader.bye(wr, code, message).await);
+    }
+    match owner_elsewhere(node, hello.user_id) {
+        None => {}
+        Some(Ok((owner, to))) => {
+            return Ok(Begun::Forward(Forward {
+                user: hello.user_id,
+                owner,
+                to,
+                hello: encoded(&Frame::new(request_id, Body::Hello(hello))),
+            }))
+        }
+        Some(Err(message)) => {
+            if let Some(c) = node.cluster.get() {
+                c.plane.unavailable.with_label_values(&["session"]).inc();
+            }
+            let message = with_retry_after(RETRY_AFTER_MS, &message);
+            return Err(reader.bye(wr, ErrorCode::SHARD_UNAVAILABLE, message).await);
+        }
     }
     let (user, device) = (hello.user_id, hello.device_id);
     let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
@@ -76,13 +105,36 @@ pub(crate) async fn start<R: NetRead>(
         ?peer,
         user, device, session_id, start_after, "session started"
     );
-    Ok(Started {
+    Ok(Begun::Here(Started {
         user,
         device,
         session_id,
         handle,
         deliveries,
         start_after,
+    }))
+}
+
+/// In a cluster, the node that owns `user`'s shard if it is another one:
+/// its id and client address, or why it cannot be reached.
+fn owner_elsewhere(node: &Node, user: u64) -> Option<Result<(String, String), String>> {
+    let cluster = node.cluster.get()?;
+    if cluster.owns(user) {
+        return None;
+    }
+    let view = cluster.view();
+    let owner = view
+        .shard_of(user)
+        .and_then(|s| view.owners[s as usize].clone());
+    Some(match owner {
+        None => Err("the user's shard has no owner yet".into()),
+        Some(o) => match view.nodes.get(&o.node) {
+            Some(record) => Ok((o.node, record.advertise.clone())),
+            None => Err(format!(
+                "the user's cluster node {} is not registered",
+                o.node
+            )),
+        },
     })
 }
 

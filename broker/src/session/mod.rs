@@ -26,6 +26,7 @@
 
 mod catch_up;
 mod fetch;
+mod forward;
 mod frames;
 mod groups;
 mod handshake;
@@ -80,7 +81,10 @@ where
     let opening = Box::pin(open(node.clone(), stream, peer, handshaking));
     async move {
         let reason = match opening.await {
-            Ok(opened) => live(&node, opened).await,
+            Ok(Opening::Here(opened)) => live(&node, opened).await,
+            Ok(Opening::Forward(frames, wr, to)) => {
+                Box::pin(forward::run(&node, frames, wr, to)).await
+            }
             Err(reason) => reason,
         };
         node.metrics.closed(reason);
@@ -111,6 +115,13 @@ struct Opened<T: Transport> {
     started: handshake::Started,
 }
 
+/// A connection through its handshake: welcomed here, or to be carried to
+/// the cluster node that owns its user.
+enum Opening<T: Transport> {
+    Here(Opened<T>),
+    Forward(FrameReader<T::Rd>, T::Wr, forward::Forward),
+}
+
 /// The handshake: the connection's halves and the welcomed session, or why
 /// it ended.
 async fn open<T: Transport>(
@@ -118,16 +129,19 @@ async fn open<T: Transport>(
     stream: T,
     peer: Option<std::net::SocketAddr>,
     handshaking: Handshaking,
-) -> Result<Opened<T>, CloseReason> {
+) -> Result<Opening<T>, CloseReason> {
     let (rd, mut wr) = stream.split();
     let mut frames = FrameReader::new(rd, node.config.limits.max_frame_len);
     let started = handshake::start(&node, &mut frames, &mut wr, peer, &handshaking.evicted).await;
     // Welcomed or not, the connection no longer waits to authenticate.
     drop(handshaking);
-    Ok(Opened {
-        frames,
-        wr,
-        started: started?,
+    Ok(match started? {
+        handshake::Begun::Here(started) => Opening::Here(Opened {
+            frames,
+            wr,
+            started,
+        }),
+        handshake::Begun::Forward(to) => Opening::Forward(frames, wr, to),
     })
 }
 

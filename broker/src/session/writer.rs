@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use courier_protocol::error::with_retry_after;
 use courier_protocol::{
     encode, encode_deliver, frame_type, Body, ErrorCode, Frame, Message, Reason, SendAck,
     SendResult, HEADER_LEN, MESSAGE_FIXED_LEN,
@@ -113,6 +114,18 @@ pub(crate) struct Writer<W> {
     pub(super) metrics: Arc<Metrics>,
     /// Accept times of the live deliveries in `out`, observed once written.
     pushed: Vec<Instant>,
+}
+
+/// The `Error` a failed single send is answered with: a retryable
+/// `SHARD_UNAVAILABLE` carries its retry-after hint (in the result's
+/// `timestamp_ms`, as a batch item does on the wire) in the message.
+fn refusal(result: &SendResult) -> Reason {
+    let text = result.code.description();
+    if result.code == ErrorCode::SHARD_UNAVAILABLE {
+        Reason::new(result.code, with_retry_after(result.timestamp_ms, text))
+    } else {
+        Reason::new(result.code, text)
+    }
 }
 
 enum Step {
@@ -274,10 +287,7 @@ impl<W: NetWrite> Writer<W> {
                             duplicate: result.duplicate,
                         }),
                     )),
-                    None => self.encode(&Frame::new(
-                        request_id,
-                        Body::Error(Reason::new(result.code, result.code.description())),
-                    )),
+                    None => self.encode(&Frame::new(request_id, Body::Error(refusal(&result)))),
                     Some(i) => {
                         let done = match self.batches.get_mut(&request_id) {
                             Some((slots, missing)) => {

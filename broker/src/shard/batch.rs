@@ -145,33 +145,53 @@ impl Shard {
 
     /// Delivers an outcome to whoever waits for it.
     pub(crate) fn complete(&mut self, done: Completion, result: SendResult, stored: bool) {
-        let ok = result.code == ErrorCode::OK;
-        match done {
-            Completion::Reply(r) => r.send(result),
-            Completion::Copy { sender, token } => self.to_peer(
+        complete(done, result, stored, |key, cmd| self.to_peer(key, cmd));
+    }
+}
+
+/// Delivers a send's outcome to whoever waits for it: `to_peer` queues a
+/// part's outcome on the shard that waits (a shard's own peer queues, or a
+/// node's when the outcome came back over a link).
+pub(crate) fn complete(
+    done: Completion,
+    result: SendResult,
+    stored: bool,
+    to_peer: impl FnOnce(u64, ShardCmd),
+) {
+    let ok = result.code == ErrorCode::OK;
+    match done {
+        Completion::Reply(r) => r.send(result),
+        Completion::Copy { sender, token } => to_peer(
+            sender,
+            ShardCmd::CopyDone {
                 sender,
-                ShardCmd::CopyDone {
-                    sender,
-                    token,
-                    result,
-                    stored,
-                },
-            ),
-            Completion::Receipt { reader, emission } => self.to_peer(
+                token,
+                result,
+                stored,
+            },
+        ),
+        Completion::Receipt { reader, emission } => to_peer(
+            reader,
+            ShardCmd::ReceiptPartDone {
                 reader,
-                ShardCmd::ReceiptPartDone {
-                    reader,
-                    emission,
-                    ok,
-                },
-            ),
-            Completion::Stored(answer) => {
-                let _ = answer.send(if ok {
-                    Ok(())
-                } else {
-                    Err(BrokerError::refused(ErrorCode::INTERNAL, "storage error"))
-                });
-            }
+                emission,
+                ok,
+            },
+        ),
+        Completion::Stored(answer) => {
+            let _ = answer.send(if ok {
+                Ok(())
+            } else if result.code == ErrorCode::SHARD_UNAVAILABLE {
+                Err(BrokerError::refused(
+                    result.code,
+                    "the poster's node is out of reach",
+                ))
+            } else {
+                Err(BrokerError::refused(ErrorCode::INTERNAL, "storage error"))
+            });
+        }
+        Completion::Remote(answer) => {
+            let _ = answer.send((result, stored));
         }
     }
 }

@@ -63,6 +63,19 @@ impl ShardConfig {
     }
 }
 
+/// Where commands for ids that another cluster node owns go (the
+/// cluster's router). A single node has none.
+pub trait Remote: Send + Sync + 'static {
+    /// Takes `cmd` if `key` (a user or group id) lives on another node, or
+    /// on none that can be reached now, and sees that it is answered; gives
+    /// it back if it is this node's.
+    fn divert(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd>;
+}
+
+/// The router, once the node has joined its cluster; shared by the node's
+/// handle to its shards and every shard.
+pub type RemoteSlot = Arc<std::sync::OnceLock<Arc<dyn Remote>>>;
+
 /// One shard's unbounded peer queue; counts what is put on it.
 #[derive(Clone)]
 pub struct PeerQueue {
@@ -88,6 +101,8 @@ pub(crate) struct Shard {
     /// queue, so two shards can never block on each other; it is bounded in
     /// practice by the senders' in-flight permits that caused it.
     pub(crate) peers: Arc<[PeerQueue]>,
+    /// Where commands for other nodes' ids go (see `Remote`).
+    pub(crate) remote: RemoteSlot,
     pub(crate) store: Arc<dyn InboxStore>,
     pub(crate) stats: Arc<ShardMetrics>,
     pub(crate) config: ShardConfig,
@@ -173,6 +188,7 @@ impl Shard {
             rx,
             peer_rx,
             peers,
+            remote: RemoteSlot::default(),
             store,
             stats,
             config: config.clone(),
@@ -205,8 +221,16 @@ impl Shard {
         self.next_token
     }
 
-    /// Queues a command on the shard that owns `key`, through its peer queue.
+    /// Queues a command on the shard that owns `key`, through its peer
+    /// queue (or, in a cluster, over the link to the node that owns it).
     pub(crate) fn to_peer(&self, key: u64, cmd: ShardCmd) {
+        let cmd = match self.remote.get() {
+            Some(remote) => match remote.divert(key, cmd) {
+                Some(cmd) => cmd,
+                None => return,
+            },
+            None => cmd,
+        };
         self.to_shard(shard_of(key, self.peers.len()), cmd);
     }
 

@@ -17,9 +17,12 @@ use courier_storage::InboxStore;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::core::{PeerQueue, Shard, ShardConfig};
+use courier_protocol::SendResult;
+
+use super::batch::complete;
+use super::core::{PeerQueue, Remote, RemoteSlot, Shard, ShardConfig};
 use super::groups::fan_out_marks;
-use super::messages::ShardCmd;
+use super::messages::{Completion, ShardCmd};
 use super::route::shard_of;
 use crate::metrics::ShardMetrics;
 
@@ -49,6 +52,11 @@ impl Future for Queued<'_> {
 /// Handles to every shard's queues and thread.
 pub struct Shards {
     queues: Vec<mpsc::Sender<ShardCmd>>,
+    /// Every shard's peer queue (outcomes of parts that came back over a
+    /// link are queued here for the shard that waits).
+    peers: Arc<[PeerQueue]>,
+    /// Where commands for other cluster nodes' ids go.
+    remote: RemoteSlot,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub stats: Arc<ShardMetrics>,
 }
@@ -78,6 +86,7 @@ impl Shards {
         }
         let peers: Arc<[PeerQueue]> = peers.into();
         let marks = fan_out_marks(&*store, count).map_err(std::io::Error::other)?;
+        let remote = RemoteSlot::default();
         let mut threads = Vec::with_capacity(count);
         for (id, ((rx, prx), marks)) in receivers
             .into_iter()
@@ -94,6 +103,7 @@ impl Shards {
                 stats.clone(),
                 &config,
             );
+            shard.remote = remote.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("courier-shard-{id}"))
                 .spawn(move || {
@@ -107,6 +117,8 @@ impl Shards {
         }
         Ok(Shards {
             queues,
+            peers,
+            remote,
             threads: std::sync::Mutex::new(threads),
             stats,
         })
@@ -125,6 +137,21 @@ impl Shards {
     /// would otherwise be part of every session's task for the session's
     /// whole life, idle or not.
     pub fn send(&self, key: u64, cmd: ShardCmd) -> Queued<'_> {
+        let cmd = match self.remote.get() {
+            Some(remote) => match remote.divert(key, cmd) {
+                Some(cmd) => cmd,
+                // Taken: answered by the node that owns `key` (or refused).
+                None => return Queued::Now(true),
+            },
+            None => cmd,
+        };
+        self.send_here(key, cmd)
+    }
+
+    /// Queues `cmd` on this node's shard for `key`, wherever the cluster
+    /// says `key` lives (for commands that came over a link, whose owner
+    /// was checked where they arrived).
+    pub fn send_here(&self, key: u64, cmd: ShardCmd) -> Queued<'_> {
         let i = shard_of(key, self.queues.len());
         match self.queues[i].try_send(cmd) {
             Ok(()) => {
@@ -140,6 +167,20 @@ impl Shards {
                 queued
             })),
         }
+    }
+
+    /// Routes commands for ids that other cluster nodes own through
+    /// `remote` from now on (set once, when the node joins its cluster).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Completes a send whose outcome came back from another node, as the
+    /// shard that wrote it would have.
+    pub fn complete(&self, done: Completion, result: SendResult, stored: bool) {
+        complete(done, result, stored, |key, cmd| {
+            self.peers[shard_of(key, self.peers.len())].send(cmd)
+        });
     }
 
     /// Stops every shard after what is already queued, and waits for them.

@@ -115,6 +115,10 @@ pub enum Completion {
     Receipt { reader: u64, emission: u64 },
     /// A waiting request (a status view's receipt): whether it is stored.
     Stored(Answer<()>),
+    /// A send that came over the link from another node (the gateway, or
+    /// the shard that waits): the outcome and whether it is stored go back
+    /// as the link request's answer, and that node completes the original.
+    Remote(oneshot::Sender<(SendResult, bool)>),
 }
 
 /// One message to append to `recipient`'s inbox.

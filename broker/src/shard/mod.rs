@@ -31,7 +31,7 @@ mod recent;
 pub mod route;
 mod tracking;
 
-pub use self::core::ShardConfig;
+pub use self::core::{Remote, ShardConfig};
 
 #[cfg(test)]
 mod tests;

@@ -206,8 +206,16 @@ impl Server {
         self._tmp = tmp;
     }
 
+    /// The token secret: the node's own, or the one it was told to share.
+    fn secret_path(&self) -> PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "COURIER_AUTH_SECRET_FILE")
+            .map_or_else(|| self.data_dir.join("secret.key"), |(_, v)| v.into())
+    }
+
     pub fn token(&self, user: u64, device: u32, expires_at_s: u64) -> String {
-        load_or_create_secret(&self.data_dir.join("secret.key"))
+        load_or_create_secret(&self.secret_path())
             .unwrap()
             .mint(Claims {
                 user_id: user,

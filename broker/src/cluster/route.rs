@@ -1,0 +1,321 @@
+//! The data plane across nodes: where a command for an id goes, and what a
+//! node does with the commands its peers send it.
+//!
+//! ```text
+//!  session / shard ── cmd for id ──► Router::divert
+//!     owner of shard_of(id) is this node ──► this node's shard (as on one node)
+//!     owner is another node, link up ──────► link request SEND {shard, epoch, ...}
+//!                                             └─► Owner::request: epoch checked,
+//!                                                 its shard writes, answers the outcome
+//!     ◄── outcome: the session's reply, the reader's receipt part, the broadcast copy
+//!     owner lost, link down, no answer ───► SHARD_UNAVAILABLE (retryable, a hint)
+//! ```
+//!
+//! Sessions do not cross nodes here: a client whose user another node owns
+//! is forwarded to that node at the handshake (`session::forward`), so
+//! every session lives on its user's owner and its own shard's commands
+//! (registration, marks, fetches, a broadcast's plan) never leave the node.
+//! What crosses is what one user's shard asks of another's: one message
+//! for one inbox (a send, a receipt, a broadcast copy). Group commands
+//! whose group another node owns, and status views of a poster another
+//! node owns, are refused (`DESTINATION_UNSUPPORTED`) until the fan-out
+//! across nodes is built: refusing keeps every acknowledgement true.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_protocol::{ErrorCode, SendResult};
+use prometheus::{IntCounterVec, IntGauge, Opts};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::link::Handler;
+use super::view::View;
+use super::wire::{self, RemoteSend, SendAnswer};
+use super::Cluster;
+use crate::error::BrokerError;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::shard::messages::{failed, Completion, SendCmd, ShardCmd};
+use crate::shard::Remote;
+
+/// How long a send to another node may wait for its answer (the link's
+/// queue, the owner's shard and its write) before it is answered
+/// `SHARD_UNAVAILABLE`; the client's retry carries the same id, so a send
+/// that was stored after all is stored once.
+const REMOTE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The retry-after hint of a `SHARD_UNAVAILABLE`: about how long a lost
+/// link takes to come back, or a node to restart.
+pub const RETRY_AFTER_MS: u64 = 500;
+
+/// A send refused because its owner is out of reach, with the hint.
+pub fn unavailable(client_msg_id: u64) -> SendResult {
+    SendResult {
+        timestamp_ms: RETRY_AFTER_MS,
+        ..failed(client_msg_id, ErrorCode::SHARD_UNAVAILABLE)
+    }
+}
+
+/// What the data plane counts.
+pub struct PlaneMetrics {
+    /// Sends to other nodes, by outcome.
+    remote_sends: IntCounterVec,
+    /// Sessions forwarded to their user's owner, open now.
+    pub forwarded_sessions: IntGauge,
+    /// Commands refused because their owner was out of reach, by what.
+    pub unavailable: IntCounterVec,
+}
+
+impl PlaneMetrics {
+    pub fn new(metrics: &Metrics) -> PlaneMetrics {
+        let remote_sends = IntCounterVec::new(
+            Opts::new(
+                "courier_cluster_remote_sends_total",
+                "Messages for inboxes another node owns, sent over a link, by outcome (stored, refused: the owner answered an error, unavailable).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let unavailable = IntCounterVec::new(
+            Opts::new(
+                "courier_cluster_unavailable_total",
+                "Sends and sessions refused with SHARD_UNAVAILABLE because their shard's owner was out of reach, by what.",
+            ),
+            &["what"],
+        )
+        .expect("valid metric");
+        let forwarded_sessions = IntGauge::new(
+            "courier_cluster_forwarded_sessions",
+            "Client connections this node forwards to their user's owner, open now.",
+        )
+        .expect("valid metric");
+        metrics.register(remote_sends.clone());
+        metrics.register(unavailable.clone());
+        metrics.register(forwarded_sessions.clone());
+        PlaneMetrics {
+            remote_sends,
+            forwarded_sessions,
+            unavailable,
+        }
+    }
+}
+
+/// Sends commands for other nodes' ids over the links.
+pub struct Router {
+    cluster: Arc<Cluster>,
+    node: Weak<Node>,
+    /// The network runtime, where the requests wait for their answers
+    /// (a divert may be called from a shard's own thread).
+    runtime: tokio::runtime::Handle,
+}
+
+impl Router {
+    pub fn new(cluster: Arc<Cluster>, node: &Arc<Node>) -> Router {
+        Router {
+            cluster,
+            node: Arc::downgrade(node),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn metrics(&self) -> &PlaneMetrics {
+        &self.cluster.plane
+    }
+
+    /// Sends `s` to `owner` (shard `shard`) and completes it from the answer.
+    fn forward(&self, view: &View, shard: u32, s: SendCmd) {
+        let owner = view.owners[shard as usize].as_ref();
+        let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
+        let (Some(owner), Some(peer)) = (owner, peer.filter(|p| p.connected())) else {
+            self.metrics()
+                .unavailable
+                .with_label_values(&["send"])
+                .inc();
+            return self.complete(s.done, unavailable(s.client_msg_id), false);
+        };
+        let body = RemoteSend {
+            shard,
+            epoch: owner.epoch,
+            sender: s.sender,
+            sender_device: s.sender_device,
+            recipient: s.recipient,
+            client_msg_id: s.client_msg_id,
+            scope: s.scope,
+            kind: s.kind,
+            destination: s.destination,
+            payload: s.payload,
+        }
+        .encode();
+        let (id, done) = (s.client_msg_id, s.done);
+        let node = self.node.clone();
+        let cluster = self.cluster.clone();
+        self.runtime.spawn(async move {
+            let answer = peer.request(body, REMOTE_DEADLINE).await;
+            let (result, stored) = match answer {
+                Ok(bytes) => match SendAnswer::decode(bytes, id) {
+                    Ok(SendAnswer::Outcome { result, stored }) => (result, stored),
+                    Ok(SendAnswer::NotOwner { owner, epoch }) => {
+                        debug!(peer = %peer.peer_id, %owner, epoch, "not the owner at our epoch");
+                        (unavailable(id), false)
+                    }
+                    Err(e) => {
+                        debug!(peer = %peer.peer_id, error = %e, "unreadable answer");
+                        (unavailable(id), false)
+                    }
+                },
+                // Unavailable, overloaded, no answer in time, or failed
+                // there: the client retries with the same id.
+                Err(e) => {
+                    debug!(peer = %peer.peer_id, error = %e, "remote send failed");
+                    (unavailable(id), false)
+                }
+            };
+            let outcome = match result.code {
+                ErrorCode::OK => "stored",
+                ErrorCode::SHARD_UNAVAILABLE => "unavailable",
+                _ => "refused",
+            };
+            cluster
+                .plane
+                .remote_sends
+                .with_label_values(&[outcome])
+                .inc();
+            if let Some(node) = node.upgrade() {
+                node.shards.complete(done, result, stored);
+            }
+        });
+    }
+
+    fn complete(&self, done: Completion, result: SendResult, stored: bool) {
+        if let Some(node) = self.node.upgrade() {
+            node.shards.complete(done, result, stored);
+        }
+    }
+}
+
+impl Remote for Router {
+    fn divert(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd> {
+        let view = self.cluster.view();
+        // Before the map exists every node serves from its own store.
+        let shard = view.shard_of(key)?;
+        if let Some(o) = &view.owners[shard as usize] {
+            if o.node == self.cluster.node_id() {
+                return Some(cmd);
+            }
+        }
+        let across = || {
+            BrokerError::refused(
+                ErrorCode::DESTINATION_UNSUPPORTED,
+                "groups and statuses across cluster nodes are not served yet",
+            )
+        };
+        match cmd {
+            ShardCmd::Send(s) => self.forward(&view, shard, s),
+            ShardCmd::GroupSend(g) => g
+                .reply
+                .send(failed(g.client_msg_id, ErrorCode::DESTINATION_UNSUPPORTED)),
+            ShardCmd::GroupOp(op) => {
+                let _ = op.answer.send(Err(across()));
+            }
+            ShardCmd::ReceiptQuery(q) => {
+                let _ = q.answer.send(Err(across()));
+            }
+            ShardCmd::StatusView(v) => {
+                let _ = v.answer.send(Err(across()));
+            }
+            // The user's own shard (its sessions live on its owner), or a
+            // part's outcome for the shard that waits, which is here.
+            other => return Some(other),
+        }
+        None
+    }
+}
+
+/// What this node answers its peers' data-plane requests.
+pub struct Owner {
+    pub node: Weak<Node>,
+}
+
+impl Handler for Owner {
+    fn request(
+        &self,
+        _from: &str,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let node = node.upgrade().ok_or("the node is stopping")?;
+            match body.first() {
+                Some(&wire::SEND) => {
+                    let s = RemoteSend::decode(body).map_err(|e| format!("bad send: {e}"))?;
+                    Ok(serve_send(&node, s).await.encode())
+                }
+                Some(op) => Err(format!("unknown request {op}")),
+                None => Err("empty request".into()),
+            }
+        })
+    }
+
+    fn message(&self, _from: &str, _body: Bytes) {}
+}
+
+/// Writes a send from another node if this node owns its shard at the
+/// epoch it was routed by.
+async fn serve_send(node: &Node, s: RemoteSend) -> SendAnswer {
+    let Some(cluster) = node.cluster.get() else {
+        return SendAnswer::NotOwner {
+            owner: String::new(),
+            epoch: 0,
+        };
+    };
+    let view = cluster.view();
+    let owner = view.owners.get(s.shard as usize).cloned().flatten();
+    let ours = owner
+        .as_ref()
+        .is_some_and(|o| o.node == cluster.node_id() && o.epoch == s.epoch)
+        && view.shard_of(s.recipient) == Some(s.shard);
+    if !ours {
+        return SendAnswer::NotOwner {
+            owner: owner.as_ref().map(|o| o.node.clone()).unwrap_or_default(),
+            epoch: owner.map_or(0, |o| o.epoch),
+        };
+    }
+    let id = s.client_msg_id;
+    let refused = |code| SendAnswer::Outcome {
+        result: failed(id, code),
+        stored: false,
+    };
+    if node.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
+        return refused(ErrorCode::STORAGE_FULL);
+    }
+    let (tx, rx) = oneshot::channel();
+    let cmd = ShardCmd::Send(SendCmd {
+        sender: s.sender,
+        sender_device: s.sender_device,
+        recipient: s.recipient,
+        client_msg_id: id,
+        destination: s.destination,
+        scope: s.scope,
+        kind: s.kind,
+        payload: s.payload,
+        done: Completion::Remote(tx),
+        accepted: Instant::now(),
+    });
+    if !node.shards.send_here(s.recipient, cmd).await {
+        return SendAnswer::Outcome {
+            result: unavailable(id),
+            stored: false,
+        };
+    }
+    match rx.await {
+        Ok((result, stored)) => SendAnswer::Outcome { result, stored },
+        Err(_) => SendAnswer::Outcome {
+            result: unavailable(id),
+            stored: false,
+        },
+    }
+}
