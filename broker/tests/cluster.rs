@@ -154,6 +154,15 @@ fn start_node(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Serv
     Server::start(&env)
 }
 
+/// Three nodes of cluster `name` started together (the map waits for all
+/// three).
+fn three_nodes(name: &str, ids: [&str; 3], etcd: &Etcd) -> Vec<Server> {
+    let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
+    ids.iter()
+        .map(|id| start_node(name, id, etcd, &extra))
+        .collect()
+}
+
 async fn status(node: &Server) -> Value {
     let (code, body) = node.admin_request("/admin/cluster").await;
     assert_eq!(code, 200, "{body}");
@@ -228,11 +237,7 @@ mod control_plane {
     async fn three_nodes_share_one_map_and_a_killed_node_keeps_its_shards() {
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["n1", "n2", "n3"];
-        let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
-        let mut nodes: Vec<Server> = ids
-            .iter()
-            .map(|id| start_node("blue", id, &etcd, &extra))
-            .collect();
+        let mut nodes = three_nodes("blue", ids, &etcd);
         for (node, id) in nodes.iter().zip(ids) {
             assert!(
                 node.banner
@@ -529,11 +534,7 @@ mod data_plane {
     async fn one_to_one_crosses_nodes_from_any_gateway_and_waits_out_a_lost_owner() {
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["p1", "p2", "p3"];
-        let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
-        let mut nodes: Vec<Server> = ids
-            .iter()
-            .map(|id| start_node("plum", id, &etcd, &extra))
-            .collect();
+        let mut nodes = three_nodes("plum", ids, &etcd);
         for (node, id) in nodes.iter().zip(ids) {
             wait_status(node, "serving, linked to the other two", |s| {
                 all_serving(s, &ids)

@@ -176,24 +176,14 @@ impl SendAnswer {
 }
 
 fn put_destination(out: &mut BytesMut, d: Destination) {
-    let (tag, id) = match d {
-        Destination::User(id) => (1, id),
-        Destination::Group(id) => (2, id),
-        Destination::List(id) => (3, id),
-    };
-    out.put_u8(tag);
-    out.put_u64(id);
+    out.put_u8(d.tag());
+    out.put_u64(d.id());
 }
 
 fn get_destination(b: &mut Bytes) -> Result<Destination, WireError> {
     let tag = b.get_u8();
     let id = b.get_u64();
-    Ok(match tag {
-        1 => Destination::User(id),
-        2 => Destination::Group(id),
-        3 => Destination::List(id),
-        t => return Err(WireError::UnknownDestination(t)),
-    })
+    Destination::from_parts(tag, id).ok_or(WireError::UnknownDestination(tag))
 }
 
 fn need(b: &Bytes, n: usize) -> Result<(), WireError> {
