@@ -507,7 +507,9 @@ mod data_plane {
     use super::*;
     use courier_client::ClientError;
     use courier_protocol::error::retry_after_ms;
-    use courier_protocol::{Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus};
+    use courier_protocol::{
+        Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus, Send,
+    };
 
     /// The next receipt message `client` receives: (reader, status, client
     /// message id) for each message it covers.
@@ -608,6 +610,18 @@ mod data_plane {
             }
             other => panic!("expected SHARD_UNAVAILABLE, got {other:?}"),
         }
+        // In a batch, the item says so, its hint in `timestamp_ms`.
+        let items = a2
+            .send_batch(vec![Send {
+                client_msg_id: 3,
+                destination: Destination::User(bob),
+                kind: MessageKind::Chat,
+                payload: chat("batched"),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(items[0].code, ErrorCode::SHARD_UNAVAILABLE);
+        assert!(items[0].timestamp_ms > 0, "the retry-after hint");
         // Refused where Alice's session lives: her node.
         let refused_sends = r#"courier_cluster_unavailable_total{what="send"}"#;
         assert!(nodes[0].metric(refused_sends).await >= 1);
