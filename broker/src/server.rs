@@ -231,7 +231,14 @@ enum Admission {
 /// Asks the gate about a connection from `peer`, and counts the answer.
 fn admit(node: &Node, peer: SocketAddr) -> Admission {
     node.metrics.connections_accepted.inc();
-    match node.gate.admit(Some(peer.ip()), node.clock.now_ms()) {
+    // Another cluster node forwards many users' sessions from its one
+    // address: per-source budgets are for clients, not for gateways.
+    let gateway = node
+        .cluster
+        .get()
+        .is_some_and(|c| c.links.is_node_address(peer.ip()));
+    let source = (!gateway).then_some(peer.ip());
+    match node.gate.admit(source, node.clock.now_ms()) {
         Ok(admitted) => {
             if admitted.evicted_another {
                 node.metrics.handshakes_evicted.inc();

@@ -580,6 +580,23 @@ mod data_plane {
         assert_eq!(unique.len(), seen.len(), "no receipt twice: {seen:?}");
         assert!(nodes[1].metric("courier_cluster_forwarded_sessions").await >= 1);
 
+        // Pipelined sends cross in the order they were sent.
+        let pipe = std::sync::Arc::new(nodes[1].client(alice).await.0);
+        let acks: Vec<_> = (1000..1200)
+            .map(|id| {
+                pipe.start_send(id, Destination::User(bob), MessageKind::Chat, chat("p"))
+                    .unwrap()
+            })
+            .collect();
+        for ack in acks {
+            tokio::time::timeout(WAIT, ack).await.unwrap().unwrap();
+        }
+        for id in 1000..1200 {
+            let got = b.next_timeout(WAIT).await.unwrap();
+            assert_eq!(got.message.client_msg_id, id, "in the order sent");
+        }
+        drop(pipe);
+
         // A group can hold only members of its creator's node for now.
         let refused = a.create_group(vec![bob]).await;
         assert_eq!(rejected(refused), ErrorCode::DESTINATION_UNSUPPORTED);
@@ -655,10 +672,10 @@ mod data_plane {
             .expect("the retry ends")
             .unwrap()
             .unwrap();
-        assert_eq!(ack.seq, 2, "stored once, after the first message");
-        let (b, _) = nodes[1].resume(bob, 1).await;
+        assert_eq!(ack.seq, 202, "stored once, after the 201 before it");
+        let (b, _) = nodes[1].resume(bob, 201).await;
         let got = b.next_timeout(WAIT).await.unwrap();
-        assert_eq!((got.message.seq, got.message.client_msg_id), (2, 2));
+        assert_eq!((got.message.seq, got.message.client_msg_id), (202, 2));
         assert!(
             b.next_timeout(Duration::from_millis(300)).await.is_err(),
             "nothing twice"
@@ -668,5 +685,54 @@ mod data_plane {
         let (c, _) = nodes[1].client(carol).await;
         exchange(&c, alice, &retrying.0, "hello alice").await;
         exchange(&c, bob, &b, "hello bob").await;
+    }
+
+    /// Three connections to `addr` from 127.0.0.40, one after another.
+    async fn three_from_one_address(addr: &str) -> Vec<Raw> {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(Raw::over(connect_from(40, addr).await));
+        }
+        out
+    }
+
+    /// A gateway forwards many users' sessions from one address: the
+    /// owner's per-source budget (here two new connections a second) does
+    /// not count them as one client, while a client connecting straight to
+    /// the owner still meets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateway_is_not_one_source_to_its_owners_admission_limits() {
+        let Some(etcd) = Etcd::start() else { return };
+        let extra = [
+            ("COURIER_CLUSTER_INITIAL_NODES", "2"),
+            ("COURIER_LIMITS_NEW_CONNECTIONS_PER_SOURCE_PER_SEC", "2"),
+        ];
+        let g1 = start_node("gold", "g1", &etcd, &extra);
+        let g2 = start_node("gold", "g2", &etcd, &extra);
+        for (node, peer) in [(&g1, "g2"), (&g2, "g1")] {
+            wait_status(node, "serving and linked", |s| {
+                all_serving(s, &["g1", "g2"]) && link_state(s, peer) == "up"
+            })
+            .await;
+        }
+        let map = shards(&g1).await;
+        let mut user = 0;
+        let mut held = Vec::new();
+        for source in 20..26 {
+            user = user_on(&map, "g1", user + 1);
+            // Each from its own address, so g2's own budget is not the one tested.
+            held.push(Raw::welcomed_from(&g2, user, source).await);
+        }
+        assert_eq!(g2.metric("courier_cluster_forwarded_sessions").await, 6);
+        let rate_refused = r#"courier_connections_refused_total{reason="source_rate"}"#;
+        assert_eq!(
+            g1.metric(rate_refused).await,
+            0,
+            "no forwarded session refused"
+        );
+        // Three straight from one address within a second: one is refused.
+        let _direct: Vec<Raw> = three_from_one_address(&g1.addr).await;
+        g1.wait_for_metric(rate_refused, 1).await;
+        assert_eq!(g1.metric(rate_refused).await, 1);
     }
 }

@@ -30,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,7 +93,9 @@ pub enum LinkError {
 
 /// What a node does with what its peers send it.
 pub trait Handler: Send + Sync + 'static {
-    /// A request from node `from`; the answer goes back to it.
+    /// A request from node `from`; the answer goes back to it. Called in
+    /// the order the requests arrive on the link, and what it does before
+    /// returning the future keeps that order; the futures run concurrently.
     fn request(
         &self,
         from: &str,
@@ -114,6 +117,8 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, LinkError>>>>;
 /// only as long as their deadline.
 pub struct Peer {
     pub peer_id: String,
+    /// The peer node's address on its current (or last) connection.
+    remote_ip: Mutex<Option<IpAddr>>,
     /// The current connection's queue (`None` while disconnected).
     queue: watch::Receiver<Option<mpsc::Sender<Frame>>>,
     pending: Arc<Pending>,
@@ -124,6 +129,7 @@ impl Peer {
     fn new(peer_id: String, queue: watch::Receiver<Option<mpsc::Sender<Frame>>>) -> Arc<Peer> {
         Arc::new(Peer {
             peer_id,
+            remote_ip: Mutex::new(None),
             queue,
             pending: Arc::new(Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(1),
@@ -165,6 +171,45 @@ impl Peer {
         }
     }
 
+    /// Queues a request now, without waiting (so requests go out in the
+    /// order of these calls): `Overloaded` when the link's queue is full,
+    /// `Unavailable` without a connection. The future is its answer, at
+    /// most `deadline` away.
+    pub fn start_request(
+        &self,
+        body: Bytes,
+        deadline: Duration,
+    ) -> Result<impl Future<Output = Result<Bytes, LinkError>> + Send + 'static, LinkError> {
+        let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("not poisoned").insert(id, tx);
+        let pending = self.pending.clone();
+        let forget = move || drop(pending.lock().expect("not poisoned").remove(&id));
+        let frame = Frame {
+            kind: kind::REQUEST,
+            id,
+            body,
+        };
+        if let Err(e) = queue.try_send(frame) {
+            forget();
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => LinkError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => LinkError::Unavailable,
+            });
+        }
+        Ok(async move {
+            match tokio::time::timeout(deadline, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(LinkError::Unavailable),
+                Err(_) => {
+                    forget();
+                    Err(LinkError::Timeout)
+                }
+            }
+        })
+    }
+
     /// Queues a one-way message without waiting: `Overloaded` when the
     /// queue is full, `Unavailable` when there is no connection.
     pub fn tell(&self, body: Bytes) -> Result<(), LinkError> {
@@ -184,6 +229,15 @@ impl Peer {
     pub fn connected(&self) -> bool {
         self.queue.borrow().is_some()
     }
+
+    /// The peer node's address on its current (or last) connection.
+    pub fn remote_ip(&self) -> Option<IpAddr> {
+        *self.remote_ip.lock().expect("not poisoned")
+    }
+
+    fn connected_from(&self, stream: &TcpStream) {
+        *self.remote_ip.lock().expect("not poisoned") = stream.peer_addr().ok().map(|a| a.ip());
+    }
 }
 
 /// Dials `addr` (node `peer_id`) and keeps the link up until `stop`:
@@ -198,6 +252,7 @@ pub fn dial(
     let (queue_tx, queue) = watch::channel(None);
     let peer = Peer::new(peer_id.clone(), queue);
     let pending = peer.pending.clone();
+    let this = peer.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         // A failure is logged when it differs from the one before (a
@@ -221,6 +276,7 @@ pub fn dial(
             .await;
             match connected {
                 Ok(stream) => {
+                    this.connected_from(&stream);
                     backoff = Duration::from_millis(50);
                     last_error.clear();
                     info!(peer = %peer_id, %addr, "link up");
@@ -290,6 +346,7 @@ pub async fn accept(
             };
             let (queue_tx, queue) = watch::channel(None);
             let peer = Peer::new(peer_id.clone(), queue);
+            peer.connected_from(&stream);
             peers
                 .lock()
                 .expect("not poisoned")
@@ -349,9 +406,13 @@ async fn serve(
             };
             match frame.kind {
                 kind::REQUEST => {
-                    let (handler, tx, from) = (handler.clone(), tx.clone(), peer_id.to_owned());
+                    // Called here, in the order requests arrive: what the
+                    // handler does before returning its future keeps that
+                    // order (the owner queues a send on its shard there).
+                    let answering = handler.request(peer_id, frame.body);
+                    let tx = tx.clone();
                     tokio::spawn(async move {
-                        let answer = handler.request(&from, frame.body).await;
+                        let answer = answering.await;
                         let (kind, body) = match answer {
                             Ok(body) => (kind::RESPONSE, body),
                             Err(why) => (kind::FAILURE, Bytes::from(why.into_bytes())),

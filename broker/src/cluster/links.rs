@@ -103,6 +103,18 @@ impl Links {
         links
     }
 
+    /// Whether `ip` is the address of a node this one has (or had) an
+    /// authenticated link with: the source of the sessions it forwards.
+    pub fn is_node_address(&self, ip: std::net::IpAddr) -> bool {
+        let dialed = self.dialed.lock().expect("not poisoned");
+        let accepted = self.accepted.lock().expect("not poisoned");
+        dialed
+            .values()
+            .map(|d| &d.peer)
+            .chain(accepted.values())
+            .any(|p| p.remote_ip() == Some(ip))
+    }
+
     /// The link to node `id`, if there is one (dialed or accepted).
     pub fn peer(&self, id: &str) -> Option<Arc<Peer>> {
         if let Some(d) = self.dialed.lock().expect("not poisoned").get(id) {

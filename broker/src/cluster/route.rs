@@ -151,10 +151,24 @@ impl Router {
         }
         .encode();
         let (id, done) = (s.client_msg_id, s.done);
+        // Queued on the link here, in the order of the calls (a session's
+        // sends, a shard's receipts): the link keeps it, and the owner
+        // queues each on its shard as it arrives.
+        let answer = match peer.start_request(body, REMOTE_DEADLINE) {
+            Ok(answer) => answer,
+            Err(e) => {
+                debug!(peer = %peer.peer_id, error = %e, "remote send not queued");
+                self.metrics()
+                    .unavailable
+                    .with_label_values(&["send"])
+                    .inc();
+                return self.complete(done, unavailable(id), false);
+            }
+        };
         let node = self.node.clone();
         let cluster = self.cluster.clone();
         self.runtime.spawn(async move {
-            let answer = peer.request(body, REMOTE_DEADLINE).await;
+            let answer = answer.await;
             let (result, stored) = match answer {
                 Ok(bytes) => match SendAnswer::decode(bytes, id) {
                     Ok(SendAnswer::Outcome { result, stored }) => (result, stored),
@@ -246,31 +260,56 @@ impl Handler for Owner {
         _from: &str,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>> {
-        let node = self.node.clone();
-        Box::pin(async move {
-            let node = node.upgrade().ok_or("the node is stopping")?;
-            match body.first() {
-                Some(&wire::SEND) => {
-                    let s = RemoteSend::decode(body).map_err(|e| format!("bad send: {e}"))?;
-                    Ok(serve_send(&node, s).await.encode())
+        let Some(node) = self.node.upgrade() else {
+            return Box::pin(async { Err("the node is stopping".into()) });
+        };
+        match body.first() {
+            Some(&wire::SEND) => match RemoteSend::decode(body) {
+                // Queued on the shard now, in arrival order.
+                Ok(s) => {
+                    let answer = serve_send(&node, s);
+                    Box::pin(async move { Ok(answer.await.encode()) })
                 }
-                Some(op) => Err(format!("unknown request {op}")),
-                None => Err("empty request".into()),
-            }
-        })
+                Err(e) => Box::pin(async move { Err(format!("bad send: {e}")) }),
+            },
+            Some(&op) => Box::pin(async move { Err(format!("unknown request {op}")) }),
+            None => Box::pin(async { Err("empty request".into()) }),
+        }
     }
 
     fn message(&self, _from: &str, _body: Bytes) {}
 }
 
-/// Writes a send from another node if this node owns its shard at the
-/// epoch it was routed by.
-async fn serve_send(node: &Node, s: RemoteSend) -> SendAnswer {
+/// Queues a send from another node on its shard now (so sends keep the
+/// order they arrived in) if this node owns its shard at the epoch it was
+/// routed by; the future is the answer.
+fn serve_send(node: &Node, s: RemoteSend) -> impl Future<Output = SendAnswer> + Send + 'static {
+    let queued = queue_send(node, s);
+    async move {
+        match queued {
+            Ok((id, rx)) => match rx.await {
+                Ok((result, stored)) => SendAnswer::Outcome { result, stored },
+                Err(_) => SendAnswer::Outcome {
+                    result: unavailable(id),
+                    stored: false,
+                },
+            },
+            Err(answer) => answer,
+        }
+    }
+}
+
+/// The send's id and where its outcome will come, or the answer at once.
+#[allow(clippy::type_complexity)]
+fn queue_send(
+    node: &Node,
+    s: RemoteSend,
+) -> Result<(u64, oneshot::Receiver<(SendResult, bool)>), SendAnswer> {
     let Some(cluster) = node.cluster.get() else {
-        return SendAnswer::NotOwner {
+        return Err(SendAnswer::NotOwner {
             owner: String::new(),
             epoch: 0,
-        };
+        });
     };
     let view = cluster.view();
     let owner = view.owners.get(s.shard as usize).cloned().flatten();
@@ -279,18 +318,17 @@ async fn serve_send(node: &Node, s: RemoteSend) -> SendAnswer {
         .is_some_and(|o| o.node == cluster.node_id() && o.epoch == s.epoch)
         && view.shard_of(s.recipient) == Some(s.shard);
     if !ours {
-        return SendAnswer::NotOwner {
+        return Err(SendAnswer::NotOwner {
             owner: owner.as_ref().map(|o| o.node.clone()).unwrap_or_default(),
             epoch: owner.map_or(0, |o| o.epoch),
-        };
+        });
     }
     let id = s.client_msg_id;
-    let refused = |code| SendAnswer::Outcome {
-        result: failed(id, code),
-        stored: false,
-    };
     if node.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
-        return refused(ErrorCode::STORAGE_FULL);
+        return Err(SendAnswer::Outcome {
+            result: failed(id, ErrorCode::STORAGE_FULL),
+            stored: false,
+        });
     }
     let (tx, rx) = oneshot::channel();
     let cmd = ShardCmd::Send(SendCmd {
@@ -305,17 +343,9 @@ async fn serve_send(node: &Node, s: RemoteSend) -> SendAnswer {
         done: Completion::Remote(tx),
         accepted: Instant::now(),
     });
-    if !node.shards.send_here(s.recipient, cmd).await {
-        return SendAnswer::Outcome {
-            result: unavailable(id),
-            stored: false,
-        };
-    }
-    match rx.await {
-        Ok((result, stored)) => SendAnswer::Outcome { result, stored },
-        Err(_) => SendAnswer::Outcome {
-            result: unavailable(id),
-            stored: false,
-        },
-    }
+    // The shard's unbounded peer queue, as for another shard's commands:
+    // queued without waiting, so in arrival order; bounded in practice by
+    // the senders' in-flight permits and outbox rows at the other node.
+    node.shards.send_peer(s.recipient, cmd);
+    Ok((id, rx))
 }

@@ -169,6 +169,13 @@ impl Shards {
         }
     }
 
+    /// Queues `cmd` on this node's shard for `key` through its unbounded
+    /// peer queue, without waiting (for commands from another node, whose
+    /// order must be kept and whose number the other node bounds).
+    pub fn send_peer(&self, key: u64, cmd: ShardCmd) {
+        self.peers[shard_of(key, self.peers.len())].send(cmd);
+    }
+
     /// Routes commands for ids that other cluster nodes own through
     /// `remote` from now on (set once, when the node joins its cluster).
     pub fn set_remote(&self, remote: Arc<dyn Remote>) {
@@ -178,9 +185,7 @@ impl Shards {
     /// Completes a send whose outcome came back from another node, as the
     /// shard that wrote it would have.
     pub fn complete(&self, done: Completion, result: SendResult, stored: bool) {
-        complete(done, result, stored, |key, cmd| {
-            self.peers[shard_of(key, self.peers.len())].send(cmd)
-        });
+        complete(done, result, stored, |key, cmd| self.send_peer(key, cmd));
     }
 
     /// Stops every shard after what is already queued, and waits for them.
