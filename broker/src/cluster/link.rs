@@ -113,6 +113,45 @@ struct Frame {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, LinkError>>>>;
 
+/// A request sent (or about to be): where its answer will come.
+struct PendingAnswer {
+    id: u64,
+    rx: oneshot::Receiver<Result<Bytes, LinkError>>,
+    pending: Arc<Pending>,
+    deadline: Duration,
+}
+
+impl PendingAnswer {
+    fn forget(&self) {
+        drop(self.pending.lock().expect("not poisoned").remove(&self.id));
+    }
+
+    /// The request was not sent: its entry goes, the error is the answer.
+    fn abandon<T>(self, e: LinkError) -> Result<T, LinkError> {
+        self.forget();
+        Err(e)
+    }
+
+    /// Waits for the answer, at most the deadline.
+    async fn wait(self) -> Result<Bytes, LinkError> {
+        let PendingAnswer {
+            id,
+            rx,
+            pending,
+            deadline,
+        } = self;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            // The connection went and took the pending map's entry with it.
+            Ok(Err(_)) => Err(LinkError::Unavailable),
+            Err(_) => {
+                drop(pending.lock().expect("not poisoned").remove(&id));
+                Err(LinkError::Timeout)
+            }
+        }
+    }
+}
+
 /// One end of the link to one peer node. Requests wait for a connection
 /// only as long as their deadline.
 pub struct Peer {
@@ -139,35 +178,11 @@ impl Peer {
     /// Sends a request and waits for its answer, at most `deadline`.
     pub async fn request(&self, body: Bytes, deadline: Duration) -> Result<Bytes, LinkError> {
         let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("not poisoned").insert(id, tx);
-        let forget = |pending: &Pending| drop(pending.lock().expect("not poisoned").remove(&id));
-        let frame = Frame {
-            kind: kind::REQUEST,
-            id,
-            body,
-        };
-        let sent = tokio::time::timeout(deadline, queue.send(frame)).await;
-        match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                forget(&self.pending);
-                return Err(LinkError::Unavailable);
-            }
-            Err(_) => {
-                forget(&self.pending);
-                return Err(LinkError::Overloaded);
-            }
-        }
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(answer)) => answer,
-            // The connection went and took the pending map's entry with it.
-            Ok(Err(_)) => Err(LinkError::Unavailable),
-            Err(_) => {
-                forget(&self.pending);
-                Err(LinkError::Timeout)
-            }
+        let (frame, answer) = self.pending_request(body, deadline);
+        match tokio::time::timeout(deadline, queue.send(frame)).await {
+            Ok(Ok(())) => answer.wait().await,
+            Ok(Err(_)) => answer.abandon(LinkError::Unavailable),
+            Err(_) => answer.abandon(LinkError::Overloaded),
         }
     }
 
@@ -181,33 +196,32 @@ impl Peer {
         deadline: Duration,
     ) -> Result<impl Future<Output = Result<Bytes, LinkError>> + Send + 'static, LinkError> {
         let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
+        let (frame, answer) = self.pending_request(body, deadline);
+        match queue.try_send(frame) {
+            Ok(()) => Ok(answer.wait()),
+            Err(mpsc::error::TrySendError::Full(_)) => answer.abandon(LinkError::Overloaded),
+            Err(mpsc::error::TrySendError::Closed(_)) => answer.abandon(LinkError::Unavailable),
+        }
+    }
+
+    /// A request's frame, and its entry in the pending map that the answer
+    /// will complete.
+    fn pending_request(&self, body: Bytes, deadline: Duration) -> (Frame, PendingAnswer) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("not poisoned").insert(id, tx);
-        let pending = self.pending.clone();
-        let forget = move || drop(pending.lock().expect("not poisoned").remove(&id));
         let frame = Frame {
             kind: kind::REQUEST,
             id,
             body,
         };
-        if let Err(e) = queue.try_send(frame) {
-            forget();
-            return Err(match e {
-                mpsc::error::TrySendError::Full(_) => LinkError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => LinkError::Unavailable,
-            });
-        }
-        Ok(async move {
-            match tokio::time::timeout(deadline, rx).await {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => Err(LinkError::Unavailable),
-                Err(_) => {
-                    forget();
-                    Err(LinkError::Timeout)
-                }
-            }
-        })
+        let answer = PendingAnswer {
+            id,
+            rx,
+            pending: self.pending.clone(),
+            deadline,
+        };
+        (frame, answer)
     }
 
     /// Queues a one-way message without waiting: `Overloaded` when the
