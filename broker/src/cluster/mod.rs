@@ -239,13 +239,7 @@ impl Cluster {
     /// current map; true before the map exists, when every node serves
     /// from its own store.
     pub fn owns(&self, id: u64) -> bool {
-        let view = self.view();
-        match view.shard_of(id) {
-            None => true,
-            Some(s) => view.owners[s as usize]
-                .as_ref()
-                .is_some_and(|o| o.node == self.settings.node_id),
-        }
+        self.view().holds(&self.settings.node_id, id)
     }
 
     pub fn is_controller(&self) -> bool {

@@ -33,7 +33,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::link::Handler;
-use super::view::View;
+use super::view;
 use super::wire::{self, RemoteSend, SendAnswer};
 use super::Cluster;
 use crate::error::BrokerError;
@@ -127,8 +127,7 @@ impl Router {
     }
 
     /// Sends `s` to `owner` (shard `shard`) and completes it from the answer.
-    fn forward(&self, view: &View, shard: u32, s: SendCmd) {
-        let owner = view.owners[shard as usize].as_ref();
+    fn forward(&self, shard: u32, owner: Option<&view::Owner>, s: SendCmd) {
         let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
         let (Some(owner), Some(peer)) = (owner, peer.filter(|p| p.connected())) else {
             self.metrics()
@@ -214,13 +213,10 @@ impl Router {
 impl Remote for Router {
     fn divert(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd> {
         let view = self.cluster.view();
-        // Before the map exists every node serves from its own store.
-        let shard = view.shard_of(key)?;
-        if let Some(o) = &view.owners[shard as usize] {
-            if o.node == self.cluster.node_id() {
-                return Some(cmd);
-            }
+        if view.holds(self.cluster.node_id(), key) {
+            return Some(cmd);
         }
+        let (shard, owner) = view.owner_of(key)?;
         let across = || {
             BrokerError::refused(
                 ErrorCode::DESTINATION_UNSUPPORTED,
@@ -228,7 +224,7 @@ impl Remote for Router {
             )
         };
         match cmd {
-            ShardCmd::Send(s) => self.forward(&view, shard, s),
+            ShardCmd::Send(s) => self.forward(shard, owner, s),
             ShardCmd::GroupSend(g) => g
                 .reply
                 .send(failed(g.client_msg_id, ErrorCode::DESTINATION_UNSUPPORTED)),

@@ -156,6 +156,20 @@ impl View {
         (count > 0).then(|| crate::shard::route::shard_of(id, count) as u32)
     }
 
+    /// The shard of `id` and its owner (`None` while being assigned);
+    /// `None` before the map exists.
+    pub fn owner_of(&self, id: u64) -> Option<(u32, Option<&Owner>)> {
+        let shard = self.shard_of(id)?;
+        Some((shard, self.owners[shard as usize].as_ref()))
+    }
+
+    /// Whether `node` holds `id` (a user or group): it owns its shard, or
+    /// the map does not exist yet (every node serves from its own store).
+    pub fn holds(&self, node: &str, id: u64) -> bool {
+        self.owner_of(id)
+            .is_none_or(|(_, o)| o.is_some_and(|o| o.node == node))
+    }
+
     /// Shards owned by `node`.
     pub fn owned_by(&self, node: &str) -> usize {
         self.owners

@@ -119,14 +119,12 @@ pub(crate) async fn start<R: NetRead>(
 /// its id and client address, or why it cannot be reached.
 fn owner_elsewhere(node: &Node, user: u64) -> Option<Result<(String, String), String>> {
     let cluster = node.cluster.get()?;
-    if cluster.owns(user) {
+    let view = cluster.view();
+    if view.holds(cluster.node_id(), user) {
         return None;
     }
-    let view = cluster.view();
-    let owner = view
-        .shard_of(user)
-        .and_then(|s| view.owners[s as usize].clone());
-    Some(match owner {
+    let (_, owner) = view.owner_of(user)?;
+    Some(match owner.cloned() {
         None => Err("the user's shard has no owner yet".into()),
         Some(o) => match view.nodes.get(&o.node) {
             Some(record) => Ok((o.node, record.advertise.clone())),
