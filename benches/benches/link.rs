@@ -47,6 +47,7 @@ fn settings(id: &str) -> LinkSettings {
         secret: Arc::from(&b"a bench secret of thirty-two bytes"[..]),
         queue_len: 4096,
         max_frame: 1 << 20,
+        silence: std::time::Duration::from_secs(5),
     }
 }
 

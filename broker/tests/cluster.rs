@@ -687,6 +687,103 @@ mod data_plane {
         exchange(&c, bob, &b, "hello bob").await;
     }
 
+    /// A client pipelines sends to a user whose node dies in the middle
+    /// and comes back: the sends refused meanwhile (`SHARD_UNAVAILABLE`)
+    /// are retried by the client library, each on its own timer, with
+    /// their ids; the node holds a conversation's later sends until its
+    /// oldest refused one is back, so the recipient gets every message
+    /// once, in the order sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_sends_keep_their_order_through_the_recipients_node_dying() {
+        use futures_util::stream::{FuturesOrdered, StreamExt};
+        use std::task::Poll;
+        const SENDS: u64 = 600;
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["o1", "o2", "o3"];
+        let mut nodes = three_nodes("olive", ids, &etcd);
+        for (node, id) in nodes.iter().zip(ids) {
+            wait_status(node, "serving, linked to the other two", |s| {
+                all_serving(s, &ids)
+                    && ids
+                        .iter()
+                        .filter(|p| **p != id)
+                        .all(|p| link_state(s, p) == "up")
+            })
+            .await;
+        }
+        let map = shards(&nodes[0]).await;
+        let alice = user_on(&map, "o1", 100);
+        let bob = user_on(&map, "o3", 100);
+        let a = std::sync::Arc::new(nodes[0].client(alice).await.0);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sender = {
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                let mut inflight = FuturesOrdered::new();
+                let mut results = Vec::new();
+                for id in 1..=SENDS {
+                    let a = a.clone();
+                    let acked = acked.clone();
+                    inflight.push_back(async move {
+                        let r = a
+                            .send_with_id(id, Destination::User(bob), MessageKind::Chat, chat("o"))
+                            .await;
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        (id, r.map(|_| ()))
+                    });
+                    // Polled now, so each send leaves in the order made.
+                    if let Poll::Ready(Some(done)) = futures_util::poll!(inflight.next()) {
+                        results.push(done);
+                    }
+                    while inflight.len() >= 16 {
+                        results.push(inflight.next().await.unwrap());
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                while let Some(done) = inflight.next().await {
+                    results.push(done);
+                }
+                results
+            })
+        };
+        // Bob's node dies with sends on their way, and stays away a while.
+        let t = Instant::now();
+        while acked.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+            assert!(t.elapsed() < WAIT, "the first sends were acknowledged");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        nodes[2].kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        nodes[2].restart();
+        let results = tokio::time::timeout(Duration::from_secs(60), sender)
+            .await
+            .expect("every send ends")
+            .unwrap();
+        for (id, r) in &results {
+            assert!(r.is_ok(), "send {id}: {r:?}");
+        }
+        let held = r#"courier_cluster_unavailable_total{what="held"}"#;
+        let refused = r#"courier_cluster_unavailable_total{what="send"}"#;
+        assert!(
+            nodes[0].metric(refused).await >= 1,
+            "some sends were refused while Bob's node was away"
+        );
+        let (b, _) = nodes[1].client(bob).await;
+        for want in 1..=SENDS {
+            let got = b.next_timeout(WAIT).await.expect("every message arrives");
+            assert_eq!(
+                got.message.client_msg_id,
+                want,
+                "in the order sent, each once ({} later sends held back)",
+                nodes[0].metric(held).await
+            );
+        }
+        assert!(
+            b.next_timeout(Duration::from_millis(300)).await.is_err(),
+            "nothing twice"
+        );
+    }
+
     /// Three connections to `addr` from 127.0.0.40, one after another.
     async fn three_from_one_address(addr: &str) -> Vec<Raw> {
         let mut out = Vec::new();

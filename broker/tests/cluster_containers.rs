@@ -91,6 +91,7 @@ impl Deployment {
             ("courier", format!("courier:{tag}")),
             ("etcd", format!("courier-etcd:{tag}")),
             ("haproxy", format!("courier-haproxy:{tag}")),
+            ("prometheus", format!("courier-prometheus:{tag}")),
         ] {
             let mut cmd = Command::new(&build);
             cmd.arg(what).env("IMAGE", &image);
@@ -104,6 +105,8 @@ impl Deployment {
             ("COURIER_IMAGE", format!("courier:{tag}")),
             ("ETCD_IMAGE", format!("courier-etcd:{tag}")),
             ("HAPROXY_IMAGE", format!("courier-haproxy:{tag}")),
+            ("PROMETHEUS_IMAGE", format!("courier-prometheus:{tag}")),
+            ("PROMETHEUS_PUBLISH", "127.0.0.1:".into()),
             ("COURIER_SECRET_FILE", secret.display().to_string()),
             // Any free host port for the load balancer.
             ("CLIENTS_PUBLISH", "127.0.0.1:".into()),
@@ -123,7 +126,7 @@ impl Deployment {
         };
         let mut services = vec!["etcd-1", "etcd-2", "etcd-3"];
         services.extend(NODES);
-        services.push("haproxy");
+        services.extend(["haproxy", "prometheus"]);
         let mut args = vec!["up", "-d", "--no-build"];
         args.extend(services);
         d.compose(&args);
@@ -156,6 +159,29 @@ impl Deployment {
             &self.container(service),
         ]);
         ip.trim().to_owned()
+    }
+
+    /// HAProxy's published client port on this host.
+    fn clients_addr(&self) -> String {
+        let port = docker(&["port", &self.container("haproxy"), "7700"]);
+        port.lines().next().unwrap().trim().to_owned()
+    }
+
+    /// The answer of Prometheus's HTTP API at `path`, over the project's
+    /// network.
+    fn prometheus(&self, path: &str) -> Option<Value> {
+        let ip = self.ip("prometheus");
+        let mut s = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:9090").parse().ok()?,
+            Duration::from_secs(2),
+        )
+        .ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
     }
 
     fn admin_token(&self) -> String {
@@ -310,7 +336,8 @@ mod control_plane {
     use super::*;
 
     #[test]
-    fn a_three_node_cluster_in_containers_keeps_its_map_through_kills_cuts_and_etcd_outages() {
+    fn a_three_node_cluster_in_containers_keeps_its_map_and_every_acknowledged_message_through_kills_cuts_and_etcd_outages(
+    ) {
         if !docker_available() {
             return;
         }
@@ -331,8 +358,7 @@ mod control_plane {
         // HAProxy passes clients to the nodes in turn; each node forwards
         // a client whose user another node owns. Six users in a ring each
         // send to the next: every message arrives, across nodes.
-        let port = docker(&["port", &d.container("haproxy"), "7700"]);
-        let addr = port.lines().next().unwrap().trim().to_owned();
+        let addr = d.clients_addr();
         let users: Vec<u64> = (7..13).collect();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -399,92 +425,183 @@ mod control_plane {
             .sum();
         assert!(crossed >= 1, "some of the ring crossed nodes");
 
-        // SIGKILL a node: it is lost, its shards wait for it; it comes back.
-        let killed = "courier-2";
-        let its_shards = shards_of(&first, killed);
-        docker(&["kill", &d.container(killed)]);
-        let s = d.wait("courier-1", "courier-2 lost", |s| {
-            state_of(s, killed) == "lost"
-        });
-        assert_eq!(
-            shards_of(&s, killed),
-            its_shards,
-            "nobody takes a lost node's shards"
-        );
-        assert_eq!(s["shards_unavailable"].as_u64(), Some(its_shards));
-        assert!(s["controller"].as_str().is_some_and(|c| c != killed));
-        docker(&["start", &d.container(killed)]);
-        let s = d.wait("courier-1", "courier-2 back", |s| {
-            all_serving(s) && s["shards_unavailable"] == 0
-        });
-        assert_eq!(shards_of(&s, killed), its_shards);
+        // Load through HAProxy with nothing wrong: users on all nodes, the
+        // checker clean.
+        under_load(&d, "no fault", 2_000_000, || {});
 
-        // Cut a node off the network: the others see it lost; it keeps its
-        // own map meanwhile and says etcd is unreachable; reconnected, all
-        // serve again.
-        let cut = "courier-3";
-        let network = d.network();
-        docker(&["network", "disconnect", &network, &d.container(cut)]);
-        d.wait("courier-1", "courier-3 lost, its link down", |s| {
-            state_of(s, cut) == "lost" && link_state(s, cut) == "down"
-        });
-        docker(&[
-            "network",
-            "connect",
-            "--alias",
-            cut,
-            &network,
-            &d.container(cut),
-        ]);
-        for n in NODES {
-            d.wait(n, "all serving after the cut healed, links up", |s| {
-                all_serving(s)
-                    && s["shards_unavailable"] == 0
-                    && NODES
-                        .iter()
-                        .filter(|p| **p != n)
-                        .all(|p| link_state(s, p) == "up")
+        // SIGKILL a node under load: it is lost, its shards wait for it
+        // (its users get retryable errors), it comes back; nothing
+        // acknowledged is lost, duplicated or reordered.
+        under_load(&d, "a node killed and restarted", 3_000_000, || {
+            let killed = "courier-2";
+            let its_shards = shards_of(&first, killed);
+            docker(&["kill", &d.container(killed)]);
+            let s = d.wait("courier-1", "courier-2 lost", |s| {
+                state_of(s, killed) == "lost"
             });
-        }
-
-        // Kill the etcd leader: the other two members keep the quorum.
-        let leader = etcd_leader(&d);
-        docker(&["kill", &d.container(&leader)]);
-        for n in NODES {
-            d.wait(n, "serving with two etcd members", all_serving);
-        }
-        docker(&["start", &d.container(&leader)]);
-
-        // Stop all of etcd for a few seconds: nodes keep their map; then back.
-        let before = d.status("courier-1").unwrap();
-        docker(&[
-            "stop",
-            "-t",
-            "0",
-            &d.container("etcd-1"),
-            &d.container("etcd-2"),
-            &d.container("etcd-3"),
-        ]);
-        let during = d.wait("courier-1", "etcd seen unreachable", |s| s["etcd"] != "up");
-        assert_eq!(during["map"], "complete");
-        assert_eq!(
-            NODES.map(|n| shards_of(&during, n)),
-            NODES.map(|n| shards_of(&before, n)),
-            "the map is kept while etcd is away"
-        );
-        std::thread::sleep(Duration::from_secs(3));
-        docker(&[
-            "start",
-            &d.container("etcd-1"),
-            &d.container("etcd-2"),
-            &d.container("etcd-3"),
-        ]);
-        for n in NODES {
-            d.wait(n, "etcd back, all serving", |s| {
+            assert_eq!(
+                shards_of(&s, killed),
+                its_shards,
+                "nobody takes a lost node's shards"
+            );
+            assert_eq!(s["shards_unavailable"].as_u64(), Some(its_shards));
+            assert!(s["controller"].as_str().is_some_and(|c| c != killed));
+            docker(&["start", &d.container(killed)]);
+            let s = d.wait("courier-1", "courier-2 back", |s| {
                 all_serving(s) && s["shards_unavailable"] == 0
             });
+            assert_eq!(shards_of(&s, killed), its_shards);
+        });
+        let refused: u64 = NODES
+            .iter()
+            .map(|n| d.metric(n, "courier_cluster_unavailable_total", ""))
+            .sum();
+        assert!(refused >= 1, "sends or sessions were refused meanwhile");
+
+        // Cut a node off the network under load: the others see it lost;
+        // it keeps its own map meanwhile and says etcd is unreachable;
+        // reconnected, all serve again.
+        under_load(&d, "a node cut off and reconnected", 4_000_000, || {
+            let cut = "courier-3";
+            let network = d.network();
+            docker(&["network", "disconnect", &network, &d.container(cut)]);
+            d.wait("courier-1", "courier-3 lost, its link down", |s| {
+                state_of(s, cut) == "lost" && link_state(s, cut) == "down"
+            });
+            docker(&[
+                "network",
+                "connect",
+                "--alias",
+                cut,
+                &network,
+                &d.container(cut),
+            ]);
+            for n in NODES {
+                d.wait(n, "all serving after the cut healed, links up", |s| {
+                    all_serving(s)
+                        && s["shards_unavailable"] == 0
+                        && NODES
+                            .iter()
+                            .filter(|p| **p != n)
+                            .all(|p| link_state(s, p) == "up")
+                });
+            }
+        });
+
+        // Kill the etcd leader under load: the other two members keep the
+        // quorum.
+        under_load(&d, "the etcd leader killed", 5_000_000, || {
+            let leader = etcd_leader(&d);
+            docker(&["kill", &d.container(&leader)]);
+            for n in NODES {
+                d.wait(n, "serving with two etcd members", all_serving);
+            }
+            docker(&["start", &d.container(&leader)]);
+        });
+
+        // Stop all of etcd for a few seconds under load: nodes keep their
+        // map and serve; then etcd is back.
+        under_load(&d, "all of etcd stopped and started", 6_000_000, || {
+            let before = d.status("courier-1").unwrap();
+            docker(&[
+                "stop",
+                "-t",
+                "0",
+                &d.container("etcd-1"),
+                &d.container("etcd-2"),
+                &d.container("etcd-3"),
+            ]);
+            let during = d.wait("courier-1", "etcd seen unreachable", |s| s["etcd"] != "up");
+            assert_eq!(during["map"], "complete");
+            assert_eq!(
+                NODES.map(|n| shards_of(&during, n)),
+                NODES.map(|n| shards_of(&before, n)),
+                "the map is kept while etcd is away"
+            );
+            std::thread::sleep(Duration::from_secs(3));
+            docker(&[
+                "start",
+                &d.container("etcd-1"),
+                &d.container("etcd-2"),
+                &d.container("etcd-3"),
+            ]);
+            for n in NODES {
+                d.wait(n, "etcd back, all serving", |s| {
+                    all_serving(s) && s["shards_unavailable"] == 0
+                });
+            }
+        });
+
+        // Prometheus scrapes every node, and sees the sends cross.
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        loop {
+            let targets = d.prometheus("/api/v1/targets");
+            let up = targets.as_ref().map_or(0, |t| {
+                t["data"]["activeTargets"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|t| t["health"] == "up").count())
+            });
+            let crossed = d
+                .prometheus("/api/v1/query?query=sum(courier_cluster_remote_sends_total)")
+                .and_then(|v| {
+                    v["data"]["result"][0]["value"][1]
+                        .as_str()
+                        .and_then(|x| x.parse::<f64>().ok())
+                })
+                .unwrap_or(0.0);
+            if up == NODES.len() && crossed > 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus: {up} of 3 nodes up, {crossed} remote sends seen; targets {targets:#?}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
+}
+
+/// How long each load runs; faults start [`FAULT_AFTER`] into it.
+const LOAD_FOR: Duration = Duration::from_secs(15);
+const FAULT_AFTER: Duration = Duration::from_secs(2);
+
+/// Runs the load generator through HAProxy (one-to-one pairs whose users
+/// HAProxy spreads over the nodes, each user reconnecting, retrying with
+/// its ids and resuming when its session ends, as a phone does), injects
+/// `fault` a moment in, and requires the checker's verdict clean: every
+/// acknowledged message delivered, once, in its conversation's order.
+fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce()) {
+    let key = load_or_create_secret(&d.secret).unwrap();
+    let opts = courier_loadtest::Options {
+        users: 40,
+        first_user,
+        duration: LOAD_FOR,
+        rate: Some(200.0),
+        window: 4,
+        resilient: true,
+        ..courier_loadtest::Options::new(courier_loadtest::Target::Courier, d.clients_addr(), key)
+    };
+    let load = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(courier_loadtest::run(opts))
+    });
+    std::thread::sleep(FAULT_AFTER);
+    fault();
+    let report = load
+        .join()
+        .expect("the load's thread")
+        .unwrap_or_else(|e| panic!("{what}: the load did not run: {e:#}"));
+    println!("under load, {what}:\n{}", report.summary());
+    assert!(report.verdict.ok(), "{what}:\n{}", report.summary());
+    assert!(
+        report.acked >= 1000,
+        "{what}: the load ran:\n{}",
+        report.summary()
+    );
 }
 
 /// The Kubernetes manifests (`deploy/k8s/`) are valid against the

@@ -111,6 +111,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
         timeline: Vec::new(),
         verdict: Verdict::default(),
         reconnects: 0,
+        retried: 0,
         redelivered: 0,
         kills: 0,
         idle: Some(IdleReport {

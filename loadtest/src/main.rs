@@ -79,6 +79,11 @@ struct Args {
     /// restart it, and still require zero loss (needs --server-cmd).
     #[arg(long, requires = "server_cmd")]
     chaos_kill: Option<f64>,
+    /// Users reconnect (to the next address given), retry and resume when
+    /// a session ends, as under --chaos-kill: for runs against a cluster
+    /// whose nodes are killed or cut off from outside.
+    #[arg(long)]
+    resilient: bool,
     /// Start the server under test with this command (program and
     /// arguments, split on spaces; no shell) and stop it at the end. Its
     /// memory is sampled, and --chaos-kill restarts it.
@@ -215,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         group_sizes: a.group_size,
         reconnect_every: Duration::from_secs_f64(a.reconnect_every),
         chaos_kill: a.chaos_kill.map(Duration::from_secs_f64),
+        resilient: a.resilient,
         server,
         source_addrs,
         progress: true,

@@ -93,6 +93,10 @@ pub struct Options {
     /// `server` to be one this generator started); clients reconnect,
     /// retry and resume, and the checker must still find nothing lost.
     pub chaos_kill: Option<Duration>,
+    /// Users ride out faults injected from outside (a cluster's nodes
+    /// killed, cut off, restarted): each reconnects, retries and resumes
+    /// as under chaos kills, without planned drops.
+    pub resilient: bool,
     /// The server process, when known: its memory is sampled, and chaos
     /// kills restart it.
     pub server: Option<Arc<crate::server::ServerProcess>>,
@@ -133,6 +137,7 @@ impl Options {
             group_sizes: vec![(50, 1)],
             reconnect_every: Duration::from_secs(2),
             chaos_kill: None,
+            resilient: false,
             server: None,
             source_addrs: Vec::new(),
             progress: false,
@@ -156,7 +161,7 @@ impl Options {
     /// Whether users run as one resilient task each (reconnecting,
     /// retrying, resuming) rather than as a sender and a receiver.
     pub(crate) fn resilient(&self) -> bool {
-        self.scenario == Scenario::Reconnect || self.chaos_kill.is_some()
+        self.resilient || self.scenario == Scenario::Reconnect || self.chaos_kill.is_some()
     }
 
     /// The session configuration of simulated user number `i`: its token

@@ -35,6 +35,10 @@ pub struct Report {
     /// Sessions re-established (reconnect scenario, chaos kills).
     #[serde(default)]
     pub reconnects: u64,
+    /// Sends refused `SHARD_UNAVAILABLE` (their shard's node out of reach)
+    /// and sent again with the same id.
+    #[serde(default)]
+    pub retried: u64,
     /// Deliveries seen again after a resume and dropped by sequence, as a
     /// client does (not duplicates: the same stored message twice).
     #[serde(default)]
@@ -145,6 +149,7 @@ pub(crate) fn report(
         timeline,
         verdict,
         reconnects: shared.reconnects.load(Ordering::Relaxed),
+        retried: shared.retried.load(Ordering::Relaxed),
         redelivered: shared.redelivered.load(Ordering::Relaxed),
         kills: 0,
         idle: None,
@@ -222,10 +227,10 @@ impl Report {
         for e in &v.examples {
             s.push_str(&format!("  {e:?}\n"));
         }
-        if self.reconnects + self.kills + self.redelivered > 0 {
+        if self.reconnects + self.kills + self.redelivered + self.retried > 0 {
             s.push_str(&format!(
-                "resilience: {} reconnects, {} server kills, {} redeliveries after resume dropped by sequence\n",
-                self.reconnects, self.kills, self.redelivered
+                "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence\n",
+                self.reconnects, self.kills, self.retried, self.redelivered
             ));
         }
         if let Some(i) = &self.idle {

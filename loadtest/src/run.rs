@@ -283,6 +283,8 @@ async fn start_tasks(opts: &Options, plan: Plan) -> anyhow::Result<(Arc<Shared>,
     let shared = Arc::new(Shared::new(sending));
     let mut tasks: Vec<Pending> = Vec::new();
     let mut sender_index = 0;
+    let addrs: Arc<Vec<String>> =
+        Arc::new(opts.addr.split(',').map(|a| a.trim().to_owned()).collect());
     for (i, ((endpoint, inbox), my_routes)) in users.into_iter().zip(plan.routes).enumerate() {
         let me = opts.first_user + i as u64;
         let pacer = Pacer::new(opts, shared.start, sending, sender_index);
@@ -300,6 +302,7 @@ async fn start_tasks(opts: &Options, plan: Plan) -> anyhow::Result<(Arc<Shared>,
                     size: opts.size,
                     lifetime: (opts.scenario == Scenario::Reconnect)
                         .then_some(opts.reconnect_every),
+                    addrs: addrs.clone(),
                 };
                 tokio::spawn(user.run(shared.clone(), routes.clone()))
             }

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_client::{Client, ClientError};
+use courier_protocol::error::retry_after_ms;
+use courier_protocol::ErrorCode;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
@@ -42,6 +44,9 @@ pub(crate) struct User {
     pub size: usize,
     /// Reconnect scenario: each session lives this long on average.
     pub lifetime: Option<Duration>,
+    /// Every address the run was given (a cluster's nodes): a reconnect
+    /// that fails tries the next.
+    pub addrs: Arc<Vec<String>>,
 }
 
 /// A send not yet acknowledged: retried on the next session.
@@ -73,6 +78,8 @@ impl User {
             last_seq: HashMap::new(),
             sending: !self.routes.is_empty(),
             since_confirm: 0,
+            retry: Vec::new(),
+            retry_at: None,
         };
         // The set-up session resumed after everything already there.
         state.last_seq.insert(0, self.client.last_received_seq());
@@ -109,6 +116,11 @@ impl User {
         config.resume_after = Some(state.last_seq.get(&0).copied().unwrap_or(0));
         let mut backoff = Duration::from_millis(20);
         let give_up = self.pacer.end() + GIVE_UP_AFTER;
+        let mut next_addr = self
+            .addrs
+            .iter()
+            .position(|a| *a == config.addr)
+            .unwrap_or(0);
         loop {
             if shared.stopped() || Instant::now() > give_up {
                 return None;
@@ -120,7 +132,13 @@ impl User {
                     // again like any client would.
                     shared.error(format!("refused {code:?}"));
                 }
-                Err(_) => {}
+                // Down or out of reach: the next node may serve us.
+                Err(_) => {
+                    next_addr = (next_addr + 1) % self.addrs.len().max(1);
+                    if let Some(addr) = self.addrs.get(next_addr) {
+                        config.addr = addr.clone();
+                    }
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -151,6 +169,8 @@ impl User {
         for (&k, u) in &state.unacked {
             inflight.push(queue(k, u));
         }
+        state.retry.clear();
+        state.retry_at = None;
         let lifetime = self.lifetime.map(|m| {
             let jitter = state.numbering.rng.gen_range(0.5..1.5);
             tokio::time::Instant::now() + m.mul_f64(jitter)
@@ -164,7 +184,8 @@ impl User {
             if state.sending && next_at.is_none() && inflight.is_empty() {
                 state.done_sending(shared);
             }
-            let room = inflight.len() < self.window;
+            // Sends waiting to be retried hold their place in the window.
+            let room = inflight.len() + state.retry.len() < self.window;
             tokio::select! {
                 // A new message, when its time has come and there is room.
                 _ = tokio::time::sleep_until(next_at.unwrap_or_else(Instant::now).into()),
@@ -194,6 +215,17 @@ impl User {
                             );
                         }
                     }
+                    // Its shard's node is out of reach: sent again with its
+                    // id after the hint, with every other such send, oldest
+                    // first (the node holds a conversation's later sends
+                    // until the oldest refused one comes back).
+                    Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
+                        let hint = retry_after_ms(&message).unwrap_or(500).clamp(10, 5_000);
+                        state.retry.push(k);
+                        state.retry_at.get_or_insert(
+                            tokio::time::Instant::now() + Duration::from_millis(hint),
+                        );
+                    }
                     Err(e @ ClientError::Rejected(..)) => {
                         state.unacked.remove(&k);
                         shared.error(client_error(e));
@@ -201,6 +233,18 @@ impl User {
                     // The session is gone: retried on the next one.
                     Err(_) => return End::Lost,
                 },
+                _ = tokio::time::sleep_until(state.retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if state.retry_at.is_some() =>
+                {
+                    state.retry_at = None;
+                    state.retry.sort_unstable();
+                    for k in std::mem::take(&mut state.retry) {
+                        if let Some(u) = state.unacked.get(&k) {
+                            shared.retried.fetch_add(1, Ordering::Relaxed);
+                            inflight.push(queue(k, u));
+                        }
+                    }
+                }
                 d = c.next() => match d {
                     Some(d) => state.delivered(c, d, shared).await,
                     None => return End::Lost,
@@ -231,6 +275,9 @@ struct State {
     last_seq: HashMap<u64, u64>,
     sending: bool,
     since_confirm: u32,
+    /// Sends refused `SHARD_UNAVAILABLE`, to send again at `retry_at`.
+    retry: Vec<u64>,
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl State {

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     /// Receipt items (one message's delivered or read) senders received.
     pub receipts: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Sends refused `SHARD_UNAVAILABLE` and sent again with their id.
+    pub retried: AtomicU64,
     pub redelivered: AtomicU64,
     /// Nanoseconds from the start to the latest delivery.
     pub last_delivery_ns: AtomicU64,
@@ -68,6 +70,7 @@ impl Shared {
             delivered: AtomicU64::new(0),
             receipts: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),

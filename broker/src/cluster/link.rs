@@ -72,6 +72,12 @@ pub struct LinkSettings {
     pub queue_len: usize,
     /// Largest frame accepted.
     pub max_frame: u32,
+    /// Silence after which a connection is taken for dead and dropped (the
+    /// dialer then reconnects): both ends probe every second, so a live
+    /// connection carries a frame each way at least that often. Without
+    /// it, a connection whose peer vanished (cut off, frozen) would keep
+    /// taking requests until TCP gave up, minutes later.
+    pub silence: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +118,17 @@ struct Frame {
 }
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Bytes, LinkError>>>>;
+
+/// A connection's queue, and its number: every connection of this process
+/// gets a new one, so a request can tell whether the connection it went
+/// out on is still the current one (requests on a lost connection fail).
+#[derive(Clone)]
+struct Connection {
+    number: u64,
+    queue: mpsc::Sender<Frame>,
+}
+
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
 
 /// A request sent (or about to be): where its answer will come.
 struct PendingAnswer {
@@ -158,14 +175,14 @@ pub struct Peer {
     pub peer_id: String,
     /// The peer node's address on its current (or last) connection.
     remote_ip: Mutex<Option<IpAddr>>,
-    /// The current connection's queue (`None` while disconnected).
-    queue: watch::Receiver<Option<mpsc::Sender<Frame>>>,
+    /// The current connection (`None` while disconnected).
+    queue: watch::Receiver<Option<Connection>>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
 }
 
 impl Peer {
-    fn new(peer_id: String, queue: watch::Receiver<Option<mpsc::Sender<Frame>>>) -> Arc<Peer> {
+    fn new(peer_id: String, queue: watch::Receiver<Option<Connection>>) -> Arc<Peer> {
         Arc::new(Peer {
             peer_id,
             remote_ip: Mutex::new(None),
@@ -177,7 +194,7 @@ impl Peer {
 
     /// Sends a request and waits for its answer, at most `deadline`.
     pub async fn request(&self, body: Bytes, deadline: Duration) -> Result<Bytes, LinkError> {
-        let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
+        let queue = self.current()?.queue;
         let (frame, answer) = self.pending_request(body, deadline);
         match tokio::time::timeout(deadline, queue.send(frame)).await {
             Ok(Ok(())) => answer.wait().await,
@@ -188,17 +205,25 @@ impl Peer {
 
     /// Queues a request now, without waiting (so requests go out in the
     /// order of these calls): `Overloaded` when the link's queue is full,
-    /// `Unavailable` without a connection. The future is its answer, at
-    /// most `deadline` away.
+    /// `Unavailable` without a connection. Returns the number of the
+    /// connection it went out on (see [`Peer::connection`]) and a future of
+    /// its answer, at most `deadline` away.
+    #[allow(clippy::type_complexity)]
     pub fn start_request(
         &self,
         body: Bytes,
         deadline: Duration,
-    ) -> Result<impl Future<Output = Result<Bytes, LinkError>> + Send + 'static, LinkError> {
-        let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
+    ) -> Result<
+        (
+            u64,
+            impl Future<Output = Result<Bytes, LinkError>> + Send + 'static,
+        ),
+        LinkError,
+    > {
+        let Connection { number, queue } = self.current()?;
         let (frame, answer) = self.pending_request(body, deadline);
         match queue.try_send(frame) {
-            Ok(()) => Ok(answer.wait()),
+            Ok(()) => Ok((number, answer.wait())),
             Err(mpsc::error::TrySendError::Full(_)) => answer.abandon(LinkError::Overloaded),
             Err(mpsc::error::TrySendError::Closed(_)) => answer.abandon(LinkError::Unavailable),
         }
@@ -227,7 +252,7 @@ impl Peer {
     /// Queues a one-way message without waiting: `Overloaded` when the
     /// queue is full, `Unavailable` when there is no connection.
     pub fn tell(&self, body: Bytes) -> Result<(), LinkError> {
-        let queue = self.queue.borrow().clone().ok_or(LinkError::Unavailable)?;
+        let queue = self.current()?.queue;
         queue
             .try_send(Frame {
                 kind: kind::MESSAGE,
@@ -242,6 +267,34 @@ impl Peer {
 
     pub fn connected(&self) -> bool {
         self.queue.borrow().is_some()
+    }
+
+    /// The number of the current connection (`None` while disconnected).
+    /// A request that went out on another number will fail, if it has not
+    /// been answered already: its connection is gone.
+    pub fn connection(&self) -> Option<u64> {
+        self.queue.borrow().as_ref().map(|c| c.number)
+    }
+
+    /// Resolves when the current connection is gone: lost, dropped as
+    /// silent, or replaced (never, while there is none).
+    pub fn connection_lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut queue = self.queue.clone();
+        let now = self.connection();
+        async move {
+            if now.is_none()
+                || queue
+                    .wait_for(|c| c.as_ref().map(|c| c.number) != now)
+                    .await
+                    .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn current(&self) -> Result<Connection, LinkError> {
+        self.queue.borrow().clone().ok_or(LinkError::Unavailable)
     }
 
     /// The peer node's address on its current (or last) connection.
@@ -388,14 +441,17 @@ async fn serve(
     stream: TcpStream,
     settings: &LinkSettings,
     peer_id: &str,
-    queue_tx: &watch::Sender<Option<mpsc::Sender<Frame>>>,
+    queue_tx: &watch::Sender<Option<Connection>>,
     pending: &Arc<Pending>,
     handler: &Arc<dyn Handler>,
     stop: &CancellationToken,
 ) {
     let (mut read, mut write) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Frame>(settings.queue_len);
-    queue_tx.send_replace(Some(tx.clone()));
+    queue_tx.send_replace(Some(Connection {
+        number: CONNECTIONS.fetch_add(1, Ordering::Relaxed),
+        queue: tx.clone(),
+    }));
     let writer = async {
         let mut buf = BytesMut::new();
         while let Some(first) = rx.recv().await {
@@ -414,9 +470,18 @@ async fn serve(
     };
     let reader = async {
         loop {
-            let frame = match read_frame(&mut read, settings.max_frame).await {
-                Ok(f) => f,
-                Err(e) => return debug!(peer = %peer_id, error = %e, "link read ended"),
+            let frame = match tokio::time::timeout(
+                settings.silence,
+                read_frame(&mut read, settings.max_frame),
+            )
+            .await
+            {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return debug!(peer = %peer_id, error = %e, "link read ended"),
+                Err(_) => {
+                    return warn!(peer = %peer_id, silence = ?settings.silence,
+                        "link silent; dropping the connection")
+                }
             };
             match frame.kind {
                 kind::REQUEST => {
@@ -682,6 +747,7 @@ mod tests {
             secret: Arc::from(secret),
             queue_len: 64,
             max_frame: 1 << 20,
+            silence: Duration::from_secs(5),
         }
     }
 

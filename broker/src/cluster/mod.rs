@@ -26,6 +26,7 @@ pub mod keys;
 pub mod link;
 pub mod links;
 mod member;
+pub mod order;
 pub mod placement;
 pub mod route;
 pub mod view;
@@ -174,6 +175,7 @@ impl Cluster {
                 secret: links::link_key(&secret),
                 queue_len: 4096,
                 max_frame: config.limits.max_frame_len.saturating_mul(2),
+                silence: Duration::from_secs(5),
             },
             link_listener,
             data,

@@ -33,6 +33,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::link::Handler;
+use super::order;
 use super::view;
 use super::wire::{self, RemoteSend, SendAnswer};
 use super::Cluster;
@@ -83,7 +84,7 @@ impl PlaneMetrics {
         let unavailable = IntCounterVec::new(
             Opts::new(
                 "courier_cluster_unavailable_total",
-                "Sends and sessions refused with SHARD_UNAVAILABLE because their shard's owner was out of reach, by what.",
+                "Sends and sessions refused with SHARD_UNAVAILABLE, by what: send (the owner out of reach), held (an older send of the same conversation waits for its retry), session.",
             ),
             &["what"],
         )
@@ -93,6 +94,13 @@ impl PlaneMetrics {
             "Client connections this node forwards to their user's owner, open now.",
         )
         .expect("valid metric");
+        // Every series from the start, at zero.
+        for outcome in ["stored", "refused", "unavailable"] {
+            remote_sends.with_label_values(&[outcome]);
+        }
+        for what in ["send", "held", "session"] {
+            unavailable.with_label_values(&[what]);
+        }
         metrics.register(remote_sends.clone());
         metrics.register(unavailable.clone());
         metrics.register(forwarded_sessions.clone());
@@ -111,6 +119,8 @@ pub struct Router {
     /// The network runtime, where the requests wait for their answers
     /// (a divert may be called from a shard's own thread).
     runtime: tokio::runtime::Handle,
+    /// Each conversation's sends to other nodes, in the order sent.
+    lines: Arc<order::Lines>,
 }
 
 impl Router {
@@ -119,6 +129,7 @@ impl Router {
             cluster,
             node: Arc::downgrade(node),
             runtime: tokio::runtime::Handle::current(),
+            lines: Arc::default(),
         }
     }
 
@@ -127,63 +138,97 @@ impl Router {
     }
 
     /// Sends `s` to `owner` (shard `shard`) and completes it from the answer.
+    /// A client's send keeps its place in its conversation's line (see
+    /// [`order`]): refused while an older send of the same conversation
+    /// waits for its retry.
     fn forward(&self, shard: u32, owner: Option<&view::Owner>, s: SendCmd) {
         let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
-        let (Some(owner), Some(peer)) = (owner, peer.filter(|p| p.connected())) else {
-            self.metrics()
-                .unavailable
-                .with_label_values(&["send"])
-                .inc();
-            return self.complete(s.done, unavailable(s.client_msg_id), false);
-        };
-        let body = RemoteSend {
-            shard,
-            epoch: owner.epoch,
+        let line = matches!(s.done, Completion::Reply(_)).then_some(order::Key {
             sender: s.sender,
-            sender_device: s.sender_device,
+            device: s.sender_device,
             recipient: s.recipient,
-            client_msg_id: s.client_msg_id,
-            scope: s.scope,
-            kind: s.kind,
-            destination: s.destination,
-            payload: s.payload,
-        }
-        .encode();
+        });
         let (id, done) = (s.client_msg_id, s.done);
+        let body = owner.map(|owner| {
+            RemoteSend {
+                shard,
+                epoch: owner.epoch,
+                sender: s.sender,
+                sender_device: s.sender_device,
+                recipient: s.recipient,
+                client_msg_id: id,
+                scope: s.scope,
+                kind: s.kind,
+                destination: s.destination,
+                payload: s.payload,
+            }
+            .encode()
+        });
         // Queued on the link here, in the order of the calls (a session's
         // sends, a shard's receipts): the link keeps it, and the owner
         // queues each on its shard as it arrives.
-        let answer = match peer.start_request(body, REMOTE_DEADLINE) {
-            Ok(answer) => answer,
-            Err(e) => {
-                debug!(peer = %peer.peer_id, error = %e, "remote send not queued");
-                self.metrics()
-                    .unavailable
-                    .with_label_values(&["send"])
-                    .inc();
+        let start = || {
+            let (Some(peer), Some(body)) = (&peer, body) else {
+                return Err(("send", "no link to the owner".to_string()));
+            };
+            peer.start_request(body, REMOTE_DEADLINE).map_err(|e| {
+                let why = format!("not queued on the link to {}: {e}", peer.peer_id);
+                ("send", why)
+            })
+        };
+        let started = match line {
+            None => start(),
+            Some(key) => {
+                let connection = peer.as_ref().and_then(|p| p.connection());
+                self.lines.with(key, |line| {
+                    if !line.admit(id, connection, Instant::now()) {
+                        return Err(match connection {
+                            None => ("send", "no connection to the owner".to_string()),
+                            Some(_) => (
+                                "held",
+                                "an older send of the conversation waits for its retry".into(),
+                            ),
+                        });
+                    }
+                    let started = start();
+                    match &started {
+                        Ok((number, _)) => line.went_out(id, *number),
+                        Err(_) => line.answered(id, true, Instant::now()),
+                    }
+                    started
+                })
+            }
+        };
+        let answer = match started {
+            Ok((_, answer)) => answer,
+            Err((what, why)) => {
+                debug!(why, "remote send refused as unavailable");
+                self.metrics().unavailable.with_label_values(&[what]).inc();
                 return self.complete(done, unavailable(id), false);
             }
         };
+        let peer_id = peer.map(|p| p.peer_id.clone()).unwrap_or_default();
         let node = self.node.clone();
         let cluster = self.cluster.clone();
+        let lines = self.lines.clone();
         self.runtime.spawn(async move {
             let answer = answer.await;
             let (result, stored) = match answer {
                 Ok(bytes) => match SendAnswer::decode(bytes, id) {
                     Ok(SendAnswer::Outcome { result, stored }) => (result, stored),
                     Ok(SendAnswer::NotOwner { owner, epoch }) => {
-                        debug!(peer = %peer.peer_id, %owner, epoch, "not the owner at our epoch");
+                        debug!(peer = %peer_id, %owner, epoch, "not the owner at our epoch");
                         (unavailable(id), false)
                     }
                     Err(e) => {
-                        debug!(peer = %peer.peer_id, error = %e, "unreadable answer");
+                        debug!(peer = %peer_id, error = %e, "unreadable answer");
                         (unavailable(id), false)
                     }
                 },
                 // Unavailable, overloaded, no answer in time, or failed
                 // there: the client retries with the same id.
                 Err(e) => {
-                    debug!(peer = %peer.peer_id, error = %e, "remote send failed");
+                    debug!(peer = %peer_id, error = %e, "remote send failed");
                     (unavailable(id), false)
                 }
             };
@@ -192,6 +237,10 @@ impl Router {
                 ErrorCode::SHARD_UNAVAILABLE => "unavailable",
                 _ => "refused",
             };
+            if let Some(key) = line {
+                let unavailable = result.code == ErrorCode::SHARD_UNAVAILABLE;
+                lines.with(key, |line| line.answered(id, unavailable, Instant::now()));
+            }
             cluster
                 .plane
                 .remote_sends

@@ -48,11 +48,13 @@ pub(crate) async fn run<R: NetRead, W: NetWrite>(
     mut wr: W,
     f: Forward,
 ) -> CloseReason {
-    let plane = &node
-        .cluster
-        .get()
-        .expect("forwarding needs a cluster")
-        .plane;
+    let cluster = node.cluster.get().expect("forwarding needs a cluster");
+    let plane = &cluster.plane;
+    // The owner's node is taken for gone when its link is: lost, or silent
+    // (cut off, frozen) for the link's silence bound. The forwarded
+    // connection could hang that long or longer (the owner's socket sees
+    // nothing of a cut), so it is closed then and the client reconnects.
+    let owner_lost = cluster.links.peer(&f.owner).map(|p| p.connection_lost());
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&f.to)).await {
         Ok(Ok(s)) => s,
         failed => {
@@ -76,12 +78,17 @@ pub(crate) async fn run<R: NetRead, W: NetWrite>(
     } else {
         drop(first);
         let owner_closed = CancellationToken::new();
+        let owner_gone = CancellationToken::new();
         // Owner to client.
         let down = async {
             let mut buf = BytesMut::new();
             loop {
                 buf.reserve(CHUNK);
-                match up_rd.read_buf(&mut buf).await {
+                let read = tokio::select! {
+                    r = up_rd.read_buf(&mut buf) => r,
+                    _ = owner_gone.cancelled() => break,
+                };
+                match read {
                     Ok(n) if n > 0 => {
                         if wr.write_all(buf.split()).await.is_err() {
                             break;
@@ -93,13 +100,25 @@ pub(crate) async fn run<R: NetRead, W: NetWrite>(
             wr.shutdown().await;
             owner_closed.cancel();
         };
+        let watch = async {
+            match owner_lost {
+                Some(lost) => lost.await,
+                None => std::future::pending().await,
+            }
+        };
         // Client to owner. Cancelling the read when the owner closed is
         // allowed: the connection closes.
         let up = async {
+            tokio::pin!(watch);
             loop {
                 let read = tokio::select! {
                     r = frames.rd.read_some(&mut frames.buf, CHUNK) => r,
                     _ = owner_closed.cancelled() => return CloseReason::Forwarded,
+                    () = &mut watch => {
+                        debug!(user = f.user, owner = %f.owner, "owner's link lost; closing");
+                        owner_gone.cancel();
+                        return CloseReason::Unavailable;
+                    }
                 };
                 match read {
                     Ok(0) => {
