@@ -784,6 +784,80 @@ mod data_plane {
         );
     }
 
+    /// A business's broadcast list holds customers on every node: each
+    /// consenting customer gets the message once, wherever their inbox is
+    /// (consent is read on the customer's own node), the one who has not
+    /// consented is skipped, and a retry reaches nobody twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broadcast_reaches_consenting_customers_on_every_node() {
+        use courier_protocol::{ContactsOp, ListOp};
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["b1", "b2", "b3"];
+        let nodes = three_nodes("birch", ids, &etcd);
+        for (node, id) in nodes.iter().zip(ids) {
+            wait_status(node, "serving, linked to the other two", |s| {
+                all_serving(s, &ids)
+                    && ids
+                        .iter()
+                        .filter(|p| **p != id)
+                        .all(|p| link_state(s, p) == "up")
+            })
+            .await;
+        }
+        let map = shards(&nodes[0]).await;
+        let shop = user_on(&map, "b1", 100);
+        // Two customers on each node; the last one has not consented.
+        let mut customers = Vec::new();
+        for owner in ids {
+            let first = user_on(&map, owner, 1000 + customers.len() as u64 * 1000);
+            customers.push(first);
+            customers.push(user_on(&map, owner, first + 1));
+        }
+        let mut clients = Vec::new();
+        for (i, &c) in customers.iter().enumerate() {
+            // Each through a gateway that is not necessarily its node.
+            let (client, _) = nodes[i % 3].client(c).await;
+            if i + 1 < customers.len() {
+                client.contacts(ContactsOp::Add, vec![shop]).await.unwrap();
+            }
+            clients.push(client);
+        }
+        let (s, _) = nodes[2].client(shop).await;
+        s.list(ListOp::Set, 7, customers.clone()).await.unwrap();
+        let ack = s
+            .broadcast_with_id(900, 7, MessageKind::Chat, chat("sale"))
+            .await
+            .unwrap();
+        assert_eq!((ack.delivered, ack.skipped, ack.duplicate), (5, 1, false));
+        for c in &clients[..5] {
+            let m = c.recv_timeout(WAIT).await.expect("the broadcast arrives");
+            assert_eq!(
+                (m.sender, m.destination, m.client_msg_id, m.payload.clone()),
+                (shop, Destination::List(7), 900, chat("sale"))
+            );
+        }
+        let again = s
+            .broadcast_with_id(900, 7, MessageKind::Chat, chat("sale"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.delivered, again.skipped, again.duplicate),
+            (5, 1, true)
+        );
+        for c in &clients {
+            assert!(
+                c.recv_timeout(Duration::from_millis(300)).await.is_err(),
+                "nothing twice, nothing without consent"
+            );
+        }
+        // Of b1's copies for the four customers on other nodes: three
+        // stored (and found stored again by the retry), one without consent.
+        let crossed = r#"courier_cluster_remote_sends_total{outcome="stored"}"#;
+        let refused = r#"courier_cluster_remote_sends_total{outcome="refused"}"#;
+        assert_eq!(nodes[0].metric(crossed).await, 6);
+        assert_eq!(nodes[0].metric(refused).await, 2);
+    }
+
     /// Three connections to `addr` from 127.0.0.40, one after another.
     async fn three_from_one_address(addr: &str) -> Vec<Raw> {
         let mut out = Vec::new();

@@ -293,6 +293,8 @@ impl Client {
 
     /// Sends with a chosen client message id: a retry with the same id is
     /// stored once and answered with the original's ack (`duplicate` set).
+    /// `SHARD_UNAVAILABLE` is retried with the same id after its hint, for
+    /// `ClientConfig::unavailable_retry`.
     pub async fn send_with_id(
         &self,
         client_msg_id: u64,
@@ -300,10 +302,17 @@ impl Client {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<SendAck, ClientError> {
+        let body = || send_body(client_msg_id, destination, kind, payload.clone());
+        send_ack(self.retrying_unavailable(body).await?)
+    }
+
+    /// Sends `body()` until it is answered otherwise than
+    /// `SHARD_UNAVAILABLE`, waiting each refusal's hint, for at most
+    /// `ClientConfig::unavailable_retry`.
+    async fn retrying_unavailable(&self, body: impl Fn() -> Body) -> Result<Body, ClientError> {
         let give_up = tokio::time::Instant::now() + self.config.unavailable_retry;
         loop {
-            let body = send_body(client_msg_id, destination, kind, payload.clone());
-            match self.request(body).await {
+            match self.request(body()).await {
                 Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
                     let hint = retry_after_ms(&message).unwrap_or(UNAVAILABLE_HINT_MS);
                     let at =
@@ -313,7 +322,7 @@ impl Client {
                     }
                     tokio::time::sleep_until(at).await;
                 }
-                answer => return send_ack(answer?),
+                answer => return answer,
             }
         }
     }
@@ -445,7 +454,8 @@ impl Client {
     }
 
     /// Sends to a broadcast list; the ack says how many got it and how many
-    /// were skipped for lack of consent.
+    /// were skipped for lack of consent. Retried like
+    /// [`Client::send_with_id`] (a retry reaches only those not reached).
     pub async fn broadcast_with_id(
         &self,
         client_msg_id: u64,
@@ -453,15 +463,15 @@ impl Client {
         kind: MessageKind,
         payload: Bytes,
     ) -> Result<BroadcastAck, ClientError> {
-        broadcast_ack(
-            self.request(send_body(
+        let body = || {
+            send_body(
                 client_msg_id,
                 Destination::List(list),
                 kind,
-                payload,
-            ))
-            .await?,
-        )
+                payload.clone(),
+            )
+        };
+        broadcast_ack(self.retrying_unavailable(body).await?)
     }
 
     /// Like [`Client::start_send`] for a broadcast list.

@@ -23,13 +23,14 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::streams::GroupStream;
+use crate::cluster::route::RETRY_AFTER_MS;
 use crate::mailbox;
 use crate::metrics::Metrics;
 use crate::net::seam::NetWrite;
 use crate::net::tls::TlsWrite;
 use crate::net::uring::UringWrite;
 use crate::node::Node;
-use crate::shard::messages::{Delivery, Reply, SessionHandle};
+use crate::shard::messages::{failed, Delivery, Reply, SessionHandle};
 
 /// Messages per `Deliver` frame at most.
 pub(super) const DELIVER_BATCH_MAX: usize = 128;
@@ -316,7 +317,10 @@ impl<W: NetWrite> Writer<W> {
                 }
                 let body = match ack {
                     Ok(ack) => Body::BroadcastAck(ack),
-                    Err(code) => Body::Error(Reason::new(code, code.description())),
+                    Err(code) => Body::Error(refusal(&SendResult {
+                        timestamp_ms: RETRY_AFTER_MS,
+                        ..failed(0, code)
+                    })),
                 };
                 self.encode(&Frame::new(request_id, body));
                 Step::Continue

@@ -13,11 +13,12 @@
 //!   write; the ack follows it. Online members get a live push through
 //!   their shard (`GroupPush`); every session reads the logs of its
 //!   log-strategy groups from its own cursor on catch-up.
-//! - **Broadcast lists**: the sender's shard reads the list and the
-//!   recipients' consent and plans one one-to-one copy per consenting
-//!   recipient (scoped idempotency keys); the session queues the copies on
-//!   the recipients' shards, each reports with `CopyDone`, and the sender's
-//!   shard answers when all are durable.
+//! - **Broadcast lists**: the sender's shard reads the list and plans one
+//!   one-to-one copy per recipient (scoped idempotency keys); the session
+//!   queues the copies on the recipients' shards, which check consent
+//!   (the recipient has the sender as a contact; a copy without it is
+//!   answered `FORBIDDEN` and counted skipped), each reports with
+//!   `CopyDone`, and the sender's shard answers when all are durable.
 //!
 //! Receipts, the other fan-out (one mark, many senders), are in `receipts`.
 
@@ -210,14 +211,15 @@ impl Shard {
         Ok(())
     }
 
-    /// Plans a broadcast on the sender's shard: one copy per consenting
-    /// recipient, handed back to the session to queue in order.
+    /// Plans a broadcast on the sender's shard: one copy per recipient on
+    /// the list, handed back to the session to queue in order; each
+    /// recipient's shard checks consent (see `plan_send`).
     pub(crate) fn plan_broadcast(&mut self, b: BroadcastCmd) {
-        let (recipients, skipped) = match self.consenting_recipients(b.sender, b.list) {
+        let recipients = match social::get_list(&*self.store, b.sender, b.list) {
             Ok(v) => v,
             Err(e) => {
                 if let BrokerError::Storage(e) = &e {
-                    error!(shard = self.id, error = %e, "broadcast list or consent lookup failed");
+                    error!(shard = self.id, error = %e, "broadcast list lookup failed");
                 }
                 b.reply.broadcast(Err(e.code()));
                 let _ = b.copies.send(Vec::new());
@@ -238,7 +240,7 @@ impl Shard {
                 server_msg_id: 0,
                 timestamp_ms: 0,
                 delivered: 0,
-                skipped: skipped as u16,
+                skipped: 0,
                 duplicate: false,
             },
         };
@@ -268,15 +270,6 @@ impl Shard {
             })
             .collect();
         let _ = b.copies.send(copies);
-    }
-
-    fn consenting_recipients(
-        &self,
-        sender: u64,
-        list: u64,
-    ) -> Result<(Vec<u64>, usize), BrokerError> {
-        let recipients = social::get_list(&*self.store, sender, list)?;
-        Ok(social::consenting(&*self.store, sender, &recipients)?)
     }
 
     /// One copy of a broadcast has an outcome; the last one answers.

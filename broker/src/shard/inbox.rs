@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use courier_protocol::{ErrorCode, Message, MessageKind, SendResult};
+use courier_protocol::{Destination, ErrorCode, Message, MessageKind, SendResult};
 use courier_storage::{AppendOutcome, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage};
 use tracing::{debug, error, warn};
 
@@ -18,13 +18,32 @@ use super::tracking::{Batch, Planned};
 use crate::mailbox::TrySendError;
 use crate::metrics::Metrics;
 use crate::state::message::{record_of, to_wire};
+use crate::state::social;
 
 /// Inboxes trimmed per tick, so trimming never starves sends.
 const TRIM_PER_TICK_MAX: usize = 1024;
 
 impl Shard {
-    /// Plans one inbox entry for a send.
+    /// Plans one inbox entry for a send. A broadcast copy goes only to a
+    /// recipient who consents (has the sender as a contact), checked here,
+    /// where the recipient's contacts are (on whichever node owns them):
+    /// otherwise it is answered `FORBIDDEN`, which the broadcast counts as
+    /// skipped.
     pub(crate) fn plan_send(&mut self, s: SendCmd, batch: &mut Batch) {
+        if let Destination::List(_) = s.destination {
+            match social::has_contact(&*self.store, s.recipient, s.sender) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let result = failed(s.client_msg_id, ErrorCode::FORBIDDEN);
+                    return self.complete(s.done, result, false);
+                }
+                Err(e) => {
+                    error!(shard = self.id, error = %e, "consent lookup failed");
+                    let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
+                    return self.complete(s.done, result, false);
+                }
+            }
+        }
         let (ts, id) = self.next_ids();
         batch.appends.push(NewMessage {
             inbox: s.recipient,

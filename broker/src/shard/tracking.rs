@@ -95,15 +95,18 @@ pub(crate) struct PendingBroadcast {
     pub last_id: u64,
     pub last_ts: u64,
     pub reply: ReplyTo,
-    /// The answer's fixed fields (client id, recipients skipped).
+    /// The answer's fixed fields (client id) and the recipients skipped.
     pub ack: BroadcastAck,
 }
 
 impl PendingBroadcast {
-    /// Records one copy; true when it was the last.
+    /// Records one copy; true when it was the last. A copy answered
+    /// `FORBIDDEN` found no consent at its recipient: skipped.
     pub fn copy_done(&mut self, result: &SendResult, stored: bool) -> bool {
         let ok = result.code == ErrorCode::OK;
-        if !ok {
+        if result.code == ErrorCode::FORBIDDEN {
+            self.ack.skipped += 1;
+        } else if !ok {
             self.failed = Some(result.code);
         }
         self.last_id = self.last_id.max(result.server_msg_id);

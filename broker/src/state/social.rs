@@ -145,23 +145,6 @@ pub fn list(
     }
 }
 
-/// Splits a list's recipients into those who consent (have `sender` as a
-/// contact) and the number skipped.
-pub fn consenting(
-    store: &dyn InboxStore,
-    sender: u64,
-    recipients: &[u64],
-) -> Result<(Vec<u64>, usize), StoreError> {
-    let mut yes = Vec::with_capacity(recipients.len());
-    for &r in recipients {
-        if has_contact(store, r, sender)? {
-            yes.push(r);
-        }
-    }
-    let skipped = recipients.len() - yes.len();
-    Ok((yes, skipped))
-}
-
 /// A status post as it arrives from its poster.
 pub struct NewStatus {
     pub poster: u64,
