@@ -858,6 +858,77 @@ mod data_plane {
         assert_eq!(nodes[0].metric(refused).await, 2);
     }
 
+    /// Statuses across nodes: a viewer sees the statuses of contacts whose
+    /// inboxes are on other nodes (read by their owners, by the posters'
+    /// side of the consent), a view of one reaches its poster as a receipt
+    /// once, and someone the poster has not added sees nothing and may not
+    /// view.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statuses_are_seen_and_viewed_across_nodes() {
+        use courier_protocol::{Audience, ContactsOp};
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["s1", "s2", "s3"];
+        let nodes = three_nodes("spruce", ids, &etcd);
+        for (node, id) in nodes.iter().zip(ids) {
+            wait_status(node, "serving, linked to the other two", |s| {
+                all_serving(s, &ids)
+                    && ids
+                        .iter()
+                        .filter(|p| **p != id)
+                        .all(|p| link_state(s, p) == "up")
+            })
+            .await;
+        }
+        let map = shards(&nodes[0]).await;
+        let alice = user_on(&map, "s1", 100);
+        let bob = user_on(&map, "s2", 100);
+        let dan = user_on(&map, "s2", bob + 1);
+        let carol = user_on(&map, "s3", 100);
+        let (a, _) = nodes[2].client(alice).await;
+        let (b, _) = nodes[0].client(bob).await;
+        let (d, _) = nodes[1].client(dan).await;
+        let (c, _) = nodes[1].client(carol).await;
+        // Alice and Bob have each other, and Alice has Dan (on Bob's node)
+        // and he her; Carol has Bob, but Bob not her.
+        a.contacts(ContactsOp::Add, vec![bob, dan]).await.unwrap();
+        b.contacts(ContactsOp::Add, vec![alice]).await.unwrap();
+        d.contacts(ContactsOp::Add, vec![alice]).await.unwrap();
+        c.contacts(ContactsOp::Add, vec![bob]).await.unwrap();
+        let (bobs, _) = b
+            .post_status(Audience::Contacts, vec![], chat("beach"))
+            .await
+            .unwrap();
+        let (dans, _) = d
+            .post_status(Audience::Contacts, vec![], chat("hike"))
+            .await
+            .unwrap();
+        let seen = a.statuses().await.unwrap();
+        let got: Vec<_> = seen.iter().map(|s| (s.poster, s.status_id)).collect();
+        assert_eq!(got, vec![(bob, bobs), (dan, dans)], "in contact order");
+        assert_eq!(seen[0].payload, chat("beach"));
+        assert!(
+            c.statuses().await.unwrap().is_empty(),
+            "Bob has not added Carol"
+        );
+        a.view_status(bob, bobs).await.unwrap();
+        let r = receipts(&b).await;
+        assert_eq!(r, vec![(alice, ReceiptStatus::Viewed as u8, bobs)]);
+        a.view_status(bob, bobs).await.unwrap();
+        assert!(
+            b.next_timeout(Duration::from_millis(300)).await.is_err(),
+            "a second view is not a second receipt"
+        );
+        assert_eq!(
+            rejected(c.view_status(bob, bobs).await),
+            ErrorCode::NO_SUCH_STATUS
+        );
+        assert_eq!(
+            rejected(a.view_status(carol, bobs).await),
+            ErrorCode::NO_SUCH_STATUS,
+            "not Alice's contact"
+        );
+    }
+
     /// Three connections to `addr` from 127.0.0.40, one after another.
     async fn three_from_one_address(addr: &str) -> Vec<Raw> {
         let mut out = Vec::new();

@@ -16,18 +16,21 @@
 //! every session lives on its user's owner and its own shard's commands
 //! (registration, marks, fetches, a broadcast's plan) never leave the node.
 //! What crosses is what one user's shard asks of another's: one message
-//! for one inbox (a send, a receipt, a broadcast copy). Group commands
-//! whose group another node owns, and status views of a poster another
-//! node owns, are refused (`DESTINATION_UNSUPPORTED`) until the fan-out
-//! across nodes is built: refusing keeps every acknowledgement true.
+//! for one inbox (a send, a receipt, a broadcast copy), a status view for
+//! the poster's shard, and a read of posters' statuses. Group commands
+//! whose group another node owns are refused (`DESTINATION_UNSUPPORTED`)
+//! until the fan-out across nodes is built: refusing keeps every
+//! acknowledgement true.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_protocol::{ErrorCode, SendResult};
+use courier_protocol::error::with_retry_after;
+use courier_protocol::{ErrorCode, SendResult, Status};
 use prometheus::{IntCounterVec, IntGauge, Opts};
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -35,13 +38,14 @@ use tracing::debug;
 use super::link::Handler;
 use super::order;
 use super::view;
-use super::wire::{self, RemoteSend, SendAnswer};
+use super::wire::{self, Answer, RemoteSend, RemoteStatuses, RemoteView, SendAnswer, ViewOutcome};
 use super::Cluster;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::shard::messages::{failed, Completion, SendCmd, ShardCmd};
+use crate::shard::messages::{failed, Completion, SendCmd, ShardCmd, StatusViewCmd};
 use crate::shard::Remote;
+use crate::state::social;
 
 /// How long a send to another node may wait for its answer (the link's
 /// queue, the owner's shard and its write) before it is answered
@@ -59,6 +63,58 @@ pub fn unavailable(client_msg_id: u64) -> SendResult {
         timestamp_ms: RETRY_AFTER_MS,
         ..failed(client_msg_id, ErrorCode::SHARD_UNAVAILABLE)
     }
+}
+
+/// A request refused because its owner was out of reach, with the hint.
+fn unreachable_owner() -> BrokerError {
+    BrokerError::refused(
+        ErrorCode::SHARD_UNAVAILABLE,
+        with_retry_after(RETRY_AFTER_MS, "the owner's cluster node is out of reach"),
+    )
+}
+
+/// The statuses `viewer` may see of `posters` that other nodes own (the
+/// posters' side of the consent; the viewer's was read here), by poster.
+/// One request per owner, all at once; any owner out of reach fails the
+/// whole read (`SHARD_UNAVAILABLE`) rather than leave its posters out.
+pub async fn remote_statuses(
+    cluster: &Cluster,
+    viewer: u64,
+    posters: Vec<u64>,
+) -> Result<Vec<Status>, BrokerError> {
+    let view = cluster.view();
+    let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
+    for p in posters {
+        match view.owner_of(p) {
+            Some((_, Some(o))) => by_owner.entry(o.node.clone()).or_default().push(p),
+            _ => return Err(unreachable_owner()),
+        }
+    }
+    let mut asks = Vec::new();
+    for (owner, posters) in by_owner {
+        let peer = cluster.links.peer(&owner).ok_or_else(unreachable_owner)?;
+        let body = RemoteStatuses { viewer, posters }.encode();
+        let (_, answer) = peer
+            .start_request(body, REMOTE_DEADLINE)
+            .map_err(|_| unreachable_owner())?;
+        asks.push(answer);
+    }
+    let mut out = Vec::new();
+    for answer in asks {
+        match answer.await.map(Answer::<Vec<Status>>::decode) {
+            Ok(Ok(Answer::Done(statuses))) => out.extend(statuses),
+            other => {
+                debug!(?other, "statuses across nodes failed");
+                cluster
+                    .plane
+                    .unavailable
+                    .with_label_values(&["statuses"])
+                    .inc();
+                return Err(unreachable_owner());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What the data plane counts.
@@ -84,7 +140,7 @@ impl PlaneMetrics {
         let unavailable = IntCounterVec::new(
             Opts::new(
                 "courier_cluster_unavailable_total",
-                "Sends and sessions refused with SHARD_UNAVAILABLE, by what: send (the owner out of reach), held (an older send of the same conversation waits for its retry), session.",
+                "Sends and sessions refused with SHARD_UNAVAILABLE, by what: send (the owner out of reach), held (an older send of the same conversation waits for its retry), session, view (a status view), statuses (a status fetch).",
             ),
             &["what"],
         )
@@ -98,7 +154,7 @@ impl PlaneMetrics {
         for outcome in ["stored", "refused", "unavailable"] {
             remote_sends.with_label_values(&[outcome]);
         }
-        for what in ["send", "held", "session"] {
+        for what in ["send", "held", "session", "view", "statuses"] {
             unavailable.with_label_values(&[what]);
         }
         metrics.register(remote_sends.clone());
@@ -252,6 +308,48 @@ impl Router {
         });
     }
 
+    /// Asks `owner` to record a status view on the poster's shard; the
+    /// answer completes the viewer's request.
+    fn view(&self, shard: u32, owner: Option<&view::Owner>, v: StatusViewCmd) {
+        let body = owner.map(|o| {
+            RemoteView {
+                shard,
+                epoch: o.epoch,
+                viewer: v.viewer,
+                viewer_device: v.viewer_device,
+                poster: v.poster,
+                status_id: v.status_id,
+            }
+            .encode()
+        });
+        let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
+        let started = match (peer, body) {
+            (Some(peer), Some(body)) => peer.start_request(body, REMOTE_DEADLINE).ok(),
+            _ => None,
+        };
+        let Some((_, answer)) = started else {
+            self.metrics()
+                .unavailable
+                .with_label_values(&["view"])
+                .inc();
+            let _ = v.answer.send(Err(unreachable_owner()));
+            return;
+        };
+        let cluster = self.cluster.clone();
+        self.runtime.spawn(async move {
+            let outcome = match answer.await.map(Answer::<ViewOutcome>::decode) {
+                Ok(Ok(Answer::Done(Ok(())))) => Ok(()),
+                Ok(Ok(Answer::Done(Err((code, why))))) => Err(BrokerError::refused(code, why)),
+                other => {
+                    debug!(?other, "status view across nodes failed");
+                    cluster.plane.unavailable.with_label_values(&["view"]).inc();
+                    Err(unreachable_owner())
+                }
+            };
+            let _ = v.answer.send(outcome);
+        });
+    }
+
     fn complete(&self, done: Completion, result: SendResult, stored: bool) {
         if let Some(node) = self.node.upgrade() {
             node.shards.complete(done, result, stored);
@@ -269,7 +367,7 @@ impl Remote for Router {
         let across = || {
             BrokerError::refused(
                 ErrorCode::DESTINATION_UNSUPPORTED,
-                "groups and statuses across cluster nodes are not served yet",
+                "groups across cluster nodes are not served yet",
             )
         };
         match cmd {
@@ -283,9 +381,7 @@ impl Remote for Router {
             ShardCmd::ReceiptQuery(q) => {
                 let _ = q.answer.send(Err(across()));
             }
-            ShardCmd::StatusView(v) => {
-                let _ = v.answer.send(Err(across()));
-            }
+            ShardCmd::StatusView(v) => self.view(shard, owner, v),
             // The user's own shard (its sessions live on its owner), or a
             // part's outcome for the shard that waits, which is here.
             other => return Some(other),
@@ -317,6 +413,17 @@ impl Handler for Owner {
                 }
                 Err(e) => Box::pin(async move { Err(format!("bad send: {e}")) }),
             },
+            Some(&wire::VIEW) => match RemoteView::decode(body) {
+                Ok(v) => {
+                    let answer = serve_view(&node, v);
+                    Box::pin(async move { Ok(answer.await.encode()) })
+                }
+                Err(e) => Box::pin(async move { Err(format!("bad view: {e}")) }),
+            },
+            Some(&wire::STATUSES) => match RemoteStatuses::decode(body) {
+                Ok(q) => Box::pin(async move { Ok(serve_statuses(node, q).await.encode()) }),
+                Err(e) => Box::pin(async move { Err(format!("bad statuses: {e}")) }),
+            },
             Some(&op) => Box::pin(async move { Err(format!("unknown request {op}")) }),
             None => Box::pin(async { Err("empty request".into()) }),
         }
@@ -344,29 +451,103 @@ fn serve_send(node: &Node, s: RemoteSend) -> impl Future<Output = SendAnswer> + 
     }
 }
 
+/// Whether this node owns shard `shard` at `epoch` and `id` is in it; if
+/// not, who it believes does.
+fn owned_here(node: &Node, shard: u32, epoch: i64, id: u64) -> Result<(), (String, i64)> {
+    let Some(cluster) = node.cluster.get() else {
+        return Err((String::new(), 0));
+    };
+    let view = cluster.view();
+    let owner = view.owners.get(shard as usize).cloned().flatten();
+    let ours = owner
+        .as_ref()
+        .is_some_and(|o| o.node == cluster.node_id() && o.epoch == epoch)
+        && view.shard_of(id) == Some(shard);
+    if ours {
+        Ok(())
+    } else {
+        Err(owner.map_or((String::new(), 0), |o| (o.node, o.epoch)))
+    }
+}
+
+/// Queues a status view from another node on the poster's shard now; the
+/// future is the answer.
+fn serve_view(node: &Node, v: RemoteView) -> impl Future<Output = Answer<ViewOutcome>> + Send {
+    let queued = owned_here(node, v.shard, v.epoch, v.poster).map(|()| {
+        let (tx, rx) = oneshot::channel();
+        node.shards.send_peer(
+            v.poster,
+            ShardCmd::StatusView(StatusViewCmd {
+                viewer: v.viewer,
+                viewer_device: v.viewer_device,
+                poster: v.poster,
+                status_id: v.status_id,
+                answer: tx,
+            }),
+        );
+        rx
+    });
+    async move {
+        match queued {
+            Ok(rx) => Answer::Done(match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err((e.code(), e.to_string())),
+                Err(_) => Err((ErrorCode::SHUTTING_DOWN, "the node is stopping".into())),
+            }),
+            Err((owner, epoch)) => Answer::NotOwner { owner, epoch },
+        }
+    }
+}
+
+/// Reads the statuses another node's viewer may see of posters this node
+/// owns (the store read off the I/O threads).
+async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Answer<Vec<Status>> {
+    let Some(cluster) = node.cluster.get() else {
+        return Answer::NotOwner {
+            owner: String::new(),
+            epoch: 0,
+        };
+    };
+    let view = cluster.view();
+    if let Some(p) = q
+        .posters
+        .iter()
+        .find(|&&p| !view.holds(cluster.node_id(), p))
+    {
+        let (owner, epoch) = view
+            .owner_of(*p)
+            .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
+            .unwrap_or_default();
+        return Answer::NotOwner { owner, epoch };
+    }
+    let now = node.clock.now_ms();
+    let store = node.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for p in q.posters {
+            out.extend(social::poster_statuses(&*store, p, q.viewer, now)?);
+        }
+        Ok::<_, courier_storage::StoreError>(out)
+    })
+    .await;
+    match read {
+        Ok(Ok(statuses)) => Answer::Done(statuses),
+        // Answered as a failure: the asking node says SHARD_UNAVAILABLE.
+        _ => Answer::NotOwner {
+            owner: String::new(),
+            epoch: 0,
+        },
+    }
+}
+
 /// The send's id and where its outcome will come, or the answer at once.
 #[allow(clippy::type_complexity)]
 fn queue_send(
     node: &Node,
     s: RemoteSend,
 ) -> Result<(u64, oneshot::Receiver<(SendResult, bool)>), SendAnswer> {
-    let Some(cluster) = node.cluster.get() else {
-        return Err(SendAnswer::NotOwner {
-            owner: String::new(),
-            epoch: 0,
-        });
-    };
-    let view = cluster.view();
-    let owner = view.owners.get(s.shard as usize).cloned().flatten();
-    let ours = owner
-        .as_ref()
-        .is_some_and(|o| o.node == cluster.node_id() && o.epoch == s.epoch)
-        && view.shard_of(s.recipient) == Some(s.shard);
-    if !ours {
-        return Err(SendAnswer::NotOwner {
-            owner: owner.as_ref().map(|o| o.node.clone()).unwrap_or_default(),
-            epoch: owner.map_or(0, |o| o.epoch),
-        });
+    if let Err((owner, epoch)) = owned_here(node, s.shard, s.epoch, s.recipient) {
+        return Err(SendAnswer::NotOwner { owner, epoch });
     }
     let id = s.client_msg_id;
     if node.disk_full.load(std::sync::atomic::Ordering::Relaxed) {

@@ -10,7 +10,20 @@
 //! answer:   0 | code u16 | server_msg_id u64 | seq u64 | timestamp_ms u64 |
 //!           duplicate u8 | stored u8
 //!        or 1 (not the owner at that epoch) | epoch i64 | owner (u16 length, UTF-8)
+//!
+//! VIEW (2): shard u32 | epoch i64 | viewer u64 | viewer_device u32 |
+//!           poster u64 | status_id u64
+//! answer:   0 | code u16 | message (u16 length, UTF-8)   or 1 (not the owner, as above)
+//!
+//! STATUSES (3): viewer u64 | count u16 | poster u64 × count
+//! answer:   0 | count u32 | (poster u64 | status_id u64 | posted_at_ms u64 |
+//!           expires_at_ms u64 | payload (u32 length, bytes)) × count
+//!        or 1 (not the owner of every poster's shard, as above)
 //! ```
+//!
+//! VIEW records a status view on the poster's shard (the viewer's side of
+//! the consent was checked on the viewer's node); STATUSES reads the
+//! posters' statuses that the viewer may see (the posters' side).
 //!
 //! A send here is one message for one inbox: a client's one-to-one send, a
 //! receipt from a reader's shard, a broadcast copy. The node that sent it
@@ -18,9 +31,41 @@
 //! outbox row, the broadcast's answer) and completes it from the answer.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use courier_protocol::{Destination, ErrorCode, MessageKind, SendResult};
+use courier_protocol::{Destination, ErrorCode, MessageKind, SendResult, Status};
 
 pub const SEND: u8 = 1;
+pub const VIEW: u8 = 2;
+pub const STATUSES: u8 = 3;
+
+/// A status view for a poster whose shard the receiving node owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteView {
+    pub shard: u32,
+    pub epoch: i64,
+    pub viewer: u64,
+    pub viewer_device: u32,
+    pub poster: u64,
+    pub status_id: u64,
+}
+
+/// The statuses of posters whose shards the receiving node owns, as
+/// `viewer` may see them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteStatuses {
+    pub viewer: u64,
+    pub posters: Vec<u64>,
+}
+
+/// What the owner answers a view or a statuses request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer<T> {
+    Done(T),
+    /// See [`SendAnswer::NotOwner`].
+    NotOwner {
+        owner: String,
+        epoch: i64,
+    },
+}
 
 /// A message for the inbox of a user whose shard the receiving node owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +106,7 @@ pub enum WireError {
     UnknownDestination(u8),
     #[error("{0} bytes after the end")]
     Trailing(usize),
-    #[error("owner is not UTF-8")]
+    #[error("text is not UTF-8")]
     BadOwner,
 }
 
@@ -119,6 +164,185 @@ impl RemoteSend {
     }
 }
 
+impl RemoteView {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(45);
+        out.put_u8(VIEW);
+        out.put_u32(self.shard);
+        out.put_i64(self.epoch);
+        out.put_u64(self.viewer);
+        out.put_u32(self.viewer_device);
+        out.put_u64(self.poster);
+        out.put_u64(self.status_id);
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteView, WireError> {
+        need(&b, 1 + 4 + 8 + 8 + 4 + 8 + 8)?;
+        match b.get_u8() {
+            VIEW => {}
+            op => return Err(WireError::UnknownOp(op)),
+        }
+        let v = RemoteView {
+            shard: b.get_u32(),
+            epoch: b.get_i64(),
+            viewer: b.get_u64(),
+            viewer_device: b.get_u32(),
+            poster: b.get_u64(),
+            status_id: b.get_u64(),
+        };
+        done(&b)?;
+        Ok(v)
+    }
+}
+
+impl RemoteStatuses {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(11 + 8 * self.posters.len());
+        out.put_u8(STATUSES);
+        out.put_u64(self.viewer);
+        out.put_u16(self.posters.len() as u16);
+        for p in &self.posters {
+            out.put_u64(*p);
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteStatuses, WireError> {
+        need(&b, 1 + 8 + 2)?;
+        match b.get_u8() {
+            STATUSES => {}
+            op => return Err(WireError::UnknownOp(op)),
+        }
+        let viewer = b.get_u64();
+        let n = b.get_u16() as usize;
+        need(&b, 8 * n)?;
+        let posters = (0..n).map(|_| b.get_u64()).collect();
+        done(&b)?;
+        Ok(RemoteStatuses { viewer, posters })
+    }
+}
+
+/// A view's outcome: done, or refused with a code and why.
+pub type ViewOutcome = Result<(), (ErrorCode, String)>;
+
+impl Answer<ViewOutcome> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(16);
+        match self {
+            Answer::Done(outcome) => {
+                out.put_u8(0);
+                let (code, why) = match outcome {
+                    Ok(()) => (ErrorCode::OK, ""),
+                    Err((code, why)) => (*code, why.as_str()),
+                };
+                out.put_u16(code.0);
+                put_text(&mut out, why);
+            }
+            Answer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Answer<ViewOutcome>, WireError> {
+        need(&b, 1)?;
+        match b.get_u8() {
+            0 => {
+                need(&b, 2)?;
+                let code = ErrorCode(b.get_u16());
+                let why = get_text(&mut b)?;
+                done(&b)?;
+                Ok(Answer::Done(if code == ErrorCode::OK {
+                    Ok(())
+                } else {
+                    Err((code, why))
+                }))
+            }
+            1 => get_not_owner(b),
+            op => Err(WireError::UnknownOp(op)),
+        }
+    }
+}
+
+impl Answer<Vec<Status>> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Answer::Done(statuses) => {
+                out.put_u8(0);
+                out.put_u32(statuses.len() as u32);
+                for s in statuses {
+                    out.put_u64(s.poster);
+                    out.put_u64(s.status_id);
+                    out.put_u64(s.posted_at_ms);
+                    out.put_u64(s.expires_at_ms);
+                    out.put_u32(s.payload.len() as u32);
+                    out.put_slice(&s.payload);
+                }
+            }
+            Answer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Answer<Vec<Status>>, WireError> {
+        need(&b, 1)?;
+        match b.get_u8() {
+            0 => {
+                need(&b, 4)?;
+                let n = b.get_u32() as usize;
+                let mut out = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    need(&b, 8 * 4 + 4)?;
+                    let (poster, status_id) = (b.get_u64(), b.get_u64());
+                    let (posted_at_ms, expires_at_ms) = (b.get_u64(), b.get_u64());
+                    let len = b.get_u32() as usize;
+                    need(&b, len)?;
+                    out.push(Status {
+                        poster,
+                        status_id,
+                        posted_at_ms,
+                        expires_at_ms,
+                        payload: b.split_to(len),
+                    });
+                }
+                done(&b)?;
+                Ok(Answer::Done(out))
+            }
+            1 => get_not_owner(b),
+            op => Err(WireError::UnknownOp(op)),
+        }
+    }
+}
+
+fn put_text(out: &mut BytesMut, text: &str) {
+    let text = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+    out.put_u16(text.len() as u16);
+    out.put_slice(text);
+}
+
+fn get_text(b: &mut Bytes) -> Result<String, WireError> {
+    need(b, 2)?;
+    let len = b.get_u16() as usize;
+    need(b, len)?;
+    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| WireError::BadOwner)
+}
+
+fn put_not_owner(out: &mut BytesMut, owner: &str, epoch: i64) {
+    out.put_u8(1);
+    out.put_i64(epoch);
+    put_text(out, owner);
+}
+
+/// The rest of a not-the-owner answer, after its `1`.
+fn get_not_owner<T>(mut b: Bytes) -> Result<Answer<T>, WireError> {
+    need(&b, 8)?;
+    let epoch = b.get_i64();
+    let owner = get_text(&mut b)?;
+    done(&b)?;
+    Ok(Answer::NotOwner { owner, epoch })
+}
+
 impl SendAnswer {
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(40);
@@ -132,12 +356,7 @@ impl SendAnswer {
                 out.put_u8(result.duplicate as u8);
                 out.put_u8(*stored as u8);
             }
-            SendAnswer::NotOwner { owner, epoch } => {
-                out.put_u8(1);
-                out.put_i64(*epoch);
-                out.put_u16(owner.len() as u16);
-                out.put_slice(owner.as_bytes());
-            }
+            SendAnswer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
         }
         out.freeze()
     }
@@ -160,16 +379,10 @@ impl SendAnswer {
                 done(&b)?;
                 Ok(SendAnswer::Outcome { result, stored })
             }
-            1 => {
-                need(&b, 8 + 2)?;
-                let epoch = b.get_i64();
-                let len = b.get_u16() as usize;
-                need(&b, len)?;
-                let owner =
-                    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| WireError::BadOwner)?;
-                done(&b)?;
-                Ok(SendAnswer::NotOwner { owner, epoch })
-            }
+            1 => match get_not_owner::<()>(b)? {
+                Answer::NotOwner { owner, epoch } => Ok(SendAnswer::NotOwner { owner, epoch }),
+                Answer::Done(()) => unreachable!("get_not_owner answers NotOwner"),
+            },
             op => Err(WireError::UnknownOp(op)),
         }
     }
@@ -241,6 +454,60 @@ mod tests {
             epoch: 77,
         };
         assert_eq!(SendAnswer::decode(moved.encode(), 1234).unwrap(), moved);
+    }
+
+    #[test]
+    fn views_statuses_and_their_answers_round_trip() {
+        let v = RemoteView {
+            shard: 3,
+            epoch: 9,
+            viewer: 11,
+            viewer_device: 2,
+            poster: 12,
+            status_id: 99,
+        };
+        assert_eq!(RemoteView::decode(v.encode()).unwrap(), v);
+        for a in [
+            Answer::Done(Ok(())),
+            Answer::Done(Err((
+                ErrorCode::NO_SUCH_STATUS,
+                "no such status".to_string(),
+            ))),
+            Answer::NotOwner {
+                owner: "n2".into(),
+                epoch: 5,
+            },
+        ] {
+            assert_eq!(Answer::<ViewOutcome>::decode(a.encode()).unwrap(), a);
+        }
+        let q = RemoteStatuses {
+            viewer: 11,
+            posters: vec![12, 13],
+        };
+        assert_eq!(RemoteStatuses::decode(q.encode()).unwrap(), q);
+        let list = Answer::Done(vec![Status {
+            poster: 12,
+            status_id: 99,
+            posted_at_ms: 1,
+            expires_at_ms: 2,
+            payload: Bytes::from_static(b"beach"),
+        }]);
+        let bytes = list.encode();
+        assert_eq!(Answer::<Vec<Status>>::decode(bytes.clone()).unwrap(), list);
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                Answer::<Vec<Status>>::decode(bytes.slice(..cut)),
+                Err(WireError::Truncated),
+                "cut at {cut}"
+            );
+        }
+        let good = v.encode();
+        for cut in 0..good.len() {
+            assert_eq!(
+                RemoteView::decode(good.slice(..cut)),
+                Err(WireError::Truncated)
+            );
+        }
     }
 
     #[test]

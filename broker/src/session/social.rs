@@ -2,9 +2,10 @@
 //! directly (no sequencing needed), except a status view, whose receipt the
 //! poster's shard writes.
 
-use courier_protocol::{Body, ContactsRequest, ErrorCode, ListRequest, StatusPost, Users};
+use courier_protocol::{Body, ContactsRequest, ErrorCode, ListRequest, Status, StatusPost, Users};
 
 use super::reader::Reader;
+use crate::cluster::route;
 use crate::shard::messages::{ShardCmd, StatusViewCmd};
 use crate::state::social::{self, NewStatus};
 
@@ -60,12 +61,47 @@ impl Reader {
         })
     }
 
+    /// The current statuses of the viewer's contacts that the viewer may
+    /// see, contact by contact: read here for posters this node owns, asked
+    /// of their owners for the others.
     pub(super) async fn fetch_statuses(&mut self, rid: u32) -> bool {
         let viewer = self.user;
-        let clock = self.node.clock.clone();
-        let r = self
-            .blocking(move |store| social::fetch_statuses(store, viewer, clock.now_ms()))
+        let node = self.node.clone();
+        let here = self
+            .blocking(move |store| {
+                let now = node.clock.now_ms();
+                let mut contacts = Vec::new();
+                let mut local = Vec::new();
+                for poster in social::contact_list(store, viewer)? {
+                    if node.is_local(poster) {
+                        local.extend(social::poster_statuses(store, poster, viewer, now)?);
+                    }
+                    contacts.push(poster);
+                }
+                Ok((contacts, local))
+            })
             .await;
+        let r = match here {
+            Ok((contacts, mut statuses)) => {
+                let remote: Vec<u64> = contacts
+                    .iter()
+                    .copied()
+                    .filter(|&p| !self.node.is_local(p))
+                    .collect();
+                match self.node.cluster.get() {
+                    Some(cluster) if !remote.is_empty() => {
+                        route::remote_statuses(cluster, viewer, remote)
+                            .await
+                            .map(|more| {
+                                statuses.extend(more);
+                                in_contact_order(&contacts, statuses)
+                            })
+                    }
+                    _ => Ok(statuses),
+                }
+            }
+            Err(e) => Err(e),
+        };
         self.answer(rid, r, Body::StatusList)
     }
 
@@ -73,6 +109,20 @@ impl Reader {
     /// (once per viewer and status), then answers `Done`.
     pub(super) async fn view_status(&mut self, rid: u32, poster: u64, status_id: u64) -> bool {
         let (viewer, viewer_device) = (self.user, self.device);
+        // The viewer's side of the consent (the viewer has the poster as a
+        // contact) is read here, where the viewer's contacts are; the
+        // poster's side on the poster's shard.
+        let theirs = self
+            .blocking(move |store| Ok(social::has_contact(store, viewer, poster)?))
+            .await;
+        match theirs {
+            Ok(true) => {}
+            Ok(false) => {
+                self.error(rid, ErrorCode::NO_SUCH_STATUS, "no such status for you");
+                return true;
+            }
+            Err(e) => return self.answer(rid, Err::<(), _>(e), |()| Body::Done),
+        }
         // Any id has a shard; one that is not a user's has no status there,
         // and is answered like any status the viewer may not see.
         let answer = self
@@ -88,4 +138,17 @@ impl Reader {
             .await;
         self.answer(rid, answer, |()| Body::Done)
     }
+}
+
+/// Statuses ordered contact by contact (each poster's in the order read).
+fn in_contact_order(contacts: &[u64], statuses: Vec<Status>) -> Vec<Status> {
+    let mut by_poster: std::collections::HashMap<u64, Vec<Status>> =
+        std::collections::HashMap::new();
+    for s in statuses {
+        by_poster.entry(s.poster).or_default().push(s);
+    }
+    contacts
+        .iter()
+        .flat_map(|p| by_poster.remove(p).unwrap_or_default())
+        .collect()
 }

@@ -203,7 +203,11 @@ fn visible(s: &StatusRow, viewer: u64) -> bool {
     }
 }
 
-fn poster_statuses(
+/// The poster's current statuses that `viewer` may see, by the poster's
+/// side of the consent (the poster has the viewer as a contact, and the
+/// audience includes the viewer); the viewer's side (the viewer has the
+/// poster) is the caller's, read where the viewer's contacts are.
+pub fn poster_statuses(
     store: &dyn InboxStore,
     poster: u64,
     viewer: u64,
@@ -231,28 +235,16 @@ fn poster_statuses(
     Ok(out)
 }
 
-/// Every current status of the viewer's contacts that the viewer may see.
-pub fn fetch_statuses(
-    store: &dyn InboxStore,
-    viewer: u64,
-    now_ms: u64,
-) -> BrokerResult<Vec<Status>> {
-    let mut out = Vec::new();
-    for poster in contact_list(store, viewer)? {
-        out.extend(poster_statuses(store, poster, viewer, now_ms)?);
-    }
-    Ok(out)
-}
-
-/// Whether `viewer` may see `poster`'s current status `status_id`.
-pub fn can_view(
+/// Whether `viewer` may see `poster`'s current status `status_id`, by the
+/// poster's side of the consent (see [`poster_statuses`]).
+pub fn poster_shows(
     store: &dyn InboxStore,
     viewer: u64,
     poster: u64,
     status_id: u64,
     now_ms: u64,
 ) -> Result<bool, StoreError> {
-    if !valid_user(poster) || !has_contact(store, viewer, poster)? {
+    if !valid_user(poster) {
         return Ok(false);
     }
     Ok(poster_statuses(store, poster, viewer, now_ms)?
