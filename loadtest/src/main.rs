@@ -120,7 +120,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// The node's admin address (e.g. 127.0.0.1:7701): its stage
-    /// histograms are read before and after the run and reported.
+    /// histograms are read before and after the run and reported. A
+    /// cluster's nodes: comma-separated, added together.
     #[arg(long)]
     metrics: Option<String>,
     /// Write every figure as JSON here.

@@ -123,11 +123,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The node's metrics text, when asked for (`None`, said why, if it could
-/// not be read: the run's own figures stand without it).
+/// The node's metrics text, when asked for; a cluster's nodes' texts one
+/// after another (their histograms add up). `None`, said why, if one could
+/// not be read: the run's own figures stand without it.
 async fn read_metrics(opts: &Options) -> Option<String> {
-    let addr = opts.metrics.clone()?;
-    match tokio::task::spawn_blocking(move || crate::stages::scrape(&addr)).await {
+    let addrs = opts.metrics.clone()?;
+    let read = move || -> std::io::Result<String> {
+        let mut all = String::new();
+        for addr in addrs.split(',').map(str::trim) {
+            all.push_str(&crate::stages::scrape(addr)?);
+            all.push('\n');
+        }
+        Ok(all)
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(text)) => Some(text),
         Ok(Err(e)) => {
             eprintln!("loadtest: reading the node's metrics failed: {e}");

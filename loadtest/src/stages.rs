@@ -26,6 +26,10 @@ pub const STAGES: &[(&str, &str)] = &[
         "accept to push queued (durable, then handed to the session)",
         "courier_accept_to_push_seconds",
     ),
+    (
+        "a send across nodes, at the sender's node (link both ways, the owner's queue, write, sync)",
+        "courier_cluster_remote_send_seconds",
+    ),
 ];
 
 /// One stage over the run.

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_protocol::error::with_retry_after;
 use courier_protocol::{ErrorCode, SendResult, Status};
-use prometheus::{IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -41,7 +41,7 @@ use super::view;
 use super::wire::{self, Answer, RemoteSend, RemoteStatuses, RemoteView, SendAnswer, ViewOutcome};
 use super::Cluster;
 use crate::error::BrokerError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::node::Node;
 use crate::shard::messages::{failed, Completion, SendCmd, ShardCmd, StatusViewCmd};
 use crate::shard::Remote;
@@ -125,6 +125,8 @@ pub struct PlaneMetrics {
     pub forwarded_sessions: IntGauge,
     /// Commands refused because their owner was out of reach, by what.
     pub unavailable: IntCounterVec,
+    /// A send's link request to its answer, at the sending node.
+    remote_send_seconds: Histogram,
 }
 
 impl PlaneMetrics {
@@ -150,6 +152,15 @@ impl PlaneMetrics {
             "Client connections this node forwards to their user's owner, open now.",
         )
         .expect("valid metric");
+        let remote_send_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "courier_cluster_remote_send_seconds",
+                "From a send's link request to the owner's answer, at the sending node: the link both ways and the owner's queue, write and sync.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        metrics.register(remote_send_seconds.clone());
         // Every series from the start, at zero.
         for outcome in ["stored", "refused", "unavailable"] {
             remote_sends.with_label_values(&[outcome]);
@@ -164,6 +175,7 @@ impl PlaneMetrics {
             remote_sends,
             forwarded_sessions,
             unavailable,
+            remote_send_seconds,
         }
     }
 }
@@ -267,8 +279,10 @@ impl Router {
         let node = self.node.clone();
         let cluster = self.cluster.clone();
         let lines = self.lines.clone();
+        let asked = Instant::now();
         self.runtime.spawn(async move {
             let answer = answer.await;
+            Metrics::since(&cluster.plane.remote_send_seconds, asked);
             let (result, stored) = match answer {
                 Ok(bytes) => match SendAnswer::decode(bytes, id) {
                     Ok(SendAnswer::Outcome { result, stored }) => (result, stored),
