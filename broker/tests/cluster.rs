@@ -163,6 +163,22 @@ fn three_nodes(name: &str, ids: [&str; 3], etcd: &Etcd) -> Vec<Server> {
         .collect()
 }
 
+/// Three nodes of cluster `name`, each serving and linked to the other two.
+async fn three_linked(name: &str, ids: [&str; 3], etcd: &Etcd) -> Vec<Server> {
+    let nodes = three_nodes(name, ids, etcd);
+    for (node, id) in nodes.iter().zip(ids) {
+        wait_status(node, "serving, linked to the other two", |s| {
+            all_serving(s, &ids)
+                && ids
+                    .iter()
+                    .filter(|p| **p != id)
+                    .all(|p| link_state(s, p) == "up")
+        })
+        .await;
+    }
+    nodes
+}
+
 async fn status(node: &Server) -> Value {
     let (code, body) = node.admin_request("/admin/cluster").await;
     assert_eq!(code, 200, "{body}");
@@ -536,17 +552,7 @@ mod data_plane {
     async fn one_to_one_crosses_nodes_from_any_gateway_and_waits_out_a_lost_owner() {
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["p1", "p2", "p3"];
-        let mut nodes = three_nodes("plum", ids, &etcd);
-        for (node, id) in nodes.iter().zip(ids) {
-            wait_status(node, "serving, linked to the other two", |s| {
-                all_serving(s, &ids)
-                    && ids
-                        .iter()
-                        .filter(|p| **p != id)
-                        .all(|p| link_state(s, p) == "up")
-            })
-            .await;
-        }
+        let mut nodes = three_linked("plum", ids, &etcd).await;
         let map = shards(&nodes[0]).await;
         let alice = user_on(&map, "p1", 100);
         let bob = user_on(&map, "p3", 100);
@@ -700,17 +706,7 @@ mod data_plane {
         const SENDS: u64 = 600;
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["o1", "o2", "o3"];
-        let mut nodes = three_nodes("olive", ids, &etcd);
-        for (node, id) in nodes.iter().zip(ids) {
-            wait_status(node, "serving, linked to the other two", |s| {
-                all_serving(s, &ids)
-                    && ids
-                        .iter()
-                        .filter(|p| **p != id)
-                        .all(|p| link_state(s, p) == "up")
-            })
-            .await;
-        }
+        let mut nodes = three_linked("olive", ids, &etcd).await;
         let map = shards(&nodes[0]).await;
         let alice = user_on(&map, "o1", 100);
         let bob = user_on(&map, "o3", 100);
@@ -793,17 +789,7 @@ mod data_plane {
         use courier_protocol::{ContactsOp, ListOp};
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["b1", "b2", "b3"];
-        let nodes = three_nodes("birch", ids, &etcd);
-        for (node, id) in nodes.iter().zip(ids) {
-            wait_status(node, "serving, linked to the other two", |s| {
-                all_serving(s, &ids)
-                    && ids
-                        .iter()
-                        .filter(|p| **p != id)
-                        .all(|p| link_state(s, p) == "up")
-            })
-            .await;
-        }
+        let nodes = three_linked("birch", ids, &etcd).await;
         let map = shards(&nodes[0]).await;
         let shop = user_on(&map, "b1", 100);
         // Two customers on each node; the last one has not consented.
@@ -868,17 +854,7 @@ mod data_plane {
         use courier_protocol::{Audience, ContactsOp};
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["s1", "s2", "s3"];
-        let nodes = three_nodes("spruce", ids, &etcd);
-        for (node, id) in nodes.iter().zip(ids) {
-            wait_status(node, "serving, linked to the other two", |s| {
-                all_serving(s, &ids)
-                    && ids
-                        .iter()
-                        .filter(|p| **p != id)
-                        .all(|p| link_state(s, p) == "up")
-            })
-            .await;
-        }
+        let nodes = three_linked("spruce", ids, &etcd).await;
         let map = shards(&nodes[0]).await;
         let alice = user_on(&map, "s1", 100);
         let bob = user_on(&map, "s2", 100);
