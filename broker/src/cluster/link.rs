@@ -780,6 +780,79 @@ mod tests {
         }
     }
 
+    /// Carries bytes between its clients and `to` until `cut` is set; then
+    /// holds every connection open and silent, as a cut network does.
+    async fn cuttable_proxy(to: String, cut: Arc<std::sync::atomic::AtomicBool>) -> String {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = proxy.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = proxy.accept().await {
+                let Ok(upstream) = TcpStream::connect(&to).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                for (mut from, mut into) in [(cr, uw), (ur, cw)] {
+                    let cut = cut.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            if cut.load(Ordering::Relaxed) {
+                                // Silence, with both sockets held open.
+                                return std::future::pending::<()>().await;
+                            }
+                            if into.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        addr
+    }
+
+    /// A peer that goes silent (cut off, frozen: no close, no reset) is
+    /// noticed after the silence bound, not after TCP's minutes: the
+    /// connection is dropped, what waited on it fails, and whoever watched
+    /// it (a forwarded session) hears it is gone.
+    #[tokio::test]
+    async fn a_silent_connection_is_dropped_after_the_silence_bound() {
+        let stop = CancellationToken::new();
+        let (addr, _peers) = acceptor("b", b"secret", &stop).await;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let via = cuttable_proxy(addr, cut.clone()).await;
+        let mut s = settings("a", b"secret");
+        s.silence = Duration::from_millis(500);
+        let a = dial(s, "b".into(), via, Arc::new(Echo), stop.clone());
+        until_connected(&a).await;
+        let d = Duration::from_secs(5);
+        assert_eq!(a.request(Bytes::from_static(b"x"), d).await.unwrap(), "a:x");
+        let first = a.connection();
+        let lost = a.connection_lost();
+        cut.store(true, Ordering::Relaxed);
+        let (_, waiting) = a.start_request(Bytes::from_static(b"y"), d).unwrap();
+        let t = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(3), lost)
+            .await
+            .expect("the silent connection is seen gone");
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "not before the bound: {:?}",
+            t.elapsed()
+        );
+        assert_ne!(a.connection(), first);
+        assert_eq!(
+            waiting.await,
+            Err(LinkError::Unavailable),
+            "what waited on it fails at once, retryable"
+        );
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn requests_go_both_ways_over_one_authenticated_connection() {
         let stop = CancellationToken::new();
