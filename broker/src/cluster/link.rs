@@ -853,6 +853,45 @@ mod tests {
         stop.cancel();
     }
 
+    /// A link whose peer stopped reading fills its bounded queue; a request
+    /// that finds it full is refused at once (`Overloaded`: the data plane
+    /// answers `SHARD_UNAVAILABLE`), never queued without bound or waited on.
+    #[tokio::test]
+    async fn a_full_link_queue_refuses_at_once() {
+        let stop = CancellationToken::new();
+        let (addr, _peers) = acceptor("b", b"secret", &stop).await;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let via = cuttable_proxy(addr, cut.clone()).await;
+        let a = dial(
+            settings("a", b"secret"),
+            "b".into(),
+            via,
+            Arc::new(Echo),
+            stop.clone(),
+        );
+        until_connected(&a).await;
+        cut.store(true, Ordering::Relaxed);
+        let big = Bytes::from(vec![7u8; 64 << 10]);
+        let d = Duration::from_secs(5);
+        let mut queued = Vec::new();
+        let mut refused = None;
+        // The socket buffers take a few MiB, then the queue its 64 frames.
+        for i in 0..2_000 {
+            match a.start_request(big.clone(), d) {
+                Ok((_, answer)) => queued.push(answer),
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        let (at, e) = refused.expect("the queue filled up");
+        assert_eq!(e, LinkError::Overloaded, "after {at} requests");
+        assert!(at >= 64, "the queue's 64 frames were taken first: {at}");
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn requests_go_both_ways_over_one_authenticated_connection() {
         let stop = CancellationToken::new();
