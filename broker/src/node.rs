@@ -153,26 +153,35 @@ impl Node {
     /// A new group id (`GROUP_ID_BIT` set). In a cluster, one whose shard
     /// this node owns: the group lives beside its creator, and no two nodes
     /// can hand out the same id.
-    pub fn new_group_id(&self) -> u64 {
-        loop {
-            let id =
-                GROUP_ID_BIT | (self.next_group.fetch_add(1, Ordering::Relaxed) & !GROUP_ID_BIT);
+    /// `None` when this node holds no shard (a cluster node that has not
+    /// read the map yet).
+    pub fn new_group_id(&self) -> Option<u64> {
+        // With any shard of 256 here, one id in 256 or more is ours: this
+        // many tries miss one only if none is.
+        for _ in 0..100_000 {
+            let id = self.next_id() | GROUP_ID_BIT;
             if self.is_local(id) {
-                return id;
+                return Some(id);
             }
         }
+        None
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_group.fetch_add(1, Ordering::Relaxed) & !GROUP_ID_BIT
     }
 
     /// Whether this node's shards hold `id` (a user or group): always on a
-    /// single node; in a cluster, when this node owns its shard (or before
-    /// the map exists).
+    /// single node; in a cluster, when the map it has read gives it `id`'s
+    /// shard (never before it has read one).
     pub fn is_local(&self, id: u64) -> bool {
         self.cluster.get().is_none_or(|c| c.owns(id))
     }
 
-    /// A new status id (from the same source, without the group bit).
+    /// A new status id (from the same source, without the group bit; it
+    /// is the poster's, so any node may draw it).
     pub fn new_status_id(&self) -> u64 {
-        self.new_group_id() & !GROUP_ID_BIT
+        self.next_id()
     }
 }
 

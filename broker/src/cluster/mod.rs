@@ -238,8 +238,7 @@ impl Cluster {
     }
 
     /// Whether this node owns the shard of `id` (a user or group) in the
-    /// current map; true before the map exists, when every node serves
-    /// from its own store.
+    /// map it has read; never before it has read one.
     pub fn owns(&self, id: u64) -> bool {
         self.view().holds(&self.settings.node_id, id)
     }

@@ -377,7 +377,26 @@ impl Remote for Router {
         if view.holds(self.cluster.node_id(), key) {
             return Some(cmd);
         }
-        let (shard, owner) = view.owner_of(key)?;
+        // No map read yet, or the shard being assigned: out of reach.
+        let (shard, owner) = view.owner_of(key).unwrap_or((0, None));
+        if owner.is_none() {
+            match cmd {
+                ShardCmd::Send(_) | ShardCmd::StatusView(_) => {}
+                ShardCmd::GroupSend(g) => {
+                    g.reply.send(unavailable(g.client_msg_id));
+                    return None;
+                }
+                ShardCmd::GroupOp(op) => {
+                    let _ = op.answer.send(Err(unreachable_owner()));
+                    return None;
+                }
+                ShardCmd::ReceiptQuery(q) => {
+                    let _ = q.answer.send(Err(unreachable_owner()));
+                    return None;
+                }
+                other => return Some(other),
+            }
+        }
         let across = || {
             BrokerError::refused(
                 ErrorCode::DESTINATION_UNSUPPORTED,

@@ -163,11 +163,14 @@ impl View {
         Some((shard, self.owners[shard as usize].as_ref()))
     }
 
-    /// Whether `node` holds `id` (a user or group): it owns its shard, or
-    /// the map does not exist yet (every node serves from its own store).
+    /// Whether `node` holds `id` (a user or group): the map it has read
+    /// gives `id`'s shard to it. Before a map is read (a node just started,
+    /// or the cluster's map not created yet) a node holds nothing: serving
+    /// from its own store then would take writes that belong to another
+    /// node's shards.
     pub fn holds(&self, node: &str, id: u64) -> bool {
         self.owner_of(id)
-            .is_none_or(|(_, o)| o.is_some_and(|o| o.node == node))
+            .is_some_and(|(_, o)| o.is_some_and(|o| o.node == node))
     }
 
     /// Shards owned by `node`.
@@ -266,5 +269,32 @@ mod tests {
         assert_eq!(view.unavailable(), 1, "gone is not registered");
         assert_eq!(view.known_nodes(), ["gone", "n1", "n2"]);
         assert!(view.shard_of(42).is_some_and(|s| s < 3));
+    }
+
+    /// A node that has not read a map yet (just restarted, or the map not
+    /// created) holds nothing: it must not take a send for another node's
+    /// user into its own store. (Before, it held everything until its first
+    /// read: a node restarted under load stored some sends for others'
+    /// users during that moment, acknowledged and never delivered.)
+    #[test]
+    fn without_a_map_a_node_holds_nothing() {
+        let none = View::default();
+        assert!(!none.holds("n1", 42));
+        assert_eq!(none.owner_of(42).map(|(s, _)| s), None);
+        let view = View {
+            owners: vec![
+                Some(Owner {
+                    node: "n1".into(),
+                    epoch: 3,
+                }),
+                None,
+            ],
+            ..View::default()
+        };
+        let in_shard = |s| (1u64..).find(|&u| view.shard_of(u) == Some(s)).unwrap();
+        let (mine, unassigned) = (in_shard(0), in_shard(1));
+        assert!(view.holds("n1", mine));
+        assert!(!view.holds("n2", mine));
+        assert!(!view.holds("n1", unassigned), "a shard being assigned");
     }
 }

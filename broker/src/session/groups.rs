@@ -1,9 +1,11 @@
 //! `Group` (create, change, leave, info) and `ReceiptQuery`, answered by the
 //! group's shard.
 
+use courier_protocol::error::with_retry_after;
 use courier_protocol::{Body, ErrorCode, GroupOp, GroupRequest};
 
 use super::reader::Reader;
+use crate::cluster::route::RETRY_AFTER_MS;
 use crate::shard::messages::{GroupOpCmd, ReceiptQueryCmd, ShardCmd};
 use crate::state::ids::is_group;
 
@@ -14,7 +16,17 @@ impl Reader {
                 self.error(rid, ErrorCode::INVALID_REQUEST, "create with group 0");
                 return true;
             }
-            self.node.new_group_id()
+            match self.node.new_group_id() {
+                Some(id) => id,
+                None => {
+                    let message = with_retry_after(
+                        RETRY_AFTER_MS,
+                        "this cluster node holds no shard yet (the map is not read)",
+                    );
+                    self.error(rid, ErrorCode::SHARD_UNAVAILABLE, message);
+                    return true;
+                }
+            }
         } else if !is_group(g.group) {
             self.error(rid, ErrorCode::INVALID_REQUEST, "not a group id");
             return true;

@@ -123,7 +123,9 @@ fn owner_elsewhere(node: &Node, user: u64) -> Option<Result<(String, String), St
     if view.holds(cluster.node_id(), user) {
         return None;
     }
-    let (_, owner) = view.owner_of(user)?;
+    let Some((_, owner)) = view.owner_of(user) else {
+        return Some(Err("this node has not read the cluster's map yet".into()));
+    };
     Some(match owner.cloned() {
         None => Err("the user's shard has no owner yet".into()),
         Some(o) => match view.nodes.get(&o.node) {
