@@ -377,42 +377,28 @@ impl Remote for Router {
         if view.holds(self.cluster.node_id(), key) {
             return Some(cmd);
         }
-        // No map read yet, or the shard being assigned: out of reach.
+        // No map read yet, or the shard being assigned: out of reach (sends
+        // and views answer so themselves). Otherwise group commands belong
+        // to another node, which does not serve them across nodes yet.
         let (shard, owner) = view.owner_of(key).unwrap_or((0, None));
-        if owner.is_none() {
-            match cmd {
-                ShardCmd::Send(_) | ShardCmd::StatusView(_) => {}
-                ShardCmd::GroupSend(g) => {
-                    g.reply.send(unavailable(g.client_msg_id));
-                    return None;
-                }
-                ShardCmd::GroupOp(op) => {
-                    let _ = op.answer.send(Err(unreachable_owner()));
-                    return None;
-                }
-                ShardCmd::ReceiptQuery(q) => {
-                    let _ = q.answer.send(Err(unreachable_owner()));
-                    return None;
-                }
-                other => return Some(other),
-            }
-        }
-        let across = || {
-            BrokerError::refused(
+        let refusal = || match owner {
+            None => unreachable_owner(),
+            Some(_) => BrokerError::refused(
                 ErrorCode::DESTINATION_UNSUPPORTED,
                 "groups across cluster nodes are not served yet",
-            )
+            ),
         };
         match cmd {
             ShardCmd::Send(s) => self.forward(shard, owner, s),
-            ShardCmd::GroupSend(g) => g
-                .reply
-                .send(failed(g.client_msg_id, ErrorCode::DESTINATION_UNSUPPORTED)),
+            ShardCmd::GroupSend(g) => g.reply.send(match owner {
+                None => unavailable(g.client_msg_id),
+                Some(_) => failed(g.client_msg_id, ErrorCode::DESTINATION_UNSUPPORTED),
+            }),
             ShardCmd::GroupOp(op) => {
-                let _ = op.answer.send(Err(across()));
+                let _ = op.answer.send(Err(refusal()));
             }
             ShardCmd::ReceiptQuery(q) => {
-                let _ = q.answer.send(Err(across()));
+                let _ = q.answer.send(Err(refusal()));
             }
             ShardCmd::StatusView(v) => self.view(shard, owner, v),
             // The user's own shard (its sessions live on its owner), or a
