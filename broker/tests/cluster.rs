@@ -854,7 +854,7 @@ mod data_plane {
         use courier_protocol::{Audience, ContactsOp};
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["s1", "s2", "s3"];
-        let nodes = three_linked("spruce", ids, &etcd).await;
+        let mut nodes = three_linked("spruce", ids, &etcd).await;
         let map = shards(&nodes[0]).await;
         let alice = user_on(&map, "s1", 100);
         let bob = user_on(&map, "s2", 100);
@@ -902,6 +902,18 @@ mod data_plane {
             rejected(a.view_status(carol, bobs).await),
             ErrorCode::NO_SUCH_STATUS,
             "not Alice's contact"
+        );
+        // Bob's and Dan's node dies: a fetch is refused, retryably, rather
+        // than answered without them; so is a view of Bob's status.
+        nodes[1].kill();
+        wait_status(&nodes[0], "s2's link down", |s| {
+            link_state(s, "s2") == "down"
+        })
+        .await;
+        assert_eq!(rejected(a.statuses().await), ErrorCode::SHARD_UNAVAILABLE);
+        assert_eq!(
+            rejected(a.view_status(bob, bobs).await),
+            ErrorCode::SHARD_UNAVAILABLE
         );
     }
 

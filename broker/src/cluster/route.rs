@@ -82,39 +82,41 @@ pub async fn remote_statuses(
     viewer: u64,
     posters: Vec<u64>,
 ) -> Result<Vec<Status>, BrokerError> {
-    let view = cluster.view();
-    let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
-    for p in posters {
-        match view.owner_of(p) {
-            Some((_, Some(o))) => by_owner.entry(o.node.clone()).or_default().push(p),
-            _ => return Err(unreachable_owner()),
+    let read = async {
+        let view = cluster.view();
+        let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
+        for p in posters {
+            let (_, owner) = view.owner_of(p).ok_or("no map")?;
+            let owner = owner.ok_or("a poster's shard has no owner")?;
+            by_owner.entry(owner.node.clone()).or_default().push(p);
         }
-    }
-    let mut asks = Vec::new();
-    for (owner, posters) in by_owner {
-        let peer = cluster.links.peer(&owner).ok_or_else(unreachable_owner)?;
-        let body = RemoteStatuses { viewer, posters }.encode();
-        let (_, answer) = peer
-            .start_request(body, REMOTE_DEADLINE)
-            .map_err(|_| unreachable_owner())?;
-        asks.push(answer);
-    }
-    let mut out = Vec::new();
-    for answer in asks {
-        match answer.await.map(Answer::<Vec<Status>>::decode) {
-            Ok(Ok(Answer::Done(statuses))) => out.extend(statuses),
-            other => {
-                debug!(?other, "statuses across nodes failed");
-                cluster
-                    .plane
-                    .unavailable
-                    .with_label_values(&["statuses"])
-                    .inc();
-                return Err(unreachable_owner());
+        let mut asks = Vec::new();
+        for (owner, posters) in by_owner {
+            let peer = cluster.links.peer(&owner).ok_or("no link to the owner")?;
+            let body = RemoteStatuses { viewer, posters }.encode();
+            let (_, answer) = peer
+                .start_request(body, REMOTE_DEADLINE)
+                .map_err(|_| "not queued on the link")?;
+            asks.push(answer);
+        }
+        let mut out = Vec::new();
+        for answer in asks {
+            match answer.await.map(Answer::<Vec<Status>>::decode) {
+                Ok(Ok(Answer::Done(statuses))) => out.extend(statuses),
+                _ => return Err("no answer, a failure, or not the owner"),
             }
         }
-    }
-    Ok(out)
+        Ok(out)
+    };
+    read.await.map_err(|why| {
+        debug!(why, "statuses across nodes failed");
+        cluster
+            .plane
+            .unavailable
+            .with_label_values(&["statuses"])
+            .inc();
+        unreachable_owner()
+    })
 }
 
 /// What the data plane counts.
@@ -440,7 +442,7 @@ impl Handler for Owner {
                 Err(e) => Box::pin(async move { Err(format!("bad view: {e}")) }),
             },
             Some(&wire::STATUSES) => match RemoteStatuses::decode(body) {
-                Ok(q) => Box::pin(async move { Ok(serve_statuses(node, q).await.encode()) }),
+                Ok(q) => Box::pin(async move { Ok(serve_statuses(node, q).await?.encode()) }),
                 Err(e) => Box::pin(async move { Err(format!("bad statuses: {e}")) }),
             },
             Some(&op) => Box::pin(async move { Err(format!("unknown request {op}")) }),
@@ -519,13 +521,11 @@ fn serve_view(node: &Node, v: RemoteView) -> impl Future<Output = Answer<ViewOut
 }
 
 /// Reads the statuses another node's viewer may see of posters this node
-/// owns (the store read off the I/O threads).
-async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Answer<Vec<Status>> {
+/// owns (the store read off the I/O threads); a failed read fails the
+/// request (the asking node answers `SHARD_UNAVAILABLE`).
+async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Result<Answer<Vec<Status>>, String> {
     let Some(cluster) = node.cluster.get() else {
-        return Answer::NotOwner {
-            owner: String::new(),
-            epoch: 0,
-        };
+        return Err("not a cluster node".into());
     };
     let view = cluster.view();
     if let Some(p) = q
@@ -537,7 +537,7 @@ async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Answer<Vec<Status
             .owner_of(*p)
             .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
             .unwrap_or_default();
-        return Answer::NotOwner { owner, epoch };
+        return Ok(Answer::NotOwner { owner, epoch });
     }
     let now = node.clock.now_ms();
     let store = node.store.clone();
@@ -550,12 +550,9 @@ async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Answer<Vec<Status
     })
     .await;
     match read {
-        Ok(Ok(statuses)) => Answer::Done(statuses),
-        // Answered as a failure: the asking node says SHARD_UNAVAILABLE.
-        _ => Answer::NotOwner {
-            owner: String::new(),
-            epoch: 0,
-        },
+        Ok(Ok(statuses)) => Ok(Answer::Done(statuses)),
+        Ok(Err(e)) => Err(format!("reading statuses: {e}")),
+        Err(e) => Err(format!("reading statuses: {e}")),
     }
 }
 

@@ -67,40 +67,32 @@ impl Reader {
     pub(super) async fn fetch_statuses(&mut self, rid: u32) -> bool {
         let viewer = self.user;
         let node = self.node.clone();
+        // One decision per contact: read here, or asked of its owner.
         let here = self
             .blocking(move |store| {
                 let now = node.clock.now_ms();
-                let mut contacts = Vec::new();
-                let mut local = Vec::new();
+                let (mut contacts, mut local, mut remote) = (Vec::new(), Vec::new(), Vec::new());
                 for poster in social::contact_list(store, viewer)? {
                     if node.is_local(poster) {
                         local.extend(social::poster_statuses(store, poster, viewer, now)?);
+                    } else {
+                        remote.push(poster);
                     }
                     contacts.push(poster);
                 }
-                Ok((contacts, local))
+                Ok((contacts, local, remote))
             })
             .await;
-        let r = match here {
-            Ok((contacts, mut statuses)) => {
-                let remote: Vec<u64> = contacts
-                    .iter()
-                    .copied()
-                    .filter(|&p| !self.node.is_local(p))
-                    .collect();
-                match self.node.cluster.get() {
-                    Some(cluster) if !remote.is_empty() => {
-                        route::remote_statuses(cluster, viewer, remote)
-                            .await
-                            .map(|more| {
-                                statuses.extend(more);
-                                in_contact_order(&contacts, statuses)
-                            })
-                    }
-                    _ => Ok(statuses),
-                }
+        let r = match (here, self.node.cluster.get()) {
+            (Ok((contacts, mut statuses, remote)), Some(cluster)) if !remote.is_empty() => {
+                route::remote_statuses(cluster, viewer, remote)
+                    .await
+                    .map(|more| {
+                        statuses.extend(more);
+                        in_contact_order(&contacts, statuses)
+                    })
             }
-            Err(e) => Err(e),
+            (here, _) => here.map(|(_, statuses, _)| statuses),
         };
         self.answer(rid, r, Body::StatusList)
     }
