@@ -314,9 +314,7 @@ impl Client {
         loop {
             match self.request(body()).await {
                 Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
-                    let hint = retry_after_ms(&message).unwrap_or(UNAVAILABLE_HINT_MS);
-                    let at =
-                        tokio::time::Instant::now() + Duration::from_millis(hint.clamp(10, 5_000));
+                    let at = tokio::time::Instant::now() + retry_delay(&message);
                     if at > give_up {
                         return Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message));
                     }
@@ -646,6 +644,14 @@ async fn handshake(
         Some(other) => Err(unexpected("welcome", &other)),
         None => Err(ClientError::Closed(None)),
     }
+}
+
+/// How long to wait before retrying a request refused `SHARD_UNAVAILABLE`
+/// with `message`: its retry-after hint (a default without one), kept
+/// between 10 ms and 5 s.
+pub fn retry_delay(message: &str) -> Duration {
+    let hint = retry_after_ms(message).unwrap_or(UNAVAILABLE_HINT_MS);
+    Duration::from_millis(hint.clamp(10, 5_000))
 }
 
 /// Starts the task that writes queued frames, many per write. If the

@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_client::{Client, ClientError};
-use courier_protocol::error::retry_after_ms;
+use courier_client::{retry_delay, Client, ClientError};
 use courier_protocol::ErrorCode;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
@@ -220,11 +219,9 @@ impl User {
                     // first (the node holds a conversation's later sends
                     // until the oldest refused one comes back).
                     Err(ClientError::Rejected(ErrorCode::SHARD_UNAVAILABLE, message)) => {
-                        let hint = retry_after_ms(&message).unwrap_or(500).clamp(10, 5_000);
                         state.retry.push(k);
-                        state.retry_at.get_or_insert(
-                            tokio::time::Instant::now() + Duration::from_millis(hint),
-                        );
+                        state.retry_at
+                            .get_or_insert(tokio::time::Instant::now() + retry_delay(&message));
                     }
                     Err(e @ ClientError::Rejected(..)) => {
                         state.unacked.remove(&k);

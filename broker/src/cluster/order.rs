@@ -168,16 +168,17 @@ impl Lines {
         r
     }
 
-    /// Conversations with something on its way or waiting (for tests and
-    /// metrics).
-    pub fn len(&self) -> usize {
+    /// Conversations with something on their way or waiting.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.parts
             .iter()
             .map(|p| p.lock().expect("not poisoned").len())
             .sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

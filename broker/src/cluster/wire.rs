@@ -107,7 +107,7 @@ pub enum WireError {
     #[error("{0} bytes after the end")]
     Trailing(usize),
     #[error("text is not UTF-8")]
-    BadOwner,
+    BadText,
 }
 
 impl RemoteSend {
@@ -325,7 +325,7 @@ fn get_text(b: &mut Bytes) -> Result<String, WireError> {
     need(b, 2)?;
     let len = b.get_u16() as usize;
     need(b, len)?;
-    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| WireError::BadOwner)
+    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| WireError::BadText)
 }
 
 fn put_not_owner(out: &mut BytesMut, owner: &str, epoch: i64) {
