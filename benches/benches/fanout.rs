@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier_broker::shard::handle::Shards;
-use courier_broker::shard::messages::{GroupOpCmd, GroupSendCmd, Reply, ReplyTo, ShardCmd};
+use courier_broker::shard::messages::{
+    GroupOpCmd, GroupReply, GroupSendCmd, Reply, ReplyTo, ShardCmd,
+};
 use courier_broker::shard::ShardConfig;
 use courier_protocol::{ErrorCode, GroupOp, MessageKind};
 use courier_storage::{Clock, Durability, RocksStore, StoreConfig};
@@ -92,11 +94,11 @@ fn fanout(c: &mut Criterion) {
                                     client_msg_id: next_id,
                                     kind: MessageKind::Chat,
                                     payload: payload.clone(),
-                                    reply: ReplyTo {
+                                    reply: GroupReply::Session(ReplyTo {
                                         tx: rtx.clone(),
                                         request_id: 0,
                                         index: None,
-                                    },
+                                    }),
                                     accepted: std::time::Instant::now(),
                                 });
                                 shards.send(group, cmd).await;

@@ -21,7 +21,7 @@ fn batch(start: u64, n: usize, payload: &Bytes) -> Vec<NewMessage> {
             NewMessage {
                 inbox: id % 1000 + 1,
                 idempotency: Some(IdempotencyKey::new(7, id)),
-                reference: None,
+                form: Form::Record,
                 record: Record {
                     server_msg_id: id,
                     sender: 7,

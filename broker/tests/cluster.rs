@@ -156,16 +156,27 @@ fn start_node(name: &str, id: &str, etcd: &Etcd, extra: &[(&str, &str)]) -> Serv
 
 /// Three nodes of cluster `name` started together (the map waits for all
 /// three).
-fn three_nodes(name: &str, ids: [&str; 3], etcd: &Etcd) -> Vec<Server> {
-    let extra = [("COURIER_CLUSTER_INITIAL_NODES", "3")];
+fn three_nodes(name: &str, ids: [&str; 3], etcd: &Etcd, extra: &[(&str, &str)]) -> Vec<Server> {
+    let mut env = vec![("COURIER_CLUSTER_INITIAL_NODES", "3")];
+    env.extend_from_slice(extra);
     ids.iter()
-        .map(|id| start_node(name, id, etcd, &extra))
+        .map(|id| start_node(name, id, etcd, &env))
         .collect()
 }
 
 /// Three nodes of cluster `name`, each serving and linked to the other two.
 async fn three_linked(name: &str, ids: [&str; 3], etcd: &Etcd) -> Vec<Server> {
-    let nodes = three_nodes(name, ids, etcd);
+    three_linked_with(name, ids, etcd, &[]).await
+}
+
+/// `three_linked`, with settings besides.
+async fn three_linked_with(
+    name: &str,
+    ids: [&str; 3],
+    etcd: &Etcd,
+    extra: &[(&str, &str)],
+) -> Vec<Server> {
+    let nodes = three_nodes(name, ids, etcd, extra);
     for (node, id) in nodes.iter().zip(ids) {
         wait_status(node, "serving, linked to the other two", |s| {
             all_serving(s, &ids)
@@ -253,7 +264,7 @@ mod control_plane {
     async fn three_nodes_share_one_map_and_a_killed_node_keeps_its_shards() {
         let Some(etcd) = Etcd::start() else { return };
         let ids = ["n1", "n2", "n3"];
-        let mut nodes = three_nodes("blue", ids, &etcd);
+        let mut nodes = three_nodes("blue", ids, &etcd, &[]);
         for (node, id) in nodes.iter().zip(ids) {
             assert!(
                 node.banner
@@ -524,8 +535,9 @@ mod data_plane {
     use courier_client::ClientError;
     use courier_protocol::error::retry_after_ms;
     use courier_protocol::{
-        Destination, ErrorCode, MessageKind, ReceiptPayload, ReceiptStatus, Send,
+        Destination, ErrorCode, GroupOp, MessageKind, ReceiptPayload, ReceiptStatus, Send, Strategy,
     };
+    use std::time::Instant;
 
     /// The next receipt message `client` receives: (reader, status, client
     /// message id) for each message it covers.
@@ -539,6 +551,204 @@ mod data_plane {
             .collect()
     }
 
+    /// The group messages `client` receives within `quiet` of each other
+    /// (after the first, which must come): (sender, client message id).
+    async fn group_messages(client: &courier_client::Client, g: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut wait = WAIT;
+        while let Ok(d) = client.next_timeout(wait).await {
+            wait = Duration::from_millis(700);
+            if d.message.destination == Destination::Group(g) && d.message.kind == MessageKind::Chat
+            {
+                out.push((d.message.sender, d.message.client_msg_id));
+            }
+            client.confirm(&d).await.unwrap();
+        }
+        out
+    }
+
+    /// A group whose members are on all three nodes, each connected
+    /// through another node than its own: members on any node send to it
+    /// (the group's node sequences every message, one order for all),
+    /// change it, and count its receipts; each member gets every message
+    /// once, in the group's order, and an ack means durable in every
+    /// member's inbox. With a member's node dead, a send is refused
+    /// `SHARD_UNAVAILABLE` (its part there is not durable), and once the
+    /// node is back the group's node completes the fan-out on its own: the
+    /// member gets it once, and the sender's retry is a duplicate. Past
+    /// the log threshold such a group keeps references (copies for members
+    /// elsewhere); a group that reads its log refuses members elsewhere
+    /// with `DESTINATION_UNSUPPORTED`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_span_nodes_in_one_order_with_acks_receipts_and_changes() {
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["g1", "g2", "g3"];
+        let extra = [("COURIER_GROUPS_LOG_THRESHOLD", "3")];
+        let mut nodes = three_linked_with("grape", ids, &etcd, &extra).await;
+        let map = shards(&nodes[0]).await;
+        let alice = user_on(&map, "g1", 100);
+        let bob = user_on(&map, "g2", 100);
+        let carol = user_on(&map, "g3", 100);
+        let dave = user_on(&map, "g3", carol + 1);
+
+        // Each through a node that is not its own.
+        let a = std::sync::Arc::new(nodes[1].client(alice).await.0);
+        let b = std::sync::Arc::new(nodes[2].client(bob).await.0);
+        let c = std::sync::Arc::new(nodes[0].client(carol).await.0);
+        let info = a.create_group(vec![bob, carol]).await.unwrap();
+        let g = info.group;
+        assert_eq!(info.members.len(), 3);
+        for member in [&b, &c] {
+            let event = member.next_timeout(WAIT).await.unwrap();
+            assert_eq!(event.message.kind, MessageKind::System, "the creation");
+            member.confirm(&event).await.unwrap();
+        }
+
+        // All three send at once, pipelined; the acks' group sequences are
+        // the one order.
+        let mut order = std::collections::HashMap::new();
+        let senders = [(alice, &a), (bob, &b), (carol, &c)];
+        let mut pending = Vec::new();
+        for i in 0..30u64 {
+            for (user, client) in senders {
+                let ack = client
+                    .start_send(10 + i, Destination::Group(g), MessageKind::Chat, chat("m"))
+                    .unwrap();
+                pending.push((user, 10 + i, ack));
+            }
+        }
+        for (user, id, ack) in pending {
+            let ack = tokio::time::timeout(WAIT, ack).await.unwrap().unwrap();
+            order.insert((user, id), ack.seq);
+        }
+        for (user, client) in senders {
+            let got = group_messages(client, g).await;
+            assert_eq!(got.len(), 60, "the other two members' 60, once each");
+            assert!(got.iter().all(|&(sender, _)| sender != user));
+            let seqs: Vec<u64> = got.iter().map(|k| order[k]).collect();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "the group's order");
+        }
+
+        // Receipts: Bob (g2) and Carol (g3) read Alice's message; she counts
+        // them from her node, the group's.
+        let ack = a
+            .send_with_id(
+                99,
+                Destination::Group(g),
+                MessageKind::Chat,
+                chat("read me"),
+            )
+            .await
+            .unwrap();
+        for member in [&b, &c] {
+            let got = member.next_timeout(WAIT).await.unwrap();
+            assert_eq!(got.message.client_msg_id, 99);
+            member.confirm(&got).await.unwrap();
+            member.mark_read(got.message.seq).await.unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let counts = a.receipt_counts(g, ack.seq).await.unwrap();
+            assert_eq!(counts.recipients, 2);
+            if counts.read == 2 && counts.delivered == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "read by both: {counts:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Only the sender reads them, asked from another node too.
+        assert_eq!(
+            rejected(b.receipt_counts(g, ack.seq).await),
+            ErrorCode::FORBIDDEN
+        );
+
+        // Changes from a member elsewhere: Alice makes Bob an admin, Bob
+        // adds Dave (g3), and the group, now past the threshold of 3, keeps
+        // references.
+        a.group(GroupOp::Promote, g, vec![bob]).await.unwrap();
+        let info = b.group(GroupOp::Add, g, vec![dave]).await.unwrap();
+        assert_eq!(info.members.len(), 4);
+        assert_eq!(info.strategy, Strategy::Refs, "members elsewhere: no log");
+        let (d, _) = nodes[1].client(dave).await;
+        let added = d.next_timeout(WAIT).await.unwrap();
+        assert_eq!(
+            (added.message.kind, added.message.destination),
+            (MessageKind::System, Destination::Group(g))
+        );
+        d.confirm(&added).await.unwrap();
+        for member in [&a, &b, &c] {
+            let seen = group_events(member, g).await;
+            assert!(seen >= 1, "every member hears of the change");
+        }
+
+        // Dave and Carol's node dies: a send is refused while their part
+        // cannot be stored...
+        let carol_seen = c.last_received_seq();
+        nodes[2].kill();
+        wait_status(&nodes[0], "g3's link down", |s| {
+            link_state(s, "g3") == "down"
+        })
+        .await;
+        let mut impatient = nodes[0].config(bob);
+        impatient.unavailable_retry = Duration::ZERO;
+        let (b2, _) = courier_client::Client::connect(impatient).await.unwrap();
+        let refused = b2
+            .send_with_id(200, Destination::Group(g), MessageKind::Chat, chat("later"))
+            .await;
+        assert_eq!(rejected(refused), ErrorCode::SHARD_UNAVAILABLE);
+        // ...though Alice, whose part is durable, has it.
+        let got = a.next_timeout(WAIT).await.unwrap();
+        assert_eq!(got.message.client_msg_id, 200);
+        // Back, Carol gets it without anyone's retry, once.
+        nodes[2].restart();
+        wait_status(&nodes[0], "g3 back and linked", |s| {
+            all_serving(s, &ids) && link_state(s, "g3") == "up"
+        })
+        .await;
+        let (c, _) = nodes[0].resume(carol, carol_seen).await;
+        let got = group_messages(&c, g).await;
+        assert_eq!(got, vec![(bob, 200)], "completed by the group's node");
+        // Bob's retry of the same id (his session through g3 went with it)
+        // is the original, stored nowhere twice.
+        let (b, _) = nodes[1].client(bob).await;
+        let again = b
+            .send_with_id(200, Destination::Group(g), MessageKind::Chat, chat("later"))
+            .await
+            .unwrap();
+        assert!(again.duplicate);
+        assert!(c.next_timeout(Duration::from_millis(500)).await.is_err());
+        assert!(a.next_timeout(Duration::from_millis(300)).await.is_err());
+
+        // A group of four on Alice's node reads its log; it takes no member
+        // from elsewhere.
+        let locals: Vec<u64> = (0..3).fold(Vec::new(), |mut v, _| {
+            let from = v.last().map_or(alice + 1, |u| u + 1);
+            v.push(user_on(&map, "g1", from));
+            v
+        });
+        let big = a.create_group(locals).await.unwrap();
+        assert_eq!(big.strategy, Strategy::Log);
+        assert_eq!(
+            rejected(a.group(GroupOp::Add, big.group, vec![bob]).await),
+            ErrorCode::DESTINATION_UNSUPPORTED
+        );
+        drop(nodes);
+    }
+
+    /// The membership events `client` receives from group `g` until it is
+    /// quiet, confirming them.
+    async fn group_events(client: &courier_client::Client, g: u64) -> usize {
+        let mut seen = 0;
+        while let Ok(d) = client.next_timeout(Duration::from_secs(2)).await {
+            if d.message.destination == Destination::Group(g) {
+                assert_eq!(d.message.kind, MessageKind::System);
+                seen += 1;
+            }
+            client.confirm(&d).await.unwrap();
+        }
+        seen
+    }
+
     /// Three nodes, each user on the node that owns its shard, clients
     /// connected to other nodes than their users' (a gateway forwards them):
     /// a one-to-one message crosses from one owner to another and its
@@ -546,8 +756,7 @@ mod data_plane {
     /// node is SIGKILLed: a send to it is refused with the retryable
     /// `SHARD_UNAVAILABLE` and a hint (a client that does not retry sees
     /// it), a connection for its user too; the client library's retry of
-    /// the same id succeeds once the node is back, stored once. A group
-    /// with members on other nodes is refused with its own code.
+    /// the same id succeeds once the node is back, stored once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_to_one_crosses_nodes_from_any_gateway_and_waits_out_a_lost_owner() {
         let Some(etcd) = Etcd::start() else { return };
@@ -602,10 +811,6 @@ mod data_plane {
             assert_eq!(got.message.client_msg_id, id, "in the order sent");
         }
         drop(pipe);
-
-        // A group can hold only members of its creator's node for now.
-        let refused = a.create_group(vec![bob]).await;
-        assert_eq!(rejected(refused), ErrorCode::DESTINATION_UNSUPPORTED);
 
         // Bob's node dies.
         nodes[2].kill();

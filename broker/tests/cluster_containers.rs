@@ -425,8 +425,8 @@ mod control_plane {
             .sum();
         assert!(crossed >= 1, "some of the ring crossed nodes");
 
-        // Load through HAProxy with nothing wrong: users on all nodes, the
-        // checker clean.
+        // Load through HAProxy with nothing wrong: users on all nodes, in
+        // pairs and in groups of 8 that span the nodes, the checker clean.
         under_load(&d, "no fault", 2_000_000, || {});
 
         // SIGKILL a node under load: it is lost, its shards wait for it
@@ -572,7 +572,11 @@ const FAULT_AFTER: Duration = Duration::from_secs(2);
 /// acknowledged message delivered, once, in its conversation's order.
 fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce()) {
     let key = load_or_create_secret(&d.secret).unwrap();
+    // A messenger's shape: everyone chats with a partner and in a group
+    // of 8 (whose members are on all nodes: users are spread by hash).
     let opts = courier_loadtest::Options {
+        scenario: courier_loadtest::Scenario::Mixed,
+        group_sizes: vec![(8, 1)],
         users: 40,
         first_user,
         duration: LOAD_FOR,

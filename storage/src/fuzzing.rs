@@ -1,12 +1,12 @@
 //! Fuzz target for every value layout the store decodes: inbox values
-//! (records and references), inbox meta, idempotency entries. Whatever the
+//! (records, references and copies), inbox meta, idempotency entries. Whatever the
 //! bytes, decoding refuses them as corrupt or returns a value that encodes
 //! back to exactly those bytes; it never panics. Run by `cargo fuzz` in
 //! `fuzz/` and, briefly, by this crate's tests.
 
 use bytes::BytesMut;
 
-use crate::model::{encode_ref, Value};
+use crate::model::{encode_copy, encode_ref, Value};
 use crate::rocks::{decode_idem, decode_meta, encode_idem, encode_meta};
 
 pub fn values(data: &[u8]) {
@@ -17,6 +17,11 @@ pub fn values(data: &[u8]) {
             assert_eq!(&again[..], data, "a record re-encodes differently");
         }
         Ok(Value::Ref(r, ts)) => assert_eq!(&encode_ref(r, ts)[..], data),
+        Ok(Value::Copy(at, r)) => {
+            let mut again = BytesMut::new();
+            encode_copy(at, &r, &mut again);
+            assert_eq!(&again[..], data, "a copy re-encodes differently");
+        }
         Err(_) => {}
     }
     if let Ok(s) = decode_meta(data) {
@@ -54,8 +59,18 @@ mod tests {
         };
         let mut r = BytesMut::new();
         record.encode(&mut r);
+        let mut copy = BytesMut::new();
+        encode_copy(
+            LogRef {
+                log: 1 << 63,
+                seq: 7,
+            },
+            &record,
+            &mut copy,
+        );
         let seeds = vec![
             r.to_vec(),
+            copy.to_vec(),
             encode_ref(
                 LogRef {
                     log: 1 << 63,

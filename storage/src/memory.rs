@@ -16,14 +16,15 @@ struct Inbox {
 
 #[derive(Clone)]
 enum Entry {
-    Record(Record),
+    /// A record, and the log position it copies (a copy).
+    Record(Record, Option<LogRef>),
     Ref(LogRef, u64),
 }
 
 impl Entry {
     fn timestamp_ms(&self) -> u64 {
         match self {
-            Entry::Record(r) => r.timestamp_ms,
+            Entry::Record(r, _) => r.timestamp_ms,
             Entry::Ref(_, ts) => *ts,
         }
     }
@@ -134,9 +135,10 @@ impl InboxStore for MemoryStore {
                 server_msg_id: r.server_msg_id,
                 timestamp_ms: r.timestamp_ms,
             };
-            let entry = match m.reference {
-                Some(at) => Entry::Ref(at, r.timestamp_ms),
-                None => Entry::Record(r.clone()),
+            let entry = match m.form {
+                Form::Reference(at) => Entry::Ref(at, r.timestamp_ms),
+                Form::Record => Entry::Record(r.clone(), None),
+                Form::Copy(at) => Entry::Record(r.clone(), Some(at)),
             };
             inbox.messages.insert(placement.seq, entry);
             if let Some(key) = m.idempotency {
@@ -172,17 +174,17 @@ impl InboxStore for MemoryStore {
             .range(start..)
             .take(limit)
             .map(|(seq, entry)| match entry {
-                Entry::Record(record) => Ok(StoredMessage {
+                Entry::Record(record, via) => Ok(StoredMessage {
                     seq: *seq,
                     record: record.clone(),
-                    via: None,
+                    via: *via,
                 }),
                 Entry::Ref(at, _) => match inner
                     .inboxes
                     .get(&at.log)
                     .and_then(|l| l.messages.get(&at.seq))
                 {
-                    Some(Entry::Record(record)) => Ok(StoredMessage {
+                    Some(Entry::Record(record, None)) => Ok(StoredMessage {
                         seq: *seq,
                         record: record.clone(),
                         via: Some(*at),

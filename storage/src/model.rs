@@ -98,10 +98,33 @@ pub struct NewMessage {
     pub inbox: u64,
     pub idempotency: Option<IdempotencyKey>,
     pub record: Record,
-    /// `Some`: store only a reference to this log entry (which holds
-    /// `record`); reads resolve it. The body is stored once however many
+    /// How the entry holds `record`.
+    pub form: Form,
+}
+
+/// How an inbox entry holds its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// The record itself: a message for this inbox.
+    Record,
+    /// Only a reference to this log entry (which holds the record, in this
+    /// store); reads resolve it. The body is stored once however many
     /// inboxes reference it.
-    pub reference: Option<LogRef>,
+    Reference(LogRef),
+    /// A copy of this log entry, whose log is in another store (a group
+    /// log on another cluster node): the record in full, with the position
+    /// it copies. Reads return both, as for a reference.
+    Copy(LogRef),
+}
+
+impl Form {
+    /// The log entry the inbox entry stands for, if any.
+    pub fn via(self) -> Option<LogRef> {
+        match self {
+            Form::Record => None,
+            Form::Reference(at) | Form::Copy(at) => Some(at),
+        }
+    }
 }
 
 /// The stored fields of a message (everything but its sequence).
@@ -274,6 +297,23 @@ pub(crate) const RECORD_FIXED_LEN: usize = 47;
 pub(crate) const REF_FORMAT: u8 = 2;
 pub(crate) const REF_LEN: usize = 25;
 
+/// Copy value layout (an inbox entry holding a copy of a log entry kept in
+/// another store):
+///
+/// ```text
+/// 0 u8 format (3)   1 u64 log   9 u64 seq   17.. the record (format 1, above)
+/// ```
+pub(crate) const COPY_FORMAT: u8 = 3;
+const COPY_HEADER_LEN: usize = 17;
+
+pub(crate) fn encode_copy(at: LogRef, r: &Record, out: &mut BytesMut) {
+    out.reserve(COPY_HEADER_LEN + RECORD_FIXED_LEN + r.payload.len());
+    out.put_u8(COPY_FORMAT);
+    out.put_u64(at.log);
+    out.put_u64(at.seq);
+    r.encode(out);
+}
+
 pub(crate) fn encode_ref(r: LogRef, timestamp_ms: u64) -> [u8; REF_LEN] {
     let mut v = [0u8; REF_LEN];
     v[0] = REF_FORMAT;
@@ -283,10 +323,12 @@ pub(crate) fn encode_ref(r: LogRef, timestamp_ms: u64) -> [u8; REF_LEN] {
     v
 }
 
-/// A stored inbox value: a record, or a reference and its timestamp.
+/// A stored inbox value: a record, a reference and its timestamp, or a
+/// copy of a log entry.
 pub(crate) enum Value {
     Record(Record),
     Ref(LogRef, u64),
+    Copy(LogRef, Record),
 }
 
 impl Value {
@@ -307,12 +349,26 @@ impl Value {
                 u64_at(17),
             ));
         }
+        if v.first() == Some(&COPY_FORMAT) {
+            if v.len() < COPY_HEADER_LEN {
+                return Err(StoreError::Corrupt {
+                    what: "inbox copy",
+                    detail: format!("value of {} bytes, shorter than its header", v.len()),
+                });
+            }
+            let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+            let at = LogRef {
+                log: u64_at(1),
+                seq: u64_at(9),
+            };
+            return Ok(Value::Copy(at, Record::decode(&v[COPY_HEADER_LEN..])?));
+        }
         Record::decode(v).map(Value::Record)
     }
 
     pub(crate) fn timestamp_ms(&self) -> u64 {
         match self {
-            Value::Record(r) => r.timestamp_ms,
+            Value::Record(r) | Value::Copy(_, r) => r.timestamp_ms,
             Value::Ref(_, ts) => *ts,
         }
     }

@@ -25,6 +25,8 @@
 //!   one tombstone instead of one per message.
 //! - An inbox entry is either a record or a 25-byte reference to a record in
 //!   another inbox (a group log); reads resolve references with a point get.
+//!   A third form, a copy, holds a record in full with the log position it
+//!   copies (a group log kept on another cluster node).
 //! - `expiring` has a compaction filter that drops entries past their expiry
 //!   (by the configured [`Clock`]); the broker also range-deletes them, so
 //!   expired data leaves the disk, not just the query results.
@@ -438,9 +440,9 @@ impl RocksStore {
         {
             Some(v) => match Value::decode(&v)? {
                 Value::Record(r) => Ok(r),
-                Value::Ref(..) => Err(StoreError::Corrupt {
+                Value::Ref(..) | Value::Copy(..) => Err(StoreError::Corrupt {
                     what: "inbox reference",
-                    detail: format!("{at:?} names another reference"),
+                    detail: format!("{at:?} names another reference or a copy"),
                 }),
             },
             None => Err(StoreError::Corrupt {
@@ -546,15 +548,20 @@ impl InboxStore for RocksStore {
                 server_msg_id: r.server_msg_id,
                 timestamp_ms: r.timestamp_ms,
             };
-            match m.reference {
-                Some(at) => wb.put_cf(
+            match m.form {
+                Form::Reference(at) => wb.put_cf(
                     self.cf(CF_INBOX),
                     inbox_key(m.inbox, placement.seq),
                     encode_ref(at, r.timestamp_ms),
                 ),
-                None => {
+                Form::Record => {
                     value.clear();
                     r.encode(&mut value);
+                    wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
+                }
+                Form::Copy(at) => {
+                    value.clear();
+                    encode_copy(at, r, &mut value);
                     wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
                 }
             }
@@ -627,6 +634,11 @@ impl InboxStore for RocksStore {
                 Value::Ref(at, _) => StoredMessage {
                     seq,
                     record: self.resolve(at)?,
+                    via: Some(at),
+                },
+                Value::Copy(at, record) => StoredMessage {
+                    seq,
+                    record,
                     via: Some(at),
                 },
             });

@@ -19,7 +19,7 @@ fn msg(inbox: u64, sender: u64, cmid: u64, ts: u64, body: &str) -> NewMessage {
     NewMessage {
         inbox,
         idempotency: Some(IdempotencyKey::new(sender, cmid)),
-        reference: None,
+        form: Form::Record,
         record: Record {
             server_msg_id: cmid * 1000 + inbox,
             sender,
@@ -172,7 +172,7 @@ pub(crate) fn references_resolve_and_are_idempotent_per_scope(s: &dyn InboxStore
             scope: inbox,
         }),
         record: body.record.clone(),
-        reference: Some(LogRef { log: LOG, seq: 1 }),
+        form: Form::Reference(LogRef { log: LOG, seq: 1 }),
     };
     // Inbox 21 already holds one message, so the reference lands at seq 2.
     s.append(&[msg(21, 8, 1, 90, "earlier")], 90).unwrap();
@@ -194,6 +194,44 @@ pub(crate) fn references_resolve_and_are_idempotent_per_scope(s: &dyn InboxStore
     s.ack(20, 1).unwrap();
     assert_eq!(s.trim_acked(20, 1000).unwrap().oldest_seq, 2);
     assert_eq!(s.read_after(LOG, 0, 10).unwrap().len(), 1, "log untouched");
+}
+
+/// A copy of a log entry kept in another store (a group log on another
+/// cluster node) holds the record in full: it reads back with the position
+/// it copies though that log is not in this store, is idempotent per
+/// scope, and ages like any entry.
+pub(crate) fn copies_of_log_entries_kept_elsewhere_read_back_whole(s: &dyn InboxStore) {
+    const LOG: u64 = 1 << 63 | 6;
+    let at = LogRef { log: LOG, seq: 4 };
+    let body = msg(LOG, 9, 3, 100, "a group message from another node");
+    let copy = |inbox: u64| NewMessage {
+        inbox,
+        idempotency: Some(IdempotencyKey {
+            sender: LOG,
+            client_msg_id: at.seq,
+            scope: inbox,
+        }),
+        record: body.record.clone(),
+        form: Form::Copy(at),
+    };
+    s.append(&[msg(31, 8, 1, 90, "earlier")], 90).unwrap();
+    let out = s.append(&[copy(30), copy(31)], 101).unwrap();
+    assert_eq!(seqs(&out), vec![1, 2]);
+    let again = s.append(&[copy(30), copy(31)], 102).unwrap();
+    assert!(again
+        .iter()
+        .all(|o| matches!(o, AppendOutcome::Duplicate(_))));
+    assert!(s.read_after(LOG, 0, 10).unwrap().is_empty(), "no log here");
+    for (inbox, seq) in [(30, 1), (31, 2)] {
+        let read = s.read_after(inbox, seq - 1, 10).unwrap();
+        assert_eq!(read.len(), 1, "inbox {inbox}");
+        assert_eq!(read[0].seq, seq);
+        assert_eq!(read[0].record, body.record);
+        assert_eq!(read[0].via, Some(at));
+    }
+    s.ack(30, 1).unwrap();
+    assert_eq!(s.trim_acked(30, 1000).unwrap().oldest_seq, 2);
+    assert!(s.read_after(30, 0, 10).unwrap().is_empty());
 }
 
 pub(crate) fn kv_writes_are_atomic_with_appends_and_scan_by_prefix(s: &dyn InboxStore) {
@@ -293,6 +331,10 @@ macro_rules! suite {
             #[test]
             fn references_resolve_and_are_idempotent_per_scope() {
                 with_store(super::references_resolve_and_are_idempotent_per_scope)
+            }
+            #[test]
+            fn copies_of_log_entries_kept_elsewhere_read_back_whole() {
+                with_store(super::copies_of_log_entries_kept_elsewhere_read_back_whole)
             }
             #[test]
             fn kv_writes_are_atomic_with_appends_and_scan_by_prefix() {

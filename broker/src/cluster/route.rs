@@ -17,10 +17,10 @@
 //! (registration, marks, fetches, a broadcast's plan) never leave the node.
 //! What crosses is what one user's shard asks of another's: one message
 //! for one inbox (a send, a receipt, a broadcast copy), a status view for
-//! the poster's shard, and a read of posters' statuses. Group commands
-//! whose group another node owns are refused (`DESTINATION_UNSUPPORTED`)
-//! until the fan-out across nodes is built: refusing keeps every
-//! acknowledgement true.
+//! the poster's shard, a read of posters' statuses, a member's command for
+//! its group's shard (a group send, a membership change or info, a receipt
+//! query), a group shard's copies of a log entry for members on another
+//! node, and members' group cursors for receipt counts.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use courier_protocol::error::with_retry_after;
-use courier_protocol::{ErrorCode, SendResult, Status};
+use courier_protocol::{Body, ErrorCode, GroupRequest, Reason, ReceiptCounts, SendResult, Status};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -38,13 +38,22 @@ use tracing::debug;
 use super::link::Handler;
 use super::order;
 use super::view;
-use super::wire::{self, Answer, RemoteSend, RemoteStatuses, RemoteView, SendAnswer, ViewOutcome};
+use super::wire::{
+    self, Answer, MemberCursors, RemoteCursors, RemoteGroupAsk, RemoteGroupSend, RemoteRefs,
+    RemoteSend, RemoteStatuses, RemoteView, SendAnswer, ViewOutcome,
+};
 use super::Cluster;
 use crate::error::BrokerError;
 use crate::metrics::{Metrics, LATENCY_BUCKETS};
 use crate::node::Node;
-use crate::shard::messages::{failed, Completion, SendCmd, ShardCmd, StatusViewCmd};
+use crate::shard::messages::{
+    failed, Completion, GroupOpCmd, GroupReply, GroupSendCmd, ReceiptQueryCmd, RefsCmd, RefsReport,
+    SendCmd, ShardCmd, StatusViewCmd,
+};
+use crate::shard::route::by_shard;
 use crate::shard::Remote;
+use crate::state::keys;
+use crate::state::rows::Cursors;
 use crate::state::social;
 
 /// How long a send to another node may wait for its answer (the link's
@@ -144,7 +153,7 @@ impl PlaneMetrics {
         let unavailable = IntCounterVec::new(
             Opts::new(
                 "courier_cluster_unavailable_total",
-                "Sends and sessions refused with SHARD_UNAVAILABLE, by what: send (the owner out of reach), held (an older send of the same conversation waits for its retry), session, view (a status view), statuses (a status fetch).",
+                "Sends and sessions refused with SHARD_UNAVAILABLE, by what: send (the owner out of reach), held (an older send of the same conversation waits for its retry), session, view (a status view), statuses (a status fetch), group (a membership change, group info or receipt query), copies (a part of a group fan-out to another node, sent again on the tick), cursors (receipt counts).",
             ),
             &["what"],
         )
@@ -167,7 +176,9 @@ impl PlaneMetrics {
         for outcome in ["stored", "refused", "unavailable"] {
             remote_sends.with_label_values(&[outcome]);
         }
-        for what in ["send", "held", "session", "view", "statuses"] {
+        for what in [
+            "send", "held", "session", "view", "statuses", "group", "copies", "cursors",
+        ] {
             unavailable.with_label_values(&[what]);
         }
         metrics.register(remote_sends.clone());
@@ -212,7 +223,6 @@ impl Router {
     /// [`order`]): refused while an older send of the same conversation
     /// waits for its retry.
     fn forward(&self, shard: u32, owner: Option<&view::Owner>, s: SendCmd) {
-        let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
         let line = matches!(s.done, Completion::Reply(_)).then_some(order::Key {
             sender: s.sender,
             device: s.sender_device,
@@ -234,6 +244,54 @@ impl Router {
             }
             .encode()
         });
+        let node = self.node.clone();
+        let finish = move |result, stored| {
+            if let Some(node) = node.upgrade() {
+                node.shards.complete(done, result, stored);
+            }
+        };
+        self.relay(owner, line, id, body, Box::new(finish));
+    }
+
+    /// Sends a member's message to the group's owner; the answer goes to
+    /// the member's session. In the conversation's line like a send.
+    fn group_send(&self, shard: u32, owner: Option<&view::Owner>, g: GroupSendCmd) {
+        let line = Some(order::Key {
+            sender: g.sender,
+            device: g.sender_device,
+            recipient: g.group,
+        });
+        let body = owner.map(|owner| {
+            RemoteGroupSend {
+                shard,
+                epoch: owner.epoch,
+                sender: g.sender,
+                sender_device: g.sender_device,
+                group: g.group,
+                client_msg_id: g.client_msg_id,
+                kind: g.kind,
+                payload: g.payload,
+            }
+            .encode()
+        });
+        let reply = g.reply;
+        let finish = move |result, _stored| reply.send(result);
+        self.relay(owner, line, g.client_msg_id, body, Box::new(finish));
+    }
+
+    /// Puts a send (`body`, `None` without an owner) on the link to
+    /// `owner`, in its conversation's `line` if it is a client's, and
+    /// calls `finish` with the outcome: the owner's answer, or
+    /// `SHARD_UNAVAILABLE`.
+    fn relay(
+        &self,
+        owner: Option<&view::Owner>,
+        line: Option<order::Key>,
+        id: u64,
+        body: Option<Bytes>,
+        finish: Box<dyn FnOnce(SendResult, bool) + Send>,
+    ) {
+        let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
         // Queued on the link here, in the order of the calls (a session's
         // sends, a shard's receipts): the link keeps it, and the owner
         // queues each on its shard as it arrives.
@@ -274,11 +332,10 @@ impl Router {
             Err((what, why)) => {
                 debug!(why, "remote send refused as unavailable");
                 self.metrics().unavailable.with_label_values(&[what]).inc();
-                return self.complete(done, unavailable(id), false);
+                return finish(unavailable(id), false);
             }
         };
         let peer_id = peer.map(|p| p.peer_id.clone()).unwrap_or_default();
-        let node = self.node.clone();
         let cluster = self.cluster.clone();
         let lines = self.lines.clone();
         let asked = Instant::now();
@@ -318,8 +375,151 @@ impl Router {
                 .remote_sends
                 .with_label_values(&[outcome])
                 .inc();
-            if let Some(node) = node.upgrade() {
-                node.shards.complete(done, result, stored);
+            finish(result, stored);
+        });
+    }
+
+    /// Asks the group's owner a member's membership change, group info or
+    /// receipt query (`body`, the client's frame); `take` reads the answer
+    /// frame it expects, which completes `answer`.
+    fn group_ask<T: Send + 'static>(
+        &self,
+        shard: u32,
+        owner: Option<&view::Owner>,
+        asker: u64,
+        body: Body,
+        answer: oneshot::Sender<Result<T, BrokerError>>,
+        take: fn(Body) -> Option<T>,
+    ) {
+        let request = owner.map(|o| {
+            RemoteGroupAsk {
+                shard,
+                epoch: o.epoch,
+                asker,
+                body,
+            }
+            .encode()
+        });
+        let peer = owner.and_then(|o| self.cluster.links.peer(&o.node));
+        let started = match (peer, request) {
+            (Some(peer), Some(request)) => peer.start_request(request, REMOTE_DEADLINE).ok(),
+            _ => None,
+        };
+        let Some((_, reply)) = started else {
+            self.metrics()
+                .unavailable
+                .with_label_values(&["group"])
+                .inc();
+            let _ = answer.send(Err(unreachable_owner()));
+            return;
+        };
+        let cluster = self.cluster.clone();
+        self.runtime.spawn(async move {
+            let outcome = match reply.await.map(Answer::<Body>::decode) {
+                Ok(Ok(Answer::Done(Body::Error(reason)))) => {
+                    Err(BrokerError::refused(reason.code, reason.message))
+                }
+                Ok(Ok(Answer::Done(body))) => take(body).ok_or_else(|| {
+                    debug!("an unexpected answer to a group request");
+                    unreachable_owner()
+                }),
+                other => {
+                    debug!(?other, "group request across nodes failed");
+                    cluster
+                        .plane
+                        .unavailable
+                        .with_label_values(&["group"])
+                        .inc();
+                    Err(unreachable_owner())
+                }
+            };
+            let _ = answer.send(outcome);
+        });
+    }
+
+    /// Sends copies of a group log entry to the nodes that hold `r`'s
+    /// members, one request per node, and reports the part to the group's
+    /// shard once every node has answered (any failure fails the part,
+    /// which the group's shard sends again on its tick).
+    fn copies(&self, r: RefsCmd) {
+        let view = self.cluster.view();
+        // By node: the (shard, epoch) pairs routed by, and the members.
+        type Part = (Vec<(u32, i64)>, Vec<u64>);
+        let mut by_node: HashMap<String, Part> = HashMap::new();
+        let mut unplaced = false;
+        for &m in &r.members {
+            match view.owner_of(m) {
+                Some((shard, Some(owner))) if owner.node != self.cluster.node_id() => {
+                    let (epochs, members) = by_node.entry(owner.node.clone()).or_default();
+                    if !epochs.iter().any(|&(s, _)| s == shard) {
+                        epochs.push((shard, owner.epoch));
+                    }
+                    members.push(m);
+                }
+                // No owner, or this node after all (the map changed since
+                // the shard split the members): fail, and the retry splits
+                // them again.
+                _ => unplaced = true,
+            }
+        }
+        let (g, seq) = (r.group, r.message.seq);
+        let mut asks = Vec::new();
+        for (node, (epochs, members)) in by_node {
+            let body = RemoteRefs {
+                group: g,
+                epochs,
+                members,
+                message: (*r.message).clone(),
+            }
+            .encode();
+            match self.cluster.links.peer(&node) {
+                Some(peer) => match peer.start_request(body, REMOTE_DEADLINE) {
+                    Ok((_, answer)) => asks.push(answer),
+                    Err(_) => unplaced = true,
+                },
+                None => unplaced = true,
+            }
+        }
+        let node = self.node.clone();
+        let cluster = self.cluster.clone();
+        self.runtime.spawn(async move {
+            let mut code = if unplaced {
+                ErrorCode::SHARD_UNAVAILABLE
+            } else {
+                ErrorCode::OK
+            };
+            for answer in asks {
+                match answer.await.map(Answer::<ErrorCode>::decode) {
+                    Ok(Ok(Answer::Done(ErrorCode::OK))) => {}
+                    Ok(Ok(Answer::Done(failed))) => code = failed,
+                    other => {
+                        debug!(?other, group = g, seq, "group copies across nodes failed");
+                        code = ErrorCode::SHARD_UNAVAILABLE;
+                    }
+                }
+            }
+            if code != ErrorCode::OK {
+                cluster
+                    .plane
+                    .unavailable
+                    .with_label_values(&["copies"])
+                    .inc();
+            }
+            let Some(node) = node.upgrade() else {
+                return;
+            };
+            match r.report {
+                RefsReport::Group => node.shards.send_peer(
+                    g,
+                    ShardCmd::RefsDone {
+                        group: g,
+                        seq,
+                        code,
+                    },
+                ),
+                RefsReport::Remote(tx) => {
+                    let _ = tx.send(code);
+                }
             }
         });
     }
@@ -365,42 +565,49 @@ impl Router {
             let _ = v.answer.send(outcome);
         });
     }
-
-    fn complete(&self, done: Completion, result: SendResult, stored: bool) {
-        if let Some(node) = self.node.upgrade() {
-            node.shards.complete(done, result, stored);
-        }
-    }
 }
 
 impl Remote for Router {
     fn divert(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd> {
+        // Copies for members on other nodes: the router splits them by node.
+        let cmd = match cmd {
+            ShardCmd::Refs(r) if r.copy => {
+                self.copies(r);
+                return None;
+            }
+            cmd => cmd,
+        };
         let view = self.cluster.view();
         if view.holds(self.cluster.node_id(), key) {
             return Some(cmd);
         }
-        // No map read yet, or the shard being assigned: out of reach (sends
-        // and views answer so themselves). Otherwise group commands belong
-        // to another node, which does not serve them across nodes yet.
+        // No map read yet, or the shard being assigned: out of reach (each
+        // command answers so). Otherwise the owner serves it.
         let (shard, owner) = view.owner_of(key).unwrap_or((0, None));
-        let refusal = || match owner {
-            None => unreachable_owner(),
-            Some(_) => BrokerError::refused(
-                ErrorCode::DESTINATION_UNSUPPORTED,
-                "groups across cluster nodes are not served yet",
-            ),
-        };
         match cmd {
             ShardCmd::Send(s) => self.forward(shard, owner, s),
-            ShardCmd::GroupSend(g) => g.reply.send(match owner {
-                None => unavailable(g.client_msg_id),
-                Some(_) => failed(g.client_msg_id, ErrorCode::DESTINATION_UNSUPPORTED),
-            }),
+            ShardCmd::GroupSend(g) => self.group_send(shard, owner, g),
             ShardCmd::GroupOp(op) => {
-                let _ = op.answer.send(Err(refusal()));
+                let request = GroupRequest {
+                    op: op.op,
+                    group: op.group,
+                    users: op.users,
+                };
+                let body = Body::Group(request);
+                self.group_ask(shard, owner, op.actor, body, op.answer, |b| match b {
+                    Body::GroupInfo(info) => Some(info),
+                    _ => None,
+                });
             }
             ShardCmd::ReceiptQuery(q) => {
-                let _ = q.answer.send(Err(refusal()));
+                let body = Body::ReceiptQuery {
+                    group: q.group,
+                    seq: q.seq,
+                };
+                self.group_ask(shard, owner, q.asker, body, q.answer, |b| match b {
+                    Body::ReceiptCounts(counts) => Some(counts),
+                    _ => None,
+                });
             }
             ShardCmd::StatusView(v) => self.view(shard, owner, v),
             // The user's own shard (its sessions live on its owner), or a
@@ -409,6 +616,75 @@ impl Remote for Router {
         }
         None
     }
+
+    fn here(&self, id: u64) -> bool {
+        self.cluster.owns(id)
+    }
+
+    fn count_elsewhere(
+        &self,
+        counts: ReceiptCounts,
+        members: Vec<u64>,
+        answer: oneshot::Sender<Result<ReceiptCounts, BrokerError>>,
+    ) {
+        let cluster = self.cluster.clone();
+        self.runtime.spawn(async move {
+            let counted = member_cursors(&cluster, counts.group, members).await;
+            let _ = answer.send(counted.map(|cursors| {
+                let mut counts = counts;
+                for (_, delivered, read) in cursors {
+                    counts.delivered += u32::from(delivered >= counts.seq);
+                    counts.read += u32::from(read >= counts.seq);
+                }
+                counts
+            }));
+        });
+    }
+}
+
+/// The group cursors of `members` in group `g`, read from the nodes that
+/// hold them (one request per node, all at once); any node out of reach
+/// fails the read (`SHARD_UNAVAILABLE`) rather than undercount.
+async fn member_cursors(
+    cluster: &Cluster,
+    g: u64,
+    members: Vec<u64>,
+) -> Result<MemberCursors, BrokerError> {
+    let read = async {
+        let view = cluster.view();
+        let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
+        for m in members {
+            let (_, owner) = view.owner_of(m).ok_or("no map")?;
+            let owner = owner.ok_or("a member's shard has no owner")?;
+            by_owner.entry(owner.node.clone()).or_default().push(m);
+        }
+        let mut asks = Vec::new();
+        for (owner, members) in by_owner {
+            let peer = cluster.links.peer(&owner).ok_or("no link to the owner")?;
+            let body = RemoteCursors { group: g, members }.encode();
+            let (_, answer) = peer
+                .start_request(body, REMOTE_DEADLINE)
+                .map_err(|_| "not queued on the link")?;
+            asks.push(answer);
+        }
+        let mut out = Vec::new();
+        for answer in asks {
+            match answer.await.map(Answer::<MemberCursors>::decode) {
+                Ok(Ok(Answer::Done(cursors))) => out.extend(cursors),
+                _ => return Err("no answer, a failure, or not the owner"),
+            }
+        }
+        Ok(out)
+    };
+    read.await.map_err(|why| {
+        debug!(why, "group cursors across nodes failed");
+        cluster
+            .plane
+            .unavailable
+            .with_label_values(&["cursors"])
+            .inc();
+        unreachable_owner()
+    })
 }
 
 /// What this node answers its peers' data-plane requests.
@@ -444,6 +720,31 @@ impl Handler for Owner {
             Some(&wire::STATUSES) => match RemoteStatuses::decode(body) {
                 Ok(q) => Box::pin(async move { Ok(serve_statuses(node, q).await?.encode()) }),
                 Err(e) => Box::pin(async move { Err(format!("bad statuses: {e}")) }),
+            },
+            Some(&wire::GROUP_SEND) => match RemoteGroupSend::decode(body) {
+                Ok(g) => {
+                    let answer = serve_group_send(&node, g);
+                    Box::pin(async move { Ok(answer.await.encode()) })
+                }
+                Err(e) => Box::pin(async move { Err(format!("bad group send: {e}")) }),
+            },
+            Some(&wire::GROUP_ASK) => match RemoteGroupAsk::decode(body) {
+                Ok(a) => {
+                    let answer = serve_group_ask(&node, a);
+                    Box::pin(async move { Ok(answer.await.encode()) })
+                }
+                Err(e) => Box::pin(async move { Err(format!("bad group request: {e}")) }),
+            },
+            Some(&wire::REFS) => match RemoteRefs::decode(body) {
+                Ok(r) => {
+                    let answer = serve_refs(&node, r);
+                    Box::pin(async move { Ok(answer.await.encode()) })
+                }
+                Err(e) => Box::pin(async move { Err(format!("bad copies: {e}")) }),
+            },
+            Some(&wire::CURSORS) => match RemoteCursors::decode(body) {
+                Ok(c) => Box::pin(async move { Ok(serve_cursors(node, c).await?.encode()) }),
+                Err(e) => Box::pin(async move { Err(format!("bad cursors: {e}")) }),
             },
             Some(&op) => Box::pin(async move { Err(format!("unknown request {op}")) }),
             None => Box::pin(async { Err("empty request".into()) }),
@@ -488,6 +789,186 @@ fn owned_here(node: &Node, shard: u32, epoch: i64, id: u64) -> Result<(), (Strin
         Ok(())
     } else {
         Err(owner.map_or((String::new(), 0), |o| (o.node, o.epoch)))
+    }
+}
+
+/// Queues a member's group message from another node on the group's
+/// shard now (in arrival order, like sends); the future is the answer.
+fn serve_group_send(node: &Node, g: RemoteGroupSend) -> impl Future<Output = SendAnswer> + Send {
+    let id = g.client_msg_id;
+    let queued = owned_here(node, g.shard, g.epoch, g.group).map(|()| {
+        let (tx, rx) = oneshot::channel();
+        node.shards.send_peer(
+            g.group,
+            ShardCmd::GroupSend(GroupSendCmd {
+                group: g.group,
+                sender: g.sender,
+                sender_device: g.sender_device,
+                client_msg_id: id,
+                kind: g.kind,
+                payload: g.payload,
+                reply: GroupReply::Remote(tx),
+                accepted: Instant::now(),
+            }),
+        );
+        rx
+    });
+    async move {
+        match queued {
+            Ok(rx) => SendAnswer::Outcome {
+                result: rx.await.unwrap_or_else(|_| unavailable(id)),
+                stored: false,
+            },
+            Err((owner, epoch)) => SendAnswer::NotOwner { owner, epoch },
+        }
+    }
+}
+
+/// Queues a member's membership change, group info or receipt query from
+/// another node on the group's shard now; the future is the answer frame.
+fn serve_group_ask(node: &Node, a: RemoteGroupAsk) -> impl Future<Output = Answer<Body>> + Send {
+    let group = match &a.body {
+        Body::Group(r) => r.group,
+        Body::ReceiptQuery { group, .. } => *group,
+        _ => 0,
+    };
+    let queued = owned_here(node, a.shard, a.epoch, group).map(|()| match a.body {
+        Body::Group(r) => {
+            let (tx, rx) = oneshot::channel();
+            let op = GroupOpCmd {
+                group,
+                actor: a.asker,
+                op: r.op,
+                users: r.users,
+                answer: tx,
+            };
+            node.shards.send_peer(group, ShardCmd::GroupOp(op));
+            Box::pin(async move { answer_frame(rx.await, Body::GroupInfo) })
+                as Pin<Box<dyn Future<Output = Body> + Send>>
+        }
+        Body::ReceiptQuery { group, seq } => {
+            let (tx, rx) = oneshot::channel();
+            let q = ReceiptQueryCmd {
+                group,
+                seq,
+                asker: a.asker,
+                answer: tx,
+            };
+            node.shards.send_peer(group, ShardCmd::ReceiptQuery(q));
+            Box::pin(async move { answer_frame(rx.await, Body::ReceiptCounts) })
+        }
+        // The decoder lets no other frame through.
+        _ => Box::pin(async { error_frame(ErrorCode::INVALID_REQUEST, "not a group request") }),
+    });
+    async move {
+        match queued {
+            Ok(answer) => Answer::Done(answer.await),
+            Err((owner, epoch)) => Answer::NotOwner { owner, epoch },
+        }
+    }
+}
+
+/// The client-protocol frame that answers a group request.
+fn answer_frame<T>(
+    answer: Result<Result<T, BrokerError>, oneshot::error::RecvError>,
+    body: fn(T) -> Body,
+) -> Body {
+    match answer {
+        Ok(Ok(t)) => body(t),
+        Ok(Err(e)) => error_frame(e.code(), &e.to_string()),
+        Err(_) => error_frame(ErrorCode::SHUTTING_DOWN, "the node is stopping"),
+    }
+}
+
+fn error_frame(code: ErrorCode, why: &str) -> Body {
+    Body::Error(Reason::new(code, why))
+}
+
+/// Stores copies of a group log entry for members this node owns (at the
+/// epochs the group's node routed by), through their shards' peer queues;
+/// the future answers once every shard's part has an outcome.
+fn serve_refs(node: &Node, r: RemoteRefs) -> impl Future<Output = Answer<ErrorCode>> + Send {
+    let owned = r.members.iter().try_for_each(|&m| {
+        let shard = node
+            .cluster
+            .get()
+            .and_then(|c| c.view().shard_of(m))
+            .unwrap_or(u32::MAX);
+        let epoch = r.epochs.iter().find(|&&(s, _)| s == shard).map(|&(_, e)| e);
+        owned_here(node, shard, epoch.unwrap_or(-1), m)
+    });
+    let parts = owned.map(|()| {
+        let message = Arc::new(r.message);
+        let mut parts = Vec::new();
+        for (_, members) in by_shard(r.members, node.shards.count()) {
+            let (tx, rx) = oneshot::channel();
+            let first = members[0];
+            let refs = RefsCmd {
+                group: r.group,
+                message: message.clone(),
+                members,
+                copy: true,
+                report: RefsReport::Remote(tx),
+                accepted: Instant::now(),
+            };
+            node.shards.send_peer(first, ShardCmd::Refs(refs));
+            parts.push(rx);
+        }
+        parts
+    });
+    async move {
+        match parts {
+            Ok(parts) => {
+                let mut code = ErrorCode::OK;
+                for part in parts {
+                    match part.await {
+                        Ok(ErrorCode::OK) => {}
+                        Ok(failed) => code = failed,
+                        Err(_) => code = ErrorCode::SHUTTING_DOWN,
+                    }
+                }
+                Answer::Done(code)
+            }
+            Err((owner, epoch)) => Answer::NotOwner { owner, epoch },
+        }
+    }
+}
+
+/// Reads the group cursors of members this node owns (off the I/O
+/// threads); a failed read fails the request.
+async fn serve_cursors(node: Arc<Node>, c: RemoteCursors) -> Result<Answer<MemberCursors>, String> {
+    let Some(cluster) = node.cluster.get() else {
+        return Err("not a cluster node".into());
+    };
+    let view = cluster.view();
+    if let Some(m) = c
+        .members
+        .iter()
+        .find(|&&m| !view.holds(cluster.node_id(), m))
+    {
+        let (owner, epoch) = view
+            .owner_of(*m)
+            .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
+            .unwrap_or_default();
+        return Ok(Answer::NotOwner { owner, epoch });
+    }
+    let store = node.store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(c.members.len());
+        for m in c.members {
+            let cursors = match store.get(&keys::cursor(c.group, m))? {
+                Some(v) => Cursors::decode(&v),
+                None => Cursors::default(),
+            };
+            out.push((m, cursors.delivered, cursors.read));
+        }
+        Ok::<_, courier_storage::StoreError>(out)
+    })
+    .await;
+    match read {
+        Ok(Ok(cursors)) => Ok(Answer::Done(cursors)),
+        Ok(Err(e)) => Err(format!("reading group cursors: {e}")),
+        Err(e) => Err(format!("reading group cursors: {e}")),
     }
 }
 

@@ -19,7 +19,30 @@
 //! answer:   0 | count u32 | (poster u64 | status_id u64 | posted_at_ms u64 |
 //!           expires_at_ms u64 | payload (u32 length, bytes)) × count
 //!        or 1 (not the owner of every poster's shard, as above)
+//!
+//! GROUP_SEND (4): shard u32 | epoch i64 | sender u64 | sender_device u32 |
+//!           group u64 | client_msg_id u64 | kind u8 | payload (u32 length, bytes)
+//! answer:   as SEND's (stored is 0)
+//!
+//! GROUP_ASK (5): shard u32 | epoch i64 | asker u64 | one client-protocol
+//!           frame: Group (a membership change or info) or ReceiptQuery
+//! answer:   0 | one client-protocol frame: GroupInfo, ReceiptCounts or Error
+//!        or 1 (not the owner, as above)
+//!
+//! REFS (6): group u64 | count u16 | (shard u32 | epoch i64) × count |
+//!           members u16 | member u64 × members | one client-protocol
+//!           Deliver frame holding the one group log entry
+//! answer:   0 | code u16   or 1 (not the owner of every member's shard, as above)
+//!
+//! CURSORS (7): group u64 | count u16 | member u64 × count
+//! answer:   0 | count u16 | (member u64 | delivered u64 | read u64) × count
+//!        or 1 (not the owner of every member's shard, as above)
 //! ```
+//!
+//! GROUP_SEND and GROUP_ASK carry a member's command to the node that owns
+//! the group; REFS a group's shard's part of a fan-out to the members'
+//! node, which stores copies of the entry; CURSORS reads members' group
+//! cursors for the group's receipt counts.
 //!
 //! VIEW records a status view on the poster's shard (the viewer's side of
 //! the consent was checked on the viewer's node); STATUSES reads the
@@ -31,11 +54,60 @@
 //! outbox row, the broadcast's answer) and completes it from the answer.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use courier_protocol::{Destination, ErrorCode, MessageKind, SendResult, Status};
+use courier_protocol::{
+    Body, Destination, ErrorCode, Frame, Message, MessageKind, SendResult, Status,
+};
 
 pub const SEND: u8 = 1;
 pub const VIEW: u8 = 2;
 pub const STATUSES: u8 = 3;
+pub const GROUP_SEND: u8 = 4;
+pub const GROUP_ASK: u8 = 5;
+pub const REFS: u8 = 6;
+pub const CURSORS: u8 = 7;
+
+/// A member's message for a group whose shard the receiving node owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteGroupSend {
+    pub shard: u32,
+    pub epoch: i64,
+    pub sender: u64,
+    pub sender_device: u32,
+    pub group: u64,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+}
+
+/// A member's membership change, group info or receipt query, for a group
+/// whose shard the receiving node owns: the client's frame as it came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteGroupAsk {
+    pub shard: u32,
+    pub epoch: i64,
+    pub asker: u64,
+    pub body: Body,
+}
+
+/// One group log entry for members whose shards the receiving node owns,
+/// at the epochs the group's node routed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteRefs {
+    pub group: u64,
+    pub epochs: Vec<(u32, i64)>,
+    pub members: Vec<u64>,
+    pub message: Message,
+}
+
+/// The group cursors of members whose shards the receiving node owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteCursors {
+    pub group: u64,
+    pub members: Vec<u64>,
+}
+
+/// A member's delivered and read cursors in a group.
+pub type MemberCursors = Vec<(u64, u64, u64)>;
 
 /// A status view for a poster whose shard the receiving node owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +180,8 @@ pub enum WireError {
     Trailing(usize),
     #[error("text is not UTF-8")]
     BadText,
+    #[error("not a client-protocol frame this request carries: {0}")]
+    BadFrame(String),
 }
 
 impl RemoteSend {
@@ -315,6 +389,256 @@ impl Answer<Vec<Status>> {
     }
 }
 
+impl RemoteGroupSend {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(46 + self.payload.len());
+        out.put_u8(GROUP_SEND);
+        out.put_u32(self.shard);
+        out.put_i64(self.epoch);
+        out.put_u64(self.sender);
+        out.put_u32(self.sender_device);
+        out.put_u64(self.group);
+        out.put_u64(self.client_msg_id);
+        out.put_u8(self.kind as u8);
+        out.put_u32(self.payload.len() as u32);
+        out.put_slice(&self.payload);
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteGroupSend, WireError> {
+        need(&b, 1 + 4 + 8 + 8 + 4 + 8 + 8 + 1 + 4)?;
+        op(&mut b, GROUP_SEND)?;
+        let (shard, epoch) = (b.get_u32(), b.get_i64());
+        let (sender, sender_device) = (b.get_u64(), b.get_u32());
+        let (group, client_msg_id) = (b.get_u64(), b.get_u64());
+        let kind = b.get_u8();
+        let kind = MessageKind::from_u8(kind).ok_or(WireError::UnknownKind(kind))?;
+        let len = b.get_u32() as usize;
+        need(&b, len)?;
+        let payload = b.split_to(len);
+        done(&b)?;
+        Ok(RemoteGroupSend {
+            shard,
+            epoch,
+            sender,
+            sender_device,
+            group,
+            client_msg_id,
+            kind,
+            payload,
+        })
+    }
+}
+
+impl RemoteGroupAsk {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64);
+        out.put_u8(GROUP_ASK);
+        out.put_u32(self.shard);
+        out.put_i64(self.epoch);
+        out.put_u64(self.asker);
+        courier_protocol::encode(&Frame::new(0, self.body.clone()), &mut out);
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteGroupAsk, WireError> {
+        need(&b, 1 + 4 + 8 + 8)?;
+        op(&mut b, GROUP_ASK)?;
+        let (shard, epoch, asker) = (b.get_u32(), b.get_i64(), b.get_u64());
+        let body = get_frame(&mut b)?;
+        if !matches!(body, Body::Group(_) | Body::ReceiptQuery { .. }) {
+            return Err(WireError::BadFrame(format!("{body:?}")));
+        }
+        done(&b)?;
+        Ok(RemoteGroupAsk {
+            shard,
+            epoch,
+            asker,
+            body,
+        })
+    }
+}
+
+impl Answer<Body> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(64);
+        match self {
+            Answer::Done(body) => {
+                out.put_u8(0);
+                courier_protocol::encode(&Frame::new(0, body.clone()), &mut out);
+            }
+            Answer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Answer<Body>, WireError> {
+        need(&b, 1)?;
+        match b.get_u8() {
+            0 => {
+                let body = get_frame(&mut b)?;
+                done(&b)?;
+                Ok(Answer::Done(body))
+            }
+            1 => get_not_owner(b),
+            op => Err(WireError::UnknownOp(op)),
+        }
+    }
+}
+
+impl RemoteRefs {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(
+            64 + 12 * self.epochs.len() + 8 * self.members.len() + self.message.payload.len(),
+        );
+        out.put_u8(REFS);
+        out.put_u64(self.group);
+        out.put_u16(self.epochs.len() as u16);
+        for &(shard, epoch) in &self.epochs {
+            out.put_u32(shard);
+            out.put_i64(epoch);
+        }
+        out.put_u16(self.members.len() as u16);
+        for m in &self.members {
+            out.put_u64(*m);
+        }
+        courier_protocol::encode_deliver(0, std::slice::from_ref(&self.message), &mut out);
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteRefs, WireError> {
+        need(&b, 1 + 8 + 2)?;
+        op(&mut b, REFS)?;
+        let group = b.get_u64();
+        let n = b.get_u16() as usize;
+        need(&b, 12 * n + 2)?;
+        let epochs = (0..n).map(|_| (b.get_u32(), b.get_i64())).collect();
+        let n = b.get_u16() as usize;
+        need(&b, 8 * n)?;
+        let members = (0..n).map(|_| b.get_u64()).collect();
+        let message = match get_frame(&mut b)? {
+            Body::Deliver(mut v) if v.len() == 1 => v.remove(0),
+            other => return Err(WireError::BadFrame(format!("{other:?}"))),
+        };
+        done(&b)?;
+        Ok(RemoteRefs {
+            group,
+            epochs,
+            members,
+            message,
+        })
+    }
+}
+
+impl RemoteCursors {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(11 + 8 * self.members.len());
+        out.put_u8(CURSORS);
+        out.put_u64(self.group);
+        out.put_u16(self.members.len() as u16);
+        for m in &self.members {
+            out.put_u64(*m);
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<RemoteCursors, WireError> {
+        need(&b, 1 + 8 + 2)?;
+        op(&mut b, CURSORS)?;
+        let group = b.get_u64();
+        let n = b.get_u16() as usize;
+        need(&b, 8 * n)?;
+        let members = (0..n).map(|_| b.get_u64()).collect();
+        done(&b)?;
+        Ok(RemoteCursors { group, members })
+    }
+}
+
+impl Answer<ErrorCode> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(3);
+        match self {
+            Answer::Done(code) => {
+                out.put_u8(0);
+                out.put_u16(code.0);
+            }
+            Answer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Answer<ErrorCode>, WireError> {
+        need(&b, 1)?;
+        match b.get_u8() {
+            0 => {
+                need(&b, 2)?;
+                let code = ErrorCode(b.get_u16());
+                done(&b)?;
+                Ok(Answer::Done(code))
+            }
+            1 => get_not_owner(b),
+            op => Err(WireError::UnknownOp(op)),
+        }
+    }
+}
+
+impl Answer<MemberCursors> {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Answer::Done(cursors) => {
+                out.put_u8(0);
+                out.put_u16(cursors.len() as u16);
+                for &(member, delivered, read) in cursors {
+                    out.put_u64(member);
+                    out.put_u64(delivered);
+                    out.put_u64(read);
+                }
+            }
+            Answer::NotOwner { owner, epoch } => put_not_owner(&mut out, owner, *epoch),
+        }
+        out.freeze()
+    }
+
+    pub fn decode(mut b: Bytes) -> Result<Answer<MemberCursors>, WireError> {
+        need(&b, 1)?;
+        match b.get_u8() {
+            0 => {
+                need(&b, 2)?;
+                let n = b.get_u16() as usize;
+                need(&b, 24 * n)?;
+                let cursors = (0..n)
+                    .map(|_| (b.get_u64(), b.get_u64(), b.get_u64()))
+                    .collect();
+                done(&b)?;
+                Ok(Answer::Done(cursors))
+            }
+            1 => get_not_owner(b),
+            op => Err(WireError::UnknownOp(op)),
+        }
+    }
+}
+
+/// Checks a request's operation byte.
+fn op(b: &mut Bytes, expected: u8) -> Result<(), WireError> {
+    match b.get_u8() {
+        op if op == expected => Ok(()),
+        op => Err(WireError::UnknownOp(op)),
+    }
+}
+
+/// One client-protocol frame, the rest of the body.
+fn get_frame(b: &mut Bytes) -> Result<Body, WireError> {
+    match courier_protocol::decode(b, u32::MAX) {
+        Ok(Some((frame, used))) => {
+            b.advance(used);
+            Ok(frame.body)
+        }
+        Ok(None) => Err(WireError::Truncated),
+        Err(e) => Err(WireError::BadFrame(e.to_string())),
+    }
+}
+
 fn put_text(out: &mut BytesMut, text: &str) {
     let text = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
     out.put_u16(text.len() as u16);
@@ -508,6 +832,88 @@ mod tests {
                 Err(WireError::Truncated)
             );
         }
+    }
+
+    #[test]
+    fn group_requests_and_their_answers_round_trip() {
+        let send = RemoteGroupSend {
+            shard: 4,
+            epoch: 8,
+            sender: 7,
+            sender_device: 1,
+            group: 1 << 63 | 9,
+            client_msg_id: 5,
+            kind: MessageKind::Chat,
+            payload: Bytes::from_static(b"to the group"),
+        };
+        assert_eq!(RemoteGroupSend::decode(send.encode()).unwrap(), send);
+        let ask = RemoteGroupAsk {
+            shard: 4,
+            epoch: 8,
+            asker: 7,
+            body: Body::ReceiptQuery {
+                group: 1 << 63 | 9,
+                seq: 3,
+            },
+        };
+        assert_eq!(RemoteGroupAsk::decode(ask.encode()).unwrap(), ask);
+        for a in [
+            Answer::Done(Body::Error(courier_protocol::Reason::new(
+                ErrorCode::NOT_A_MEMBER,
+                "no",
+            ))),
+            Answer::NotOwner {
+                owner: "n3".into(),
+                epoch: 2,
+            },
+        ] {
+            assert_eq!(Answer::<Body>::decode(a.encode()).unwrap(), a);
+        }
+        let refs = RemoteRefs {
+            group: 1 << 63 | 9,
+            epochs: vec![(4, 8), (200, 9)],
+            members: vec![11, 12],
+            message: Message {
+                seq: 3,
+                server_msg_id: 77,
+                sender: 7,
+                sender_device: 1,
+                client_msg_id: 5,
+                timestamp_ms: 1_700_000_000_000,
+                destination: Destination::Group(1 << 63 | 9),
+                kind: MessageKind::Chat,
+                payload: Bytes::from_static(b"to the group"),
+            },
+        };
+        let bytes = refs.encode();
+        assert_eq!(RemoteRefs::decode(bytes.clone()).unwrap(), refs);
+        for cut in 0..bytes.len() {
+            assert!(
+                RemoteRefs::decode(bytes.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let cursors = RemoteCursors {
+            group: 1 << 63 | 9,
+            members: vec![11, 12],
+        };
+        assert_eq!(RemoteCursors::decode(cursors.encode()).unwrap(), cursors);
+        let counted = Answer::Done(vec![(11, 3, 2), (12, 3, 0)]);
+        assert_eq!(
+            Answer::<MemberCursors>::decode(counted.encode()).unwrap(),
+            counted
+        );
+        let code = Answer::Done(ErrorCode::SHARD_UNAVAILABLE);
+        assert_eq!(Answer::<ErrorCode>::decode(code.encode()).unwrap(), code);
+        // A group request carries only group frames.
+        let wrong = RemoteGroupAsk {
+            body: Body::Ping { nonce: 1 },
+            ..ask
+        };
+        assert!(matches!(
+            RemoteGroupAsk::decode(wrong.encode()),
+            Err(WireError::BadFrame(_))
+        ));
     }
 
     #[test]

@@ -33,15 +33,6 @@ impl Reader {
         } else {
             g.group
         };
-        // The fan-out across cluster nodes is not built yet: a group's
-        // members live on its node (see cluster::route).
-        if let Some(u) = g.users.iter().find(|&&u| !self.node.is_local(u)) {
-            let message = format!(
-                "user {u} is on another cluster node: groups across nodes are not served yet"
-            );
-            self.error(rid, ErrorCode::DESTINATION_UNSUPPORTED, message);
-            return true;
-        }
         let actor = self.user;
         let answer = self
             .ask(group, |answer| {

@@ -11,7 +11,7 @@ use super::reader::Reader;
 use crate::error::{refuse, BrokerResult};
 use crate::shard::handle::Queued;
 use crate::shard::messages::{
-    failed, BroadcastCmd, Completion, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
+    failed, BroadcastCmd, Completion, GroupReply, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
 };
 use crate::state::ids::{is_group, valid_user};
 
@@ -213,7 +213,7 @@ impl Reader {
                     client_msg_id: s.client_msg_id,
                     kind: s.kind,
                     payload: s.payload,
-                    reply,
+                    reply: GroupReply::Session(reply),
                     accepted,
                 }),
             ),

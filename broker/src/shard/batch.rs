@@ -81,14 +81,7 @@ impl Shard {
                 let result = failed(s.client_msg_id, code);
                 self.complete(s.done, result, false);
             }
-            Planned::Refs(r) => self.to_peer(
-                r.group,
-                ShardCmd::RefsDone {
-                    group: r.group,
-                    seq: r.message.seq,
-                    code,
-                },
-            ),
+            Planned::Refs(r) => self.report_refs(r.report, r.group, r.message.seq, code),
             Planned::GroupSend { cmd, .. } => cmd.reply.send(failed(cmd.client_msg_id, code)),
         }
     }
@@ -114,7 +107,7 @@ impl Shard {
                                 &StoredMessage {
                                     seq: p.seq,
                                     record: m.record,
-                                    via: m.reference,
+                                    via: m.form.via(),
                                 },
                             );
                             let msg = Message {
@@ -129,12 +122,7 @@ impl Shard {
                         }
                     }
                 }
-                let done = ShardCmd::RefsDone {
-                    group: r.group,
-                    seq: r.message.seq,
-                    code: ErrorCode::OK,
-                };
-                self.to_peer(r.group, done);
+                self.report_refs(r.report, r.group, r.message.seq, ErrorCode::OK);
             }
             Planned::GroupSend { cmd, recipients } => {
                 let (m, outcome) = outcomes.next().expect("one outcome per group send");

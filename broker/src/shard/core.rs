@@ -12,12 +12,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier_protocol::ReceiptStatus;
+use courier_protocol::{ReceiptCounts, ReceiptStatus};
 use courier_storage::{Clock, InboxStore, KvOp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::messages::{MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd};
+use super::messages::{Answer, MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd};
 use super::recent::Recent;
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
@@ -70,6 +70,18 @@ pub trait Remote: Send + Sync + 'static {
     /// on none that can be reached now, and sees that it is answered; gives
     /// it back if it is this node's.
     fn divert(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd>;
+
+    /// Whether this node's shards hold `id` now.
+    fn here(&self, id: u64) -> bool;
+
+    /// Completes a group's receipt counts with the cursors of `members`,
+    /// which other nodes hold, and answers.
+    fn count_elsewhere(
+        &self,
+        counts: ReceiptCounts,
+        members: Vec<u64>,
+        answer: Answer<ReceiptCounts>,
+    );
 }
 
 /// The router, once the node has joined its cluster; shared by the node's
@@ -221,6 +233,11 @@ impl Shard {
         self.next_token
     }
 
+    /// Whether this node's shards hold `id` (always, on a single node).
+    pub(crate) fn here(&self, id: u64) -> bool {
+        self.remote.get().is_none_or(|r| r.here(id))
+    }
+
     /// Queues a command on the shard that owns `key`, through its peer
     /// queue (or, in a cluster, over the link to the node that owns it).
     pub(crate) fn to_peer(&self, key: u64, cmd: ShardCmd) {
@@ -262,6 +279,7 @@ impl Shard {
             if last_trim.elapsed() >= TRIM_INTERVAL {
                 self.trim();
                 self.retry_receipts();
+                self.retry_fanouts();
                 last_trim = Instant::now();
             }
         }
@@ -378,8 +396,15 @@ impl Shard {
 
     fn answer_queries(&mut self, queries: Vec<ReceiptQueryCmd>) {
         for q in queries {
-            let counts = self.receipt_counts(q.group, q.seq, q.asker);
-            let _ = q.answer.send(counts);
+            match self.receipt_counts(q.group, q.seq, q.asker) {
+                Ok((counts, elsewhere)) if !elsewhere.is_empty() => match self.remote.get() {
+                    Some(remote) => remote.count_elsewhere(counts, elsewhere, q.answer),
+                    None => error!(shard = self.id, "members elsewhere on a single node"),
+                },
+                counts => {
+                    let _ = q.answer.send(counts.map(|(c, _)| c));
+                }
+            }
         }
     }
 

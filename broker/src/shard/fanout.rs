@@ -31,7 +31,9 @@ use tracing::{error, warn};
 
 use super::core::Shard;
 use super::groups::recipients_of;
-use super::messages::{BroadcastCmd, Completion, RefsCmd, ReplyTo, SendCmd, ShardCmd};
+use super::messages::{
+    BroadcastCmd, Completion, GroupReply, RefsCmd, RefsReport, SendCmd, ShardCmd,
+};
 use super::route::by_shard;
 use super::tracking::{PendingBroadcast, PendingFanout};
 use crate::error::BrokerError;
@@ -72,21 +74,46 @@ impl Shard {
 
     /// Sends references to every recipient's shard; the last part's
     /// `RefsDone` sends `answer`.
+    ///
+    /// One fan-out of an entry at a time: a retry's answer joins the one
+    /// under way (its parts count once), and waits for nothing when the
+    /// last one stored every part.
     pub(crate) fn fan_refs(
         &mut self,
         g: u64,
         message: Arc<Message>,
         recipients: Vec<u64>,
-        answer: Option<(ReplyTo, SendResult)>,
+        answer: Option<(GroupReply, SendResult)>,
         accepted: Instant,
     ) {
-        let parts = by_shard(recipients, self.peers.len());
+        if let Some(p) = self
+            .fanouts
+            .get_mut(&g)
+            .and_then(|f| f.get_mut(&message.seq))
+        {
+            if p.remaining > 0 {
+                p.answers.extend(answer);
+                return;
+            }
+            if p.failed.is_none() {
+                if let Some((reply, result)) = answer {
+                    reply.send(result);
+                }
+                return;
+            }
+        }
+        // Members this node holds get references, by shard; the others
+        // (on other cluster nodes) one bundle of copies, which the router
+        // splits by node.
+        let (here, elsewhere): (Vec<u64>, Vec<u64>) =
+            recipients.into_iter().partition(|&u| self.here(u));
+        let parts = by_shard(here, self.peers.len());
         let mut pending = PendingFanout {
-            remaining: parts.len(),
+            remaining: parts.len() + usize::from(!elsewhere.is_empty()),
             failed: None,
-            answer,
+            answers: answer.into_iter().collect(),
         };
-        if parts.is_empty() {
+        if pending.remaining == 0 {
             pending.answer();
         }
         self.fanouts
@@ -98,10 +125,79 @@ impl Shard {
                 group: g,
                 message: message.clone(),
                 members,
+                copy: false,
+                report: RefsReport::Group,
                 accepted,
             };
             self.to_shard(shard, ShardCmd::Refs(refs));
         }
+        if let Some(&first) = elsewhere.first() {
+            let copies = RefsCmd {
+                group: g,
+                message,
+                members: elsewhere,
+                copy: true,
+                report: RefsReport::Group,
+                accepted,
+            };
+            self.to_peer(first, ShardCmd::Refs(copies));
+        }
+    }
+
+    /// Reports one part of a reference fan-out to whoever counts the parts.
+    pub(crate) fn report_refs(&self, report: RefsReport, g: u64, seq: u64, code: ErrorCode) {
+        match report {
+            RefsReport::Group => self.to_peer(
+                g,
+                ShardCmd::RefsDone {
+                    group: g,
+                    seq,
+                    code,
+                },
+            ),
+            RefsReport::Remote(tx) => {
+                let _ = tx.send(code);
+            }
+        }
+    }
+
+    /// Sends again the reference fan-outs that a part failed (a member's
+    /// node out of reach): on the shard's tick, until every part is
+    /// stored. Members' shards skip what they already have.
+    pub(crate) fn retry_fanouts(&mut self) {
+        let mut again = Vec::new();
+        for (&g, pending) in &self.fanouts {
+            for (&seq, p) in pending {
+                if p.remaining == 0 && p.failed.is_some() {
+                    again.push((g, seq));
+                }
+            }
+        }
+        for (g, seq) in again {
+            if let Err(e) = self.refan(g, seq) {
+                warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed");
+            }
+        }
+    }
+
+    /// Fans the log entry `seq` of group `g` out again, to its recipients
+    /// as the group stands now.
+    fn refan(&mut self, g: u64, seq: u64) -> Result<(), StoreError> {
+        let Some(c) = self.group(g)? else {
+            return Ok(());
+        };
+        let state = c.state.clone();
+        let Some(m) = self.store.read_after(g, seq - 1, 1)?.into_iter().next() else {
+            return Ok(());
+        };
+        if m.seq != seq {
+            return Ok(());
+        }
+        let msg = Arc::new(to_wire(m)?);
+        let recipients = recipients_of(&state, &msg);
+        // The sender's answer (if still waiting) was sent with the failure.
+        self.fan_refs(g, msg, recipients, None, Instant::now());
+        Ok(())
     }
 
     /// One members' shard stored its part of a reference fan-out.

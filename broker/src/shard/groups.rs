@@ -15,7 +15,7 @@ use courier_protocol::{
     ReceiptCounts, Role, SendResult, Strategy,
 };
 use courier_storage::{
-    AppendOutcome, IdempotencyKey, KvOp, NewMessage, Record, StoreError, StoredMessage,
+    AppendOutcome, Form, IdempotencyKey, KvOp, NewMessage, Record, StoreError, StoredMessage,
 };
 use tracing::error;
 
@@ -85,7 +85,7 @@ impl Shard {
         batch.appends.push(NewMessage {
             inbox: cmd.group,
             idempotency: Some(IdempotencyKey::new(cmd.sender, cmd.client_msg_id)),
-            reference: None,
+            form: Form::Record,
             record: Record {
                 server_msg_id: id,
                 sender: cmd.sender,
@@ -327,6 +327,17 @@ impl Shard {
                     format!("{n} members; at most {max_members}"),
                 );
             }
+            if s.strategy == Strategy::Log {
+                if let Some(u) = users.iter().find(|&&u| !self.here(u)) {
+                    return refuse(
+                        ErrorCode::DESTINATION_UNSUPPORTED,
+                        format!(
+                            "user {u} is on another cluster node, and this group's members \
+                             read its log, which is not served across nodes yet"
+                        ),
+                    );
+                }
+            }
             self.check_group_limits(&users)?;
             s.members.extend(users.iter().map(|&user| Member {
                 user,
@@ -361,7 +372,10 @@ impl Shard {
     }
 
     /// The rules every change ends with: never without an admin while it
-    /// has members; past `groups.log_threshold` members, the log strategy.
+    /// has members; past `groups.log_threshold` members, the log strategy,
+    /// unless a member is on another cluster node (members read the log
+    /// where it is, which is not served across nodes yet: such a group
+    /// keeps references, copies for those members, at any size).
     fn settle(
         &self,
         (mut state, kind, concerned): (GroupState, GroupEventKind, Vec<u64>),
@@ -370,8 +384,9 @@ impl Shard {
         if !state.members.is_empty() && !state.members.iter().any(|m| m.role == Role::Admin) {
             state.members[0].role = Role::Admin;
         }
-        let switched =
-            state.strategy == Strategy::Refs && state.members.len() > self.config.log_threshold;
+        let switched = state.strategy == Strategy::Refs
+            && state.members.len() > self.config.log_threshold
+            && state.members.iter().all(|m| self.here(m.user));
         if switched {
             state.strategy = Strategy::Log;
             state.log_from = e;
@@ -413,7 +428,7 @@ impl Shard {
         let append = NewMessage {
             inbox: g,
             idempotency: None,
-            reference: None,
+            form: Form::Record,
             record: crate::state::message::record_of(&message),
         };
         // On failure the cache still holds the state before the change: valid.
@@ -453,13 +468,15 @@ impl Shard {
         Ok(())
     }
 
-    /// Aggregate receipts of one group message, from the members' cursors.
+    /// Aggregate receipts of one group message, from the cursors of the
+    /// members this node holds, and the members whose cursors other nodes
+    /// hold (counted as recipients, not yet as delivered or read).
     pub(crate) fn receipt_counts(
         &mut self,
         g: u64,
         seq: u64,
         asker: u64,
-    ) -> BrokerResult<ReceiptCounts> {
+    ) -> BrokerResult<(ReceiptCounts, Vec<u64>)> {
         let state = match self.group(g)? {
             Some(c) => c.state.clone(),
             None => return refuse(ErrorCode::NOT_A_MEMBER, "no such group"),
@@ -483,11 +500,16 @@ impl Shard {
             .filter_map(|(k, v)| Some((keys::last_id(&k)?, Cursors::decode(&v))))
             .collect();
         let (mut recipients, mut delivered, mut read) = (0, 0, 0);
+        let mut elsewhere = Vec::new();
         for m in &state.members {
             if m.joined_seq >= seq || m.user == asker {
                 continue;
             }
             recipients += 1;
+            if !self.here(m.user) {
+                elsewhere.push(m.user);
+                continue;
+            }
             let c = self
                 .group_cursor_cached(g, m.user)
                 .or_else(|| stored.get(&m.user).copied())
@@ -495,13 +517,14 @@ impl Shard {
             delivered += u32::from(c.delivered >= seq);
             read += u32::from(c.read >= seq);
         }
-        Ok(ReceiptCounts {
+        let counts = ReceiptCounts {
             group: g,
             seq,
             recipients,
             delivered,
             read,
-        })
+        };
+        Ok((counts, elsewhere))
     }
 }
 

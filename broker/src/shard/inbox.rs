@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use courier_protocol::{Destination, ErrorCode, Message, MessageKind, SendResult};
-use courier_storage::{AppendOutcome, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage};
+use courier_storage::{
+    AppendOutcome, Form, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage,
+};
 use tracing::{debug, error, warn};
 
 use super::core::Shard;
@@ -52,7 +54,7 @@ impl Shard {
                 client_msg_id: s.client_msg_id,
                 scope: s.scope,
             }),
-            reference: None,
+            form: Form::Record,
             record: Record {
                 server_msg_id: id,
                 sender: s.sender,
@@ -68,9 +70,19 @@ impl Shard {
         batch.plan.push(Planned::Send(s));
     }
 
-    /// Plans one reference to a group log entry per member.
+    /// Plans one reference to a group log entry per member (a copy of it
+    /// when the log is on another cluster node).
     pub(crate) fn plan_refs(&mut self, r: RefsCmd, batch: &mut Batch) {
         let record = record_of(&r.message);
+        let at = LogRef {
+            log: r.group,
+            seq: r.message.seq,
+        };
+        let form = if r.copy {
+            Form::Copy(at)
+        } else {
+            Form::Reference(at)
+        };
         for &member in &r.members {
             batch.appends.push(NewMessage {
                 inbox: member,
@@ -79,10 +91,7 @@ impl Shard {
                     client_msg_id: r.message.seq,
                     scope: member,
                 }),
-                reference: Some(LogRef {
-                    log: r.group,
-                    seq: r.message.seq,
-                }),
+                form,
                 record: record.clone(),
             });
         }

@@ -146,19 +146,53 @@ pub struct GroupSendCmd {
     pub client_msg_id: u64,
     pub kind: MessageKind,
     pub payload: Bytes,
-    pub reply: ReplyTo,
+    pub reply: GroupReply,
     pub accepted: Instant,
 }
 
-/// References to one group log entry, for members on one shard. Answered
-/// with a `RefsDone` to the group's shard.
+/// Where a group send's result goes.
+pub enum GroupReply {
+    /// The sender's session, on this node.
+    Session(ReplyTo),
+    /// The link request of the sender's node, which completes the original.
+    Remote(oneshot::Sender<SendResult>),
+}
+
+impl GroupReply {
+    pub fn send(self, result: SendResult) {
+        match self {
+            GroupReply::Session(reply) => reply.send(result),
+            // The asking node may have given up; its client retries.
+            GroupReply::Remote(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// References to one group log entry, for members on one shard (or, with
+/// `copy`, copies of it for members on other cluster nodes). Its outcome
+/// goes to `report`.
 pub struct RefsCmd {
     pub group: u64,
     /// The group message (seq = group sequence).
     pub message: Arc<Message>,
     pub members: Vec<u64>,
+    /// The members' node does not hold the group log: each inbox gets a
+    /// copy of the entry (the record with the log position it copies)
+    /// instead of a reference.
+    pub copy: bool,
+    pub report: RefsReport,
     /// When the group send was accepted.
     pub accepted: Instant,
+}
+
+/// Who is told the outcome of a part of a reference fan-out.
+pub enum RefsReport {
+    /// The group's shard, on this node (a `RefsDone`).
+    Group,
+    /// The link request of the group's node, which reports the part there.
+    Remote(oneshot::Sender<ErrorCode>),
 }
 
 /// A membership change or an info request, for the group's shard.

@@ -204,7 +204,7 @@ async fn interrupted_reference_fan_out_is_completed_at_start() {
     use crate::state::keys;
     use crate::state::rows::{FanMark, GroupState, Member};
     use courier_protocol::{Role, Strategy, GROUP_ID_BIT};
-    use courier_storage::{KvOp, LogRef};
+    use courier_storage::{Form, KvOp, LogRef};
     let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
     let g = GROUP_ID_BIT | 77;
     // Joined before both messages (a real group's creation event would
@@ -233,7 +233,7 @@ async fn interrupted_reference_fan_out_is_completed_at_start() {
     let entry = |seq: u64| NewMessage {
         inbox: g,
         idempotency: None,
-        reference: None,
+        form: Form::Record,
         record: record(seq),
     };
     // Two messages in the log (seq 1 and 2); the fan-out mark says none
@@ -263,7 +263,7 @@ async fn interrupted_reference_fan_out_is_completed_at_start() {
                     client_msg_id: 1,
                     scope: 11,
                 }),
-                reference: Some(LogRef { log: g, seq: 1 }),
+                form: Form::Reference(LogRef { log: g, seq: 1 }),
                 record: record(1),
             }],
             Clock::system().now_ms(),

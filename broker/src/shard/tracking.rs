@@ -6,7 +6,10 @@
 use courier_protocol::{BroadcastAck, ErrorCode, SendResult};
 use courier_storage::NewMessage;
 
-use super::messages::{failed, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo, SendCmd};
+use super::messages::{
+    failed, GroupReply, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo, SendCmd,
+};
+use crate::cluster::route::unavailable;
 use crate::state::rows::GroupState;
 
 /// One drained batch of commands, as planned before its storage write.
@@ -51,8 +54,9 @@ pub(crate) struct PendingFanout {
     pub remaining: usize,
     /// The code of a failed part.
     pub failed: Option<ErrorCode>,
-    /// The sender's answer (none for membership events and recoveries).
-    pub answer: Option<(ReplyTo, SendResult)>,
+    /// The senders' answers: the send's, and its retries' that came while
+    /// it was under way (none for membership events and recoveries).
+    pub answers: Vec<(GroupReply, SendResult)>,
 }
 
 impl PendingFanout {
@@ -72,10 +76,12 @@ impl PendingFanout {
         }
     }
 
-    /// Sends the answer (once: by the last part, or at once when there are none).
+    /// Sends the answers (once: by the last part, or at once when there are none).
     pub fn answer(&mut self) {
-        if let Some((reply, result)) = self.answer.take() {
+        for (reply, result) in self.answers.drain(..) {
             reply.send(match self.failed {
+                // A member's node out of reach: with the retry-after hint.
+                Some(ErrorCode::SHARD_UNAVAILABLE) => unavailable(result.client_msg_id),
                 Some(code) => failed(result.client_msg_id, code),
                 None => result,
             });
