@@ -91,39 +91,57 @@ pub async fn remote_statuses(
     viewer: u64,
     posters: Vec<u64>,
 ) -> Result<Vec<Status>, BrokerError> {
+    let ask = |posters| RemoteStatuses { viewer, posters }.encode();
+    ask_each_owner(
+        cluster,
+        "statuses",
+        posters,
+        ask,
+        Answer::<Vec<Status>>::decode,
+    )
+    .await
+}
+
+/// Asks each owner of `ids` once, all at once, with the request `ask`
+/// makes of the ids it owns, and gathers the answers; any owner out of
+/// reach, failing or no longer the owner fails the whole read
+/// (`SHARD_UNAVAILABLE`, counted under `what`) rather than leave its part
+/// out.
+async fn ask_each_owner<T>(
+    cluster: &Cluster,
+    what: &'static str,
+    ids: Vec<u64>,
+    ask: impl Fn(Vec<u64>) -> Bytes,
+    decode: fn(Bytes) -> Result<Answer<Vec<T>>, wire::WireError>,
+) -> Result<Vec<T>, BrokerError> {
     let read = async {
         let view = cluster.view();
         let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
-        for p in posters {
-            let (_, owner) = view.owner_of(p).ok_or("no map")?;
-            let owner = owner.ok_or("a poster's shard has no owner")?;
-            by_owner.entry(owner.node.clone()).or_default().push(p);
+        for id in ids {
+            let (_, owner) = view.owner_of(id).ok_or("no map")?;
+            let owner = owner.ok_or("a shard has no owner")?;
+            by_owner.entry(owner.node.clone()).or_default().push(id);
         }
         let mut asks = Vec::new();
-        for (owner, posters) in by_owner {
+        for (owner, ids) in by_owner {
             let peer = cluster.links.peer(&owner).ok_or("no link to the owner")?;
-            let body = RemoteStatuses { viewer, posters }.encode();
             let (_, answer) = peer
-                .start_request(body, REMOTE_DEADLINE)
+                .start_request(ask(ids), REMOTE_DEADLINE)
                 .map_err(|_| "not queued on the link")?;
             asks.push(answer);
         }
         let mut out = Vec::new();
         for answer in asks {
-            match answer.await.map(Answer::<Vec<Status>>::decode) {
-                Ok(Ok(Answer::Done(statuses))) => out.extend(statuses),
+            match answer.await.map(decode) {
+                Ok(Ok(Answer::Done(part))) => out.extend(part),
                 _ => return Err("no answer, a failure, or not the owner"),
             }
         }
         Ok(out)
     };
     read.await.map_err(|why| {
-        debug!(why, "statuses across nodes failed");
-        cluster
-            .plane
-            .unavailable
-            .with_label_values(&["statuses"])
-            .inc();
+        debug!(why, what, "a read across nodes failed");
+        cluster.plane.unavailable.with_label_values(&[what]).inc();
         unreachable_owner()
     })
 }
@@ -505,21 +523,9 @@ impl Router {
                     .with_label_values(&["copies"])
                     .inc();
             }
-            let Some(node) = node.upgrade() else {
-                return;
-            };
-            match r.report {
-                RefsReport::Group => node.shards.send_peer(
-                    g,
-                    ShardCmd::RefsDone {
-                        group: g,
-                        seq,
-                        code,
-                    },
-                ),
-                RefsReport::Remote(tx) => {
-                    let _ = tx.send(code);
-                }
+            if let Some(node) = node.upgrade() {
+                r.report
+                    .send(g, seq, code, |done| node.shards.send_peer(g, done));
             }
         });
     }
@@ -650,41 +656,15 @@ async fn member_cursors(
     g: u64,
     members: Vec<u64>,
 ) -> Result<MemberCursors, BrokerError> {
-    let read = async {
-        let view = cluster.view();
-        let mut by_owner: HashMap<String, Vec<u64>> = HashMap::new();
-        for m in members {
-            let (_, owner) = view.owner_of(m).ok_or("no map")?;
-            let owner = owner.ok_or("a member's shard has no owner")?;
-            by_owner.entry(owner.node.clone()).or_default().push(m);
-        }
-        let mut asks = Vec::new();
-        for (owner, members) in by_owner {
-            let peer = cluster.links.peer(&owner).ok_or("no link to the owner")?;
-            let body = RemoteCursors { group: g, members }.encode();
-            let (_, answer) = peer
-                .start_request(body, REMOTE_DEADLINE)
-                .map_err(|_| "not queued on the link")?;
-            asks.push(answer);
-        }
-        let mut out = Vec::new();
-        for answer in asks {
-            match answer.await.map(Answer::<MemberCursors>::decode) {
-                Ok(Ok(Answer::Done(cursors))) => out.extend(cursors),
-                _ => return Err("no answer, a failure, or not the owner"),
-            }
-        }
-        Ok(out)
-    };
-    read.await.map_err(|why| {
-        debug!(why, "group cursors across nodes failed");
-        cluster
-            .plane
-            .unavailable
-            .with_label_values(&["cursors"])
-            .inc();
-        unreachable_owner()
-    })
+    let ask = |members| RemoteCursors { group: g, members }.encode();
+    ask_each_owner(
+        cluster,
+        "cursors",
+        members,
+        ask,
+        Answer::<MemberCursors>::decode,
+    )
+    .await
 }
 
 /// What this node answers its peers' data-plane requests.
@@ -934,23 +914,26 @@ fn serve_refs(node: &Node, r: RemoteRefs) -> impl Future<Output = Answer<ErrorCo
     }
 }
 
+/// `NotOwner` with who this node believes owns the first of `ids` it does
+/// not hold, if any.
+fn first_not_held<T>(cluster: &Cluster, ids: &[u64]) -> Option<Answer<T>> {
+    let view = cluster.view();
+    let id = ids.iter().find(|&&id| !view.holds(cluster.node_id(), id))?;
+    let (owner, epoch) = view
+        .owner_of(*id)
+        .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
+        .unwrap_or_default();
+    Some(Answer::NotOwner { owner, epoch })
+}
+
 /// Reads the group cursors of members this node owns (off the I/O
 /// threads); a failed read fails the request.
 async fn serve_cursors(node: Arc<Node>, c: RemoteCursors) -> Result<Answer<MemberCursors>, String> {
     let Some(cluster) = node.cluster.get() else {
         return Err("not a cluster node".into());
     };
-    let view = cluster.view();
-    if let Some(m) = c
-        .members
-        .iter()
-        .find(|&&m| !view.holds(cluster.node_id(), m))
-    {
-        let (owner, epoch) = view
-            .owner_of(*m)
-            .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
-            .unwrap_or_default();
-        return Ok(Answer::NotOwner { owner, epoch });
+    if let Some(not_owner) = first_not_held(cluster, &c.members) {
+        return Ok(not_owner);
     }
     let store = node.store.clone();
     let read = tokio::task::spawn_blocking(move || {
@@ -1008,17 +991,8 @@ async fn serve_statuses(node: Arc<Node>, q: RemoteStatuses) -> Result<Answer<Vec
     let Some(cluster) = node.cluster.get() else {
         return Err("not a cluster node".into());
     };
-    let view = cluster.view();
-    if let Some(p) = q
-        .posters
-        .iter()
-        .find(|&&p| !view.holds(cluster.node_id(), p))
-    {
-        let (owner, epoch) = view
-            .owner_of(*p)
-            .and_then(|(_, o)| o.map(|o| (o.node.clone(), o.epoch)))
-            .unwrap_or_default();
-        return Ok(Answer::NotOwner { owner, epoch });
+    if let Some(not_owner) = first_not_held(cluster, &q.posters) {
+        return Ok(not_owner);
     }
     let now = node.clock.now_ms();
     let store = node.store.clone();

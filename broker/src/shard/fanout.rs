@@ -146,19 +146,7 @@ impl Shard {
 
     /// Reports one part of a reference fan-out to whoever counts the parts.
     pub(crate) fn report_refs(&self, report: RefsReport, g: u64, seq: u64, code: ErrorCode) {
-        match report {
-            RefsReport::Group => self.to_peer(
-                g,
-                ShardCmd::RefsDone {
-                    group: g,
-                    seq,
-                    code,
-                },
-            ),
-            RefsReport::Remote(tx) => {
-                let _ = tx.send(code);
-            }
-        }
+        report.send(g, seq, code, |done| self.to_peer(g, done));
     }
 
     /// Sends again the reference fan-outs that a part failed (a member's

@@ -195,6 +195,20 @@ pub enum RefsReport {
     Remote(oneshot::Sender<ErrorCode>),
 }
 
+impl RefsReport {
+    /// Reports the outcome of the part of group `group`'s entry `seq`:
+    /// `to_group` queues a `RefsDone` for the group's shard.
+    pub fn send(self, group: u64, seq: u64, code: ErrorCode, to_group: impl FnOnce(ShardCmd)) {
+        match self {
+            RefsReport::Group => to_group(ShardCmd::RefsDone { group, seq, code }),
+            // The group's node may have given up; it fans out again.
+            RefsReport::Remote(tx) => {
+                let _ = tx.send(code);
+            }
+        }
+    }
+}
+
 /// A membership change or an info request, for the group's shard.
 pub struct GroupOpCmd {
     pub group: u64,
