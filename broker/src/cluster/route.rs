@@ -490,30 +490,60 @@ impl Router {
                 message: (*r.message).clone(),
             }
             .encode();
-            match self.cluster.links.peer(&node) {
-                Some(peer) => match peer.start_request(body, REMOTE_DEADLINE) {
-                    Ok((_, answer)) => asks.push(answer),
-                    Err(_) => unplaced = true,
-                },
+            // The group's entries reach each node in the group's order: a
+            // line per (group, node), as a conversation's sends have. Once
+            // an entry's copies for a node fail, later entries for that
+            // node are held (failed, fanned out again on the tick) until
+            // the failed one has gone out again.
+            let key = order::Key {
+                sender: g,
+                device: 0,
+                recipient: node_key(&node),
+            };
+            let peer = self.cluster.links.peer(&node);
+            let connection = peer.as_ref().and_then(|p| p.connection());
+            let started = self.lines.with(key, |line| {
+                if !line.admit(seq, connection, Instant::now()) {
+                    return None;
+                }
+                let started = peer.as_ref().and_then(|p| {
+                    p.start_request(body, REMOTE_DEADLINE)
+                        .ok()
+                        .map(|(number, answer)| (p.clone(), number, answer))
+                });
+                match &started {
+                    Some((_, number, _)) => line.went_out(seq, *number),
+                    None => line.answered(seq, true, Instant::now()),
+                }
+                started.map(|(_, _, answer)| answer)
+            });
+            match started {
+                Some(answer) => asks.push((key, answer)),
                 None => unplaced = true,
             }
         }
         let node = self.node.clone();
         let cluster = self.cluster.clone();
+        let lines = self.lines.clone();
         self.runtime.spawn(async move {
             let mut code = if unplaced {
                 ErrorCode::SHARD_UNAVAILABLE
             } else {
                 ErrorCode::OK
             };
-            for answer in asks {
-                match answer.await.map(Answer::<ErrorCode>::decode) {
-                    Ok(Ok(Answer::Done(ErrorCode::OK))) => {}
-                    Ok(Ok(Answer::Done(failed))) => code = failed,
+            for (key, answer) in asks {
+                let answered = match answer.await.map(Answer::<ErrorCode>::decode) {
+                    Ok(Ok(Answer::Done(ErrorCode::OK))) => ErrorCode::OK,
+                    Ok(Ok(Answer::Done(failed))) => failed,
                     other => {
                         debug!(?other, group = g, seq, "group copies across nodes failed");
-                        code = ErrorCode::SHARD_UNAVAILABLE;
+                        ErrorCode::SHARD_UNAVAILABLE
                     }
+                };
+                let failed = answered != ErrorCode::OK;
+                lines.with(key, |line| line.answered(seq, failed, Instant::now()));
+                if failed {
+                    code = answered;
                 }
             }
             if code != ErrorCode::OK {
@@ -646,6 +676,14 @@ impl Remote for Router {
             }));
         });
     }
+}
+
+/// A node's id as a line's recipient (group lines are keyed by node).
+fn node_key(node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
+    h.finish()
 }
 
 /// The group cursors of `members` in group `g`, read from the nodes that
