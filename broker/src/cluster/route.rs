@@ -62,17 +62,7 @@ use crate::state::social;
 /// that was stored after all is stored once.
 const REMOTE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The retry-after hint of a `SHARD_UNAVAILABLE`: about how long a lost
-/// link takes to come back, or a node to restart.
-pub const RETRY_AFTER_MS: u64 = 500;
-
-/// A send refused because its owner is out of reach, with the hint.
-pub fn unavailable(client_msg_id: u64) -> SendResult {
-    SendResult {
-        timestamp_ms: RETRY_AFTER_MS,
-        ..failed(client_msg_id, ErrorCode::SHARD_UNAVAILABLE)
-    }
-}
+pub use crate::shard::messages::{unavailable, RETRY_AFTER_MS};
 
 /// A request refused because its owner was out of reach, with the hint.
 fn unreachable_owner() -> BrokerError {

@@ -102,6 +102,18 @@ pub fn failed(client_msg_id: u64, code: ErrorCode) -> SendResult {
     }
 }
 
+/// The retry-after hint of a `SHARD_UNAVAILABLE`: about how long a lost
+/// link takes to come back, or a cluster node to restart.
+pub const RETRY_AFTER_MS: u64 = 500;
+
+/// A send refused because a node it needs is out of reach, with the hint.
+pub fn unavailable(client_msg_id: u64) -> SendResult {
+    SendResult {
+        timestamp_ms: RETRY_AFTER_MS,
+        ..failed(client_msg_id, ErrorCode::SHARD_UNAVAILABLE)
+    }
+}
+
 /// Who is told when the write of one inbox entry has an outcome.
 pub enum Completion {
     /// The sender's session.

@@ -7,9 +7,9 @@ use courier_protocol::{BroadcastAck, ErrorCode, SendResult};
 use courier_storage::NewMessage;
 
 use super::messages::{
-    failed, GroupReply, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo, SendCmd,
+    failed, unavailable, GroupReply, GroupSendCmd, MarkCmd, ReceiptQueryCmd, RefsCmd, ReplyTo,
+    SendCmd,
 };
-use crate::cluster::route::unavailable;
 use crate::state::rows::GroupState;
 
 /// One drained batch of commands, as planned before its storage write.
