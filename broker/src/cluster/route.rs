@@ -647,6 +647,12 @@ impl Remote for Router {
         self.cluster.owns(id)
     }
 
+    fn split_here(&self, ids: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+        let view = self.cluster.view();
+        let me = self.cluster.node_id();
+        ids.into_iter().partition(|&id| view.holds(me, id))
+    }
+
     fn count_elsewhere(
         &self,
         counts: ReceiptCounts,

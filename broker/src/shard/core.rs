@@ -74,6 +74,10 @@ pub trait Remote: Send + Sync + 'static {
     /// Whether this node's shards hold `id` now.
     fn here(&self, id: u64) -> bool;
 
+    /// `ids` split into those this node's shards hold now and the others,
+    /// by one reading of the map (a fan-out's recipients).
+    fn split_here(&self, ids: Vec<u64>) -> (Vec<u64>, Vec<u64>);
+
     /// Completes a group's receipt counts with the cursors of `members`,
     /// which other nodes hold, and answers.
     fn count_elsewhere(
@@ -236,6 +240,15 @@ impl Shard {
     /// Whether this node's shards hold `id` (always, on a single node).
     pub(crate) fn here(&self, id: u64) -> bool {
         self.remote.get().is_none_or(|r| r.here(id))
+    }
+
+    /// `ids` split into those this node's shards hold and the others (none,
+    /// on a single node).
+    pub(crate) fn split_here(&self, ids: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+        match self.remote.get() {
+            Some(r) => r.split_here(ids),
+            None => (ids, Vec::new()),
+        }
     }
 
     /// Queues a command on the shard that owns `key`, through its peer

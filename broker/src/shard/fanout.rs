@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use courier_protocol::{BroadcastAck, Destination, ErrorCode, Message, SendResult};
-use courier_storage::{KvOp, StoreError};
+use courier_storage::{KvOp, StoreError, StoredMessage};
 use tracing::{error, warn};
 
 use super::core::Shard;
@@ -105,8 +105,7 @@ impl Shard {
         // Members this node holds get references, by shard; the others
         // (on other cluster nodes) one bundle of copies, which the router
         // splits by node.
-        let (here, elsewhere): (Vec<u64>, Vec<u64>) =
-            recipients.into_iter().partition(|&u| self.here(u));
+        let (here, elsewhere) = self.split_here(recipients);
         let parts = by_shard(here, self.peers.len());
         let mut pending = PendingFanout {
             remaining: parts.len() + usize::from(!elsewhere.is_empty()),
@@ -175,15 +174,23 @@ impl Shard {
             return Ok(());
         };
         let state = c.state.clone();
-        let Some(m) = self.store.read_after(g, seq - 1, 1)?.into_iter().next() else {
-            return Ok(());
-        };
-        if m.seq != seq {
-            return Ok(());
+        match self.store.read_after(g, seq - 1, 1)?.into_iter().next() {
+            // The sender's answer (if still waiting) was sent with the failure.
+            Some(m) if m.seq == seq => self.fan_again(g, &state, m),
+            _ => Ok(()),
         }
+    }
+
+    /// Fans a stored log entry of group `g` out again (recovery, retries),
+    /// to its recipients in `state`; no one waits for the answer.
+    fn fan_again(
+        &mut self,
+        g: u64,
+        state: &GroupState,
+        m: StoredMessage,
+    ) -> Result<(), StoreError> {
         let msg = Arc::new(to_wire(m)?);
-        let recipients = recipients_of(&state, &msg);
-        // The sender's answer (if still waiting) was sent with the failure.
+        let recipients = recipients_of(state, &msg);
         self.fan_refs(g, msg, recipients, None, Instant::now());
         Ok(())
     }
@@ -278,9 +285,7 @@ impl Shard {
                     break;
                 }
                 after = m.seq;
-                let msg = Arc::new(to_wire(m)?);
-                let recipients = recipients_of(&state, &msg);
-                self.fan_refs(g, msg, recipients, None, Instant::now());
+                self.fan_again(g, &state, m)?;
                 redone += 1;
             }
         }
