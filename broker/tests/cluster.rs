@@ -699,6 +699,27 @@ mod data_plane {
         // ...though Alice, whose part is durable, has it.
         let got = a.next_timeout(WAIT).await.unwrap();
         assert_eq!(got.message.client_msg_id, 200);
+        // Alice's own send, on the group's node, has every recipient
+        // elsewhere: refused too, not acknowledged before Carol's and
+        // Dave's parts (Bob's are durable).
+        let mut impatient = nodes[0].config(alice);
+        impatient.unavailable_retry = Duration::ZERO;
+        let (a2, _) = courier_client::Client::connect(impatient).await.unwrap();
+        let refused = a2
+            .send_with_id(
+                201,
+                Destination::Group(g),
+                MessageKind::Chat,
+                chat("all away"),
+            )
+            .await;
+        assert_eq!(rejected(refused), ErrorCode::SHARD_UNAVAILABLE);
+        // (Bob's session through g3 went with it; his other one has it.)
+        let got = b2.next_timeout(WAIT).await.unwrap();
+        assert_eq!(
+            (got.message.sender, got.message.client_msg_id),
+            (alice, 201)
+        );
         // Back, Carol gets it without anyone's retry, once.
         nodes[2].restart();
         wait_status(&nodes[0], "g3 back and linked", |s| {
@@ -707,7 +728,11 @@ mod data_plane {
         .await;
         let (c, _) = nodes[0].resume(carol, carol_seen).await;
         let got = group_messages(&c, g).await;
-        assert_eq!(got, vec![(bob, 200)], "completed by the group's node");
+        assert_eq!(
+            got,
+            vec![(bob, 200), (alice, 201)],
+            "completed by the group's node, in its order"
+        );
         // Bob's retry of the same id (his session through g3 went with it)
         // is the original, stored nowhere twice.
         let (b, _) = nodes[1].client(bob).await;
