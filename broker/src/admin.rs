@@ -14,6 +14,10 @@
 //! - `GET /admin/cluster`: the cluster as this node sees it (nodes and
 //!   their states, the controller, etcd, the map); `GET
 //!   /admin/cluster/shards`: every shard's owner and epoch;
+//! - `POST /admin/cluster/drain/<node>` (and `undrain/<node>`): that node
+//!   gives all its shards away, a few moves at a time, and takes none;
+//!   `POST /admin/cluster/rebalance`: the controller plans and starts the
+//!   moves the map needs now (it also does when nodes come, go or drain);
 //! - `POST /admin/drain`: start a graceful shutdown (the node stops taking
 //!   connections, finishes accepted sends, says goodbye and exits).
 //!
@@ -182,6 +186,28 @@ async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
         ("GET", "cluster", None | Some("shards")) => match node.cluster.get() {
             Some(c) if arg.is_none() => Answer::json("200 OK", c.status()),
             Some(c) => Answer::json("200 OK", c.shards()),
+            None => Answer::error(
+                "404 Not Found",
+                "this node is a single node (started without --cluster)",
+            ),
+        },
+        ("POST", "cluster", Some(what)) => match node.cluster.get() {
+            Some(c) => {
+                let answer = match what.split_once('/') {
+                    Some(("drain", n)) => c.drain(n, true).await.map(|()| json!({ "draining": n })),
+                    Some(("undrain", n)) => {
+                        c.drain(n, false).await.map(|()| json!({ "undrained": n }))
+                    }
+                    None if what == "rebalance" => {
+                        c.rebalance().await.map(|n| json!({ "planned_moves": n }))
+                    }
+                    _ => return Answer::error("404 Not Found", "no such cluster request"),
+                };
+                match answer {
+                    Ok(v) => Answer::json("202 Accepted", v),
+                    Err(e) => Answer::error("409 Conflict", &format!("{e:#}")),
+                }
+            }
             None => Answer::error(
                 "404 Not Found",
                 "this node is a single node (started without --cluster)",

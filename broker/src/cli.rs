@@ -76,6 +76,14 @@ enum ClusterRequest {
     Status,
     /// Every shard's owner and epoch.
     Shards,
+    /// Move every shard of NODE to the other nodes (a few at a time); it
+    /// takes none until `undrain`. Stop it once `status` shows it owns none.
+    Drain { node: String },
+    /// Let a drained NODE take shards again.
+    Undrain { node: String },
+    /// Plan and start the moves the map needs now (joins and drains start
+    /// them on their own).
+    Rebalance,
 }
 
 #[derive(Parser, Debug)]
@@ -342,6 +350,15 @@ pub fn main() -> anyhow::Result<()> {
                 AdminRequest::Cluster(ClusterRequest::Status) => ("GET", "/admin/cluster".to_string()),
                 AdminRequest::Cluster(ClusterRequest::Shards) => {
                     ("GET", "/admin/cluster/shards".to_string())
+                }
+                AdminRequest::Cluster(ClusterRequest::Drain { node }) => {
+                    ("POST", format!("/admin/cluster/drain/{node}"))
+                }
+                AdminRequest::Cluster(ClusterRequest::Undrain { node }) => {
+                    ("POST", format!("/admin/cluster/undrain/{node}"))
+                }
+                AdminRequest::Cluster(ClusterRequest::Rebalance) => {
+                    ("POST", "/admin/cluster/rebalance".to_string())
                 }
             };
             let (status, body) = client_runtime()?

@@ -355,8 +355,10 @@ impl ClusterSettings {
             "cluster.etcd: a cluster node needs etcd's URLs (--etcd http://HOST:2379[,...])"
         );
         anyhow::ensure!(
-            (1..=65_536).contains(&self.shards),
-            "cluster.shards must be 1 to 65536"
+            (1..=courier_storage::SLOTS as u32).contains(&self.shards),
+            "cluster.shards must be 1 to {}: a shard is a run of the store's {} slots",
+            courier_storage::SLOTS,
+            courier_storage::SLOTS
         );
         anyhow::ensure!(
             self.initial_nodes >= 1,

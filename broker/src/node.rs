@@ -111,7 +111,14 @@ impl Node {
                 acked_retention_ms: config.retention.acked_retention_ms,
                 max_group_members: config.groups.max_members,
                 max_groups_per_user: config.groups.max_per_user,
-                log_threshold: config.groups.log_threshold,
+                // In a cluster shards move, so "every member on the group's
+                // node" does not last: groups keep references (and copies
+                // for members elsewhere) at any size there.
+                log_threshold: if config.cluster.enabled() {
+                    usize::MAX
+                } else {
+                    config.groups.log_threshold
+                },
                 mark_coalesce: Duration::from_millis(limits.mark_coalesce_ms),
                 clock: clock.clone(),
             },

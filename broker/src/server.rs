@@ -14,15 +14,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use courier_protocol::ErrorCode;
-use courier_storage::{Clock, RocksStore, StoreConfig};
+use courier_storage::{Clock, Layout, RocksStore, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::certs::TlsSettings;
 use crate::cluster::identity::Identity;
+use crate::cluster::moves::Mover;
+use crate::cluster::transfer::{Change, Slots};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gate::Admitted;
@@ -70,10 +72,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             idempotency_window_ms: config.retention.idempotency_window_ms,
             block_cache_bytes: config.storage.block_cache_mb << 20,
             clock: clock.clone(),
+            // A cluster node's shards move: each is a run of slots, one key
+            // range per space.
+            layout: if config.cluster.enabled() {
+                Layout::Slotted {
+                    owner: crate::state::keys::owner,
+                }
+            } else {
+                Layout::Flat
+            },
         },
     )
     .with_context(|| format!("opening the store in {}", db_path.display()))?;
     let store: Arc<dyn courier_storage::InboxStore> = Arc::new(store);
+    if let Some(t) = store.transfer() {
+        // A cluster node serves no slot until it has read the map (below).
+        t.serve_only(&[]);
+    }
     let shard_count = config.shard_count();
     let listeners = Listeners::bind(io, config.listen, config.io_thread_count())
         .with_context(|| format!("binding the client listener {}", config.listen))?;
@@ -87,13 +102,50 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
     if node.config.cluster.enabled() {
+        let slots = Slots::new(store.clone(), node.config.cluster.node_id.clone());
         let owner = Arc::new(crate::cluster::route::Owner {
             node: Arc::downgrade(&node),
+            slots: slots.clone(),
         });
-        let cluster =
-            Cluster::join(&node.config, client_addr, admin_addr, &node.metrics, owner).await?;
-        let router = crate::cluster::route::Router::new(cluster.clone(), &node);
+        // The store takes writes only for the slots of the shards the map
+        // gives this node, from before anything routes by that map (none
+        // until the first map is read); a shard that moved here has its
+        // pending work taken up, one that moved away its sessions ended.
+        let serve: crate::cluster::OnView = {
+            let (slots, node) = (slots.clone(), Arc::downgrade(&node));
+            Box::new(move |view| {
+                let changes = slots.follow(view);
+                let Some(node) = node.upgrade() else {
+                    return;
+                };
+                for change in changes {
+                    match change {
+                        Change::Gained(shard, run) => {
+                            info!(shard, "serving a shard that moved here");
+                            if let Err(e) = node.shards.gained(&*node.store, run) {
+                                error!(shard, error = %e, "reading the moved shard's fan-out marks failed");
+                            }
+                        }
+                        Change::Lost(shard, run) => {
+                            info!(shard, "a shard moved away; ending its sessions here");
+                            node.shards.lost(run);
+                        }
+                    }
+                }
+            })
+        };
+        let cluster = Cluster::join(
+            &node.config,
+            client_addr,
+            admin_addr,
+            &node.metrics,
+            owner,
+            serve,
+        )
+        .await?;
+        let router = crate::cluster::route::Router::new(cluster.clone(), &node, slots.clone());
         node.shards.set_remote(Arc::new(router));
+        tokio::spawn(Mover::new(cluster.clone(), store.clone(), slots).run());
         let _ = node.cluster.set(cluster);
     }
     let io_desc = match &listeners {

@@ -519,12 +519,106 @@ mod control_plane {
         n1.restart();
         wait_status(&n1, "n1 back", |s| all_serving(s, &["n1"])).await;
     }
+
+    fn no_moves(s: &Value) -> bool {
+        s["moves"].as_array().is_some_and(Vec::is_empty) && s["planned_moves"] == 0
+    }
+
+    /// Shards move with their data. Under load (pairs and groups of 8
+    /// spread over the nodes, every user reconnecting and resuming when
+    /// its session ends, as a phone does), a fourth node joins three and
+    /// takes its share, a few shards at a time; then a node is drained and
+    /// gives all its shards away. The load generator's checker finds every
+    /// acknowledged message delivered once and in its conversation's
+    /// order, and every receipt once, through both; each move paused its
+    /// shard's writes for a last round (counted at the new owner). The
+    /// drained node then leaves with no shard left unavailable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shards_move_to_a_joining_node_and_off_a_drained_one_under_load() {
+        let Some(etcd) = Etcd::start() else { return };
+        // 16 shards: the join moves 4 of them, the drain 4 more.
+        let extra = [("COURIER_CLUSTER_SHARDS", "16")];
+        let ids = ["m1", "m2", "m3"];
+        let mut nodes = three_linked_with("cedar", ids, &etcd, &extra).await;
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+        let opts = courier_loadtest::Options {
+            addr: addrs.join(","),
+            scenario: courier_loadtest::Scenario::Mixed,
+            group_sizes: vec![(8, 1)],
+            users: 32,
+            first_user: 5000,
+            duration: Duration::from_secs(24),
+            rate: Some(150.0),
+            window: 4,
+            resilient: true,
+            ..nodes[0].load_options()
+        };
+        let load = load_in_background(opts);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let m4 = start_node("cedar", "m4", &etcd, &extra);
+        let joined = wait_status(&nodes[0], "m4 took its share", |s| {
+            shards_of(s, "m4") == 4 && no_moves(s)
+        })
+        .await;
+        for id in ids {
+            assert_eq!(shards_of(&joined, id), 4, "{id}: {joined:#}");
+        }
+        let (code, body) = nodes[2].admin_post("/admin/cluster/drain/m2").await;
+        assert_eq!(code, 202, "{body}");
+        let drained = wait_status(&nodes[0], "m2 gave its shards away", |s| {
+            shards_of(s, "m2") == 0 && no_moves(s)
+        })
+        .await;
+        assert_eq!(node_entry(&drained, "m2")["drained"], true);
+        let (code, body) = nodes[0].admin_post("/admin/cluster/rebalance").await;
+        assert_eq!(code, 202, "{body}");
+        let planned: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(planned["planned_moves"], 0, "balanced: {body}");
+        let (code, body) = nodes[0].admin_post("/admin/cluster/drain/m9").await;
+        assert_eq!(code, 409, "an unknown node: {body}");
+        let refused: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap()
+                .contains("no node \"m9\""),
+            "{body}"
+        );
+        let pauses = m4.metric("courier_cluster_move_pause_seconds_count").await;
+        assert!(pauses >= 4, "m4 took four shards: {pauses} pauses");
+
+        let report = load
+            .join()
+            .expect("the load's thread")
+            .expect("the load ran");
+        println!("shards moved under load:\n{}", report.summary());
+        assert!(report.verdict.ok(), "{}", report.summary());
+        assert!(report.acked >= 1000, "the load ran:\n{}", report.summary());
+
+        // The drained node leaves: nothing it held is missing.
+        nodes[1].terminate();
+        let after = wait_status(&nodes[0], "m2 gone", |s| {
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["id"] != "m2")
+        })
+        .await;
+        assert_eq!(after["shards_unavailable"], 0, "{after:#}");
+        drop(m4);
+    }
 }
 
 /// The first user id (from `from` on) whose shard `owner` owns in `map`.
 fn user_on(map: &[Value], owner: &str, from: u64) -> u64 {
     (from..)
-        .find(|&u| map[courier_broker::shard::route::shard_of(u, map.len())]["owner"] == owner)
+        .find(|&u| {
+            let shard =
+                courier_storage::shard_of_slot(courier_storage::slot_of(u), map.len() as u32);
+            map[shard as usize]["owner"] == owner
+        })
         .unwrap()
 }
 
@@ -576,9 +670,8 @@ mod data_plane {
     /// `SHARD_UNAVAILABLE` (its part there is not durable), and once the
     /// node is back the group's node completes the fan-out on its own: the
     /// member gets it once, and the sender's retry is a duplicate. Past
-    /// the log threshold such a group keeps references (copies for members
-    /// elsewhere); a group that reads its log refuses members elsewhere
-    /// with `DESTINATION_UNSUPPORTED`.
+    /// the log threshold a group keeps references (copies for members
+    /// elsewhere): in a cluster, where shards move, no group reads its log.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn groups_span_nodes_in_one_order_with_acks_receipts_and_changes() {
         let Some(etcd) = Etcd::start() else { return };
@@ -744,19 +837,18 @@ mod data_plane {
         assert!(c.next_timeout(Duration::from_millis(500)).await.is_err());
         assert!(a.next_timeout(Duration::from_millis(300)).await.is_err());
 
-        // A group of four on Alice's node reads its log; it takes no member
-        // from elsewhere.
+        // In a cluster shards move, so a group never reads its log there:
+        // past the threshold, with every member on Alice's node, it keeps
+        // references, and takes a member from elsewhere.
         let locals: Vec<u64> = (0..3).fold(Vec::new(), |mut v, _| {
             let from = v.last().map_or(alice + 1, |u| u + 1);
             v.push(user_on(&map, "g1", from));
             v
         });
         let big = a.create_group(locals).await.unwrap();
-        assert_eq!(big.strategy, Strategy::Log);
-        assert_eq!(
-            rejected(a.group(GroupOp::Add, big.group, vec![bob]).await),
-            ErrorCode::DESTINATION_UNSUPPORTED
-        );
+        assert_eq!(big.strategy, Strategy::Refs);
+        let info = a.group(GroupOp::Add, big.group, vec![bob]).await.unwrap();
+        assert_eq!(info.strategy, Strategy::Refs);
         drop(nodes);
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::tool;
+use common::{load_in_background, shards_of, tool};
 use courier_broker::auth::{load_or_create_secret, Claims};
 use courier_client::{Client, ClientConfig};
 use courier_protocol::{Destination, MessageKind};
@@ -279,14 +279,6 @@ fn state_of<'a>(status: &'a Value, id: &str) -> &'a str {
         .and_then(|n| n.iter().find(|n| n["id"] == id))
         .and_then(|n| n["state"].as_str())
         .unwrap_or("absent")
-}
-
-fn shards_of(status: &Value, id: &str) -> u64 {
-    status["nodes"]
-        .as_array()
-        .and_then(|n| n.iter().find(|n| n["id"] == id))
-        .and_then(|n| n["shards"].as_u64())
-        .unwrap_or(0)
 }
 
 fn link_state(status: &Value, peer: &str) -> String {
@@ -585,14 +577,7 @@ fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce())
         resilient: true,
         ..courier_loadtest::Options::new(courier_loadtest::Target::Courier, d.clients_addr(), key)
     };
-    let load = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(courier_loadtest::run(opts))
-    });
+    let load = load_in_background(opts);
     std::thread::sleep(FAULT_AFTER);
     fault();
     let report = load

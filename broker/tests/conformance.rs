@@ -387,23 +387,14 @@ async fn every_row_of_the_error_table_is_what_the_node_does() {
         ErrorCode::STORAGE_FULL.0,
         ErrorCode::SHARD_UNAVAILABLE.0,
     ];
-    // Forms provoked only in cluster.rs: a log group refusing a member on
-    // another node.
-    let form_elsewhere = [(ErrorCode::DESTINATION_UNSUPPORTED.0, Form::Error)];
     for row in &rows {
         let got = observed.remove(&row.code).unwrap_or_default();
         if elsewhere.contains(&row.code) {
             assert!(got.is_subset(&row.forms), "{}: {got:?}", row.name);
             continue;
         }
-        let mut want = row.forms.clone();
-        for (code, form) in form_elsewhere {
-            if code == row.code {
-                want.remove(&form);
-            }
-        }
         assert_eq!(
-            got, want,
+            got, row.forms,
             "{} ({}): the table says {:?}, the node sent {got:?}",
             row.name, row.code, row.forms
         );

@@ -105,6 +105,82 @@ pub trait InboxStore: Send + Sync + 'static {
     fn health(&self) -> Option<StoreHealth> {
         None
     }
+
+    /// Moving runs of slots to and from other stores: `None` unless the
+    /// store is [`Layout::Slotted`].
+    fn transfer(&self) -> Option<&dyn SlotTransfer> {
+        None
+    }
+}
+
+/// Moving a run of slots (a shard) between two slotted stores while the
+/// source keeps serving them:
+///
+/// ```text
+///  source: watch(slots) ─► export chunks ─► changes() ─► … ─► (writes paused) changes() ─► delete_slots
+///  target:                  import(chunk)    import(read(changes)) …                    import(read(changes))
+/// ```
+///
+/// The watch starts before the first chunk is read, so every write the
+/// export may have missed is in the changes; each round sends the keys'
+/// current values, so the last writer wins. Once writes to the slots have
+/// stopped, a last round leaves the target equal to the source.
+///
+/// A slotted store also serves only the slots it is told to
+/// ([`SlotTransfer::serve_only`]): a message for an inbox of another slot
+/// is not stored ([`AppendOutcome::NotServed`]), and other writes to such
+/// slots (cursors, rows: work the slots' owner redoes) are dropped and
+/// counted. That is how a shard's writes pause for the last round of a
+/// move, whatever path they come by, without failing anything else.
+pub trait SlotTransfer: Send + Sync {
+    /// Serves exactly the slots of `runs` from now on; returns once every
+    /// write that began before the change has finished, so what the watch
+    /// reports next is everything written to the slots it stopped serving.
+    fn serve_only(&self, runs: &[std::ops::Range<u16>]);
+
+    /// Whether `slot` is served now.
+    fn serves(&self, slot: u8) -> bool;
+
+    /// Writes dropped because their slot was not served (since open).
+    fn not_served(&self) -> u64;
+
+    /// Starts recording which keys of `slots` are written (replacing any
+    /// earlier watch). One watch at a time.
+    fn watch(&self, slots: std::ops::Range<u16>);
+
+    /// What the watch recorded since it started or was last drained;
+    /// drains it. Empty without a watch.
+    fn changes(&self) -> SlotChanges;
+
+    /// Stops the watch.
+    fn unwatch(&self);
+
+    /// Entries of `slots` from `from` (a previous chunk's `next`; `None`:
+    /// the start) in (space, key) order, up to about `max_bytes` of keys
+    /// and values.
+    fn export(
+        &self,
+        slots: std::ops::Range<u16>,
+        from: Option<(Space, Vec<u8>)>,
+        max_bytes: usize,
+    ) -> Result<ExportChunk, StoreError>;
+
+    /// The writes that bring a copy up to date with `changes`: its range
+    /// deletions first, then each key's current value (a put, or a delete
+    /// if it is gone).
+    fn read(&self, changes: &SlotChanges) -> Result<Vec<RawEntry>, StoreError>;
+
+    /// Applies writes from another store, in order, in one durable write.
+    /// Refused (nothing written) if any of them is for a slot served here.
+    fn import(&self, entries: &[RawEntry]) -> Result<(), StoreError>;
+
+    /// Deletes everything of `slots`, durably (after the slots have a new
+    /// owner). Refused if any of them is served here.
+    fn delete_slots(&self, slots: std::ops::Range<u16>) -> Result<(), StoreError>;
+
+    /// How many entries `slots` hold in each space (for checks and
+    /// operators; reads every key of the range).
+    fn count(&self, slots: std::ops::Range<u16>) -> Result<[u64; 5], StoreError>;
 }
 
 /// What the storage engine says about itself, read when metrics are scraped.

@@ -50,6 +50,8 @@ pub struct StoreConfig {
     pub block_cache_bytes: usize,
     /// Time for expiry decisions made inside the store (compaction filters).
     pub clock: Clock,
+    /// How keys are laid out; fixed when the store is created.
+    pub layout: Layout,
 }
 
 impl Default for StoreConfig {
@@ -59,7 +61,118 @@ impl Default for StoreConfig {
             idempotency_window_ms: 24 * 3600 * 1000,
             block_cache_bytes: 128 << 20,
             clock: Clock::system(),
+            layout: Layout::Flat,
         }
+    }
+}
+
+/// How a store lays out its keys. Chosen when the store is created and
+/// recorded in it: opening it with the other layout is refused.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Layout {
+    /// Keys as they are: a single node's store, which never gives data away.
+    #[default]
+    Flat,
+    /// Every key starts with its owner's [slot](slot_of): a cluster node's
+    /// store, in which a shard (a run of slots) is one contiguous key range
+    /// in every space, so a move copies ranges and deletes them, never
+    /// scanning other shards' data. `owner` names the id that owns a
+    /// key-value key (its shard writes it), or `None` when the bytes do not
+    /// reach it (a prefix): scans by such a prefix visit every slot.
+    Slotted { owner: KeyOwner },
+}
+
+/// Which id owns a key-value key (see [`Layout::Slotted`]).
+pub type KeyOwner = fn(&[u8]) -> Option<u64>;
+
+/// How many slots ids hash to. A cluster's shard is a contiguous run of
+/// them, so a cluster has at most this many shards.
+pub const SLOTS: usize = 256;
+
+/// The slot of a user or group id: the top byte of its Fibonacci hash
+/// (spreads sequential ids evenly).
+pub fn slot_of(id: u64) -> u8 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+/// The slots of shard `shard` out of `shards` (at most [`SLOTS`]): shard
+/// `s` holds the slots `t` with `t * shards / SLOTS == s`, a contiguous run
+/// of `SLOTS / shards` slots (give or take one).
+pub fn slots_of_shard(shard: u32, shards: u32) -> std::ops::Range<u16> {
+    let first = |s: u32| (s as usize * SLOTS).div_ceil(shards as usize) as u16;
+    first(shard)..first(shard + 1)
+}
+
+/// The shard of slot `slot` out of `shards` (inverse of [`slots_of_shard`]).
+pub fn shard_of_slot(slot: u8, shards: u32) -> u32 {
+    (slot as usize * shards as usize / SLOTS) as u32
+}
+
+/// A space of the store, as a slot transfer names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Space {
+    Inbox = 0,
+    Meta = 1,
+    Idem = 2,
+    Kv = 3,
+    Expiring = 4,
+}
+
+impl Space {
+    pub const ALL: [Space; 5] = [
+        Space::Inbox,
+        Space::Meta,
+        Space::Idem,
+        Space::Kv,
+        Space::Expiring,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Space> {
+        Space::ALL.get(v as usize).copied()
+    }
+}
+
+/// One raw write of a slotted store as a transfer carries it; keys and
+/// values as stored (keys with their slot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawEntry {
+    Put {
+        space: Space,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        space: Space,
+        key: Vec<u8>,
+    },
+    /// Every key from `from` (included) to `to` (excluded).
+    DeleteRange {
+        space: Space,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+/// A chunk of an export: entries in (space, key) order, and where the next
+/// chunk starts (`None`: the range is done).
+#[derive(Debug, Default)]
+pub struct ExportChunk {
+    pub entries: Vec<RawEntry>,
+    pub next: Option<(Space, Vec<u8>)>,
+}
+
+/// What changed in watched slots since the watch started or was last
+/// drained: keys written or deleted (their values are read when sent, so
+/// the latest value wins) and key ranges deleted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SlotChanges {
+    pub keys: std::collections::BTreeSet<(Space, Vec<u8>)>,
+    pub ranges: Vec<(Space, Vec<u8>, Vec<u8>)>,
+}
+
+impl SlotChanges {
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.ranges.is_empty()
     }
 }
 
@@ -214,6 +327,9 @@ pub enum AppendOutcome {
     Duplicate(Placement),
     /// The idempotency key was used for a message to another destination.
     Conflict,
+    /// Not stored: the inbox's slot is not served by this store now (its
+    /// shard is moving away or belongs to another node). Retryable.
+    NotServed,
 }
 
 /// Where a message landed.
@@ -256,6 +372,10 @@ pub enum StoreError {
     /// The file system is full: nothing of the write was stored.
     #[error("storage full: {0}")]
     NoSpace(String),
+    /// The store was created with another key layout, or an operation
+    /// needs a layout it does not have.
+    #[error("store layout: {0}")]
+    Layout(String),
 }
 
 impl From<rocksdb::Error> for StoreError {

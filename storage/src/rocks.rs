@@ -10,6 +10,15 @@
 //! | `idem`  | sender u64 . client_msg u64 [. scope u64] | stored_at_ms u64 . inbox u64 . seq u64 . server_msg_id u64 . timestamp_ms u64 . dest_tag u8 . dest_id u64 |
 //! | `kv`    | broker-defined bytes         | broker-defined bytes                          |
 //! | `expiring` | broker-defined bytes      | expires_at_ms u64 . broker-defined bytes      |
+//! | `default` | `layout`                     | `flat` or `slotted`                           |
+//!
+//! In the slotted layout (a cluster node's store, [`Layout::Slotted`]) every
+//! key of those five spaces starts with one more byte, the [slot](slot_of)
+//! of its owner: the inbox's user (or group) for `inbox`, `meta` and `idem`
+//! (an idempotency entry belongs to the inbox it was stored with), the id
+//! the broker's rule names for `kv` and `expiring`. A shard is a run of
+//! slots, so its data is one key range per space: a move copies ranges
+//! ([`SlotTransfer`]) and deletes them, never reading other shards' data.
 //!
 //! Why this shape:
 //! - `meta` is written in the same atomic batch as the messages, so an
@@ -36,7 +45,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,7 +57,7 @@ use rocksdb::{
 };
 
 use crate::model::*;
-use crate::{InboxStore, StoreHealth};
+use crate::{InboxStore, SlotTransfer, StoreHealth};
 
 const CF_INBOX: &str = "inbox";
 const CF_META: &str = "meta";
@@ -56,6 +65,8 @@ const CF_IDEM: &str = "idem";
 const CF_KV: &str = "kv";
 const CF_EXPIRING: &str = "expiring";
 const ALL_CFS: [&str; 6] = ["default", CF_INBOX, CF_META, CF_IDEM, CF_KV, CF_EXPIRING];
+/// The key in `default` that records the layout.
+const LAYOUT_KEY: &[u8] = b"layout";
 const META_LEN: usize = 24;
 const IDEM_LEN: usize = 49;
 /// Lock stripes for the head cache: enough that shards rarely contend.
@@ -71,25 +82,61 @@ pub struct RocksStore {
     cache: Cache,
     /// Writes that synced the WAL.
     wal_syncs: AtomicU64,
+    /// The owner rule of the slotted layout; `None`: flat.
+    owner: Option<KeyOwner>,
+    /// Bytes before a key's own bytes: 1 (the slot) when slotted, else 0.
+    lead: usize,
+    /// The slots being watched for a transfer, and what changed in them.
+    watch: Mutex<Option<Watch>>,
+    /// Set while `watch` holds one, so writes skip its lock otherwise.
+    watching: AtomicBool,
+    /// Which slots take writes (slotted only). Every write holds the read
+    /// lock from its check to its end; a change takes the write lock, so it
+    /// returns only after the writes that saw the old set are done.
+    served: std::sync::RwLock<Box<[bool; SLOTS]>>,
+    /// Writes dropped because their slot was not served.
+    not_served: AtomicU64,
 }
 
-fn inbox_key(user: u64, seq: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&user.to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
+/// The served slots, as one write sees them (`None`: flat, all served).
+type Served<'a> = Option<std::sync::RwLockReadGuard<'a, Box<[bool; SLOTS]>>>;
+
+struct Watch {
+    slots: std::ops::Range<u16>,
+    changes: SlotChanges,
 }
 
-/// 16 bytes for an unscoped key (the layout every existing entry has), 24
-/// with a scope.
-fn idem_key(key: IdempotencyKey) -> ([u8; 24], usize) {
-    let mut k = [0u8; 24];
-    k[..16].copy_from_slice(&inbox_key(key.sender, key.client_msg_id));
-    if key.scope == 0 {
-        (k, 16)
-    } else {
-        k[16..].copy_from_slice(&key.scope.to_be_bytes());
-        (k, 24)
+/// A key of the inbox, meta or idempotency space, built on the stack: an
+/// optional slot, then big-endian ids.
+#[derive(Clone, Copy)]
+struct Key {
+    bytes: [u8; 25],
+    len: usize,
+}
+
+impl Key {
+    fn starting(slot: Option<u8>) -> Key {
+        let mut k = Key {
+            bytes: [0; 25],
+            len: 0,
+        };
+        if let Some(s) = slot {
+            k.bytes[0] = s;
+            k.len = 1;
+        }
+        k
+    }
+
+    fn id(mut self, v: u64) -> Key {
+        self.bytes[self.len..self.len + 8].copy_from_slice(&v.to_be_bytes());
+        self.len += 8;
+        self
+    }
+}
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -103,6 +150,26 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
+}
+
+/// The key of slot `slot`'s first entry (`SLOTS`: past the last one, of
+/// any key no longer than 64 bytes).
+fn slot_bound(slot: u16) -> Vec<u8> {
+    if (slot as usize) < SLOTS {
+        vec![slot as u8]
+    } else {
+        vec![0xff; 65]
+    }
+}
+
+fn space_cf(space: Space) -> &'static str {
+    match space {
+        Space::Inbox => CF_INBOX,
+        Space::Meta => CF_META,
+        Space::Idem => CF_IDEM,
+        Space::Kv => CF_KV,
+        Space::Expiring => CF_EXPIRING,
+    }
 }
 
 fn be_u64(v: &[u8], at: usize) -> u64 {
@@ -235,7 +302,11 @@ impl RocksStore {
         inbox_table.set_block_cache(&cache);
         inbox_table.set_bloom_filter(10.0, false);
         inbox_opts.set_block_based_table_factory(&inbox_table);
-        inbox_opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(8));
+        let (owner, lead) = match config.layout {
+            Layout::Flat => (None, 0),
+            Layout::Slotted { owner } => (Some(owner), 1),
+        };
+        inbox_opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(lead + 8));
         inbox_opts.set_memtable_prefix_bloom_ratio(0.1);
         inbox_opts.set_compression_type(DBCompressionType::Lz4);
         inbox_opts.set_write_buffer_size(64 << 20);
@@ -305,14 +376,164 @@ impl RocksStore {
         })?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(config.durability == Durability::Fsync);
-        Ok(RocksStore {
+        let store = RocksStore {
             db,
             config,
             write_opts,
             states: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             cache,
             wal_syncs: AtomicU64::new(0),
-        })
+            owner,
+            lead,
+            watch: Mutex::new(None),
+            watching: AtomicBool::new(false),
+            served: std::sync::RwLock::new(Box::new([true; SLOTS])),
+            not_served: AtomicU64::new(0),
+        };
+        store.check_layout()?;
+        Ok(store)
+    }
+
+    fn layout_name(&self) -> &'static str {
+        if self.owner.is_some() {
+            "slotted"
+        } else {
+            "flat"
+        }
+    }
+
+    /// Records the layout in a new store; refuses a store recorded (or, from
+    /// before the record existed, holding data) in the other one.
+    fn check_layout(&self) -> Result<(), StoreError> {
+        let wanted = self.layout_name();
+        let found = match self.db.get(LAYOUT_KEY)? {
+            Some(v) => Some(String::from_utf8_lossy(&v).into_owned()),
+            // Written before layouts existed: flat, if it holds anything.
+            None => ALL_CFS[1..]
+                .iter()
+                .any(|cf| {
+                    let mut it = self.db.raw_iterator_cf(self.cf(cf));
+                    it.seek_to_first();
+                    it.valid()
+                })
+                .then(|| "flat".to_owned()),
+        };
+        match found {
+            Some(f) if f == wanted => Ok(()),
+            Some(f) => Err(StoreError::Layout(format!(
+                "the store was created with the {f} key layout, not the {wanted} one \
+                 (a single node's store is flat, a cluster node's slotted; neither converts)"
+            ))),
+            None => {
+                let mut opts = WriteOptions::default();
+                opts.set_sync(true);
+                Ok(self.db.put_opt(LAYOUT_KEY, wanted, &opts)?)
+            }
+        }
+    }
+
+    /// The served slots for one write (held until it is done).
+    fn served(&self) -> Served<'_> {
+        self.owner.map(|_| self.served.read().expect("served lock"))
+    }
+
+    /// Whether a write to the stored key `key` may go ahead; counts it if
+    /// not.
+    fn may_write(&self, served: &Served<'_>, key: &[u8]) -> bool {
+        let ok = match (served, key.first()) {
+            (Some(s), Some(slot)) => s[*slot as usize],
+            _ => true,
+        };
+        if !ok {
+            self.not_served.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// The start of a key `owner` owns: its slot when slotted.
+    fn lead_of(&self, owner: u64) -> Key {
+        Key::starting(self.owner.map(|_| slot_of(owner)))
+    }
+
+    fn inbox_key(&self, user: u64, seq: u64) -> Key {
+        self.lead_of(user).id(user).id(seq)
+    }
+
+    fn meta_key(&self, user: u64) -> Key {
+        self.lead_of(user).id(user)
+    }
+
+    /// The idempotency entry of `key`, stored with `inbox`'s entry: 16
+    /// bytes after the lead for an unscoped key (the layout every existing
+    /// entry has), 24 with a scope.
+    fn idem_key(&self, inbox: u64, key: IdempotencyKey) -> Key {
+        let k = self.lead_of(inbox).id(key.sender).id(key.client_msg_id);
+        if key.scope == 0 {
+            k
+        } else {
+            k.id(key.scope)
+        }
+    }
+
+    /// A key-value key as stored: with its owner's slot when slotted.
+    fn kv_key(&self, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let Some(owner) = self.owner else {
+            return Ok(key.to_vec());
+        };
+        let Some(id) = owner(key) else {
+            return Err(StoreError::Layout(format!(
+                "key-value key {key:02x?} names no owner, so it has no slot"
+            )));
+        };
+        let mut k = Vec::with_capacity(1 + key.len());
+        k.push(slot_of(id));
+        k.extend_from_slice(key);
+        Ok(k)
+    }
+
+    /// The stored prefixes a key-value scan by `prefix` reads: itself when
+    /// flat; with its owner's slot when the prefix names the owner; with
+    /// every slot when it does not.
+    fn kv_prefixes(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        let Some(owner) = self.owner else {
+            return vec![prefix.to_vec()];
+        };
+        let with = |slot: u8| {
+            let mut k = Vec::with_capacity(1 + prefix.len());
+            k.push(slot);
+            k.extend_from_slice(prefix);
+            k
+        };
+        match owner(prefix) {
+            Some(id) => vec![with(slot_of(id))],
+            None => (0..SLOTS).map(|s| with(s as u8)).collect(),
+        }
+    }
+
+    /// A key-value scan of `cf`, keys returned without their slot, in key
+    /// order, at most `limit`.
+    fn scan_space(&self, cf: &str, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
+        let prefixes = self.kv_prefixes(prefix);
+        if prefixes.len() == 1 {
+            let mut out = self.scan_cf(cf, &prefixes[0], limit)?;
+            if self.lead > 0 {
+                for (k, _) in &mut out {
+                    k.remove(0);
+                }
+            }
+            return Ok(out);
+        }
+        let mut out = Vec::new();
+        for p in prefixes {
+            out.extend(
+                self.scan_cf(cf, &p, limit)?
+                    .into_iter()
+                    .map(|(k, v)| (k[1..].to_vec(), v)),
+            );
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.truncate(limit);
+        Ok(out)
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -333,7 +554,7 @@ impl RocksStore {
         }
         let state = match self
             .db
-            .get_pinned_cf(self.cf(CF_META), user.to_be_bytes())?
+            .get_pinned_cf(self.cf(CF_META), self.meta_key(user))?
         {
             Some(v) => decode_meta(&v)?,
             None => InboxState::default(),
@@ -388,7 +609,7 @@ impl RocksStore {
         let mut ro = ReadOptions::default();
         ro.set_verify_checksums(true);
         ro.set_prefix_same_as_start(true);
-        ro.set_iterate_upper_bound(inbox_key(user, u64::MAX).to_vec());
+        ro.set_iterate_upper_bound(self.inbox_key(user, u64::MAX).as_ref().to_vec());
         ro
     }
 
@@ -423,7 +644,8 @@ impl RocksStore {
             .compact_range_cf(self.cf(CF_EXPIRING), None::<&[u8]>, None::<&[u8]>);
     }
 
-    /// Every raw key of the expiring space, expired or not (what is on disk).
+    /// Every raw key of the expiring space, expired or not (what is on
+    /// disk, with slots when slotted).
     pub fn raw_expiring_keys(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(self
             .scan_cf(CF_EXPIRING, &[], usize::MAX)?
@@ -436,7 +658,7 @@ impl RocksStore {
     fn resolve(&self, at: LogRef) -> Result<Record, StoreError> {
         match self
             .db
-            .get_pinned_cf(self.cf(CF_INBOX), inbox_key(at.log, at.seq))?
+            .get_pinned_cf(self.cf(CF_INBOX), self.inbox_key(at.log, at.seq))?
         {
             Some(v) => match Value::decode(&v)? {
                 Value::Record(r) => Ok(r),
@@ -467,26 +689,137 @@ impl RocksStore {
         self.db.property_int_value(name).ok().flatten()
     }
 
-    fn put_kv(&self, wb: &mut WriteBatch, kv: &[KvOp]) {
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+        }
+    }
+
+    /// Records a write of `key` if its slot is watched.
+    fn note(&self, space: Space, key: &[u8]) {
+        if !self.watching.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(w) = self.watch.lock().expect("watch lock").as_mut() {
+            if key
+                .first()
+                .is_some_and(|s| w.slots.contains(&u16::from(*s)))
+            {
+                w.changes.keys.insert((space, key.to_vec()));
+            }
+        }
+    }
+
+    /// Records a range deletion if it starts in a watched slot (every
+    /// range the store deletes lies in one slot).
+    fn note_range(&self, space: Space, from: &[u8], to: &[u8]) {
+        if !self.watching.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(w) = self.watch.lock().expect("watch lock").as_mut() {
+            if from
+                .first()
+                .is_some_and(|s| w.slots.contains(&u16::from(*s)))
+            {
+                w.changes.ranges.push((space, from.to_vec(), to.to_vec()));
+            }
+        }
+    }
+
+    /// Adds the key-value writes of `kv` to `b`, leaving out those to
+    /// slots that are not served. A key without an owner in the slotted
+    /// layout fails the whole write (a broker bug, never half applied).
+    fn put_kv(
+        &self,
+        b: &mut Batch<'_>,
+        served: &Served<'_>,
+        kv: &[KvOp],
+    ) -> Result<(), StoreError> {
         for op in kv {
             match op {
-                KvOp::Put { key, value } => wb.put_cf(self.cf(CF_KV), key, value),
-                KvOp::Delete { key } => wb.delete_cf(self.cf(CF_KV), key),
+                KvOp::Put { key, value } => {
+                    let key = self.kv_key(key)?;
+                    if self.may_write(served, &key) {
+                        b.put(Space::Kv, &key, value);
+                    }
+                }
+                KvOp::Delete { key } => {
+                    let key = self.kv_key(key)?;
+                    if self.may_write(served, &key) {
+                        b.delete(Space::Kv, &key);
+                    }
+                }
                 KvOp::PutExpiring {
                     key,
                     expires_at_ms,
                     value,
                 } => {
-                    let mut v = Vec::with_capacity(8 + value.len());
-                    v.extend_from_slice(&expires_at_ms.to_be_bytes());
-                    v.extend_from_slice(value);
-                    wb.put_cf(self.cf(CF_EXPIRING), key, v);
+                    let key = self.kv_key(key)?;
+                    if self.may_write(served, &key) {
+                        let mut v = Vec::with_capacity(8 + value.len());
+                        v.extend_from_slice(&expires_at_ms.to_be_bytes());
+                        v.extend_from_slice(value);
+                        b.put(Space::Expiring, &key, &v);
+                    }
                 }
                 KvOp::DeleteExpiringRange { from, to } => {
-                    wb.delete_range_cf(self.cf(CF_EXPIRING), from, to)
+                    // One slot when both ends name the same owner's; else
+                    // the same range in every slot.
+                    let owner = self.owner.map(|o| (o(from), o(to)));
+                    match owner {
+                        None => b.delete_range(Space::Expiring, from, to),
+                        Some((Some(a), Some(z))) if slot_of(a) == slot_of(z) => {
+                            let from = self.kv_key(from)?;
+                            if self.may_write(served, &from) {
+                                b.delete_range(Space::Expiring, &from, &self.kv_key(to)?);
+                            }
+                        }
+                        Some(_) => {
+                            for slot in 0..SLOTS as u16 {
+                                let at = |k: &[u8]| [&[slot as u8], k].concat();
+                                if self.may_write(served, &at(from)) {
+                                    b.delete_range(Space::Expiring, &at(from), &at(to));
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Forgets every cached inbox state (after an import or a deletion
+    /// changed inboxes behind the cache).
+    fn forget_all_states(&self) {
+        for stripe in &self.states {
+            stripe.lock().expect("state lock").clear();
+        }
+    }
+}
+
+/// A write batch that tells the store's watch what it writes.
+struct Batch<'a> {
+    store: &'a RocksStore,
+    wb: WriteBatch,
+}
+
+impl Batch<'_> {
+    fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
+        self.store.note(space, key);
+        self.wb.put_cf(self.store.cf(space_cf(space)), key, value);
+    }
+
+    fn delete(&mut self, space: Space, key: &[u8]) {
+        self.store.note(space, key);
+        self.wb.delete_cf(self.store.cf(space_cf(space)), key);
+    }
+
+    fn delete_range(&mut self, space: Space, from: &[u8], to: &[u8]) {
+        self.store.note_range(space, from, to);
+        self.wb
+            .delete_range_cf(self.store.cf(space_cf(space)), from, to);
     }
 }
 
@@ -500,18 +833,24 @@ impl InboxStore for RocksStore {
         let mut touched: HashMap<u64, InboxState> = HashMap::new();
         let mut in_batch: HashMap<IdempotencyKey, (Placement, u8, u64)> = HashMap::new();
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut wb = WriteBatch::default();
+        let served = self.served();
+        let mut b = self.batch();
         let mut value = BytesMut::new();
         let idem_cf = self.cf(CF_IDEM);
 
         for m in batch {
             let r = &m.record;
+            if !self.may_write(&served, self.lead_of(m.inbox).as_ref()) {
+                outcomes.push(AppendOutcome::NotServed);
+                continue;
+            }
             if let Some(key) = m.idempotency {
                 let seen = match in_batch.get(&key) {
                     Some(&(p, tag, id)) => Some((p, tag, id)),
                     None => {
-                        let (k, n) = idem_key(key);
-                        let stored = self.db.get_pinned_cf(idem_cf, &k[..n])?;
+                        let stored = self
+                            .db
+                            .get_pinned_cf(idem_cf, self.idem_key(m.inbox, key))?;
                         match stored {
                             Some(v) => {
                                 let e = decode_idem(&v)?;
@@ -548,21 +887,20 @@ impl InboxStore for RocksStore {
                 server_msg_id: r.server_msg_id,
                 timestamp_ms: r.timestamp_ms,
             };
+            let key = self.inbox_key(m.inbox, placement.seq);
             match m.form {
-                Form::Reference(at) => wb.put_cf(
-                    self.cf(CF_INBOX),
-                    inbox_key(m.inbox, placement.seq),
-                    encode_ref(at, r.timestamp_ms),
-                ),
+                Form::Reference(at) => {
+                    b.put(Space::Inbox, key.as_ref(), &encode_ref(at, r.timestamp_ms))
+                }
                 Form::Record => {
                     value.clear();
                     r.encode(&mut value);
-                    wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
+                    b.put(Space::Inbox, key.as_ref(), &value);
                 }
                 Form::Copy(at) => {
                     value.clear();
                     encode_copy(at, r, &mut value);
-                    wb.put_cf(self.cf(CF_INBOX), inbox_key(m.inbox, placement.seq), &value);
+                    b.put(Space::Inbox, key.as_ref(), &value);
                 }
             }
             if let Some(key) = m.idempotency {
@@ -572,20 +910,23 @@ impl InboxStore for RocksStore {
                     dest_tag: r.dest_tag,
                     dest_id: r.dest_id,
                 };
-                let (k, n) = idem_key(key);
-                wb.put_cf(idem_cf, &k[..n], encode_idem(&entry));
+                b.put(
+                    Space::Idem,
+                    self.idem_key(m.inbox, key).as_ref(),
+                    &encode_idem(&entry),
+                );
                 in_batch.insert(key, (placement, r.dest_tag, r.dest_id));
             }
             outcomes.push(AppendOutcome::Stored(placement));
         }
         for (user, s) in &touched {
-            wb.put_cf(self.cf(CF_META), user.to_be_bytes(), encode_meta(s));
+            b.put(Space::Meta, self.meta_key(*user).as_ref(), &encode_meta(s));
         }
-        self.put_kv(&mut wb, kv);
-        if wb.is_empty() {
+        self.put_kv(&mut b, &served, kv)?;
+        if b.wb.is_empty() {
             return Ok(outcomes);
         }
-        if let Err(e) = self.write(wb) {
+        if let Err(e) = self.write(b.wb) {
             // The cache never moved; drop the entries anyway so the next touch
             // re-reads the truth from disk.
             self.forget_states(touched.keys());
@@ -596,11 +937,12 @@ impl InboxStore for RocksStore {
     }
 
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
-        let mut wb = WriteBatch::default();
-        self.put_kv(&mut wb, kv);
+        let served = self.served();
+        let mut b = self.batch();
+        self.put_kv(&mut b, &served, kv)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        Ok(self.db.write_opt(wb, &opts)?)
+        Ok(self.db.write_opt(b.wb, &opts)?)
     }
 
     fn read_after(
@@ -616,15 +958,16 @@ impl InboxStore for RocksStore {
         let mut it = self
             .db
             .raw_iterator_cf_opt(self.cf(CF_INBOX), self.read_opts_for(inbox));
-        it.seek(inbox_key(inbox, after_seq + 1));
+        it.seek(self.inbox_key(inbox, after_seq + 1));
+        let at = self.lead;
         while it.valid() && out.len() < limit {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
-            if k.len() != 16 || be_u64(k, 0) != inbox {
+            if k.len() != at + 16 || be_u64(k, at) != inbox {
                 break;
             }
-            let seq = be_u64(k, 8);
+            let seq = be_u64(k, at + 8);
             out.push(match Value::decode(v)? {
                 Value::Record(record) => StoredMessage {
                     seq,
@@ -653,11 +996,11 @@ impl InboxStore for RocksStore {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_KV), key)?)
+        Ok(self.db.get_cf(self.cf(CF_KV), self.kv_key(key)?)?)
     }
 
     fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
-        self.scan_cf(CF_KV, prefix, limit)
+        self.scan_space(CF_KV, prefix, limit)
     }
 
     fn scan_expiring(
@@ -667,7 +1010,7 @@ impl InboxStore for RocksStore {
         limit: usize,
     ) -> Result<ExpiringEntries, StoreError> {
         let mut out = Vec::new();
-        for (k, v) in self.scan_cf(CF_EXPIRING, prefix, usize::MAX)? {
+        for (k, v) in self.scan_space(CF_EXPIRING, prefix, usize::MAX)? {
             if out.len() >= limit {
                 break;
             }
@@ -686,25 +1029,33 @@ impl InboxStore for RocksStore {
     }
 
     fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
+        let served = self.served();
         let mut s = self.cached_state(inbox)?;
+        if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
+            return Ok(s);
+        }
         let acked = up_to_seq.min(s.head_seq);
         if acked <= s.acked_seq {
             return Ok(s);
         }
         s.acked_seq = acked;
-        let mut wb = WriteBatch::default();
-        wb.put_cf(self.cf(CF_META), inbox.to_be_bytes(), encode_meta(&s));
+        let mut b = self.batch();
+        b.put(Space::Meta, self.meta_key(inbox).as_ref(), &encode_meta(&s));
         // An ack that is lost in a power failure only means redelivery (the
         // client de-duplicates by sequence), so it never waits for a sync.
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        self.db.write_opt(wb, &opts)?;
+        self.db.write_opt(b.wb, &opts)?;
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
 
     fn trim_acked(&self, inbox: u64, older_than_ms: u64) -> Result<InboxState, StoreError> {
+        let served = self.served();
         let mut s = self.cached_state(inbox)?;
+        if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
+            return Ok(s);
+        }
         if s.oldest_seq > s.acked_seq {
             return Ok(s);
         }
@@ -715,12 +1066,12 @@ impl InboxStore for RocksStore {
             let mut it = self
                 .db
                 .raw_iterator_cf_opt(self.cf(CF_INBOX), self.read_opts_for(inbox));
-            it.seek(inbox_key(inbox, s.oldest_seq));
+            it.seek(self.inbox_key(inbox, s.oldest_seq));
             while it.valid() {
                 let (Some(k), Some(v)) = (it.key(), it.value()) else {
                     break;
                 };
-                let seq = be_u64(k, 8);
+                let seq = be_u64(k, self.lead + 8);
                 if seq > s.acked_seq {
                     break;
                 }
@@ -735,15 +1086,15 @@ impl InboxStore for RocksStore {
         let Some(last) = last else {
             return Ok(s);
         };
-        let mut wb = WriteBatch::default();
-        wb.delete_range_cf(
-            self.cf(CF_INBOX),
-            inbox_key(inbox, s.oldest_seq),
-            inbox_key(inbox, last + 1),
+        let mut b = self.batch();
+        b.delete_range(
+            Space::Inbox,
+            self.inbox_key(inbox, s.oldest_seq).as_ref(),
+            self.inbox_key(inbox, last + 1).as_ref(),
         );
         s.oldest_seq = last + 1;
-        wb.put_cf(self.cf(CF_META), inbox.to_be_bytes(), encode_meta(&s));
-        self.write(wb)?;
+        b.put(Space::Meta, self.meta_key(inbox).as_ref(), &encode_meta(&s));
+        self.write(b.wb)?;
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
@@ -772,5 +1123,192 @@ impl InboxStore for RocksStore {
                 .unwrap_or(0),
             wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
         })
+    }
+
+    fn transfer(&self) -> Option<&dyn SlotTransfer> {
+        self.owner.is_some().then_some(self as &dyn SlotTransfer)
+    }
+}
+
+impl SlotTransfer for RocksStore {
+    fn serve_only(&self, runs: &[std::ops::Range<u16>]) {
+        let mut served = self.served.write().expect("served lock");
+        for (slot, on) in served.iter_mut().enumerate() {
+            *on = runs.iter().any(|r| r.contains(&(slot as u16)));
+        }
+    }
+
+    fn serves(&self, slot: u8) -> bool {
+        self.owner.is_none() || self.served.read().expect("served lock")[slot as usize]
+    }
+
+    fn not_served(&self) -> u64 {
+        self.not_served.load(Ordering::Relaxed)
+    }
+
+    fn watch(&self, slots: std::ops::Range<u16>) {
+        *self.watch.lock().expect("watch lock") = Some(Watch {
+            slots,
+            changes: SlotChanges::default(),
+        });
+        self.watching.store(true, Ordering::Release);
+    }
+
+    fn changes(&self) -> SlotChanges {
+        self.watch
+            .lock()
+            .expect("watch lock")
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.changes))
+            .unwrap_or_default()
+    }
+
+    fn unwatch(&self) {
+        self.watching.store(false, Ordering::Release);
+        *self.watch.lock().expect("watch lock") = None;
+    }
+
+    fn export(
+        &self,
+        slots: std::ops::Range<u16>,
+        from: Option<(Space, Vec<u8>)>,
+        max_bytes: usize,
+    ) -> Result<ExportChunk, StoreError> {
+        let mut chunk = ExportChunk::default();
+        let mut bytes = 0;
+        let (first, mut start) = match from {
+            Some((space, key)) => (space, Some(key)),
+            None => (Space::Inbox, None),
+        };
+        for space in Space::ALL.into_iter().filter(|s| *s >= first) {
+            let mut ro = ReadOptions::default();
+            ro.set_verify_checksums(true);
+            ro.set_iterate_lower_bound(slot_bound(slots.start));
+            ro.set_iterate_upper_bound(slot_bound(slots.end));
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            match start.take() {
+                Some(k) => it.seek(k),
+                None => it.seek_to_first(),
+            }
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                if bytes >= max_bytes {
+                    chunk.next = Some((space, k.to_vec()));
+                    return Ok(chunk);
+                }
+                bytes += k.len() + v.len();
+                chunk.entries.push(RawEntry::Put {
+                    space,
+                    key: k.to_vec(),
+                    value: v.to_vec(),
+                });
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(chunk)
+    }
+
+    fn read(&self, changes: &SlotChanges) -> Result<Vec<RawEntry>, StoreError> {
+        let mut out: Vec<RawEntry> = changes
+            .ranges
+            .iter()
+            .map(|(space, from, to)| RawEntry::DeleteRange {
+                space: *space,
+                from: from.clone(),
+                to: to.clone(),
+            })
+            .collect();
+        for (space, key) in &changes.keys {
+            out.push(match self.db.get_cf(self.cf(space_cf(*space)), key)? {
+                Some(value) => RawEntry::Put {
+                    space: *space,
+                    key: key.clone(),
+                    value,
+                },
+                None => RawEntry::Delete {
+                    space: *space,
+                    key: key.clone(),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn import(&self, entries: &[RawEntry]) -> Result<(), StoreError> {
+        let keys = entries.iter().map(|e| match e {
+            RawEntry::Put { key, .. } | RawEntry::Delete { key, .. } => key,
+            RawEntry::DeleteRange { from, .. } => from,
+        });
+        for key in keys {
+            if key.first().is_some_and(|s| self.serves(*s)) {
+                return Err(StoreError::Layout(format!(
+                    "slot {} is served here: an import goes only into slots not served",
+                    key[0]
+                )));
+            }
+        }
+        let mut b = self.batch();
+        for e in entries {
+            match e {
+                RawEntry::Put { space, key, value } => b.put(*space, key, value),
+                RawEntry::Delete { space, key } => b.delete(*space, key),
+                RawEntry::DeleteRange { space, from, to } => b.delete_range(*space, from, to),
+            }
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(b.wb, &opts)?;
+        // The inboxes written behind the cache: read from disk when next
+        // touched.
+        let users = entries.iter().filter_map(|e| match e {
+            RawEntry::Put { space, key, .. } | RawEntry::Delete { space, key } => {
+                matches!(space, Space::Inbox | Space::Meta).then(|| key.get(1..9))?
+            }
+            RawEntry::DeleteRange { space, from, .. } => {
+                matches!(space, Space::Inbox | Space::Meta).then(|| from.get(1..9))?
+            }
+        });
+        let users: Vec<u64> = users
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        self.forget_states(users.iter());
+        Ok(())
+    }
+
+    fn delete_slots(&self, slots: std::ops::Range<u16>) -> Result<(), StoreError> {
+        if let Some(s) = slots.clone().find(|s| self.serves(*s as u8)) {
+            return Err(StoreError::Layout(format!(
+                "slot {s} is served here: only slots not served are deleted"
+            )));
+        }
+        let mut b = self.batch();
+        for space in Space::ALL {
+            b.delete_range(space, &slot_bound(slots.start), &slot_bound(slots.end));
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(b.wb, &opts)?;
+        self.forget_all_states();
+        Ok(())
+    }
+
+    fn count(&self, slots: std::ops::Range<u16>) -> Result<[u64; 5], StoreError> {
+        let mut out = [0; 5];
+        for space in Space::ALL {
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_lower_bound(slot_bound(slots.start));
+            ro.set_iterate_upper_bound(slot_bound(slots.end));
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            it.seek_to_first();
+            while it.valid() {
+                out[space as usize] += 1;
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(out)
     }
 }

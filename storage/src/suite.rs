@@ -12,6 +12,19 @@ fn config() -> StoreConfig {
         idempotency_window_ms: WINDOW_MS,
         block_cache_bytes: 8 << 20,
         clock: Clock::system(),
+        layout: Layout::Flat,
+    }
+}
+
+/// The slotted layout with the suite's owner rule: the byte after a key's
+/// first names its owner (keys shorter than that name none).
+fn slotted() -> StoreConfig {
+    fn owner(k: &[u8]) -> Option<u64> {
+        k.get(1).map(|b| u64::from(*b))
+    }
+    StoreConfig {
+        layout: Layout::Slotted { owner },
+        ..config()
     }
 }
 
@@ -39,7 +52,7 @@ fn seqs(outcomes: &[AppendOutcome]) -> Vec<u64> {
         .iter()
         .map(|o| match o {
             AppendOutcome::Stored(p) | AppendOutcome::Duplicate(p) => p.seq,
-            AppendOutcome::Conflict => 0,
+            AppendOutcome::Conflict | AppendOutcome::NotServed => 0,
         })
         .collect()
 }
@@ -103,10 +116,13 @@ pub(crate) fn retries_are_stored_once(s: &dyn InboxStore) {
     };
     assert_eq!(both[1], AppendOutcome::Duplicate(q));
     assert_eq!(s.read_after(1, 0, 10).unwrap().len(), 2);
-    // Reusing the id for another destination is a conflict, stored nowhere.
-    let conflict = s.append(&[msg(2, 9, 42, 30, "z")], 30).unwrap();
+    // Reusing the id for another destination is a conflict, stored
+    // nowhere (a slotted store keeps the index by the inbox's slot, so
+    // there it sees reuse for destinations in the same slot).
+    let other = (2..).find(|d| slot_of(*d) == slot_of(1)).unwrap();
+    let conflict = s.append(&[msg(other, 9, 42, 30, "z")], 30).unwrap();
     assert_eq!(conflict, vec![AppendOutcome::Conflict]);
-    assert!(s.read_after(2, 0, 10).unwrap().is_empty());
+    assert!(s.read_after(other, 0, 10).unwrap().is_empty());
     // Another sender may use the same client id.
     let other = s.append(&[msg(1, 8, 42, 30, "w")], 30).unwrap();
     assert!(matches!(other[0], AppendOutcome::Stored(_)));
@@ -354,6 +370,329 @@ suite!(rocks, {
     let store = crate::RocksStore::open(dir.path(), config()).unwrap();
     (dir, store)
 });
+suite!(rocks_slotted, {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::RocksStore::open(dir.path(), slotted()).unwrap();
+    (dir, store)
+});
+
+mod slots {
+    use super::*;
+
+    #[test]
+    fn every_shard_is_one_run_of_slots_and_the_runs_cover_them_all() {
+        for shards in [1, 2, 3, 7, 64, 100, 255, 256] {
+            let mut next = 0;
+            for shard in 0..shards {
+                let run = slots_of_shard(shard, shards);
+                assert_eq!(
+                    run.start, next,
+                    "{shard} of {shards} follows the previous run"
+                );
+                assert!(!run.is_empty(), "{shard} of {shards} has slots");
+                for slot in run.clone() {
+                    assert_eq!(shard_of_slot(slot as u8, shards), shard);
+                }
+                next = run.end;
+            }
+            assert_eq!(next as usize, SLOTS, "{shards} shards cover every slot");
+        }
+        let mut seen = [0u32; SLOTS];
+        for id in 1..=25_600u64 {
+            seen[slot_of(id) as usize] += 1;
+        }
+        assert!(
+            seen.iter().all(|n| (50..=150).contains(n)),
+            "sequential ids spread over the slots: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_store_keeps_the_layout_it_was_created_with() {
+        let dir = tempfile::tempdir().unwrap();
+        RocksStore::open(dir.path(), slotted())
+            .unwrap()
+            .append(&[msg(1, 9, 1, 1, "m")], 1)
+            .unwrap();
+        match RocksStore::open(dir.path(), config()) {
+            Err(StoreError::Layout(why)) => assert!(why.contains("slotted"), "{why}"),
+            other => panic!("a slotted store opened flat: {:?}", other.err()),
+        }
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        assert_eq!(s.read_after(1, 0, 10).unwrap().len(), 1);
+        assert!(s.transfer().is_some());
+
+        // A store written before layouts were recorded holds flat keys.
+        let old = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(old.path(), config()).unwrap();
+            assert!(s.transfer().is_none(), "a flat store gives nothing away");
+            s.append(&[msg(1, 9, 1, 1, "m")], 1).unwrap();
+            s.db.delete(b"layout").unwrap();
+        }
+        assert!(matches!(
+            RocksStore::open(old.path(), slotted()),
+            Err(StoreError::Layout(_))
+        ));
+        let s = RocksStore::open(old.path(), config()).unwrap();
+        assert_eq!(s.read_after(1, 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_key_value_key_without_an_owner_is_refused_in_the_slotted_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let put = KvOp::Put {
+            key: b"x".to_vec(),
+            value: b"1".to_vec(),
+        };
+        let r = s.append_with(&[msg(1, 9, 1, 1, "m")], &[put], 1);
+        assert!(matches!(r, Err(StoreError::Layout(_))), "{r:?}");
+        assert!(
+            s.read_after(1, 0, 10).unwrap().is_empty(),
+            "nothing of the refused write was stored"
+        );
+    }
+
+    /// A slot that is not served takes no message (the outcome says so,
+    /// per message, the rest of the write goes ahead) and no other write;
+    /// serving it again takes them.
+    #[test]
+    fn slots_not_served_take_no_writes_and_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let t = s.transfer().unwrap();
+        let a = 1u64;
+        let b = (2..255u64).find(|u| slot_of(*u) != slot_of(a)).unwrap();
+        let put = |u: u64| KvOp::Put {
+            key: vec![b'r', u as u8],
+            value: b"1".to_vec(),
+        };
+        let only_a = u16::from(slot_of(a))..u16::from(slot_of(a)) + 1;
+        t.serve_only(&[only_a]);
+        assert!(t.serves(slot_of(a)) && !t.serves(slot_of(b)));
+        let out = s
+            .append_with(
+                &[msg(a, 9, 1, 1, "a"), msg(b, 9, 2, 1, "b")],
+                &[put(a), put(b)],
+                1,
+            )
+            .unwrap();
+        assert!(matches!(out[0], AppendOutcome::Stored(_)), "{out:?}");
+        assert_eq!(out[1], AppendOutcome::NotServed);
+        assert!(s.get(&[b'r', a as u8]).unwrap().is_some());
+        assert!(
+            s.get(&[b'r', b as u8]).unwrap().is_none(),
+            "the row was dropped"
+        );
+        assert!(s.read_after(b, 0, 10).unwrap().is_empty());
+        assert_eq!(s.ack(b, 1).unwrap(), InboxState::default());
+        assert!(t.not_served() >= 2);
+        let again = s.append(&[msg(b, 9, 2, 1, "b")], 2).unwrap();
+        assert_eq!(again[0], AppendOutcome::NotServed, "not remembered either");
+        t.serve_only(std::slice::from_ref(&(0..SLOTS as u16)));
+        let out = s.append(&[msg(b, 9, 2, 1, "b")], 3).unwrap();
+        assert!(
+            matches!(out[0], AppendOutcome::Stored(p) if p.seq == 1),
+            "{out:?}"
+        );
+    }
+
+    /// What the other spaces hold for `users`, for comparing two stores.
+    fn picture(s: &RocksStore, users: impl Iterator<Item = u64>) -> Vec<String> {
+        let mut out = Vec::new();
+        for u in users {
+            let st = s.state(u).unwrap();
+            let read: Vec<_> = s
+                .read_after(u, 0, 1000)
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.seq, m.record.client_msg_id))
+                .collect();
+            let kv = s.get(&[b'r', u as u8]).unwrap();
+            let statuses = s.scan_expiring(&[b's', u as u8], 0, 100).unwrap();
+            out.push(format!("{u}: {st:?} {read:?} {kv:?} {statuses:?}"));
+        }
+        out
+    }
+
+    /// A shard (a run of slots) copied from one store to another while the
+    /// first keeps taking writes, then brought up to date from what the
+    /// watch saw, ends equal: every inbox (messages, cursors, trims),
+    /// key-value and expiring row, and the idempotency entries; nothing of
+    /// other slots comes along; the source then deletes the run and keeps
+    /// the rest.
+    #[test]
+    fn a_run_of_slots_copied_while_written_ends_equal_and_leaves_the_source_cleanly() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = RocksStore::open(da.path(), slotted()).unwrap();
+        let b = RocksStore::open(db.path(), slotted()).unwrap();
+        let run = slots_of_shard(1, 4);
+        let all = 0..SLOTS as u16;
+        let others = [0..run.start, run.end..SLOTS as u16];
+        // The new owner serves the run only once it is switched to it, and
+        // takes no copy into, nor deletes, a run it serves.
+        let stray = [RawEntry::Put {
+            space: Space::Kv,
+            key: vec![run.start as u8, b'r', 1],
+            value: b"x".to_vec(),
+        }];
+        assert!(matches!(
+            b.transfer().unwrap().import(&stray),
+            Err(StoreError::Layout(_))
+        ));
+        assert!(b.transfer().unwrap().delete_slots(run.clone()).is_err());
+        b.transfer().unwrap().serve_only(&others);
+        let moving = |u: u64| run.contains(&u16::from(slot_of(u)));
+        let users = || 1..=255u64;
+        assert!(users().filter(|u| moving(*u)).count() > 30);
+        let mut cmid = 0u64;
+        let mut round = |s: &RocksStore, n: u64| {
+            let mut batch = Vec::new();
+            let mut kv = Vec::new();
+            for u in users().filter(|u| u % n == 0) {
+                cmid += 1;
+                batch.push(msg(u, 9, cmid, cmid, "m"));
+                kv.push(KvOp::Put {
+                    key: vec![b'r', u as u8],
+                    value: cmid.to_be_bytes().to_vec(),
+                });
+                kv.push(KvOp::PutExpiring {
+                    key: vec![b's', u as u8, cmid as u8],
+                    expires_at_ms: u64::MAX,
+                    value: b"st".to_vec(),
+                });
+            }
+            s.append_with(&batch, &kv, cmid).unwrap();
+        };
+        for _ in 0..4 {
+            round(&a, 1);
+        }
+        let transfer = a.transfer().unwrap();
+        transfer.watch(run.clone());
+        let mut from = None;
+        let mut chunks = 0;
+        loop {
+            let chunk = transfer.export(run.clone(), from, 2048).unwrap();
+            b.transfer().unwrap().import(&chunk.entries).unwrap();
+            chunks += 1;
+            // Writes while the copy runs: new messages, cursors moved and
+            // trims (range deletions), rows replaced and deleted.
+            round(&a, 1 + chunks % 3);
+            for u in users().filter(|u| u % 5 == chunks % 5) {
+                a.ack(u, 2).unwrap();
+                a.trim_acked(u, u64::MAX).unwrap();
+                a.append_with(
+                    &[],
+                    &[
+                        KvOp::Delete {
+                            key: vec![b'r', u as u8],
+                        },
+                        KvOp::DeleteExpiringRange {
+                            from: vec![b's', u as u8],
+                            to: vec![b's', u as u8, 3],
+                        },
+                    ],
+                    0,
+                )
+                .unwrap();
+            }
+            from = chunk.next;
+            if from.is_none() {
+                break;
+            }
+        }
+        assert!(chunks > 5, "the copy took several chunks ({chunks})");
+        for _ in 0..3 {
+            let changes = transfer.changes();
+            assert!(!changes.is_empty(), "writes happened since");
+            b.transfer()
+                .unwrap()
+                .import(&transfer.read(&changes).unwrap())
+                .unwrap();
+            round(&a, 2);
+        }
+        // The shard pauses: its slots stop taking writes, which go on for
+        // the others (and are refused for it); the last round.
+        transfer.serve_only(&others);
+        let refused = transfer.not_served();
+        round(&a, 1);
+        assert!(
+            transfer.not_served() > refused,
+            "the paused slots refused writes"
+        );
+        let last = transfer.changes();
+        b.transfer()
+            .unwrap()
+            .import(&transfer.read(&last).unwrap())
+            .unwrap();
+        transfer.unwatch();
+        assert!(transfer.changes().is_empty());
+
+        assert_eq!(
+            picture(&b, users().filter(|u| moving(*u))),
+            picture(&a, users().filter(|u| moving(*u))),
+            "the copy equals the source"
+        );
+        let (in_a, in_b) = (
+            transfer.count(run.clone()).unwrap(),
+            b.transfer().unwrap().count(run.clone()).unwrap(),
+        );
+        assert_eq!(in_a, in_b, "every space, entry for entry");
+        assert!(in_a.iter().all(|n| *n > 0), "{in_a:?}");
+        let outside = others.clone();
+        for r in outside.clone() {
+            assert_eq!(
+                b.transfer().unwrap().count(r).unwrap(),
+                [0; 5],
+                "nothing else came"
+            );
+        }
+        // The switch: the new owner serves the run.
+        b.transfer().unwrap().serve_only(std::slice::from_ref(&all));
+        // Retries of moved messages are recognised at the new owner.
+        let u = users().find(|u| moving(*u)).unwrap();
+        let first = a.read_after(u, 0, 1).unwrap()[0].record.clone();
+        let again = b
+            .append(
+                &[msg(u, 9, first.client_msg_id, 1, "m")],
+                first.timestamp_ms + 1,
+            )
+            .unwrap();
+        assert!(matches!(again[0], AppendOutcome::Duplicate(_)), "{again:?}");
+        let head = b.state(u).unwrap().head_seq;
+        let next = b.append(&[msg(u, 9, 1 << 40, 1, "m")], 1).unwrap();
+        assert_eq!(
+            seqs(&next),
+            vec![head + 1],
+            "the new owner goes on from the head"
+        );
+
+        let others: Vec<String> = picture(&a, users().filter(|u| !moving(*u)));
+        let others_counts: Vec<[u64; 5]> = outside
+            .iter()
+            .map(|r| transfer.count(r.clone()).unwrap())
+            .collect();
+        transfer.delete_slots(run.clone()).unwrap();
+        assert_eq!(transfer.count(run.clone()).unwrap(), [0; 5]);
+        assert_eq!(
+            a.state(u).unwrap(),
+            InboxState::default(),
+            "gone from the source"
+        );
+        assert!(a.get(&[b'r', u as u8]).unwrap().is_none());
+        assert_eq!(
+            picture(&a, users().filter(|u| !moving(*u))),
+            others,
+            "the rest stays"
+        );
+        let after: Vec<[u64; 5]> = outside
+            .iter()
+            .map(|r| transfer.count(r.clone()).unwrap())
+            .collect();
+        assert_eq!(after, others_counts);
+    }
+}
 
 mod rocks_only {
     use super::*;

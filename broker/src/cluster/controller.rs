@@ -115,6 +115,12 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
                 );
                 waiting_said = true;
             }
+        } else if confirmed && view.etcd_up {
+            if let Err(e) = super::moves::control(cluster, leader, &view).await {
+                warn!(error = %format!("{e:#}"), "cannot run shard moves yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         }
         tokio::select! {
             _ = cluster.stop.cancelled() => return "the node is stopping",

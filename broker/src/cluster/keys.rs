@@ -6,6 +6,9 @@
 //! | `nodes/<id>`              | [`NodeRecord`](super::view::NodeRecord): addresses, capacity, state; under the node's lease | the node |
 //! | `controller/<lease hex>`  | the candidate's node id (etcd's election API: the oldest key leads) | each node, campaigning |
 //! | `shards/<nnnnn>`          | [`ShardRecord`](super::view::ShardRecord): the owner; its `mod_revision` is the shard's epoch | the controller, in transactions on the current revision |
+//! | `moves/<nnnnn>`           | [`MoveRecord`](super::view::MoveRecord): from, to, the epoch it moves from, the old owner's lease once copied | the controller (creates, switches, calls off); the new owner (copied); the old owner (calls off a pause that waited too long) |
+//! | `drain/<id>`              | when the drain was asked (ms)          | `courier admin cluster drain` (any node) |
+//! | `rebalance`               | when a rebalance was asked (ms): wakes the controller | `courier admin cluster rebalance` (any node) |
 
 /// The key names of one cluster.
 #[derive(Clone, Debug)]
@@ -20,6 +23,9 @@ pub enum Key<'a> {
     Node(&'a str),
     Candidate,
     Shard(u32),
+    Move(u32),
+    Drain(&'a str),
+    Rebalance,
 }
 
 impl Keys {
@@ -51,16 +57,37 @@ impl Keys {
         format!("{}shards/{shard:05}", self.root)
     }
 
+    pub fn moving(&self, shard: u32) -> String {
+        format!("{}moves/{shard:05}", self.root)
+    }
+
+    pub fn drain(&self, id: &str) -> String {
+        format!("{}drain/{id}", self.root)
+    }
+
+    pub fn rebalance(&self) -> String {
+        format!("{}rebalance", self.root)
+    }
+
     pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
         let rest = key.strip_prefix(self.root.as_str())?;
         if rest == "config" {
             return Some(Key::Config);
+        }
+        if rest == "rebalance" {
+            return Some(Key::Rebalance);
         }
         if let Some(id) = rest.strip_prefix("nodes/") {
             return Some(Key::Node(id));
         }
         if rest.starts_with("controller/") {
             return Some(Key::Candidate);
+        }
+        if let Some(id) = rest.strip_prefix("drain/") {
+            return Some(Key::Drain(id));
+        }
+        if let Some(n) = rest.strip_prefix("moves/") {
+            return n.parse().ok().map(Key::Move);
         }
         rest.strip_prefix("shards/")
             .and_then(|n| n.parse().ok())
@@ -78,6 +105,8 @@ mod tests {
         assert_eq!(k.parse(&k.config()), Some(Key::Config));
         assert_eq!(k.parse(&k.node("n-1")), Some(Key::Node("n-1")));
         assert_eq!(k.parse(&k.shard(7)), Some(Key::Shard(7)));
+        assert_eq!(k.parse(&k.moving(7)), Some(Key::Move(7)));
+        assert_eq!(k.parse(&k.drain("n-2")), Some(Key::Drain("n-2")));
         assert_eq!(k.shard(7), "/courier/blue/shards/00007");
         assert_eq!(
             k.parse(&format!("{}/694d7c1a2b3c", k.election())),

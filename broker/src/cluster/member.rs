@@ -277,6 +277,7 @@ impl Cluster {
             kvs.iter()
                 .map(|(k, v, c, m)| (k.as_str(), v.as_slice(), *c, *m)),
         );
+        (self.on_view)(&view);
         view_tx.send_replace(Arc::new(view));
         let mut stream = within(
             "watch the cluster",

@@ -26,9 +26,11 @@ pub mod keys;
 pub mod link;
 pub mod links;
 mod member;
+pub mod moves;
 pub mod order;
 pub mod placement;
 pub mod route;
+pub mod transfer;
 pub mod view;
 pub mod wire;
 
@@ -54,6 +56,9 @@ use view::{NodeRecord, NodeState, View};
 /// How long one etcd request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a node does with each view before acting on it.
+pub type OnView = Box<dyn Fn(&View) + Send + Sync>;
+
 /// This node's membership of its cluster.
 pub struct Cluster {
     pub settings: ClusterSettings,
@@ -74,6 +79,9 @@ pub struct Cluster {
     pub links: Arc<links::Links>,
     /// What the data plane counts.
     pub plane: route::PlaneMetrics,
+    /// Told of every view read, before it is published (the store's
+    /// served slots follow the map this way, ahead of any routing by it).
+    on_view: OnView,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -146,6 +154,7 @@ impl Cluster {
         admin: std::net::SocketAddr,
         metrics: &Metrics,
         data: Arc<dyn link::Handler>,
+        on_view: OnView,
     ) -> anyhow::Result<Arc<Cluster>> {
         let settings = config.cluster.clone();
         let endpoints = settings.endpoints();
@@ -205,6 +214,7 @@ impl Cluster {
             gauges: Gauges::new(metrics),
             links,
             plane: route::PlaneMetrics::new(metrics),
+            on_view,
             stop,
             tasks: TaskTracker::new(),
             settings,
@@ -262,17 +272,85 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
     }
 
-    /// The registered nodes that may own shards (not draining), with
-    /// their capacities.
+    /// The registered nodes that may own shards (not draining, not asked
+    /// to drain), with their capacities.
     fn candidates(view: &View) -> Vec<Candidate<'_>> {
         view.nodes
             .iter()
-            .filter(|(_, n)| n.state != NodeState::Draining)
+            .filter(|(id, n)| n.state != NodeState::Draining && !view.drained.contains(*id))
             .map(|(id, n)| Candidate {
                 id,
                 capacity: n.capacity,
             })
             .collect()
+    }
+
+    /// Registered nodes whose shards all leave (draining, or asked to).
+    fn movable(view: &View) -> Vec<&str> {
+        view.nodes
+            .iter()
+            .filter(|(id, n)| n.state == NodeState::Draining || view.drained.contains(*id))
+            .map(|(id, _)| id.as_str())
+            .collect()
+    }
+
+    /// Asks that `node` give all its shards away and take none (`on`), or
+    /// no longer (`!on`). The controller moves them a few at a time; the
+    /// node can be stopped once it owns none.
+    pub async fn drain(&self, node: &str, on: bool) -> anyhow::Result<()> {
+        let view = self.view();
+        anyhow::ensure!(
+            view.known_nodes().iter().any(|n| n == node),
+            "no node {node:?} in cluster {:?}",
+            self.settings.name
+        );
+        let mut client = self.client.clone();
+        let key = self.keys.drain(node);
+        if on {
+            let now = courier_storage::Clock::system().now_ms().to_string();
+            member::within("ask for a drain", client.put(key, now, None)).await?;
+        } else {
+            member::within("call a drain off", client.delete(key, None)).await?;
+        }
+        Ok(())
+    }
+
+    /// Wakes the controller to plan and start the moves the map needs now
+    /// (it also does whenever nodes come, go or drain); returns how many
+    /// moves the plan holds, as this node computes it.
+    pub async fn rebalance(&self) -> anyhow::Result<usize> {
+        let mut client = self.client.clone();
+        let now = courier_storage::Clock::system().now_ms().to_string();
+        member::within(
+            "ask for a rebalance",
+            client.put(self.keys.rebalance(), now, None),
+        )
+        .await?;
+        Ok(self.planned_moves(&self.view()))
+    }
+
+    fn planned_moves(&self, view: &View) -> usize {
+        if view.map_complete() {
+            Cluster::plan(view).len()
+        } else {
+            0
+        }
+    }
+
+    /// The moves that give every candidate its share of `view`'s map.
+    fn plan(view: &View) -> Vec<placement::Move> {
+        let owners: Vec<&str> = view
+            .owners
+            .iter()
+            .flatten()
+            .map(|o| o.node.as_str())
+            .collect();
+        placement::rebalance(&owners, &Cluster::candidates(view), &Cluster::movable(view))
+    }
+
+    /// This node's lease (0 before it registered).
+    pub fn lease(&self) -> i64 {
+        *self.lease.borrow()
     }
 
     /// The cluster as this node sees it, for `GET /admin/cluster`.
@@ -294,28 +372,25 @@ impl Cluster {
                         "capacity": n.capacity,
                         "version": n.version,
                         "shards": owned,
+                        "drained": view.drained.contains(&id),
                     }),
                     None => json!({ "id": id, "state": "lost", "shards": owned }),
                 }
             })
             .collect();
-        let planned_moves = if view.map_complete() {
-            let owners: Vec<&str> = view
-                .owners
-                .iter()
-                .flatten()
-                .map(|o| o.node.as_str())
-                .collect();
-            let draining: Vec<&str> = view
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.state == NodeState::Draining)
-                .map(|(id, _)| id.as_str())
-                .collect();
-            placement::rebalance(&owners, &Cluster::candidates(&view), &draining).len()
-        } else {
-            0
-        };
+        let planned_moves = self.planned_moves(&view);
+        let moves: Vec<serde_json::Value> = view
+            .moves
+            .iter()
+            .map(|(shard, m)| {
+                json!({
+                    "shard": shard,
+                    "from": m.record.from,
+                    "to": m.record.to,
+                    "state": if m.record.copied_lease.is_some() { "copied" } else { "copying" },
+                })
+            })
+            .collect();
         let epochs = view.owners.iter().flatten().map(|o| o.epoch);
         json!({
             "cluster": self.settings.name,
@@ -337,6 +412,7 @@ impl Cluster {
             "shards_unavailable": view.unavailable(),
             "epochs": { "min": epochs.clone().min(), "max": epochs.max() },
             "planned_moves": planned_moves,
+            "moves": moves,
             "nodes": nodes,
             "links": self.links.status(),
             "unreadable_keys": view.unreadable,

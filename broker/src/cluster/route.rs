@@ -37,6 +37,7 @@ use tracing::debug;
 
 use super::link::Handler;
 use super::order;
+use super::transfer::{ExportRequest, Slots};
 use super::view;
 use super::wire::{
     self, Answer, MemberCursors, RemoteCursors, RemoteGroupAsk, RemoteGroupSend, RemoteRefs,
@@ -146,6 +147,9 @@ pub struct PlaneMetrics {
     pub unavailable: IntCounterVec,
     /// A send's link request to its answer, at the sending node.
     remote_send_seconds: Histogram,
+    /// How long a move's last round paused the moving shard's writes, at
+    /// the new owner (from asking for the pause to the last entry imported).
+    pub move_pause: Histogram,
 }
 
 impl PlaneMetrics {
@@ -180,6 +184,15 @@ impl PlaneMetrics {
         )
         .expect("valid metric");
         metrics.register(remote_send_seconds.clone());
+        let move_pause = Histogram::with_opts(
+            HistogramOpts::new(
+                "courier_cluster_move_pause_seconds",
+                "How long a shard move's last round paused that shard's writes, measured at the new owner (from the pause to the last entry imported; the switch in etcd follows).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        metrics.register(move_pause.clone());
         // Every series from the start, at zero.
         for outcome in ["stored", "refused", "unavailable"] {
             remote_sends.with_label_values(&[outcome]);
@@ -197,6 +210,7 @@ impl PlaneMetrics {
             forwarded_sessions,
             unavailable,
             remote_send_seconds,
+            move_pause,
         }
     }
 }
@@ -210,16 +224,114 @@ pub struct Router {
     runtime: tokio::runtime::Handle,
     /// Each conversation's sends to other nodes, in the order sent.
     lines: Arc<order::Lines>,
+    /// Which shards are moving here or away (their local sends keep their
+    /// lines too).
+    slots: Arc<Slots>,
 }
 
+/// The "connection" a conversation's sends to an inbox of this node go
+/// out on, in its line (link connections are numbered from 1).
+const LOCAL: u64 = 0;
+
 impl Router {
-    pub fn new(cluster: Arc<Cluster>, node: &Arc<Node>) -> Router {
+    pub fn new(cluster: Arc<Cluster>, node: &Arc<Node>, slots: Arc<Slots>) -> Router {
         Router {
             cluster,
             node: Arc::downgrade(node),
             runtime: tokio::runtime::Handle::current(),
             lines: Arc::default(),
+            slots,
         }
+    }
+
+    /// A command for an id this node holds. A client's send or group send
+    /// to a shard that is moving (see [`Slots::unsettled`]) takes its place
+    /// in its conversation's line, as a send to another node does: the
+    /// pause may refuse it mid-session, and a conversation's sends that
+    /// were refused by the old owner are retried here; either way the
+    /// sends after it wait for its retry.
+    fn local(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd> {
+        if !self.slots.unsettled(key) {
+            return Some(cmd);
+        }
+        match cmd {
+            ShardCmd::Send(mut s) if matches!(s.done, Completion::Reply(_)) => {
+                let (tx, rx) = oneshot::channel();
+                let Completion::Reply(reply) =
+                    std::mem::replace(&mut s.done, Completion::Remote(tx))
+                else {
+                    unreachable!("matched above");
+                };
+                let line = order::Key {
+                    sender: s.sender,
+                    device: s.sender_device,
+                    recipient: s.recipient,
+                };
+                let outcome = async move { rx.await.map(|(result, _)| result) };
+                self.in_line(line, s.client_msg_id, move |r| reply.send(r), outcome)
+                    .then_some(ShardCmd::Send(s))
+            }
+            ShardCmd::GroupSend(mut g) if matches!(g.reply, GroupReply::Session(_)) => {
+                let (tx, rx) = oneshot::channel();
+                let GroupReply::Session(reply) =
+                    std::mem::replace(&mut g.reply, GroupReply::Remote(tx))
+                else {
+                    unreachable!("matched above");
+                };
+                let line = order::Key {
+                    sender: g.sender,
+                    device: g.sender_device,
+                    recipient: g.group,
+                };
+                self.in_line(line, g.client_msg_id, move |r| reply.send(r), rx)
+                    .then_some(ShardCmd::GroupSend(g))
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Puts send `id`, bound for this node's shard, in conversation
+    /// `line`: false (answered `SHARD_UNAVAILABLE` through `reply`, and
+    /// counted as held) when an older refused send must be retried first;
+    /// else the send goes ahead, and its `outcome`, when it comes, moves the
+    /// line on and goes to `reply`.
+    fn in_line<F>(
+        &self,
+        line: order::Key,
+        id: u64,
+        reply: impl FnOnce(SendResult) + Send + 'static,
+        outcome: F,
+    ) -> bool
+    where
+        F: Future<Output = Result<SendResult, oneshot::error::RecvError>> + Send + 'static,
+    {
+        if !self.admit_local(line, id) {
+            reply(unavailable(id));
+            return false;
+        }
+        let lines = self.lines.clone();
+        self.runtime.spawn(async move {
+            let result = outcome.await.unwrap_or_else(|_| unavailable(id));
+            let refused = result.code == ErrorCode::SHARD_UNAVAILABLE;
+            lines.with(line, |l| l.answered(id, refused, Instant::now()));
+            reply(result);
+        });
+        true
+    }
+
+    /// Whether send `id` of conversation `line` may go to this node's shard
+    /// now; if not it is refused (counted as held) and keeps its place.
+    fn admit_local(&self, line: order::Key, id: u64) -> bool {
+        let admitted = self
+            .lines
+            .with(line, |l| l.admit(id, Some(LOCAL), Instant::now()));
+        if !admitted {
+            self.metrics()
+                .unavailable
+                .with_label_values(&["held"])
+                .inc();
+        }
+        admitted
     }
 
     fn metrics(&self) -> &PlaneMetrics {
@@ -605,7 +717,7 @@ impl Remote for Router {
         };
         let view = self.cluster.view();
         if view.holds(self.cluster.node_id(), key) {
-            return Some(cmd);
+            return self.local(key, cmd);
         }
         // No map read yet, or the shard being assigned: out of reach (each
         // command answers so). Otherwise the owner serves it.
@@ -704,6 +816,8 @@ async fn member_cursors(
 /// What this node answers its peers' data-plane requests.
 pub struct Owner {
     pub node: Weak<Node>,
+    /// What the store serves, and the export of a shard under way.
+    pub slots: Arc<Slots>,
 }
 
 impl Handler for Owner {
@@ -759,6 +873,18 @@ impl Handler for Owner {
             Some(&wire::CURSORS) => match RemoteCursors::decode(body) {
                 Ok(c) => Box::pin(async move { Ok(serve_cursors(node, c).await?.encode()) }),
                 Err(e) => Box::pin(async move { Err(format!("bad cursors: {e}")) }),
+            },
+            Some(&wire::EXPORT) => match ExportRequest::decode(body) {
+                Ok(r) => {
+                    let slots = self.slots.clone();
+                    let lease = node.cluster.get().map_or(0, |c| c.lease());
+                    Box::pin(async move {
+                        tokio::task::spawn_blocking(move || slots.export(r, lease).encode())
+                            .await
+                            .map_err(|e| format!("export step failed: {e}"))
+                    })
+                }
+                Err(e) => Box::pin(async move { Err(format!("bad export step: {e}")) }),
             },
             Some(&op) => Box::pin(async move { Err(format!("unknown request {op}")) }),
             None => Box::pin(async { Err("empty request".into()) }),

@@ -60,6 +60,29 @@ pub struct ShardRecord {
     pub owner: String,
 }
 
+/// `moves/<n>`: a shard moving from one node to another. `epoch` is the
+/// shard's epoch when the move began (a move for any other is stale);
+/// `copied_lease` is set by the new owner once it holds the whole shard
+/// and the old owner has paused it, with the old owner's lease then (the
+/// switch is conditioned on it: an old owner that restarted since has
+/// forgotten its pause).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MoveRecord {
+    pub from: String,
+    pub to: String,
+    pub epoch: i64,
+    #[serde(default)]
+    pub copied_lease: Option<i64>,
+}
+
+/// A move as read, with its key's `mod_revision` (what writes to it are
+/// conditioned on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub record: MoveRecord,
+    pub revision: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub node: String,
@@ -85,6 +108,10 @@ pub struct View {
     pub etcd_up: bool,
     /// Values that did not parse (named in the status, never fatal).
     pub unreadable: Vec<String>,
+    /// Moves under way, by shard.
+    pub moves: BTreeMap<u32, Move>,
+    /// Nodes asked to drain: they take no shards and give theirs away.
+    pub drained: std::collections::BTreeSet<String>,
 }
 
 impl View {
@@ -107,9 +134,13 @@ impl View {
                 continue;
             };
             match what {
-                Key::Config => match serde_json::from_slice(value) {
-                    Ok(c) => view.config = Some(c),
-                    Err(_) => view.unreadable.push(key.to_owned()),
+                Key::Config => match serde_json::from_slice::<ClusterRecord>(value) {
+                    // A shard is a run of slots: more shards than slots
+                    // cannot be laid out (a map this version cannot serve).
+                    Ok(c) if (1..=courier_storage::SLOTS as u32).contains(&c.shards) => {
+                        view.config = Some(c)
+                    }
+                    _ => view.unreadable.push(key.to_owned()),
                 },
                 Key::Node(id) => match serde_json::from_slice(value) {
                     Ok(n) => drop(view.nodes.insert(id.to_owned(), n)),
@@ -121,6 +152,19 @@ impl View {
                         oldest_candidate = Some((created, node));
                     }
                 }
+                Key::Move(n) => match serde_json::from_slice::<MoveRecord>(value) {
+                    Ok(record) => drop(view.moves.insert(
+                        n,
+                        Move {
+                            record,
+                            revision: modified,
+                        },
+                    )),
+                    Err(_) => view.unreadable.push(key.to_owned()),
+                },
+                Key::Drain(id) => drop(view.drained.insert(id.to_owned())),
+                // Only wakes the controller (a change to the root).
+                Key::Rebalance => {}
                 Key::Shard(n) => match serde_json::from_slice::<ShardRecord>(value) {
                     Ok(r) => shards.push((
                         n,
@@ -150,10 +194,12 @@ impl View {
         self.config.is_some() && self.owners.iter().all(Option::is_some)
     }
 
-    /// The shard a user (or group) belongs to; `None` before the map exists.
+    /// The shard a user (or group) belongs to: the one whose run of slots
+    /// holds its slot, so a shard's data is one key range in the store.
+    /// `None` before the map exists.
     pub fn shard_of(&self, id: u64) -> Option<u32> {
-        let count = self.owners.len();
-        (count > 0).then(|| crate::shard::route::shard_of(id, count) as u32)
+        let count = self.owners.len() as u32;
+        (count > 0).then(|| courier_storage::shard_of_slot(courier_storage::slot_of(id), count))
     }
 
     /// The shard of `id` and its owner (`None` while being assigned);
@@ -171,6 +217,17 @@ impl View {
     pub fn holds(&self, node: &str, id: u64) -> bool {
         self.owner_of(id)
             .is_some_and(|(_, o)| o.is_some_and(|o| o.node == node))
+    }
+
+    /// The runs of slots of the shards `node` owns (what its store serves).
+    pub fn slots_of(&self, node: &str) -> Vec<std::ops::Range<u16>> {
+        let count = self.owners.len() as u32;
+        self.owners
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.as_ref().is_some_and(|o| o.node == node))
+            .map(|(shard, _)| courier_storage::slots_of_shard(shard as u32, count))
+            .collect()
     }
 
     /// Shards owned by `node`.

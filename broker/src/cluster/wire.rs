@@ -37,6 +37,9 @@
 //! CURSORS (7): group u64 | count u16 | member u64 × count
 //! answer:   0 | count u16 | (member u64 | delivered u64 | read u64) × count
 //!        or 1 (not the owner of every member's shard, as above)
+//!
+//! EXPORT (8): a step of a shard's copy to its next owner; layout in
+//!           transfer.rs
 //! ```
 //!
 //! GROUP_SEND and GROUP_ASK carry a member's command to the node that owns
@@ -65,6 +68,8 @@ pub const GROUP_SEND: u8 = 4;
 pub const GROUP_ASK: u8 = 5;
 pub const REFS: u8 = 6;
 pub const CURSORS: u8 = 7;
+/// A step of a shard's export to its next owner (`transfer.rs`).
+pub const EXPORT: u8 = 8;
 
 /// A member's message for a group whose shard the receiving node owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -620,7 +625,7 @@ impl Answer<MemberCursors> {
 }
 
 /// Checks a request's operation byte.
-fn op(b: &mut Bytes, expected: u8) -> Result<(), WireError> {
+pub(super) fn op(b: &mut Bytes, expected: u8) -> Result<(), WireError> {
     match b.get_u8() {
         op if op == expected => Ok(()),
         op => Err(WireError::UnknownOp(op)),
@@ -639,27 +644,27 @@ fn get_frame(b: &mut Bytes) -> Result<Body, WireError> {
     }
 }
 
-fn put_text(out: &mut BytesMut, text: &str) {
+pub(super) fn put_text(out: &mut BytesMut, text: &str) {
     let text = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
     out.put_u16(text.len() as u16);
     out.put_slice(text);
 }
 
-fn get_text(b: &mut Bytes) -> Result<String, WireError> {
+pub(super) fn get_text(b: &mut Bytes) -> Result<String, WireError> {
     need(b, 2)?;
     let len = b.get_u16() as usize;
     need(b, len)?;
     String::from_utf8(b.split_to(len).to_vec()).map_err(|_| WireError::BadText)
 }
 
-fn put_not_owner(out: &mut BytesMut, owner: &str, epoch: i64) {
+pub(super) fn put_not_owner(out: &mut BytesMut, owner: &str, epoch: i64) {
     out.put_u8(1);
     out.put_i64(epoch);
     put_text(out, owner);
 }
 
 /// The rest of a not-the-owner answer, after its `1`.
-fn get_not_owner<T>(mut b: Bytes) -> Result<Answer<T>, WireError> {
+pub(super) fn get_not_owner<T>(mut b: Bytes) -> Result<Answer<T>, WireError> {
     need(&b, 8)?;
     let epoch = b.get_i64();
     let owner = get_text(&mut b)?;
@@ -723,7 +728,7 @@ fn get_destination(b: &mut Bytes) -> Result<Destination, WireError> {
     Destination::from_parts(tag, id).ok_or(WireError::UnknownDestination(tag))
 }
 
-fn need(b: &Bytes, n: usize) -> Result<(), WireError> {
+pub(super) fn need(b: &Bytes, n: usize) -> Result<(), WireError> {
     if b.remaining() < n {
         Err(WireError::Truncated)
     } else {
@@ -731,7 +736,7 @@ fn need(b: &Bytes, n: usize) -> Result<(), WireError> {
     }
 }
 
-fn done(b: &Bytes) -> Result<(), WireError> {
+pub(super) fn done(b: &Bytes) -> Result<(), WireError> {
     match b.remaining() {
         0 => Ok(()),
         n => Err(WireError::Trailing(n)),

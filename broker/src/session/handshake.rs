@@ -230,6 +230,7 @@ fn session_handle(
         deliveries: tx,
         lagging: AtomicBool::new(false),
         wake: Notify::new(),
+        moved: AtomicBool::new(false),
     });
     (handle, rx)
 }

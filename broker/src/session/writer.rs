@@ -198,6 +198,17 @@ impl<W: NetWrite> Writer<W> {
             if let Step::Close = step {
                 return self.flush().await;
             }
+            if self.session.moved.load(Ordering::SeqCst) {
+                // The user's shard is another node's now: nothing more
+                // comes here. The client reconnects and lands there.
+                let why = with_retry_after(
+                    RETRY_AFTER_MS,
+                    "the user's shard moved to another node: connect again",
+                );
+                let reason = Reason::new(ErrorCode::SHARD_UNAVAILABLE, why);
+                self.encode(&Frame::new(0, Body::Goodbye(reason)));
+                return self.flush().await;
+            }
             // Take whatever else is ready, alternating so neither kind starves,
             // so that one write carries many frames.
             while self.out.len() < WRITE_BUF_FLUSH && self.pending.len() < PENDING_MAX {

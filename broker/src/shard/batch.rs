@@ -97,6 +97,7 @@ impl Shard {
                 self.finish_send(s, m, outcome);
             }
             Planned::Refs(r) => {
+                let mut code = ErrorCode::OK;
                 for _ in 0..r.members.len() {
                     let (m, outcome) = outcomes.next().expect("one outcome per reference");
                     match outcome {
@@ -120,9 +121,12 @@ impl Shard {
                         AppendOutcome::Conflict => {
                             error!(shard = self.id, group = r.group, "reference key conflict")
                         }
+                        // A member's shard is moving away: the part fails
+                        // and is fanned out again (to its new owner).
+                        AppendOutcome::NotServed => code = ErrorCode::SHARD_UNAVAILABLE,
                     }
                 }
-                self.report_refs(r.report, r.group, r.message.seq, ErrorCode::OK);
+                self.report_refs(r.report, r.group, r.message.seq, code);
             }
             Planned::GroupSend { cmd, recipients } => {
                 let (m, outcome) = outcomes.next().expect("one outcome per group send");

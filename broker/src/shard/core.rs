@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use courier_protocol::{ReceiptCounts, ReceiptStatus};
-use courier_storage::{Clock, InboxStore, KvOp};
+use courier_storage::{slot_of, Clock, InboxStore, KvOp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::messages::{Answer, MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd};
+use super::messages::{Answer, MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd, SlotsChange};
 use super::recent::Recent;
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
@@ -403,7 +403,64 @@ impl Shard {
                 emission,
                 ok,
             } => self.receipt_part_done(reader, emission, ok),
+            ShardCmd::Slots(change) => {
+                // Whatever is planned was routed by the old map: write it
+                // (the store refuses what it no longer serves).
+                self.write_batch(batch);
+                self.slots_changed(change);
+            }
             ShardCmd::Stop => batch.stop = true,
+        }
+    }
+
+    /// A shard moved away from this node or to it.
+    fn slots_changed(&mut self, change: SlotsChange) {
+        match change {
+            SlotsChange::Lost(run) => {
+                let moving = |id: &u64| run.contains(&u16::from(slot_of(*id)));
+                let mut ended = 0;
+                self.sessions.retain(|user, list| {
+                    if !moving(user) {
+                        return true;
+                    }
+                    for s in list.iter() {
+                        s.end_moved();
+                        ended += 1;
+                    }
+                    false
+                });
+                self.forget_slots(&run);
+                debug!(
+                    shard = self.id,
+                    ended, "sessions of a shard that moved away ended"
+                );
+            }
+            SlotsChange::Gained { run, marks } => {
+                self.forget_slots(&run);
+                self.recover_fanouts(marks);
+                self.recover_receipts_in(Some(&run));
+            }
+        }
+    }
+
+    /// Forgets what this shard keeps of ids whose slot is in `run`.
+    fn forget_slots(&mut self, run: &std::ops::Range<u16>) {
+        let inside = |id: u64| run.contains(&u16::from(slot_of(id)));
+        self.groups.retain(|g, _| !inside(*g));
+        self.fanouts.retain(|g, _| !inside(*g));
+        self.outbox.retain(|(reader, _), _| !inside(*reader));
+        self.receipt_rows.retain(|u, _| !inside(*u));
+        self.group_cursors.retain(|(_, u), _| !inside(*u));
+        self.held_marks.retain(|(u, _), _| !inside(*u));
+        self.trim_pending.retain(|u| !inside(*u));
+        let gone: Vec<u64> = self
+            .sessions
+            .keys()
+            .copied()
+            .filter(|u| inside(*u))
+            .collect();
+        for u in gone {
+            self.recent.forget(u);
         }
     }
 

@@ -119,12 +119,16 @@ impl Shard {
             .entry(g)
             .or_default()
             .insert(message.seq, pending);
+        // On a cluster node members here get copies too: shards move, and a
+        // reference would outlive its log's place in this store (the group
+        // or the member moving away).
+        let copy_here = self.remote.get().is_some();
         for (shard, members) in parts {
             let refs = RefsCmd {
                 group: g,
                 message: message.clone(),
                 members,
-                copy: false,
+                copy: copy_here,
                 report: RefsReport::Group,
                 accepted,
             };

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use courier_protocol::error::with_retry_after;
 use courier_protocol::{
     Destination, ErrorCode, GroupEvent, GroupEventKind, GroupInfo, GroupOp, Message, MessageKind,
     ReceiptCounts, Role, SendResult, Strategy,
@@ -20,7 +21,7 @@ use courier_storage::{
 use tracing::error;
 
 use super::core::Shard;
-use super::messages::{failed, GroupOpCmd, GroupSendCmd};
+use super::messages::{failed, unavailable, GroupOpCmd, GroupSendCmd, RETRY_AFTER_MS};
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, Planned};
 use crate::error::{refuse, BrokerResult};
@@ -116,6 +117,11 @@ impl Shard {
             AppendOutcome::Conflict => {
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::CLIENT_ID_REUSED));
+                return;
+            }
+            // The group's shard is moving away: its new owner takes it.
+            AppendOutcome::NotServed => {
+                cmd.reply.send(unavailable(cmd.client_msg_id));
                 return;
             }
         };
@@ -327,17 +333,6 @@ impl Shard {
                     format!("{n} members; at most {max_members}"),
                 );
             }
-            if s.strategy == Strategy::Log {
-                if let Some(u) = users.iter().find(|&&u| !self.here(u)) {
-                    return refuse(
-                        ErrorCode::DESTINATION_UNSUPPORTED,
-                        format!(
-                            "user {u} is on another cluster node, and this group's members \
-                             read its log, which is not served across nodes yet"
-                        ),
-                    );
-                }
-            }
             self.check_group_limits(&users)?;
             s.members.extend(users.iter().map(|&user| Member {
                 user,
@@ -372,10 +367,9 @@ impl Shard {
     }
 
     /// The rules every change ends with: never without an admin while it
-    /// has members; past `groups.log_threshold` members, the log strategy,
-    /// unless a member is on another cluster node (members read the log
-    /// where it is, which is not served across nodes yet: such a group
-    /// keeps references, copies for those members, at any size).
+    /// has members; past `groups.log_threshold` members, the log strategy
+    /// (never on a cluster node, whose threshold is unbounded: members read
+    /// the log where it is, and shards move between nodes).
     fn settle(
         &self,
         (mut state, kind, concerned): (GroupState, GroupEventKind, Vec<u64>),
@@ -384,9 +378,8 @@ impl Shard {
         if !state.members.is_empty() && !state.members.iter().any(|m| m.role == Role::Admin) {
             state.members[0].role = Role::Admin;
         }
-        let switched = state.strategy == Strategy::Refs
-            && state.members.len() > self.config.log_threshold
-            && state.members.iter().all(|m| self.here(m.user));
+        let switched =
+            state.strategy == Strategy::Refs && state.members.len() > self.config.log_threshold;
         if switched {
             state.strategy = Strategy::Log;
             state.log_from = e;
@@ -435,6 +428,10 @@ impl Shard {
         let outcome = self.store.append_with(&[append], &kv, self.now_ms())?;
         match outcome.first() {
             Some(AppendOutcome::Stored(p)) if p.seq == e => Ok(Arc::new(message)),
+            Some(AppendOutcome::NotServed) => refuse(
+                ErrorCode::SHARD_UNAVAILABLE,
+                with_retry_after(RETRY_AFTER_MS, "the group's shard is moving"),
+            ),
             other => {
                 self.groups.remove(&g);
                 error!(

@@ -22,7 +22,7 @@ use courier_protocol::SendResult;
 use super::batch::complete;
 use super::core::{PeerQueue, Remote, RemoteSlot, Shard, ShardConfig};
 use super::groups::fan_out_marks;
-use super::messages::{Completion, ShardCmd};
+use super::messages::{Completion, ShardCmd, SlotsChange};
 use super::route::shard_of;
 use crate::metrics::ShardMetrics;
 
@@ -186,6 +186,36 @@ impl Shards {
     /// shard that wrote it would have.
     pub fn complete(&self, done: Completion, result: SendResult, stored: bool) {
         complete(done, result, stored, |key, cmd| self.send_peer(key, cmd));
+    }
+
+    /// Tells every shard that the store stopped serving the run of slots
+    /// `run` (its cluster shard moved away).
+    pub fn lost(&self, run: std::ops::Range<u16>) {
+        for p in self.peers.iter() {
+            p.send(ShardCmd::Slots(SlotsChange::Lost(run.clone())));
+        }
+    }
+
+    /// Tells every shard that the store serves the run of slots `run` now
+    /// (a cluster shard moved here), with the groups' fan-out marks of the
+    /// run so that interrupted fan-outs go on.
+    pub fn gained(
+        &self,
+        store: &dyn InboxStore,
+        run: std::ops::Range<u16>,
+    ) -> Result<(), courier_storage::StoreError> {
+        let marks = fan_out_marks(store, self.peers.len())?;
+        for (p, marks) in self.peers.iter().zip(marks) {
+            let marks = marks
+                .into_iter()
+                .filter(|(g, _)| run.contains(&u16::from(courier_storage::slot_of(*g))))
+                .collect();
+            p.send(ShardCmd::Slots(SlotsChange::Gained {
+                run: run.clone(),
+                marks,
+            }));
+        }
+        Ok(())
     }
 
     /// Stops every shard after what is already queued, and waits for them.

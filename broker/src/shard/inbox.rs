@@ -14,7 +14,7 @@ use courier_storage::{
 use tracing::{debug, error, warn};
 
 use super::core::Shard;
-use super::messages::{failed, Delivery, RefsCmd, RegisterCmd, SendCmd};
+use super::messages::{failed, unavailable, Delivery, RefsCmd, RegisterCmd, SendCmd};
 use super::recent::Fact;
 use super::tracking::{Batch, Planned};
 use crate::mailbox::TrySendError;
@@ -109,6 +109,8 @@ impl Shard {
                 duplicate: matches!(outcome, AppendOutcome::Duplicate(_)),
             },
             AppendOutcome::Conflict => failed(s.client_msg_id, ErrorCode::CLIENT_ID_REUSED),
+            // The recipient's shard is moving away: its new owner takes it.
+            AppendOutcome::NotServed => unavailable(s.client_msg_id),
         };
         let stored = matches!(outcome, AppendOutcome::Stored(_));
         self.complete(s.done, result, stored);
@@ -135,11 +137,21 @@ impl Shard {
                 }
             }
             AppendOutcome::Duplicate(_) => self.stats.duplicates.inc(),
-            AppendOutcome::Conflict => {}
+            AppendOutcome::Conflict | AppendOutcome::NotServed => {}
         }
     }
 
     pub(crate) fn register(&mut self, r: RegisterCmd) {
+        let served = self
+            .store
+            .transfer()
+            .is_none_or(|t| t.serves(courier_storage::slot_of(r.user)));
+        if !self.here(r.user) || !served {
+            // The user's shard moved away (or is pausing to) after the
+            // handshake chose this node: the session ends, and the client
+            // reconnects to land on the owner.
+            r.session.end_moved();
+        }
         self.sessions.entry(r.user).or_default().push(r.session);
         let _ = r.state.send(self.store.state(r.user).map_err(Into::into));
     }

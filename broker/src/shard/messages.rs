@@ -324,8 +324,27 @@ pub enum ShardCmd {
         emission: u64,
         ok: bool,
     },
+    /// The node's store stopped or started serving a run of slots (a
+    /// shard moved away or here).
+    Slots(SlotsChange),
     /// Finish what is queued before this, sync the store, and stop.
     Stop,
+}
+
+/// A shard of the cluster (a run of store slots) that moved.
+pub enum SlotsChange {
+    /// Moved to another node: its users' sessions here end, and what the
+    /// shard kept of its ids is forgotten (the new owner redoes pending
+    /// work from the rows it copied).
+    Lost(std::ops::Range<u16>),
+    /// Moved here: what was kept of its ids from an earlier ownership is
+    /// forgotten, and its groups' interrupted fan-outs (`marks`, this
+    /// shard's part) and its readers' receipt outbox are taken up, as at
+    /// start.
+    Gained {
+        run: std::ops::Range<u16>,
+        marks: Vec<(u64, u64)>,
+    },
 }
 
 /// A live delivery to one session.
@@ -349,4 +368,16 @@ pub struct SessionHandle {
     pub lagging: AtomicBool,
     /// Wakes the writer when `lagging` is set.
     pub wake: Notify,
+    /// Set (with `wake`) when the user's shard has moved to another node:
+    /// the writer says `Goodbye` (`SHARD_UNAVAILABLE`, retry) and closes,
+    /// and the client connects again, to land on the new owner.
+    pub moved: AtomicBool,
+}
+
+impl SessionHandle {
+    /// Ends the session: its user's shard is another node's now.
+    pub fn end_moved(&self) {
+        self.moved.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
 }

@@ -420,6 +420,12 @@ impl Shard {
     /// At start: sends every outbox row of this shard's users again (a crash
     /// came between planning them and their being durable at the senders).
     pub(crate) fn recover_receipts(&mut self) {
+        self.recover_receipts_in(None);
+    }
+
+    /// [`Shard::recover_receipts`] for readers whose slot is in `run` (a
+    /// shard that moved here), or all of them.
+    pub(crate) fn recover_receipts_in(&mut self, run: Option<&std::ops::Range<u16>>) {
         let rows = match self.store.scan(&keys::outbox_prefix(), OUTBOX_RECOVER_MAX) {
             Ok(rows) => rows,
             Err(e) => {
@@ -437,7 +443,9 @@ impl Shard {
                 error!(shard = self.id, key = ?key, "corrupt receipt outbox key; skipped");
                 continue;
             };
-            if shard_of(reader, shards) != self.id as usize {
+            if shard_of(reader, shards) != self.id as usize
+                || run.is_some_and(|r| !r.contains(&u16::from(courier_storage::slot_of(reader))))
+            {
                 continue;
             }
             let Some(row) = OutboxRow::decode(&value) else {

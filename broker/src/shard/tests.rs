@@ -65,6 +65,7 @@ async fn register(
         deliveries,
         lagging: AtomicBool::new(false),
         wake: Notify::new(),
+        moved: AtomicBool::new(false),
     });
     let (stx, srx) = oneshot::channel();
     let cmd = ShardCmd::Register(RegisterCmd {

@@ -13,6 +13,11 @@
 //! | `K` user . contact          | empty                                    | user's session |
 //! | `L` user . list             | [`UserList`](super::rows::UserList): count u16 . users | user's session |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
+//!
+//! Every row belongs to the shard that writes it, and its key names that
+//! shard's id ([`owner`]): the first id, except in `U` and `C` rows, where
+//! the writer's id comes second. A cluster node's store puts each row in
+//! its owner's slot, so a shard that moves takes exactly its own rows.
 
 fn key(tag: u8, ids: &[u64]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 8 * ids.len());
@@ -69,6 +74,16 @@ pub fn statuses(poster: u64) -> Vec<u8> {
     key(b'S', &[poster])
 }
 
+/// The id whose shard writes the row `k` (see the table), if `k` reaches
+/// it: a prefix such as `U user` does not (the store then scans every
+/// slot for it).
+pub fn owner(k: &[u8]) -> Option<u64> {
+    match k.first()? {
+        b'U' | b'C' => be_u64(k, 9),
+        _ => be_u64(k, 1),
+    }
+}
+
 /// The last id of a key (the group of a `U` row, the user of a `C` row...).
 pub fn last_id(k: &[u8]) -> Option<u64> {
     k.len().checked_sub(8).and_then(|at| be_u64(k, at))
@@ -78,4 +93,42 @@ pub fn last_id(k: &[u8]) -> Option<u64> {
 pub(crate) fn be_u64(v: &[u8], at: usize) -> Option<u64> {
     v.get(at..at + 8)
         .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row's owner is the id of the shard the table says writes it.
+    #[test]
+    fn every_row_names_the_shard_that_writes_it() {
+        let (user, g, other) = (11, 22, 33);
+        assert_eq!(owner(&group(g)), Some(g));
+        assert_eq!(owner(&fanned(g)), Some(g));
+        assert_eq!(
+            owner(&user_group(user, g)),
+            Some(g),
+            "written by the group's shard"
+        );
+        assert_eq!(
+            owner(&cursor(g, user)),
+            Some(user),
+            "written by the user's shard"
+        );
+        assert_eq!(owner(&receipts(user)), Some(user));
+        assert_eq!(owner(&outbox(user, 5)), Some(user));
+        assert_eq!(owner(&contact(user, other)), Some(user));
+        assert_eq!(owner(&list(user, other)), Some(user));
+        assert_eq!(owner(&status(user, 1_000, 7)), Some(user));
+        assert_eq!(owner(&statuses(user)), Some(user));
+        assert_eq!(owner(&contacts(user)), Some(user));
+        for prefix in [
+            user_groups(user),
+            cursors(g),
+            fanned_prefix(),
+            outbox_prefix(),
+        ] {
+            assert_eq!(owner(&prefix), None, "{prefix:?} spans owners");
+        }
+    }
 }

@@ -256,9 +256,21 @@ impl Server {
             .await
     }
 
+    /// One POST of an operator request (`/admin/...`) with an admin token:
+    /// (status code, body).
+    pub async fn admin_post(&self, path: &str) -> (u16, String) {
+        let token = self.token(0, 0, u64::MAX / 2);
+        self.http("POST", path, &format!("authorization: Bearer {token}\r\n"))
+            .await
+    }
+
     async fn get(&self, path: &str, headers: &str) -> (u16, String) {
+        self.http("GET", path, headers).await
+    }
+
+    async fn http(&self, method: &str, path: &str, headers: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.admin).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n").as_bytes())
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n").as_bytes())
             .await
             .unwrap();
         let mut text = String::new();
@@ -269,7 +281,7 @@ impl Server {
 
     /// Load-generator options against this node (tokens from its secret).
     pub fn load_options(&self) -> courier_loadtest::Options {
-        let key = load_or_create_secret(&self.data_dir.join("secret.key")).unwrap();
+        let key = load_or_create_secret(&self.secret_path()).unwrap();
         courier_loadtest::Options::new(courier_loadtest::Target::Courier, self.addr.clone(), key)
     }
 
@@ -592,4 +604,30 @@ impl Raw {
             }),
         )
     }
+}
+
+/// Runs the load generator with `opts` on a runtime of its own (two
+/// worker threads) in a thread of its own, so the test can inject faults
+/// meanwhile; join it for the report.
+pub fn load_in_background(
+    opts: courier_loadtest::Options,
+) -> std::thread::JoinHandle<anyhow::Result<courier_loadtest::Report>> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(courier_loadtest::run(opts))
+    })
+}
+
+/// Shards node `id` owns in a cluster status (`GET /admin/cluster`); 0
+/// before it registered.
+pub fn shards_of(status: &serde_json::Value, id: &str) -> u64 {
+    status["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == id))
+        .and_then(|n| n["shards"].as_u64())
+        .unwrap_or(0)
 }
