@@ -693,36 +693,30 @@ impl RocksStore {
         Batch {
             store: self,
             wb: WriteBatch::default(),
+            watched: self.watching.load(Ordering::Acquire),
+            notes: SlotChanges::default(),
         }
     }
 
-    /// Records a write of `key` if its slot is watched.
-    fn note(&self, space: Space, key: &[u8]) {
-        if !self.watching.load(Ordering::Acquire) {
+    /// Tells the watch what a write that has just been committed wrote
+    /// (only then: a round that drains a key reads its committed value).
+    /// Called while the write still holds the served set, so a pause that
+    /// takes it finds every write before it told.
+    fn noted(&self, notes: SlotChanges) {
+        if notes.is_empty() {
             return;
         }
         if let Some(w) = self.watch.lock().expect("watch lock").as_mut() {
-            if key
-                .first()
-                .is_some_and(|s| w.slots.contains(&u16::from(*s)))
-            {
-                w.changes.keys.insert((space, key.to_vec()));
+            let inside = |k: &[u8]| k.first().is_some_and(|s| w.slots.contains(&u16::from(*s)));
+            for (space, key) in notes.keys {
+                if inside(&key) {
+                    w.changes.keys.insert((space, key));
+                }
             }
-        }
-    }
-
-    /// Records a range deletion if it starts in a watched slot (every
-    /// range the store deletes lies in one slot).
-    fn note_range(&self, space: Space, from: &[u8], to: &[u8]) {
-        if !self.watching.load(Ordering::Acquire) {
-            return;
-        }
-        if let Some(w) = self.watch.lock().expect("watch lock").as_mut() {
-            if from
-                .first()
-                .is_some_and(|s| w.slots.contains(&u16::from(*s)))
-            {
-                w.changes.ranges.push((space, from.to_vec(), to.to_vec()));
+            for (space, from, to) in notes.ranges {
+                if inside(&from) {
+                    w.changes.ranges.push((space, from, to));
+                }
             }
         }
     }
@@ -799,25 +793,36 @@ impl RocksStore {
     }
 }
 
-/// A write batch that tells the store's watch what it writes.
+/// A write batch that remembers what it writes while the store is
+/// watched, to tell the watch once committed ([`RocksStore::noted`]).
 struct Batch<'a> {
     store: &'a RocksStore,
     wb: WriteBatch,
+    /// A watch was on when the batch began (a watch starts only once the
+    /// writes under way have finished: see `SlotTransfer::watch`).
+    watched: bool,
+    notes: SlotChanges,
 }
 
 impl Batch<'_> {
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
-        self.store.note(space, key);
+        if self.watched {
+            self.notes.keys.insert((space, key.to_vec()));
+        }
         self.wb.put_cf(self.store.cf(space_cf(space)), key, value);
     }
 
     fn delete(&mut self, space: Space, key: &[u8]) {
-        self.store.note(space, key);
+        if self.watched {
+            self.notes.keys.insert((space, key.to_vec()));
+        }
         self.wb.delete_cf(self.store.cf(space_cf(space)), key);
     }
 
     fn delete_range(&mut self, space: Space, from: &[u8], to: &[u8]) {
-        self.store.note_range(space, from, to);
+        if self.watched {
+            self.notes.ranges.push((space, from.to_vec(), to.to_vec()));
+        }
         self.wb
             .delete_range_cf(self.store.cf(space_cf(space)), from, to);
     }
@@ -926,12 +931,14 @@ impl InboxStore for RocksStore {
         if b.wb.is_empty() {
             return Ok(outcomes);
         }
-        if let Err(e) = self.write(b.wb) {
+        let Batch { wb, notes, .. } = b;
+        if let Err(e) = self.write(wb) {
             // The cache never moved; drop the entries anyway so the next touch
             // re-reads the truth from disk.
             self.forget_states(touched.keys());
             return Err(e);
         }
+        self.noted(notes);
         self.publish_states(&touched);
         Ok(outcomes)
     }
@@ -942,7 +949,9 @@ impl InboxStore for RocksStore {
         self.put_kv(&mut b, &served, kv)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
-        Ok(self.db.write_opt(b.wb, &opts)?)
+        self.db.write_opt(b.wb, &opts)?;
+        self.noted(b.notes);
+        Ok(())
     }
 
     fn read_after(
@@ -1030,10 +1039,12 @@ impl InboxStore for RocksStore {
 
     fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
         let served = self.served();
-        let mut s = self.cached_state(inbox)?;
         if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
-            return Ok(s);
+            // Not this store's to change (nor to cache: its owner may be
+            // writing it elsewhere).
+            return Ok(InboxState::default());
         }
+        let mut s = self.cached_state(inbox)?;
         let acked = up_to_seq.min(s.head_seq);
         if acked <= s.acked_seq {
             return Ok(s);
@@ -1046,16 +1057,17 @@ impl InboxStore for RocksStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(b.wb, &opts)?;
+        self.noted(b.notes);
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
 
     fn trim_acked(&self, inbox: u64, older_than_ms: u64) -> Result<InboxState, StoreError> {
         let served = self.served();
-        let mut s = self.cached_state(inbox)?;
         if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
-            return Ok(s);
+            return Ok(InboxState::default());
         }
+        let mut s = self.cached_state(inbox)?;
         if s.oldest_seq > s.acked_seq {
             return Ok(s);
         }
@@ -1094,7 +1106,9 @@ impl InboxStore for RocksStore {
         );
         s.oldest_seq = last + 1;
         b.put(Space::Meta, self.meta_key(inbox).as_ref(), &encode_meta(&s));
-        self.write(b.wb)?;
+        let Batch { wb, notes, .. } = b;
+        self.write(wb)?;
+        self.noted(notes);
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
@@ -1147,6 +1161,10 @@ impl SlotTransfer for RocksStore {
     }
 
     fn watch(&self, slots: std::ops::Range<u16>) {
+        // Once the writes under way have finished (they hold the served
+        // set): every write after sees the watch and tells it what it
+        // wrote; every write before is in what the export reads.
+        let _quiet = self.served.write().expect("served lock");
         *self.watch.lock().expect("watch lock") = Some(Watch {
             slots,
             changes: SlotChanges::default(),

@@ -194,13 +194,20 @@ impl Mover {
     async fn step(self: &Arc<Self>, view: &View) {
         let me = self.cluster.node_id().to_owned();
         self.slots.reap(Duration::from_secs(60));
-        if let Some((shard, epoch, paused_for)) = self.slots.paused() {
+        if let Some((shard, epoch, incarnation, paused_for)) = self.slots.paused() {
             let still_mine = view
                 .owners
                 .get(shard as usize)
                 .and_then(Option::as_ref)
                 .is_some_and(|o| o.node == me && o.epoch == epoch);
-            if still_mine && view.etcd_up && !view.moves.contains_key(&shard) {
+            // The pause is for one incarnation of the move's record: once
+            // that record is gone (called off, even if begun again since),
+            // no switch can come on the paused copy.
+            let gone = view
+                .moves
+                .get(&shard)
+                .is_none_or(|m| m.created != incarnation);
+            if still_mine && view.etcd_up && gone {
                 self.slots.end(shard);
             } else if still_mine && paused_for > PAUSE_LIMIT {
                 self.call_off(shard, epoch).await;
@@ -224,10 +231,10 @@ impl Mover {
             }
             self.attempted.lock().expect("lock").insert(shard);
             let mover = self.clone();
-            let (record, revision) = (r.clone(), m.revision);
+            let (record, revision, created) = (r.clone(), m.revision, m.created);
             let shards = view.owners.len() as u32;
             tokio::spawn(async move {
-                mover.copy(shard, record, revision, shards).await;
+                mover.copy(shard, record, revision, created, shards).await;
                 mover.copying.lock().expect("lock").remove(&shard);
             });
         }
@@ -263,14 +270,14 @@ impl Mover {
     }
 
     /// Copies `shard` here and records it copied.
-    async fn copy(&self, shard: u32, r: MoveRecord, revision: i64, shards: u32) {
+    async fn copy(&self, shard: u32, r: MoveRecord, revision: i64, created: i64, shards: u32) {
         let Some(peer) = self.cluster.links.peer(&r.from) else {
             warn!(shard, from = %r.from, "no link to the shard's owner yet; the copy waits");
             tokio::time::sleep(Duration::from_secs(1)).await;
             return;
         };
         info!(shard, from = %r.from, "copying a shard that moves here");
-        let copied = match copy_shard(&peer, &self.store, shard, r.epoch, shards).await {
+        let copied = match copy_shard(&peer, &self.store, shard, r.epoch, created, shards).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(shard, from = %r.from, error = %format!("{e:#}"), "copying a shard failed; trying again");

@@ -18,8 +18,9 @@
 //!
 //! ```text
 //! request: shard u32 | epoch i64 | step u8 (0 begin, 1 chunk, 2 changes,
-//!          3 pause, 4 end) | session u64 | from (u8 0, or u8 1 | space u8 |
-//!          key (u16 length, bytes))
+//!          3 pause, 4 end) | session u64 (begin: the move record's etcd
+//!          create_revision, which the pause belongs to) | from (u8 0, or
+//!          u8 1 | space u8 | key (u16 length, bytes))
 //! answer:  0 | session u64 | lease i64 | more u8 | next (as from) |
 //!          count u32 | entry × count
 //!          entry: kind u8 (0 put, 1 delete, 2 delete range) | space u8 |
@@ -289,6 +290,9 @@ struct Export {
     shard: u32,
     epoch: i64,
     run: Range<u16>,
+    /// The move record's incarnation (its etcd create_revision) this
+    /// export is for.
+    incarnation: i64,
     /// Stopped serving the run for the last round.
     paused: bool,
     paused_at: Option<Instant>,
@@ -436,12 +440,14 @@ impl Slots {
     }
 
     /// The shard whose run is paused for a move, if any: its number, its
-    /// epoch, and for how long it has been paused.
-    pub fn paused(&self) -> Option<(u32, i64, Duration)> {
+    /// epoch, the move record's incarnation, and for how long it has been
+    /// paused.
+    pub fn paused(&self) -> Option<(u32, i64, i64, Duration)> {
         let st = self.state.lock().expect("slots lock");
-        st.export
-            .as_ref()
-            .and_then(|e| e.paused_at.map(|at| (e.shard, e.epoch, at.elapsed())))
+        st.export.as_ref().and_then(|e| {
+            e.paused_at
+                .map(|at| (e.shard, e.epoch, e.incarnation, at.elapsed()))
+        })
     }
 
     /// Ends the export of `shard` (the move was called off): the watch
@@ -521,6 +527,7 @@ impl Slots {
                 shard,
                 epoch,
                 run,
+                incarnation: r.session as i64,
                 paused: false,
                 paused_at: None,
                 pending: SlotChanges::default(),
@@ -613,6 +620,7 @@ pub async fn copy_shard(
     store: &Arc<dyn InboxStore>,
     shard: u32,
     epoch: i64,
+    incarnation: i64,
     shards: u32,
 ) -> anyhow::Result<Copied> {
     let run = slots_of_shard(shard, shards);
@@ -657,7 +665,7 @@ pub async fn copy_shard(
                 .context("importing")
         })
     };
-    let session = ask(Step::Begin, 0, None).await?.session;
+    let session = ask(Step::Begin, incarnation as u64, None).await?.session;
     let mut copied = Copied::default();
     let result = async {
         let mut from = None;

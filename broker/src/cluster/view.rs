@@ -81,6 +81,9 @@ pub struct MoveRecord {
 pub struct Move {
     pub record: MoveRecord,
     pub revision: i64,
+    /// The key's `create_revision`: one incarnation of the move (a move
+    /// called off and begun again is another).
+    pub created: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +161,7 @@ impl View {
                         Move {
                             record,
                             revision: modified,
+                            created,
                         },
                     )),
                     Err(_) => view.unreadable.push(key.to_owned()),
