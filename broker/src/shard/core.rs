@@ -417,6 +417,9 @@ impl Shard {
     fn slots_changed(&mut self, change: SlotsChange) {
         match change {
             SlotsChange::Lost(run) => {
+                // Before the sessions go: it finds the moved users' cached
+                // entries through them.
+                self.forget_slots(&run);
                 let moving = |id: &u64| run.contains(&u16::from(slot_of(*id)));
                 let mut ended = 0;
                 self.sessions.retain(|user, list| {
@@ -429,7 +432,6 @@ impl Shard {
                     }
                     false
                 });
-                self.forget_slots(&run);
                 debug!(
                     shard = self.id,
                     ended, "sessions of a shard that moved away ended"
