@@ -67,6 +67,20 @@ pub trait InboxStore: Send + Sync + 'static {
     /// `prefix`, in key order.
     fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError>;
 
+    /// [`InboxStore::scan`] for a shard that moved: a store whose layout
+    /// keeps slots apart reads only the keys whose owner's slot is in
+    /// `slots` (a run of one cluster shard); a flat store has no slots and
+    /// reads them all, so the caller still picks its owners.
+    fn scan_slots(
+        &self,
+        prefix: &[u8],
+        slots: std::ops::Range<u16>,
+        limit: usize,
+    ) -> Result<KvPairs, StoreError> {
+        let _ = slots;
+        self.scan(prefix, limit)
+    }
+
     /// Up to `limit` unexpired entries of the expiring space under `prefix`:
     /// (key, expires_at_ms, value), in key order.
     fn scan_expiring(

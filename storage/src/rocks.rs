@@ -44,6 +44,7 @@
 //!   message.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -494,7 +495,10 @@ impl RocksStore {
     /// The stored prefixes a key-value scan by `prefix` reads: itself when
     /// flat; with its owner's slot when the prefix names the owner; with
     /// every slot when it does not.
-    fn kv_prefixes(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+    /// The prefixes to read for `prefix`: itself in a flat store; in a
+    /// slotted one, under its owner's slot if the prefix names its owner,
+    /// else under every slot of `slots`.
+    fn kv_prefixes(&self, prefix: &[u8], slots: Range<u16>) -> Vec<Vec<u8>> {
         let Some(owner) = self.owner else {
             return vec![prefix.to_vec()];
         };
@@ -506,14 +510,20 @@ impl RocksStore {
         };
         match owner(prefix) {
             Some(id) => vec![with(slot_of(id))],
-            None => (0..SLOTS).map(|s| with(s as u8)).collect(),
+            None => slots.map(|s| with(s as u8)).collect(),
         }
     }
 
-    /// A key-value scan of `cf`, keys returned without their slot, in key
-    /// order, at most `limit`.
-    fn scan_space(&self, cf: &str, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
-        let prefixes = self.kv_prefixes(prefix);
+    /// A key-value scan of `cf` (of the slots in `slots`), keys returned
+    /// without their slot, in key order, at most `limit`.
+    fn scan_space(
+        &self,
+        cf: &str,
+        prefix: &[u8],
+        slots: Range<u16>,
+        limit: usize,
+    ) -> Result<KvPairs, StoreError> {
+        let prefixes = self.kv_prefixes(prefix, slots);
         if prefixes.len() == 1 {
             let mut out = self.scan_cf(cf, &prefixes[0], limit)?;
             if self.lead > 0 {
@@ -1009,7 +1019,16 @@ impl InboxStore for RocksStore {
     }
 
     fn scan(&self, prefix: &[u8], limit: usize) -> Result<KvPairs, StoreError> {
-        self.scan_space(CF_KV, prefix, limit)
+        self.scan_space(CF_KV, prefix, 0..SLOTS as u16, limit)
+    }
+
+    fn scan_slots(
+        &self,
+        prefix: &[u8],
+        slots: Range<u16>,
+        limit: usize,
+    ) -> Result<KvPairs, StoreError> {
+        self.scan_space(CF_KV, prefix, slots, limit)
     }
 
     fn scan_expiring(
@@ -1019,7 +1038,7 @@ impl InboxStore for RocksStore {
         limit: usize,
     ) -> Result<ExpiringEntries, StoreError> {
         let mut out = Vec::new();
-        for (k, v) in self.scan_space(CF_EXPIRING, prefix, usize::MAX)? {
+        for (k, v) in self.scan_space(CF_EXPIRING, prefix, 0..SLOTS as u16, usize::MAX)? {
             if out.len() >= limit {
                 break;
             }

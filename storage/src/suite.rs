@@ -454,6 +454,49 @@ mod slots {
         );
     }
 
+    /// A scan for a moved shard reads only its run in the slotted layout,
+    /// in key order; a flat store (no slots) reads everything.
+    #[test]
+    fn a_scan_of_a_run_of_slots_reads_only_that_run_where_slots_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let owners: Vec<u64> = (1..200u64).collect();
+        let puts: Vec<KvOp> = owners
+            .iter()
+            .map(|&u| KvOp::Put {
+                key: vec![b'r', u as u8],
+                value: b"1".to_vec(),
+            })
+            .collect();
+        s.write_lazy(&puts).unwrap();
+        let run = u16::from(slot_of(7))..u16::from(slot_of(7)) + 16;
+        let inside: Vec<Vec<u8>> = owners
+            .iter()
+            .filter(|&&u| run.contains(&u16::from(slot_of(u))))
+            .map(|&u| vec![b'r', u as u8])
+            .collect();
+        assert!(inside.len() < owners.len() && !inside.is_empty());
+        let got: Vec<Vec<u8>> = s
+            .scan_slots(b"r", run.clone(), usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut want = inside.clone();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(s.scan(b"r", usize::MAX).unwrap().len(), owners.len());
+
+        let flat_dir = tempfile::tempdir().unwrap();
+        let flat = RocksStore::open(flat_dir.path(), config()).unwrap();
+        flat.write_lazy(&puts).unwrap();
+        assert_eq!(
+            flat.scan_slots(b"r", run, usize::MAX).unwrap().len(),
+            owners.len(),
+            "a flat store has no slots to pick"
+        );
+    }
+
     /// A slot that is not served takes no message (the outcome says so,
     /// per message, the rest of the write goes ahead) and no other write;
     /// serving it again takes them.

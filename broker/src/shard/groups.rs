@@ -626,15 +626,28 @@ fn info(g: u64, head: u64, s: &GroupState) -> GroupInfo {
 }
 
 /// Every group's fan-out mark, split by owning shard: one scan at start for
-/// all shards.
+/// all shards; or of the groups whose slot is in `run` (a cluster shard
+/// that moved here), reading only that run where the store keeps slots
+/// apart.
 pub(crate) fn fan_out_marks(
     store: &dyn courier_storage::InboxStore,
     shards: usize,
+    run: Option<std::ops::Range<u16>>,
 ) -> Result<Vec<Vec<(u64, u64)>>, StoreError> {
     let mut out = vec![Vec::new(); shards];
-    for (k, v) in store.scan(&keys::fanned_prefix(), usize::MAX)? {
+    let rows = match &run {
+        Some(run) => store.scan_slots(&keys::fanned_prefix(), run.clone(), usize::MAX)?,
+        None => store.scan(&keys::fanned_prefix(), usize::MAX)?,
+    };
+    let inside = |g: u64| {
+        run.as_ref()
+            .is_none_or(|r| r.contains(&u16::from(courier_storage::slot_of(g))))
+    };
+    for (k, v) in rows {
         if let (Some(g), true) = (keys::last_id(&k), v.len() >= 8) {
-            out[shard_of(g, shards)].push((g, FanMark::decode(&v).0));
+            if inside(g) {
+                out[shard_of(g, shards)].push((g, FanMark::decode(&v).0));
+            }
         }
     }
     Ok(out)

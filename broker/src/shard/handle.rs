@@ -85,7 +85,7 @@ impl Shards {
             peer_receivers.push(prx);
         }
         let peers: Arc<[PeerQueue]> = peers.into();
-        let marks = fan_out_marks(&*store, count).map_err(std::io::Error::other)?;
+        let marks = fan_out_marks(&*store, count, None).map_err(std::io::Error::other)?;
         let remote = RemoteSlot::default();
         let mut threads = Vec::with_capacity(count);
         for (id, ((rx, prx), marks)) in receivers
@@ -204,12 +204,8 @@ impl Shards {
         store: &dyn InboxStore,
         run: std::ops::Range<u16>,
     ) -> Result<(), courier_storage::StoreError> {
-        let marks = fan_out_marks(store, self.peers.len())?;
+        let marks = fan_out_marks(store, self.peers.len(), Some(run.clone()))?;
         for (p, marks) in self.peers.iter().zip(marks) {
-            let marks = marks
-                .into_iter()
-                .filter(|(g, _)| run.contains(&u16::from(courier_storage::slot_of(*g))))
-                .collect();
             p.send(ShardCmd::Slots(SlotsChange::Gained {
                 run: run.clone(),
                 marks,

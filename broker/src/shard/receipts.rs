@@ -426,7 +426,14 @@ impl Shard {
     /// [`Shard::recover_receipts`] for readers whose slot is in `run` (a
     /// shard that moved here), or all of them.
     pub(crate) fn recover_receipts_in(&mut self, run: Option<&std::ops::Range<u16>>) {
-        let rows = match self.store.scan(&keys::outbox_prefix(), OUTBOX_RECOVER_MAX) {
+        let scanned = match run {
+            Some(run) => {
+                self.store
+                    .scan_slots(&keys::outbox_prefix(), run.clone(), OUTBOX_RECOVER_MAX)
+            }
+            None => self.store.scan(&keys::outbox_prefix(), OUTBOX_RECOVER_MAX),
+        };
+        let rows = match scanned {
             Ok(rows) => rows,
             Err(e) => {
                 error!(shard = self.id, error = %e, "reading the receipt outbox failed; its receipts wait for the next start");
