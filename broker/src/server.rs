@@ -102,7 +102,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
     if node.config.cluster.enabled() {
-        let slots = Slots::new(store.clone(), node.config.cluster.node_id.clone());
+        let slots = Slots::new(
+            store.clone(),
+            node.config.cluster.node_id.clone(),
+            &node.metrics,
+        );
         let owner = Arc::new(crate::cluster::route::Owner {
             node: Arc::downgrade(&node),
             slots: slots.clone(),

@@ -759,6 +759,10 @@ impl Remote for Router {
         self.cluster.owns(id)
     }
 
+    fn shards_moving(&self) -> bool {
+        self.slots.shards_moving()
+    }
+
     fn split_here(&self, ids: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
         let view = self.cluster.view();
         let me = self.cluster.node_id();

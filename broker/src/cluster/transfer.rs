@@ -37,7 +37,7 @@
 
 use std::collections::BTreeSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,8 @@ use tracing::{info, warn};
 
 use super::view::View;
 use super::wire::{self, Answer, WireError};
+use crate::metrics::{Metrics, LATENCY_BUCKETS};
+use prometheus::{Histogram, HistogramOpts};
 
 /// A chunk or a round carries about this much (the link's frames are
 /// bounded by twice `limits.max_frame_len`, 1 MiB by default).
@@ -310,7 +312,18 @@ pub struct Slots {
     /// Set while some run is unsettled (see [`Slots::unsettled`]), so the
     /// send path skips the lock otherwise.
     any_unsettled: AtomicBool,
+    /// Until when (ms after `born`) shards count as moving in the cluster
+    /// (see [`Slots::shards_moving`]); `u64::MAX` while a move is under way.
+    moving_until: AtomicU64,
+    born: Instant,
+    /// How long each pause lasted, from its start to the view that ended
+    /// it (the switch, or the move called off).
+    paused_writes: Histogram,
 }
+
+/// How long an old owner waits for its view to show a move whose copy
+/// begins.
+const SEE_MOVE_WITHIN: Duration = Duration::from_secs(3);
 
 /// How long a shard that moved here stays unsettled: sends refused before
 /// the move (by the old owner, or its pause) are retried within it.
@@ -325,6 +338,10 @@ struct SlotsState {
     export: Option<Export>,
     /// Shards that moved here, and when.
     arrived: Vec<(Range<u16>, Instant)>,
+    /// The last view's map (each shard's owner and epoch) and its moves
+    /// (shard, record incarnation).
+    map: Vec<Option<(String, i64)>>,
+    moves: Vec<(u32, i64)>,
 }
 
 /// What a view changed for this node's shards.
@@ -338,13 +355,60 @@ pub enum Change {
 }
 
 impl Slots {
-    pub fn new(store: Arc<dyn InboxStore>, me: String) -> Arc<Slots> {
+    pub fn new(store: Arc<dyn InboxStore>, me: String, metrics: &Metrics) -> Arc<Slots> {
+        let paused_writes = Histogram::with_opts(
+            HistogramOpts::new(
+                "courier_cluster_move_paused_writes_seconds",
+                "How long a shard move paused that shard's writes, measured at the old owner: from the pause to the view that shows the switch (the new owner serves from the same view) or the move called off.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        metrics.register(paused_writes.clone());
         Arc::new(Slots {
+            paused_writes,
             store,
             me,
             state: Mutex::new(SlotsState::default()),
             any_unsettled: AtomicBool::new(false),
+            moving_until: AtomicU64::new(0),
+            born: Instant::now(),
         })
+    }
+
+    /// Whether a shard of the cluster is moving (its record is in the
+    /// last view), or some shard changed owner or a move ended less than
+    /// [`SETTLE`] ago: the time in which parts refused by a move are
+    /// retried. A group's fan-outs go one at a time meanwhile.
+    ///
+    /// Set from the view that first shows a move, on every node. The old
+    /// owner's own view shows it before the pause ([`Step::Begin`] waits
+    /// for it), so its groups' fan-outs are one at a time before any of
+    /// its parts can be refused; another node's parts to the paused shard
+    /// are refused in their (group, node) line until the switch, whose
+    /// view sets this on that node before it routes by it.
+    pub fn shards_moving(&self) -> bool {
+        let until = self.moving_until.load(Ordering::Acquire);
+        until != 0 && (until == u64::MAX || self.born.elapsed().as_millis() < u128::from(until))
+    }
+
+    /// Notes moves and owner changes in `view` for [`Slots::shards_moving`].
+    fn note_moves(&self, st: &mut SlotsState, view: &View) {
+        let map: Vec<Option<(String, i64)>> = view
+            .owners
+            .iter()
+            .map(|o| o.as_ref().map(|o| (o.node.clone(), o.epoch)))
+            .collect();
+        let moves: Vec<(u32, i64)> = view.moves.iter().map(|(&s, m)| (s, m.created)).collect();
+        let changed = st.followed && (st.map != map || st.moves != moves);
+        if !moves.is_empty() {
+            self.moving_until.store(u64::MAX, Ordering::Release);
+        } else if changed || self.moving_until.load(Ordering::Acquire) == u64::MAX {
+            let until = (self.born.elapsed() + SETTLE).as_millis() as u64;
+            self.moving_until.store(until, Ordering::Release);
+        }
+        st.map = map;
+        st.moves = moves;
     }
 
     /// Whether `id`'s shard is moving away from this node, or moved here
@@ -378,6 +442,7 @@ impl Slots {
         };
         let count = view.owners.len() as u32;
         let mut st = self.state.lock().expect("slots lock");
+        self.note_moves(&mut st, view);
         let owned: Vec<(u32, i64, Range<u16>)> = view
             .owners
             .iter()
@@ -412,6 +477,14 @@ impl Slots {
                 .any(|(s, epoch, _)| *s == e.shard && *epoch == e.epoch);
             if !still {
                 let (shard, run, paused) = (e.shard, e.run.clone(), e.paused);
+                if let Some(at) = e.paused_at {
+                    self.paused_writes.observe(at.elapsed().as_secs_f64());
+                    info!(
+                        shard,
+                        paused_ms = at.elapsed().as_millis() as u64,
+                        "the shard's writes were paused for its move until the switch"
+                    );
+                }
                 st.export = None;
                 t.unwatch();
                 if paused {
@@ -460,6 +533,9 @@ impl Slots {
         if st.export.as_ref().is_some_and(|e| e.shard == shard) {
             let e = st.export.take().expect("checked");
             t.unwatch();
+            if let Some(at) = e.paused_at {
+                self.paused_writes.observe(at.elapsed().as_secs_f64());
+            }
             if e.paused {
                 let runs: Vec<Range<u16>> = st.owned.iter().map(|(_, _, r)| r.clone()).collect();
                 t.serve_only(&runs);
@@ -488,6 +564,18 @@ impl Slots {
     /// One step of an export of a shard this node owns (blocking: store
     /// reads and the pause's wait); `lease` is this node's.
     pub fn export(&self, r: ExportRequest, lease: i64) -> ExportAnswer {
+        if r.step == Step::Begin {
+            // The new owner read the move from etcd; this node's own read
+            // of it may be a moment behind (see `step`). Runs on a
+            // blocking thread: waiting here holds no runtime.
+            let deadline = Instant::now() + SEE_MOVE_WITHIN;
+            let move_of = (r.shard, r.session as i64);
+            while !self.state.lock().expect("slots lock").moves.contains(&move_of)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         match self.step(r, lease) {
             Ok(a) => a,
             Err(e) => ExportAnswer::Gone(format!("{e:#}")),
@@ -513,6 +601,13 @@ impl Slots {
             });
         };
         if r.step == Step::Begin {
+            // This node's groups hold their fan-outs one at a time from the
+            // view that shows the move (`shards_moving`): that view must be
+            // here before the pause can refuse anything (`export` waited
+            // for it a moment; the mover tries again within a second).
+            if !st.moves.contains(&(shard, r.session as i64)) {
+                bail!("this node's view does not show the move of shard {shard} yet");
+            }
             if let Some(e) = st.export.as_ref() {
                 // One export at a time; a mover that went quiet gives way.
                 if e.paused || e.touched.elapsed() < Duration::from_secs(10) {

@@ -78,6 +78,12 @@ pub trait Remote: Send + Sync + 'static {
     /// by one reading of the map (a fan-out's recipients).
     fn split_here(&self, ids: Vec<u64>) -> (Vec<u64>, Vec<u64>);
 
+    /// Whether a shard of the cluster is moving, or moved lately: a
+    /// member's part may then fail at one node and a later entry's part
+    /// reach the member at another, so a group's fan-outs go one at a time
+    /// (see `Shard::held_back`).
+    fn shards_moving(&self) -> bool;
+
     /// Completes a group's receipt counts with the cursors of `members`,
     /// which other nodes hold, and answers.
     fn count_elsewhere(
@@ -249,6 +255,11 @@ impl Shard {
             Some(r) => r.split_here(ids),
             None => (ids, Vec::new()),
         }
+    }
+
+    /// See [`Remote::shards_moving`]; never on a single node.
+    pub(crate) fn shards_moving(&self) -> bool {
+        self.remote.get().is_some_and(|r| r.shards_moving())
     }
 
     /// Queues a command on the shard that owns `key`, through its peer

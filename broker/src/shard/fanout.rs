@@ -22,6 +22,7 @@
 //!
 //! Receipts, the other fan-out (one mark, many senders), are in `receipts`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +36,7 @@ use super::messages::{
     BroadcastCmd, Completion, GroupReply, RefsCmd, RefsReport, SendCmd, ShardCmd,
 };
 use super::route::by_shard;
-use super::tracking::{PendingBroadcast, PendingFanout};
+use super::tracking::{HeldFanout, PendingBroadcast, PendingFanout};
 use crate::error::BrokerError;
 use crate::state::keys;
 use crate::state::message::to_wire;
@@ -77,7 +78,8 @@ impl Shard {
     ///
     /// One fan-out of an entry at a time: a retry's answer joins the one
     /// under way (its parts count once), and waits for nothing when the
-    /// last one stored every part.
+    /// last one stored every part. An entry held back behind an earlier
+    /// one (see [`Shard::held_back`]) waits for its turn with its answers.
     pub(crate) fn fan_refs(
         &mut self,
         g: u64,
@@ -91,7 +93,7 @@ impl Shard {
             .get_mut(&g)
             .and_then(|f| f.get_mut(&message.seq))
         {
-            if p.remaining > 0 {
+            if p.remaining > 0 || p.held.is_some() {
                 p.answers.extend(answer);
                 return;
             }
@@ -102,6 +104,51 @@ impl Shard {
                 return;
             }
         }
+        if self.held_back(g, message.seq) {
+            let held = PendingFanout {
+                remaining: 0,
+                failed: None,
+                answers: answer.into_iter().collect(),
+                held: Some(HeldFanout {
+                    message: message.clone(),
+                    recipients,
+                    accepted,
+                }),
+            };
+            self.fanouts.entry(g).or_default().insert(message.seq, held);
+            return;
+        }
+        self.send_refs(g, message, recipients, answer.into_iter().collect(), accepted);
+    }
+
+    /// Whether entry `seq` of group `g` must wait for the entries before
+    /// it: behind one that is held itself (always), or, while shards move
+    /// (see [`Remote::shards_moving`](super::core::Remote::shards_moving)),
+    /// behind any not yet stored for every member. A member's part can
+    /// then fail at the node it is leaving while a later entry's part goes
+    /// to the node it joined, and the retry would land after it; so the
+    /// group's entries go one at a time, each once the one before is
+    /// stored (chained in `refs_done`). Other groups are not held.
+    fn held_back(&self, g: u64, seq: u64) -> bool {
+        let Some(earlier) = self.fanouts.get(&g).map(|f| f.range(..seq)) else {
+            return false;
+        };
+        let moving = self.shards_moving();
+        earlier
+            .into_iter()
+            .any(|(_, p)| p.held.is_some() || moving && !p.succeeded())
+    }
+
+    /// Sends entry `message`'s fan-out: references by shard for members
+    /// here, copies for members on other nodes.
+    fn send_refs(
+        &mut self,
+        g: u64,
+        message: Arc<Message>,
+        recipients: Vec<u64>,
+        answers: Vec<(GroupReply, SendResult)>,
+        accepted: Instant,
+    ) {
         // Members this node holds get references, by shard; the others
         // (on other cluster nodes) one bundle of copies, which the router
         // splits by node.
@@ -110,7 +157,8 @@ impl Shard {
         let mut pending = PendingFanout {
             remaining: parts.len() + usize::from(!elsewhere.is_empty()),
             failed: None,
-            answers: answer.into_iter().collect(),
+            answers,
+            held: None,
         };
         if pending.remaining == 0 {
             pending.answer();
@@ -147,27 +195,61 @@ impl Shard {
         }
     }
 
+    /// Sends what group `g` may send now, oldest first: fan-outs that
+    /// failed (again, to the members as the group stands now; members'
+    /// shards skip what they already have) and held ones. While shards
+    /// move, only up to the first entry not yet stored.
+    fn advance(&mut self, g: u64) {
+        let moving = self.shards_moving();
+        let Some(entries) = self.fanouts.get(&g) else {
+            return;
+        };
+        let mut next = Vec::new();
+        for (&seq, p) in entries {
+            if p.succeeded() {
+                continue;
+            }
+            if p.to_retry() || p.held.is_some() {
+                next.push(seq);
+            }
+            if moving {
+                break;
+            }
+        }
+        for seq in next {
+            let held = self
+                .fanouts
+                .get_mut(&g)
+                .and_then(|f| f.get_mut(&seq))
+                .and_then(|p| p.held.take().map(|h| (h, std::mem::take(&mut p.answers))));
+            match held {
+                Some((h, answers)) => self.send_refs(g, h.message, h.recipients, answers, h.accepted),
+                None => {
+                    if let Err(e) = self.refan(g, seq) {
+                        warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed");
+                    }
+                }
+            }
+        }
+    }
+
     /// Reports one part of a reference fan-out to whoever counts the parts.
     pub(crate) fn report_refs(&self, report: RefsReport, g: u64, seq: u64, code: ErrorCode) {
         report.send(g, seq, code, |done| self.to_peer(g, done));
     }
 
     /// Sends again the reference fan-outs that a part failed (a member's
-    /// node out of reach): on the shard's tick, until every part is
-    /// stored. Members' shards skip what they already have.
+    /// node out of reach), and held ones whose turn came: on the shard's
+    /// tick, until every part is stored.
     pub(crate) fn retry_fanouts(&mut self) {
-        let mut again = Vec::new();
-        for (&g, pending) in &self.fanouts {
-            for (&seq, p) in pending {
-                if p.remaining == 0 && p.failed.is_some() {
-                    again.push((g, seq));
-                }
-            }
-        }
-        for (g, seq) in again {
-            if let Err(e) = self.refan(g, seq) {
-                warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed");
-            }
+        let groups: Vec<u64> = self
+            .fanouts
+            .iter()
+            .filter(|(_, f)| f.values().any(|p| p.to_retry() || p.held.is_some()))
+            .map(|(&g, _)| g)
+            .collect();
+        for g in groups {
+            self.advance(g);
         }
     }
 
@@ -199,10 +281,17 @@ impl Shard {
         Ok(())
     }
 
-    /// One members' shard stored its part of a reference fan-out.
+    /// One members' shard stored its part of a reference fan-out; an
+    /// entry stored for every member lets the next ones of its group go.
     pub(crate) fn refs_done(&mut self, g: u64, seq: u64, code: ErrorCode) {
         match self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
-            Some(pending) => pending.part_done(code),
+            Some(pending) => {
+                pending.part_done(code);
+                let held = |f: &BTreeMap<u64, PendingFanout>| f.values().any(|p| p.held.is_some());
+                if pending.succeeded() && self.fanouts.get(&g).is_some_and(held) {
+                    self.advance(g);
+                }
+            }
             None => error!(
                 shard = self.id,
                 group = g,

@@ -3,7 +3,10 @@
 //! counted here, by the one shard that owns its answer, from the parts'
 //! `*Done` messages).
 
-use courier_protocol::{BroadcastAck, ErrorCode, SendResult};
+use std::sync::Arc;
+use std::time::Instant;
+
+use courier_protocol::{BroadcastAck, ErrorCode, Message, SendResult};
 use courier_storage::NewMessage;
 
 use super::messages::{
@@ -49,7 +52,8 @@ pub(crate) struct GroupCache {
 }
 
 /// A reference fan-out in flight, on the group's shard: one part per
-/// members' shard, each answering with a `RefsDone`.
+/// members' shard, each answering with a `RefsDone`; or held back behind
+/// an earlier entry of its group (see `Shard::held_back`).
 pub(crate) struct PendingFanout {
     pub remaining: usize,
     /// The code of a failed part.
@@ -57,12 +61,26 @@ pub(crate) struct PendingFanout {
     /// The senders' answers: the send's, and its retries' that came while
     /// it was under way (none for membership events and recoveries).
     pub answers: Vec<(GroupReply, SendResult)>,
+    /// Not sent yet: what to send once the entries before it are stored.
+    pub held: Option<HeldFanout>,
+}
+
+/// A fan-out waiting for its turn.
+pub(crate) struct HeldFanout {
+    pub message: Arc<Message>,
+    pub recipients: Vec<u64>,
+    pub accepted: Instant,
 }
 
 impl PendingFanout {
     /// Complete, and every part stored: the `F` mark may pass it.
     pub fn succeeded(&self) -> bool {
-        self.remaining == 0 && self.failed.is_none()
+        self.remaining == 0 && self.failed.is_none() && self.held.is_none()
+    }
+
+    /// Sent, and some part of it failed: to be sent again.
+    pub fn to_retry(&self) -> bool {
+        self.remaining == 0 && self.failed.is_some()
     }
 
     /// Records one part; the last one answers the sender.
