@@ -553,11 +553,7 @@ mod control_plane {
             }
             assert_eq!(s["shards_unavailable"], 0, "{s:#}");
         });
-        let paused = d.metric(
-            "courier-4",
-            "courier_cluster_move_pause_seconds_count",
-            "",
-        );
+        let paused = d.metric("courier-4", "courier_cluster_move_pause_seconds_count", "");
         assert!(
             paused >= SHARDS / 4,
             "each shard courier-4 took paused its writes for the last round: {paused}"

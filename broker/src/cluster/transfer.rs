@@ -570,7 +570,12 @@ impl Slots {
             // blocking thread: waiting here holds no runtime.
             let deadline = Instant::now() + SEE_MOVE_WITHIN;
             let move_of = (r.shard, r.session as i64);
-            while !self.state.lock().expect("slots lock").moves.contains(&move_of)
+            while !self
+                .state
+                .lock()
+                .expect("slots lock")
+                .moves
+                .contains(&move_of)
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(20));

@@ -118,7 +118,13 @@ impl Shard {
             self.fanouts.entry(g).or_default().insert(message.seq, held);
             return;
         }
-        self.send_refs(g, message, recipients, answer.into_iter().collect(), accepted);
+        self.send_refs(
+            g,
+            message,
+            recipients,
+            answer.into_iter().collect(),
+            accepted,
+        );
     }
 
     /// Whether entry `seq` of group `g` must wait for the entries before
@@ -223,7 +229,9 @@ impl Shard {
                 .and_then(|f| f.get_mut(&seq))
                 .and_then(|p| p.held.take().map(|h| (h, std::mem::take(&mut p.answers))));
             match held {
-                Some((h, answers)) => self.send_refs(g, h.message, h.recipients, answers, h.accepted),
+                Some((h, answers)) => {
+                    self.send_refs(g, h.message, h.recipients, answers, h.accepted)
+                }
                 None => {
                     if let Err(e) = self.refan(g, seq) {
                         warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed");
