@@ -425,7 +425,7 @@ impl Shard {
     }
 
     /// A shard moved away from this node or to it.
-    fn slots_changed(&mut self, change: SlotsChange) {
+    pub(super) fn slots_changed(&mut self, change: SlotsChange) {
         match change {
             SlotsChange::Lost(run) => {
                 // Before the sessions go: it finds the moved users' cached
@@ -460,7 +460,22 @@ impl Shard {
     fn forget_slots(&mut self, run: &std::ops::Range<u16>) {
         let inside = |id: u64| run.contains(&u16::from(slot_of(id)));
         self.groups.retain(|g, _| !inside(*g));
-        self.fanouts.retain(|g, _| !inside(*g));
+        // Fan-outs of groups that moved: the new owner takes them up from
+        // the group's log (past its `F` mark); senders still waiting hear
+        // SHARD_UNAVAILABLE and retry there (a stored entry's retry is a
+        // duplicate, answered once every part is stored).
+        let moved: Vec<u64> = self
+            .fanouts
+            .keys()
+            .copied()
+            .filter(|g| inside(*g))
+            .collect();
+        for g in moved {
+            for (_, mut pending) in self.fanouts.remove(&g).into_iter().flatten() {
+                pending.failed = Some(courier_protocol::ErrorCode::SHARD_UNAVAILABLE);
+                pending.answer();
+            }
+        }
         self.outbox.retain(|(reader, _), _| !inside(*reader));
         self.receipt_rows.retain(|u, _| !inside(*u));
         self.group_cursors.retain(|(_, u), _| !inside(*u));

@@ -822,6 +822,20 @@ fn while_shards_move_a_groups_fan_outs_go_one_at_a_time() {
         shard.fan_refs(g, entry(seq), vec![10, 11], None, Instant::now());
     }
     assert_eq!(sent(), vec![4, 5, 6]);
+
+    // The group's shard moves away with an entry under way and one held:
+    // their senders hear SHARD_UNAVAILABLE at once (and retry at the new
+    // owner) rather than waiting for nothing.
+    remote.0.store(true, Ordering::SeqCst);
+    let (a7, mut r7) = answer(7);
+    let (a8, mut r8) = answer(8);
+    shard.fan_refs(g, entry(7), vec![10, 11], a7, Instant::now());
+    shard.fan_refs(g, entry(8), vec![10, 11], a8, Instant::now());
+    let slot = u16::from(courier_storage::slot_of(g));
+    shard.slots_changed(super::messages::SlotsChange::Lost(slot..slot + 1));
+    assert_eq!(r7.try_recv().unwrap().code, ErrorCode::SHARD_UNAVAILABLE);
+    assert_eq!(r8.try_recv().unwrap().code, ErrorCode::SHARD_UNAVAILABLE);
+    assert!(shard.fanouts.is_empty());
 }
 
 fn prx_dummy() -> mpsc::UnboundedReceiver<ShardCmd> {
