@@ -338,9 +338,9 @@ struct SlotsState {
     export: Option<Export>,
     /// Shards that moved here, and when.
     arrived: Vec<(Range<u16>, Instant)>,
-    /// The last view's map (each shard's owner and epoch) and its moves
-    /// (shard, record incarnation).
-    map: Vec<Option<(String, i64)>>,
+    /// The last view's map (each shard's owner) and its moves (shard,
+    /// record incarnation).
+    map: Vec<Option<String>>,
     moves: Vec<(u32, i64)>,
 }
 
@@ -393,14 +393,19 @@ impl Slots {
     }
 
     /// Notes moves and owner changes in `view` for [`Slots::shards_moving`].
+    /// A shard taking its first owner (the map's creation) is no move.
     fn note_moves(&self, st: &mut SlotsState, view: &View) {
-        let map: Vec<Option<(String, i64)>> = view
+        let map: Vec<Option<String>> = view
             .owners
             .iter()
-            .map(|o| o.as_ref().map(|o| (o.node.clone(), o.epoch)))
+            .map(|o| o.as_ref().map(|o| o.node.clone()))
             .collect();
         let moves: Vec<(u32, i64)> = view.moves.iter().map(|(&s, m)| (s, m.created)).collect();
-        let changed = st.followed && (st.map != map || st.moves != moves);
+        let owner_changed = map
+            .iter()
+            .zip(&st.map)
+            .any(|(now, before)| matches!((now, before), (Some(a), Some(b)) if a != b));
+        let changed = st.followed && (owner_changed || st.moves != moves);
         if !moves.is_empty() {
             self.moving_until.store(u64::MAX, Ordering::Release);
         } else if changed || self.moving_until.load(Ordering::Acquire) == u64::MAX {
@@ -831,6 +836,65 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Shards count as moving from the view that shows a move until 30 s
+    /// after one that changed an owner; the map's creation (shards taking
+    /// their first owner) is no move.
+    #[test]
+    fn shards_count_as_moving_from_a_move_record_not_from_the_maps_creation() {
+        use super::super::view::{Move, MoveRecord, Owner};
+        use courier_storage::{Layout, RocksStore, StoreConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(
+            dir.path(),
+            StoreConfig {
+                layout: Layout::Slotted {
+                    owner: crate::state::keys::owner,
+                },
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
+        let metrics = Metrics::new(&crate::metrics::ShardMetrics::new(1));
+        let slots = Slots::new(Arc::new(store), "a".into(), &metrics);
+        let owned = |nodes: [&str; 2]| {
+            nodes
+                .iter()
+                .map(|n| {
+                    Some(Owner {
+                        node: (*n).into(),
+                        epoch: 5,
+                    })
+                })
+                .collect()
+        };
+        let mut view = View::default();
+        slots.follow(&view);
+        view.owners = vec![None, None];
+        slots.follow(&view);
+        view.owners = owned(["a", "b"]);
+        slots.follow(&view);
+        assert!(!slots.shards_moving(), "a new map is no move");
+        view.moves.insert(
+            1,
+            Move {
+                record: MoveRecord {
+                    from: "b".into(),
+                    to: "a".into(),
+                    epoch: 5,
+                    copied_lease: None,
+                },
+                revision: 9,
+                created: 9,
+            },
+        );
+        slots.follow(&view);
+        assert!(slots.shards_moving(), "a move is under way");
+        view.moves.clear();
+        view.owners = owned(["a", "a"]);
+        slots.follow(&view);
+        assert!(slots.shards_moving(), "settling after the switch");
+    }
 
     #[test]
     fn requests_and_answers_round_trip_and_bad_bytes_are_refused() {
