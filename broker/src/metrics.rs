@@ -362,6 +362,14 @@ impl Metrics {
         register(&self.registry, c);
     }
 
+    /// A histogram of durations in seconds ([`LATENCY_BUCKETS`]), served
+    /// by `/metrics`, for a collector that lives elsewhere.
+    pub fn latency_histogram(&self, name: &str, help: &str) -> Histogram {
+        let h = histogram(name, help, LATENCY_BUCKETS);
+        self.register(h.clone());
+        h
+    }
+
     pub fn new(shards: &ShardMetrics) -> Metrics {
         let r = Registry::new();
         shards.register(&r);

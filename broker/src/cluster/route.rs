@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use courier_protocol::error::with_retry_after;
 use courier_protocol::{Body, ErrorCode, GroupRequest, Reason, ReceiptCounts, SendResult, Status};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
+use prometheus::{Histogram, IntCounterVec, IntGauge, Opts};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -45,7 +45,7 @@ use super::wire::{
 };
 use super::Cluster;
 use crate::error::BrokerError;
-use crate::metrics::{Metrics, LATENCY_BUCKETS};
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::shard::messages::{
     failed, Completion, GroupOpCmd, GroupReply, GroupSendCmd, ReceiptQueryCmd, RefsCmd, RefsReport,
@@ -147,8 +147,8 @@ pub struct PlaneMetrics {
     pub unavailable: IntCounterVec,
     /// A send's link request to its answer, at the sending node.
     remote_send_seconds: Histogram,
-    /// How long a move's last round paused the moving shard's writes, at
-    /// the new owner (from asking for the pause to the last entry imported).
+    /// How long a move's last round took, at the new owner (from asking
+    /// for the pause to the last entry imported).
     pub move_pause: Histogram,
 }
 
@@ -175,24 +175,14 @@ impl PlaneMetrics {
             "Client connections this node forwards to their user's owner, open now.",
         )
         .expect("valid metric");
-        let remote_send_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "courier_cluster_remote_send_seconds",
-                "From a send's link request to the owner's answer, at the sending node: the link both ways and the owner's queue, write and sync.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        metrics.register(remote_send_seconds.clone());
-        let move_pause = Histogram::with_opts(
-            HistogramOpts::new(
-                "courier_cluster_move_pause_seconds",
-                "How long a shard move's last round paused that shard's writes, measured at the new owner (from the pause to the last entry imported; the switch in etcd follows).",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        metrics.register(move_pause.clone());
+        let remote_send_seconds = metrics.latency_histogram(
+            "courier_cluster_remote_send_seconds",
+            "From a send's link request to the owner's answer, at the sending node: the link both ways and the owner's queue, write and sync.",
+        );
+        let move_pause = metrics.latency_histogram(
+            "courier_cluster_move_pause_seconds",
+            "How long a shard move's last round took, measured at the new owner: from asking the old owner to pause to the last entry imported (the pause clients see is courier_cluster_move_paused_writes_seconds, at the old owner).",
+        );
         // Every series from the start, at zero.
         for outcome in ["stored", "refused", "unavailable"] {
             remote_sends.with_label_values(&[outcome]);

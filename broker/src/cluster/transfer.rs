@@ -48,8 +48,8 @@ use tracing::{info, warn};
 
 use super::view::View;
 use super::wire::{self, Answer, WireError};
-use crate::metrics::{Metrics, LATENCY_BUCKETS};
-use prometheus::{Histogram, HistogramOpts};
+use crate::metrics::Metrics;
+use prometheus::Histogram;
 
 /// A chunk or a round carries about this much (the link's frames are
 /// bounded by twice `limits.max_frame_len`, 1 MiB by default).
@@ -356,15 +356,10 @@ pub enum Change {
 
 impl Slots {
     pub fn new(store: Arc<dyn InboxStore>, me: String, metrics: &Metrics) -> Arc<Slots> {
-        let paused_writes = Histogram::with_opts(
-            HistogramOpts::new(
-                "courier_cluster_move_paused_writes_seconds",
-                "How long a shard move paused that shard's writes, measured at the old owner: from the pause to the view that shows the switch (the new owner serves from the same view) or the move called off.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        metrics.register(paused_writes.clone());
+        let paused_writes = metrics.latency_histogram(
+            "courier_cluster_move_paused_writes_seconds",
+            "How long a shard move paused that shard's writes, measured at the old owner: from the pause to the view that shows the switch (the new owner serves from the same view) or the move called off.",
+        );
         Arc::new(Slots {
             paused_writes,
             store,
@@ -414,6 +409,13 @@ impl Slots {
         }
         st.map = map;
         st.moves = moves;
+    }
+
+    /// Counts how long `e`'s pause lasted, if it paused, as it ends.
+    fn pause_ended(&self, e: &Export) -> Option<Duration> {
+        let paused = e.paused_at?.elapsed();
+        self.paused_writes.observe(paused.as_secs_f64());
+        Some(paused)
     }
 
     /// Whether `id`'s shard is moving away from this node, or moved here
@@ -482,11 +484,10 @@ impl Slots {
                 .any(|(s, epoch, _)| *s == e.shard && *epoch == e.epoch);
             if !still {
                 let (shard, run, paused) = (e.shard, e.run.clone(), e.paused);
-                if let Some(at) = e.paused_at {
-                    self.paused_writes.observe(at.elapsed().as_secs_f64());
+                if let Some(paused) = self.pause_ended(e) {
                     info!(
                         shard,
-                        paused_ms = at.elapsed().as_millis() as u64,
+                        paused_ms = paused.as_millis() as u64,
                         "the shard's writes were paused for its move until the switch"
                     );
                 }
@@ -538,9 +539,7 @@ impl Slots {
         if st.export.as_ref().is_some_and(|e| e.shard == shard) {
             let e = st.export.take().expect("checked");
             t.unwatch();
-            if let Some(at) = e.paused_at {
-                self.paused_writes.observe(at.elapsed().as_secs_f64());
-            }
+            self.pause_ended(&e);
             if e.paused {
                 let runs: Vec<Range<u16>> = st.owned.iter().map(|(_, _, r)| r.clone()).collect();
                 t.serve_only(&runs);

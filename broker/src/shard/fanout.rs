@@ -104,18 +104,19 @@ impl Shard {
                 return;
             }
         }
-        if self.held_back(g, message.seq) {
+        let seq = message.seq;
+        if self.held_back(g, seq) {
             let held = PendingFanout {
                 remaining: 0,
                 failed: None,
                 answers: answer.into_iter().collect(),
                 held: Some(HeldFanout {
-                    message: message.clone(),
+                    message,
                     recipients,
                     accepted,
                 }),
             };
-            self.fanouts.entry(g).or_default().insert(message.seq, held);
+            self.fanouts.entry(g).or_default().insert(seq, held);
             return;
         }
         self.send_refs(
