@@ -836,16 +836,13 @@ async fn blocking<T: Send + 'static>(
 mod tests {
     use super::*;
 
-    /// Shards count as moving from the view that shows a move until 30 s
-    /// after one that changed an owner; the map's creation (shards taking
-    /// their first owner) is no move.
-    #[test]
-    fn shards_count_as_moving_from_a_move_record_not_from_the_maps_creation() {
-        use super::super::view::{Move, MoveRecord, Owner};
+    use super::super::view::{Move, MoveRecord, Owner};
+
+    /// Node "a"'s slots over a slotted store in `dir`.
+    fn slots_of_a(dir: &std::path::Path) -> Arc<Slots> {
         use courier_storage::{Layout, RocksStore, StoreConfig};
-        let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(
-            dir.path(),
+            dir,
             StoreConfig {
                 layout: Layout::Slotted {
                     owner: crate::state::keys::owner,
@@ -855,18 +852,43 @@ mod tests {
         )
         .unwrap();
         let metrics = Metrics::new(&crate::metrics::ShardMetrics::new(1));
-        let slots = Slots::new(Arc::new(store), "a".into(), &metrics);
-        let owned = |nodes: [&str; 2]| {
-            nodes
-                .iter()
-                .map(|n| {
-                    Some(Owner {
-                        node: (*n).into(),
-                        epoch: 5,
-                    })
+        Slots::new(Arc::new(store), "a".into(), &metrics)
+    }
+
+    /// Two shards owned by `nodes`, at epoch 5.
+    fn owned(nodes: [&str; 2]) -> Vec<Option<Owner>> {
+        nodes
+            .iter()
+            .map(|n| {
+                Some(Owner {
+                    node: (*n).into(),
+                    epoch: 5,
                 })
-                .collect()
-        };
+            })
+            .collect()
+    }
+
+    /// A move from "b" to "a" at epoch 5, record incarnation 9.
+    fn a_move() -> Move {
+        Move {
+            record: MoveRecord {
+                from: "b".into(),
+                to: "a".into(),
+                epoch: 5,
+                copied_lease: None,
+            },
+            revision: 9,
+            created: 9,
+        }
+    }
+
+    /// Shards count as moving from the view that shows a move until 30 s
+    /// after one that changed an owner; the map's creation (shards taking
+    /// their first owner) is no move.
+    #[test]
+    fn shards_count_as_moving_from_a_move_record_not_from_the_maps_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = slots_of_a(dir.path());
         let mut view = View::default();
         slots.follow(&view);
         view.owners = vec![None, None];
@@ -874,25 +896,53 @@ mod tests {
         view.owners = owned(["a", "b"]);
         slots.follow(&view);
         assert!(!slots.shards_moving(), "a new map is no move");
-        view.moves.insert(
-            1,
-            Move {
-                record: MoveRecord {
-                    from: "b".into(),
-                    to: "a".into(),
-                    epoch: 5,
-                    copied_lease: None,
-                },
-                revision: 9,
-                created: 9,
-            },
-        );
+        view.moves.insert(1, a_move());
         slots.follow(&view);
         assert!(slots.shards_moving(), "a move is under way");
         view.moves.clear();
         view.owners = owned(["a", "a"]);
         slots.follow(&view);
         assert!(slots.shards_moving(), "settling after the switch");
+    }
+
+    /// An old owner starts an export only once its own view shows the
+    /// move (its groups then send one entry at a time before its pause can
+    /// refuse a part); until then the new owner hears why and tries again.
+    #[test]
+    fn an_export_begins_only_once_the_old_owners_view_shows_the_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots = slots_of_a(dir.path());
+        let mut view = View {
+            owners: owned(["a", "b"]),
+            ..View::default()
+        };
+        slots.follow(&view);
+        let begin = || ExportRequest {
+            shard: 0,
+            epoch: 5,
+            step: Step::Begin,
+            session: 9,
+            from: None,
+        };
+        match slots.export(begin(), 1) {
+            ExportAnswer::Gone(why) => assert!(why.contains("does not show the move"), "{why}"),
+            other => panic!("began before the view showed the move: {other:?}"),
+        }
+        assert!(!slots.shards_moving());
+        view.moves.insert(
+            0,
+            Move {
+                record: MoveRecord {
+                    from: "a".into(),
+                    to: "b".into(),
+                    ..a_move().record
+                },
+                ..a_move()
+            },
+        );
+        slots.follow(&view);
+        assert!(slots.shards_moving());
+        assert!(matches!(slots.export(begin(), 1), ExportAnswer::Done(_)));
     }
 
     #[test]
