@@ -195,6 +195,70 @@ pub trait SlotTransfer: Send + Sync {
     /// How many entries `slots` hold in each space (for checks and
     /// operators; reads every key of the range).
     fn count(&self, slots: std::ops::Range<u16>) -> Result<[u64; 5], StoreError>;
+
+    /// Tells `tap` of every write to served slots from now on (`None`:
+    /// nobody). Returns once the writes under way have finished, so every
+    /// write after it is told and every write before it is committed.
+    fn set_tap(&self, tap: Option<std::sync::Arc<dyn WriteTap>>);
+
+    /// A digest of what `slots` hold that readers can see at `now_ms`:
+    /// every entry in (space, key) order, less idempotency keys past their
+    /// window and expiring entries past their expiry (compaction drops
+    /// those at its own pace on each copy). Two copies of a shard that
+    /// agree have the same digest. Reads every key of the range.
+    fn digest(&self, slots: std::ops::Range<u16>, now_ms: u64) -> Result<Digest, StoreError>;
+}
+
+/// Told of every committed write to a slotted store's served slots, in
+/// one call per write: how a shard's primary streams its writes to its
+/// backups.
+pub trait WriteTap: Send + Sync {
+    /// `entries` were committed in one atomic write, in this order. Called
+    /// on the writing thread, while the write still holds the served set
+    /// (so a change of the served set or of the tap waits for it). Writes
+    /// of different threads are told in an order that may differ from
+    /// their commit order; they write different keys (each owner has one
+    /// writer).
+    fn committed(&self, entries: Vec<RawEntry>);
+}
+
+/// What [`SlotTransfer::digest`] says of a run of slots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    /// Entries read.
+    pub entries: u64,
+    /// FNV-1a (64 bits) over each entry's space, key and value, lengths
+    /// included.
+    pub hash: u64,
+}
+
+impl Digest {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    pub fn new() -> Digest {
+        Digest {
+            entries: 0,
+            hash: Digest::OFFSET,
+        }
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.hash ^= u64::from(x);
+            self.hash = self.hash.wrapping_mul(Digest::PRIME);
+        }
+    }
+
+    /// Adds one entry.
+    pub fn add(&mut self, space: Space, key: &[u8], value: &[u8]) {
+        self.entries += 1;
+        self.bytes(&[space as u8]);
+        self.bytes(&(key.len() as u32).to_be_bytes());
+        self.bytes(key);
+        self.bytes(&(value.len() as u32).to_be_bytes());
+        self.bytes(value);
+    }
 }
 
 /// What the storage engine says about itself, read when metrics are scraped.

@@ -376,6 +376,12 @@ pub enum StoreError {
     /// needs a layout it does not have.
     #[error("store layout: {0}")]
     Layout(String),
+    /// The write was made here but its shard's copies elsewhere could not
+    /// confirm it (a replicated store whose shard is no longer served
+    /// here, or cannot reach its backups). Not acknowledged: the writer's
+    /// client retries, at the shard's primary.
+    #[error("not replicated: {0}")]
+    Unreplicated(String),
 }
 
 impl From<rocksdb::Error> for StoreError {

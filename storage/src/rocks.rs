@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -58,7 +58,7 @@ use rocksdb::{
 };
 
 use crate::model::*;
-use crate::{InboxStore, SlotTransfer, StoreHealth};
+use crate::{Digest, InboxStore, SlotTransfer, StoreHealth, WriteTap};
 
 const CF_INBOX: &str = "inbox";
 const CF_META: &str = "meta";
@@ -97,6 +97,10 @@ pub struct RocksStore {
     served: std::sync::RwLock<Box<[bool; SLOTS]>>,
     /// Writes dropped because their slot was not served.
     not_served: AtomicU64,
+    /// Told of every committed write to served slots (replication).
+    tap: std::sync::RwLock<Option<Arc<dyn WriteTap>>>,
+    /// Set while `tap` holds one, so writes skip recording otherwise.
+    tapping: AtomicBool,
 }
 
 /// The served slots, as one write sees them (`None`: flat, all served).
@@ -390,6 +394,8 @@ impl RocksStore {
             watching: AtomicBool::new(false),
             served: std::sync::RwLock::new(Box::new([true; SLOTS])),
             not_served: AtomicU64::new(0),
+            tap: std::sync::RwLock::new(None),
+            tapping: AtomicBool::new(false),
         };
         store.check_layout()?;
         Ok(store)
@@ -699,12 +705,37 @@ impl RocksStore {
         self.db.property_int_value(name).ok().flatten()
     }
 
+    /// A batch of writes to served slots: watched and tapped.
     fn batch(&self) -> Batch<'_> {
         Batch {
             store: self,
             wb: WriteBatch::default(),
             watched: self.watching.load(Ordering::Acquire),
             notes: SlotChanges::default(),
+            raw: self.tapping.load(Ordering::Acquire).then(Vec::new),
+        }
+    }
+
+    /// A batch of writes to slots not served (imports, deletions): another
+    /// node's shards, never watched nor tapped.
+    fn foreign_batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+            watched: false,
+            notes: SlotChanges::default(),
+            raw: None,
+        }
+    }
+
+    /// What a served write did once committed: tells the watch and the tap.
+    /// Called while the write still holds the served set.
+    fn committed(&self, notes: SlotChanges, raw: Option<Vec<RawEntry>>) {
+        self.noted(notes);
+        if let Some(raw) = raw.filter(|r| !r.is_empty()) {
+            if let Some(tap) = self.tap.read().expect("tap lock").as_ref() {
+                tap.committed(raw);
+            }
         }
     }
 
@@ -812,12 +843,21 @@ struct Batch<'a> {
     /// writes under way have finished: see `SlotTransfer::watch`).
     watched: bool,
     notes: SlotChanges,
+    /// The writes as raw entries, while a tap is set.
+    raw: Option<Vec<RawEntry>>,
 }
 
 impl Batch<'_> {
     fn put(&mut self, space: Space, key: &[u8], value: &[u8]) {
         if self.watched {
             self.notes.keys.insert((space, key.to_vec()));
+        }
+        if let Some(raw) = self.raw.as_mut() {
+            raw.push(RawEntry::Put {
+                space,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            });
         }
         self.wb.put_cf(self.store.cf(space_cf(space)), key, value);
     }
@@ -826,12 +866,25 @@ impl Batch<'_> {
         if self.watched {
             self.notes.keys.insert((space, key.to_vec()));
         }
+        if let Some(raw) = self.raw.as_mut() {
+            raw.push(RawEntry::Delete {
+                space,
+                key: key.to_vec(),
+            });
+        }
         self.wb.delete_cf(self.store.cf(space_cf(space)), key);
     }
 
     fn delete_range(&mut self, space: Space, from: &[u8], to: &[u8]) {
         if self.watched {
             self.notes.ranges.push((space, from.to_vec(), to.to_vec()));
+        }
+        if let Some(raw) = self.raw.as_mut() {
+            raw.push(RawEntry::DeleteRange {
+                space,
+                from: from.to_vec(),
+                to: to.to_vec(),
+            });
         }
         self.wb
             .delete_range_cf(self.store.cf(space_cf(space)), from, to);
@@ -941,14 +994,14 @@ impl InboxStore for RocksStore {
         if b.wb.is_empty() {
             return Ok(outcomes);
         }
-        let Batch { wb, notes, .. } = b;
+        let Batch { wb, notes, raw, .. } = b;
         if let Err(e) = self.write(wb) {
             // The cache never moved; drop the entries anyway so the next touch
             // re-reads the truth from disk.
             self.forget_states(touched.keys());
             return Err(e);
         }
-        self.noted(notes);
+        self.committed(notes, raw);
         self.publish_states(&touched);
         Ok(outcomes)
     }
@@ -960,7 +1013,7 @@ impl InboxStore for RocksStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(b.wb, &opts)?;
-        self.noted(b.notes);
+        self.committed(b.notes, b.raw);
         Ok(())
     }
 
@@ -1076,7 +1129,7 @@ impl InboxStore for RocksStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         self.db.write_opt(b.wb, &opts)?;
-        self.noted(b.notes);
+        self.committed(b.notes, b.raw);
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
@@ -1125,9 +1178,9 @@ impl InboxStore for RocksStore {
         );
         s.oldest_seq = last + 1;
         b.put(Space::Meta, self.meta_key(inbox).as_ref(), &encode_meta(&s));
-        let Batch { wb, notes, .. } = b;
+        let Batch { wb, notes, raw, .. } = b;
         self.write(wb)?;
-        self.noted(notes);
+        self.committed(notes, raw);
         self.publish_states(&HashMap::from([(inbox, s)]));
         Ok(s)
     }
@@ -1287,7 +1340,7 @@ impl SlotTransfer for RocksStore {
                 )));
             }
         }
-        let mut b = self.batch();
+        let mut b = self.foreign_batch();
         for e in entries {
             match e {
                 RawEntry::Put { space, key, value } => b.put(*space, key, value),
@@ -1321,7 +1374,7 @@ impl SlotTransfer for RocksStore {
                 "slot {s} is served here: only slots not served are deleted"
             )));
         }
-        let mut b = self.batch();
+        let mut b = self.foreign_batch();
         for space in Space::ALL {
             b.delete_range(space, &slot_bound(slots.start), &slot_bound(slots.end));
         }
@@ -1330,6 +1383,43 @@ impl SlotTransfer for RocksStore {
         self.db.write_opt(b.wb, &opts)?;
         self.forget_all_states();
         Ok(())
+    }
+
+    fn set_tap(&self, tap: Option<Arc<dyn WriteTap>>) {
+        // Once the writes under way have finished (they hold the served set).
+        let _quiet = self.served.write().expect("served lock");
+        self.tapping.store(tap.is_some(), Ordering::Release);
+        *self.tap.write().expect("tap lock") = tap;
+    }
+
+    fn digest(&self, slots: std::ops::Range<u16>, now_ms: u64) -> Result<Digest, StoreError> {
+        let window = self.config.idempotency_window_ms;
+        let mut digest = Digest::new();
+        for space in Space::ALL {
+            let mut ro = ReadOptions::default();
+            ro.set_verify_checksums(true);
+            ro.set_iterate_lower_bound(slot_bound(slots.start));
+            ro.set_iterate_upper_bound(slot_bound(slots.end));
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            it.seek_to_first();
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                let stamp = || v.get(..8).map_or(0, |b| be_u64(b, 0));
+                let live = match space {
+                    Space::Idem => now_ms.saturating_sub(stamp()) <= window,
+                    Space::Expiring => stamp() > now_ms,
+                    _ => true,
+                };
+                if live {
+                    digest.add(space, k, v);
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+        Ok(digest)
     }
 
     fn count(&self, slots: std::ops::Range<u16>) -> Result<[u64; 5], StoreError> {
