@@ -183,6 +183,20 @@ async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
             Ok(g) if is_group(g) => blocking(node, move |node| group(node, g)).await,
             _ => Answer::error("400 Bad Request", "a group id has its top bit set"),
         },
+        ("GET", "cluster", Some("digests")) => match node.cluster.get() {
+            Some(c) => {
+                let c = c.clone();
+                blocking(node, move |_| match c.replication.get() {
+                    Some(r) => Answer::json("200 OK", r.digests(&c.view())),
+                    None => Answer::error("404 Not Found", "no replication on this node"),
+                })
+                .await
+            }
+            None => Answer::error(
+                "404 Not Found",
+                "this node is a single node (started without --cluster)",
+            ),
+        },
         ("GET", "cluster", None | Some("shards")) => match node.cluster.get() {
             Some(c) if arg.is_none() => Answer::json("200 OK", c.status()),
             Some(c) => Answer::json("200 OK", c.shards()),

@@ -287,6 +287,10 @@ pub struct ClusterSettings {
     /// Nodes that must be registered before the controller creates the
     /// shard map of a new cluster.
     pub initial_nodes: u32,
+    /// Copies of each shard of a new cluster, on distinct nodes: 1 (no
+    /// replication: a lost node's shards wait for it), 2, or 3 (for
+    /// production). Fixed once the cluster exists (the stored value wins).
+    pub replication_factor: u32,
     /// This node's share of shards relative to the others'.
     pub capacity: u32,
     /// Lifetime of the node's etcd lease: how long after a node stops
@@ -309,6 +313,7 @@ impl Default for ClusterSettings {
             advertise: String::new(),
             shards: 256,
             initial_nodes: 1,
+            replication_factor: 1,
             capacity: 100,
             lease_ttl_s: 10,
             link_listen: "0.0.0.0:7702".parse().expect("literal"),
@@ -363,6 +368,10 @@ impl ClusterSettings {
         anyhow::ensure!(
             self.initial_nodes >= 1,
             "cluster.initial_nodes must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=5).contains(&self.replication_factor),
+            "cluster.replication_factor must be 1 to 5 (copies of each shard on distinct nodes)"
         );
         anyhow::ensure!(
             (1..=10_000).contains(&self.capacity),

@@ -38,6 +38,7 @@ impl BrokerError {
         match self {
             BrokerError::Refused { code, .. } => *code,
             BrokerError::Storage(StoreError::NoSpace(_)) => ErrorCode::STORAGE_FULL,
+            BrokerError::Storage(StoreError::Unreplicated(_)) => ErrorCode::SHARD_UNAVAILABLE,
             BrokerError::Storage(_) => ErrorCode::INTERNAL,
             BrokerError::Stopped => ErrorCode::SHUTTING_DOWN,
         }
@@ -48,6 +49,12 @@ impl BrokerError {
         match self {
             BrokerError::Refused { message, .. } => message.clone(),
             BrokerError::Storage(StoreError::NoSpace(_)) => "storage full".to_owned(),
+            BrokerError::Storage(StoreError::Unreplicated(_)) => {
+                courier_protocol::error::with_retry_after(
+                    200,
+                    "the shard's copies did not confirm the write",
+                )
+            }
             BrokerError::Storage(_) => "storage error".to_owned(),
             BrokerError::Stopped => "server shutting down".to_owned(),
         }

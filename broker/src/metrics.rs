@@ -176,7 +176,7 @@ fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("valid metric")
 }
 
-fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+pub(crate) fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
         .expect("valid metric")
 }

@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 use crate::certs::TlsSettings;
 use crate::cluster::identity::Identity;
 use crate::cluster::moves::Mover;
+use crate::cluster::replica::Replication;
 use crate::cluster::transfer::{Change, Slots};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -99,9 +100,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_addr = admin_listener.local_addr()?;
 
     let tls = TlsSettings::load(&config.tls).context("loading the TLS certificates (tls.*)")?;
-    let node = Node::assemble(config, store.clone(), key, clock, connections_max, tls)?;
+    // A cluster node's shards and sessions write through replication: a
+    // write of a replicated shard returns once its copies have it (idle
+    // until a map with a replication factor above 1).
+    let replication = config
+        .cluster
+        .enabled()
+        .then(|| Replication::new(config.cluster.node_id.clone(), store.clone()));
+    let written = replication.as_ref().map_or(store.clone(), |r| r.store());
+    let node = Node::assemble(config, written, key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
-    if node.config.cluster.enabled() {
+    if let Some(replication) = replication {
         let slots = Slots::new(
             store.clone(),
             node.config.cluster.node_id.clone(),
@@ -110,6 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let owner = Arc::new(crate::cluster::route::Owner {
             node: Arc::downgrade(&node),
             slots: slots.clone(),
+            replication: replication.clone(),
         });
         // The store takes writes only for the slots of the shards the map
         // gives this node, from before anything routes by that map (none
@@ -117,7 +127,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // pending work taken up, one that moved away its sessions ended.
         let serve: crate::cluster::OnView = {
             let (slots, node) = (slots.clone(), Arc::downgrade(&node));
+            let replication = replication.clone();
             Box::new(move |view| {
+                // Tails of copies whose primary changed go first: the
+                // promoted copy takes no more parts before it serves.
+                replication.follow(view);
                 let changes = slots.follow(view);
                 let Some(node) = node.upgrade() else {
                     return;
@@ -147,6 +161,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             serve,
         )
         .await?;
+        replication.start(cluster.clone(), slots.clone(), &node.metrics);
         let router = crate::cluster::route::Router::new(cluster.clone(), &node, slots.clone());
         node.shards.set_remote(Arc::new(router));
         tokio::spawn(Mover::new(cluster.clone(), store.clone(), slots).run());

@@ -623,6 +623,162 @@ mod control_plane {
     }
 }
 
+/// Replicated shards (factor 3) on three nodes of one host.
+mod replication {
+    use super::*;
+
+    /// Every shard's in-sync set, from `node`'s map: (owner, isr size).
+    async fn in_sync(node: &Server) -> Vec<(String, usize)> {
+        shards(node)
+            .await
+            .iter()
+            .map(|s| {
+                (
+                    s["owner"].as_str().unwrap_or("").to_owned(),
+                    s["isr"].as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until every shard's three copies are in sync, as
+    /// `node` reads the map.
+    async fn all_in_sync(node: &Server, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let isr = in_sync(node).await;
+            if isr.iter().all(|(_, n)| *n == 3) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {isr:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Each node's digest of each shard it holds: shard -> [(node, role,
+    /// digest)].
+    async fn digests(
+        nodes: &[&Server],
+    ) -> std::collections::BTreeMap<u64, Vec<(String, String, String)>> {
+        let mut out: std::collections::BTreeMap<u64, Vec<_>> = Default::default();
+        for n in nodes {
+            let (code, body) = n.admin_request("/admin/cluster/digests").await;
+            assert_eq!(code, 200, "{body}");
+            let v: Value = serde_json::from_str(&body).unwrap();
+            for s in v["shards"].as_array().unwrap() {
+                out.entry(s["shard"].as_u64().unwrap()).or_default().push((
+                    v["node"].as_str().unwrap().to_owned(),
+                    s["role"].as_str().unwrap().to_owned(),
+                    format!("{} {}", s["entries"], s["digest"]),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) until all three copies of every shard digest the
+    /// same, one primary and two backups.
+    async fn copies_agree(nodes: &[&Server], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = digests(nodes).await;
+            let agree = d.len() == 16
+                && d.values().all(|copies| {
+                    copies.len() == 3
+                        && copies.iter().filter(|c| c.1 == "primary").count() == 1
+                        && copies.iter().all(|c| c.2 == copies[0].2)
+                });
+            if agree {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {d:#?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// With every shard on three nodes, under one-to-one and group load
+    /// (users reconnecting and resuming as phones do): a node is SIGKILLed
+    /// and its shards are promoted to in-sync copies within the lease, no
+    /// shard left unavailable; it comes back on its disk and copies its
+    /// shards again (it may hold writes nobody acknowledged) until all are
+    /// in sync; another node loses its disk and rebuilds every copy from
+    /// the others. The load generator's checker finds every acknowledged
+    /// message delivered once and in order through both, and the three
+    /// copies of each shard end identical (a digest per shard).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_primary_fails_over_and_lost_copies_rebuild_under_load() {
+        let Some(etcd) = Etcd::start() else { return };
+        let extra = [
+            ("COURIER_CLUSTER_SHARDS", "16"),
+            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
+        ];
+        let ids = ["r1", "r2", "r3"];
+        let mut nodes = three_linked_with("rowan", ids, &etcd, &extra).await;
+        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
+        let owners = in_sync(&nodes[1]).await;
+        let led_by_r1 = owners.iter().filter(|(o, _)| o == "r1").count();
+        assert!(led_by_r1 >= 4, "r1 leads its share: {owners:?}");
+
+        // The load goes through r2 and r3 only: r1 is killed under it.
+        let addrs: Vec<String> = nodes[1..].iter().map(|n| n.addr.clone()).collect();
+        let opts = courier_loadtest::Options {
+            addr: addrs.join(","),
+            scenario: courier_loadtest::Scenario::Mixed,
+            group_sizes: vec![(8, 1)],
+            users: 32,
+            first_user: 7000,
+            duration: Duration::from_secs(24),
+            rate: Some(150.0),
+            window: 4,
+            resilient: true,
+            ..nodes[1].load_options()
+        };
+        let load = load_in_background(opts);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        nodes[0].kill();
+        let killed = Instant::now();
+        let after = wait_status(&nodes[1], "r1's shards promoted", |s| {
+            shards_of(s, "r1") == 0 && s["shards_unavailable"] == 0
+        })
+        .await;
+        println!(
+            "failover: r1's {led_by_r1} shards promoted {} ms after the kill",
+            killed.elapsed().as_millis()
+        );
+        assert_eq!(shards_of(&after, "r2") + shards_of(&after, "r3"), 16);
+        let failovers = nodes[1].metric("courier_replication_failovers_total").await
+            + nodes[2].metric("courier_replication_failovers_total").await;
+        assert_eq!(failovers as usize, led_by_r1, "one promotion per shard");
+
+        // Back on its disk: it copies every shard again, and joins.
+        nodes[0].restart();
+        all_in_sync(&nodes[1], "r1 back in every in-sync set").await;
+
+        // r3 loses its disk: back empty, it rebuilds from the others.
+        nodes[2].kill();
+        wait_status(&nodes[1], "r3's shards promoted", |s| {
+            shards_of(s, "r3") == 0 && s["shards_unavailable"] == 0
+        })
+        .await;
+        std::fs::remove_dir_all(&nodes[2].data_dir).unwrap();
+        nodes[2].restart();
+        all_in_sync(&nodes[1], "r3 rebuilt every copy").await;
+
+        let report = load
+            .join()
+            .expect("the load's thread")
+            .expect("the load ran");
+        println!("replicated shards under load:\n{}", report.summary());
+        assert!(report.verdict.ok(), "{}", report.summary());
+        assert!(report.acked >= 1000, "the load ran:\n{}", report.summary());
+        let all: Vec<&Server> = nodes.iter().collect();
+        copies_agree(&all, "the copies of every shard agree").await;
+        let rebuilds = nodes[2].metric("courier_replication_rebuilds_total").await;
+        assert!(rebuilds >= 16, "r3 copied every shard: {rebuilds}");
+    }
+}
+
 /// The first user id (from `from` on) whose shard `owner` owns in `map`.
 fn user_on(map: &[Value], owner: &str, from: u64) -> u64 {
     (from..)

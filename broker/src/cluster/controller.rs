@@ -92,7 +92,11 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
         }
         if !view.map_complete() && confirmed {
             let candidates = Cluster::candidates(&view).len();
-            let wanted = cluster.settings.initial_nodes as usize;
+            // Every copy of a shard on its own node, from the start.
+            let wanted = cluster
+                .settings
+                .initial_nodes
+                .max(cluster.settings.replication_factor) as usize;
             if view.config.is_some() || candidates >= wanted {
                 match create_map(cluster, leader, &view).await {
                     Ok(true) => {}
@@ -114,6 +118,12 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
                     "waiting for nodes before creating the shard map (cluster.initial_nodes)"
                 );
                 waiting_said = true;
+            }
+        } else if confirmed && view.etcd_up && view.replication() > 1 {
+            if let Err(e) = failover(cluster, leader, &view).await {
+                warn!(error = %format!("{e:#}"), "cannot fail shards over yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
         } else if confirmed && view.etcd_up {
             if let Err(e) = super::moves::control(cluster, leader, &view).await {
@@ -148,10 +158,15 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
     } else {
         vec![None; count]
     };
-    let plan = placement::fill(&owners, &Cluster::candidates(view));
+    let candidates = Cluster::candidates(view);
+    let plan = placement::fill(&owners, &candidates);
     if plan.is_empty() {
         return Ok(true);
     }
+    let factor = view
+        .config
+        .as_ref()
+        .map_or(cluster.settings.replication_factor, |c| c.replication);
     info!(shards = plan.len(), of = count, "creating the shard map");
     let mut client = cluster.client.clone();
     let keys = &cluster.keys;
@@ -166,6 +181,7 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
             let record = ClusterRecord {
                 shards: count as u32,
                 created_ms: courier_storage::Clock::system().now_ms(),
+                replication: factor,
             };
             when.push(Compare::create_revision(keys.config(), CompareOp::Equal, 0));
             ops.push(TxnOp::put(
@@ -177,9 +193,7 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
         for (shard, owner) in chunk {
             let key = keys.shard(*shard);
             when.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-            let record = ShardRecord {
-                owner: owner.clone(),
-            };
+            let record = ShardRecord::placed(placement::replicas(owner, &candidates, factor));
             ops.push(TxnOp::put(
                 key,
                 serde_json::to_vec(&record).expect("a record serializes"),
@@ -197,6 +211,64 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
     }
     info!(shards = plan.len(), "shard map created");
     Ok(true)
+}
+
+/// Promotes an in-sync backup of every shard whose primary is gone (its
+/// lease expired: it fenced itself before that), one transaction per
+/// shard on the record's revision: the new primary alone is in sync until
+/// the others have caught up with it (they may hold writes it never had,
+/// which nobody acknowledged, so they copy the shard again). A shard
+/// with no live in-sync copy waits for its primary to come back.
+async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow::Result<()> {
+    let mut client = cluster.client.clone();
+    for (shard, owner) in view.owners.iter().enumerate() {
+        let Some(o) = owner else { continue };
+        if view.nodes.contains_key(&o.node) {
+            continue;
+        }
+        // A live in-sync copy, preferring one that is not draining.
+        let live = |n: &&String| view.nodes.contains_key(*n) && **n != o.node;
+        let serving = |n: &&String| {
+            view.nodes
+                .get(*n)
+                .is_some_and(|r| r.state != super::view::NodeState::Draining)
+        };
+        let Some(next) = o
+            .isr
+            .iter()
+            .filter(live)
+            .find(serving)
+            .or_else(|| o.isr.iter().find(live))
+        else {
+            continue;
+        };
+        let mut replicas = vec![next.clone()];
+        replicas.extend(o.replicas.iter().filter(|n| *n != next).cloned());
+        let record = ShardRecord {
+            owner: next.clone(),
+            replicas,
+            isr: vec![next.clone()],
+            epoch: None,
+        };
+        let key = cluster.keys.shard(shard as u32);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev()),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, o.revision),
+            ])
+            .and_then([TxnOp::put(
+                key,
+                serde_json::to_vec(&record).expect("a record serializes"),
+                None,
+            )]);
+        let answer = within("fail a shard over", client.txn(txn)).await?;
+        if answer.succeeded() {
+            let epoch = answer.header().map_or(0, |h| h.revision());
+            cluster.plane.failovers.inc();
+            info!(shard, from = %o.node, to = %next, epoch, "shard failed over to an in-sync copy");
+        }
+    }
+    Ok(())
 }
 
 /// Whether this controller's candidacy key still exists as elected.

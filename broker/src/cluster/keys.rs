@@ -5,7 +5,7 @@
 //! | `config`                  | [`ClusterRecord`](super::view::ClusterRecord): shard count, creation time | the controller, once |
 //! | `nodes/<id>`              | [`NodeRecord`](super::view::NodeRecord): addresses, capacity, state; under the node's lease | the node |
 //! | `controller/<lease hex>`  | the candidate's node id (etcd's election API: the oldest key leads) | each node, campaigning |
-//! | `shards/<nnnnn>`          | [`ShardRecord`](super::view::ShardRecord): the owner; its `mod_revision` is the shard's epoch | the controller, in transactions on the current revision |
+//! | `shards/<nnnnn>`          | [`ShardRecord`](super::view::ShardRecord): the owner, its copies and the in-sync set; the epoch is the `mod_revision` of the write that made the owner the owner | the controller (creation, moves, failover) and the primary (in-sync set), in transactions on the current revision |
 //! | `moves/<nnnnn>`           | [`MoveRecord`](super::view::MoveRecord): from, to, the epoch it moves from, the old owner's lease once copied | the controller (creates, switches, calls off); the new owner (copied); the old owner (calls off a pause that waited too long) |
 //! | `drain/<id>`              | when the drain was asked (ms)          | `courier admin cluster drain` (any node) |
 //! | `rebalance`               | when a rebalance was asked (ms): wakes the controller | `courier admin cluster rebalance` (any node) |

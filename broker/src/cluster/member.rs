@@ -41,6 +41,27 @@ impl Cluster {
         Duration::from_secs(self.settings.lease_ttl_s.into())
     }
 
+    /// A keep-alive sent at `sent` was answered with `ttl` seconds (or a
+    /// lease granted): etcd cannot expire the lease before `sent + ttl`.
+    /// This node counts its lease good until a margin before that, on the
+    /// monotonic clock (see [`Cluster::lease_valid`]).
+    fn lease_good_from(&self, sent: Instant, ttl: i64) {
+        let ttl = Duration::from_secs(ttl.max(0) as u64);
+        let margin = (ttl / 5).max(Duration::from_millis(500));
+        let until = (sent + ttl.saturating_sub(margin)).saturating_duration_since(self.born);
+        self.lease_until_ms
+            .fetch_max(until.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Whether this node's lease is surely alive in etcd now: false from a
+    /// margin before the earliest time etcd could expire it (its last
+    /// answered keep-alive's send time plus the TTL). A primary of
+    /// replicated shards stops serving them then, before the controller can
+    /// give them to another node.
+    pub fn lease_valid(&self) -> bool {
+        (self.born.elapsed().as_millis() as u64) < self.lease_until_ms.load(Ordering::SeqCst)
+    }
+
     /// Registers at start. A key left by this node's previous run lives
     /// until that run's lease expires, so it is waited out (one TTL and a
     /// margin); a key still held after that is renewed by a live process:
@@ -98,6 +119,7 @@ impl Cluster {
         let mut client = self.client.clone();
         let key = self.keys.node(&self.settings.node_id);
         let ttl = i64::from(self.settings.lease_ttl_s);
+        let asked = Instant::now();
         let lease = within("lease grant", client.lease_grant(ttl, None))
             .await?
             .id();
@@ -120,6 +142,7 @@ impl Cluster {
             }
         };
         if answer.succeeded() {
+            self.lease_good_from(asked, ttl);
             return Ok(Registration::Done(lease));
         }
         let _ = within("lease revoke", client.lease_revoke(lease)).await;
@@ -149,8 +172,10 @@ impl Cluster {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
+            let sent = Instant::now();
             match tokio::time::timeout(every, self.renew_once(&mut keeper, lease)).await {
                 Ok(Ok(ttl)) if ttl > 0 => {
+                    self.lease_good_from(sent, ttl);
                     last_ok = Instant::now();
                     self.lease_ok.store(true, Ordering::SeqCst);
                     continue;

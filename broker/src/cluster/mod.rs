@@ -12,10 +12,11 @@
 //! - only the controller writes the map, and only in transactions that
 //!   hold while its candidacy key is the one it was elected with, so a
 //!   deposed controller's writes fail;
-//! - ownership changes only through a move in which the old owner takes
-//!   part; a node that is lost keeps its shards (unavailable) until it
-//!   returns with its disk, because without replication nobody else has
-//!   their data;
+//! - without replication, ownership changes only through a move in which
+//!   the old owner takes part; a node that is lost keeps its shards
+//!   (unavailable) until it returns with its disk, because nobody else has
+//!   their data; with replication (`replica.rs`) the controller promotes
+//!   an in-sync copy of a lost primary's shards;
 //! - when etcd cannot be reached, every node keeps the view it has: nobody
 //!   can change ownership without etcd, so the last view read stays true
 //!   for everyone.
@@ -29,6 +30,7 @@ mod member;
 pub mod moves;
 pub mod order;
 pub mod placement;
+pub mod replica;
 pub mod route;
 pub mod transfer;
 pub mod view;
@@ -74,6 +76,11 @@ pub struct Cluster {
     controlling: AtomicBool,
     /// True while the lease is being renewed.
     lease_ok: AtomicBool,
+    /// Until when (ms after `born`) the lease is surely alive in etcd.
+    lease_until_ms: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
+    /// Replication of this node's shards (with a factor above 1).
+    pub replication: std::sync::OnceLock<Arc<replica::Replication>>,
     gauges: Gauges,
     /// Links to the other nodes.
     pub links: Arc<links::Links>,
@@ -211,6 +218,9 @@ impl Cluster {
             record: Mutex::new(record),
             controlling: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
+            lease_until_ms: std::sync::atomic::AtomicU64::new(0),
+            born: std::time::Instant::now(),
+            replication: std::sync::OnceLock::new(),
             gauges: Gauges::new(metrics),
             links,
             plane: route::PlaneMetrics::new(metrics),
@@ -330,7 +340,7 @@ impl Cluster {
     }
 
     fn planned_moves(&self, view: &View) -> usize {
-        if view.map_complete() {
+        if view.map_complete() && view.replication() == 1 {
             Cluster::plan(view).len()
         } else {
             0
@@ -410,6 +420,13 @@ impl Cluster {
             },
             "shards": view.owners.len(),
             "shards_unavailable": view.unavailable(),
+            "replication": view.replication(),
+            "shards_under_replicated": view
+                .owners
+                .iter()
+                .flatten()
+                .filter(|o| (o.isr.len() as u32) < view.replication())
+                .count(),
             "epochs": { "min": epochs.clone().min(), "max": epochs.max() },
             "planned_moves": planned_moves,
             "moves": moves,
@@ -431,11 +448,17 @@ impl Cluster {
                     "shard": n,
                     "owner": o.node,
                     "epoch": o.epoch,
+                    "replicas": o.replicas,
+                    "isr": o.isr,
                     "available": view.nodes.contains_key(&o.node),
                 }),
                 None => json!({ "shard": n, "owner": null }),
             })
             .collect();
-        json!({ "revision": view.revision, "shards": shards })
+        json!({
+            "revision": view.revision,
+            "replication": view.replication(),
+            "shards": shards,
+        })
     }
 }

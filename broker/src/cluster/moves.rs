@@ -78,8 +78,10 @@ pub(super) async fn control(
         let Some(lease) = r.copied_lease else {
             continue;
         };
+        // Moves run without replication (factor 1): the owner alone.
         let record = ShardRecord {
             owner: r.to.clone(),
+            ..ShardRecord::default()
         };
         let switch = Txn::new()
             .when([

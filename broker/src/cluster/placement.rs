@@ -74,6 +74,26 @@ pub fn fill(owners: &[Option<&str>], nodes: &[Candidate]) -> Vec<(u32, String)> 
     out
 }
 
+/// The copies of a shard owned by `owner`, for replication factor
+/// `factor`: the owner first, then the candidates that follow it in id
+/// order, wrapping round (so each node's backups spread over the others
+/// as its primaries do). Fewer when there are fewer candidates.
+pub fn replicas(owner: &str, nodes: &[Candidate], factor: u32) -> Vec<String> {
+    let mut ids: Vec<&str> = nodes
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != owner)
+        .collect();
+    ids.sort_unstable();
+    let after = ids.iter().position(|id| *id > owner).unwrap_or(0);
+    ids.rotate_left(after);
+    std::iter::once(owner)
+        .chain(ids)
+        .take(factor.max(1) as usize)
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The fewest moves that give every candidate its share. Shards on nodes
 /// that are not candidates but can take part in a move (`movable`:
 /// registered, draining) all leave; shards on any other node (lost: not
@@ -239,5 +259,22 @@ mod tests {
             lost.is_empty(),
             "a and b already hold equal shares of the rest"
         );
+    }
+
+    #[test]
+    fn copies_follow_the_owner_round_the_ring_of_ids() {
+        let nodes: Vec<Candidate> = ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|id| Candidate { id, capacity: 100 })
+            .collect();
+        assert_eq!(replicas("n2", &nodes, 3), ["n2", "n3", "n4"]);
+        assert_eq!(replicas("n4", &nodes, 3), ["n4", "n1", "n2"]);
+        assert_eq!(replicas("n3", &nodes, 1), ["n3"]);
+        assert_eq!(
+            replicas("n1", &nodes[..2], 3),
+            ["n1", "n2"],
+            "fewer nodes than copies"
+        );
+        assert_eq!(replicas("gone", &nodes, 2), ["gone", "n1"]);
     }
 }

@@ -150,6 +150,8 @@ pub struct PlaneMetrics {
     /// How long a move's last round took, at the new owner (from asking
     /// for the pause to the last entry imported).
     pub move_pause: Histogram,
+    /// Shards this node, as controller, gave to an in-sync copy.
+    pub failovers: prometheus::IntCounter,
 }
 
 impl PlaneMetrics {
@@ -195,12 +197,19 @@ impl PlaneMetrics {
         metrics.register(remote_sends.clone());
         metrics.register(unavailable.clone());
         metrics.register(forwarded_sessions.clone());
+        let failovers = prometheus::IntCounter::new(
+            "courier_replication_failovers_total",
+            "Shards this node, as the controller, gave to an in-sync copy because their primary was gone.",
+        )
+        .expect("valid metric");
+        metrics.register(failovers.clone());
         PlaneMetrics {
             remote_sends,
             forwarded_sessions,
             unavailable,
             remote_send_seconds,
             move_pause,
+            failovers,
         }
     }
 }
@@ -812,18 +821,21 @@ pub struct Owner {
     pub node: Weak<Node>,
     /// What the store serves, and the export of a shard under way.
     pub slots: Arc<Slots>,
+    /// The primary and backup sides of replicated shards.
+    pub replication: Arc<super::replica::Replication>,
 }
 
 impl Handler for Owner {
     fn request(
         &self,
-        _from: &str,
+        from: &str,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>> {
         let Some(node) = self.node.upgrade() else {
             return Box::pin(async { Err("the node is stopping".into()) });
         };
         match body.first() {
+            Some(&(wire::REPLICATE..=wire::REPL_STATUS)) => self.replication.request(from, body),
             Some(&wire::SEND) => match RemoteSend::decode(body) {
                 // Queued on the shard now, in arrival order.
                 Ok(s) => {

@@ -137,7 +137,7 @@ fn get_space(b: &mut Bytes) -> Result<Space, WireError> {
     Space::from_u8(v).ok_or(WireError::UnknownOp(v))
 }
 
-fn put_at(out: &mut BytesMut, at: &Option<(Space, Vec<u8>)>) {
+pub(super) fn put_at(out: &mut BytesMut, at: &Option<(Space, Vec<u8>)>) {
     match at {
         None => out.put_u8(0),
         Some((space, key)) => {
@@ -148,7 +148,7 @@ fn put_at(out: &mut BytesMut, at: &Option<(Space, Vec<u8>)>) {
     }
 }
 
-fn get_at(b: &mut Bytes) -> Result<Option<(Space, Vec<u8>)>, WireError> {
+pub(super) fn get_at(b: &mut Bytes) -> Result<Option<(Space, Vec<u8>)>, WireError> {
     wire::need(b, 1)?;
     match b.get_u8() {
         0 => Ok(None),
@@ -189,6 +189,56 @@ impl ExportRequest {
     }
 }
 
+/// Entries as the link carries them: count u32 | entry × count (layout in
+/// the module's doc).
+pub(super) fn put_entries(out: &mut BytesMut, entries: &[RawEntry]) {
+    out.reserve(4 + entries.iter().map(|e| 8 + entry_len(e)).sum::<usize>());
+    out.put_u32(entries.len() as u32);
+    for e in entries {
+        let (kind, space, key, value): (u8, Space, &[u8], &[u8]) = match e {
+            RawEntry::Put { space, key, value } => (0, *space, key, value),
+            RawEntry::Delete { space, key } => (1, *space, key, &[]),
+            RawEntry::DeleteRange { space, from, to } => (2, *space, from, to),
+        };
+        out.put_u8(kind);
+        out.put_u8(space as u8);
+        put_key(out, key);
+        out.put_u32(value.len() as u32);
+        out.put_slice(value);
+    }
+}
+
+pub(super) fn get_entries(b: &mut Bytes) -> Result<Vec<RawEntry>, WireError> {
+    wire::need(b, 4)?;
+    let count = b.get_u32() as usize;
+    let mut entries = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        wire::need(b, 1)?;
+        let kind = b.get_u8();
+        let space = get_space(b)?;
+        let key = get_key(b)?;
+        wire::need(b, 4)?;
+        let n = b.get_u32() as usize;
+        wire::need(b, n)?;
+        let value = b.split_to(n).to_vec();
+        entries.push(match kind {
+            0 => RawEntry::Put { space, key, value },
+            1 => RawEntry::Delete { space, key },
+            2 => RawEntry::DeleteRange {
+                space,
+                from: key,
+                to: value,
+            },
+            v => return Err(WireError::UnknownOp(v)),
+        });
+    }
+    Ok(entries)
+}
+
+pub(super) fn entries_len(entries: &[RawEntry]) -> usize {
+    entries.iter().map(|e| 8 + entry_len(e)).sum()
+}
+
 fn entry_len(e: &RawEntry) -> usize {
     match e {
         RawEntry::Put { key, value, .. } => key.len() + value.len(),
@@ -202,25 +252,13 @@ impl ExportAnswer {
         let mut out = BytesMut::new();
         match self {
             ExportAnswer::Done(p) => {
-                out.reserve(64 + p.entries.iter().map(|e| 8 + entry_len(e)).sum::<usize>());
+                out.reserve(64);
                 out.put_u8(0);
                 out.put_u64(p.session);
                 out.put_i64(p.lease);
                 out.put_u8(p.more as u8);
                 put_at(&mut out, &p.next);
-                out.put_u32(p.entries.len() as u32);
-                for e in &p.entries {
-                    let (kind, space, key, value): (u8, Space, &[u8], &[u8]) = match e {
-                        RawEntry::Put { space, key, value } => (0, *space, key, value),
-                        RawEntry::Delete { space, key } => (1, *space, key, &[]),
-                        RawEntry::DeleteRange { space, from, to } => (2, *space, from, to),
-                    };
-                    out.put_u8(kind);
-                    out.put_u8(space as u8);
-                    put_key(&mut out, key);
-                    out.put_u32(value.len() as u32);
-                    out.put_slice(value);
-                }
+                put_entries(&mut out, &p.entries);
             }
             ExportAnswer::NotOwner { owner, epoch } => wire::put_not_owner(&mut out, owner, *epoch),
             ExportAnswer::Gone(why) => {
@@ -240,29 +278,7 @@ impl ExportAnswer {
                 let lease = b.get_i64();
                 let more = b.get_u8() != 0;
                 let next = get_at(&mut b)?;
-                wire::need(&b, 4)?;
-                let count = b.get_u32() as usize;
-                let mut entries = Vec::with_capacity(count.min(1 << 16));
-                for _ in 0..count {
-                    wire::need(&b, 1)?;
-                    let kind = b.get_u8();
-                    let space = get_space(&mut b)?;
-                    let key = get_key(&mut b)?;
-                    wire::need(&b, 4)?;
-                    let n = b.get_u32() as usize;
-                    wire::need(&b, n)?;
-                    let value = b.split_to(n).to_vec();
-                    entries.push(match kind {
-                        0 => RawEntry::Put { space, key, value },
-                        1 => RawEntry::Delete { space, key },
-                        2 => RawEntry::DeleteRange {
-                            space,
-                            from: key,
-                            to: value,
-                        },
-                        v => return Err(WireError::UnknownOp(v)),
-                    });
-                }
+                let entries = get_entries(&mut b)?;
                 wire::done(&b)?;
                 Ok(ExportAnswer::Done(ExportPiece {
                     session,
@@ -342,6 +358,26 @@ struct SlotsState {
     /// record incarnation).
     map: Vec<Option<String>>,
     moves: Vec<(u32, i64)>,
+    /// Shards this node owns but must not serve: a replicated shard whose
+    /// primary here is deposed or fenced (`replica.rs`).
+    fenced: BTreeSet<u32>,
+}
+
+impl SlotsState {
+    /// The runs to serve: the owned shards', less a paused run and fenced
+    /// shards.
+    fn served(&self) -> Vec<Range<u16>> {
+        let paused = self
+            .export
+            .as_ref()
+            .filter(|e| e.paused)
+            .map(|e| e.run.clone());
+        self.owned
+            .iter()
+            .filter(|(s, _, r)| Some(r) != paused.as_ref() && !self.fenced.contains(s))
+            .map(|(_, _, r)| r.clone())
+            .collect()
+    }
 }
 
 /// What a view changed for this node's shards.
@@ -503,19 +539,22 @@ impl Slots {
                 }
             }
         }
-        let paused = st
-            .export
-            .as_ref()
-            .filter(|e| e.paused)
-            .map(|e| e.run.clone());
-        let runs: Vec<Range<u16>> = st
-            .owned
-            .iter()
-            .map(|(_, _, r)| r.clone())
-            .filter(|r| Some(r) != paused.as_ref())
-            .collect();
-        t.serve_only(&runs);
+        t.serve_only(&st.served());
         changes
+    }
+
+    /// Serves none of `fenced` (shards owned here whose replicated primary
+    /// is deposed or may have lost its lease), and the rest of what is
+    /// owned again.
+    pub fn set_fenced(&self, fenced: BTreeSet<u32>) {
+        let Some(t) = self.store.transfer() else {
+            return;
+        };
+        let mut st = self.state.lock().expect("slots lock");
+        if st.fenced != fenced {
+            st.fenced = fenced;
+            t.serve_only(&st.served());
+        }
     }
 
     /// The shard whose run is paused for a move, if any: its number, its
@@ -541,8 +580,7 @@ impl Slots {
             t.unwatch();
             self.pause_ended(&e);
             if e.paused {
-                let runs: Vec<Range<u16>> = st.owned.iter().map(|(_, _, r)| r.clone()).collect();
-                t.serve_only(&runs);
+                t.serve_only(&st.served());
                 info!(shard, "move called off; serving the shard again");
             }
         }
@@ -863,6 +901,7 @@ mod tests {
                 Some(Owner {
                     node: (*n).into(),
                     epoch: 5,
+                    ..Owner::default()
                 })
             })
             .collect()

@@ -12,6 +12,14 @@ use super::keys::{Key, Keys};
 pub struct ClusterRecord {
     pub shards: u32,
     pub created_ms: u64,
+    /// Copies of each shard (`cluster.replication_factor` at creation);
+    /// absent in maps made before replication: 1.
+    #[serde(default = "one")]
+    pub replication: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// `nodes/<id>`: a node's registration, alive with its lease.
@@ -52,12 +60,44 @@ impl NodeState {
     }
 }
 
-/// `shards/<n>`: a shard's owner. Its epoch is not in the value: it is the
-/// revision of the write that set it (the key's `mod_revision`), which no
-/// writer can choose and every reader sees the same.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// `shards/<n>`: a shard's owner (its primary), its copies and which of
+/// them are in sync. Its epoch is the revision of the write that made the
+/// owner the owner (the key's `mod_revision` then), which no writer can
+/// choose and every reader sees the same; a write that changes only the
+/// in-sync set carries the epoch forward in `epoch`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct ShardRecord {
     pub owner: String,
+    /// Every node holding a copy, the owner first (empty: the owner alone,
+    /// as with replication factor 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    /// The copies that have every acknowledged write of the shard, the
+    /// owner included (empty: the owner alone). Only these may be promoted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isr: Vec<String>,
+    /// The owner's epoch, when this write kept the owner (an in-sync set
+    /// change); absent: this write's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+}
+
+impl ShardRecord {
+    /// A new shard owned by `replicas[0]` and copied to the others, which
+    /// join its in-sync set once they follow it (the owner alone is in
+    /// sync at first).
+    pub fn placed(replicas: Vec<String>) -> ShardRecord {
+        ShardRecord {
+            owner: replicas[0].clone(),
+            replicas: if replicas.len() > 1 {
+                replicas
+            } else {
+                Vec::new()
+            },
+            isr: Vec::new(),
+            epoch: None,
+        }
+    }
 }
 
 /// `moves/<n>`: a shard moving from one node to another. `epoch` is the
@@ -86,10 +126,56 @@ pub struct Move {
     pub created: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A shard's primary as the map gives it, with its copies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
     pub node: String,
+    /// The revision that made `node` the owner: commands routed by another
+    /// are refused, backups refuse older ones' writes.
     pub epoch: i64,
+    /// The record's `mod_revision`: what changes to it are conditioned on.
+    pub revision: i64,
+    /// Every copy, the owner first (the owner alone without replication).
+    pub replicas: Vec<String>,
+    /// The copies in sync, the owner included.
+    pub isr: Vec<String>,
+}
+
+impl Owner {
+    fn from_record(r: ShardRecord, revision: i64) -> Owner {
+        let alone = || vec![r.owner.clone()];
+        Owner {
+            epoch: r.epoch.unwrap_or(revision),
+            revision,
+            replicas: if r.replicas.is_empty() {
+                alone()
+            } else {
+                r.replicas.clone()
+            },
+            isr: if r.isr.is_empty() {
+                alone()
+            } else {
+                r.isr.clone()
+            },
+            node: r.owner,
+        }
+    }
+
+    /// The record that says what this does, with `isr` as the in-sync set
+    /// (an in-sync set change: the epoch carries forward).
+    pub fn with_isr(&self, isr: Vec<String>) -> ShardRecord {
+        ShardRecord {
+            owner: self.node.clone(),
+            replicas: self.replicas.clone(),
+            isr,
+            epoch: Some(self.epoch),
+        }
+    }
+
+    /// The backups: the copies other than the owner.
+    pub fn backups(&self) -> impl Iterator<Item = &String> {
+        self.replicas.iter().filter(move |n| **n != self.node)
+    }
 }
 
 /// The cluster as one read saw it.
@@ -170,13 +256,7 @@ impl View {
                 // Only wakes the controller (a change to the root).
                 Key::Rebalance => {}
                 Key::Shard(n) => match serde_json::from_slice::<ShardRecord>(value) {
-                    Ok(r) => shards.push((
-                        n,
-                        Owner {
-                            node: r.owner,
-                            epoch: modified,
-                        },
-                    )),
+                    Ok(r) => shards.push((n, Owner::from_record(r, modified))),
                     Err(_) => view.unreadable.push(key.to_owned()),
                 },
             }
@@ -191,6 +271,11 @@ impl View {
             }
         }
         view
+    }
+
+    /// Copies of each shard (1 before the map exists).
+    pub fn replication(&self) -> u32 {
+        self.config.as_ref().map_or(1, |c| c.replication)
     }
 
     /// The map exists and every shard has an owner.
@@ -244,7 +329,8 @@ impl View {
     }
 
     /// Shards whose owner is not registered: unavailable until it returns
-    /// with its disk (no other node may take them without replication).
+    /// with its disk, or (with replication) until an in-sync copy is
+    /// promoted.
     pub fn unavailable(&self) -> usize {
         self.owners
             .iter()
@@ -319,7 +405,10 @@ mod tests {
             view.owners[0],
             Some(Owner {
                 node: "n1".into(),
-                epoch: 12
+                epoch: 12,
+                revision: 12,
+                replicas: vec!["n1".into()],
+                isr: vec!["n1".into()],
             }),
             "the epoch is the revision that last set the owner"
         );
@@ -347,6 +436,7 @@ mod tests {
                 Some(Owner {
                     node: "n1".into(),
                     epoch: 3,
+                    ..Owner::default()
                 }),
                 None,
             ],

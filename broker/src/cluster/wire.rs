@@ -40,6 +40,16 @@
 //!
 //! EXPORT (8): a step of a shard's copy to its next owner; layout in
 //!           transfer.rs
+//!
+//! Replication (replica.rs); each starts op u8 | shard u32 | epoch i64, and
+//! each answer is 0 | what it asked, or 1 | why (u16 length, UTF-8):
+//! REPLICATE (9): lsn u64 | entries (count u32 | entry × count, as EXPORT's)
+//!           answer: applied u64 (the highest part applied durably; 0
+//!           while the copy is still copying)
+//! REPL_FOLLOW (10): (nothing)   answer: the first part's lsn u64
+//! REPL_CHUNK (11): from (as EXPORT's)   answer: next (as from) | entries
+//! REPL_STATUS (12): applied u64   answer: state u8 (0 not following,
+//!           1 following, 2 in the in-sync set)
 //! ```
 //!
 //! GROUP_SEND and GROUP_ASK carry a member's command to the node that owns
@@ -70,6 +80,14 @@ pub const REFS: u8 = 6;
 pub const CURSORS: u8 = 7;
 /// A step of a shard's export to its next owner (`transfer.rs`).
 pub const EXPORT: u8 = 8;
+/// A primary's part of a write for a backup (`replica.rs`).
+pub const REPLICATE: u8 = 9;
+/// A copy asks to follow its primary.
+pub const REPL_FOLLOW: u8 = 10;
+/// A copy reads a chunk of its primary's shard.
+pub const REPL_CHUNK: u8 = 11;
+/// A copy says where it stands; the primary adds it to the in-sync set.
+pub const REPL_STATUS: u8 = 12;
 
 /// A member's message for a group whose shard the receiving node owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
