@@ -1332,8 +1332,12 @@ impl SlotTransfer for RocksStore {
             RawEntry::Put { key, .. } | RawEntry::Delete { key, .. } => key,
             RawEntry::DeleteRange { from, .. } => from,
         });
+        // Held to the end: a change of the served set waits for this
+        // import, so no import lands in a slot after it became served.
+        let served = self.served();
+        let serves = |slot: u8| served.as_ref().is_none_or(|s| s[slot as usize]);
         for key in keys {
-            if key.first().is_some_and(|s| self.serves(*s)) {
+            if key.first().is_some_and(|s| serves(*s)) {
                 return Err(StoreError::Layout(format!(
                     "slot {} is served here: an import goes only into slots not served",
                     key[0]
@@ -1365,11 +1369,14 @@ impl SlotTransfer for RocksStore {
             .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
             .collect();
         self.forget_states(users.iter());
+        drop(served);
         Ok(())
     }
 
     fn delete_slots(&self, slots: std::ops::Range<u16>) -> Result<(), StoreError> {
-        if let Some(s) = slots.clone().find(|s| self.serves(*s as u8)) {
+        let served = self.served();
+        let serves = |slot: u16| served.as_ref().is_none_or(|s| s[slot as usize]);
+        if let Some(s) = slots.clone().find(|s| serves(*s)) {
             return Err(StoreError::Layout(format!(
                 "slot {s} is served here: only slots not served are deleted"
             )));
@@ -1382,6 +1389,7 @@ impl SlotTransfer for RocksStore {
         opts.set_sync(true);
         self.db.write_opt(b.wb, &opts)?;
         self.forget_all_states();
+        drop(served);
         Ok(())
     }
 

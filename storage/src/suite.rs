@@ -609,7 +609,9 @@ mod slots {
         assert_eq!(picture(&a, 1..=64), picture(&b, 1..=64));
         // An import is another node's write: not told. Neither is anything
         // once the tap is gone.
-        a.transfer().unwrap().serve_only(&[0..1]);
+        a.transfer()
+            .unwrap()
+            .serve_only(std::slice::from_ref(&(0..1)));
         let foreign = [RawEntry::Put {
             space: Space::Kv,
             key: vec![7, b'r', 1],

@@ -42,10 +42,12 @@ impl Cluster {
     }
 
     /// A keep-alive sent at `sent` was answered with `ttl` seconds (or a
-    /// lease granted): etcd cannot expire the lease before `sent + ttl`.
-    /// This node counts its lease good until a margin before that, on the
-    /// monotonic clock (see [`Cluster::lease_valid`]).
-    fn lease_good_from(&self, sent: Instant, ttl: i64) {
+    /// lease granted) at etcd revision `revision`: etcd cannot expire the
+    /// lease before `sent + ttl`. This node counts its lease good until a
+    /// margin before that, on the monotonic clock (see
+    /// [`Cluster::lease_valid`]).
+    fn lease_good_from(&self, sent: Instant, ttl: i64, revision: i64) {
+        self.lease_revision.fetch_max(revision, Ordering::SeqCst);
         let ttl = Duration::from_secs(ttl.max(0) as u64);
         let margin = (ttl / 5).max(Duration::from_millis(500));
         let until = (sent + ttl.saturating_sub(margin)).saturating_duration_since(self.born);
@@ -60,6 +62,15 @@ impl Cluster {
     /// give them to another node.
     pub fn lease_valid(&self) -> bool {
         (self.born.elapsed().as_millis() as u64) < self.lease_until_ms.load(Ordering::SeqCst)
+    }
+
+    /// Whether this node's view is read from etcd at or after its lease's
+    /// last renewal: it shows whatever the controller did while the lease
+    /// may have been gone (a primary fenced meanwhile serves again only
+    /// with such a view, or it would serve shards given away).
+    pub fn view_since_renewal(&self) -> bool {
+        let view = self.view();
+        view.etcd_up && view.revision >= self.lease_revision.load(Ordering::SeqCst)
     }
 
     /// Registers at start. A key left by this node's previous run lives
@@ -142,7 +153,7 @@ impl Cluster {
             }
         };
         if answer.succeeded() {
-            self.lease_good_from(asked, ttl);
+            self.lease_good_from(asked, ttl, answer.header().map_or(0, |h| h.revision()));
             return Ok(Registration::Done(lease));
         }
         let _ = within("lease revoke", client.lease_revoke(lease)).await;
@@ -174,8 +185,8 @@ impl Cluster {
             }
             let sent = Instant::now();
             match tokio::time::timeout(every, self.renew_once(&mut keeper, lease)).await {
-                Ok(Ok(ttl)) if ttl > 0 => {
-                    self.lease_good_from(sent, ttl);
+                Ok(Ok((ttl, revision))) if ttl > 0 => {
+                    self.lease_good_from(sent, ttl, revision);
                     last_ok = Instant::now();
                     self.lease_ok.store(true, Ordering::SeqCst);
                     continue;
@@ -226,7 +237,7 @@ impl Cluster {
         &self,
         keeper: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
         lease: i64,
-    ) -> anyhow::Result<i64> {
+    ) -> anyhow::Result<(i64, i64)> {
         if keeper.is_none() {
             let mut client = self.client.clone();
             *keeper = Some(client.lease_keep_alive(lease).await?);
@@ -234,7 +245,7 @@ impl Cluster {
         let (k, stream) = keeper.as_mut().expect("opened above");
         k.keep_alive().await?;
         match stream.message().await? {
-            Some(r) => Ok(r.ttl()),
+            Some(r) => Ok((r.ttl(), r.header().map_or(0, |h| h.revision()))),
             None => bail!("the keep-alive stream ended"),
         }
     }

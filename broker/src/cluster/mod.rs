@@ -78,6 +78,8 @@ pub struct Cluster {
     lease_ok: AtomicBool,
     /// Until when (ms after `born`) the lease is surely alive in etcd.
     lease_until_ms: std::sync::atomic::AtomicU64,
+    /// The etcd revision of the lease's last renewal (or grant).
+    lease_revision: std::sync::atomic::AtomicI64,
     born: std::time::Instant,
     /// Replication of this node's shards (with a factor above 1).
     pub replication: std::sync::OnceLock<Arc<replica::Replication>>,
@@ -219,6 +221,7 @@ impl Cluster {
             controlling: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             lease_until_ms: std::sync::atomic::AtomicU64::new(0),
+            lease_revision: std::sync::atomic::AtomicI64::new(0),
             born: std::time::Instant::now(),
             replication: std::sync::OnceLock::new(),
             gauges: Gauges::new(metrics),

@@ -46,10 +46,11 @@
 //! REPLICATE (9): lsn u64 | entries (count u32 | entry × count, as EXPORT's)
 //!           answer: applied u64 (the highest part applied durably; 0
 //!           while the copy is still copying)
-//! REPL_FOLLOW (10): (nothing)   answer: the first part's lsn u64
+//! REPL_FOLLOW (10): (nothing)   answer: the first part's lsn u64 |
+//!           follower id u64 (this following of the copy, at the primary)
 //! REPL_CHUNK (11): from (as EXPORT's)   answer: next (as from) | entries
-//! REPL_STATUS (12): applied u64   answer: state u8 (0 not following,
-//!           1 following, 2 in the in-sync set)
+//! REPL_STATUS (12): applied u64 | follower id u64   answer: state u8
+//!           (0 not following, 1 following, 2 in the in-sync set)
 //! ```
 //!
 //! GROUP_SEND and GROUP_ASK carry a member's command to the node that owns
