@@ -78,11 +78,21 @@ struct Deployment {
     env: Vec<(String, String)>,
     secret: PathBuf,
     _dir: tempfile::TempDir,
+    /// Held until the deployment is down (dropped after `drop` ran).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
+/// Taken by each deployment for its whole life.
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Deployment {
-    /// The cluster with `factor` copies of each shard.
+    /// The cluster with `factor` copies of each shard. One deployment at a
+    /// time: two clusters of six containers and their loads on a 2-core
+    /// machine slow each other past what the tests measure.
     fn up(factor: u32) -> Deployment {
+        let one_at_a_time = ONE_CLUSTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret.key");
         load_or_create_secret(&secret).unwrap();
@@ -129,6 +139,7 @@ impl Deployment {
             env,
             secret,
             _dir: dir,
+            _one_at_a_time: one_at_a_time,
         };
         let mut services = vec!["etcd-1", "etcd-2", "etcd-3"];
         services.extend(NODES);
@@ -680,6 +691,18 @@ mod replication {
         }
     }
 
+    /// The cluster with three copies of every shard, serving, all in sync.
+    fn up_in_sync() -> Deployment {
+        let d = Deployment::up(3);
+        d.wait(
+            "courier-1",
+            "three serving nodes and a complete map",
+            all_serving,
+        );
+        all_in_sync(&d, "courier-1", "every shard's three copies in sync");
+        d
+    }
+
     /// The node that leads the most shards now (the fault's target: the
     /// primary of busy shards).
     fn busiest(d: &Deployment) -> &'static str {
@@ -756,13 +779,7 @@ mod replication {
         if !docker_available() {
             return;
         }
-        let d = Deployment::up(3);
-        d.wait(
-            "courier-1",
-            "three serving nodes and a complete map",
-            all_serving,
-        );
-        all_in_sync(&d, "courier-1", "every shard's three copies in sync");
+        let d = up_in_sync();
         let both = [d.network(), d.control_network()];
         let mut failovers = Vec::new();
         let mut lost_disk = None;
@@ -853,13 +870,7 @@ mod replication {
         if !docker_available() {
             return;
         }
-        let d = Deployment::up(3);
-        d.wait(
-            "courier-1",
-            "three serving nodes and a complete map",
-            all_serving,
-        );
-        all_in_sync(&d, "courier-1", "every shard's three copies in sync");
+        let d = up_in_sync();
         let mut failovers = Vec::new();
         under_load(&d, "a primary cut off from etcd only", 17_000_000, || {
             let node = busiest(&d);
