@@ -110,6 +110,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let written = replication.as_ref().map_or(store.clone(), |r| r.store());
     let node = Node::assemble(config, written, key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
+    if replication.is_none() {
+        crate::cluster::replica::ReplicaMetrics::register_idle(&node.metrics);
+    }
     if let Some(replication) = replication {
         let slots = Slots::new(
             store.clone(),

@@ -181,6 +181,12 @@ impl ReplicaMetrics {
         }
     }
 
+    /// Registers the metrics of a node that replicates nothing (a single
+    /// node): its dashboard and alerts name them all the same, at zero.
+    pub fn register_idle(metrics: &Metrics) {
+        ReplicaMetrics::new().register(metrics);
+    }
+
     fn register(&self, metrics: &Metrics) {
         for c in [
             &self.isr_shrinks,
