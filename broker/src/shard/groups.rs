@@ -137,8 +137,14 @@ impl Shard {
             // A retry delivers the original (its ids and body), to the members
             // it was addressed to: the fan-out may not have completed before.
             match self.original_of_retry(g, p.seq, cmd.sender) {
-                Some(found) => Some(found),
-                None => {
+                Ok(found) => Some(found),
+                // Its write has not reached every in-sync copy (replicated
+                // shards hide it until then): the retry is retried.
+                Err(Unreadable::NotYet) => {
+                    cmd.reply.send(unavailable(cmd.client_msg_id));
+                    return;
+                }
+                Err(Unreadable::Broken) => {
                     cmd.reply
                         .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL));
                     return;
@@ -177,15 +183,20 @@ impl Shard {
         }
     }
 
-    /// The stored group message a retry names, and the members it was for.
+    /// The stored group message a retry names, and the members it was for;
+    /// `NotYet` while its write is not visible (a replicated shard's copies
+    /// have not confirmed it).
     fn original_of_retry(
         &mut self,
         g: u64,
         seq: u64,
         sender: u64,
-    ) -> Option<(StoredMessage, Vec<u64>)> {
+    ) -> Result<(StoredMessage, Vec<u64>), Unreadable> {
         let original = match self.store.read_after(g, seq - 1, 1) {
             Ok(mut v) if v.first().map(|m| m.seq) == Some(seq) => v.remove(0),
+            Ok(v) if v.is_empty() && self.store.state(g).is_ok_and(|s| s.head_seq < seq) => {
+                return Err(Unreadable::NotYet);
+            }
             other => {
                 error!(
                     shard = self.id,
@@ -193,7 +204,7 @@ impl Shard {
                     ?other,
                     "group message of a retry not readable"
                 );
-                return None;
+                return Err(Unreadable::Broken);
             }
         };
         let recipients = match self.group(g) {
@@ -206,7 +217,7 @@ impl Shard {
                 .collect(),
             _ => Vec::new(),
         };
-        Some((original, recipients))
+        Ok((original, recipients))
     }
 
     pub(crate) fn group_op(&mut self, op: GroupOpCmd) {
@@ -651,4 +662,13 @@ pub(crate) fn fan_out_marks(
         }
     }
     Ok(out)
+}
+
+/// Why a retry's original group message could not be read.
+#[derive(Debug)]
+enum Unreadable {
+    /// Written, not visible yet: the retry is answered retryably.
+    NotYet,
+    /// Missing or unreadable: a storage problem.
+    Broken,
 }
