@@ -705,12 +705,8 @@ impl Slots {
                 if r.step == Step::Pause && !e.paused {
                     // Stop serving the run; returns once the writes that
                     // saw it served are done, so the watch has them all.
-                    let runs: Vec<Range<u16>> = st
-                        .owned
-                        .iter()
-                        .map(|(_, _, r)| r.clone())
-                        .filter(|r| *r != run)
-                        .collect();
+                    let mut runs = st.served();
+                    runs.retain(|r| *r != run);
                     t.serve_only(&runs);
                     info!(shard, "paused the shard's writes for its move's last round");
                 }

@@ -171,11 +171,6 @@ impl Owner {
             epoch: Some(self.epoch),
         }
     }
-
-    /// The backups: the copies other than the owner.
-    pub fn backups(&self) -> impl Iterator<Item = &String> {
-        self.replicas.iter().filter(move |n| **n != self.node)
-    }
 }
 
 /// The cluster as one read saw it.
