@@ -301,6 +301,9 @@ fn user(node: &Node, u: u64) -> Answer {
                 "oldest_seq": s.oldest_seq,
             }),
         ),
+        Err(e @ courier_storage::StoreError::Unreplicated(_)) => {
+            Answer::error("503 Service Unavailable", &e.to_string())
+        }
         Err(e) => Answer::error("500 Internal Server Error", &e.to_string()),
     }
 }

@@ -251,10 +251,15 @@ async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow:
             epoch: None,
         };
         let key = cluster.keys.shard(shard as u32);
+        // Only while the old primary is still away: a primary whose lease
+        // expired and that registered again since (etcd back after a
+        // pause of its own) may already serve on a view read after it
+        // registered, which showed no promotion.
         let txn = Txn::new()
             .when([
                 Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev()),
                 Compare::mod_revision(key.clone(), CompareOp::Equal, o.revision),
+                Compare::create_revision(cluster.keys.node(&o.node), CompareOp::Equal, 0),
             ])
             .and_then([TxnOp::put(
                 key,

@@ -60,10 +60,17 @@ impl<W: NetWrite> Writer<W> {
                     Ok(p) => p,
                     Err(e) => {
                         error!(user, error = %e, "catch-up read failed; closing session");
-                        return self.storage_goodbye().await;
+                        return self.storage_goodbye(e).await;
                     }
                 };
                 let n = page.len();
+                tracing::debug!(
+                    user,
+                    after = self.delivered,
+                    n,
+                    last = page.last().map(|m| m.seq),
+                    "catch-up page"
+                );
                 self.metrics.deliveries_catch_up.inc_by(n as u64);
                 for m in page {
                     debug_assert!(m.seq > self.delivered);
@@ -80,7 +87,7 @@ impl<W: NetWrite> Writer<W> {
                 Err(CatchUpError::Socket(e)) => return Err(e),
                 Err(CatchUpError::Store(e)) => {
                     error!(user = self.user, error = %e, "group catch-up failed; closing session");
-                    return self.storage_goodbye().await;
+                    return self.storage_goodbye(e).await;
                 }
             }
             if !self.session.lagging.load(Ordering::SeqCst) {
@@ -186,12 +193,18 @@ impl<W: NetWrite> Writer<W> {
         .await
     }
 
-    /// Tells the client the store failed and ends the writer.
-    async fn storage_goodbye(&mut self) -> std::io::Result<()> {
-        self.metrics.catch_up_storage_errors.inc();
-        let reason = Reason::new(ErrorCode::INTERNAL, "storage error");
+    /// Tells the client why the store could not be read (a replicated
+    /// shard not served here: retryable; else a storage error) and ends
+    /// the writer.
+    async fn storage_goodbye(&mut self, e: StoreError) -> std::io::Result<()> {
+        let e = crate::error::BrokerError::from(e);
+        let code = e.code();
+        if code != ErrorCode::SHARD_UNAVAILABLE {
+            self.metrics.catch_up_storage_errors.inc();
+        }
+        let reason = Reason::new(code, e.client_message());
         self.encode(&Frame::new(0, Body::Goodbye(reason)));
         self.flush().await?;
-        Err(std::io::Error::other("storage error"))
+        Err(std::io::Error::other(e.to_string()))
     }
 }

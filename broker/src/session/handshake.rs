@@ -85,6 +85,12 @@ pub(crate) async fn start<R: NetRead>(
             let reason = reader.bye(wr, ErrorCode::SHUTTING_DOWN, "server shutting down");
             return Err(reason.await);
         }
+        Err(e) if e.code() == ErrorCode::SHARD_UNAVAILABLE => {
+            // A replicated shard not served here now (fenced, or just
+            // gone elsewhere): the client comes back.
+            unregister(node, user, session_id).await;
+            return Err(reader.bye(wr, e.code(), e.client_message()).await);
+        }
         Err(e) => {
             error!(user, error = %e, "reading inbox state failed");
             unregister(node, user, session_id).await;
@@ -272,6 +278,13 @@ fn welcome(node: &Node, hello: &Hello, session_id: u64, state: InboxState) -> (W
     };
     let gap = wanted_after + 1 < state.oldest_seq;
     let start_after = wanted_after.max(state.oldest_seq - 1);
+    tracing::debug!(
+        user = hello.user_id,
+        resume_after = ?hello.resume_after,
+        head = state.head_seq,
+        start_after,
+        "welcome"
+    );
     let welcome = Welcome {
         version: PROTOCOL_VERSION,
         session_id,

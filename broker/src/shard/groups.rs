@@ -197,6 +197,8 @@ impl Shard {
             Ok(v) if v.is_empty() && self.store.state(g).is_ok_and(|s| s.head_seq < seq) => {
                 return Err(Unreadable::NotYet);
             }
+            // The group's shard is not served here now (fenced).
+            Err(StoreError::Unreplicated(_)) => return Err(Unreadable::NotYet),
             other => {
                 error!(
                     shard = self.id,

@@ -113,6 +113,16 @@ impl Shard {
             AppendOutcome::NotServed => unavailable(s.client_msg_id),
         };
         let stored = matches!(outcome, AppendOutcome::Stored(_));
+        debug!(
+            shard = self.id,
+            inbox = s.recipient,
+            sender = s.sender,
+            client_msg_id = s.client_msg_id,
+            seq = result.seq,
+            code = result.code.0,
+            duplicate = result.duplicate,
+            "send answered"
+        );
         self.complete(s.done, result, stored);
         match outcome {
             AppendOutcome::Stored(p) => {

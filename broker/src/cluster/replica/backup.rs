@@ -226,6 +226,9 @@ impl Replication {
             store.transfer().expect("slotted").delete_slots(deleting)
         })
         .await??;
+        // What this node's failed writes hid there is gone with them.
+        self.unsettled
+            .forget(|inbox| run.contains(&u16::from(courier_storage::slot_of(inbox))));
         let mut from = None;
         let mut chunks = 0;
         loop {

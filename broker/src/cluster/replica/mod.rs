@@ -77,7 +77,7 @@ mod store;
 use backup::Tail;
 use frames::{Answer, Head, Request};
 use primary::Stream;
-use store::{ReplicatedStore, Tapped, Unsettled};
+use store::{ReplicatedStore, StreamMark, Tapped, Unsettled};
 
 /// How long a backup may take to answer a part before the primary takes
 /// it out of the in-sync set.
@@ -102,6 +102,11 @@ thread_local! {
     /// Parts this thread's writes produced and has not waited for:
     /// (shard, epoch, lsn). A write is told to the tap on its own thread.
     static WRITTEN: RefCell<Vec<(u32, i64, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The parts this thread's write produced so far (see `WRITTEN`).
+fn written_parts() -> Vec<(u32, i64, u64)> {
+    WRITTEN.with(|w| w.borrow().clone())
 }
 
 /// The metrics of replication.
@@ -215,6 +220,11 @@ struct Primaries {
     streams: HashMap<u32, Stream>,
     /// The node may have lost its lease: every stream refuses.
     fenced: bool,
+    /// A write found the lease gone before the fence did: it was not
+    /// streamed, so the copies must copy again (as after a fence).
+    skipped: bool,
+    /// Shards whose streams the latest view ended.
+    left: BTreeSet<u32>,
 }
 
 /// Replication on one node: the primary side of the shards it leads and
@@ -299,9 +309,6 @@ impl Replication {
             }
         }
         let mut shrink = Vec::new();
-        // Shards whose stream started again or left: what their failed
-        // writes hid is released.
-        let mut restarted = Vec::new();
         {
             let mut p = self.primaries.lock().expect("primaries lock");
             p.count = view.owners.len() as u32;
@@ -319,6 +326,9 @@ impl Replication {
                             s.revision = o.revision;
                             s.isr = o.isr.clone();
                             s.replicas = o.replicas.clone();
+                            if s.isr == [self.me.clone()] {
+                                s.confirmed = true;
+                            }
                         }
                         if !s.changing && s.broken.is_none() && s.wanted_isr(&self.me) != s.isr {
                             shrink.push(shard);
@@ -333,15 +343,21 @@ impl Replication {
                         }
                         info!(shard, epoch = o.epoch, isr = ?o.isr, "leading a replicated shard");
                         p.streams.insert(shard, s);
-                        restarted.push(shard);
                     }
                 }
             }
-            restarted.extend(p.streams.keys().filter(|s| !mine.contains(s)));
+            // Shards that left stay fenced until the slots follow this view
+            // too (right after this): served meanwhile, with no stream,
+            // they would take writes nobody copies.
+            p.left = p
+                .streams
+                .keys()
+                .filter(|s| !mine.contains(s))
+                .copied()
+                .collect();
             p.streams.retain(|shard, _| mine.contains(shard));
             self.gauge(&mut p);
         }
-        self.release_unsettled(&restarted, view.owners.len() as u32);
         self.settled.notify_all();
         for shard in shrink {
             self.change_isr(shard);
@@ -377,18 +393,6 @@ impl Replication {
         }
         drop(following);
         self.fence_shards();
-    }
-
-    /// Shows readers again what failed writes of `shards` hid: the shard
-    /// left this node (its copy here is copied again before anyone reads
-    /// it), or its stream starts again with its copies copying this one.
-    fn release_unsettled(&self, shards: &[u32], count: u32) {
-        if shards.is_empty() || count == 0 {
-            return;
-        }
-        self.unsettled.release(|inbox| {
-            shards.contains(&shard_of_slot(courier_storage::slot_of(inbox), count))
-        });
     }
 
     /// Sets the gauges of the shards this node leads.
@@ -434,6 +438,47 @@ impl Replication {
         WRITTEN.with(|w| w.borrow_mut().clear());
     }
 
+    /// Shards of the cluster (0 before the map).
+    fn shard_count(&self) -> u32 {
+        self.primaries.lock().expect("primaries lock").count
+    }
+
+    /// Shows what failed writes hid where it became safe: the shard's
+    /// stream, unfenced, committed past the write, or its in-sync set is
+    /// this node alone.
+    fn settle_failed(&self) {
+        if !self.unsettled.any() {
+            return;
+        }
+        let (count, marks) = {
+            let p = self.primaries.lock().expect("primaries lock");
+            if p.fenced {
+                return;
+            }
+            let marks: HashMap<u32, StreamMark> = p
+                .streams
+                .iter()
+                .filter(|(_, s)| s.broken.is_none())
+                .map(|(shard, s)| {
+                    let mark = StreamMark {
+                        epoch: s.epoch,
+                        committed: s.committed(&self.me),
+                        alone: s.isr.len() == 1 && s.isr[0] == self.me,
+                    };
+                    (*shard, mark)
+                })
+                .collect();
+            (p.count, marks)
+        };
+        if count == 0 {
+            return;
+        }
+        self.unsettled.settle_failed(|inbox| {
+            let shard = shard_of_slot(courier_storage::slot_of(inbox), count);
+            marks.get(&shard).copied()
+        });
+    }
+
     /// Serves only the shards whose streams are whole (a deposed shard,
     /// or all while fenced, are not served).
     fn fence_shards(&self) {
@@ -444,8 +489,9 @@ impl Replication {
             let p = self.primaries.lock().expect("primaries lock");
             p.streams
                 .iter()
-                .filter(|(_, s)| p.fenced || s.broken.is_some())
+                .filter(|(_, s)| p.fenced || s.broken.is_some() || !s.confirmed)
                 .map(|(shard, _)| *shard)
+                .chain(p.left.iter().copied())
                 .collect()
         };
         slots.set_fenced(fenced);
@@ -471,13 +517,14 @@ impl Replication {
             if ticks.is_multiple_of(20) {
                 self.gauge(&mut self.primaries.lock().expect("primaries lock"));
             }
+            self.settle_failed();
             let changed = {
                 let mut p = self.primaries.lock().expect("primaries lock");
                 // Fenced, it serves again only with a view read since the
                 // lease's renewal: one that shows any promotion made while
                 // the lease may have been gone.
                 let expired = !cluster.lease_valid() || (p.fenced && !cluster.view_since_renewal());
-                if p.fenced == expired {
+                if p.fenced == expired && !(p.skipped && !expired) {
                     None
                 } else {
                     p.fenced = expired;
@@ -486,13 +533,16 @@ impl Replication {
                             "this node's lease may have expired: its replicated shards are fenced"
                         );
                     } else {
+                        // Writes were not streamed meanwhile: every copy
+                        // copies again, and the in-sync set shrinks to this
+                        // node first (what those writes hid shows once it
+                        // has: `settle_failed`).
                         info!("lease renewed: serving the replicated shards again");
+                        p.skipped = false;
                         for s in p.streams.values_mut() {
                             s.followers.clear();
                             s.written_at.clear();
                         }
-                        let shards: Vec<u32> = p.streams.keys().copied().collect();
-                        self.release_unsettled(&shards, p.count);
                     }
                     Some(expired)
                 }

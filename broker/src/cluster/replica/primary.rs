@@ -30,6 +30,12 @@ pub(super) struct Stream {
     /// The highest commit any writer may have seen: a copy joins the
     /// in-sync set only once it has applied this far.
     pub(super) high: u64,
+    /// Whether the in-sync set in etcd is known to hold what this node
+    /// shows: false for a stream that starts with others in the set (a
+    /// restart: the store may hold writes the copies never had, no
+    /// longer hidden) until the set first changes to what the stream
+    /// wants; the shard is not served meanwhile.
+    pub(super) confirmed: bool,
 }
 
 /// A copy that parts go to: which following of it this is (a copy that
@@ -51,7 +57,6 @@ impl Stream {
             epoch: o.epoch,
             revision: o.revision,
             replicas: o.replicas.clone(),
-            isr,
             joining: None,
             next_lsn: 1,
             followers: BTreeMap::new(),
@@ -60,6 +65,8 @@ impl Stream {
             broken: None,
             written_at: Default::default(),
             high: 0,
+            confirmed: isr.len() == 1,
+            isr,
         }
     }
 
@@ -100,10 +107,10 @@ impl Replication {
     /// followers, numbered.
     pub(super) fn committed(self: &Arc<Self>, entries: Vec<RawEntry>) {
         let mut p = self.primaries.lock().expect("primaries lock");
-        if p.streams.is_empty() {
+        let count = p.count;
+        if count == 0 {
             return;
         }
-        let count = p.count;
         let mut parts: Vec<(u32, Vec<RawEntry>)> = Vec::new();
         for e in entries {
             let key = match &e {
@@ -120,8 +127,15 @@ impl Replication {
         // The fence watch looks every 50 ms; a write is checked itself (a
         // node resumed after a long pause writes before the watch runs).
         let fenced = p.fenced || self.cluster().is_some_and(|c| !c.lease_valid());
+        if fenced && !p.fenced {
+            p.skipped = true;
+        }
         for (shard, part) in parts {
             let Some(s) = p.streams.get_mut(&shard) else {
+                // A slot served with no stream (never meant to be: the
+                // slots of a shard that left are fenced until the slots
+                // follow the view): the writer is told it failed.
+                WRITTEN.with(|w| w.borrow_mut().push((shard, -1, u64::MAX)));
                 continue;
             };
             if fenced || s.broken.is_some() {
@@ -323,7 +337,11 @@ impl Replication {
             let mut client = cluster.client.clone();
             let answer = within("change a shard's in-sync set", client.txn(txn)).await;
             match self.isr_changed(shard, &owner, &wanted, joining, answer) {
-                Changed::Done => self.settled.notify_all(),
+                Changed::Done => {
+                    self.settled.notify_all();
+                    // A stream confirmed by it serves.
+                    self.fence_shards();
+                }
                 Changed::Gone => return,
                 Changed::Deposed => {
                     self.settled.notify_all();
@@ -354,6 +372,7 @@ impl Replication {
                 let grew = wanted.len() > s.isr.len();
                 s.revision = a.header().map_or(s.revision, |h| h.revision());
                 s.isr = wanted.to_vec();
+                s.confirmed = true;
                 if joining.is_some() && s.joining == joining {
                     s.joining = None;
                 }
@@ -388,6 +407,7 @@ impl Replication {
                         } else {
                             r.isr
                         };
+                        s.confirmed = s.isr.len() == 1;
                         Changed::Done
                     }
                     _ => {

@@ -20,31 +20,75 @@ pub(super) struct ReplicatedStore {
 }
 
 /// Inboxes with messages written here and not (yet) on every in-sync
-/// copy: the first such sequence of each, and whether its write failed
-/// to replicate (then it stays hidden until the shard's stream starts
-/// again or the shard leaves this node: if the node stays primary, its
-/// copies are copied again from it, and the write is theirs too).
+/// copy: readers see none of an inbox's messages from its `cut` on.
+///
+/// A write in progress hides what it writes until it returns. A write
+/// that failed to replicate stays hidden until it is safe to show: its
+/// shard's stream at the same epoch has committed past it, or the shard's
+/// in-sync set in etcd is this node alone (then the copies copy this node
+/// before they join, which makes the write theirs too). Nothing else
+/// shows it: not a renewed lease, not the shard leaving this node (its
+/// run here is then read by nobody, see `readable`, and is deleted
+/// before this node copies the shard again, which forgets the cut).
 #[derive(Default)]
 pub(super) struct Unsettled {
-    inboxes: Mutex<HashMap<u64, (u64, bool)>>,
-    /// Counts releases: a write that failed while one happened is not
-    /// hidden after it (its stream started again, or its shard left).
-    releases: AtomicU64,
+    inboxes: Mutex<HashMap<u64, Hidden>>,
+}
+
+/// What one inbox hides.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Hidden {
+    /// The first sequence readers may not see.
+    cut: u64,
+    /// Writes to the inbox under way (each hides what it writes).
+    writing: u32,
+    /// The latest failed write: its shard's epoch and part (`u64::MAX`
+    /// when it was never streamed: the primary was fenced).
+    failed: Option<(i64, u64)>,
+}
+
+/// Where a shard's stream stands, for what its failed writes hid.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StreamMark {
+    pub(super) epoch: i64,
+    pub(super) committed: u64,
+    /// The in-sync set in etcd is this node alone.
+    pub(super) alone: bool,
 }
 
 impl Unsettled {
     /// The first sequence of `inbox` that readers may not see yet.
     fn cut(&self, inbox: u64) -> Option<u64> {
         let inboxes = self.inboxes.lock().expect("unsettled lock");
-        inboxes.get(&inbox).map(|(seq, _)| *seq)
+        inboxes.get(&inbox).map(|h| h.cut)
     }
 
-    /// Forgets what was hidden in the inboxes `inside` says are of shards
-    /// whose stream started again or that left this node.
-    pub(super) fn release(&self, inside: impl Fn(u64) -> bool) {
+    /// Whether anything is hidden.
+    pub(super) fn any(&self) -> bool {
+        !self.inboxes.lock().expect("unsettled lock").is_empty()
+    }
+
+    /// Shows what failed writes hid where it became safe: `mark` says
+    /// where the stream of an inbox's shard stands (`None`: not led here,
+    /// or fenced).
+    pub(super) fn settle_failed(&self, mark: impl Fn(u64) -> Option<StreamMark>) {
         let mut inboxes = self.inboxes.lock().expect("unsettled lock");
-        self.releases.fetch_add(1, Ordering::AcqRel);
-        inboxes.retain(|inbox, _| !inside(*inbox));
+        inboxes.retain(|inbox, h| {
+            let Some((epoch, lsn)) = h.failed.filter(|_| h.writing == 0) else {
+                return true;
+            };
+            let safe = mark(*inbox).is_some_and(|m| {
+                m.epoch == epoch && (m.alone || (lsn != u64::MAX && m.committed >= lsn))
+            });
+            !safe
+        });
+    }
+
+    /// Forgets what was hidden in the inboxes `inside` says are of a run
+    /// this node deleted (to copy it again).
+    pub(super) fn forget(&self, inside: impl Fn(u64) -> bool) {
+        let mut inboxes = self.inboxes.lock().expect("unsettled lock");
+        inboxes.retain(|inbox, h| h.writing > 0 || !inside(*inbox));
     }
 }
 
@@ -55,6 +99,23 @@ impl ReplicatedStore {
 
     fn unsettled(&self) -> &Unsettled {
         &self.replication.unsettled
+    }
+
+    /// Whether this node may show `inbox`'s messages: only while it serves
+    /// the inbox's slot (with replication, a node that does not lead the
+    /// shard, or leads it fenced, may hold writes the shard's primary
+    /// never had: a reader here could take a message and resume past the
+    /// different one the primary stores at that sequence).
+    fn readable(&self, inbox: u64) -> Result<(), StoreError> {
+        if !self.replication.tapping.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.inner().transfer() {
+            Some(t) if !t.serves(courier_storage::slot_of(inbox)) => Err(StoreError::Unreplicated(
+                "the inbox's shard is not served here".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -76,20 +137,49 @@ impl InboxStore for ReplicatedStore {
         }
         // Hidden from readers from before the write (each inbox has one
         // writer, this thread: its next sequence is known).
-        let mut hidden = Vec::new();
-        let releases = self.unsettled().releases.load(Ordering::Acquire);
+        let mut inboxes_written: Vec<(u64, u64)> = Vec::new();
         for m in batch {
-            if hidden.contains(&m.inbox) {
-                continue;
-            }
-            let next = self.inner().state(m.inbox)?.head_seq + 1;
-            let mut inboxes = self.unsettled().inboxes.lock().expect("unsettled lock");
-            if let std::collections::hash_map::Entry::Vacant(e) = inboxes.entry(m.inbox) {
-                e.insert((next, false));
-                hidden.push(m.inbox);
+            if !inboxes_written.iter().any(|(i, _)| *i == m.inbox) {
+                let next = self.inner().state(m.inbox)?.head_seq + 1;
+                inboxes_written.push((m.inbox, next));
             }
         }
-        let out = self.inner().append_with(batch, kv, now_ms);
+        // What was hidden before this write: a retry's original there was
+        // not confirmed by the copies, so the retry is not answered as a
+        // duplicate yet (its ack would promise a write the promoted copy
+        // may lack).
+        let mut hidden_before: Vec<(u64, u64)> = Vec::new();
+        {
+            let mut inboxes = self.unsettled().inboxes.lock().expect("unsettled lock");
+            for &(inbox, next) in &inboxes_written {
+                if let Some(h) = inboxes.get(&inbox) {
+                    hidden_before.push((inbox, h.cut));
+                }
+                let h = inboxes.entry(inbox).or_insert(Hidden {
+                    cut: next,
+                    writing: 0,
+                    failed: None,
+                });
+                h.writing += 1;
+            }
+        }
+        let out = self.inner().append_with(batch, kv, now_ms).map(|outcomes| {
+            outcomes
+                .into_iter()
+                .map(|o| match o {
+                    AppendOutcome::Duplicate(p)
+                        if hidden_before
+                            .iter()
+                            .any(|(inbox, cut)| *inbox == p.inbox && p.seq >= *cut) =>
+                    {
+                        AppendOutcome::NotServed
+                    }
+                    o => o,
+                })
+                .collect()
+        });
+        // The parts this write produced, to know what a failure hid.
+        let parts = written_parts();
         let settled = match &out {
             Ok(_) => self.replication.settle(),
             Err(_) => {
@@ -97,18 +187,31 @@ impl InboxStore for ReplicatedStore {
                 Ok(())
             }
         };
+        let count = self.replication.shard_count();
         let mut inboxes = self.unsettled().inboxes.lock().expect("unsettled lock");
-        let released = self.unsettled().releases.load(Ordering::Acquire) != releases;
-        for inbox in hidden {
-            match (&out, &settled) {
-                (Ok(_), Err(_)) if !released => {
-                    if let Some(e) = inboxes.get_mut(&inbox) {
-                        e.1 = true;
-                    }
-                }
-                _ => {
-                    inboxes.remove(&inbox);
-                }
+        for (inbox, _) in inboxes_written {
+            let std::collections::hash_map::Entry::Occupied(mut e) = inboxes.entry(inbox) else {
+                continue;
+            };
+            let h = e.get_mut();
+            h.writing -= 1;
+            if out.is_ok() && settled.is_err() {
+                // Stored here, not confirmed by the copies: hidden until
+                // safe to show (see `Unsettled`).
+                let shard = shard_of_slot(courier_storage::slot_of(inbox), count.max(1));
+                let part = parts
+                    .iter()
+                    .filter(|(s, _, _)| *s == shard)
+                    .map(|(_, epoch, lsn)| (*epoch, *lsn))
+                    .max_by_key(|(_, lsn)| *lsn)
+                    .unwrap_or((-1, u64::MAX));
+                h.failed = Some(match h.failed {
+                    Some((epoch, lsn)) if epoch == part.0 => (epoch, lsn.max(part.1)),
+                    _ => part,
+                });
+            }
+            if h.writing == 0 && h.failed.is_none() {
+                e.remove();
             }
         }
         drop(inboxes);
@@ -154,6 +257,7 @@ impl InboxStore for ReplicatedStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.readable(inbox)?;
         let mut read = self.inner().read_after(inbox, after_seq, limit)?;
         if let Some(cut) = self.unsettled().cut(inbox) {
             read.retain(|m| m.seq < cut);
@@ -162,6 +266,7 @@ impl InboxStore for ReplicatedStore {
     }
 
     fn state(&self, inbox: u64) -> Result<InboxState, StoreError> {
+        self.readable(inbox)?;
         let mut state = self.inner().state(inbox)?;
         if let Some(cut) = self.unsettled().cut(inbox) {
             state.head_seq = state.head_seq.min(cut - 1);
@@ -191,5 +296,76 @@ impl InboxStore for ReplicatedStore {
 
     fn transfer(&self) -> Option<&dyn SlotTransfer> {
         self.inner().transfer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hide(u: &Unsettled, inbox: u64, cut: u64, writing: u32, failed: Option<(i64, u64)>) {
+        let h = Hidden {
+            cut,
+            writing,
+            failed,
+        };
+        u.inboxes.lock().unwrap().insert(inbox, h);
+    }
+
+    fn mark(epoch: i64, committed: u64, alone: bool) -> Option<StreamMark> {
+        Some(StreamMark {
+            epoch,
+            committed,
+            alone,
+        })
+    }
+
+    #[test]
+    fn a_failed_write_shows_once_its_stream_committed_past_it_at_its_epoch() {
+        let u = Unsettled::default();
+        hide(&u, 7, 50, 0, Some((3, 10)));
+        u.settle_failed(|_| None); // fenced, or not led here
+        assert_eq!(u.cut(7), Some(50));
+        u.settle_failed(|_| mark(3, 9, false));
+        assert_eq!(u.cut(7), Some(50), "not committed yet");
+        u.settle_failed(|_| mark(4, 20, false));
+        assert_eq!(u.cut(7), Some(50), "another epoch's stream says nothing");
+        u.settle_failed(|_| mark(3, 10, false));
+        assert_eq!(u.cut(7), None);
+    }
+
+    #[test]
+    fn a_write_never_streamed_shows_only_once_the_primary_is_alone_in_sync() {
+        let u = Unsettled::default();
+        hide(&u, 7, 50, 0, Some((3, u64::MAX)));
+        u.settle_failed(|_| mark(3, u64::MAX - 1, false));
+        assert_eq!(u.cut(7), Some(50), "the copies never had it");
+        u.settle_failed(|_| mark(3, 0, true));
+        assert_eq!(u.cut(7), None);
+        // A write to a shard with no stream here shows never.
+        hide(&u, 8, 5, 0, Some((-1, u64::MAX)));
+        u.settle_failed(|_| mark(3, 100, true));
+        assert_eq!(u.cut(8), Some(5));
+    }
+
+    #[test]
+    fn a_write_under_way_keeps_the_cut_of_an_older_failure() {
+        let u = Unsettled::default();
+        hide(&u, 7, 50, 1, Some((3, 10)));
+        u.settle_failed(|_| mark(3, 10, true));
+        assert_eq!(u.cut(7), Some(50));
+        u.forget(|_| true);
+        assert_eq!(u.cut(7), Some(50), "its writer still counts on it");
+    }
+
+    #[test]
+    fn deleting_a_run_forgets_what_its_failed_writes_hid() {
+        let u = Unsettled::default();
+        hide(&u, 7, 50, 0, Some((3, u64::MAX)));
+        hide(&u, 8, 2, 0, Some((3, u64::MAX)));
+        u.forget(|inbox| inbox == 7);
+        assert_eq!(u.cut(7), None);
+        assert_eq!(u.cut(8), Some(2));
+        assert!(u.any());
     }
 }
