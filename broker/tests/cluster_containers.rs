@@ -129,7 +129,11 @@ impl Deployment {
             ("COURIER_CLUSTER_REPLICATION_FACTOR", factor.to_string()),
             // A killed node stays down until the test starts it.
             ("COURIER_RESTART", "no".into()),
-            ("COURIER_LOG", "info".into()),
+            // More detail for a failure's logs: COURIER_TEST_LOG.
+            (
+                "COURIER_LOG",
+                std::env::var("COURIER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -436,13 +440,25 @@ mod control_plane {
                     device_id: 1,
                     expires_at_s: u64::MAX / 2,
                 });
-                let (client, welcome) = tokio::time::timeout(
-                    Duration::from_secs(20),
-                    Client::connect(ClientConfig::new(addr.clone(), user, 1, token)),
-                )
-                .await
-                .expect("connect through HAProxy in time")
-                .expect("welcomed through HAProxy");
+                // HAProxy closes what it takes before its health checks
+                // have marked a node up: a client tries again, as a phone
+                // does, for a bounded time.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let (client, welcome) = loop {
+                    let config = ClientConfig::new(addr.clone(), user, 1, token.clone());
+                    let attempt =
+                        tokio::time::timeout(Duration::from_secs(20), Client::connect(config))
+                            .await
+                            .expect("connect through HAProxy in time");
+                    match attempt {
+                        Ok(c) => break c,
+                        Err(e) if Instant::now() < deadline => {
+                            eprintln!("through HAProxy, {user}: {e}; again");
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        Err(e) => panic!("welcomed through HAProxy: {e:?}"),
+                    }
+                };
                 assert_eq!(welcome.head_seq, 0);
                 clients.push(client);
             }
@@ -764,7 +780,9 @@ mod replication {
     /// three. Under load through HAProxy (users in pairs and groups of 8
     /// across the nodes, reconnecting and resuming as phones do), one
     /// fault at a time: a primary SIGKILLed, twice; cut off from
-    /// everything; paused past its lease and
+    /// everything; cut off from etcd alone (its links and its clients
+    /// stay: it fences itself, and retries of writes its copies never
+    /// confirmed must not be acknowledged); paused past its lease and
     /// resumed (a long GC or VM stall); killed together with the etcd
     /// leader (a failover while etcd elects); and a node whose disk is
     /// lost, back empty. Each time its shards go to in-sync copies with
@@ -799,6 +817,14 @@ mod replication {
             failovers.push((node, "cut off", promoted_away(&d, node, Instant::now())));
             d.reconnect(node, &both);
             all_in_sync(&d, node, "the cut-off node back in sync");
+        });
+        under_load(&d, "a primary cut off from etcd only", 13_000_000, || {
+            let node = busiest(&d);
+            let control = [d.control_network()];
+            d.disconnect(node, &control);
+            failovers.push((node, "etcd cut", promoted_away(&d, node, Instant::now())));
+            d.reconnect(node, &control);
+            all_in_sync(&d, node, "the node cut from etcd back in sync");
         });
         under_load(&d, "a primary paused past its lease", 14_000_000, || {
             let node = busiest(&d);
@@ -855,38 +881,7 @@ mod replication {
             .iter()
             .map(|n| d.metric(n, "courier_replication_failovers_total", ""))
             .sum();
-        assert!(promoted >= 6, "shards were promoted: {promoted}");
-    }
-
-    /// A primary cut off from etcd alone (its links to the other nodes
-    /// and its clients stay): it fences itself within its lease, its
-    /// shards go to in-sync copies, and it comes back as a backup. Not in
-    /// the suite yet: runs here lose 1 to 4 acknowledged one-to-one
-    /// messages each (issue 16 stays open until this passes); the other
-    /// faults above pass. `cargo test --test cluster_containers -- --ignored`
-    #[test]
-    #[ignore = "loses 1 to 4 acknowledged messages per run here: under investigation (issue 16)"]
-    fn a_primary_cut_off_from_etcd_alone_loses_nothing() {
-        if !docker_available() {
-            return;
-        }
-        let d = up_in_sync();
-        let mut failovers = Vec::new();
-        under_load(&d, "a primary cut off from etcd only", 17_000_000, || {
-            let node = busiest(&d);
-            let control = [d.control_network()];
-            d.disconnect(node, &control);
-            failovers.push((node, "etcd cut", promoted_away(&d, node, Instant::now())));
-            d.reconnect(node, &control);
-            all_in_sync(&d, node, "the node cut from etcd back in sync");
-        });
-        for (node, how, took) in &failovers {
-            println!(
-                "failover: {node} ({how}): its shards promoted in {} ms",
-                took.as_millis()
-            );
-        }
-        copies_agree(&d);
+        assert!(promoted >= 7, "shards were promoted: {promoted}");
     }
 }
 
