@@ -113,6 +113,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
         reconnects: 0,
         retried: 0,
         redelivered: 0,
+        unanswered: 0,
         kills: 0,
         idle: Some(IdleReport {
             connections: n,

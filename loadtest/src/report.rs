@@ -43,6 +43,10 @@ pub struct Report {
     /// client does (not duplicates: the same stored message twice).
     #[serde(default)]
     pub redelivered: u64,
+    /// Sends not answered within 30 s on a live session (then retried on
+    /// a new one): the server owes every send an answer, so 0 is right.
+    #[serde(default)]
+    pub unanswered: u64,
     /// Times the server was killed and restarted.
     #[serde(default)]
     pub kills: u64,
@@ -151,6 +155,7 @@ pub(crate) fn report(
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         retried: shared.retried.load(Ordering::Relaxed),
         redelivered: shared.redelivered.load(Ordering::Relaxed),
+        unanswered: shared.unanswered.load(Ordering::Relaxed),
         kills: 0,
         idle: None,
         label: None,
@@ -227,10 +232,10 @@ impl Report {
         for e in &v.examples {
             s.push_str(&format!("  {e:?}\n"));
         }
-        if self.reconnects + self.kills + self.redelivered + self.retried > 0 {
+        if self.reconnects + self.kills + self.redelivered + self.retried + self.unanswered > 0 {
             s.push_str(&format!(
-                "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence\n",
-                self.reconnects, self.kills, self.retried, self.redelivered
+                "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence, {} sends unanswered for 30 s\n",
+                self.reconnects, self.kills, self.retried, self.redelivered, self.unanswered
             ));
         }
         if let Some(i) = &self.idle {

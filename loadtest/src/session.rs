@@ -32,6 +32,12 @@ use crate::tally::{Shared, Tally};
 
 /// How long to keep trying to reconnect after sending has ended.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+/// How long a send waits for its answer before the session counts as
+/// lost (a phone gives up on a silent connection, reconnects and sends
+/// again with the same id); such sends are counted (`unanswered`).
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+/// How long a connection attempt (TCP and the handshake) may take.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 pub(crate) struct User {
     pub me: u64,
@@ -124,7 +130,10 @@ impl User {
             if shared.stopped() || Instant::now() > give_up {
                 return None;
             }
-            match Client::connect(config.clone()).await {
+            let attempt = tokio::time::timeout(CONNECT_LIMIT, Client::connect(config.clone()))
+                .await
+                .unwrap_or(Err(ClientError::Timeout));
+            match attempt {
                 Ok((c, _)) => return Some(Arc::new(c)),
                 Err(ClientError::Refused(code, _)) => {
                     // The server is up and says no: counted, and tried
@@ -158,7 +167,9 @@ impl User {
             let pending = courier_send(c, id, self.routes[u.route].dest, routes, u.body.clone());
             async move {
                 let r = match pending {
-                    Ok(ack) => ack.await,
+                    Ok(ack) => tokio::time::timeout(ANSWER_LIMIT, ack)
+                        .await
+                        .unwrap_or(Err(ClientError::Timeout)),
                     Err(e) => Err(e),
                 };
                 (k, r)
@@ -226,6 +237,12 @@ impl User {
                     Err(e @ ClientError::Rejected(..)) => {
                         state.unacked.remove(&k);
                         shared.error(client_error(e));
+                    }
+                    // Not answered in time: the session is as good as
+                    // gone (counted: a server owes every send an answer).
+                    Err(ClientError::Timeout) => {
+                        shared.unanswered.fetch_add(1, Ordering::Relaxed);
+                        return End::Lost;
                     }
                     // The session is gone: retried on the next one.
                     Err(_) => return End::Lost,

@@ -45,6 +45,9 @@ pub(crate) struct Shared {
     /// Sends refused `SHARD_UNAVAILABLE` and sent again with their id.
     pub retried: AtomicU64,
     pub redelivered: AtomicU64,
+    /// Sends not answered within the session's limit (the session was
+    /// then given up and the send retried on the next).
+    pub unanswered: AtomicU64,
     /// Nanoseconds from the start to the latest delivery.
     pub last_delivery_ns: AtomicU64,
     pub errors: Mutex<BTreeMap<String, u64>>,
@@ -72,6 +75,7 @@ impl Shared {
             reconnects: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             seconds: Mutex::new(Vec::new()),

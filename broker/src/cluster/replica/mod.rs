@@ -438,14 +438,23 @@ impl Replication {
         WRITTEN.with(|w| w.borrow_mut().clear());
     }
 
+    /// Each led shard's next follower id (see `Hidden::followed_from`).
+    fn follower_marks(&self) -> Vec<(u32, u64)> {
+        let p = self.primaries.lock().expect("primaries lock");
+        p.streams
+            .iter()
+            .map(|(shard, s)| (*shard, s.next_follower))
+            .collect()
+    }
+
     /// Shards of the cluster (0 before the map).
     fn shard_count(&self) -> u32 {
         self.primaries.lock().expect("primaries lock").count
     }
 
     /// Shows what failed writes hid where it became safe: the shard's
-    /// stream, unfenced, committed past the write, or its in-sync set is
-    /// this node alone.
+    /// stream, unfenced, committed past the write, or every other member
+    /// of its in-sync set has followed since the write (and copied it).
     fn settle_failed(&self) {
         if !self.unsettled.any() {
             return;
@@ -460,10 +469,17 @@ impl Replication {
                 .iter()
                 .filter(|(_, s)| s.broken.is_none())
                 .map(|(shard, s)| {
+                    let followed_since = s
+                        .isr
+                        .iter()
+                        .filter(|n| **n != self.me)
+                        .map(|n| s.followers.get(n).map_or(0, |f| f.id))
+                        .min()
+                        .unwrap_or(u64::MAX);
                     let mark = StreamMark {
                         epoch: s.epoch,
                         committed: s.committed(&self.me),
-                        alone: s.isr.len() == 1 && s.isr[0] == self.me,
+                        followed_since,
                     };
                     (*shard, mark)
                 })
@@ -524,7 +540,9 @@ impl Replication {
                 // lease's renewal: one that shows any promotion made while
                 // the lease may have been gone.
                 let expired = !cluster.lease_valid() || (p.fenced && !cluster.view_since_renewal());
-                if p.fenced == expired && !(p.skipped && !expired) {
+                // A skipped write calls for the renewal's reset too.
+                let reset = p.skipped && !expired;
+                if p.fenced == expired && !reset {
                     None
                 } else {
                     p.fenced = expired;

@@ -24,9 +24,10 @@ pub(super) struct ReplicatedStore {
 ///
 /// A write in progress hides what it writes until it returns. A write
 /// that failed to replicate stays hidden until it is safe to show: its
-/// shard's stream at the same epoch has committed past it, or the shard's
-/// in-sync set in etcd is this node alone (then the copies copy this node
-/// before they join, which makes the write theirs too). Nothing else
+/// shard's stream at the same epoch has committed past it, or every other
+/// member of the shard's in-sync set follows it since the write (each
+/// copied the shard with the write in it; vacuously true when the primary
+/// is alone in sync). Nothing else
 /// shows it: not a renewed lease, not the shard leaving this node (its
 /// run here is then read by nobody, see `readable`, and is deleted
 /// before this node copies the shard again, which forgets the cut).
@@ -45,6 +46,10 @@ pub(super) struct Hidden {
     /// The latest failed write: its shard's epoch and part (`u64::MAX`
     /// when it was never streamed: the primary was fenced).
     failed: Option<(i64, u64)>,
+    /// The first follower id of the shard's stream given after that
+    /// write: a copy following with it or a later one copied the shard
+    /// with the write in it.
+    followed_from: u64,
 }
 
 /// Where a shard's stream stands, for what its failed writes hid.
@@ -52,8 +57,10 @@ pub(super) struct Hidden {
 pub(super) struct StreamMark {
     pub(super) epoch: i64,
     pub(super) committed: u64,
-    /// The in-sync set in etcd is this node alone.
-    pub(super) alone: bool,
+    /// The oldest following among the other in-sync members (their
+    /// lowest follower id; `u64::MAX` when the primary is alone in sync,
+    /// 0 when one of them does not follow now).
+    pub(super) followed_since: u64,
 }
 
 impl Unsettled {
@@ -78,7 +85,9 @@ impl Unsettled {
                 return true;
             };
             let safe = mark(*inbox).is_some_and(|m| {
-                m.epoch == epoch && (m.alone || (lsn != u64::MAX && m.committed >= lsn))
+                m.epoch == epoch
+                    && (m.followed_since >= h.followed_from
+                        || (lsn != u64::MAX && m.committed >= lsn))
             });
             !safe
         });
@@ -159,6 +168,7 @@ impl InboxStore for ReplicatedStore {
                     cut: next,
                     writing: 0,
                     failed: None,
+                    followed_from: 0,
                 });
                 h.writing += 1;
             }
@@ -188,6 +198,12 @@ impl InboxStore for ReplicatedStore {
             }
         };
         let count = self.replication.shard_count();
+        // Followings from here on copy the shard with this write in it.
+        let marks: Vec<(u32, u64)> = if out.is_ok() && settled.is_err() {
+            self.replication.follower_marks()
+        } else {
+            Vec::new()
+        };
         let mut inboxes = self.unsettled().inboxes.lock().expect("unsettled lock");
         for (inbox, _) in inboxes_written {
             let std::collections::hash_map::Entry::Occupied(mut e) = inboxes.entry(inbox) else {
@@ -209,6 +225,10 @@ impl InboxStore for ReplicatedStore {
                     Some((epoch, lsn)) if epoch == part.0 => (epoch, lsn.max(part.1)),
                     _ => part,
                 });
+                h.followed_from = marks
+                    .iter()
+                    .find(|(s, _)| *s == shard)
+                    .map_or(u64::MAX, |(_, m)| *m);
             }
             if h.writing == 0 && h.failed.is_none() {
                 e.remove();
@@ -308,15 +328,18 @@ mod tests {
             cut,
             writing,
             failed,
+            followed_from: 5,
         };
         u.inboxes.lock().unwrap().insert(inbox, h);
     }
 
-    fn mark(epoch: i64, committed: u64, alone: bool) -> Option<StreamMark> {
+    /// A stream at `epoch` that committed `committed`, its other in-sync
+    /// members following since follower id 5 (`copied`) or before.
+    fn mark(epoch: i64, committed: u64, copied: bool) -> Option<StreamMark> {
         Some(StreamMark {
             epoch,
             committed,
-            alone,
+            followed_since: if copied { 5 } else { 4 },
         })
     }
 
@@ -335,13 +358,13 @@ mod tests {
     }
 
     #[test]
-    fn a_write_never_streamed_shows_only_once_the_primary_is_alone_in_sync() {
+    fn a_write_never_streamed_shows_only_once_every_copy_in_sync_copied_it() {
         let u = Unsettled::default();
         hide(&u, 7, 50, 0, Some((3, u64::MAX)));
         u.settle_failed(|_| mark(3, u64::MAX - 1, false));
         assert_eq!(u.cut(7), Some(50), "the copies never had it");
         u.settle_failed(|_| mark(3, 0, true));
-        assert_eq!(u.cut(7), None);
+        assert_eq!(u.cut(7), None, "they followed since, and copied it");
         // A write to a shard with no stream here shows never.
         hide(&u, 8, 5, 0, Some((-1, u64::MAX)));
         u.settle_failed(|_| mark(3, 100, true));
