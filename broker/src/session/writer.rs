@@ -265,7 +265,6 @@ impl<W: NetWrite> Writer<W> {
         if m.seq <= self.delivered {
             false // already sent by a catch-up
         } else if m.seq == self.delivered + 1 {
-            debug!(user = self.user, seq = m.seq, "pushed");
             self.delivered = m.seq;
             self.pending.push(m);
             self.metrics.deliveries_live.inc();

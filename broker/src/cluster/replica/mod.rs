@@ -104,9 +104,9 @@ thread_local! {
     static WRITTEN: RefCell<Vec<(u32, i64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The parts this thread's write produced so far (see `WRITTEN`).
-fn written_parts() -> Vec<(u32, i64, u64)> {
-    WRITTEN.with(|w| w.borrow().clone())
+/// Takes the parts this thread's write produced (see `WRITTEN`).
+fn take_written() -> Vec<(u32, i64, u64)> {
+    WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()))
 }
 
 /// The metrics of replication.

@@ -427,13 +427,18 @@ impl Replication {
     /// Waits until every part this thread's writes produced is on every
     /// in-sync copy.
     pub(super) fn settle(&self) -> Result<(), StoreError> {
-        let written = WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut()));
+        self.settle_parts(&take_written())
+    }
+
+    /// Waits until every part in `written` (a write's, as
+    /// [`take_written`] gave them) is on every in-sync copy.
+    pub(super) fn settle_parts(&self, written: &[(u32, i64, u64)]) -> Result<(), StoreError> {
         if written.is_empty() {
             return Ok(());
         }
         let deadline = Instant::now() + SETTLE_LIMIT;
         let mut p = self.primaries.lock().expect("primaries lock");
-        for (shard, epoch, lsn) in written {
+        for &(shard, epoch, lsn) in written {
             loop {
                 let s = p.streams.get(&shard).filter(|s| s.epoch == epoch);
                 let Some(s) = s.filter(|s| s.broken.is_none() && lsn != u64::MAX) else {

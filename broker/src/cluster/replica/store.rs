@@ -188,21 +188,21 @@ impl InboxStore for ReplicatedStore {
                 })
                 .collect()
         });
-        // The parts this write produced, to know what a failure hid.
-        let parts = written_parts();
+        // The parts this write produced: waited for, and on a failure
+        // they say what it hid.
+        let parts = take_written();
         let settled = match &out {
-            Ok(_) => self.replication.settle(),
-            Err(_) => {
-                self.replication.forget_written();
-                Ok(())
-            }
+            Ok(_) => self.replication.settle_parts(&parts),
+            Err(_) => Ok(()),
         };
-        let count = self.replication.shard_count();
-        // Followings from here on copy the shard with this write in it.
-        let marks: Vec<(u32, u64)> = if out.is_ok() && settled.is_err() {
-            self.replication.follower_marks()
+        let failed = out.is_ok() && settled.is_err();
+        // Only for a failure: the shard count, and the followings that
+        // from here on copy the shard with this write in it.
+        let (count, marks) = if failed {
+            let marks = self.replication.follower_marks();
+            (self.replication.shard_count(), marks)
         } else {
-            Vec::new()
+            (0, Vec::new())
         };
         let mut inboxes = self.unsettled().inboxes.lock().expect("unsettled lock");
         for (inbox, _) in inboxes_written {
@@ -211,7 +211,7 @@ impl InboxStore for ReplicatedStore {
             };
             let h = e.get_mut();
             h.writing -= 1;
-            if out.is_ok() && settled.is_err() {
+            if failed {
                 // Stored here, not confirmed by the copies: hidden until
                 // safe to show (see `Unsettled`).
                 let shard = shard_of_slot(courier_storage::slot_of(inbox), count.max(1));
