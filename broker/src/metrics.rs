@@ -146,6 +146,7 @@ impl AuthFailure {
 pub struct ShardMetrics {
     pub messages_stored: IntCounter,
     pub duplicates: IntCounter,
+    pub held_in_line: IntCounter,
     pub live_pushes: IntCounter,
     pub demotions: IntCounter,
     pub storage_errors: IntCounter,
@@ -207,6 +208,10 @@ impl ShardMetrics {
             duplicates: counter(
                 "courier_duplicate_sends_total",
                 "Sends answered from the idempotency index.",
+            ),
+            held_in_line: counter(
+                "courier_sends_held_in_line_total",
+                "Sends (and group entries for a member) refused SHARD_UNAVAILABLE because an older one of the conversation was refused here and waits for its retry.",
             ),
             live_pushes: counter(
                 "courier_live_pushes_total",

@@ -318,8 +318,9 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            // What the nodes said, kept for the failure's reader.
+        if std::thread::panicking() || std::env::var_os("COURIER_TEST_KEEP_LOGS").is_some() {
+            // What the nodes said, kept for the failure's reader (and on
+            // request: COURIER_TEST_KEEP_LOGS).
             for service in ["courier-1", "courier-2", "courier-3", "courier-4"] {
                 let Ok(out) = Command::new("docker")
                     .args(["logs", &self.container(service)])

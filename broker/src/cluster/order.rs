@@ -131,6 +131,20 @@ impl Line {
         }
     }
 
+    /// Send `id` was refused by a shard of this node, without having gone
+    /// through [`Line::admit`] (a local send while the line was empty): it
+    /// takes its place in the line, or keeps the one it has.
+    pub fn refused_here(&mut self, id: u64, now: Instant) {
+        if self.inflight.iter().any(|s| s.1 == id) {
+            return self.answered(id, true, now);
+        }
+        if !self.refused.values().any(|&r| r == id) {
+            let place = self.fresh();
+            self.refused.insert(place, id);
+        }
+        self.waiting_since.get_or_insert(now);
+    }
+
     fn fresh(&mut self) -> u64 {
         self.next += 1;
         self.next
@@ -157,15 +171,24 @@ impl Default for Lines {
 impl Lines {
     /// Runs `f` on `key`'s line (kept only while it holds something).
     pub fn with<R>(&self, key: Key, f: impl FnOnce(&mut Line) -> R) -> R {
-        let part = (key.sender ^ key.recipient.rotate_left(17) ^ u64::from(key.device)) as usize
-            % self.parts.len();
-        let mut map = self.parts[part].lock().expect("not poisoned");
+        let mut map = self.part(key);
         let line = map.entry(key).or_default();
         let r = f(line);
         if line.idle() {
             map.remove(&key);
         }
         r
+    }
+
+    /// Whether `key` has a line (something on its way or waiting).
+    pub fn holds(&self, key: Key) -> bool {
+        self.part(key).contains_key(&key)
+    }
+
+    fn part(&self, key: Key) -> std::sync::MutexGuard<'_, HashMap<Key, Line>> {
+        let part = (key.sender ^ key.recipient.rotate_left(17) ^ u64::from(key.device)) as usize
+            % self.parts.len();
+        self.parts[part].lock().expect("not poisoned")
     }
 
     /// Conversations with something on their way or waiting.
@@ -285,6 +308,23 @@ mod tests {
         // Then 1 is given up: 2 goes once 1 has not been seen for GIVE_UP.
         let later = t(29_000, now) + GIVE_UP + Duration::from_secs(1);
         assert!(l.admit(2, Some(3), later), "1 was given up");
+    }
+
+    #[test]
+    fn a_send_refused_on_this_node_goes_before_later_sends_to_another() {
+        let now = Instant::now();
+        let mut l = Line::default();
+        // 1 went to a shard of this node (not through the line) and was
+        // refused; 2 goes to the shard's new owner.
+        l.refused_here(1, now);
+        assert!(!l.admit(2, Some(4), now), "2 waits for 1's retry");
+        assert!(l.admit(1, Some(4), now));
+        assert!(l.admit(2, Some(4), now));
+        // Refused here once more while on its way through the line: no
+        // second place.
+        l.refused_here(2, now);
+        assert!(!l.admit(3, Some(4), now));
+        assert!(l.admit(2, Some(4), now));
     }
 
     #[test]

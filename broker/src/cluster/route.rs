@@ -244,43 +244,38 @@ impl Router {
     }
 
     /// A command for an id this node holds. A client's send or group send
-    /// to a shard that is moving (see [`Slots::unsettled`]) takes its place
-    /// in its conversation's line, as a send to another node does: the
-    /// pause may refuse it mid-session, and a conversation's sends that
-    /// were refused by the old owner are retried here; either way the
-    /// sends after it wait for its retry.
+    /// to a shard that is moving (see [`Slots::unsettled`]), or of a
+    /// conversation whose line holds something (a send on its way to
+    /// another node, or refused by a shard here), takes its place in its
+    /// conversation's line, as a send to another node does: the pause may
+    /// refuse it mid-session, and a conversation's sends that were refused
+    /// by the old owner are retried here; either way the sends after it
+    /// wait for its retry.
     fn local(&self, key: u64, cmd: ShardCmd) -> Option<ShardCmd> {
-        if !self.slots.unsettled(key) {
+        let Some(line) = client_line(&cmd) else {
+            return Some(cmd);
+        };
+        if !self.slots.unsettled(key) && !self.lines.holds(line) {
             return Some(cmd);
         }
         match cmd {
-            ShardCmd::Send(mut s) if matches!(s.done, Completion::Reply(_)) => {
+            ShardCmd::Send(mut s) => {
                 let (tx, rx) = oneshot::channel();
                 let Completion::Reply(reply) =
                     std::mem::replace(&mut s.done, Completion::Remote(tx))
                 else {
-                    unreachable!("matched above");
-                };
-                let line = order::Key {
-                    sender: s.sender,
-                    device: s.sender_device,
-                    recipient: s.recipient,
+                    unreachable!("a client's send (client_line)");
                 };
                 let outcome = async move { rx.await.map(|(result, _)| result) };
                 self.in_line(line, s.client_msg_id, move |r| reply.send(r), outcome)
                     .then_some(ShardCmd::Send(s))
             }
-            ShardCmd::GroupSend(mut g) if matches!(g.reply, GroupReply::Session(_)) => {
+            ShardCmd::GroupSend(mut g) => {
                 let (tx, rx) = oneshot::channel();
                 let GroupReply::Session(reply) =
                     std::mem::replace(&mut g.reply, GroupReply::Remote(tx))
                 else {
-                    unreachable!("matched above");
-                };
-                let line = order::Key {
-                    sender: g.sender,
-                    device: g.sender_device,
-                    recipient: g.group,
+                    unreachable!("a client's group send (client_line)");
                 };
                 self.in_line(line, g.client_msg_id, move |r| reply.send(r), rx)
                     .then_some(ShardCmd::GroupSend(g))
@@ -768,6 +763,11 @@ impl Remote for Router {
         ids.into_iter().partition(|&id| view.holds(me, id))
     }
 
+    fn refused_here(&self, line: order::Key, id: u64) {
+        self.lines
+            .with(line, |l| l.refused_here(id, Instant::now()));
+    }
+
     fn count_elsewhere(
         &self,
         counts: ReceiptCounts,
@@ -786,6 +786,25 @@ impl Remote for Router {
                 counts
             }));
         });
+    }
+}
+
+/// The conversation line of a session's send or group send on this node
+/// (`None` for anything else: a shard's receipts and copies, a send that
+/// came over a link).
+fn client_line(cmd: &ShardCmd) -> Option<order::Key> {
+    match cmd {
+        ShardCmd::Send(s) if matches!(s.done, Completion::Reply(_)) => Some(order::Key {
+            sender: s.sender,
+            device: s.sender_device,
+            recipient: s.recipient,
+        }),
+        ShardCmd::GroupSend(g) if matches!(g.reply, GroupReply::Session(_)) => Some(order::Key {
+            sender: g.sender,
+            device: g.sender_device,
+            recipient: g.group,
+        }),
+        _ => None,
     }
 }
 

@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use courier_protocol::{ErrorCode, Message, SendResult};
 use courier_storage::{AppendOutcome, NewMessage, StoredMessage};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::core::Shard;
+use super::inbox::conversation;
+use super::lines::Conversation;
 use super::messages::{failed, Completion, Delivery, ShardCmd};
 use super::tracking::{Batch, Planned};
 use crate::error::BrokerError;
@@ -75,14 +77,39 @@ impl Shard {
         self.kv_written(written.is_ok());
     }
 
+    /// Answers a planned command whose write failed with `code`. A
+    /// retryable refusal keeps the command's place in its conversation's
+    /// line here (see `lines`).
     fn reject(&mut self, p: Planned, code: ErrorCode) {
+        let retryable = code == ErrorCode::SHARD_UNAVAILABLE;
         match p {
             Planned::Send(s) => {
+                if retryable {
+                    self.note_refused(&s);
+                } else {
+                    self.lines.answered(conversation(&s), s.client_msg_id);
+                }
                 let result = failed(s.client_msg_id, code);
                 self.complete(s.done, result, false);
             }
-            Planned::Refs(r) => self.report_refs(r.report, r.group, r.message.seq, code),
-            Planned::GroupSend { cmd, .. } => cmd.reply.send(failed(cmd.client_msg_id, code)),
+            Planned::Refs(r, _) => {
+                for &member in &r.members {
+                    let line = Conversation::Entries {
+                        group: r.group,
+                        member,
+                    };
+                    if retryable {
+                        self.lines.refused(line, r.message.seq);
+                    } else {
+                        self.lines.answered(line, r.message.seq);
+                    }
+                }
+                self.report_refs(r.report, r.group, r.message.seq, code)
+            }
+            Planned::GroupSend { cmd, .. } => {
+                self.group_send_refused(&cmd, retryable);
+                cmd.reply.send(failed(cmd.client_msg_id, code))
+            }
         }
     }
 
@@ -96,10 +123,30 @@ impl Shard {
                 let (m, outcome) = outcomes.next().expect("one outcome per send");
                 self.finish_send(s, m, outcome);
             }
-            Planned::Refs(r) => {
-                let mut code = ErrorCode::OK;
+            Planned::Refs(r, held) => {
+                let mut code = if held {
+                    ErrorCode::SHARD_UNAVAILABLE
+                } else {
+                    ErrorCode::OK
+                };
                 for _ in 0..r.members.len() {
                     let (m, outcome) = outcomes.next().expect("one outcome per reference");
+                    let line = Conversation::Entries {
+                        group: r.group,
+                        member: m.inbox,
+                    };
+                    match outcome {
+                        AppendOutcome::NotServed => self.lines.refused(line, r.message.seq),
+                        _ => self.lines.answered(line, r.message.seq),
+                    }
+                    debug!(
+                        shard = self.id,
+                        group = r.group,
+                        entry = r.message.seq,
+                        inbox = m.inbox,
+                        ?outcome,
+                        "reference answered"
+                    );
                     match outcome {
                         AppendOutcome::Stored(p) => {
                             self.stats.refs_stored.inc();

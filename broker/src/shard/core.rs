@@ -17,6 +17,7 @@ use courier_storage::{slot_of, Clock, InboxStore, KvOp};
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
+use super::lines::Lines;
 use super::messages::{Answer, MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd, SlotsChange};
 use super::recent::Recent;
 use super::route::shard_of;
@@ -92,6 +93,13 @@ pub trait Remote: Send + Sync + 'static {
         members: Vec<u64>,
         answer: Answer<ReceiptCounts>,
     );
+
+    /// A session's send (or group send) of conversation `line`, refused
+    /// `SHARD_UNAVAILABLE` by a shard of this node: it takes its place in
+    /// the conversation's line on this node, so a later send of the
+    /// conversation that would go to another node (the shard's new owner)
+    /// waits for its retry.
+    fn refused_here(&self, line: crate::cluster::order::Key, id: u64);
 }
 
 /// The router, once the node has joined its cluster; shared by the node's
@@ -165,6 +173,8 @@ pub(crate) struct Shard {
     pub(crate) marks_due: Option<Instant>,
     /// Online users' latest inbox entries, for their marks' receipts.
     pub(crate) recent: Recent,
+    /// Conversations a refusal here holds in line (see `lines`).
+    pub(crate) lines: Lines,
 }
 
 /// Marks of one (user, stream) merged while held: read implies delivered,
@@ -230,6 +240,7 @@ impl Shard {
             held_marks: BTreeMap::new(),
             marks_due: None,
             recent: Recent::default(),
+            lines: Lines::default(),
         }
     }
 
@@ -305,6 +316,7 @@ impl Shard {
                 self.retry_receipts();
                 self.retry_fanouts();
                 last_trim = Instant::now();
+                self.lines.expire(last_trim);
             }
         }
         self.note_fanned();

@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use courier_protocol::{BroadcastAck, Destination, ErrorCode, Message, SendResult};
 use courier_storage::{KvOp, StoreError, StoredMessage};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::core::Shard;
 use super::groups::recipients_of;
@@ -116,6 +116,7 @@ impl Shard {
                     accepted,
                 }),
             };
+            debug!(shard = self.id, group = g, entry = seq, "fan-out held back");
             self.fanouts.entry(g).or_default().insert(seq, held);
             return;
         }
@@ -160,6 +161,14 @@ impl Shard {
         // (on other cluster nodes) one bundle of copies, which the router
         // splits by node.
         let (here, elsewhere) = self.split_here(recipients);
+        debug!(
+            shard = self.id,
+            group = g,
+            entry = message.seq,
+            here = here.len(),
+            elsewhere = elsewhere.len(),
+            "fan-out sent"
+        );
         let parts = by_shard(here, self.peers.len());
         let mut pending = PendingFanout {
             remaining: parts.len() + usize::from(!elsewhere.is_empty()),
@@ -293,6 +302,13 @@ impl Shard {
     /// One members' shard stored its part of a reference fan-out; an
     /// entry stored for every member lets the next ones of its group go.
     pub(crate) fn refs_done(&mut self, g: u64, seq: u64, code: ErrorCode) {
+        debug!(
+            shard = self.id,
+            group = g,
+            entry = seq,
+            code = code.0,
+            "fan-out part done"
+        );
         match self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
             Some(pending) => {
                 pending.part_done(code);

@@ -18,10 +18,11 @@ use courier_protocol::{
 use courier_storage::{
     AppendOutcome, Form, IdempotencyKey, KvOp, NewMessage, Record, StoreError, StoredMessage,
 };
-use tracing::error;
+use tracing::{debug, error};
 
 use super::core::Shard;
-use super::messages::{failed, unavailable, GroupOpCmd, GroupSendCmd, RETRY_AFTER_MS};
+use super::lines::Conversation;
+use super::messages::{failed, unavailable, GroupOpCmd, GroupReply, GroupSendCmd, RETRY_AFTER_MS};
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, Planned};
 use crate::error::{refuse, BrokerResult};
@@ -71,17 +72,30 @@ impl Shard {
                 .filter(|&u| u != cmd.sender)
                 .collect(),
             Ok(_) => {
+                self.group_send_refused(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::NOT_A_MEMBER));
                 return;
             }
             Err(e) => {
                 error!(shard = self.id, error = %e, "loading a group failed");
+                self.group_send_refused(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL));
                 return;
             }
         };
+        if !self
+            .lines
+            .admit(group_conversation(&cmd), cmd.client_msg_id)
+        {
+            // An older send of the member's was refused here and waits for
+            // its retry (see `lines`).
+            self.stats.held_in_line.inc();
+            self.group_send_refused(&cmd, true);
+            cmd.reply.send(unavailable(cmd.client_msg_id));
+            return;
+        }
         let (ts, id) = self.next_ids();
         batch.appends.push(NewMessage {
             inbox: cmd.group,
@@ -102,6 +116,27 @@ impl Shard {
         batch.plan.push(Planned::GroupSend { cmd, recipients });
     }
 
+    /// Group send `cmd` is answered without its entry being readable:
+    /// `retryable` (`SHARD_UNAVAILABLE`) holds the member's sends to the
+    /// group in line here until its retry, and, for a session of this
+    /// node, on this node too; anything else is its last answer.
+    pub(crate) fn group_send_refused(&mut self, cmd: &GroupSendCmd, retryable: bool) {
+        let line = group_conversation(cmd);
+        if !retryable {
+            self.lines.answered(line, cmd.client_msg_id);
+            return;
+        }
+        self.lines.refused(line, cmd.client_msg_id);
+        if let (GroupReply::Session(_), Some(remote)) = (&cmd.reply, self.remote.get()) {
+            let line = crate::cluster::order::Key {
+                sender: cmd.sender,
+                device: cmd.sender_device,
+                recipient: cmd.group,
+            };
+            remote.refused_here(line, cmd.client_msg_id);
+        }
+    }
+
     /// A group send's log write has an outcome: answer, and fan it out.
     pub(crate) fn finish_group_send(
         &mut self,
@@ -115,12 +150,15 @@ impl Shard {
             AppendOutcome::Stored(p) => (p, false),
             AppendOutcome::Duplicate(p) => (p, true),
             AppendOutcome::Conflict => {
+                self.group_send_refused(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::CLIENT_ID_REUSED));
                 return;
             }
-            // The group's shard is moving away: its new owner takes it.
+            // The group's shard is moving away (its new owner takes it), or
+            // fenced a moment.
             AppendOutcome::NotServed => {
+                self.group_send_refused(&cmd, true);
                 cmd.reply.send(unavailable(cmd.client_msg_id));
                 return;
             }
@@ -133,6 +171,15 @@ impl Shard {
             timestamp_ms: p.timestamp_ms,
             duplicate,
         };
+        debug!(
+            shard = self.id,
+            group = g,
+            sender = cmd.sender,
+            client_msg_id = cmd.client_msg_id,
+            entry = p.seq,
+            duplicate,
+            "group send written"
+        );
         let stored = if duplicate {
             // A retry delivers the original (its ids and body), to the members
             // it was addressed to: the fan-out may not have completed before.
@@ -141,10 +188,12 @@ impl Shard {
                 // Its write has not reached every in-sync copy (replicated
                 // shards hide it until then): the retry is retried.
                 Err(Unreadable::NotYet) => {
+                    self.group_send_refused(&cmd, true);
                     cmd.reply.send(unavailable(cmd.client_msg_id));
                     return;
                 }
                 Err(Unreadable::Broken) => {
+                    self.group_send_refused(&cmd, false);
                     cmd.reply
                         .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL));
                     return;
@@ -163,6 +212,9 @@ impl Shard {
         let Some((message, recipients)) = stored else {
             return;
         };
+        // Readable in the log: the member's next send may follow it.
+        self.lines
+            .answered(group_conversation(&cmd), cmd.client_msg_id);
         let message = match to_wire(message) {
             Ok(m) => Arc::new(m),
             Err(e) => {
@@ -673,4 +725,13 @@ enum Unreadable {
     NotYet,
     /// Missing or unreadable: a storage problem.
     Broken,
+}
+
+/// The conversation a group send is part of, for the lines here.
+fn group_conversation(cmd: &GroupSendCmd) -> Conversation {
+    Conversation::Group {
+        sender: cmd.sender,
+        device: cmd.sender_device,
+        group: cmd.group,
+    }
 }

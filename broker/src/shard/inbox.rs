@@ -14,7 +14,8 @@ use courier_storage::{
 use tracing::{debug, error, warn};
 
 use super::core::Shard;
-use super::messages::{failed, unavailable, Delivery, RefsCmd, RegisterCmd, SendCmd};
+use super::lines::Conversation;
+use super::messages::{failed, unavailable, Completion, Delivery, RefsCmd, RegisterCmd, SendCmd};
 use super::recent::Fact;
 use super::tracking::{Batch, Planned};
 use crate::mailbox::TrySendError;
@@ -36,15 +37,23 @@ impl Shard {
             match social::has_contact(&*self.store, s.recipient, s.sender) {
                 Ok(true) => {}
                 Ok(false) => {
+                    self.lines.answered(conversation(&s), s.client_msg_id);
                     let result = failed(s.client_msg_id, ErrorCode::FORBIDDEN);
                     return self.complete(s.done, result, false);
                 }
                 Err(e) => {
                     error!(shard = self.id, error = %e, "consent lookup failed");
+                    self.lines.answered(conversation(&s), s.client_msg_id);
                     let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
                     return self.complete(s.done, result, false);
                 }
             }
+        }
+        if !self.lines.admit(conversation(&s), s.client_msg_id) {
+            // An older send of the conversation was refused here and waits
+            // for its retry (see `lines`).
+            self.stats.held_in_line.inc();
+            return self.refuse_unavailable(s);
         }
         let (ts, id) = self.next_ids();
         batch.appends.push(NewMessage {
@@ -70,9 +79,46 @@ impl Shard {
         batch.plan.push(Planned::Send(s));
     }
 
+    /// Answers send `s` `SHARD_UNAVAILABLE`; it keeps its place in its
+    /// conversation's line.
+    pub(crate) fn refuse_unavailable(&mut self, s: SendCmd) {
+        self.note_refused(&s);
+        self.complete(s.done, unavailable(s.client_msg_id), false);
+    }
+
+    /// Send `s` is refused `SHARD_UNAVAILABLE`: its conversation is held in
+    /// line here until its retry, and, for a session of this node, on this
+    /// node too (a later send may go to the shard's next owner).
+    pub(crate) fn note_refused(&mut self, s: &SendCmd) {
+        self.lines.refused(conversation(s), s.client_msg_id);
+        if let (Completion::Reply(_), Some(remote)) = (&s.done, self.remote.get()) {
+            let line = crate::cluster::order::Key {
+                sender: s.sender,
+                device: s.sender_device,
+                recipient: s.recipient,
+            };
+            remote.refused_here(line, s.client_msg_id);
+        }
+    }
+
     /// Plans one reference to a group log entry per member (a copy of it
-    /// when the log is on another cluster node).
-    pub(crate) fn plan_refs(&mut self, r: RefsCmd, batch: &mut Batch) {
+    /// when the log is on another cluster node). A member whose line here
+    /// holds an older entry of the group (refused, waiting for its retry)
+    /// gets none now, and the part fails.
+    pub(crate) fn plan_refs(&mut self, mut r: RefsCmd, batch: &mut Batch) {
+        let entry = r.message.seq;
+        let before = r.members.len();
+        r.members.retain(|&member| {
+            let line = Conversation::Entries {
+                group: r.group,
+                member,
+            };
+            self.lines.admit(line, entry)
+        });
+        let held = r.members.len() < before;
+        if held {
+            self.stats.held_in_line.inc();
+        }
         let record = record_of(&r.message);
         let at = LogRef {
             log: r.group,
@@ -95,7 +141,7 @@ impl Shard {
                 record: record.clone(),
             });
         }
-        batch.plan.push(Planned::Refs(r));
+        batch.plan.push(Planned::Refs(r, held));
     }
 
     pub(crate) fn finish_send(&mut self, s: SendCmd, m: NewMessage, outcome: AppendOutcome) {
@@ -113,6 +159,10 @@ impl Shard {
             AppendOutcome::NotServed => unavailable(s.client_msg_id),
         };
         let stored = matches!(outcome, AppendOutcome::Stored(_));
+        match outcome {
+            AppendOutcome::NotServed => self.note_refused(&s),
+            _ => self.lines.answered(conversation(&s), s.client_msg_id),
+        }
         debug!(
             shard = self.id,
             inbox = s.recipient,
@@ -265,5 +315,14 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+/// The conversation a send is part of, for the lines here.
+pub(crate) fn conversation(s: &SendCmd) -> Conversation {
+    Conversation::Send {
+        sender: s.sender,
+        device: s.sender_device,
+        inbox: s.recipient,
     }
 }

@@ -14,6 +14,7 @@
 //! - `tracking`: the batch being planned and the fan-outs it waits for;
 //! - `batch`: the batch's storage write and each command's outcome;
 //! - `inbox`: one-to-one appends, live pushes, sessions, trimming;
+//! - `lines`: a conversation's order through this shard's retryable refusals;
 //! - `groups`: group sends, membership changes, receipt counts;
 //! - `fanout`: references, log pushes and broadcast lists, with recovery;
 //! - `receipts`: marks, receipt messages and status views;
@@ -25,6 +26,7 @@ mod fanout;
 mod groups;
 pub mod handle;
 mod inbox;
+mod lines;
 pub mod messages;
 mod receipts;
 mod recent;

@@ -727,6 +727,7 @@ impl super::core::Remote for MovingRemote {
     ) {
         unreachable!("no receipt counts here")
     }
+    fn refused_here(&self, _line: crate::cluster::order::Key, _id: u64) {}
 }
 
 /// While shards move, a group's entries fan out one at a time: a later
@@ -840,4 +841,119 @@ fn while_shards_move_a_groups_fan_outs_go_one_at_a_time() {
 
 fn prx_dummy() -> mpsc::UnboundedReceiver<ShardCmd> {
     mpsc::unbounded_channel().1
+}
+
+/// A store whose slots can stop being served a moment, as a replicated
+/// primary's are while it is fenced.
+fn slotted_store(dir: &std::path::Path) -> Arc<dyn InboxStore> {
+    use courier_storage::{Layout, RocksStore};
+    let store = RocksStore::open(
+        dir,
+        StoreConfig {
+            layout: Layout::Slotted {
+                owner: crate::state::keys::owner,
+            },
+            ..StoreConfig::default()
+        },
+    )
+    .unwrap();
+    Arc::new(store)
+}
+
+fn serve(store: &dyn InboxStore, all: bool) {
+    let runs = if all {
+        vec![0..courier_storage::SLOTS as u16]
+    } else {
+        Vec::new()
+    };
+    store.transfer().expect("slotted").serve_only(&runs);
+}
+
+/// Entry `seq` of group 77 for member 2, as the group's node sends it.
+fn entry_for_2(seq: u64) -> (ShardCmd, oneshot::Receiver<ErrorCode>) {
+    let (tx, rx) = oneshot::channel();
+    let message = courier_protocol::Message {
+        seq,
+        server_msg_id: 1000 + seq,
+        sender: 5,
+        sender_device: 1,
+        client_msg_id: seq,
+        timestamp_ms: 1,
+        destination: Destination::Group(77),
+        kind: MessageKind::Chat,
+        payload: Bytes::from_static(b"g"),
+    };
+    let refs = super::messages::RefsCmd {
+        group: 77,
+        message: Arc::new(message),
+        members: vec![2],
+        copy: true,
+        report: super::messages::RefsReport::Remote(tx),
+        accepted: Instant::now(),
+    };
+    (ShardCmd::Refs(refs), rx)
+}
+
+#[tokio::test]
+async fn a_send_refused_while_its_shard_is_not_served_is_not_overtaken_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = slotted_store(dir.path());
+    serve(&*store, true);
+    let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
+    let (rtx, mut rrx) = mailbox::unbounded();
+    let answer = |i: u64| shards.send(2, send(i, &rtx));
+    assert!(answer(1).await);
+    assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+
+    // Fenced a moment: 2 is refused. Served again: 3, sent before 2's
+    // retry, must not be stored ahead of it.
+    serve(&*store, false);
+    assert!(answer(2).await);
+    assert_eq!(result(&mut rrx).await.code, ErrorCode::SHARD_UNAVAILABLE);
+    serve(&*store, true);
+    assert!(answer(3).await);
+    assert_eq!(
+        result(&mut rrx).await.code,
+        ErrorCode::SHARD_UNAVAILABLE,
+        "3 waits for 2's retry"
+    );
+    assert_eq!(shards.stats.held_in_line.get(), 1);
+    assert!(answer(2).await);
+    assert_eq!(result(&mut rrx).await.seq, 2);
+    assert!(answer(3).await);
+    assert_eq!(result(&mut rrx).await.seq, 3);
+    assert!(answer(4).await);
+    assert_eq!(result(&mut rrx).await.seq, 4, "the line is gone");
+
+    // A group's entries to one member: entry 11 refused, 12 held until
+    // 11 is stored.
+    serve(&*store, false);
+    let (cmd, rx) = entry_for_2(11);
+    assert!(shards.send(2, cmd).await);
+    assert_eq!(rx.await.unwrap(), ErrorCode::SHARD_UNAVAILABLE);
+    serve(&*store, true);
+    let (cmd, rx) = entry_for_2(12);
+    assert!(shards.send(2, cmd).await);
+    assert_eq!(
+        rx.await.unwrap(),
+        ErrorCode::SHARD_UNAVAILABLE,
+        "12 waits for 11"
+    );
+    for seq in [11, 12] {
+        let (cmd, rx) = entry_for_2(seq);
+        assert!(shards.send(2, cmd).await);
+        assert_eq!(rx.await.unwrap(), ErrorCode::OK);
+    }
+    let inbox: Vec<(u64, u64)> = store
+        .read_after(2, 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.record.sender, m.record.client_msg_id))
+        .collect();
+    assert_eq!(
+        inbox,
+        [(1, 1), (1, 2), (1, 3), (1, 4), (5, 11), (5, 12)],
+        "in the order sent"
+    );
+    shards.stop().await;
 }

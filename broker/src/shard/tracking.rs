@@ -35,8 +35,10 @@ pub(crate) struct Batch {
 pub(crate) enum Planned {
     /// One inbox entry.
     Send(SendCmd),
-    /// `members.len()` inbox references.
-    Refs(RefsCmd),
+    /// `members.len()` inbox references; true when some members were held
+    /// back (their line here waits for an older entry's retry), which fails
+    /// the part.
+    Refs(RefsCmd, bool),
     /// One group log entry; `recipients` are the members it goes to.
     GroupSend {
         cmd: GroupSendCmd,

@@ -1,0 +1,276 @@
+//! A conversation's order through this shard's retryable refusals.
+//!
+//! The sender's node keeps each conversation's sends to other nodes in line
+//! (`cluster::order`), but it cannot see everything a shard decides: a
+//! shard that refuses a send retryably (its slot not served a moment: a
+//! replicated primary fenced until its lease is renewed, a shard paused
+//! for a move) and stores the conversation's next send a moment later
+//! (served again) would put them out of order once the first one's retry
+//! came. Nothing about the owner changed, so nothing else holds the later
+//! send back: not the sender's line (the first send may have been refused
+//! in the same round trip as the second went out, or on this very node),
+//! not the group's fan-out (one member's part failed; the group goes on).
+//!
+//! So a shard that refuses a conversation's send `SHARD_UNAVAILABLE` keeps
+//! that conversation in line here: until the refused send is retried, the
+//! conversation's later sends are refused too, and queue behind it in the
+//! order first seen. Three kinds of conversation: a device's sends to an
+//! inbox, a device's sends to a group (on the group's shard), and a
+//! group's entries to one member's inbox (references and copies). A line
+//! whose first send is not retried for [`GIVE_UP`] is dropped (its sender
+//! gave up; the client library retries for 30 s by default, the group's
+//! shard every second until stored).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use crate::cluster::order::GIVE_UP;
+
+/// Whose sends, to where, are kept in order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) enum Conversation {
+    /// A device's sends to an inbox.
+    Send {
+        sender: u64,
+        device: u32,
+        inbox: u64,
+    },
+    /// A device's sends to a group, on the group's shard.
+    Group {
+        sender: u64,
+        device: u32,
+        group: u64,
+    },
+    /// A group's entries to a member's inbox.
+    Entries { group: u64, member: u64 },
+}
+
+/// Refused sends of one conversation, oldest first.
+struct Line {
+    /// The place given to the next send not seen before.
+    next: u64,
+    /// Refused sends by place: the first goes next.
+    refused: BTreeMap<u64, u64>,
+    /// Sends let through since the shard last wrote (its batch): with
+    /// their places, which they take again if refused once more.
+    going: Vec<(u64, u64)>,
+    /// When the first refused send became first or was last seen.
+    since: Instant,
+}
+
+impl Line {
+    fn new(now: Instant) -> Line {
+        Line {
+            next: 0,
+            refused: BTreeMap::new(),
+            going: Vec::new(),
+            since: now,
+        }
+    }
+
+    fn place_of(&self, id: u64) -> Option<u64> {
+        self.refused.iter().find(|(_, &r)| r == id).map(|(&p, _)| p)
+    }
+
+    fn fresh(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+}
+
+/// The conversations this shard keeps in line (only while one holds a
+/// refused send).
+#[derive(Default)]
+pub(crate) struct Lines {
+    lines: HashMap<Conversation, Line>,
+}
+
+impl Lines {
+    /// Whether send `id` of `c` may be written now: yes unless an older
+    /// refused send of `c` waits for its retry, in which case `id` joins
+    /// the line (and is refused). Several may go in one batch, in line.
+    pub(crate) fn admit(&mut self, c: Conversation, id: u64) -> bool {
+        self.lines.is_empty() || self.admit_at(c, id, Instant::now())
+    }
+
+    /// Send `id` of `c` was refused `SHARD_UNAVAILABLE`: it keeps (or
+    /// takes) its place in the line.
+    pub(crate) fn refused(&mut self, c: Conversation, id: u64) {
+        self.refused_at(c, id, Instant::now());
+    }
+
+    /// Send `id` of `c` has its answer (stored, or refused for good): the
+    /// next in line, if any, goes next.
+    pub(crate) fn answered(&mut self, c: Conversation, id: u64) {
+        if !self.lines.is_empty() {
+            self.answered_at(c, id, Instant::now());
+        }
+    }
+
+    fn admit_at(&mut self, c: Conversation, id: u64, now: Instant) -> bool {
+        let Some(line) = self.lines.get_mut(&c) else {
+            return true;
+        };
+        if line.going.is_empty() && now.duration_since(line.since) > GIVE_UP {
+            // Its first send was given up.
+            self.lines.remove(&c);
+            return true;
+        }
+        let first = line.refused.first_key_value().map(|(&p, &r)| (p, r));
+        match first {
+            // Nothing waits (only sends let through in this batch, which
+            // it follows).
+            None => true,
+            Some((place, first)) if first == id => {
+                line.refused.remove(&place);
+                line.going.push((place, id));
+                line.since = now;
+                true
+            }
+            Some(_) => {
+                if line.place_of(id).is_none() && !line.going.iter().any(|g| g.1 == id) {
+                    let place = line.fresh();
+                    line.refused.insert(place, id);
+                }
+                false
+            }
+        }
+    }
+
+    fn refused_at(&mut self, c: Conversation, id: u64, now: Instant) {
+        let line = self.lines.entry(c).or_insert_with(|| Line::new(now));
+        let place = match line.going.iter().position(|g| g.1 == id) {
+            Some(i) => Some(line.going.swap_remove(i).0),
+            None => line.place_of(id),
+        };
+        let place = place.unwrap_or_else(|| line.fresh());
+        line.refused.insert(place, id);
+        if line.refused.first_key_value().map(|(_, &r)| r) == Some(id) {
+            line.since = now;
+        }
+    }
+
+    fn answered_at(&mut self, c: Conversation, id: u64, now: Instant) {
+        let Some(line) = self.lines.get_mut(&c) else {
+            return;
+        };
+        line.going.retain(|g| g.1 != id);
+        if let Some(place) = line.place_of(id) {
+            line.refused.remove(&place);
+        }
+        line.since = now;
+        if line.refused.is_empty() && line.going.is_empty() {
+            self.lines.remove(&c);
+        }
+    }
+
+    /// Drops the lines whose first send was not retried for [`GIVE_UP`].
+    pub(crate) fn expire(&mut self, now: Instant) {
+        if !self.lines.is_empty() {
+            self.lines.retain(|_, line| {
+                !line.going.is_empty() || now.duration_since(line.since) <= GIVE_UP
+            });
+        }
+    }
+
+    /// Conversations held in line now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lines.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const C: Conversation = Conversation::Send {
+        sender: 1,
+        device: 1,
+        inbox: 2,
+    };
+
+    #[test]
+    fn nothing_is_held_until_a_send_is_refused() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        assert!(l.admit_at(C, 1, now));
+        l.answered_at(C, 1, now);
+        assert!(l.admit_at(C, 2, now));
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn after_a_refusal_later_sends_wait_for_its_retry_in_the_order_seen() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        l.refused_at(C, 1, now);
+        assert!(!l.admit_at(C, 2, now), "2 waits for 1's retry");
+        assert!(!l.admit_at(C, 3, now));
+        assert!(!l.admit_at(C, 3, now), "3 keeps its place");
+        assert!(!l.admit_at(C, 2, now), "2 is behind 1");
+        assert!(l.admit_at(C, 1, now), "1's retry");
+        l.refused_at(C, 1, now);
+        assert!(!l.admit_at(C, 2, now), "1 was refused again: still first");
+        assert!(l.admit_at(C, 1, now));
+        l.answered_at(C, 1, now);
+        assert!(!l.admit_at(C, 3, now), "2 is before 3");
+        assert!(l.admit_at(C, 2, now));
+        l.answered_at(C, 2, now);
+        assert!(l.admit_at(C, 3, now));
+        l.answered_at(C, 3, now);
+        assert_eq!(l.len(), 0);
+        let other = Conversation::Entries {
+            group: 9,
+            member: 2,
+        };
+        l.refused_at(C, 4, now);
+        assert!(
+            l.admit_at(other, 5, now),
+            "other conversations are not held"
+        );
+    }
+
+    #[test]
+    fn retries_in_line_go_together_in_one_batch_and_keep_their_places_if_refused_again() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        for id in [4, 5, 6] {
+            l.refused_at(C, id, now);
+        }
+        // The group's tick sends 4, 5 and 6 again in one batch, then a
+        // new 7: all in line order.
+        for id in [4, 5, 6, 7] {
+            assert!(l.admit_at(C, id, now), "{id}");
+        }
+        // Refused again (still not served): back in their places.
+        for id in [5, 4, 7, 6] {
+            l.refused_at(C, id, now);
+        }
+        assert!(!l.admit_at(C, 5, now), "4 is first");
+        assert!(l.admit_at(C, 4, now));
+        l.answered_at(C, 4, now);
+        assert!(!l.admit_at(C, 6, now), "5 is next");
+        assert!(l.admit_at(C, 5, now));
+        assert!(l.admit_at(C, 6, now));
+        assert!(l.admit_at(C, 7, now));
+        for id in [5, 6, 7] {
+            l.answered_at(C, id, now);
+        }
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn a_line_whose_first_send_is_not_retried_is_dropped() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        l.refused_at(C, 1, now);
+        let later = now + GIVE_UP - Duration::from_millis(1);
+        assert!(!l.admit_at(C, 2, later));
+        assert!(l.admit_at(C, 2, now + GIVE_UP + Duration::from_secs(1)));
+        l.refused_at(C, 7, now);
+        l.expire(now + GIVE_UP + Duration::from_secs(1));
+        assert_eq!(l.len(), 0);
+    }
+}
