@@ -2,7 +2,8 @@
 //!
 //! Open to whoever reaches the admin port (bind it to a private address):
 //! - `GET /healthz`: the process is alive;
-//! - `GET /readyz`: storage open and listeners up (503 while shutting down);
+//! - `GET /readyz`: storage open and listeners up (503 while shutting down,
+//!   and while a replicating cluster node's lease may have expired);
 //! - `GET /metrics`: Prometheus text format.
 //!
 //! Operator requests need `Authorization: Bearer <admin token>` (`courier
@@ -123,9 +124,23 @@ async fn respond(mut stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()>
     stream.shutdown().await
 }
 
+/// A replicating cluster node whose lease may have expired serves none of
+/// its shards, and its view of the map may be stale: its clients are
+/// better off on another node.
+fn lease_lost(node: &Node) -> bool {
+    node.cluster
+        .get()
+        .and_then(|c| c.replication.get())
+        .is_some_and(|r| r.lease_lost())
+}
+
 async fn route(node: &Arc<Node>, method: &str, path: &str, bearer: Option<&str>) -> Answer {
     match (method, path) {
         ("GET", "/healthz") => Answer::text("200 OK", "ok\n"),
+        ("GET", "/readyz") if lease_lost(node) => Answer::text(
+            "503 Service Unavailable",
+            "not ready: this node may have lost its etcd lease (its replicated shards are fenced)\n",
+        ),
         ("GET", "/readyz") if node.ready.load(Ordering::SeqCst) => {
             Answer::text("200 OK", "ready\n")
         }

@@ -276,6 +276,7 @@ impl ShardMetrics {
         for c in [
             &self.messages_stored,
             &self.duplicates,
+            &self.held_in_line,
             &self.live_pushes,
             &self.demotions,
             &self.storage_errors,

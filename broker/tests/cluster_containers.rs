@@ -739,6 +739,153 @@ mod replication {
         since.elapsed()
     }
 
+    /// The failover time: from a fault to the first send
+    /// acknowledged on the new primary, for a recipient whose shard the
+    /// faulted node led. A sender whose own shard another node leads, if
+    /// one does (so its session lives on), sends through HAProxy once the
+    /// fault's command has returned: one message, sent again with its id
+    /// every 20 ms (whether or not the last try was answered: a refusal
+    /// comes at once, the client library does not retry here) until
+    /// acknowledged, reconnecting if its connection goes. The first acknowledgement of a send fired after
+    /// that ends it (60 s at most). A node cut off from etcd alone still
+    /// leads its shards until it fences itself: there only sends fired
+    /// after its first refusal count.
+    struct FailoverProbe {
+        go: std::sync::mpsc::Sender<(Instant, bool)>,
+        done: std::thread::JoinHandle<Option<Duration>>,
+    }
+
+    /// What became of one of the probe's sends: fired at, its client
+    /// message id, acknowledged at (`None`: refused or failed).
+    type Outcome = (Instant, u64, Option<Instant>);
+
+    impl FailoverProbe {
+        /// Connected and ready, before the fault on `node`.
+        fn ready(d: &Deployment, node: &str, first_user: u64) -> FailoverProbe {
+            let watcher = NODES.iter().find(|n| **n != node).unwrap();
+            let shards: Value = d
+                .get(watcher, "/admin/cluster/shards")
+                .and_then(|b| serde_json::from_str(&b).ok())
+                .expect("the shards' owners");
+            let owner = |user: u64| {
+                let shard =
+                    courier_storage::shard_of_slot(courier_storage::slot_of(user), SHARDS as u32);
+                shards["shards"][shard as usize]["owner"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let mut users = (first_user + 1_000..first_user + 11_000).map(|u| (u, owner(u)));
+            let recipient = users
+                .find(|(_, o)| o == node)
+                .expect("a user of the node")
+                .0;
+            // A node may lead every shard after earlier failovers (leaders
+            // are not rebalanced): then the sender's session goes too, and
+            // the first acknowledgement waits for both failovers.
+            let sender = users
+                .find(|(_, o)| o != node)
+                .map_or(recipient + 1, |(u, _)| u);
+            let addr = d.clients_addr();
+            let token = load_or_create_secret(&d.secret).unwrap().mint(Claims {
+                user_id: sender,
+                device_id: 1,
+                expires_at_s: u64::MAX / 2,
+            });
+            let (go, fault) = std::sync::mpsc::channel();
+            let (connected_tx, connected) = std::sync::mpsc::channel();
+            let done = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let connect = || {
+                        let mut config = ClientConfig::new(addr.clone(), sender, 1, token.clone());
+                        config.unavailable_retry = Duration::ZERO;
+                        async move {
+                            let connecting = Client::connect(config);
+                            match tokio::time::timeout(Duration::from_secs(2), connecting).await {
+                                Ok(Ok((c, _))) => Some(std::sync::Arc::new(c)),
+                                _ => None,
+                            }
+                        }
+                    };
+                    let mut client = None;
+                    for _ in 0..40 {
+                        client = connect().await;
+                        if client.is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    let _ = connected_tx.send(client.is_some());
+                    let (t0, after_refusal): (Instant, bool) = fault.recv().ok()?;
+                    let mut counts_from = (!after_refusal).then(Instant::now);
+                    // One message at a time, retried with its id (as a
+                    // phone retries) until acknowledged; a new one after an
+                    // acknowledgement that does not count yet.
+                    let mut id = (sender << 20) | (t0.elapsed().as_nanos() as u64 & 0xFFFF);
+                    let (outcome_tx, mut outcomes) =
+                        tokio::sync::mpsc::unbounded_channel::<Outcome>();
+                    let mut tick = tokio::time::interval(Duration::from_millis(20));
+                    while t0.elapsed() < Duration::from_secs(60) {
+                        tokio::select! {
+                            Some((fired, sent, acked)) = outcomes.recv() => {
+                                match acked {
+                                    Some(at) if counts_from.is_some_and(|from| fired >= from) => {
+                                        return Some(at - t0);
+                                    }
+                                    Some(_) if sent == id => id += 1,
+                                    Some(_) => {}
+                                    None => {
+                                        counts_from.get_or_insert_with(Instant::now);
+                                    }
+                                }
+                                continue;
+                            }
+                            _ = tick.tick() => {}
+                        }
+                        if !client.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+                            client = connect().await;
+                        }
+                        let Some(c) = client.clone() else { continue };
+                        let outcome_tx = outcome_tx.clone();
+                        tokio::spawn(async move {
+                            let fired = Instant::now();
+                            let to = Destination::User(recipient);
+                            let send = c.send_with_id(id, to, MessageKind::Chat, "probe".into());
+                            let acked = tokio::time::timeout(Duration::from_secs(10), send).await;
+                            let at = matches!(acked, Ok(Ok(_))).then(Instant::now);
+                            let _ = outcome_tx.send((fired, id, at));
+                        });
+                    }
+                    None
+                })
+            });
+            assert!(
+                connected
+                    .recv_timeout(Duration::from_secs(30))
+                    .unwrap_or(false),
+                "the failover probe connected"
+            );
+            FailoverProbe { go, done }
+        }
+
+        /// The fault's command, issued at `t0`, has returned: sends begin.
+        fn fire(&self, t0: Instant, after_refusal: bool) {
+            let _ = self.go.send((t0, after_refusal));
+        }
+
+        /// From the fault to the first send acknowledged on the new primary.
+        fn first_ack(self) -> Duration {
+            self.done
+                .join()
+                .expect("the probe's thread")
+                .expect("a send to the failed node's user acknowledged within 60 s")
+        }
+    }
+
     /// Waits until all three copies of every shard agree (a digest each).
     fn copies_agree(d: &Deployment) {
         let deadline = Instant::now() + CLUSTER_WAIT;
@@ -806,31 +953,57 @@ mod replication {
         under_load(&d, "primaries killed twice", 11_000_000, || {
             for _ in 0..2 {
                 let node = busiest(&d);
+                let probe = FailoverProbe::ready(&d, node, 11_000_000);
+                let t0 = Instant::now();
                 docker(&["kill", &d.container(node)]);
-                failovers.push((node, "SIGKILL", promoted_away(&d, node, Instant::now())));
+                probe.fire(t0, false);
+                let promoted = promoted_away(&d, node, Instant::now());
+                failovers.push((node, "SIGKILL", promoted, probe.first_ack()));
                 docker(&["start", &d.container(node)]);
                 all_in_sync(&d, "courier-1", "the killed node back in sync");
             }
         });
         under_load(&d, "a primary cut off from everything", 12_000_000, || {
             let node = busiest(&d);
+            let probe = FailoverProbe::ready(&d, node, 12_000_000);
+            let t0 = Instant::now();
             d.disconnect(node, &both);
-            failovers.push((node, "cut off", promoted_away(&d, node, Instant::now())));
+            probe.fire(t0, false);
+            let promoted = promoted_away(&d, node, Instant::now());
+            failovers.push((node, "cut off", promoted, probe.first_ack()));
             d.reconnect(node, &both);
             all_in_sync(&d, node, "the cut-off node back in sync");
         });
         under_load(&d, "a primary cut off from etcd only", 13_000_000, || {
             let node = busiest(&d);
             let control = [d.control_network()];
+            let probe = FailoverProbe::ready(&d, node, 13_000_000);
+            let t0 = Instant::now();
             d.disconnect(node, &control);
-            failovers.push((node, "etcd cut", promoted_away(&d, node, Instant::now())));
+            probe.fire(t0, true);
+            let promoted = promoted_away(&d, node, Instant::now());
+            // Fenced, it is not ready: HAProxy moves its clients to nodes
+            // that reach etcd (their sessions would otherwise stay on a
+            // node whose map is stale for as long as the cut lasts).
+            let readiness = d.get(node, "/readyz").unwrap_or_default();
+            assert!(readiness.starts_with("not ready"), "{node}: {readiness}");
+            failovers.push((node, "etcd cut", promoted, probe.first_ack()));
             d.reconnect(node, &control);
             all_in_sync(&d, node, "the node cut from etcd back in sync");
+            let deadline = Instant::now() + CLUSTER_WAIT;
+            while d.get(node, "/readyz").as_deref() != Some("ready\n") {
+                assert!(Instant::now() < deadline, "{node} ready again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         });
         under_load(&d, "a primary paused past its lease", 14_000_000, || {
             let node = busiest(&d);
+            let probe = FailoverProbe::ready(&d, node, 14_000_000);
+            let t0 = Instant::now();
             docker(&["pause", &d.container(node)]);
-            failovers.push((node, "paused", promoted_away(&d, node, Instant::now())));
+            probe.fire(t0, false);
+            let promoted = promoted_away(&d, node, Instant::now());
+            failovers.push((node, "paused", promoted, probe.first_ack()));
             std::thread::sleep(Duration::from_secs(1));
             docker(&["unpause", &d.container(node)]);
             all_in_sync(&d, node, "the paused node back in sync");
@@ -842,12 +1015,12 @@ mod replication {
             || {
                 let node = busiest(&d);
                 let leader = etcd_leader(&d);
+                let probe = FailoverProbe::ready(&d, node, 15_000_000);
+                let t0 = Instant::now();
                 docker(&["kill", &d.container(node), &d.container(&leader)]);
-                failovers.push((
-                    node,
-                    "with etcd's leader",
-                    promoted_away(&d, node, Instant::now()),
-                ));
+                probe.fire(t0, false);
+                let promoted = promoted_away(&d, node, Instant::now());
+                failovers.push((node, "with etcd's leader", promoted, probe.first_ack()));
                 docker(&["start", &d.container(&leader), &d.container(node)]);
                 all_in_sync(&d, node, "back in sync after etcd's new leader");
             },
@@ -855,17 +1028,22 @@ mod replication {
         under_load(&d, "a node's disk lost", 16_000_000, || {
             let node = busiest(&d);
             let volume = format!("{}_{node}", d.project);
+            let probe = FailoverProbe::ready(&d, node, 16_000_000);
+            let t0 = Instant::now();
             docker(&["rm", "-f", &d.container(node)]);
+            probe.fire(t0, false);
             docker(&["volume", "rm", &volume]);
-            failovers.push((node, "disk lost", promoted_away(&d, node, Instant::now())));
+            let promoted = promoted_away(&d, node, Instant::now());
+            failovers.push((node, "disk lost", promoted, probe.first_ack()));
             d.compose(&["up", "-d", "--no-build", node]);
             all_in_sync(&d, node, "the node with a new disk rebuilt every copy");
             lost_disk = Some(node);
         });
-        for (node, how, took) in &failovers {
+        for (node, how, promoted, first_ack) in &failovers {
             println!(
-                "failover: {node} ({how}): its shards promoted in {} ms",
-                took.as_millis()
+                "failover: {node} ({how}): its shards promoted after {} ms, the first send to one of its users acknowledged {} ms after the fault",
+                promoted.as_millis(),
+                first_ack.as_millis()
             );
         }
         copies_agree(&d);

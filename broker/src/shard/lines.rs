@@ -45,6 +45,17 @@ pub(crate) enum Conversation {
     Entries { group: u64, member: u64 },
 }
 
+impl Conversation {
+    /// Whether its ids are in the order sent (a group's entries: their
+    /// sequence in the log). Then an id older than the first refused one
+    /// passes (an entry sent before it, or a retry of one stored: holding
+    /// it would hold the group, which sends its entries again oldest
+    /// first), and a refused one takes its place by id.
+    fn ordered(&self) -> bool {
+        matches!(self, Conversation::Entries { .. })
+    }
+}
+
 /// Refused sends of one conversation, oldest first.
 struct Line {
     /// The place given to the next send not seen before.
@@ -127,9 +138,10 @@ impl Lines {
                 line.since = now;
                 true
             }
+            Some((_, first)) if c.ordered() && id < first => true,
             Some(_) => {
                 if line.place_of(id).is_none() && !line.going.iter().any(|g| g.1 == id) {
-                    let place = line.fresh();
+                    let place = if c.ordered() { id } else { line.fresh() };
                     line.refused.insert(place, id);
                 }
                 false
@@ -143,7 +155,7 @@ impl Lines {
             Some(i) => Some(line.going.swap_remove(i).0),
             None => line.place_of(id),
         };
-        let place = place.unwrap_or_else(|| line.fresh());
+        let place = place.unwrap_or_else(|| if c.ordered() { id } else { line.fresh() });
         line.refused.insert(place, id);
         if line.refused.first_key_value().map(|(_, &r)| r) == Some(id) {
             line.since = now;
@@ -154,11 +166,17 @@ impl Lines {
         let Some(line) = self.lines.get_mut(&c) else {
             return;
         };
+        // The line moved on if `id` was the one let through, or first.
+        let going = line.going.len();
         line.going.retain(|g| g.1 != id);
+        let mut moved = line.going.len() < going;
         if let Some(place) = line.place_of(id) {
+            moved |= line.refused.first_key_value().map(|(&p, _)| p) == Some(place);
             line.refused.remove(&place);
         }
-        line.since = now;
+        if moved {
+            line.since = now;
+        }
         if line.refused.is_empty() && line.going.is_empty() {
             self.lines.remove(&c);
         }
@@ -259,6 +277,51 @@ mod tests {
             l.answered_at(C, id, now);
         }
         assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn a_groups_older_entries_pass_a_members_line_and_refused_ones_keep_the_groups_order() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        let m = Conversation::Entries {
+            group: 9,
+            member: 2,
+        };
+        l.refused_at(m, 46, now);
+        // The group sends 35 again (stored here already, or not yet): it
+        // was sent before 46, so it passes; 50 waits.
+        assert!(l.admit_at(m, 35, now));
+        l.answered_at(m, 35, now);
+        assert!(!l.admit_at(m, 50, now));
+        // 40 refused too: it goes before 46.
+        l.refused_at(m, 40, now);
+        assert!(!l.admit_at(m, 46, now), "40 is first now");
+        for id in [40, 46, 50] {
+            assert!(l.admit_at(m, id, now), "{id}");
+        }
+        for id in [40, 46, 50] {
+            l.answered_at(m, id, now);
+        }
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn answers_of_sends_not_in_line_do_not_keep_a_line_alive() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        let m = Conversation::Entries {
+            group: 9,
+            member: 2,
+        };
+        l.refused_at(m, 46, now);
+        // Older entries keep passing and being answered; 46 never comes.
+        for (i, id) in (1..30).enumerate() {
+            let at = now + Duration::from_secs(i as u64);
+            assert!(l.admit_at(m, id, at));
+            l.answered_at(m, id, at);
+        }
+        l.expire(now + GIVE_UP + Duration::from_secs(1));
+        assert_eq!(l.len(), 0, "46 was given up");
     }
 
     #[test]

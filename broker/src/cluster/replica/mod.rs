@@ -585,6 +585,13 @@ impl Replication {
         }
     }
 
+    /// Whether this node's lease may have expired, so that it serves none
+    /// of its replicated shards (`GET /readyz` says not ready: a load
+    /// balancer moves its clients to nodes that can reach etcd).
+    pub fn lease_lost(&self) -> bool {
+        self.primaries.lock().expect("primaries lock").fenced
+    }
+
     /// What this node holds of every shard it leads or copies, for
     /// comparing copies (`GET /admin/cluster/digests`). Blocking.
     pub fn digests(&self, view: &View) -> serde_json::Value {
