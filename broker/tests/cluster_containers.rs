@@ -846,7 +846,7 @@ mod replication {
                             }
                             _ = tick.tick() => {}
                         }
-                        if !client.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+                        if client.as_ref().is_none_or(|c| c.close_reason().is_some()) {
                             client = connect().await;
                         }
                         let Some(c) = client.clone() else { continue };

@@ -861,12 +861,13 @@ fn slotted_store(dir: &std::path::Path) -> Arc<dyn InboxStore> {
 }
 
 fn serve(store: &dyn InboxStore, all: bool) {
-    let runs = if all {
-        vec![0..courier_storage::SLOTS as u16]
+    let all_slots = 0..courier_storage::SLOTS as u16;
+    let runs: &[std::ops::Range<u16>] = if all {
+        std::slice::from_ref(&all_slots)
     } else {
-        Vec::new()
+        &[]
     };
-    store.transfer().expect("slotted").serve_only(&runs);
+    store.transfer().expect("slotted").serve_only(runs);
 }
 
 /// Entry `seq` of group 77 for member 2, as the group's node sends it.
