@@ -76,9 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             // A cluster node's shards move: each is a run of slots, one key
             // range per space.
             layout: if config.cluster.enabled() {
-                Layout::Slotted {
-                    owner: crate::state::keys::owner,
-                }
+                crate::state::keys::slotted()
             } else {
                 Layout::Flat
             },

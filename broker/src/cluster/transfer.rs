@@ -874,17 +874,12 @@ mod tests {
 
     /// Node "a"'s slots over a slotted store in `dir`.
     fn slots_of_a(dir: &std::path::Path) -> Arc<Slots> {
-        use courier_storage::{Layout, RocksStore, StoreConfig};
-        let store = RocksStore::open(
-            dir,
-            StoreConfig {
-                layout: Layout::Slotted {
-                    owner: crate::state::keys::owner,
-                },
-                ..StoreConfig::default()
-            },
-        )
-        .unwrap();
+        use courier_storage::{RocksStore, StoreConfig};
+        let config = StoreConfig {
+            layout: crate::state::keys::slotted(),
+            ..StoreConfig::default()
+        };
+        let store = RocksStore::open(dir, config).unwrap();
         let metrics = Metrics::new(&crate::metrics::ShardMetrics::new(1));
         Slots::new(Arc::new(store), "a".into(), &metrics)
     }

@@ -127,13 +127,8 @@ impl Shard {
             return;
         }
         self.lines.refused(line, cmd.client_msg_id);
-        if let (GroupReply::Session(_), Some(remote)) = (&cmd.reply, self.remote.get()) {
-            let line = crate::cluster::order::Key {
-                sender: cmd.sender,
-                device: cmd.sender_device,
-                recipient: cmd.group,
-            };
-            remote.refused_here(line, cmd.client_msg_id);
+        if matches!(cmd.reply, GroupReply::Session(_)) {
+            self.refused_here(cmd.sender, cmd.sender_device, cmd.group, cmd.client_msg_id);
         }
     }
 

@@ -91,13 +91,22 @@ impl Shard {
     /// node too (a later send may go to the shard's next owner).
     pub(crate) fn note_refused(&mut self, s: &SendCmd) {
         self.lines.refused(conversation(s), s.client_msg_id);
-        if let (Completion::Reply(_), Some(remote)) = (&s.done, self.remote.get()) {
+        if matches!(s.done, Completion::Reply(_)) {
+            self.refused_here(s.sender, s.sender_device, s.recipient, s.client_msg_id);
+        }
+    }
+
+    /// A session's send `id` from (`sender`, `device`) to `to` (an inbox
+    /// or a group) was refused by this node: the node's line for that
+    /// conversation holds the sends after it (see `Remote::refused_here`).
+    pub(crate) fn refused_here(&self, sender: u64, device: u32, to: u64, id: u64) {
+        if let Some(remote) = self.remote.get() {
             let line = crate::cluster::order::Key {
-                sender: s.sender,
-                device: s.sender_device,
-                recipient: s.recipient,
+                sender,
+                device,
+                recipient: to,
             };
-            remote.refused_here(line, s.client_msg_id);
+            remote.refused_here(line, id);
         }
     }
 

@@ -208,6 +208,11 @@ mod tests {
         device: 1,
         inbox: 2,
     };
+    /// Group 9's entries to member 2.
+    const M: Conversation = Conversation::Entries {
+        group: 9,
+        member: 2,
+    };
 
     #[test]
     fn nothing_is_held_until_a_send_is_refused() {
@@ -283,24 +288,20 @@ mod tests {
     fn a_groups_older_entries_pass_a_members_line_and_refused_ones_keep_the_groups_order() {
         let now = Instant::now();
         let mut l = Lines::default();
-        let m = Conversation::Entries {
-            group: 9,
-            member: 2,
-        };
-        l.refused_at(m, 46, now);
+        l.refused_at(M, 46, now);
         // The group sends 35 again (stored here already, or not yet): it
         // was sent before 46, so it passes; 50 waits.
-        assert!(l.admit_at(m, 35, now));
-        l.answered_at(m, 35, now);
-        assert!(!l.admit_at(m, 50, now));
+        assert!(l.admit_at(M, 35, now));
+        l.answered_at(M, 35, now);
+        assert!(!l.admit_at(M, 50, now));
         // 40 refused too: it goes before 46.
-        l.refused_at(m, 40, now);
-        assert!(!l.admit_at(m, 46, now), "40 is first now");
+        l.refused_at(M, 40, now);
+        assert!(!l.admit_at(M, 46, now), "40 is first now");
         for id in [40, 46, 50] {
-            assert!(l.admit_at(m, id, now), "{id}");
+            assert!(l.admit_at(M, id, now), "{id}");
         }
         for id in [40, 46, 50] {
-            l.answered_at(m, id, now);
+            l.answered_at(M, id, now);
         }
         assert_eq!(l.len(), 0);
     }
@@ -309,16 +310,12 @@ mod tests {
     fn answers_of_sends_not_in_line_do_not_keep_a_line_alive() {
         let now = Instant::now();
         let mut l = Lines::default();
-        let m = Conversation::Entries {
-            group: 9,
-            member: 2,
-        };
-        l.refused_at(m, 46, now);
+        l.refused_at(M, 46, now);
         // Older entries keep passing and being answered; 46 never comes.
         for (i, id) in (1..30).enumerate() {
             let at = now + Duration::from_secs(i as u64);
-            assert!(l.admit_at(m, id, at));
-            l.answered_at(m, id, at);
+            assert!(l.admit_at(M, id, at));
+            l.answered_at(M, id, at);
         }
         l.expire(now + GIVE_UP + Duration::from_secs(1));
         assert_eq!(l.len(), 0, "46 was given up");

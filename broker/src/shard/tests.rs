@@ -846,18 +846,11 @@ fn prx_dummy() -> mpsc::UnboundedReceiver<ShardCmd> {
 /// A store whose slots can stop being served a moment, as a replicated
 /// primary's are while it is fenced.
 fn slotted_store(dir: &std::path::Path) -> Arc<dyn InboxStore> {
-    use courier_storage::{Layout, RocksStore};
-    let store = RocksStore::open(
-        dir,
-        StoreConfig {
-            layout: Layout::Slotted {
-                owner: crate::state::keys::owner,
-            },
-            ..StoreConfig::default()
-        },
-    )
-    .unwrap();
-    Arc::new(store)
+    let config = StoreConfig {
+        layout: crate::state::keys::slotted(),
+        ..StoreConfig::default()
+    };
+    Arc::new(courier_storage::RocksStore::open(dir, config).unwrap())
 }
 
 fn serve(store: &dyn InboxStore, all: bool) {

@@ -84,6 +84,12 @@ pub fn owner(k: &[u8]) -> Option<u64> {
     }
 }
 
+/// A cluster node's store layout: each shard a run of slots, one key
+/// range per space, keys placed by [`owner`].
+pub fn slotted() -> courier_storage::Layout {
+    courier_storage::Layout::Slotted { owner }
+}
+
 /// The last id of a key (the group of a `U` row, the user of a `C` row...).
 pub fn last_id(k: &[u8]) -> Option<u64> {
     k.len().checked_sub(8).and_then(|at| be_u64(k, at))
