@@ -256,6 +256,11 @@ impl Cluster {
         self.view.borrow().clone()
     }
 
+    /// Every view from now on, as it is read.
+    pub fn views(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
     pub fn node_id(&self) -> &str {
         &self.settings.node_id
     }

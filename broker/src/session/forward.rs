@@ -7,7 +7,9 @@
 //!
 //! Either side closing ends both: the client's end-of-stream is passed on
 //! (the owner ends the session as for any client), and the owner's close
-//! (its goodbye included) is passed back. Bounds: one read buffer each way
+//! (its goodbye included) is passed back. This node closes it too when the
+//! owner's link is lost, or when its view gives the user's shard to another
+//! node (the client reconnects, and is forwarded to the new owner). Bounds: one read buffer each way
 //! (at most 64 KiB), no queue between them: a slow client slows its reads
 //! from the owner, whose session then lags as for a slow direct client.
 
@@ -55,6 +57,27 @@ pub(crate) async fn run<R: NetRead, W: NetWrite>(
     // connection could hang that long or longer (the owner's socket sees
     // nothing of a cut), so it is closed then and the client reconnects.
     let owner_lost = cluster.links.peer(&f.owner).map(|p| p.connection_lost());
+    // Or when this node's view gives the user's shard to another node: the
+    // owner may not know yet (cut off from etcd, it keeps the session and
+    // refuses its sends for as long as the cut lasts), and the client does
+    // better reconnecting to the new owner.
+    let mut views = cluster.views();
+    let (user, forwarded_to) = (f.user, f.owner.clone());
+    let moved = async move {
+        loop {
+            let elsewhere = views
+                .borrow_and_update()
+                .owner_of(user)
+                .and_then(|(_, owner)| owner)
+                .is_some_and(|owner| owner.node != forwarded_to);
+            if elsewhere {
+                return;
+            }
+            if views.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    };
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&f.to)).await {
         Ok(Ok(s)) => s,
         failed => {
@@ -110,12 +133,18 @@ pub(crate) async fn run<R: NetRead, W: NetWrite>(
         // allowed: the connection closes.
         let up = async {
             tokio::pin!(watch);
+            tokio::pin!(moved);
             loop {
                 let read = tokio::select! {
                     r = frames.rd.read_some(&mut frames.buf, CHUNK) => r,
                     _ = owner_closed.cancelled() => return CloseReason::Forwarded,
                     () = &mut watch => {
                         debug!(user = f.user, owner = %f.owner, "owner's link lost; closing");
+                        owner_gone.cancel();
+                        return CloseReason::Unavailable;
+                    }
+                    () = &mut moved => {
+                        debug!(user = f.user, owner = %f.owner, "the user's shard has another owner; closing");
                         owner_gone.cancel();
                         return CloseReason::Unavailable;
                     }
