@@ -9,8 +9,6 @@ use courier_storage::{AppendOutcome, NewMessage, StoredMessage};
 use tracing::{debug, error, warn};
 
 use super::core::Shard;
-use super::inbox::conversation;
-use super::lines::Conversation;
 use super::messages::{failed, Completion, Delivery, ShardCmd};
 use super::tracking::{Batch, Planned};
 use crate::error::BrokerError;
@@ -84,30 +82,18 @@ impl Shard {
         let retryable = code == ErrorCode::SHARD_UNAVAILABLE;
         match p {
             Planned::Send(s) => {
-                if retryable {
-                    self.note_refused(&s);
-                } else {
-                    self.lines.answered(conversation(&s), s.client_msg_id);
-                }
+                self.send_answered(&s, retryable);
                 let result = failed(s.client_msg_id, code);
                 self.complete(s.done, result, false);
             }
             Planned::Refs(r, _) => {
                 for &member in &r.members {
-                    let line = Conversation::Entries {
-                        group: r.group,
-                        member,
-                    };
-                    if retryable {
-                        self.lines.refused(line, r.message.seq);
-                    } else {
-                        self.lines.answered(line, r.message.seq);
-                    }
+                    self.entry_answered(r.group, member, r.message.seq, retryable);
                 }
                 self.report_refs(r.report, r.group, r.message.seq, code)
             }
             Planned::GroupSend { cmd, .. } => {
-                self.group_send_refused(&cmd, retryable);
+                self.group_send_answered(&cmd, retryable);
                 cmd.reply.send(failed(cmd.client_msg_id, code))
             }
         }
@@ -131,14 +117,8 @@ impl Shard {
                 };
                 for _ in 0..r.members.len() {
                     let (m, outcome) = outcomes.next().expect("one outcome per reference");
-                    let line = Conversation::Entries {
-                        group: r.group,
-                        member: m.inbox,
-                    };
-                    match outcome {
-                        AppendOutcome::NotServed => self.lines.refused(line, r.message.seq),
-                        _ => self.lines.answered(line, r.message.seq),
-                    }
+                    let refused = outcome == AppendOutcome::NotServed;
+                    self.entry_answered(r.group, m.inbox, r.message.seq, refused);
                     debug!(
                         shard = self.id,
                         group = r.group,

@@ -72,14 +72,14 @@ impl Shard {
                 .filter(|&u| u != cmd.sender)
                 .collect(),
             Ok(_) => {
-                self.group_send_refused(&cmd, false);
+                self.group_send_answered(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::NOT_A_MEMBER));
                 return;
             }
             Err(e) => {
                 error!(shard = self.id, error = %e, "loading a group failed");
-                self.group_send_refused(&cmd, false);
+                self.group_send_answered(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL));
                 return;
@@ -92,7 +92,7 @@ impl Shard {
             // An older send of the member's was refused here and waits for
             // its retry (see `lines`).
             self.stats.held_in_line.inc();
-            self.group_send_refused(&cmd, true);
+            self.group_send_answered(&cmd, true);
             cmd.reply.send(unavailable(cmd.client_msg_id));
             return;
         }
@@ -117,12 +117,12 @@ impl Shard {
     }
 
     /// Group send `cmd` is answered without its entry being readable:
-    /// `retryable` (`SHARD_UNAVAILABLE`) holds the member's sends to the
+    /// `refused` (`SHARD_UNAVAILABLE`) holds the member's sends to the
     /// group in line here until its retry, and, for a session of this
     /// node, on this node too; anything else is its last answer.
-    pub(crate) fn group_send_refused(&mut self, cmd: &GroupSendCmd, retryable: bool) {
+    pub(crate) fn group_send_answered(&mut self, cmd: &GroupSendCmd, refused: bool) {
         let line = group_conversation(cmd);
-        if !retryable {
+        if !refused {
             self.lines.answered(line, cmd.client_msg_id);
             return;
         }
@@ -145,7 +145,7 @@ impl Shard {
             AppendOutcome::Stored(p) => (p, false),
             AppendOutcome::Duplicate(p) => (p, true),
             AppendOutcome::Conflict => {
-                self.group_send_refused(&cmd, false);
+                self.group_send_answered(&cmd, false);
                 cmd.reply
                     .send(failed(cmd.client_msg_id, ErrorCode::CLIENT_ID_REUSED));
                 return;
@@ -153,7 +153,7 @@ impl Shard {
             // The group's shard is moving away (its new owner takes it), or
             // fenced a moment.
             AppendOutcome::NotServed => {
-                self.group_send_refused(&cmd, true);
+                self.group_send_answered(&cmd, true);
                 cmd.reply.send(unavailable(cmd.client_msg_id));
                 return;
             }
@@ -183,12 +183,12 @@ impl Shard {
                 // Its write has not reached every in-sync copy (replicated
                 // shards hide it until then): the retry is retried.
                 Err(Unreadable::NotYet) => {
-                    self.group_send_refused(&cmd, true);
+                    self.group_send_answered(&cmd, true);
                     cmd.reply.send(unavailable(cmd.client_msg_id));
                     return;
                 }
                 Err(Unreadable::Broken) => {
-                    self.group_send_refused(&cmd, false);
+                    self.group_send_answered(&cmd, false);
                     cmd.reply
                         .send(failed(cmd.client_msg_id, ErrorCode::INTERNAL));
                     return;

@@ -37,13 +37,13 @@ impl Shard {
             match social::has_contact(&*self.store, s.recipient, s.sender) {
                 Ok(true) => {}
                 Ok(false) => {
-                    self.lines.answered(conversation(&s), s.client_msg_id);
+                    self.send_answered(&s, false);
                     let result = failed(s.client_msg_id, ErrorCode::FORBIDDEN);
                     return self.complete(s.done, result, false);
                 }
                 Err(e) => {
                     error!(shard = self.id, error = %e, "consent lookup failed");
-                    self.lines.answered(conversation(&s), s.client_msg_id);
+                    self.send_answered(&s, false);
                     let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
                     return self.complete(s.done, result, false);
                 }
@@ -82,17 +82,33 @@ impl Shard {
     /// Answers send `s` `SHARD_UNAVAILABLE`; it keeps its place in its
     /// conversation's line.
     pub(crate) fn refuse_unavailable(&mut self, s: SendCmd) {
-        self.note_refused(&s);
+        self.send_answered(&s, true);
         self.complete(s.done, unavailable(s.client_msg_id), false);
     }
 
-    /// Send `s` is refused `SHARD_UNAVAILABLE`: its conversation is held in
-    /// line here until its retry, and, for a session of this node, on this
-    /// node too (a later send may go to the shard's next owner).
-    pub(crate) fn note_refused(&mut self, s: &SendCmd) {
+    /// Send `s` is answered without being stored. `refused`
+    /// (`SHARD_UNAVAILABLE`): its conversation is held in line here until
+    /// its retry, and, for a session of this node, on this node too (a
+    /// later send may go to the shard's next owner); otherwise this is its
+    /// last answer and the line moves on.
+    pub(crate) fn send_answered(&mut self, s: &SendCmd, refused: bool) {
+        if !refused {
+            return self.lines.answered(conversation(s), s.client_msg_id);
+        }
         self.lines.refused(conversation(s), s.client_msg_id);
         if matches!(s.done, Completion::Reply(_)) {
             self.refused_here(s.sender, s.sender_device, s.recipient, s.client_msg_id);
+        }
+    }
+
+    /// Entry `seq` of `group` for `member`: refused (it keeps its place in
+    /// the member's line for the group), or answered.
+    pub(crate) fn entry_answered(&mut self, group: u64, member: u64, seq: u64, refused: bool) {
+        let line = Conversation::Entries { group, member };
+        if refused {
+            self.lines.refused(line, seq);
+        } else {
+            self.lines.answered(line, seq);
         }
     }
 
@@ -168,10 +184,7 @@ impl Shard {
             AppendOutcome::NotServed => unavailable(s.client_msg_id),
         };
         let stored = matches!(outcome, AppendOutcome::Stored(_));
-        match outcome {
-            AppendOutcome::NotServed => self.note_refused(&s),
-            _ => self.lines.answered(conversation(&s), s.client_msg_id),
-        }
+        self.send_answered(&s, outcome == AppendOutcome::NotServed);
         debug!(
             shard = self.id,
             inbox = s.recipient,
