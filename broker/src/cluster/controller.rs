@@ -125,6 +125,11 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
+            if let Err(e) = super::moves::control_copies(cluster, leader, &view).await {
+                warn!(error = %format!("{e:#}"), "cannot change shards' copies yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         } else if confirmed && view.etcd_up {
             if let Err(e) = super::moves::control(cluster, leader, &view).await {
                 warn!(error = %format!("{e:#}"), "cannot run shard moves yet; retrying");

@@ -348,11 +348,43 @@ impl Cluster {
     }
 
     fn planned_moves(&self, view: &View) -> usize {
-        if view.map_complete() && view.replication() == 1 {
+        if !view.map_complete() {
+            0
+        } else if view.replication() == 1 {
             Cluster::plan(view).len()
         } else {
-            0
+            Cluster::copy_plan(view, usize::MAX).len()
         }
+    }
+
+    /// The changes to replicated shards' copies that can start now, with
+    /// at most `at_once` shards under way (`view`'s map complete).
+    fn copy_plan(view: &View, at_once: usize) -> Vec<placement::CopyStep> {
+        let copies: Vec<placement::Copies> = view
+            .owners
+            .iter()
+            .flatten()
+            .map(|o| placement::Copies {
+                owner: &o.node,
+                replicas: &o.replicas,
+                isr: &o.isr,
+            })
+            .collect();
+        // Lost nodes an operator drained: their copies are replaced.
+        let retired: Vec<&str> = view
+            .drained
+            .iter()
+            .filter(|id| !view.nodes.contains_key(*id))
+            .map(String::as_str)
+            .collect();
+        placement::rebalance_copies(
+            &copies,
+            &Cluster::candidates(view),
+            &Cluster::movable(view),
+            &retired,
+            view.replication(),
+            at_once,
+        )
     }
 
     /// The moves that give every candidate its share of `view`'s map.
@@ -379,6 +411,12 @@ impl Cluster {
             .into_iter()
             .map(|id| {
                 let owned = view.owned_by(&id);
+                let copies = view
+                    .owners
+                    .iter()
+                    .flatten()
+                    .filter(|o| o.replicas.contains(&id))
+                    .count();
                 match view.nodes.get(&id) {
                     Some(n) => json!({
                         "id": id,
@@ -390,14 +428,15 @@ impl Cluster {
                         "capacity": n.capacity,
                         "version": n.version,
                         "shards": owned,
+                        "copies": copies,
                         "drained": view.drained.contains(&id),
                     }),
-                    None => json!({ "id": id, "state": "lost", "shards": owned }),
+                    None => json!({ "id": id, "state": "lost", "shards": owned, "copies": copies }),
                 }
             })
             .collect();
         let planned_moves = self.planned_moves(&view);
-        let moves: Vec<serde_json::Value> = view
+        let mut moves: Vec<serde_json::Value> = view
             .moves
             .iter()
             .map(|(shard, m)| {
@@ -409,6 +448,20 @@ impl Cluster {
                 })
             })
             .collect();
+        // Replicated shards move a copy at a time: one added and not yet
+        // removed is a move under way.
+        let factor = view.replication() as usize;
+        moves.extend(view.owners.iter().enumerate().filter_map(|(shard, o)| {
+            let o = o
+                .as_ref()
+                .filter(|o| factor > 1 && o.replicas.len() > factor)?;
+            Some(json!({
+                "shard": shard,
+                "replicas": o.replicas,
+                "isr": o.isr,
+                "state": "copy added",
+            }))
+        }));
         let epochs = view.owners.iter().flatten().map(|o| o.epoch);
         json!({
             "cluster": self.settings.name,

@@ -149,6 +149,105 @@ pub(super) async fn control(
     Ok(())
 }
 
+/// Replicated shards under way at once, at most: copies being added, or
+/// copied again after a switch.
+pub const COPIES_AT_ONCE: usize = 2;
+
+/// The controller's part for replicated shards (factor above 1): a join or
+/// a drain moves copies, not owners. Each step of
+/// [`placement::rebalance_copies`] is one transaction on the shard's record
+/// at the revision the plan read (anything else changed it: the next view
+/// plans again):
+///
+/// ```text
+///  add:  replicas += to            (same owner, epoch and in-sync set: the
+///        new copy follows the primary, copies, and the primary adds it
+///        to the in-sync set once caught up)
+///  lead: owner = to (in sync), isr = [to], a new epoch (as a failover:
+///        the old primary, alive, is deposed by the view; it and the other
+///        copies copy the shard again from `to`)
+///  drop: replicas -= from, isr -= from (only once the others in sync
+///        number the factor; the removed copy deletes its run)
+/// ```
+pub(super) async fn control_copies(
+    cluster: &Cluster,
+    leader: &LeaderKey,
+    view: &View,
+) -> anyhow::Result<()> {
+    let mut client = cluster.client.clone();
+    for step in Cluster::copy_plan(view, COPIES_AT_ONCE) {
+        let shard = match &step {
+            placement::CopyStep::Add { shard, .. }
+            | placement::CopyStep::Lead { shard, .. }
+            | placement::CopyStep::Drop { shard, .. } => *shard,
+        };
+        let Some(o) = view.owners.get(shard as usize).and_then(Option::as_ref) else {
+            continue;
+        };
+        let kept = |replicas: Vec<String>, isr: Vec<String>| ShardRecord {
+            owner: o.node.clone(),
+            replicas,
+            isr,
+            epoch: Some(o.epoch),
+        };
+        let record = match &step {
+            placement::CopyStep::Add { to, .. } => {
+                let mut replicas = o.replicas.clone();
+                replicas.push(to.clone());
+                kept(replicas, o.isr.clone())
+            }
+            placement::CopyStep::Drop { from, .. } => {
+                let without = |v: &[String]| v.iter().filter(|n| *n != from).cloned().collect();
+                kept(without(&o.replicas), without(&o.isr))
+            }
+            placement::CopyStep::Lead { to, .. } => {
+                let mut replicas = vec![to.clone()];
+                replicas.extend(o.replicas.iter().filter(|n| *n != to).cloned());
+                ShardRecord {
+                    owner: to.clone(),
+                    replicas,
+                    isr: vec![to.clone()],
+                    epoch: None,
+                }
+            }
+        };
+        let key = cluster.keys.shard(shard);
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev()),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, o.revision),
+            ])
+            .and_then([TxnOp::put(
+                key,
+                serde_json::to_vec(&record).expect("a record serializes"),
+                None,
+            )]);
+        let answer = within("change a shard's copies", client.txn(txn)).await?;
+        if answer.succeeded() {
+            let change = match &step {
+                placement::CopyStep::Add { to, .. } => {
+                    info!(shard, to = %to, "a copy of a replicated shard added");
+                    "add"
+                }
+                placement::CopyStep::Lead { to, .. } => {
+                    info!(shard, from = %o.node, to = %to, "a replicated shard's primary switched (its other copies copy it again)");
+                    "lead"
+                }
+                placement::CopyStep::Drop { from, .. } => {
+                    info!(shard, from = %from, "a copy of a replicated shard removed");
+                    "drop"
+                }
+            };
+            cluster
+                .plane
+                .copy_changes
+                .with_label_values(&[change])
+                .inc();
+        }
+    }
+    Ok(())
+}
+
 /// What every node does for moves: copies the shards moving to it, and
 /// serves a paused shard again once its move is called off.
 pub struct Mover {

@@ -152,6 +152,203 @@ pub fn rebalance(owners: &[&str], nodes: &[Candidate], movable: &[&str]) -> Vec<
     moves
 }
 
+/// One replicated shard as the map gives it: its primary, every copy
+/// (the primary included) and the copies in sync.
+#[derive(Clone, Copy, Debug)]
+pub struct Copies<'a> {
+    pub owner: &'a str,
+    pub replicas: &'a [String],
+    pub isr: &'a [String],
+}
+
+/// One change to a replicated shard's copies (an etcd transaction each).
+/// A copy moves as add, catch up, (switch,) remove: `Add` a copy, which
+/// copies the shard and joins the in-sync set; then `Drop` the copy that
+/// leaves, or first `Lead` (make an in-sync copy the primary) when the
+/// one that leaves is the primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyStep {
+    Add { shard: u32, to: String },
+    Lead { shard: u32, to: String },
+    Drop { shard: u32, from: String },
+}
+
+/// The next changes that bring replicated shards to their places: every
+/// shard `factor` copies on distinct nodes, each candidate holding its
+/// share of all copies (by capacity), none on a node that drains
+/// (`movable`) nor on a lost node an operator drained (`retired`: its
+/// copies are added elsewhere, then removed). At most `at_once` shards
+/// are under way at a time (a copy being added, or copies being copied
+/// again); a copy on any other node that is not registered (lost, or
+/// restarting) stays where it is. Pure, so every controller plans the
+/// same. Each call gives what can start now; the controller calls again
+/// on every view.
+pub fn rebalance_copies<'a>(
+    shards: &[Copies<'a>],
+    nodes: &[Candidate],
+    movable: &[&str],
+    retired: &[&str],
+    factor: u32,
+    at_once: usize,
+) -> Vec<CopyStep> {
+    let factor = factor.max(1) as usize;
+    let is_candidate = |id: &str| nodes.iter().any(|n| n.id == id);
+    let leaving = |id: &str| (movable.contains(&id) && !is_candidate(id)) || retired.contains(&id);
+    let registered = |id: &str| is_candidate(id) || movable.contains(&id);
+    let per_shard = factor.min(nodes.len());
+    let target = targets(shards.len() * per_shard, nodes);
+    let mut count: BTreeMap<&str, i64> = target.keys().map(|id| (*id, 0)).collect();
+    let mut leads: BTreeMap<&str, usize> = target.keys().map(|id| (*id, 0)).collect();
+    for s in shards {
+        for r in s.replicas {
+            if let Some(c) = count.get_mut(r.as_str()) {
+                *c += 1;
+            }
+        }
+        if let Some(l) = leads.get_mut(s.owner) {
+            *l += 1;
+        }
+    }
+    let surplus =
+        |count: &BTreeMap<&str, i64>, id: &str| count.get(id).map_or(0, |c| c - target[id] as i64);
+    // The copy to remove from a shard: one on a leaving node, else (once
+    // a copy was added) one on a lost node, else the non-primary copy on the node furthest over its
+    // share (ties to the larger id).
+    let choose_drop = |count: &BTreeMap<&str, i64>, s: &Copies<'a>, over_only: bool| {
+        let r = s.replicas.iter().map(String::as_str);
+        r.clone()
+            .find(|n| leaving(n))
+            .or_else(|| r.clone().find(|n| !over_only && !registered(n)))
+            .or_else(|| {
+                r.filter(|n| *n != s.owner)
+                    .filter(|n| !over_only || surplus(count, n) > 0)
+                    .max_by(|a, b| surplus(count, a).cmp(&surplus(count, b)).then(a.cmp(b)))
+            })
+    };
+    // The in-sync copy to lead instead of `s.owner`: a candidate, the one
+    // leading the fewest shards (ties to the smaller id).
+    let choose_lead = |leads: &BTreeMap<&str, usize>, s: &Copies<'a>| {
+        s.isr
+            .iter()
+            .map(String::as_str)
+            .filter(|n| *n != s.owner && is_candidate(n))
+            .min_by(|a, b| leads[a].cmp(&leads[b]).then(a.cmp(b)))
+    };
+    let rebuilding = |s: &Copies<'_>| {
+        s.replicas
+            .iter()
+            .any(|n| registered(n) && !s.isr.contains(n))
+    };
+    let mut steps = Vec::new();
+    let mut under_way = 0;
+    let mut stepped = vec![false; shards.len()];
+    // Shards with a copy added: remove one once the rest are in sync.
+    for (i, s) in shards.iter().enumerate() {
+        if s.replicas.len() <= factor {
+            if rebuilding(s) {
+                under_way += 1;
+                stepped[i] = true;
+            }
+            continue;
+        }
+        stepped[i] = true;
+        let Some(from) = choose_drop(&count, s, false) else {
+            continue;
+        };
+        let rest_in_sync = s
+            .isr
+            .iter()
+            .filter(|n| n.as_str() != from && registered(n))
+            .count();
+        if rest_in_sync < factor {
+            under_way += 1;
+            continue;
+        }
+        let shard = i as u32;
+        if from == s.owner {
+            match choose_lead(&leads, s) {
+                Some(to) => {
+                    *leads.get_mut(to).expect("a candidate") += 1;
+                    under_way += 1;
+                    steps.push(CopyStep::Lead {
+                        shard,
+                        to: to.to_owned(),
+                    });
+                }
+                None => under_way += 1,
+            }
+        } else {
+            if let Some(c) = count.get_mut(from) {
+                *c -= 1;
+            }
+            steps.push(CopyStep::Drop {
+                shard,
+                from: from.to_owned(),
+            });
+        }
+    }
+    // New copies: for a shard short of copies, with one on a leaving node,
+    // or with one on a node over its share, on the candidate furthest
+    // below its share that holds none of the shard.
+    for (i, s) in shards.iter().enumerate() {
+        if under_way >= at_once {
+            break;
+        }
+        if stepped[i] {
+            continue;
+        }
+        let short = s.replicas.len() < per_shard;
+        let replace = s.replicas.iter().any(|n| leaving(n));
+        let drop = if short || replace {
+            None
+        } else {
+            match choose_drop(&count, s, true) {
+                Some(d) => Some(d),
+                None => continue,
+            }
+        };
+        let to = count
+            .iter()
+            .filter(|(id, _)| !s.replicas.iter().any(|r| r == *id))
+            .filter(|(id, _)| short || replace || surplus(&count, id) < 0)
+            .min_by(|a, b| {
+                let over = |(id, _): &(&&str, &i64)| surplus(&count, id);
+                over(a).cmp(&over(b)).then(a.0.cmp(b.0))
+            })
+            .map(|(id, _)| *id);
+        let shard = i as u32;
+        match to {
+            Some(to) => {
+                *count.get_mut(to).expect("a candidate") += 1;
+                if let Some(d) = drop.and_then(|d| count.get_mut(d)) {
+                    *d -= 1;
+                }
+                under_way += 1;
+                stepped[i] = true;
+                steps.push(CopyStep::Add {
+                    shard,
+                    to: to.to_owned(),
+                });
+            }
+            // Nowhere to put a new copy (fewer candidates than copies):
+            // the primary at least leaves a draining node.
+            None if leaving(s.owner) && !rebuilding(s) => {
+                if let Some(to) = choose_lead(&leads, s) {
+                    *leads.get_mut(to).expect("a candidate") += 1;
+                    under_way += 1;
+                    stepped[i] = true;
+                    steps.push(CopyStep::Lead {
+                        shard,
+                        to: to.to_owned(),
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    steps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +473,185 @@ mod tests {
             "fewer nodes than copies"
         );
         assert_eq!(replicas("gone", &nodes, 2), ["gone", "n1"]);
+    }
+
+    /// Shards as `n` records placed at creation, every copy in sync.
+    fn placed(n: usize, ids: &[&str], factor: u32) -> Vec<(String, Vec<String>, Vec<String>)> {
+        create(n, ids)
+            .into_iter()
+            .map(|o| {
+                let r = replicas(&o, &nodes(ids), factor);
+                (o, r.clone(), r)
+            })
+            .collect()
+    }
+
+    /// Runs the copy planner to its end as etcd and the copies would:
+    /// each round the steps are applied, and every copy added or to be
+    /// copied again is in sync by the next. Returns every step taken.
+    fn settle(
+        shards: &mut [(String, Vec<String>, Vec<String>)],
+        ids: &[&str],
+        movable: &[&str],
+        retired: &[&str],
+        factor: u32,
+    ) -> Vec<CopyStep> {
+        let mut all = Vec::new();
+        for _ in 0..1000 {
+            let copies: Vec<Copies> = shards
+                .iter()
+                .map(|(owner, replicas, isr)| Copies {
+                    owner,
+                    replicas,
+                    isr,
+                })
+                .collect();
+            let steps = rebalance_copies(&copies, &nodes(ids), movable, retired, factor, 2);
+            let synced = shards.iter().all(|(_, replicas, isr)| isr == replicas);
+            if steps.is_empty() && synced {
+                return all;
+            }
+            // Copies in flight catch up (a round later than they began).
+            for (_, replicas, isr) in shards.iter_mut() {
+                *isr = replicas.clone();
+            }
+            for step in &steps {
+                match step.clone() {
+                    CopyStep::Add { shard, to } => {
+                        let s = &mut shards[shard as usize];
+                        assert!(!s.1.contains(&to), "{step:?}: a second copy on one node");
+                        s.1.push(to);
+                    }
+                    CopyStep::Lead { shard, to } => {
+                        let s = &mut shards[shard as usize];
+                        assert!(s.2.contains(&to), "{step:?}: only an in-sync copy leads");
+                        s.0 = to.clone();
+                        s.2 = vec![to];
+                    }
+                    CopyStep::Drop { shard, from } => {
+                        let s = &mut shards[shard as usize];
+                        assert_ne!(s.0, from, "{step:?}: the primary is never dropped");
+                        s.1.retain(|n| *n != from);
+                        s.2.retain(|n| *n != from);
+                    }
+                }
+            }
+            all.extend(steps);
+        }
+        panic!("the copy plan never settled");
+    }
+
+    fn copy_counts(shards: &[(String, Vec<String>, Vec<String>)]) -> BTreeMap<String, usize> {
+        counts(&shards.iter().flat_map(|s| s.1.clone()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_replicated_map_in_place_needs_no_change() {
+        let mut shards = placed(32, &["a", "b", "c"], 3);
+        assert!(settle(&mut shards, &["a", "b", "c"], &[], &[], 3).is_empty());
+        let mut shards = placed(32, &["a", "b", "c", "d"], 2);
+        assert!(settle(&mut shards, &["a", "b", "c", "d"], &[], &[], 2).is_empty());
+    }
+
+    #[test]
+    fn a_join_adds_copies_to_the_new_node_and_drops_as_many_without_moving_a_primary() {
+        let mut shards = placed(32, &["a", "b", "c"], 3);
+        let owners: Vec<String> = shards.iter().map(|s| s.0.clone()).collect();
+        let steps = settle(&mut shards, &["a", "b", "c", "d"], &[], &[], 3);
+        let c = copy_counts(&shards);
+        assert_eq!(c.values().copied().collect::<Vec<_>>(), [24, 24, 24, 24]);
+        let adds = steps
+            .iter()
+            .filter(|s| matches!(s, CopyStep::Add { .. }))
+            .count();
+        assert_eq!(adds, 24, "only the newcomer's share is copied: {steps:?}");
+        assert!(steps.iter().all(|s| !matches!(s, CopyStep::Lead { .. })));
+        assert_eq!(
+            owners,
+            shards.iter().map(|s| s.0.clone()).collect::<Vec<_>>()
+        );
+        for (owner, replicas, _) in &shards {
+            assert_eq!(replicas.len(), 3);
+            assert!(replicas.contains(owner));
+        }
+    }
+
+    #[test]
+    fn a_drain_moves_every_copy_and_primary_off_the_node_when_others_can_hold_them() {
+        let ids = ["a", "b", "c", "d"];
+        let mut shards = placed(32, &ids, 3);
+        let steps = settle(&mut shards, &["a", "c", "d"], &["b"], &[], 3);
+        let c = copy_counts(&shards);
+        assert_eq!(c.get("b"), None, "b holds nothing: {c:?}");
+        assert_eq!(c.values().copied().collect::<Vec<_>>(), [32, 32, 32]);
+        let led_by_b = placed(32, &ids, 3).iter().filter(|s| s.0 == "b").count();
+        let leads = steps
+            .iter()
+            .filter(|s| matches!(s, CopyStep::Lead { .. }))
+            .count();
+        assert_eq!(leads, led_by_b, "one switch per shard b led: {steps:?}");
+        for (owner, replicas, isr) in &shards {
+            assert_eq!(replicas.len(), 3);
+            assert_eq!(isr, replicas);
+            assert!(replicas.contains(owner));
+        }
+    }
+
+    #[test]
+    fn a_drain_below_the_factor_moves_only_the_primaries() {
+        let mut shards = placed(16, &["a", "b", "c"], 3);
+        let steps = settle(&mut shards, &["a", "c"], &["b"], &[], 3);
+        assert!(steps.iter().all(|s| matches!(s, CopyStep::Lead { .. })));
+        assert!(shards.iter().all(|s| s.0 != "b" && s.1.len() == 3));
+    }
+
+    #[test]
+    fn a_lost_node_drained_by_an_operator_has_its_copies_replaced() {
+        let mut shards = placed(16, &["a", "b", "c", "d"], 3);
+        // d is lost: its shards were promoted to in-sync copies first.
+        for (owner, _, isr) in shards.iter_mut() {
+            isr.retain(|n| n != "d");
+            if owner == "d" {
+                *owner = isr[0].clone();
+            }
+        }
+        let steps = settle(&mut shards, &["a", "b", "c"], &[], &["d"], 3);
+        assert!(steps.iter().all(|s| !matches!(s, CopyStep::Lead { .. })));
+        for (_, replicas, isr) in &shards {
+            assert_eq!(replicas.len(), 3);
+            assert!(!replicas.iter().any(|n| n == "d"));
+            assert_eq!(isr, replicas);
+        }
+    }
+
+    #[test]
+    fn copies_on_a_lost_node_stay_and_nothing_starts_while_copies_are_copied_again() {
+        let shards = placed(16, &["a", "b", "c", "d"], 3);
+        let copies: Vec<Copies> = shards
+            .iter()
+            .map(|(owner, replicas, isr)| Copies {
+                owner,
+                replicas,
+                isr,
+            })
+            .collect();
+        // d gone: the three others hold their shares of what is left.
+        let steps = rebalance_copies(&copies, &nodes(&["a", "b", "c"]), &[], &[], 3, 2);
+        assert!(steps.is_empty(), "{steps:?}");
+        // Every copy of a's being copied again: under way, nothing new.
+        let rebuilding: Vec<(String, Vec<String>, Vec<String>)> = shards
+            .iter()
+            .map(|(o, r, _)| (o.clone(), r.clone(), vec![o.clone()]))
+            .collect();
+        let copies: Vec<Copies> = rebuilding
+            .iter()
+            .map(|(owner, replicas, isr)| Copies {
+                owner,
+                replicas,
+                isr,
+            })
+            .collect();
+        let more = ["a", "b", "c", "d", "e"];
+        assert!(rebalance_copies(&copies, &nodes(&more), &[], &[], 3, 2).is_empty());
     }
 }

@@ -152,6 +152,9 @@ pub struct PlaneMetrics {
     pub move_pause: Histogram,
     /// Shards this node, as controller, gave to an in-sync copy.
     pub failovers: prometheus::IntCounter,
+    /// Changes to replicated shards' copies this node, as controller,
+    /// made for a join or a drain: add, lead, drop.
+    pub copy_changes: IntCounterVec,
 }
 
 impl PlaneMetrics {
@@ -203,6 +206,18 @@ impl PlaneMetrics {
         )
         .expect("valid metric");
         metrics.register(failovers.clone());
+        let copy_changes = IntCounterVec::new(
+            Opts::new(
+                "courier_replication_copy_changes_total",
+                "Changes this node, as the controller, made to replicated shards' copies for a join, a drain or a rebalance, by change: add (a new copy), lead (an in-sync copy made primary because the primary's node leaves), drop (a copy removed once the others are in sync).",
+            ),
+            &["change"],
+        )
+        .expect("valid metric");
+        for change in ["add", "lead", "drop"] {
+            copy_changes.with_label_values(&[change]);
+        }
+        metrics.register(copy_changes.clone());
         PlaneMetrics {
             remote_sends,
             forwarded_sessions,
@@ -210,6 +225,7 @@ impl PlaneMetrics {
             remote_send_seconds,
             move_pause,
             failovers,
+            copy_changes,
         }
     }
 }

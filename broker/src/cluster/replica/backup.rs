@@ -107,7 +107,9 @@ impl Replication {
     }
 
     /// Keeps this node's copy of `shard` following its primary for as long
-    /// as the view makes it a backup.
+    /// as the view makes it a backup; deletes the copy once the view no
+    /// longer names this node among the shard's copies (the controller
+    /// removed it, or it was removed while this node was away).
     pub(super) async fn backup(self: Arc<Self>, shard: u32) {
         let Some(cluster) = self.cluster().cloned() else {
             self.following
@@ -117,15 +119,46 @@ impl Replication {
             return;
         };
         loop {
+            let removed = self.follow_copy(&cluster, shard).await;
+            self.drop_tail(shard, None);
+            if let Some(run) = removed {
+                self.delete_copy(shard, run).await;
+            }
+            // A view that made this node a copy again meanwhile found this
+            // task running and started none: go on here.
+            let mut following = self.following.lock().expect("following lock");
+            let view = cluster.view();
+            let again = !cluster.stop.is_cancelled()
+                && view.replication() > 1
+                && view
+                    .owners
+                    .get(shard as usize)
+                    .and_then(|o| o.as_ref())
+                    .is_some_and(|o| o.node != self.me && o.replicas.contains(&self.me));
+            if !again {
+                following.remove(&shard);
+                return;
+            }
+        }
+    }
+
+    /// Follows `shard`'s primary while this node is one of its copies;
+    /// returns the shard's run once the view names this node no copy of
+    /// it (None: it stopped for another reason).
+    async fn follow_copy(&self, cluster: &Arc<Cluster>, shard: u32) -> Option<Range<u16>> {
+        loop {
             if cluster.stop.is_cancelled() {
-                break;
+                break None;
             }
             let view = cluster.view();
             let Some(o) = view.owners.get(shard as usize).and_then(|o| o.clone()) else {
-                break;
+                break None;
             };
-            if o.node == self.me || !o.replicas.contains(&self.me) || view.replication() <= 1 {
-                break;
+            if o.node == self.me || view.replication() <= 1 {
+                break None;
+            }
+            if !o.replicas.contains(&self.me) {
+                break Some(slots_of_shard(shard, view.owners.len() as u32));
             }
             if !view.nodes.contains_key(&o.node) {
                 // The primary is gone: wait for the controller.
@@ -133,8 +166,8 @@ impl Replication {
                 continue;
             }
             let run = slots_of_shard(shard, view.owners.len() as u32);
-            match self.copy(&cluster, shard, &o, run).await {
-                Ok(id) => self.tail(&cluster, shard, &o, id).await,
+            match self.copy(cluster, shard, &o, run).await {
+                Ok(id) => self.tail(cluster, shard, &o, id).await,
                 Err(e) => {
                     warn!(shard, primary = %o.node, error = %format!("{e:#}"), "copying the shard failed; trying again");
                     self.drop_tail(shard, None);
@@ -142,11 +175,26 @@ impl Replication {
                 }
             }
         }
-        self.drop_tail(shard, None);
-        self.following
-            .lock()
-            .expect("following lock")
-            .remove(&shard);
+    }
+
+    /// Deletes this node's copy of a shard it is no copy of any more (not
+    /// served here; the task deleting it holds the shard's place in
+    /// `following`, so no copy of it starts meanwhile).
+    async fn delete_copy(&self, shard: u32, run: Range<u16>) {
+        let store = self.inner.clone();
+        let deleting = run.clone();
+        let deleted = tokio::task::spawn_blocking(move || {
+            store.transfer().expect("slotted").delete_slots(deleting)
+        })
+        .await;
+        match deleted {
+            Ok(Ok(())) => {
+                self.unsettled
+                    .forget(|inbox| run.contains(&u16::from(courier_storage::slot_of(inbox))));
+            }
+            Ok(Err(e)) => warn!(shard, error = %e, "deleting a removed copy failed"),
+            Err(e) => warn!(shard, error = %e, "deleting a removed copy failed"),
+        }
     }
 
     pub(super) fn drop_tail(&self, shard: u32, id: Option<u64>) {

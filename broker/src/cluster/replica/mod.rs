@@ -239,6 +239,8 @@ pub struct Replication {
     next_tail: AtomicU64,
     /// Shards with a backup task running here.
     following: Mutex<BTreeSet<u32>>,
+    /// Whether the shards this node is no copy of were swept (once).
+    swept: AtomicBool,
     cluster: OnceLock<Arc<Cluster>>,
     slots: OnceLock<Arc<Slots>>,
     runtime: tokio::runtime::Handle,
@@ -261,6 +263,7 @@ impl Replication {
             tails: Mutex::new(HashMap::new()),
             next_tail: AtomicU64::new(1),
             following: Mutex::new(BTreeSet::new()),
+            swept: AtomicBool::new(false),
             cluster: OnceLock::new(),
             slots: OnceLock::new(),
             runtime: tokio::runtime::Handle::current(),
@@ -326,6 +329,8 @@ impl Replication {
                             s.revision = o.revision;
                             s.isr = o.isr.clone();
                             s.replicas = o.replicas.clone();
+                            // A copy the controller removed gets no more.
+                            s.followers.retain(|n, _| o.replicas.contains(n));
                             if s.isr == [self.me.clone()] {
                                 s.confirmed = true;
                             }
@@ -362,7 +367,8 @@ impl Replication {
         for shard in shrink {
             self.change_isr(shard);
         }
-        // Backups: a tail stays only while its primary and epoch stand.
+        // Backups: a tail stays only while its primary and epoch stand,
+        // and this node is still one of the shard's copies.
         let mut copies = Vec::new();
         {
             let mut tails = self.tails.lock().expect("tails lock");
@@ -371,15 +377,21 @@ impl Replication {
                     .owners
                     .get(*shard as usize)
                     .and_then(|o| o.as_ref())
-                    .is_some_and(|o| o.node == t.primary && o.epoch == t.epoch);
+                    .is_some_and(|o| {
+                        o.node == t.primary && o.epoch == t.epoch && o.replicas.contains(&self.me)
+                    });
                 if !stands {
                     t.close();
                 }
                 stands
             });
+            // Once, at the first map: a task also for each shard this node
+            // does not hold, which deletes what is left of it here (a copy
+            // removed while this node was away).
+            let sweep = !self.swept.swap(true, Ordering::AcqRel);
             for (shard, o) in view.owners.iter().enumerate() {
                 if let Some(o) = o {
-                    if o.node != self.me && o.replicas.contains(&self.me) {
+                    if o.node != self.me && (sweep || o.replicas.contains(&self.me)) {
                         copies.push(shard as u32);
                     }
                 }

@@ -83,11 +83,12 @@ impl Stream {
             .min(head)
     }
 
-    /// The in-sync set this stream wants: members it still sends to.
+    /// The in-sync set this stream wants: members it still sends to that
+    /// are still copies (the controller may have removed one).
     pub(super) fn wanted_isr(&self, me: &str) -> Vec<String> {
         self.isr
             .iter()
-            .filter(|n| *n == me || self.followers.contains_key(*n))
+            .filter(|n| *n == me || (self.followers.contains_key(*n) && self.replicas.contains(n)))
             .cloned()
             .collect()
     }
@@ -290,7 +291,7 @@ impl Replication {
                 }
                 let mut wanted = s.wanted_isr(&self.me);
                 if let Some(j) = s.joining.clone() {
-                    match s.followers.get(&j) {
+                    match s.followers.get(&j).filter(|_| s.replicas.contains(&j)) {
                         // In the set only once it holds every write a
                         // writer may have been told is committed (it
                         // counts in the commit from the moment it began
@@ -401,13 +402,22 @@ impl Replication {
                     Some((rev, Ok(r)))
                         if r.owner == self.me && r.epoch.unwrap_or(rev) == s.epoch =>
                     {
+                        // The controller added or removed a copy: same
+                        // primary and epoch. A confirmed stream stays so
+                        // (the record's set only lost members, or gained
+                        // none this stream has not counted).
                         s.revision = rev;
+                        s.replicas = if r.replicas.is_empty() {
+                            vec![r.owner.clone()]
+                        } else {
+                            r.replicas
+                        };
                         s.isr = if r.isr.is_empty() {
                             vec![r.owner]
                         } else {
                             r.isr
                         };
-                        s.confirmed = s.isr.len() == 1;
+                        s.confirmed = s.confirmed || s.isr.len() == 1;
                         Changed::Done
                     }
                     _ => {
@@ -573,6 +583,7 @@ impl Replication {
                             } else {
                                 if s.joining.is_none()
                                     && !s.changing
+                                    && s.replicas.iter().any(|n| n == from)
                                     && a + JOIN_LAG >= s.next_lsn - 1
                                 {
                                     s.joining = Some(from.to_owned());
