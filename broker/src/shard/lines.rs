@@ -128,18 +128,26 @@ impl Lines {
             return true;
         }
         let first = line.refused.first_key_value().map(|(&p, &r)| (p, r));
+        // A device's retry goes alone: its answer comes only after the
+        // write, and it may be refused again then (a duplicate of a write
+        // not yet on every copy of a replicated shard is refused until it
+        // shows), while a later send written in the same batch would be
+        // stored: out of order. Until it is answered, the conversation's
+        // other sends wait behind it. (A group's entries may go together:
+        // refused again, they keep the group's order by sequence.)
+        let alone = !c.ordered() && !line.going.is_empty();
         match first {
             // Nothing waits (only sends let through in this batch, which
             // it follows).
-            None => true,
-            Some((place, first)) if first == id => {
+            None if !alone => true,
+            Some((place, first)) if first == id && !alone => {
                 line.refused.remove(&place);
                 line.going.push((place, id));
                 line.since = now;
                 true
             }
             Some((_, first)) if c.ordered() && id < first => true,
-            Some(_) => {
+            _ => {
                 if line.place_of(id).is_none() && !line.going.iter().any(|g| g.1 == id) {
                     let place = if c.ordered() { id } else { line.fresh() };
                     line.refused.insert(place, id);
@@ -255,31 +263,61 @@ mod tests {
         );
     }
 
+    /// The container fault suite found this: a retry let through with a
+    /// later send in one batch was refused again after the write (the
+    /// original not yet on every copy), while the later send was stored.
     #[test]
-    fn retries_in_line_go_together_in_one_batch_and_keep_their_places_if_refused_again() {
+    fn a_devices_retry_goes_alone_and_the_rest_wait_until_it_is_answered() {
         let now = Instant::now();
         let mut l = Lines::default();
         for id in [4, 5, 6] {
             l.refused_at(C, id, now);
         }
-        // The group's tick sends 4, 5 and 6 again in one batch, then a
-        // new 7: all in line order.
-        for id in [4, 5, 6, 7] {
-            assert!(l.admit_at(C, id, now), "{id}");
+        // The client sends 4, 5 and 6 again, then a new 7, in one batch:
+        // 4 goes, the others wait in their places.
+        assert!(l.admit_at(C, 4, now));
+        for id in [5, 6, 7] {
+            assert!(!l.admit_at(C, id, now), "{id} waits for 4's answer");
         }
-        // Refused again (still not served): back in their places.
-        for id in [5, 4, 7, 6] {
-            l.refused_at(C, id, now);
-        }
+        // 4 refused again after its write: still first, nothing overtook it.
+        l.refused_at(C, 4, now);
         assert!(!l.admit_at(C, 5, now), "4 is first");
         assert!(l.admit_at(C, 4, now));
         l.answered_at(C, 4, now);
         assert!(!l.admit_at(C, 6, now), "5 is next");
-        assert!(l.admit_at(C, 5, now));
-        assert!(l.admit_at(C, 6, now));
-        assert!(l.admit_at(C, 7, now));
         for id in [5, 6, 7] {
+            assert!(l.admit_at(C, id, now), "{id}");
+            assert!(!l.admit_at(C, 8, now), "8 waits for {id}");
             l.answered_at(C, id, now);
+        }
+        assert!(l.admit_at(C, 8, now));
+        l.answered_at(C, 8, now);
+        assert_eq!(l.len(), 0);
+    }
+
+    #[test]
+    fn a_groups_entries_retried_go_together_and_keep_their_places_if_refused_again() {
+        let now = Instant::now();
+        let mut l = Lines::default();
+        for id in [4, 5, 6] {
+            l.refused_at(M, id, now);
+        }
+        // The group's tick sends 4, 5 and 6 again in one batch, then 7.
+        for id in [4, 5, 6, 7] {
+            assert!(l.admit_at(M, id, now), "{id}");
+        }
+        // Refused again (still not served): back in their places.
+        for id in [5, 4, 7, 6] {
+            l.refused_at(M, id, now);
+        }
+        assert!(!l.admit_at(M, 5, now), "4 is first");
+        assert!(l.admit_at(M, 4, now));
+        l.answered_at(M, 4, now);
+        for id in [5, 6, 7] {
+            assert!(l.admit_at(M, id, now), "{id}");
+        }
+        for id in [5, 6, 7] {
+            l.answered_at(M, id, now);
         }
         assert_eq!(l.len(), 0);
     }
