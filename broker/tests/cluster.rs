@@ -78,6 +78,9 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer,
             ])
+            // Courier pings its etcd connections every 2 s (etcd's default
+            // minimum is 5 s: it would close them, too_many_pings).
+            .args(["--grpc-keepalive-min-time", "1s"])
             .args(["--initial-cluster", &format!("e1={peer}")])
             .stdout(Stdio::null())
             .stderr(log)

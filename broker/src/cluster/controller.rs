@@ -31,7 +31,7 @@ pub(super) async fn run(cluster: Arc<Cluster>) {
                 _ = lease_rx.changed() => continue,
             }
         }
-        let mut client = cluster.client.clone();
+        let mut client = cluster.etcd();
         let campaign = client.campaign(
             cluster.keys.election(),
             cluster.settings.node_id.clone(),
@@ -80,6 +80,7 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
     let mut waiting_said = false;
     loop {
         let view = view_rx.borrow_and_update().clone();
+        let (pinned, _) = cluster.etcd_pinned();
         // The view catches up with the election a moment after it (the
         // previous leader's key may still be in a view read since): act
         // once a view shows this node leading, and step down when a later
@@ -107,6 +108,7 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
                     }
                     Err(e) => {
                         warn!(error = %format!("{e:#}"), "cannot create the shard map yet; retrying");
+                        cluster.etcd_failed(pinned);
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
@@ -122,17 +124,20 @@ async fn lead(cluster: &Cluster, leader: &LeaderKey, lease: i64, won_at: i64) ->
         } else if confirmed && view.etcd_up && view.replication() > 1 {
             if let Err(e) = failover(cluster, leader, &view).await {
                 warn!(error = %format!("{e:#}"), "cannot fail shards over yet; retrying");
+                cluster.etcd_failed(pinned);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
             if let Err(e) = super::moves::control_copies(cluster, leader, &view).await {
                 warn!(error = %format!("{e:#}"), "cannot change shards' copies yet; retrying");
+                cluster.etcd_failed(pinned);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         } else if confirmed && view.etcd_up {
             if let Err(e) = super::moves::control(cluster, leader, &view).await {
                 warn!(error = %format!("{e:#}"), "cannot run shard moves yet; retrying");
+                cluster.etcd_failed(pinned);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -173,7 +178,7 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
         .as_ref()
         .map_or(cluster.settings.replication_factor, |c| c.replication);
     info!(shards = plan.len(), of = count, "creating the shard map");
-    let mut client = cluster.client.clone();
+    let mut client = cluster.etcd();
     let keys = &cluster.keys;
     for (i, chunk) in plan.chunks(CREATE_CHUNK).enumerate() {
         let mut when = vec![Compare::create_revision(
@@ -225,7 +230,7 @@ async fn create_map(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyho
 /// which nobody acknowledged, so they copy the shard again). A shard
 /// with no live in-sync copy waits for its primary to come back.
 async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow::Result<()> {
-    let mut client = cluster.client.clone();
+    let mut client = cluster.etcd();
     for (shard, owner) in view.owners.iter().enumerate() {
         let Some(o) = owner else { continue };
         if view.nodes.contains_key(&o.node) {
@@ -254,6 +259,7 @@ async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow:
             replicas,
             isr: vec![next.clone()],
             epoch: None,
+            removing: o.removing.clone(),
         };
         let key = cluster.keys.shard(shard as u32);
         // Only while the old primary is still away: a primary whose lease
@@ -283,7 +289,7 @@ async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow:
 
 /// Whether this controller's candidacy key still exists as elected.
 async fn still_leader(cluster: &Cluster, leader: &LeaderKey) -> bool {
-    let mut client = cluster.client.clone();
+    let mut client = cluster.etcd();
     match within("read the candidacy", client.get(leader.key(), None)).await {
         Ok(r) => r
             .kvs()

@@ -127,7 +127,7 @@ impl Cluster {
     /// the key exists. A key held by `current` (the lease this node already
     /// has) means the node is still registered.
     async fn register(&self, current: i64) -> anyhow::Result<Registration> {
-        let mut client = self.client.clone();
+        let mut client = self.etcd();
         let key = self.keys.node(&self.settings.node_id);
         let ttl = i64::from(self.settings.lease_ttl_s);
         let asked = Instant::now();
@@ -178,12 +178,17 @@ impl Cluster {
         let mut lease = *lease_tx.borrow();
         let mut last_ok = Instant::now();
         let mut keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        // The member the keep-alive stream was opened on.
+        let mut pinned = 0;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
             let sent = Instant::now();
+            if keeper.is_none() {
+                pinned = self.etcd_pinned().0;
+            }
             match tokio::time::timeout(every, self.renew_once(&mut keeper, lease)).await {
                 Ok(Ok((ttl, revision))) if ttl > 0 => {
                     self.lease_good_from(sent, ttl, revision);
@@ -194,6 +199,7 @@ impl Cluster {
                 Ok(Ok(_)) => warn!("the node's etcd lease expired; registering again"),
                 Ok(Err(e)) => {
                     keeper = None;
+                    self.etcd_failed(pinned);
                     self.lease_ok.store(false, Ordering::SeqCst);
                     if last_ok.elapsed() < self.ttl() {
                         warn!(error = %format!("{e:#}"), "cannot renew the node's etcd lease; retrying");
@@ -202,6 +208,7 @@ impl Cluster {
                 }
                 Err(_) => {
                     keeper = None;
+                    self.etcd_failed(pinned);
                     self.lease_ok.store(false, Ordering::SeqCst);
                     if last_ok.elapsed() < self.ttl() {
                         continue;
@@ -209,6 +216,7 @@ impl Cluster {
                 }
             }
             keeper = None;
+            let (registering_on, _) = self.etcd_pinned();
             match self.register(lease).await {
                 Ok(Registration::Done(new)) => {
                     if new != lease {
@@ -226,7 +234,10 @@ impl Cluster {
                     node = %self.settings.node_id,
                     "this node id is registered under another lease; retrying"
                 ),
-                Err(e) => warn!(error = %format!("{e:#}"), "cannot register again yet; retrying"),
+                Err(e) => {
+                    self.etcd_failed(registering_on);
+                    warn!(error = %format!("{e:#}"), "cannot register again yet; retrying");
+                }
             }
         }
     }
@@ -239,7 +250,7 @@ impl Cluster {
         lease: i64,
     ) -> anyhow::Result<(i64, i64)> {
         if keeper.is_none() {
-            let mut client = self.client.clone();
+            let mut client = self.etcd();
             *keeper = Some(client.lease_keep_alive(lease).await?);
         }
         let (k, stream) = keeper.as_mut().expect("opened above");
@@ -257,12 +268,14 @@ impl Cluster {
         let mut backoff = Duration::from_millis(100);
         let mut failures = 0u64;
         while !self.stop.is_cancelled() {
+            let (pinned, _) = self.etcd_pinned();
             match self.read_and_watch(&view_tx).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
                     failures = 0;
                 }
                 Err(e) => {
+                    self.etcd_failed(pinned);
                     if view_tx.borrow().etcd_up {
                         view_tx.send_modify(|v| Arc::make_mut(v).etcd_up = false);
                     }
@@ -287,7 +300,7 @@ impl Cluster {
     /// One read, published, then a watch until the first change (Ok: read
     /// again) or failure.
     async fn read_and_watch(&self, view_tx: &watch::Sender<Arc<View>>) -> anyhow::Result<()> {
-        let mut client = self.client.clone();
+        let (pinned, mut client) = self.etcd_pinned();
         let root = self.keys.root().to_owned();
         let answer = within(
             "read the cluster",
@@ -327,10 +340,20 @@ impl Cluster {
             ),
         )
         .await?;
+        // Another request found this member failing (a renewal, the
+        // controller): read and watch again on the next one, rather than
+        // wait for this watch's connection to be found dead.
+        let mut moved_on = tokio::time::interval(Duration::from_millis(500));
         loop {
             let message = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
                 m = stream.message() => m.context("etcd: the watch failed")?,
+                _ = moved_on.tick() => {
+                    if self.etcd_pinned().0 != pinned {
+                        return Ok(());
+                    }
+                    continue;
+                }
             };
             let Some(message) = message else {
                 bail!("etcd: the watch ended");
@@ -409,7 +432,7 @@ impl Cluster {
                 record,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut client = self.client.clone();
+        let mut client = self.etcd();
         match within("record the node's state", client.txn(txn)).await {
             Ok(_) => info!(state = state.name(), "node state"),
             Err(e) => warn!(error = %format!("{e:#}"), "cannot record the node's state yet"),

@@ -36,7 +36,7 @@ pub mod transfer;
 pub mod view;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,7 +65,10 @@ pub type OnView = Box<dyn Fn(&View) + Send + Sync>;
 pub struct Cluster {
     pub settings: ClusterSettings,
     keys: Keys,
-    client: Client,
+    /// One etcd client per endpoint, and the one requests go to (see
+    /// [`Cluster::etcd`]).
+    clients: Vec<(String, Client)>,
+    pinned: AtomicUsize,
     /// The latest view; changes wake whoever waits on it.
     view: watch::Receiver<Arc<View>>,
     /// The node's current lease (0 before it registered).
@@ -172,9 +175,15 @@ impl Cluster {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .with_context(|| format!("connecting to etcd at {}", settings.etcd))?;
+        // Connections are made when first used: a member that is down at
+        // start is skipped then.
+        let mut etcd = Vec::new();
+        for endpoint in &endpoints {
+            let client = Client::connect([endpoint], Some(options.clone()))
+                .await
+                .with_context(|| format!("connecting to etcd at {endpoint}"))?;
+            etcd.push((endpoint.clone(), client));
+        }
         let advertise = config.advertise(clients)?;
         let link_listener = tokio::net::TcpListener::bind(settings.link_listen)
             .await
@@ -214,7 +223,8 @@ impl Cluster {
         let (lease_tx, lease) = watch::channel(0);
         let cluster = Arc::new(Cluster {
             keys,
-            client,
+            clients: etcd,
+            pinned: AtomicUsize::new(0),
             view,
             lease,
             record: Mutex::new(record),
@@ -283,11 +293,47 @@ impl Cluster {
         self.stop.cancel();
         let lease = *self.lease.borrow();
         if lease != 0 {
-            let mut client = self.client.clone();
+            let mut client = self.etcd();
             let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
         }
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+
+    /// The etcd client to use now: one member's, while it answers.
+    ///
+    /// A balanced channel over all members (the client library's default)
+    /// keeps sending to a member that is gone: its failed connection looks
+    /// ready and idle to the balancer, so with etcd's leader killed (its
+    /// name no longer resolving) reads, watches and transactions kept
+    /// failing for tens of seconds. As etcd's own Go client does, requests
+    /// go to one member, and to the next one after a failure
+    /// ([`Cluster::etcd_failed`]).
+    pub(crate) fn etcd(&self) -> Client {
+        self.etcd_pinned().1
+    }
+
+    /// [`Cluster::etcd`] with its place, for [`Cluster::etcd_failed`].
+    fn etcd_pinned(&self) -> (usize, Client) {
+        let i = self.pinned.load(Ordering::Acquire);
+        (i, self.clients[i % self.clients.len()].1.clone())
+    }
+
+    /// A request to the member at `pinned` failed: the next one serves
+    /// from now (once, however many requests saw it fail).
+    fn etcd_failed(&self, pinned: usize) {
+        if self.clients.len() > 1
+            && self
+                .pinned
+                .compare_exchange(pinned, pinned + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let (from, to) = (
+                &self.clients[pinned % self.clients.len()].0,
+                &self.clients[(pinned + 1) % self.clients.len()].0,
+            );
+            info!(from = %from, to = %to, "etcd: a request failed; using the next member");
+        }
     }
 
     /// The registered nodes that may own shards (not draining, not asked
@@ -322,7 +368,7 @@ impl Cluster {
             "no node {node:?} in cluster {:?}",
             self.settings.name
         );
-        let mut client = self.client.clone();
+        let mut client = self.etcd();
         let key = self.keys.drain(node);
         if on {
             let now = courier_storage::Clock::system().now_ms().to_string();
@@ -337,7 +383,7 @@ impl Cluster {
     /// (it also does whenever nodes come, go or drain); returns how many
     /// moves the plan holds, as this node computes it.
     pub async fn rebalance(&self) -> anyhow::Result<usize> {
-        let mut client = self.client.clone();
+        let mut client = self.etcd();
         let now = courier_storage::Clock::system().now_ms().to_string();
         member::within(
             "ask for a rebalance",
@@ -368,6 +414,7 @@ impl Cluster {
                 owner: &o.node,
                 replicas: &o.replicas,
                 isr: &o.isr,
+                removing: o.removing.as_deref(),
             })
             .collect();
         // Lost nodes an operator drained: their copies are replaced.

@@ -48,7 +48,7 @@ pub(super) async fn control(
     leader: &LeaderKey,
     view: &View,
 ) -> anyhow::Result<()> {
-    let mut client = cluster.client.clone();
+    let mut client = cluster.etcd();
     let keys = &cluster.keys;
     let leading = || Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev());
     for (&shard, m) in &view.moves {
@@ -174,7 +174,7 @@ pub(super) async fn control_copies(
     leader: &LeaderKey,
     view: &View,
 ) -> anyhow::Result<()> {
-    let mut client = cluster.client.clone();
+    let mut client = cluster.etcd();
     for step in Cluster::copy_plan(view, COPIES_AT_ONCE) {
         let shard = match &step {
             placement::CopyStep::Add { shard, .. }
@@ -184,21 +184,23 @@ pub(super) async fn control_copies(
         let Some(o) = view.owners.get(shard as usize).and_then(Option::as_ref) else {
             continue;
         };
-        let kept = |replicas: Vec<String>, isr: Vec<String>| ShardRecord {
-            owner: o.node.clone(),
-            replicas,
-            isr,
-            epoch: Some(o.epoch),
-        };
+        let kept =
+            |replicas: Vec<String>, isr: Vec<String>, removing: Option<String>| ShardRecord {
+                owner: o.node.clone(),
+                replicas,
+                isr,
+                epoch: Some(o.epoch),
+                removing,
+            };
         let record = match &step {
-            placement::CopyStep::Add { to, .. } => {
+            placement::CopyStep::Add { to, removing, .. } => {
                 let mut replicas = o.replicas.clone();
                 replicas.push(to.clone());
-                kept(replicas, o.isr.clone())
+                kept(replicas, o.isr.clone(), removing.clone())
             }
             placement::CopyStep::Drop { from, .. } => {
                 let without = |v: &[String]| v.iter().filter(|n| *n != from).cloned().collect();
-                kept(without(&o.replicas), without(&o.isr))
+                kept(without(&o.replicas), without(&o.isr), None)
             }
             placement::CopyStep::Lead { to, .. } => {
                 let mut replicas = vec![to.clone()];
@@ -208,6 +210,7 @@ pub(super) async fn control_copies(
                     replicas,
                     isr: vec![to.clone()],
                     epoch: None,
+                    removing: o.removing.clone(),
                 }
             }
         };
@@ -225,8 +228,8 @@ pub(super) async fn control_copies(
         let answer = within("change a shard's copies", client.txn(txn)).await?;
         if answer.succeeded() {
             let change = match &step {
-                placement::CopyStep::Add { to, .. } => {
-                    info!(shard, to = %to, "a copy of a replicated shard added");
+                placement::CopyStep::Add { to, removing, .. } => {
+                    info!(shard, to = %to, replaces = ?removing, "a copy of a replicated shard added");
                     "add"
                 }
                 placement::CopyStep::Lead { to, .. } => {
@@ -402,7 +405,7 @@ impl Mover {
                 serde_json::to_vec(&record).expect("a record serializes"),
                 None,
             )]);
-        let mut client = self.cluster.client.clone();
+        let mut client = self.cluster.etcd();
         match within("record a copied shard", client.txn(txn)).await {
             Ok(t) if t.succeeded() => {
                 self.recorded
@@ -448,7 +451,7 @@ impl Mover {
                 epoch,
             )])
             .and_then([TxnOp::delete(keys.moving(shard), None)]);
-        let mut client = self.cluster.client.clone();
+        let mut client = self.cluster.etcd();
         match within("call a paused move off", client.txn(txn)).await {
             Ok(t) if t.succeeded() => {
                 warn!(

@@ -159,6 +159,9 @@ pub struct Copies<'a> {
     pub owner: &'a str,
     pub replicas: &'a [String],
     pub isr: &'a [String],
+    /// The copy to remove once an added one is in sync (planned with the
+    /// addition, kept in the shard's record).
+    pub removing: Option<&'a str>,
 }
 
 /// One change to a replicated shard's copies (an etcd transaction each).
@@ -168,9 +171,21 @@ pub struct Copies<'a> {
 /// one that leaves is the primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CopyStep {
-    Add { shard: u32, to: String },
-    Lead { shard: u32, to: String },
-    Drop { shard: u32, from: String },
+    /// `removing`: the copy the new one replaces (none when the shard is
+    /// short of copies).
+    Add {
+        shard: u32,
+        to: String,
+        removing: Option<String>,
+    },
+    Lead {
+        shard: u32,
+        to: String,
+    },
+    Drop {
+        shard: u32,
+        from: String,
+    },
 }
 
 /// The next changes that bring replicated shards to their places: every
@@ -211,19 +226,28 @@ pub fn rebalance_copies<'a>(
     }
     let surplus =
         |count: &BTreeMap<&str, i64>, id: &str| count.get(id).map_or(0, |c| c - target[id] as i64);
-    // The copy to remove from a shard: one on a leaving node, else (once
-    // a copy was added) one on a lost node, else the non-primary copy on the node furthest over its
-    // share (ties to the larger id).
+    // The copy to remove from a shard: one on a leaving node; else (once
+    // a copy was added) one on a lost node; else the non-primary copy on
+    // the node furthest over its share (ties to the larger id); else the
+    // primary, if its node is over its share (a switch: a node that leads
+    // every shard after failovers holds only primaries); else (once a
+    // copy was added) the non-primary copy furthest over or least under.
     let choose_drop = |count: &BTreeMap<&str, i64>, s: &Copies<'a>, over_only: bool| {
         let r = s.replicas.iter().map(String::as_str);
+        let others = r.clone().filter(|n| *n != s.owner);
+        let furthest =
+            |a: &&str, b: &&str| surplus(count, a).cmp(&surplus(count, b)).then(a.cmp(b));
         r.clone()
             .find(|n| leaving(n))
             .or_else(|| r.clone().find(|n| !over_only && !registered(n)))
             .or_else(|| {
-                r.filter(|n| *n != s.owner)
-                    .filter(|n| !over_only || surplus(count, n) > 0)
-                    .max_by(|a, b| surplus(count, a).cmp(&surplus(count, b)).then(a.cmp(b)))
+                others
+                    .clone()
+                    .filter(|n| surplus(count, n) > 0)
+                    .max_by(furthest)
             })
+            .or_else(|| (surplus(count, s.owner) > 0).then_some(s.owner))
+            .or_else(|| others.max_by(furthest).filter(|_| !over_only))
     };
     // The in-sync copy to lead instead of `s.owner`: a candidate, the one
     // leading the fewest shards (ties to the smaller id).
@@ -252,7 +276,8 @@ pub fn rebalance_copies<'a>(
             continue;
         }
         stepped[i] = true;
-        let Some(from) = choose_drop(&count, s, false) else {
+        let planned = s.removing.filter(|r| s.replicas.iter().any(|n| n == r));
+        let Some(from) = planned.or_else(|| choose_drop(&count, s, false)) else {
             continue;
         };
         let rest_in_sync = s
@@ -289,61 +314,74 @@ pub fn rebalance_copies<'a>(
     }
     // New copies: for a shard short of copies, with one on a leaving node,
     // or with one on a node over its share, on the candidate furthest
-    // below its share that holds none of the shard.
-    for (i, s) in shards.iter().enumerate() {
-        if under_way >= at_once {
+    // below its share that holds none of the shard. A primary is the copy
+    // to replace only when no shard has another copy over its share (a
+    // switch costs the shard's other copies a whole copy).
+    let mut added = false;
+    for primaries_too in [false, true] {
+        if primaries_too && (added || under_way > 0) {
             break;
         }
-        if stepped[i] {
-            continue;
-        }
-        let short = s.replicas.len() < per_shard;
-        let replace = s.replicas.iter().any(|n| leaving(n));
-        let drop = if short || replace {
-            None
-        } else {
-            match choose_drop(&count, s, true) {
-                Some(d) => Some(d),
-                None => continue,
+        for (i, s) in shards.iter().enumerate() {
+            if under_way >= at_once {
+                break;
             }
-        };
-        let to = count
-            .iter()
-            .filter(|(id, _)| !s.replicas.iter().any(|r| r == *id))
-            .filter(|(id, _)| short || replace || surplus(&count, id) < 0)
-            .min_by(|a, b| {
-                let over = |(id, _): &(&&str, &i64)| surplus(&count, id);
-                over(a).cmp(&over(b)).then(a.0.cmp(b.0))
-            })
-            .map(|(id, _)| *id);
-        let shard = i as u32;
-        match to {
-            Some(to) => {
-                *count.get_mut(to).expect("a candidate") += 1;
-                if let Some(d) = drop.and_then(|d| count.get_mut(d)) {
-                    *d -= 1;
+            if stepped[i] {
+                continue;
+            }
+            let short = s.replicas.len() < per_shard;
+            let leaving_copy = s.replicas.iter().map(String::as_str).find(|n| leaving(n));
+            let removing = if short {
+                None
+            } else if leaving_copy.is_some() {
+                leaving_copy
+            } else {
+                match choose_drop(&count, s, true) {
+                    Some(d) if d != s.owner || primaries_too => Some(d),
+                    _ => continue,
                 }
-                under_way += 1;
-                stepped[i] = true;
-                steps.push(CopyStep::Add {
-                    shard,
-                    to: to.to_owned(),
-                });
-            }
-            // Nowhere to put a new copy (fewer candidates than copies):
-            // the primary at least leaves a draining node.
-            None if leaving(s.owner) && !rebuilding(s) => {
-                if let Some(to) = choose_lead(&leads, s) {
-                    *leads.get_mut(to).expect("a candidate") += 1;
+            };
+            let replace = short || leaving_copy.is_some();
+            let to = count
+                .iter()
+                .filter(|(id, _)| !s.replicas.iter().any(|r| r == *id))
+                .filter(|(id, _)| replace || surplus(&count, id) < 0)
+                .min_by(|a, b| {
+                    let over = |(id, _): &(&&str, &i64)| surplus(&count, id);
+                    over(a).cmp(&over(b)).then(a.0.cmp(b.0))
+                })
+                .map(|(id, _)| *id);
+            let shard = i as u32;
+            match to {
+                Some(to) => {
+                    *count.get_mut(to).expect("a candidate") += 1;
+                    if let Some(d) = removing.and_then(|d| count.get_mut(d)) {
+                        *d -= 1;
+                    }
                     under_way += 1;
                     stepped[i] = true;
-                    steps.push(CopyStep::Lead {
+                    added = true;
+                    steps.push(CopyStep::Add {
                         shard,
                         to: to.to_owned(),
+                        removing: removing.map(str::to_owned),
                     });
                 }
+                // Nowhere to put a new copy (fewer candidates than copies):
+                // the primary at least leaves a draining node.
+                None if leaving(s.owner) && !rebuilding(s) => {
+                    if let Some(to) = choose_lead(&leads, s) {
+                        *leads.get_mut(to).expect("a candidate") += 1;
+                        under_way += 1;
+                        stepped[i] = true;
+                        steps.push(CopyStep::Lead {
+                            shard,
+                            to: to.to_owned(),
+                        });
+                    }
+                }
+                None => {}
             }
-            None => {}
         }
     }
     steps
@@ -497,13 +535,16 @@ mod tests {
         factor: u32,
     ) -> Vec<CopyStep> {
         let mut all = Vec::new();
+        let mut removing: Vec<Option<String>> = vec![None; shards.len()];
         for _ in 0..1000 {
             let copies: Vec<Copies> = shards
                 .iter()
-                .map(|(owner, replicas, isr)| Copies {
+                .zip(&removing)
+                .map(|((owner, replicas, isr), removing)| Copies {
                     owner,
                     replicas,
                     isr,
+                    removing: removing.as_deref(),
                 })
                 .collect();
             let steps = rebalance_copies(&copies, &nodes(ids), movable, retired, factor, 2);
@@ -517,10 +558,15 @@ mod tests {
             }
             for step in &steps {
                 match step.clone() {
-                    CopyStep::Add { shard, to } => {
+                    CopyStep::Add {
+                        shard,
+                        to,
+                        removing: r,
+                    } => {
                         let s = &mut shards[shard as usize];
                         assert!(!s.1.contains(&to), "{step:?}: a second copy on one node");
                         s.1.push(to);
+                        removing[shard as usize] = r;
                     }
                     CopyStep::Lead { shard, to } => {
                         let s = &mut shards[shard as usize];
@@ -533,6 +579,7 @@ mod tests {
                         assert_ne!(s.0, from, "{step:?}: the primary is never dropped");
                         s.1.retain(|n| *n != from);
                         s.2.retain(|n| *n != from);
+                        removing[shard as usize] = None;
                     }
                 }
             }
@@ -572,6 +619,30 @@ mod tests {
         );
         for (owner, replicas, _) in &shards {
             assert_eq!(replicas.len(), 3);
+            assert!(replicas.contains(owner));
+        }
+    }
+
+    #[test]
+    fn a_join_after_failovers_left_one_node_leading_everything_still_balances_copies() {
+        // After failovers c leads every shard: its copies are all primaries.
+        let mut shards = placed(32, &["a", "b", "c"], 3);
+        for (owner, replicas, _) in shards.iter_mut() {
+            *owner = "c".to_owned();
+            replicas.retain(|n| n != "c");
+            replicas.insert(0, "c".to_owned());
+        }
+        let steps = settle(&mut shards, &["a", "b", "c", "d"], &[], &[], 3);
+        let c = copy_counts(&shards);
+        assert_eq!(c.values().copied().collect::<Vec<_>>(), [24, 24, 24, 24]);
+        let leads = steps
+            .iter()
+            .filter(|s| matches!(s, CopyStep::Lead { .. }))
+            .count();
+        assert_eq!(leads, 8, "c leaves 8 shards, each led by it: {steps:?}");
+        for (owner, replicas, isr) in &shards {
+            assert_eq!(replicas.len(), 3);
+            assert_eq!(isr, replicas);
             assert!(replicas.contains(owner));
         }
     }
@@ -633,6 +704,7 @@ mod tests {
                 owner,
                 replicas,
                 isr,
+                removing: None,
             })
             .collect();
         // d gone: the three others hold their shares of what is left.
@@ -649,6 +721,7 @@ mod tests {
                 owner,
                 replicas,
                 isr,
+                removing: None,
             })
             .collect();
         let more = ["a", "b", "c", "d", "e"];

@@ -80,6 +80,11 @@ pub struct ShardRecord {
     /// change); absent: this write's revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<i64>,
+    /// The copy a copy added for a move replaces: removed once the added
+    /// one is in sync (as Kafka's reassignment records its removing
+    /// replicas), so the removal is the one planned with the addition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removing: Option<String>,
 }
 
 impl ShardRecord {
@@ -96,6 +101,7 @@ impl ShardRecord {
             },
             isr: Vec::new(),
             epoch: None,
+            removing: None,
         }
     }
 }
@@ -139,6 +145,8 @@ pub struct Owner {
     pub replicas: Vec<String>,
     /// The copies in sync, the owner included.
     pub isr: Vec<String>,
+    /// The copy a move removes once the copy it added is in sync.
+    pub removing: Option<String>,
 }
 
 impl Owner {
@@ -158,6 +166,7 @@ impl Owner {
                 r.isr.clone()
             },
             node: r.owner,
+            removing: r.removing,
         }
     }
 
@@ -169,6 +178,7 @@ impl Owner {
             replicas: self.replicas.clone(),
             isr,
             epoch: Some(self.epoch),
+            removing: self.removing.clone(),
         }
     }
 }
@@ -404,6 +414,7 @@ mod tests {
                 revision: 12,
                 replicas: vec!["n1".into()],
                 isr: vec!["n1".into()],
+                removing: None,
             }),
             "the epoch is the revision that last set the owner"
         );

@@ -329,6 +329,7 @@ impl Replication {
                             s.revision = o.revision;
                             s.isr = o.isr.clone();
                             s.replicas = o.replicas.clone();
+                            s.removing = o.removing.clone();
                             // A copy the controller removed gets no more.
                             s.followers.retain(|n, _| o.replicas.contains(n));
                             if s.isr == [self.me.clone()] {

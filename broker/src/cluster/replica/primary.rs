@@ -10,6 +10,8 @@ pub(super) struct Stream {
     /// conditioned on).
     pub(super) revision: i64,
     pub(super) replicas: Vec<String>,
+    /// The copy a move removes (carried by this stream's ISR changes).
+    pub(super) removing: Option<String>,
     /// The in-sync set in etcd, this node included.
     pub(super) isr: Vec<String>,
     /// A copy being added to the set: counted in the commit from before
@@ -57,6 +59,7 @@ impl Stream {
             epoch: o.epoch,
             revision: o.revision,
             replicas: o.replicas.clone(),
+            removing: o.removing.clone(),
             joining: None,
             next_lsn: 1,
             followers: BTreeMap::new(),
@@ -318,6 +321,7 @@ impl Replication {
                     revision: s.revision,
                     replicas: s.replicas.clone(),
                     isr: s.isr.clone(),
+                    removing: s.removing.clone(),
                 };
                 (owner, wanted, s.joining.clone())
             };
@@ -335,7 +339,7 @@ impl Replication {
                     None,
                 )])
                 .or_else([TxnOp::get(key, None)]);
-            let mut client = cluster.client.clone();
+            let mut client = cluster.etcd();
             let answer = within("change a shard's in-sync set", client.txn(txn)).await;
             match self.isr_changed(shard, &owner, &wanted, joining, answer) {
                 Changed::Done => {
@@ -407,6 +411,7 @@ impl Replication {
                         // (the record's set only lost members, or gained
                         // none this stream has not counted).
                         s.revision = rev;
+                        s.removing = r.removing;
                         s.replicas = if r.replicas.is_empty() {
                             vec![r.owner.clone()]
                         } else {
@@ -417,6 +422,8 @@ impl Replication {
                         } else {
                             r.isr
                         };
+                        let replicas = &s.replicas;
+                        s.followers.retain(|n, _| replicas.contains(n));
                         s.confirmed = s.confirmed || s.isr.len() == 1;
                         Changed::Done
                     }
