@@ -685,6 +685,8 @@ mod control_plane {
 /// Named so the epoll pass of `scripts/test` skips it.
 mod replication {
     use super::*;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
 
     /// Every shard has three copies in sync, as `service` reads the map.
     fn all_in_sync(d: &Deployment, service: &str, what: &str) {
@@ -886,12 +888,13 @@ mod replication {
         }
     }
 
-    /// Waits until all three copies of every shard agree (a digest each).
-    fn copies_agree(d: &Deployment) {
+    /// Waits until all three copies of every shard, on `nodes`, agree (a
+    /// digest each).
+    fn copies_agree(d: &Deployment, nodes: &[&str]) {
         let deadline = Instant::now() + CLUSTER_WAIT;
         loop {
             let mut by_shard: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
-            for n in NODES {
+            for n in nodes {
                 let Some(v) = d
                     .get(n, "/admin/cluster/digests")
                     .and_then(|b| serde_json::from_str::<Value>(&b).ok())
@@ -924,121 +927,155 @@ mod replication {
         }
     }
 
+    /// The faults of the suite; a SIGKILL runs twice.
+    #[derive(Clone, Copy, Debug)]
+    enum Fault {
+        Kill,
+        CutOff,
+        EtcdCut,
+        Pause,
+        KillWithEtcdLeader,
+        DiskLost,
+    }
+
+    /// The suite's seed: `COURIER_TEST_SEED` if set (to replay a run),
+    /// else drawn from the clock. Printed either way.
+    fn seed() -> u64 {
+        let seed = std::env::var("COURIER_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!(
+            "fault suite seed: {seed} (COURIER_TEST_SEED={seed} replays this order and timing)"
+        );
+        seed
+    }
+
     /// Three etcd members and three Courier nodes, every shard on all
     /// three. Under load through HAProxy (users in pairs and groups of 8
     /// across the nodes, reconnecting and resuming as phones do), one
-    /// fault at a time: a primary SIGKILLed, twice; cut off from
-    /// everything; cut off from etcd alone (its links and its clients
-    /// stay: it fences itself, and retries of writes its copies never
-    /// confirmed must not be acknowledged); paused past its lease and
-    /// resumed (a long GC or VM stall); killed together with the etcd
-    /// leader (a failover while etcd elects); and a node whose disk is
-    /// lost, back empty. Each time its shards go to in-sync copies with
-    /// none unavailable, the node comes back as a backup and copies them
-    /// until all are in sync, and the checker finds every acknowledged
-    /// message delivered once and in order (a late write of the paused or
-    /// cut-off primary acknowledged would be a loss). At the end the three
-    /// copies of every shard are identical.
+    /// fault at a time, in an order and at moments drawn from a seed: a
+    /// primary SIGKILLed, twice; cut off from everything; cut off from
+    /// etcd alone (its links and its clients stay: it fences itself, and
+    /// retries of writes its copies never confirmed must not be
+    /// acknowledged); paused past its lease and resumed (a long GC or VM
+    /// stall); killed together with the etcd leader (a failover while etcd
+    /// elects); and a node whose disk is lost, back empty. Each fault is
+    /// bounded in time. Each time its shards go to in-sync copies with none
+    /// unavailable, the node comes back as a backup and copies them until
+    /// all are in sync, and the checker finds every acknowledged message
+    /// delivered once and in order (a late write of the paused or cut-off
+    /// primary acknowledged would be a loss). Then the three copies of
+    /// every shard are identical. Last, copies move under load: a fourth
+    /// node joins and takes its share of copies, a node is drained of
+    /// all it holds and stopped, and the copies agree again.
     #[test]
     fn replicated_shards_keep_every_acknowledged_message_through_kills_cuts_pauses_and_a_lost_disk()
     {
         if !docker_available() {
             return;
         }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+        let mut faults = vec![
+            Fault::Kill,
+            Fault::Kill,
+            Fault::CutOff,
+            Fault::EtcdCut,
+            Fault::Pause,
+            Fault::KillWithEtcdLeader,
+            Fault::DiskLost,
+        ];
+        faults.shuffle(&mut rng);
+        println!("faults in this run's order: {faults:?}");
         let d = up_in_sync();
         let both = [d.network(), d.control_network()];
         let mut failovers = Vec::new();
         let mut lost_disk = None;
 
-        under_load(&d, "primaries killed twice", 11_000_000, || {
-            for _ in 0..2 {
+        for (i, fault) in faults.into_iter().enumerate() {
+            let first_user = 11_000_000 + i as u64 * 1_000_000;
+            // The fault strikes 1 to 5 s into the load.
+            let after = Duration::from_millis(rng.gen_range(1_000..5_000));
+            // A paused node stays paused 1 to 3 s past its shards' promotion.
+            let paused_past = Duration::from_millis(rng.gen_range(1_000..3_000));
+            let what = format!("{fault:?} {}", i + 1);
+            under_load_at(&d, &what, first_user, after, || {
                 let node = busiest(&d);
-                let probe = FailoverProbe::ready(&d, node, 11_000_000);
+                let probe = FailoverProbe::ready(&d, node, first_user);
                 let t0 = Instant::now();
-                docker(&["kill", &d.container(node)]);
-                probe.fire(t0, false);
-                let promoted = promoted_away(&d, node, Instant::now());
-                failovers.push((node, "SIGKILL", promoted, probe.first_ack()));
-                docker(&["start", &d.container(node)]);
-                all_in_sync(&d, "courier-1", "the killed node back in sync");
-            }
-        });
-        under_load(&d, "a primary cut off from everything", 12_000_000, || {
-            let node = busiest(&d);
-            let probe = FailoverProbe::ready(&d, node, 12_000_000);
-            let t0 = Instant::now();
-            d.disconnect(node, &both);
-            probe.fire(t0, false);
-            let promoted = promoted_away(&d, node, Instant::now());
-            failovers.push((node, "cut off", promoted, probe.first_ack()));
-            d.reconnect(node, &both);
-            all_in_sync(&d, node, "the cut-off node back in sync");
-        });
-        under_load(&d, "a primary cut off from etcd only", 13_000_000, || {
-            let node = busiest(&d);
-            let control = [d.control_network()];
-            let probe = FailoverProbe::ready(&d, node, 13_000_000);
-            let t0 = Instant::now();
-            d.disconnect(node, &control);
-            probe.fire(t0, true);
-            let promoted = promoted_away(&d, node, Instant::now());
-            // Fenced, it is not ready: HAProxy moves its clients to nodes
-            // that reach etcd (their sessions would otherwise stay on a
-            // node whose map is stale for as long as the cut lasts).
-            let readiness = d.get(node, "/readyz").unwrap_or_default();
-            assert!(readiness.starts_with("not ready"), "{node}: {readiness}");
-            failovers.push((node, "etcd cut", promoted, probe.first_ack()));
-            d.reconnect(node, &control);
-            all_in_sync(&d, node, "the node cut from etcd back in sync");
-            let deadline = Instant::now() + CLUSTER_WAIT;
-            while d.get(node, "/readyz").as_deref() != Some("ready\n") {
-                assert!(Instant::now() < deadline, "{node} ready again");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        under_load(&d, "a primary paused past its lease", 14_000_000, || {
-            let node = busiest(&d);
-            let probe = FailoverProbe::ready(&d, node, 14_000_000);
-            let t0 = Instant::now();
-            docker(&["pause", &d.container(node)]);
-            probe.fire(t0, false);
-            let promoted = promoted_away(&d, node, Instant::now());
-            failovers.push((node, "paused", promoted, probe.first_ack()));
-            std::thread::sleep(Duration::from_secs(1));
-            docker(&["unpause", &d.container(node)]);
-            all_in_sync(&d, node, "the paused node back in sync");
-        });
-        under_load(
-            &d,
-            "a primary and the etcd leader killed",
-            15_000_000,
-            || {
-                let node = busiest(&d);
-                let leader = etcd_leader(&d);
-                let probe = FailoverProbe::ready(&d, node, 15_000_000);
-                let t0 = Instant::now();
-                docker(&["kill", &d.container(node), &d.container(&leader)]);
-                probe.fire(t0, false);
-                let promoted = promoted_away(&d, node, Instant::now());
-                failovers.push((node, "with etcd's leader", promoted, probe.first_ack()));
-                docker(&["start", &d.container(&leader), &d.container(node)]);
-                all_in_sync(&d, node, "back in sync after etcd's new leader");
-            },
-        );
-        under_load(&d, "a node's disk lost", 16_000_000, || {
-            let node = busiest(&d);
-            let volume = format!("{}_{node}", d.project);
-            let probe = FailoverProbe::ready(&d, node, 16_000_000);
-            let t0 = Instant::now();
-            docker(&["rm", "-f", &d.container(node)]);
-            probe.fire(t0, false);
-            docker(&["volume", "rm", &volume]);
-            let promoted = promoted_away(&d, node, Instant::now());
-            failovers.push((node, "disk lost", promoted, probe.first_ack()));
-            d.compose(&["up", "-d", "--no-build", node]);
-            all_in_sync(&d, node, "the node with a new disk rebuilt every copy");
-            lost_disk = Some(node);
-        });
+                match fault {
+                    Fault::Kill => {
+                        docker(&["kill", &d.container(node)]);
+                        probe.fire(t0, false);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        failovers.push((node, "SIGKILL", promoted, probe.first_ack()));
+                        docker(&["start", &d.container(node)]);
+                        all_in_sync(&d, "courier-1", "the killed node back in sync");
+                    }
+                    Fault::CutOff => {
+                        d.disconnect(node, &both);
+                        probe.fire(t0, false);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        failovers.push((node, "cut off", promoted, probe.first_ack()));
+                        d.reconnect(node, &both);
+                        all_in_sync(&d, node, "the cut-off node back in sync");
+                    }
+                    Fault::EtcdCut => {
+                        let control = [d.control_network()];
+                        d.disconnect(node, &control);
+                        probe.fire(t0, true);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        // Fenced, it is not ready: HAProxy moves its
+                        // clients to nodes that reach etcd (their sessions
+                        // would otherwise stay on a node whose map is stale
+                        // for as long as the cut lasts).
+                        let readiness = d.get(node, "/readyz").unwrap_or_default();
+                        assert!(readiness.starts_with("not ready"), "{node}: {readiness}");
+                        failovers.push((node, "etcd cut", promoted, probe.first_ack()));
+                        d.reconnect(node, &control);
+                        all_in_sync(&d, node, "the node cut from etcd back in sync");
+                        let deadline = Instant::now() + CLUSTER_WAIT;
+                        while d.get(node, "/readyz").as_deref() != Some("ready\n") {
+                            assert!(Instant::now() < deadline, "{node} ready again");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                    Fault::Pause => {
+                        docker(&["pause", &d.container(node)]);
+                        probe.fire(t0, false);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        failovers.push((node, "paused", promoted, probe.first_ack()));
+                        std::thread::sleep(paused_past);
+                        docker(&["unpause", &d.container(node)]);
+                        all_in_sync(&d, node, "the paused node back in sync");
+                    }
+                    Fault::KillWithEtcdLeader => {
+                        let leader = etcd_leader(&d);
+                        docker(&["kill", &d.container(node), &d.container(&leader)]);
+                        probe.fire(t0, false);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        failovers.push((node, "with etcd's leader", promoted, probe.first_ack()));
+                        docker(&["start", &d.container(&leader), &d.container(node)]);
+                        all_in_sync(&d, node, "back in sync after etcd's new leader");
+                    }
+                    Fault::DiskLost => {
+                        let volume = format!("{}_{node}", d.project);
+                        docker(&["rm", "-f", &d.container(node)]);
+                        probe.fire(t0, false);
+                        docker(&["volume", "rm", &volume]);
+                        let promoted = promoted_away(&d, node, Instant::now());
+                        failovers.push((node, "disk lost", promoted, probe.first_ack()));
+                        d.compose(&["up", "-d", "--no-build", node]);
+                        all_in_sync(&d, node, "the node with a new disk rebuilt every copy");
+                        lost_disk = Some(node);
+                    }
+                }
+            });
+        }
         for (node, how, promoted, first_ack) in &failovers {
             println!(
                 "failover: {node} ({how}): its shards promoted after {} ms, the first send to one of its users acknowledged {} ms after the fault",
@@ -1046,7 +1083,7 @@ mod replication {
                 first_ack.as_millis()
             );
         }
-        copies_agree(&d);
+        copies_agree(&d, &NODES);
         let rebuilds = d.metric(
             lost_disk.expect("a disk was lost"),
             "courier_replication_rebuilds_total",
@@ -1061,6 +1098,80 @@ mod replication {
             .map(|n| d.metric(n, "courier_replication_failovers_total", ""))
             .sum();
         assert!(promoted >= 7, "shards were promoted: {promoted}");
+
+        // Copies move under load: a fourth node joins and takes its share
+        // of copies (add, catch up, in sync, then one of the others
+        // removed), then the node leading the fewest shards is drained
+        // (each of its copies added elsewhere first, each shard it leads
+        // switched to an in-sync copy) and stopped.
+        let copies_of = |s: &Value, id: &str| {
+            s["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["id"] == id))
+                .and_then(|n| n["copies"].as_u64())
+                .unwrap_or(0)
+        };
+        let settled = |s: &Value| {
+            s["moves"].as_array().is_some_and(Vec::is_empty)
+                && s["planned_moves"] == 0
+                && s["shards_under_replicated"] == 0
+        };
+        under_load(&d, "a fourth node takes its copies", 17_000_000, || {
+            let t0 = Instant::now();
+            d.compose(&["up", "-d", "--no-build", "courier-4"]);
+            let s = d.wait("courier-1", "courier-4 took its share of copies", |s| {
+                copies_of(s, "courier-4") == SHARDS * 3 / 4 && settled(s)
+            });
+            println!(
+                "join: courier-4 took {} copies in {} ms",
+                SHARDS * 3 / 4,
+                t0.elapsed().as_millis()
+            );
+            for n in NODES {
+                assert_eq!(copies_of(&s, n), SHARDS * 3 / 4, "{n}: {s:#}");
+            }
+            // After the failovers one node may lead most shards: its
+            // copies are primaries, so some of them switch to go.
+            let switched: u64 = ["courier-1", "courier-2", "courier-3", "courier-4"]
+                .iter()
+                .map(|n| {
+                    d.metric(
+                        n,
+                        "courier_replication_copy_changes_total",
+                        "{change=\"lead\"}",
+                    )
+                })
+                .sum();
+            println!("join: {switched} primaries switched to in-sync copies on the way");
+        });
+        let s = d.wait("courier-1", "a status", |_| true);
+        let left = NODES.into_iter().min_by_key(|n| shards_of(&s, n)).unwrap();
+        under_load(&d, "a node's copies drained", 18_000_000, || {
+            let t0 = Instant::now();
+            let answer = d
+                .admin("POST", "courier-1", &format!("/admin/cluster/drain/{left}"))
+                .expect("courier-1 answers the drain");
+            assert!(answer.contains("draining"), "{answer}");
+            let s = d.wait("courier-1", &format!("{left} gave its copies away"), |s| {
+                copies_of(s, left) == 0 && shards_of(s, left) == 0 && settled(s)
+            });
+            println!(
+                "drain: {left} gave its copies away in {} ms",
+                t0.elapsed().as_millis()
+            );
+            assert_eq!(s["shards_unavailable"], 0, "{s:#}");
+        });
+        d.compose(&["stop", "-t", "30", left]);
+        let rest: Vec<&str> = ["courier-1", "courier-2", "courier-3", "courier-4"]
+            .into_iter()
+            .filter(|n| *n != left)
+            .collect();
+        let s = d.wait(rest[0], &format!("{left} gone"), |s| {
+            state_of(s, left) == "absent"
+        });
+        assert_eq!(s["shards_unavailable"], 0, "{s:#}");
+        assert_eq!(s["shards_under_replicated"], 0, "{s:#}");
+        copies_agree(&d, &rest);
     }
 }
 
@@ -1074,6 +1185,17 @@ const FAULT_AFTER: Duration = Duration::from_secs(2);
 /// `fault` a moment in, and requires the checker's verdict clean: every
 /// acknowledged message delivered, once, in its conversation's order.
 fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce()) {
+    under_load_at(d, what, first_user, FAULT_AFTER, fault)
+}
+
+/// [`under_load`] with the fault `after` that long into the load.
+fn under_load_at(
+    d: &Deployment,
+    what: &str,
+    first_user: u64,
+    after: Duration,
+    fault: impl FnOnce(),
+) {
     let key = load_or_create_secret(&d.secret).unwrap();
     // A messenger's shape: everyone chats with a partner and in a group
     // of 8 (whose members are on all nodes: users are spread by hash).
@@ -1089,7 +1211,7 @@ fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce())
         ..courier_loadtest::Options::new(courier_loadtest::Target::Courier, d.clients_addr(), key)
     };
     let load = load_in_background(opts);
-    std::thread::sleep(FAULT_AFTER);
+    std::thread::sleep(after);
     fault();
     let report = load
         .join()
