@@ -125,6 +125,13 @@ pub trait InboxStore: Send + Sync + 'static {
     fn transfer(&self) -> Option<&dyn SlotTransfer> {
         None
     }
+
+    /// Whether some write to `inbox` is not visible to readers yet (a
+    /// replicated shard hides a write until every in-sync copy has it); a
+    /// retry of such a write is refused until it shows.
+    fn hides(&self, _inbox: u64) -> bool {
+        false
+    }
 }
 
 /// Moving a run of slots (a shard) between two slotted stores while the

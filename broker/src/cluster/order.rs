@@ -12,10 +12,7 @@
 //! and the refused ones in the order they were first seen. Once one is
 //! refused, the next send let through is the oldest refused one (its
 //! retry); every other send of that conversation is refused meanwhile and
-//! takes its place in the line. A retry goes alone: until it is answered
-//! the rest wait, since the owner may refuse it again after a send behind
-//! it went out (a newly promoted primary refuses a retry whose original is
-//! not yet on every copy, and stores the next send). The line is also joined by sends still on
+//! takes its place in the line. The line is also joined by sends still on
 //! their way over a link connection that is gone (they will fail), so a
 //! send cannot slip out on the new connection before them. The client
 //! library retries each refused send after the hint with its id, so the
@@ -53,10 +50,6 @@ pub struct Line {
     refused: BTreeMap<u64, u64>,
     /// When the first refused send became first or was last seen.
     waiting_since: Option<Instant>,
-    /// A refused send let through again and not answered yet: the rest
-    /// wait for its answer (it may be refused once more at the owner,
-    /// after a later send went out behind it).
-    retrying: Option<u64>,
 }
 
 impl Line {
@@ -85,16 +78,9 @@ impl Line {
         }
         let seen = self.refused.iter().find(|(_, &r)| r == id).map(|(&p, _)| p);
         let first = self.refused.keys().next().copied();
-        // A retry goes alone: until it is answered, the rest wait.
-        let inflight = &self.inflight;
-        self.retrying = self.retrying.filter(|r| inflight.iter().any(|s| s.1 == *r));
-        let alone = self.retrying.is_some_and(|r| r != id);
         let place = match (connection, first) {
-            (Some(_), None) if !alone => self.fresh(),
-            (Some(_), Some(first)) if seen == Some(first) && !alone => {
-                self.retrying = Some(id);
-                first
-            }
+            (Some(_), None) => self.fresh(),
+            (Some(_), Some(first)) if seen == Some(first) => first,
             _ => {
                 if seen.is_none() {
                     let place = self.fresh();
@@ -125,9 +111,6 @@ impl Line {
     /// Send `id` was answered: stored (or refused for good), or
     /// `unavailable` (it takes its place in the line again).
     pub fn answered(&mut self, id: u64, unavailable: bool, now: Instant) {
-        if self.retrying == Some(id) {
-            self.retrying = None;
-        }
         let place = self
             .inflight
             .iter()
@@ -263,40 +246,12 @@ mod tests {
         );
         assert!(l.admit(1, Some(7), t(510, now)), "1's retry");
         assert!(!l.admit(4, Some(7), t(520, now)), "3 is before 4");
-        assert!(
-            !l.admit(3, Some(7), t(520, now)),
-            "1's retry goes alone: it may be refused again at the owner"
-        );
-        l.answered(1, false, t(600, now));
         assert!(l.admit(3, Some(7), t(1000, now)));
-        assert!(!l.admit(4, Some(7), t(1000, now)), "3's retry goes alone");
-        l.answered(3, false, t(1050, now));
-        assert!(l.admit(4, Some(7), t(1100, now)));
-        l.answered(4, false, t(1150, now));
-        assert!(l.admit(5, Some(7), t(1200, now)), "the line is empty again");
-        l.answered(5, false, t(1250, now));
-        assert!(l.idle());
-    }
-
-    /// A retry refused again at the owner after a later send went out
-    /// behind it would be overtaken (the container fault suite found this
-    /// at a newly promoted primary, where the original was a write not yet
-    /// on every copy).
-    #[test]
-    fn a_retry_refused_again_is_not_overtaken_by_a_send_behind_it() {
-        let now = Instant::now();
-        let mut l = Line::default();
-        assert!(l.admit(1, Some(7), now));
-        l.answered(1, true, now);
-        assert!(!l.admit(2, Some(7), now), "2 waits for 1's retry");
-        assert!(l.admit(1, Some(7), t(100, now)), "1's retry");
-        assert!(!l.admit(2, Some(7), t(110, now)), "2 waits for its answer");
-        l.answered(1, true, t(120, now));
-        assert!(!l.admit(2, Some(7), t(200, now)), "1 is first again");
-        assert!(l.admit(1, Some(7), t(300, now)));
-        l.answered(1, false, t(310, now));
-        assert!(l.admit(2, Some(7), t(400, now)));
-        l.answered(2, false, t(410, now));
+        assert!(l.admit(4, Some(7), t(1000, now)));
+        assert!(l.admit(5, Some(7), t(1000, now)), "the line is empty again");
+        for id in [1, 3, 4, 5] {
+            l.answered(id, false, t(1100, now));
+        }
         assert!(l.idle());
     }
 
@@ -313,10 +268,7 @@ mod tests {
         l.answered(1, true, now);
         assert!(!l.admit(2, Some(8), now));
         assert!(l.admit(1, Some(8), now));
-        assert!(!l.admit(2, Some(8), now), "1's retry goes alone");
-        l.answered(1, false, now);
         assert!(l.admit(2, Some(8), now));
-        l.answered(2, false, now);
         assert!(l.admit(3, Some(8), now));
     }
 
@@ -340,7 +292,6 @@ mod tests {
         assert!(!l.admit(1, None, now), "no connection yet");
         assert!(!l.admit(2, Some(9), now));
         assert!(l.admit(1, Some(9), now));
-        l.answered(1, false, now);
         assert!(l.admit(2, Some(9), now));
     }
 
@@ -368,7 +319,6 @@ mod tests {
         l.refused_here(1, now);
         assert!(!l.admit(2, Some(4), now), "2 waits for 1's retry");
         assert!(l.admit(1, Some(4), now));
-        l.answered(1, false, now);
         assert!(l.admit(2, Some(4), now));
         // Refused here once more while on its way through the line: no
         // second place.

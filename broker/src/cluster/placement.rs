@@ -588,6 +588,22 @@ mod tests {
         panic!("the copy plan never settled");
     }
 
+    fn leads(steps: &[CopyStep]) -> usize {
+        steps
+            .iter()
+            .filter(|s| matches!(s, CopyStep::Lead { .. }))
+            .count()
+    }
+
+    /// Every shard on `factor` copies, all in sync, its primary among them.
+    fn all_in_place(shards: &[(String, Vec<String>, Vec<String>)], factor: usize) {
+        for (owner, replicas, isr) in shards {
+            assert_eq!(replicas.len(), factor);
+            assert_eq!(isr, replicas);
+            assert!(replicas.contains(owner));
+        }
+    }
+
     fn copy_counts(shards: &[(String, Vec<String>, Vec<String>)]) -> BTreeMap<String, usize> {
         counts(&shards.iter().flat_map(|s| s.1.clone()).collect::<Vec<_>>())
     }
@@ -635,16 +651,9 @@ mod tests {
         let steps = settle(&mut shards, &["a", "b", "c", "d"], &[], &[], 3);
         let c = copy_counts(&shards);
         assert_eq!(c.values().copied().collect::<Vec<_>>(), [24, 24, 24, 24]);
-        let leads = steps
-            .iter()
-            .filter(|s| matches!(s, CopyStep::Lead { .. }))
-            .count();
-        assert_eq!(leads, 8, "c leaves 8 shards, each led by it: {steps:?}");
-        for (owner, replicas, isr) in &shards {
-            assert_eq!(replicas.len(), 3);
-            assert_eq!(isr, replicas);
-            assert!(replicas.contains(owner));
-        }
+        let switches = leads(&steps);
+        assert_eq!(switches, 8, "c leaves 8 shards, each led by it: {steps:?}");
+        all_in_place(&shards, 3);
     }
 
     #[test]
@@ -656,16 +665,9 @@ mod tests {
         assert_eq!(c.get("b"), None, "b holds nothing: {c:?}");
         assert_eq!(c.values().copied().collect::<Vec<_>>(), [32, 32, 32]);
         let led_by_b = placed(32, &ids, 3).iter().filter(|s| s.0 == "b").count();
-        let leads = steps
-            .iter()
-            .filter(|s| matches!(s, CopyStep::Lead { .. }))
-            .count();
-        assert_eq!(leads, led_by_b, "one switch per shard b led: {steps:?}");
-        for (owner, replicas, isr) in &shards {
-            assert_eq!(replicas.len(), 3);
-            assert_eq!(isr, replicas);
-            assert!(replicas.contains(owner));
-        }
+        let switches = leads(&steps);
+        assert_eq!(switches, led_by_b, "one switch per shard b led: {steps:?}");
+        all_in_place(&shards, 3);
     }
 
     #[test]

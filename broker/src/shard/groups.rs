@@ -85,10 +85,11 @@ impl Shard {
                 return;
             }
         };
-        if !self
-            .lines
-            .admit(group_conversation(&cmd), cmd.client_msg_id)
-        {
+        if !self.lines.admit(
+            group_conversation(&cmd),
+            cmd.client_msg_id,
+            self.store.hides(cmd.group),
+        ) {
             // An older send of the member's was refused here and waits for
             // its retry (see `lines`).
             self.stats.held_in_line.inc();

@@ -49,7 +49,8 @@ impl Shard {
                 }
             }
         }
-        if !self.lines.admit(conversation(&s), s.client_msg_id) {
+        let alone = self.store.hides(s.recipient);
+        if !self.lines.admit(conversation(&s), s.client_msg_id, alone) {
             // An older send of the conversation was refused here and waits
             // for its retry (see `lines`).
             self.stats.held_in_line.inc();
@@ -138,7 +139,7 @@ impl Shard {
                 group: r.group,
                 member,
             };
-            self.lines.admit(line, entry)
+            self.lines.admit(line, entry, false)
         });
         let held = r.members.len() < before;
         if held {

@@ -314,6 +314,10 @@ impl InboxStore for ReplicatedStore {
         self.inner().health()
     }
 
+    fn hides(&self, inbox: u64) -> bool {
+        self.unsettled().cut(inbox).is_some()
+    }
+
     fn transfer(&self) -> Option<&dyn SlotTransfer> {
         self.inner().transfer()
     }
