@@ -608,17 +608,25 @@ mod control_plane {
         );
         let pauses = m4.metric("courier_cluster_move_pause_seconds_count").await;
         assert!(pauses >= 4, "m4 took four shards: {pauses} pauses");
-        // Every old owner counted the pause it made, up to the switch.
-        let mut paused = 0;
-        for n in &nodes {
-            paused += n
-                .metric("courier_cluster_move_paused_writes_seconds_count")
-                .await;
+        // Every old owner counted the pause it made, up to the switch (as
+        // its own view shows the switch: it may read it after m1 did).
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut paused = 0;
+            for n in &nodes {
+                paused += n
+                    .metric("courier_cluster_move_paused_writes_seconds_count")
+                    .await;
+            }
+            if paused >= 8 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "8 moves paused their old owners' writes: {paused}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            paused >= 8,
-            "8 moves paused their old owners' writes: {paused}"
-        );
 
         let report = load
             .join()
