@@ -604,6 +604,19 @@ mod tests {
         }
     }
 
+    /// Shards as the planner takes them, nothing being removed.
+    fn as_copies(shards: &[(String, Vec<String>, Vec<String>)]) -> Vec<Copies<'_>> {
+        shards
+            .iter()
+            .map(|(owner, replicas, isr)| Copies {
+                owner,
+                replicas,
+                isr,
+                removing: None,
+            })
+            .collect()
+    }
+
     fn copy_counts(shards: &[(String, Vec<String>, Vec<String>)]) -> BTreeMap<String, usize> {
         counts(&shards.iter().flat_map(|s| s.1.clone()).collect::<Vec<_>>())
     }
@@ -700,15 +713,7 @@ mod tests {
     #[test]
     fn copies_on_a_lost_node_stay_and_nothing_starts_while_copies_are_copied_again() {
         let shards = placed(16, &["a", "b", "c", "d"], 3);
-        let copies: Vec<Copies> = shards
-            .iter()
-            .map(|(owner, replicas, isr)| Copies {
-                owner,
-                replicas,
-                isr,
-                removing: None,
-            })
-            .collect();
+        let copies = as_copies(&shards);
         // d gone: the three others hold their shares of what is left.
         let steps = rebalance_copies(&copies, &nodes(&["a", "b", "c"]), &[], &[], 3, 2);
         assert!(steps.is_empty(), "{steps:?}");
@@ -717,15 +722,7 @@ mod tests {
             .iter()
             .map(|(o, r, _)| (o.clone(), r.clone(), vec![o.clone()]))
             .collect();
-        let copies: Vec<Copies> = rebuilding
-            .iter()
-            .map(|(owner, replicas, isr)| Copies {
-                owner,
-                replicas,
-                isr,
-                removing: None,
-            })
-            .collect();
+        let copies = as_copies(&rebuilding);
         let more = ["a", "b", "c", "d", "e"];
         assert!(rebalance_copies(&copies, &nodes(&more), &[], &[], 3, 2).is_empty());
     }
