@@ -252,15 +252,7 @@ async fn failover(cluster: &Cluster, leader: &LeaderKey, view: &View) -> anyhow:
         else {
             continue;
         };
-        let mut replicas = vec![next.clone()];
-        replicas.extend(o.replicas.iter().filter(|n| *n != next).cloned());
-        let record = ShardRecord {
-            owner: next.clone(),
-            replicas,
-            isr: vec![next.clone()],
-            epoch: None,
-            removing: o.removing.clone(),
-        };
+        let record = o.promoted(next);
         let key = cluster.keys.shard(shard as u32);
         // Only while the old primary is still away: a primary whose lease
         // expired and that registered again since (etcd back after a

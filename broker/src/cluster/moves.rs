@@ -202,17 +202,7 @@ pub(super) async fn control_copies(
                 let without = |v: &[String]| v.iter().filter(|n| *n != from).cloned().collect();
                 kept(without(&o.replicas), without(&o.isr), None)
             }
-            placement::CopyStep::Lead { to, .. } => {
-                let mut replicas = vec![to.clone()];
-                replicas.extend(o.replicas.iter().filter(|n| *n != to).cloned());
-                ShardRecord {
-                    owner: to.clone(),
-                    replicas,
-                    isr: vec![to.clone()],
-                    epoch: None,
-                    removing: o.removing.clone(),
-                }
-            }
+            placement::CopyStep::Lead { to, .. } => o.promoted(to),
         };
         let key = cluster.keys.shard(shard);
         let txn = Txn::new()

@@ -150,7 +150,7 @@ pub struct Owner {
 }
 
 impl Owner {
-    fn from_record(r: ShardRecord, revision: i64) -> Owner {
+    pub(crate) fn from_record(r: ShardRecord, revision: i64) -> Owner {
         let alone = || vec![r.owner.clone()];
         Owner {
             epoch: r.epoch.unwrap_or(revision),
@@ -167,6 +167,21 @@ impl Owner {
             },
             node: r.owner,
             removing: r.removing,
+        }
+    }
+
+    /// The record that makes in-sync copy `to` this shard's primary (a
+    /// failover, or a switch for a move): alone in sync at a new epoch,
+    /// the other copies copying the shard again from it.
+    pub fn promoted(&self, to: &str) -> ShardRecord {
+        let mut replicas = vec![to.to_owned()];
+        replicas.extend(self.replicas.iter().filter(|n| *n != to).cloned());
+        ShardRecord {
+            owner: to.to_owned(),
+            replicas,
+            isr: vec![to.to_owned()],
+            epoch: None,
+            removing: self.removing.clone(),
         }
     }
 

@@ -181,20 +181,23 @@ impl Replication {
     /// served here; the task deleting it holds the shard's place in
     /// `following`, so no copy of it starts meanwhile).
     async fn delete_copy(&self, shard: u32, run: Range<u16>) {
+        if let Err(e) = self.delete_run(run).await {
+            warn!(shard, error = %format!("{e:#}"), "deleting a removed copy failed");
+        }
+    }
+
+    /// Deletes this node's run of a shard (to copy it again, or for good),
+    /// and with it what its failed writes hid there.
+    async fn delete_run(&self, run: Range<u16>) -> anyhow::Result<()> {
         let store = self.inner.clone();
         let deleting = run.clone();
-        let deleted = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             store.transfer().expect("slotted").delete_slots(deleting)
         })
-        .await;
-        match deleted {
-            Ok(Ok(())) => {
-                self.unsettled
-                    .forget(|inbox| run.contains(&u16::from(courier_storage::slot_of(inbox))));
-            }
-            Ok(Err(e)) => warn!(shard, error = %e, "deleting a removed copy failed"),
-            Err(e) => warn!(shard, error = %e, "deleting a removed copy failed"),
-        }
+        .await??;
+        self.unsettled
+            .forget(|inbox| run.contains(&u16::from(courier_storage::slot_of(inbox))));
+        Ok(())
     }
 
     pub(super) fn drop_tail(&self, shard: u32, id: Option<u64>) {
@@ -268,15 +271,7 @@ impl Replication {
                 None => t.last = Some(start.saturating_sub(1)),
             }
         }
-        let store = self.inner.clone();
-        let deleting = run.clone();
-        tokio::task::spawn_blocking(move || {
-            store.transfer().expect("slotted").delete_slots(deleting)
-        })
-        .await??;
-        // What this node's failed writes hid there is gone with them.
-        self.unsettled
-            .forget(|inbox| run.contains(&u16::from(courier_storage::slot_of(inbox))));
+        self.delete_run(run.clone()).await?;
         let mut from = None;
         let mut chunks = 0;
         loop {

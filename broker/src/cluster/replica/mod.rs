@@ -326,15 +326,7 @@ impl Replication {
                 match p.streams.get_mut(&shard) {
                     Some(s) if s.epoch == o.epoch => {
                         if o.revision > s.revision && !s.changing {
-                            s.revision = o.revision;
-                            s.isr = o.isr.clone();
-                            s.replicas = o.replicas.clone();
-                            s.removing = o.removing.clone();
-                            // A copy the controller removed gets no more.
-                            s.followers.retain(|n, _| o.replicas.contains(n));
-                            if s.isr == [self.me.clone()] {
-                                s.confirmed = true;
-                            }
+                            s.adopt(&self.me, o);
                         }
                         if !s.changing && s.broken.is_none() && s.wanted_isr(&self.me) != s.isr {
                             shrink.push(shard);

@@ -86,6 +86,20 @@ impl Stream {
             .min(head)
     }
 
+    /// Takes a newer record of the shard at this stream's epoch (an
+    /// in-sync set change, or the controller adding or removing a copy).
+    /// A confirmed stream stays so: the record's set only lost members,
+    /// or gained none this stream has not counted.
+    pub(super) fn adopt(&mut self, me: &str, o: &Owner) {
+        self.revision = o.revision;
+        self.isr = o.isr.clone();
+        self.replicas = o.replicas.clone();
+        self.removing = o.removing.clone();
+        // A copy the controller removed gets no more.
+        self.followers.retain(|n, _| o.replicas.contains(n));
+        self.confirmed |= self.isr == [me];
+    }
+
     /// The in-sync set this stream wants: members it still sends to that
     /// are still copies (the controller may have removed one).
     pub(super) fn wanted_isr(&self, me: &str) -> Vec<String> {
@@ -403,28 +417,12 @@ impl Replication {
                     _ => None,
                 });
                 match now {
+                    // Same primary and epoch: the controller added or
+                    // removed a copy.
                     Some((rev, Ok(r)))
                         if r.owner == self.me && r.epoch.unwrap_or(rev) == s.epoch =>
                     {
-                        // The controller added or removed a copy: same
-                        // primary and epoch. A confirmed stream stays so
-                        // (the record's set only lost members, or gained
-                        // none this stream has not counted).
-                        s.revision = rev;
-                        s.removing = r.removing;
-                        s.replicas = if r.replicas.is_empty() {
-                            vec![r.owner.clone()]
-                        } else {
-                            r.replicas
-                        };
-                        s.isr = if r.isr.is_empty() {
-                            vec![r.owner]
-                        } else {
-                            r.isr
-                        };
-                        let replicas = &s.replicas;
-                        s.followers.retain(|n, _| replicas.contains(n));
-                        s.confirmed = s.confirmed || s.isr.len() == 1;
+                        s.adopt(&self.me, &Owner::from_record(r, rev));
                         Changed::Done
                     }
                     _ => {
