@@ -411,6 +411,29 @@ mod control_plane {
         .await;
     }
 
+    /// A node sends its etcd requests to one member at a time and moves to
+    /// the next when one fails: listed first, a member that is down (here
+    /// nothing listens on its port) does not keep it from registering,
+    /// creating the map and serving it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_etcd_member_listed_first_does_not_keep_a_node_from_its_map() {
+        let Some(etcd) = Etcd::start() else { return };
+        let endpoints = format!("http://127.0.0.1:1,{}", etcd.url());
+        let extra = [
+            ("COURIER_CLUSTER_INITIAL_NODES", "1"),
+            ("COURIER_CLUSTER_ETCD", endpoints.as_str()),
+        ];
+        let node = start_node("aspen", "a1", &etcd, &extra);
+        let s = wait_status(
+            &node,
+            "a1 serving a map read through the second member",
+            |s| all_serving(s, &["a1"]) && s["etcd"] == "up",
+        )
+        .await;
+        assert_eq!(s["shards_unavailable"], 0, "{s:#}");
+        assert_eq!(shards_of(&s, "a1"), s["shards"].as_u64().unwrap(), "{s:#}");
+    }
+
     /// etcd dies: the nodes keep serving clients with the map they have and
     /// say so; etcd comes back on its data: they read and register again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

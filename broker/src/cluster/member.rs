@@ -125,9 +125,22 @@ impl Cluster {
 
     /// One attempt: a new lease and the node's key created under it, unless
     /// the key exists. A key held by `current` (the lease this node already
-    /// has) means the node is still registered.
+    /// has) means the node is still registered. Failed, the next attempt
+    /// goes to the next etcd member.
     async fn register(&self, current: i64) -> anyhow::Result<Registration> {
-        let mut client = self.etcd();
+        let (pinned, client) = self.etcd_pinned();
+        let attempt = self.register_on(client, current).await;
+        if attempt.is_err() {
+            self.etcd_failed(pinned);
+        }
+        attempt
+    }
+
+    async fn register_on(
+        &self,
+        mut client: etcd_client::Client,
+        current: i64,
+    ) -> anyhow::Result<Registration> {
         let key = self.keys.node(&self.settings.node_id);
         let ttl = i64::from(self.settings.lease_ttl_s);
         let asked = Instant::now();
@@ -216,7 +229,6 @@ impl Cluster {
                 }
             }
             keeper = None;
-            let (registering_on, _) = self.etcd_pinned();
             match self.register(lease).await {
                 Ok(Registration::Done(new)) => {
                     if new != lease {
@@ -234,10 +246,7 @@ impl Cluster {
                     node = %self.settings.node_id,
                     "this node id is registered under another lease; retrying"
                 ),
-                Err(e) => {
-                    self.etcd_failed(registering_on);
-                    warn!(error = %format!("{e:#}"), "cannot register again yet; retrying");
-                }
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot register again yet; retrying"),
             }
         }
     }
