@@ -60,6 +60,12 @@ fn fanout(c: &mut Criterion) {
                     log_threshold: if strategy == "refs" { 100_000 } else { 1 },
                     mark_coalesce: Duration::from_millis(10),
                     clock,
+                    business: courier_broker::config::BusinessSettings::default(),
+                    directory: std::sync::Arc::new(
+                        courier_broker::shard::business::Directory::new(
+                            courier_broker::config::BusinessSettings::default().platform_account,
+                        ),
+                    ),
                 };
                 let shards = Shards::start(2, config, store).unwrap();
                 let group = courier_protocol::GROUP_ID_BIT | 1;

@@ -20,10 +20,14 @@
 //!   `POST /admin/cluster/rebalance`: the controller plans and starts the
 //!   moves the map needs now (it also does when nodes come, go or drain);
 //! - `POST /admin/drain`: start a graceful shutdown (the node stops taking
-//!   connections, finishes accepted sends, says goodbye and exits).
+//!   connections, finishes accepted sends, says goodbye and exits);
+//! - `/admin/businesses/<id>...`: business accounts, templates and the
+//!   consent ledger (`business_api.rs`, docs/BUSINESS.md);
+//! - `POST /admin/clock/advance/<ms>`: with `test_clock` only, moves the
+//!   node's clock forward.
 //!
 //! A deliberately tiny HTTP/1.1 responder: one request per connection,
-//! bounded header size, no request bodies.
+//! bounded header size, JSON bodies of at most 256 KiB (`content-length`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +45,8 @@ use crate::state::keys;
 use crate::state::rows::GroupState;
 
 const REQUEST_HEAD_MAX: usize = 8192;
+/// The largest request body (a template with all its languages).
+const REQUEST_BODY_MAX: usize = 256 << 10;
 
 /// The identity an admin token is minted for: user 0, device 0.
 pub const ADMIN_USER: u64 = 0;
@@ -63,14 +69,14 @@ pub async fn run(listener: TcpListener, node: Arc<Node>) {
 }
 
 /// An answer: status line, content type, body.
-struct Answer {
+pub(crate) struct Answer {
     status: &'static str,
     content_type: String,
     body: String,
 }
 
 impl Answer {
-    fn text(status: &'static str, body: &str) -> Answer {
+    pub(crate) fn text(status: &'static str, body: &str) -> Answer {
         Answer {
             status,
             content_type: "text/plain; charset=utf-8".into(),
@@ -78,7 +84,7 @@ impl Answer {
         }
     }
 
-    fn json(status: &'static str, value: serde_json::Value) -> Answer {
+    pub(crate) fn json(status: &'static str, value: serde_json::Value) -> Answer {
         let mut body = serde_json::to_string_pretty(&value).expect("JSON values serialise");
         body.push('\n');
         Answer {
@@ -88,7 +94,7 @@ impl Answer {
         }
     }
 
-    fn error(status: &'static str, message: &str) -> Answer {
+    pub(crate) fn error(status: &'static str, message: &str) -> Answer {
         Answer::json(status, json!({ "error": message }))
     }
 }
@@ -103,16 +109,41 @@ async fn respond(mut stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()>
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let head = String::from_utf8_lossy(&buf);
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("seen above")
+        + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut body = buf[end..].to_vec();
     let mut lines = head.split("\r\n");
     let mut parts = lines.next().unwrap_or_default().split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let bearer = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
-        .and_then(|(_, v)| v.trim().strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
-    let answer = route(node, method, path, bearer.as_deref()).await;
+    let header = |name: &str| {
+        head.split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let bearer = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_owned()));
+    let length = header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let answer = if length > REQUEST_BODY_MAX {
+        Answer::error("413 Payload Too Large", "a request body is at most 256 KiB")
+    } else {
+        while body.len() < length {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(length);
+        route(node, method, path, bearer.as_deref(), &body).await
+    };
     let response = format!(
         "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
         answer.status,
@@ -134,7 +165,13 @@ fn lease_lost(node: &Node) -> bool {
         .is_some_and(|r| r.lease_lost())
 }
 
-async fn route(node: &Arc<Node>, method: &str, path: &str, bearer: Option<&str>) -> Answer {
+async fn route(
+    node: &Arc<Node>,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> Answer {
     match (method, path) {
         ("GET", "/healthz") => Answer::text("200 OK", "ok\n"),
         ("GET", "/readyz") if lease_lost(node) => Answer::text(
@@ -156,7 +193,7 @@ async fn route(node: &Arc<Node>, method: &str, path: &str, bearer: Option<&str>)
             if let Err(e) = authorize(node, bearer) {
                 return e;
             }
-            admin(node, method, p).await
+            admin(node, method, p, body).await
         }
         ("GET", _) => Answer::text("404 Not Found", "not found\n"),
         _ => Answer::text("405 Method Not Allowed", "method not allowed\n"),
@@ -184,8 +221,11 @@ fn authorize(node: &Node, bearer: Option<&str>) -> Result<(), Answer> {
         })
 }
 
-async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
+async fn admin(node: &Arc<Node>, method: &str, path: &str, body: &[u8]) -> Answer {
     let rest = path.trim_start_matches("/admin/");
+    if let Some(rest) = rest.strip_prefix("businesses/") {
+        return crate::business_api::route(node, method, rest, body).await;
+    }
     let mut parts = rest.splitn(2, '/');
     let (what, arg) = (parts.next().unwrap_or(""), parts.next());
     match (method, what, arg) {
@@ -242,6 +282,24 @@ async fn admin(node: &Arc<Node>, method: &str, path: &str) -> Answer {
                 "this node is a single node (started without --cluster)",
             ),
         },
+        ("POST", "clock", Some(what)) => {
+            match (node.clock_shift.get(), what.strip_prefix("advance/")) {
+                (Some(shift), Some(ms)) => match ms.parse::<u64>() {
+                    Ok(ms) => {
+                        let total = shift.fetch_add(ms, Ordering::SeqCst) + ms;
+                        Answer::json(
+                            "200 OK",
+                            json!({ "now_ms": node.clock.now_ms(), "shift_ms": total }),
+                        )
+                    }
+                    Err(_) => {
+                        Answer::error("400 Bad Request", "advance by a number of milliseconds")
+                    }
+                },
+                (None, _) => Answer::error("404 Not Found", "this node runs without test_clock"),
+                _ => Answer::error("404 Not Found", "no such clock request"),
+            }
+        }
         ("POST", "drain", None) => {
             info!("drain requested over the admin port: shutting down gracefully");
             node.shutdown.cancel();

@@ -47,6 +47,11 @@ pub struct Config {
     pub social: Social,
     pub tls: Tls,
     pub cluster: ClusterSettings,
+    pub business: BusinessSettings,
+    /// For tests only: the node's clock may be moved forward with
+    /// `POST /admin/clock/advance/{ms}` (time rules are tested without
+    /// waiting). Never set it in production.
+    pub test_clock: bool,
     /// `COURIER_*` environment variables that name no setting (and are not
     /// one of the command line's): ignored, and named in a warning at start.
     #[serde(skip)]
@@ -195,6 +200,8 @@ impl Default for Config {
             social: Social::default(),
             tls: Tls::default(),
             cluster: ClusterSettings::default(),
+            business: BusinessSettings::default(),
+            test_clock: false,
             unknown_env: Vec::new(),
         }
     }
@@ -264,7 +271,75 @@ const SECTIONS: &[&str] = &[
     "social",
     "tls",
     "cluster",
+    "business",
 ];
+
+/// The rules of business messaging (docs/BUSINESS.md). The defaults are
+/// today's largest platform's.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusinessSettings {
+    /// The platform's own verified business account, which may message
+    /// every user about the service (utility; no opt-in, window or tier).
+    pub platform_account: u64,
+    /// How long a customer's message keeps the service window open.
+    pub window_ms: u64,
+    /// The rolling period a messaging tier counts new conversations over.
+    pub tier_period_ms: u64,
+    /// Messages per second a business may send unless set for it.
+    pub messages_per_sec: u32,
+    /// The most a business may be set to.
+    pub max_messages_per_sec: u32,
+    /// One message to the same customer per this interval...
+    pub per_customer_interval_ms: u64,
+    /// ...with bursts of this many.
+    pub per_customer_burst: u32,
+    /// Templates one business may have.
+    pub max_templates: usize,
+    /// A customer's message that is one of these (any case) withdraws
+    /// every opt-in at once.
+    pub opt_out_keywords: Vec<String>,
+    /// ...and one of these restores what the last opt-out keyword withdrew.
+    pub opt_in_keywords: Vec<String>,
+}
+
+impl Default for BusinessSettings {
+    fn default() -> Self {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect();
+        BusinessSettings {
+            platform_account: (1 << 63) - 1,
+            window_ms: 24 * 3600 * 1000,
+            tier_period_ms: 24 * 3600 * 1000,
+            messages_per_sec: 80,
+            max_messages_per_sec: 1000,
+            per_customer_interval_ms: 6000,
+            per_customer_burst: 45,
+            max_templates: 250,
+            opt_out_keywords: words(&[
+                "STOP",
+                "UNSUBSCRIBE",
+                "END",
+                "QUIT",
+                "STOPALL",
+                "REVOKE",
+                "OPTOUT",
+                "CANCEL",
+                // pt, es, fr, de, it
+                "PARAR",
+                "SAIR",
+                "CANCELAR",
+                "BAJA",
+                "ALTO",
+                "ARRET",
+                "ARRÊT",
+                "STOPP",
+                "ABMELDEN",
+                "BASTA",
+            ]),
+            opt_in_keywords: words(&["START", "UNSTOP", "COMEÇAR", "INICIAR", "ALTA", "DÉMARRER"]),
+        }
+    }
+}
 
 /// Membership of a cluster (docs/ARCHITECTURE.md, "The cluster"). With no
 /// `name` the node is a single node: embedded store, no etcd.
@@ -543,6 +618,19 @@ impl Config {
         anyhow::ensure!(
             !self.cluster.enabled() || self.tls.cert_file.as_os_str().is_empty(),
             "tls.cert_file cannot be used with a cluster yet: nodes forward sessions to each other's client ports in plain TCP (terminate TLS at the load balancer)"
+        );
+        let b = &self.business;
+        anyhow::ensure!(
+            b.messages_per_sec >= 1 && b.messages_per_sec <= b.max_messages_per_sec,
+            "business.messages_per_sec must be from 1 to business.max_messages_per_sec"
+        );
+        anyhow::ensure!(
+            b.per_customer_burst >= 1 && b.per_customer_interval_ms >= 1,
+            "business.per_customer_burst and business.per_customer_interval_ms must be at least 1"
+        );
+        anyhow::ensure!(
+            crate::state::ids::valid_user(b.platform_account),
+            "business.platform_account must be a user id (1 to 2^63-1)"
         );
         let g = &self.groups;
         anyhow::ensure!(

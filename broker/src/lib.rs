@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod business_api;
 pub mod certs;
 pub mod cli;
 pub mod cluster;

@@ -31,6 +31,10 @@ pub struct Node {
     /// The node's one clock: token expiry, server times, status expiry; the
     /// shards and the store read the same one.
     pub clock: Clock,
+    /// With `test_clock`: how far the admin port has moved `clock` forward.
+    pub clock_shift: std::sync::OnceLock<Arc<AtomicU64>>,
+    /// Which users of this node's shards are businesses, for the sessions.
+    pub businesses: Arc<crate::shard::business::Directory>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
     /// True once listeners are up and until shutdown starts.
@@ -103,6 +107,9 @@ impl Node {
         tls: Option<TlsSettings>,
     ) -> std::io::Result<Arc<Node>> {
         let limits = &config.limits;
+        let businesses = Arc::new(crate::shard::business::Directory::new(
+            config.business.platform_account,
+        ));
         let shards = Shards::start(
             config.shard_count(),
             ShardConfig {
@@ -121,6 +128,8 @@ impl Node {
                 },
                 mark_coalesce: Duration::from_millis(limits.mark_coalesce_ms),
                 clock: clock.clone(),
+                business: config.business.clone(),
+                directory: businesses.clone(),
             },
             store.clone(),
         )?;
@@ -147,6 +156,8 @@ impl Node {
             // (at < 1,024 groups/ms).
             next_group: AtomicU64::new(clock.now_ms() << 10),
             clock,
+            clock_shift: std::sync::OnceLock::new(),
+            businesses,
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(false),
             next_session: AtomicU64::new(1),

@@ -64,7 +64,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let key = auth::load_or_create_secret(&config.secret_path())?;
     // One clock for the store (idempotency window, expiring space), the
     // shards and the sessions.
-    let clock = Clock::system();
+    let shift = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clock = if config.test_clock {
+        warn!("test_clock is set: the admin port may move this node's clock forward");
+        Clock::shifted(shift.clone())
+    } else {
+        Clock::system()
+    };
     let db_path = config.data_dir.join("db");
     let store = RocksStore::open(
         &db_path,
@@ -108,6 +114,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let written = replication.as_ref().map_or(store.clone(), |r| r.store());
     let node = Node::assemble(config, written, key, clock, connections_max, tls)?;
     node.metrics.set_io_path(io);
+    if node.config.test_clock {
+        let _ = node.clock_shift.set(shift);
+    }
     if replication.is_none() {
         crate::cluster::replica::ReplicaMetrics::register_idle(&node.metrics);
     }

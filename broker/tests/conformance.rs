@@ -382,10 +382,22 @@ async fn every_row_of_the_error_table_is_what_the_node_does() {
     // Provoked only in disk_faults.rs (they need a failing disk) and in
     // cluster.rs (it needs a cluster with a node out of reach; all three
     // forms are checked there).
+    // The business codes need a business registered over the admin API
+    // and a moved clock: provoked in business.rs.
     let elsewhere = [
         ErrorCode::INTERNAL.0,
         ErrorCode::STORAGE_FULL.0,
         ErrorCode::SHARD_UNAVAILABLE.0,
+        ErrorCode::NOT_A_BUSINESS.0,
+        ErrorCode::NO_CONSENT.0,
+        ErrorCode::OUTSIDE_WINDOW.0,
+        ErrorCode::NO_SUCH_TEMPLATE.0,
+        ErrorCode::TEMPLATE_NOT_APPROVED.0,
+        ErrorCode::TEMPLATE_PAUSED.0,
+        ErrorCode::TEMPLATE_PARAMS_INVALID.0,
+        ErrorCode::TIER_LIMIT_REACHED.0,
+        ErrorCode::BUSINESS_RATE_LIMITED.0,
+        ErrorCode::BLOCKED_BY_CUSTOMER.0,
     ];
     for row in &rows {
         let got = observed.remove(&row.code).unwrap_or_default();

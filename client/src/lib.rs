@@ -434,6 +434,48 @@ impl Client {
         }
     }
 
+    /// A customer's request about a business: its profile (`Info`), block,
+    /// unblock, report (`text`: why), opt in or out for a purpose (`text`:
+    /// the wording shown, `language`: its language, which becomes the
+    /// customer's preferred language for the business's templates).
+    pub async fn business(
+        &self,
+        op: BusinessOp,
+        business: u64,
+        purpose: Purpose,
+        language: &str,
+        text: &str,
+    ) -> Result<BusinessInfo, ClientError> {
+        let request = BusinessRequest {
+            op,
+            business,
+            purpose,
+            language: language.to_owned(),
+            text: text.to_owned(),
+        };
+        match self.request(Body::Business(request)).await? {
+            Body::BusinessInfo(info) => Ok(*info),
+            other => Err(unexpected("business_info", &other)),
+        }
+    }
+
+    /// A business sends template `send` to `customer` (kind `template`).
+    pub async fn send_template(
+        &self,
+        client_msg_id: u64,
+        customer: u64,
+        send: &business::TemplateSend,
+    ) -> Result<SendAck, ClientError> {
+        let payload = send.encode();
+        self.send_with_id(
+            client_msg_id,
+            Destination::User(customer),
+            MessageKind::Template,
+            payload,
+        )
+        .await
+    }
+
     /// Edits or reads a broadcast list (`None` after a delete).
     pub async fn list(
         &self,

@@ -336,6 +336,47 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
             status_id: r.u64()?,
         },
         DONE => Body::Done,
+        BUSINESS => {
+            let op = r.u8()?;
+            let op = BusinessOp::from_u8(op).ok_or_else(|| r.malformed("unknown business op"))?;
+            let business = r.u64()?;
+            let purpose = r.u8()?;
+            Body::Business(BusinessRequest {
+                op,
+                business,
+                purpose: Purpose::from_u8(purpose).ok_or_else(|| r.malformed("unknown purpose"))?,
+                language: r.text()?,
+                text: r.text()?,
+            })
+        }
+        BUSINESS_INFO => {
+            let business = r.u64()?;
+            let verified = r.flag()?;
+            let display_name = r.text()?;
+            let about = r.text()?;
+            let address = r.text()?;
+            let description = r.text()?;
+            let email = r.text()?;
+            let count = r.u8()?;
+            let mut websites = Vec::with_capacity(usize::from(count).min(r.buf.len() / 2));
+            for _ in 0..count {
+                websites.push(r.text()?);
+            }
+            Body::BusinessInfo(Box::new(BusinessInfo {
+                business,
+                verified,
+                display_name,
+                about,
+                address,
+                description,
+                email,
+                websites,
+                picture: r.text()?,
+                blocked: r.flag()?,
+                marketing: r.flag()?,
+                utility: r.flag()?,
+            }))
+        }
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -461,6 +502,18 @@ impl<'a> Reader<'a> {
             users.push(self.u64()?);
         }
         Ok(users)
+    }
+    /// A u16 length and that many bytes of UTF-8, at most
+    /// `MAX_BUSINESS_TEXT_LEN`.
+    fn text(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        if len > MAX_BUSINESS_TEXT_LEN {
+            return Err(self.malformed("text longer than 4096 bytes"));
+        }
+        let raw = self.slice(len)?;
+        std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| self.malformed("text is not UTF-8"))
     }
     /// Copies `n` bytes that are present (never sized by a claim alone).
     fn bytes(&mut self, n: usize) -> Result<Bytes, DecodeError> {
@@ -653,7 +706,42 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
             out.put_u64(*poster);
             out.put_u64(*status_id);
         }
+        Body::Business(b) => {
+            out.put_u8(b.op as u8);
+            out.put_u64(b.business);
+            out.put_u8(b.purpose as u8);
+            put_text(&b.language, out);
+            put_text(&b.text, out);
+        }
+        Body::BusinessInfo(i) => {
+            out.put_u64(i.business);
+            out.put_u8(i.verified as u8);
+            for t in [
+                &i.display_name,
+                &i.about,
+                &i.address,
+                &i.description,
+                &i.email,
+            ] {
+                put_text(t, out);
+            }
+            out.put_u8(u8::try_from(i.websites.len()).expect("at most 255 websites"));
+            for w in &i.websites {
+                put_text(w, out);
+            }
+            put_text(&i.picture, out);
+            out.put_u8(i.blocked as u8);
+            out.put_u8(i.marketing as u8);
+            out.put_u8(i.utility as u8);
+        }
     }
+}
+
+/// A u16 length and the text's bytes (at most `MAX_BUSINESS_TEXT_LEN`).
+fn put_text(t: &str, out: &mut BytesMut) {
+    assert!(t.len() <= MAX_BUSINESS_TEXT_LEN, "text over 4096 bytes");
+    out.put_u16(t.len() as u16);
+    out.put_slice(t.as_bytes());
 }
 
 fn put_users(users: &[u64], out: &mut BytesMut) {

@@ -115,6 +115,30 @@ codes! {
     /// with the same client message id after the hint (see
     /// [`retry_after_ms`]).
     SHARD_UNAVAILABLE = 53, "shard unavailable";
+    /// A business operation names a user who is not a registered business.
+    NOT_A_BUSINESS = 60, "not a business";
+    /// A business-initiated message (a template) to a customer without a
+    /// current opt-in for the template's purpose.
+    NO_CONSENT = 61, "no consent from the customer";
+    /// A free-form message from a business outside the customer's 24-hour
+    /// service window: only approved templates may be sent.
+    OUTSIDE_WINDOW = 62, "outside the customer service window";
+    /// No template with this name, or no version in the language asked.
+    NO_SUCH_TEMPLATE = 63, "no such template";
+    /// The template is pending review, rejected or disabled.
+    TEMPLATE_NOT_APPROVED = 64, "template not approved";
+    /// The template is paused for low quality; retry after the hint.
+    TEMPLATE_PAUSED = 65, "template paused";
+    /// The template parameters do not match the template.
+    TEMPLATE_PARAMS_INVALID = 66, "template parameters invalid";
+    /// The business has started conversations with as many customers in
+    /// the last 24 hours as its messaging tier allows.
+    TIER_LIMIT_REACHED = 67, "messaging tier limit reached";
+    /// Over the business's messages per second, or its rate to one
+    /// customer; retry after the hint.
+    BUSINESS_RATE_LIMITED = 68, "business rate limited";
+    /// The customer blocks this business.
+    BLOCKED_BY_CUSTOMER = 69, "blocked by the customer";
 }
 
 /// The prefix of an `Error` message that carries a retry-after hint:

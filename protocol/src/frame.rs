@@ -66,8 +66,10 @@ pub mod frame_type {
     pub const STATUS_LIST: u8 = 0x1C;
     pub const STATUS_VIEW: u8 = 0x1D;
     pub const DONE: u8 = 0x1E;
+    pub const BUSINESS: u8 = 0x1F;
+    pub const BUSINESS_INFO: u8 = 0x20;
     /// The highest assigned frame type.
-    pub const LAST: u8 = DONE;
+    pub const LAST: u8 = BUSINESS_INFO;
 }
 
 /// Group ids have this bit set and user ids never do, so a group's log can
@@ -430,6 +432,70 @@ pub struct Status {
     pub payload: Bytes,
 }
 
+wire_enum!(
+    /// What a customer's `Business` request does.
+    BusinessOp {
+        /// Read the business's profile and this customer's state with it.
+        Info = 1,
+        /// Stop every message from the business (counts against its quality).
+        Block = 2,
+        Unblock = 3,
+        /// Report the business (`text`: the reason; counts against its quality).
+        Report = 4,
+        /// Opt in to messages for `purpose` (`text`: the wording shown).
+        OptIn = 5,
+        /// Withdraw the opt-in for `purpose`.
+        OptOut = 6,
+    }
+);
+
+wire_enum!(
+    /// What a business message is for; a template's category maps to one.
+    Purpose {
+        /// No purpose (info, block, unblock, report).
+        None = 0,
+        Marketing = 1,
+        /// Utility and authentication templates.
+        Utility = 2,
+    }
+);
+
+/// Longest text in a `Business` request or a `BusinessInfo` field.
+pub const MAX_BUSINESS_TEXT_LEN: usize = 4096;
+
+/// Client -> server: a customer's request about a business. Answered by
+/// `BusinessInfo` as it stands after the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusinessRequest {
+    pub op: BusinessOp,
+    pub business: u64,
+    pub purpose: Purpose,
+    /// The language of `text` (`en_US`), for an opt-in: the customer's
+    /// preferred language for this business's templates. Empty otherwise.
+    pub language: String,
+    pub text: String,
+}
+
+/// Server -> client: a business as one customer sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BusinessInfo {
+    pub business: u64,
+    pub verified: bool,
+    pub display_name: String,
+    pub about: String,
+    pub address: String,
+    pub description: String,
+    pub email: String,
+    pub websites: Vec<String>,
+    /// A reference to the profile picture (the platform's media store).
+    pub picture: String,
+    /// This customer blocks the business.
+    pub blocked: bool,
+    /// This customer's current opt-ins.
+    pub marketing: bool,
+    pub utility: bool,
+}
+
 /// The body of a frame, one variant per frame type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
@@ -440,29 +506,50 @@ pub enum Body {
     SendAck(SendAck),
     SendBatchAck(Vec<SendResult>),
     Deliver(Vec<Message>),
-    Ack { up_to_seq: u64 },
+    Ack {
+        up_to_seq: u64,
+    },
     Fetch(Fetch),
     FetchReply(FetchReply),
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     Error(Reason),
     Goodbye(Reason),
     Group(GroupRequest),
     GroupInfo(GroupInfo),
-    GroupDeliver { group: u64, messages: Vec<Message> },
+    GroupDeliver {
+        group: u64,
+        messages: Vec<Message>,
+    },
     Mark(Mark),
     Contacts(ContactsRequest),
     List(ListRequest),
     Users(Users),
     BroadcastAck(BroadcastAck),
-    ReceiptQuery { group: u64, seq: u64 },
+    ReceiptQuery {
+        group: u64,
+        seq: u64,
+    },
     ReceiptCounts(ReceiptCounts),
     StatusPost(StatusPost),
-    StatusPosted { status_id: u64, expires_at_ms: u64 },
+    StatusPosted {
+        status_id: u64,
+        expires_at_ms: u64,
+    },
     StatusFetch,
     StatusList(Vec<Status>),
-    StatusView { poster: u64, status_id: u64 },
+    StatusView {
+        poster: u64,
+        status_id: u64,
+    },
     Done,
+    Business(BusinessRequest),
+    /// Boxed: the largest body, rare.
+    BusinessInfo(Box<BusinessInfo>),
 }
 
 impl Body {
@@ -499,6 +586,8 @@ impl Body {
             Body::StatusList(_) => STATUS_LIST,
             Body::StatusView { .. } => STATUS_VIEW,
             Body::Done => DONE,
+            Body::Business(_) => BUSINESS,
+            Body::BusinessInfo(_) => BUSINESS_INFO,
         }
     }
 
@@ -542,6 +631,8 @@ pub fn frame_type_name(t: u8) -> &'static str {
         STATUS_LIST => "status_list",
         STATUS_VIEW => "status_view",
         DONE => "done",
+        BUSINESS => "business",
+        BUSINESS_INFO => "business_info",
         _ => "unknown",
     }
 }

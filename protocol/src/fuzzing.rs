@@ -42,6 +42,12 @@ pub fn payloads(data: &[u8]) {
     if let Ok(e) = GroupEvent::decode(data) {
         assert_eq!(&e.encode()[..], data);
     }
+    if let Ok(t) = crate::business::TemplateSend::decode(data) {
+        assert_eq!(&t.encode()[..], data);
+    }
+    if let Ok(t) = crate::business::TemplateMessage::decode(data) {
+        assert_eq!(&t.encode()[..], data);
+    }
 }
 
 /// The key [`tokens`] verifies with (seeds mint with it).

@@ -10,11 +10,13 @@
 //! - [`frame`]: the frame types, their fields and the wire constants;
 //! - [`codec`]: encoding and decoding;
 //! - [`error`]: the stable numeric error codes;
+//! - [`business`]: payloads of business messages (a template asked for, a template rendered);
 //! - [`payload`]: payloads of the receipt and group-event messages the server writes;
 //! - [`token`]: the `Hello` token format (minting and verification);
 //! - [`fuzzing`]: fuzz targets for every decoder here, and a seeded mutator
 //!   the test suites drive them with.
 
+pub mod business;
 pub mod codec;
 pub mod error;
 pub mod frame;

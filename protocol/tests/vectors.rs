@@ -330,6 +330,39 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
             ),
         ),
         ("done", Frame::new(18, Body::Done)),
+        (
+            "business",
+            Frame::new(
+                19,
+                Body::Business(BusinessRequest {
+                    op: BusinessOp::OptIn,
+                    business: 5001,
+                    purpose: Purpose::Utility,
+                    language: "pt_BR".into(),
+                    text: "Sim".into(),
+                }),
+            ),
+        ),
+        (
+            "business_info",
+            Frame::new(
+                19,
+                Body::BusinessInfo(Box::new(BusinessInfo {
+                    business: 5001,
+                    verified: true,
+                    display_name: "Shop".into(),
+                    about: "We ship".into(),
+                    address: String::new(),
+                    description: String::new(),
+                    email: "a@b.co".into(),
+                    websites: vec!["https://s.co".into()],
+                    picture: String::new(),
+                    blocked: false,
+                    marketing: false,
+                    utility: true,
+                })),
+            ),
+        ),
     ]
 }
 

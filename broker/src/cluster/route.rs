@@ -47,6 +47,7 @@ use super::Cluster;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::shard::business::BusinessAskCmd;
 use crate::shard::messages::{
     failed, Completion, GroupOpCmd, GroupReply, GroupSendCmd, ReceiptQueryCmd, RefsCmd, RefsReport,
     SendCmd, ShardCmd, StatusViewCmd,
@@ -758,6 +759,29 @@ impl Remote for Router {
                 });
             }
             ShardCmd::StatusView(v) => self.view(shard, owner, v),
+            ShardCmd::BusinessAsk(a) => {
+                let body = Body::Business(a.request);
+                self.group_ask(shard, owner, a.customer, body, a.answer, |b| match b {
+                    Body::BusinessInfo(info) => Some(*info),
+                    _ => None,
+                });
+            }
+            // A business's send comes from its session, on its owner: here
+            // only while its shard moves away (the session ends soon).
+            ShardCmd::BusinessSend(b) => {
+                b.reply.send(unavailable(b.client_msg_id));
+                let _ = b.admitted.send(None);
+            }
+            ShardCmd::BusinessAdmin(a) => {
+                let at = owner.map_or_else(|| "no node yet".to_owned(), |o| o.node.clone());
+                let _ = a.answer.send(Err(crate::state::business::Invalid {
+                    status: 421,
+                    code: "not_here",
+                    message: format!(
+                        "business {key}'s shard is served by {at}: ask that node's admin port"
+                    ),
+                }));
+            }
             // The user's own shard (its sessions live on its owner), or a
             // part's outcome for the shard that waits, which is here.
             other => return Some(other),
@@ -1011,6 +1035,7 @@ fn serve_group_ask(node: &Node, a: RemoteGroupAsk) -> impl Future<Output = Answe
     let group = match &a.body {
         Body::Group(r) => r.group,
         Body::ReceiptQuery { group, .. } => *group,
+        Body::Business(r) => r.business,
         _ => 0,
     };
     let queued = owned_here(node, a.shard, a.epoch, group).map(|()| match a.body {
@@ -1037,6 +1062,16 @@ fn serve_group_ask(node: &Node, a: RemoteGroupAsk) -> impl Future<Output = Answe
             };
             node.shards.send_peer(group, ShardCmd::ReceiptQuery(q));
             Box::pin(async move { answer_frame(rx.await, Body::ReceiptCounts) })
+        }
+        Body::Business(request) => {
+            let (tx, rx) = oneshot::channel();
+            let ask = BusinessAskCmd {
+                customer: a.asker,
+                request,
+                answer: tx,
+            };
+            node.shards.send_peer(group, ShardCmd::BusinessAsk(ask));
+            Box::pin(async move { answer_frame(rx.await, |i| Body::BusinessInfo(Box::new(i))) })
         }
         // The decoder lets no other frame through.
         _ => Box::pin(async { error_frame(ErrorCode::INVALID_REQUEST, "not a group request") }),

@@ -25,8 +25,10 @@
 //! answer:   as SEND's (stored is 0)
 //!
 //! GROUP_ASK (5): shard u32 | epoch i64 | asker u64 | one client-protocol
-//!           frame: Group (a membership change or info) or ReceiptQuery
-//! answer:   0 | one client-protocol frame: GroupInfo, ReceiptCounts or Error
+//!           frame: Group (a membership change or info), ReceiptQuery, or
+//!           Business (a customer's request, for the business's shard)
+//! answer:   0 | one client-protocol frame: GroupInfo, ReceiptCounts,
+//!           BusinessInfo or Error
 //!        or 1 (not the owner, as above)
 //!
 //! REFS (6): group u64 | count u16 | (shard u32 | epoch i64) × count |
@@ -470,7 +472,10 @@ impl RemoteGroupAsk {
         op(&mut b, GROUP_ASK)?;
         let (shard, epoch, asker) = (b.get_u32(), b.get_i64(), b.get_u64());
         let body = get_frame(&mut b)?;
-        if !matches!(body, Body::Group(_) | Body::ReceiptQuery { .. }) {
+        if !matches!(
+            body,
+            Body::Group(_) | Body::ReceiptQuery { .. } | Body::Business(_)
+        ) {
             return Err(WireError::BadFrame(format!("{body:?}")));
         }
         done(&b)?;

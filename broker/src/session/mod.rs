@@ -24,6 +24,7 @@
 //!   cursor per group it reads, catches each up from the group log, and
 //!   ends a stream at the event that removed the user.
 
+mod business;
 mod catch_up;
 mod fetch;
 mod forward;

@@ -114,6 +114,7 @@ impl Reader {
                 Box::pin(self.view_status(rid, poster, status_id)).await
             }
             Body::Fetch(f) => Box::pin(self.fetch(rid, f)).await,
+            Body::Business(b) => Box::pin(self.business(rid, b)).await,
             Body::Ping { nonce } => {
                 self.reply(rid, Body::Pong { nonce });
                 true

@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, TryAcquireError};
 
 use super::reader::Reader;
 use crate::error::{refuse, BrokerResult};
+use crate::shard::business::BusinessSendCmd;
 use crate::shard::handle::Queued;
 use crate::shard::messages::{
     failed, BroadcastCmd, Completion, GroupReply, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
@@ -189,6 +190,10 @@ impl Reader {
         };
         let accepted = Instant::now();
         let (key, cmd) = match s.destination {
+            // A business's messages pass its rules on its own shard first.
+            Destination::User(customer) if self.node.businesses.contains(self.user) => {
+                return Queued::Waiting(Box::pin(self.business_send(s, customer, reply, accepted)))
+            }
             Destination::User(recipient) => (
                 recipient,
                 ShardCmd::Send(SendCmd {
@@ -232,6 +237,39 @@ impl Reader {
             Queued::Waiting(wait) => {
                 Queued::Waiting(Box::pin(async move { give_back(wait.await) }))
             }
+        }
+    }
+
+    /// A business's send: its shard checks the rules (consent, window,
+    /// template, tier, rates) and answers a refusal itself, or gives back
+    /// the message to queue on the customer's shard, which this session
+    /// does in order, as for its other sends.
+    async fn business_send(
+        &self,
+        s: Send,
+        customer: u64,
+        reply: ReplyTo,
+        accepted: Instant,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let cmd = ShardCmd::BusinessSend(BusinessSendCmd {
+            business: self.user,
+            device: self.device,
+            customer,
+            client_msg_id: s.client_msg_id,
+            kind: s.kind,
+            payload: s.payload,
+            reply,
+            accepted,
+            admitted: tx,
+        });
+        if !self.node.shards.send(self.user, cmd).await {
+            return false;
+        }
+        match rx.await {
+            Ok(Some(send)) => self.node.shards.send(customer, ShardCmd::Send(send)).await,
+            Ok(None) => true,
+            Err(_) => false,
         }
     }
 

@@ -118,11 +118,17 @@ pub(crate) struct Writer<W> {
 }
 
 /// The `Error` a failed single send is answered with: a retryable
-/// `SHARD_UNAVAILABLE` carries its retry-after hint (in the result's
-/// `timestamp_ms`, as a batch item does on the wire) in the message.
+/// `SHARD_UNAVAILABLE`, `BUSINESS_RATE_LIMITED` or `TEMPLATE_PAUSED`
+/// carries its retry-after hint (in the result's `timestamp_ms`, as a
+/// batch item does on the wire) in the message.
 fn refusal(result: &SendResult) -> Reason {
     let text = result.code.description();
-    if result.code == ErrorCode::SHARD_UNAVAILABLE {
+    let hinted = [
+        ErrorCode::SHARD_UNAVAILABLE,
+        ErrorCode::BUSINESS_RATE_LIMITED,
+        ErrorCode::TEMPLATE_PAUSED,
+    ];
+    if hinted.contains(&result.code) {
         Reason::new(result.code, with_retry_after(result.timestamp_ms, text))
     } else {
         Reason::new(result.code, text)

@@ -46,6 +46,11 @@ pub struct ShardConfig {
     /// The node's one clock (the store's idempotency window and expiring
     /// space read the same one).
     pub clock: Clock,
+    /// The rules of business messaging.
+    pub business: crate::config::BusinessSettings,
+    /// The node's directory of businesses, kept by the shards for the
+    /// sessions.
+    pub directory: Arc<super::business::Directory>,
 }
 
 impl ShardConfig {
@@ -60,6 +65,10 @@ impl ShardConfig {
             log_threshold: 4,
             mark_coalesce: Duration::ZERO,
             clock: Clock::system(),
+            business: crate::config::BusinessSettings::default(),
+            directory: Arc::new(super::business::Directory::new(
+                crate::config::BusinessSettings::default().platform_account,
+            )),
         }
     }
 }
@@ -175,6 +184,8 @@ pub(crate) struct Shard {
     pub(crate) recent: Recent,
     /// Conversations a refusal here holds in line (see `lines`).
     pub(crate) lines: Lines,
+    /// This shard's businesses and their customers (see `business`).
+    pub(crate) business: super::business::Businesses,
 }
 
 /// Marks of one (user, stream) merged while held: read implies delivered,
@@ -241,6 +252,7 @@ impl Shard {
             marks_due: None,
             recent: Recent::default(),
             lines: Lines::default(),
+            business: Default::default(),
         }
     }
 
@@ -296,6 +308,7 @@ impl Shard {
     pub(crate) async fn run(&mut self, marks: Vec<(u64, u64)>) {
         self.recover_fanouts(marks);
         self.recover_receipts();
+        self.load_businesses(None);
         let mut cmds = Vec::with_capacity(self.config.batch_max);
         let mut last_trim = Instant::now();
         loop {
@@ -397,6 +410,16 @@ impl Shard {
                 self.group_op(op);
             }
             ShardCmd::Broadcast(b) => self.plan_broadcast(b),
+            ShardCmd::BusinessSend(b) => self.admit_business_send(b, batch),
+            ShardCmd::BusinessAsk(a) => {
+                // Its write is synced on its own: what is planned goes first.
+                self.write_batch(batch);
+                self.business_ask(a);
+            }
+            ShardCmd::BusinessAdmin(a) => {
+                self.write_batch(batch);
+                self.business_admin(a);
+            }
             ShardCmd::StatusView(v) => self.plan_status_view(v, batch),
             ShardCmd::ReceiptQuery(q) => batch.queries.push(q),
             ShardCmd::Mark(m) => self.hold_mark(m, batch),
@@ -464,6 +487,7 @@ impl Shard {
                 self.forget_slots(&run);
                 self.recover_fanouts(marks);
                 self.recover_receipts_in(Some(&run));
+                self.load_businesses(Some(&run));
             }
         }
     }
@@ -471,6 +495,7 @@ impl Shard {
     /// Forgets what this shard keeps of ids whose slot is in `run`.
     fn forget_slots(&mut self, run: &std::ops::Range<u16>) {
         let inside = |id: u64| run.contains(&u16::from(slot_of(id)));
+        self.forget_businesses(run);
         self.groups.retain(|g, _| !inside(*g));
         // Fan-outs of groups that moved: the new owner takes them up from
         // the group's log (past its `F` mark); senders still waiting hear

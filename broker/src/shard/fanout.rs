@@ -26,10 +26,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use courier_protocol::{BroadcastAck, Destination, ErrorCode, Message, SendResult};
 use courier_storage::{KvOp, StoreError, StoredMessage};
 use tracing::{debug, error, warn};
 
+use super::business::Outgoing;
 use super::core::Shard;
 use super::groups::recipients_of;
 use super::messages::{
@@ -433,9 +436,32 @@ impl Shard {
                 return;
             }
         };
+        // A business's list: each recipient passes the business rules here
+        // (the consent ledger, not the contact list) and gets its own
+        // rendering; a recipient refused by a rule is skipped.
+        let business = self.is_business(b.sender);
+        let mut skipped = 0u16;
+        let mut admitted: Vec<(u64, Bytes)> = Vec::with_capacity(recipients.len());
+        for recipient in recipients {
+            if !business {
+                admitted.push((recipient, b.payload.clone()));
+                continue;
+            }
+            let outgoing = Outgoing {
+                business: b.sender,
+                customer: recipient,
+                client_msg_id: b.client_msg_id,
+                kind: b.kind,
+                payload: &b.payload,
+            };
+            match self.check_business_send(&outgoing) {
+                Ok(payload) => admitted.push((recipient, payload)),
+                Err(_) => skipped += 1,
+            }
+        }
         let token = self.token();
         let pending = PendingBroadcast {
-            remaining: recipients.len(),
+            remaining: admitted.len(),
             failed: None,
             stored: 0,
             duplicates: 0,
@@ -447,28 +473,34 @@ impl Shard {
                 server_msg_id: 0,
                 timestamp_ms: 0,
                 delivered: 0,
-                skipped: 0,
+                skipped,
                 duplicate: false,
             },
         };
-        if recipients.is_empty() {
+        if admitted.is_empty() {
             pending.answer();
             let _ = b.copies.send(Vec::new());
             return;
         }
         self.broadcasts.insert(token, pending);
         let accepted = Instant::now();
-        let copies = recipients
+        let copies = admitted
             .into_iter()
-            .map(|recipient| SendCmd {
+            .map(|(recipient, payload)| SendCmd {
                 sender: b.sender,
                 sender_device: b.sender_device,
                 recipient,
                 client_msg_id: b.client_msg_id,
-                destination: Destination::List(b.list),
+                // A business's copy is one-to-one for its customer: its
+                // consent was checked here.
+                destination: if business {
+                    Destination::User(recipient)
+                } else {
+                    Destination::List(b.list)
+                },
                 scope: recipient,
                 kind: b.kind,
-                payload: b.payload.clone(),
+                payload,
                 done: Completion::Copy {
                     sender: b.sender,
                     token,

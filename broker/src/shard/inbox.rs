@@ -56,6 +56,9 @@ impl Shard {
             self.stats.held_in_line.inc();
             return self.refuse_unavailable(s);
         }
+        if self.is_business(s.recipient) {
+            self.customer_wrote(s.recipient, &s);
+        }
         let (ts, id) = self.next_ids();
         batch.appends.push(NewMessage {
             inbox: s.recipient,

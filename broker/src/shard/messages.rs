@@ -290,6 +290,12 @@ pub enum ShardCmd {
     Refs(RefsCmd),
     GroupOp(GroupOpCmd),
     Broadcast(BroadcastCmd),
+    /// A business's send, for the business's shard to admit.
+    BusinessSend(super::business::BusinessSendCmd),
+    /// A customer's request about a business, for the business's shard.
+    BusinessAsk(super::business::BusinessAskCmd),
+    /// The admin API's request about a business, for the business's shard.
+    BusinessAdmin(super::business::BusinessAdminCmd),
     StatusView(StatusViewCmd),
     ReceiptQuery(ReceiptQueryCmd),
     Mark(MarkCmd),

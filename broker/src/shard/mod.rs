@@ -21,6 +21,7 @@
 //! - `recent`: online users' latest inbox entries and what marks of them owe.
 
 mod batch;
+pub mod business;
 mod core;
 mod fanout;
 mod groups;

@@ -12,6 +12,10 @@
 //! | `O` user . emission         | [`OutboxRow`](super::rows::OutboxRow): a receipt not yet durable at its sender | user's shard |
 //! | `K` user . contact          | empty                                    | user's session |
 //! | `L` user . list             | [`UserList`](super::rows::UserList): count u16 . users | user's session |
+//! | `B` business                | [`BusinessRow`](super::business::BusinessRow) (JSON) | business's shard |
+//! | `T` business . name (UTF-8) | [`Template`](super::business::Template) (JSON) | business's shard |
+//! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
+//! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
 //!
 //! Every row belongs to the shard that writes it, and its key names that
@@ -66,6 +70,35 @@ pub fn contacts(user: u64) -> Vec<u8> {
 }
 pub fn list(user: u64, list: u64) -> Vec<u8> {
     key(b'L', &[user, list])
+}
+pub fn business(b: u64) -> Vec<u8> {
+    key(b'B', &[b])
+}
+pub fn businesses() -> Vec<u8> {
+    vec![b'B']
+}
+pub fn template(b: u64, name: &str) -> Vec<u8> {
+    let mut k = key(b'T', &[b]);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+pub fn templates(b: u64) -> Vec<u8> {
+    key(b'T', &[b])
+}
+pub fn pair(b: u64, customer: u64) -> Vec<u8> {
+    key(b'P', &[b, customer])
+}
+pub fn pairs(b: u64) -> Vec<u8> {
+    key(b'P', &[b])
+}
+pub fn ledger_entry(b: u64, customer: u64, n: u64) -> Vec<u8> {
+    key(b'J', &[b, customer, n])
+}
+pub fn ledger(b: u64, customer: u64) -> Vec<u8> {
+    key(b'J', &[b, customer])
+}
+pub fn ledgers(b: u64) -> Vec<u8> {
+    key(b'J', &[b])
 }
 pub fn status(poster: u64, expires_at_ms: u64, id: u64) -> Vec<u8> {
     key(b'S', &[poster, expires_at_ms, id])
@@ -128,6 +161,14 @@ mod tests {
         assert_eq!(owner(&status(user, 1_000, 7)), Some(user));
         assert_eq!(owner(&statuses(user)), Some(user));
         assert_eq!(owner(&contacts(user)), Some(user));
+        assert_eq!(owner(&business(user)), Some(user));
+        assert_eq!(owner(&template(user, "order_update")), Some(user));
+        assert_eq!(
+            owner(&pair(user, other)),
+            Some(user),
+            "the business's shard"
+        );
+        assert_eq!(owner(&ledger_entry(user, other, 3)), Some(user));
         for prefix in [
             user_groups(user),
             cursors(g),

@@ -5,8 +5,10 @@
 //! a byte offset. [`ids`] says which ids are users and which are groups;
 //! [`message`] converts between the store's records and the wire's
 //! messages; [`social`] reads and writes a user's contacts, broadcast lists
-//! and statuses (state that needs no sequencing).
+//! and statuses (state that needs no sequencing); [`business`] is business
+//! accounts, templates, consent and the rules' pure parts.
 
+pub mod business;
 pub mod ids;
 pub mod keys;
 pub mod message;

@@ -264,6 +264,51 @@ impl Server {
             .await
     }
 
+    /// One operator request with a JSON body (empty: none), answered with
+    /// JSON: (status code, the answer).
+    pub async fn admin_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let token = self.token(0, 0, u64::MAX / 2);
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let headers = format!(
+            "authorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(&self.admin).await.unwrap();
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{headers}").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+        let answer = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        (
+            code,
+            serde_json::from_str(answer).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Moves the node's clock forward (a node started with
+    /// `COURIER_TEST_CLOCK=true`).
+    pub async fn advance_clock(&self, ms: u64) {
+        let (code, body) = self
+            .admin_json(
+                "POST",
+                &format!("/admin/clock/advance/{ms}"),
+                serde_json::Value::Null,
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+
     async fn get(&self, path: &str, headers: &str) -> (u16, String) {
         self.http("GET", path, headers).await
     }

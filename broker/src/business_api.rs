@@ -1,0 +1,175 @@
+//! The admin API's business requests (`/admin/businesses/<id>...`), each
+//! answered by the business's shard once written. docs/BUSINESS.md lists
+//! them with their bodies and error codes.
+//!
+//! Errors are JSON: `{"error": words, "code": a stable code}`; 400 for a
+//! body that breaks a rule (one code per rule), 404 for a business or
+//! template that does not exist, 421 for a business whose shard another
+//! cluster node serves (ask that node).
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::admin::Answer;
+use crate::node::Node;
+use crate::shard::business::{AdminOp, BusinessAdminCmd};
+use crate::shard::messages::ShardCmd;
+use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
+use crate::state::ids::valid_user;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    display_name: Option<String>,
+    profile: Option<Profile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    verified: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    tier: Option<u8>,
+    messages_per_sec: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusBody {
+    status: TemplateStatus,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsentBody {
+    customer: u64,
+    action: String,
+    purpose: String,
+    source: String,
+    #[serde(default)]
+    text_version: u32,
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    language: String,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Answer> {
+    serde_json::from_slice(body).map_err(|e| {
+        Answer::json(
+            "400 Bad Request",
+            json!({ "error": format!("the body: {e}"), "code": "body_invalid" }),
+        )
+    })
+}
+
+/// `rest` is the path after `/admin/businesses/`.
+pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8]) -> Answer {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let Some(b) = parts[0].parse::<u64>().ok().filter(|&b| valid_user(b)) else {
+        return Answer::error(
+            "400 Bad Request",
+            "a business id is a user id from 1 to 2^63-1",
+        );
+    };
+    let op = match (method, &parts[1..]) {
+        ("PUT", []) => parse::<PutBody>(body).map(|p| AdminOp::Put {
+            display_name: p.display_name,
+            profile: p.profile,
+        }),
+        ("GET", []) => Ok(AdminOp::Get),
+        ("POST", ["verify"]) => parse::<VerifyBody>(body).map(|v| AdminOp::Verify {
+            verified: v.verified,
+            reason: v.reason,
+        }),
+        ("POST", ["limits"]) => parse::<LimitsBody>(body).map(|l| AdminOp::Limits {
+            tier: l.tier,
+            messages_per_sec: l.messages_per_sec,
+        }),
+        ("GET", ["templates"]) => Ok(AdminOp::Templates),
+        ("PUT", ["templates", name]) => {
+            parse::<TemplateDef>(body).map(|def| AdminOp::PutTemplate {
+                name: name.to_string(),
+                def,
+            })
+        }
+        ("POST", ["templates", name, "status"]) => {
+            parse::<StatusBody>(body).map(|s| AdminOp::SetTemplateStatus {
+                name: name.to_string(),
+                status: s.status,
+                reason: s.reason,
+            })
+        }
+        ("POST", ["consent"]) => parse::<ConsentBody>(body).map(|c| AdminOp::Consent {
+            customer: c.customer,
+            entry: ConsentEntry {
+                at_ms: 0,
+                action: c.action,
+                purpose: c.purpose,
+                source: c.source,
+                text_version: c.text_version,
+                text: c.text,
+                language: c.language,
+            },
+        }),
+        ("GET", ["consent", customer]) => match customer.parse() {
+            Ok(customer) => Ok(AdminOp::ConsentOf { customer }),
+            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+        },
+        ("GET", ["export"]) => Ok(AdminOp::Export { customer: None }),
+        ("GET", ["export", customer]) => match customer.parse() {
+            Ok(customer) => Ok(AdminOp::Export {
+                customer: Some(customer),
+            }),
+            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+        },
+        ("GET" | "PUT" | "POST", _) => {
+            Err(Answer::error("404 Not Found", "no such business request"))
+        }
+        _ => Err(Answer::error(
+            "405 Method Not Allowed",
+            "method not allowed",
+        )),
+    };
+    let op = match op {
+        Ok(op) => op,
+        Err(answer) => return answer,
+    };
+    let (tx, rx) = oneshot::channel();
+    let cmd = ShardCmd::BusinessAdmin(BusinessAdminCmd {
+        business: b,
+        op,
+        answer: tx,
+    });
+    if !node.shards.send(b, cmd).await {
+        return Answer::error("503 Service Unavailable", "the node is stopping");
+    }
+    match rx.await {
+        Ok(Ok(v)) => Answer::json("200 OK", v),
+        Ok(Err(Invalid {
+            status,
+            code,
+            message,
+        })) => Answer::json(
+            match status {
+                400 => "400 Bad Request",
+                404 => "404 Not Found",
+                421 => "421 Misdirected Request",
+                _ => "500 Internal Server Error",
+            },
+            json!({ "error": message, "code": code }),
+        ),
+        Err(_) => Answer::error("503 Service Unavailable", "the node is stopping"),
+    }
+}

@@ -1,0 +1,1167 @@
+//! Business messaging on the business's shard: the account and its
+//! templates, and per customer the service window, the conversation the
+//! business started, consent and block. Every rule a business send must
+//! pass is checked here, in the shard's one order, so a customer's opt-out
+//! (a keyword message, or a `Business` request) and a business send are
+//! ordered: a send admitted after the opt-out is refused.
+//!
+//! A business send comes from the business's session (which lives on the
+//! business's node) as a `BusinessSend`: this shard admits it (renders a
+//! template, counts the tier and the rates) and hands the session the
+//! `Send` to queue on the customer's shard, or answers the refusal. A
+//! customer's message to a business is appended here (the business's
+//! inbox): it opens the window and may be a keyword. Customers' requests
+//! (`Business` frames) and the admin API's come as `BusinessAsk` and
+//! `BusinessAdmin`.
+//!
+//! What is kept in memory only: the rate buckets (a restart refills them)
+//! and the client message ids admitted lately (a retry of one skips the
+//! rules, so it is answered as the duplicate it is). Everything else is
+//! written before it is answered, or with the batch of the message that
+//! changed it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::Instant;
+
+use bytes::Bytes;
+use courier_protocol::business::{Category, TemplateSend};
+use courier_protocol::{
+    BusinessInfo, BusinessOp, BusinessRequest, Destination, ErrorCode, MessageKind, Purpose,
+    SendResult,
+};
+use courier_storage::{slot_of, KvOp};
+use tokio::sync::oneshot;
+use tracing::{error, warn};
+
+use super::core::Shard;
+use super::messages::{failed, Answer, Completion, ReplyTo, SendCmd, ShardCmd};
+use super::route::shard_of;
+use super::tracking::Batch;
+use crate::config::BusinessSettings;
+use crate::error::BrokerError;
+use crate::state::business::{
+    check_display_name, check_template_name, invalid, keyword, Bucket, BusinessRow, ConsentEntry,
+    Invalid, Keyword, PairRow, Profile, Template, TemplateDef, TemplateStatus, SOURCES, TIERS,
+    VERIFIED_TIER,
+};
+use crate::state::keys;
+use crate::state::rows::corrupt;
+
+/// Pair rows kept in memory per shard before the cache starts over.
+const PAIRS_CACHED_MAX: usize = 200_000;
+/// Client message ids remembered per business as admitted.
+const ADMITTED_MAX: usize = 65_536;
+
+/// Which users of this node's shards are businesses: for sessions, which
+/// send a business's messages through its shard. A bitmap answers "no" for
+/// almost every user without a lock; the set behind it answers the rest.
+pub struct Directory {
+    bits: Box<[AtomicU64]>,
+    ids: RwLock<HashSet<u64>>,
+}
+
+impl Directory {
+    pub fn new(platform: u64) -> Directory {
+        let d = Directory {
+            bits: (0..64).map(|_| AtomicU64::new(0)).collect(),
+            ids: RwLock::new(HashSet::new()),
+        };
+        d.add(platform);
+        d
+    }
+
+    fn bit(id: u64) -> (usize, u64) {
+        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52; // 12 bits
+        ((h >> 6) as usize, 1 << (h & 63))
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        let (word, bit) = Directory::bit(id);
+        self.bits[word].load(Ordering::Relaxed) & bit != 0
+            && self.ids.read().expect("directory lock").contains(&id)
+    }
+
+    pub(crate) fn add(&self, id: u64) {
+        self.ids.write().expect("directory lock").insert(id);
+        let (word, bit) = Directory::bit(id);
+        self.bits[word].fetch_or(bit, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.ids.write().expect("directory lock").remove(&id);
+    }
+}
+
+/// A business's send, for the business's shard to admit.
+pub struct BusinessSendCmd {
+    pub business: u64,
+    pub device: u32,
+    pub customer: u64,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub reply: ReplyTo,
+    pub accepted: Instant,
+    /// The send to queue on the customer's shard; `None` when this shard
+    /// answered `reply` itself (a refusal).
+    pub admitted: oneshot::Sender<Option<SendCmd>>,
+}
+
+/// One message from a business to one customer, as the rules see it.
+pub(crate) struct Outgoing<'a> {
+    pub business: u64,
+    pub customer: u64,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: &'a Bytes,
+}
+
+/// A customer's `Business` request, for the business's shard.
+pub struct BusinessAskCmd {
+    pub customer: u64,
+    pub request: BusinessRequest,
+    pub answer: Answer<BusinessInfo>,
+}
+
+/// What the admin API asks of a business's shard.
+pub enum AdminOp {
+    /// Registers the business or edits it. A display name given for a
+    /// registered business waits for review (`Verify`).
+    Put {
+        display_name: Option<String>,
+        profile: Option<Profile>,
+    },
+    Get,
+    Verify {
+        verified: bool,
+        reason: String,
+    },
+    Limits {
+        tier: Option<u8>,
+        messages_per_sec: Option<u32>,
+    },
+    PutTemplate {
+        name: String,
+        def: TemplateDef,
+    },
+    Templates,
+    SetTemplateStatus {
+        name: String,
+        status: TemplateStatus,
+        reason: String,
+    },
+    Consent {
+        customer: u64,
+        entry: ConsentEntry,
+    },
+    ConsentOf {
+        customer: u64,
+    },
+    Export {
+        customer: Option<u64>,
+    },
+}
+
+pub type AdminAnswer = oneshot::Sender<Result<serde_json::Value, Invalid>>;
+
+pub struct BusinessAdminCmd {
+    pub business: u64,
+    pub op: AdminOp,
+    pub answer: AdminAnswer,
+}
+
+/// A business this shard has loaded.
+struct Loaded {
+    row: BusinessRow,
+    templates: HashMap<String, Template>,
+    /// Customers it started a conversation with, and when (within the
+    /// tier's period, pruned as they age).
+    started: HashMap<u64, u64>,
+    bucket: Bucket,
+    /// Client message ids admitted lately (a retry skips the rules).
+    admitted: HashSet<(u64, u64)>,
+    admitted_order: VecDeque<(u64, u64)>,
+}
+
+/// A pair as cached: its row and its rate bucket.
+struct Pair {
+    row: PairRow,
+    bucket: Bucket,
+}
+
+/// The business state a shard keeps.
+#[derive(Default)]
+pub(crate) struct Businesses {
+    /// Businesses of this shard (the platform's account included, if it is
+    /// this shard's).
+    known: HashSet<u64>,
+    loaded: HashMap<u64, Loaded>,
+    pairs: HashMap<(u64, u64), Pair>,
+}
+
+fn refusal(code: ErrorCode, message: impl Into<String>) -> BrokerError {
+    BrokerError::refused(code, message)
+}
+
+fn purpose_name(p: Purpose) -> Option<&'static str> {
+    match p {
+        Purpose::Marketing => Some("marketing"),
+        Purpose::Utility => Some("utility"),
+        Purpose::None => None,
+    }
+}
+
+impl Shard {
+    fn settings(&self) -> &BusinessSettings {
+        &self.config.business
+    }
+
+    fn platform(&self) -> u64 {
+        self.config.business.platform_account
+    }
+
+    /// Reads which of this shard's users are businesses (at start, and for
+    /// a run of slots that moved here).
+    pub(crate) fn load_businesses(&mut self, run: Option<&std::ops::Range<u16>>) {
+        let scanned = match run {
+            Some(run) => self
+                .store
+                .scan_slots(&keys::businesses(), run.clone(), usize::MAX),
+            None => self.store.scan(&keys::businesses(), usize::MAX),
+        };
+        let shards = self.peers.len();
+        match scanned {
+            Ok(rows) => {
+                for (k, _) in rows {
+                    if let Some(id) = keys::last_id(&k) {
+                        if shard_of(id, shards) == self.id as usize {
+                            self.business.known.insert(id);
+                            self.config.directory.add(id);
+                        }
+                    }
+                }
+            }
+            Err(e) => error!(shard = self.id, error = %e, "reading business accounts failed"),
+        }
+        let platform = self.platform();
+        if shard_of(platform, shards) == self.id as usize {
+            self.business.known.insert(platform);
+        }
+    }
+
+    /// Forgets the businesses and pairs of a run of slots that moved away.
+    pub(crate) fn forget_businesses(&mut self, run: &std::ops::Range<u16>) {
+        let inside = |id: u64| run.contains(&u16::from(slot_of(id)));
+        let platform = self.platform();
+        let gone: Vec<u64> = self
+            .business
+            .known
+            .iter()
+            .copied()
+            .filter(|b| inside(*b) && *b != platform)
+            .collect();
+        for b in gone {
+            self.business.known.remove(&b);
+            self.config.directory.remove(b);
+        }
+        self.business.loaded.retain(|b, _| !inside(*b));
+        self.business.pairs.retain(|(b, _), _| !inside(*b));
+    }
+
+    /// Whether `id` is a business of this shard.
+    pub(crate) fn is_business(&self, id: u64) -> bool {
+        !self.business.known.is_empty() && self.business.known.contains(&id)
+    }
+
+    /// The business's account and templates, read on first touch.
+    fn loaded(&mut self, b: u64) -> Result<&mut Loaded, BrokerError> {
+        if !self.business.loaded.contains_key(&b) {
+            let now = self.now_ms();
+            let row = match self.store.get(&keys::business(b))? {
+                Some(v) => serde_json::from_slice(&v)
+                    .map_err(|e| corrupt("business row", format!("business {b}: {e}")))?,
+                None if b == self.platform() => BusinessRow {
+                    display_name: "Courier".into(),
+                    verified: true,
+                    verification_reason: "the platform's own account".into(),
+                    tier: (TIERS.len() - 1) as u8,
+                    messages_per_sec: self.settings().max_messages_per_sec,
+                    ..BusinessRow::default()
+                },
+                None => {
+                    return Err(refusal(
+                        ErrorCode::NOT_A_BUSINESS,
+                        format!("{b} is not a business"),
+                    ))
+                }
+            };
+            let mut templates = HashMap::new();
+            for (_, v) in self.store.scan(&keys::templates(b), usize::MAX)? {
+                match serde_json::from_slice::<Template>(&v) {
+                    Ok(t) => {
+                        templates.insert(t.name.clone(), t);
+                    }
+                    Err(e) => warn!(business = b, error = %e, "unreadable template skipped"),
+                }
+            }
+            let period = self.settings().tier_period_ms;
+            let mut started = HashMap::new();
+            for (k, v) in self.store.scan(&keys::pairs(b), usize::MAX)? {
+                if let (Some(c), Some(p)) = (keys::last_id(&k), PairRow::decode(&v)) {
+                    if p.started_ms > 0 && p.started_ms + period > now {
+                        started.insert(c, p.started_ms);
+                    }
+                }
+            }
+            let burst = row.messages_per_sec;
+            self.business.loaded.insert(
+                b,
+                Loaded {
+                    row,
+                    templates,
+                    started,
+                    bucket: Bucket::full(burst, now),
+                    admitted: HashSet::new(),
+                    admitted_order: VecDeque::new(),
+                },
+            );
+        }
+        Ok(self.business.loaded.get_mut(&b).expect("loaded above"))
+    }
+
+    /// The pair's state, read on first touch.
+    fn pair(&mut self, b: u64, customer: u64) -> Result<&mut Pair, BrokerError> {
+        if !self.business.pairs.contains_key(&(b, customer)) {
+            if self.business.pairs.len() >= PAIRS_CACHED_MAX {
+                self.business.pairs.clear();
+            }
+            let row = match self.store.get(&keys::pair(b, customer))? {
+                Some(v) => PairRow::decode(&v)
+                    .ok_or_else(|| corrupt("pair row", format!("{b}.{customer}")))?,
+                None => PairRow::default(),
+            };
+            let s = &self.config.business;
+            let bucket = Bucket::full(s.per_customer_burst, self.now_ms());
+            self.business
+                .pairs
+                .insert((b, customer), Pair { row, bucket });
+        }
+        Ok(self
+            .business
+            .pairs
+            .get_mut(&(b, customer))
+            .expect("read above"))
+    }
+
+    fn pair_write(&self, b: u64, customer: u64) -> KvOp {
+        let row = &self.business.pairs[&(b, customer)].row;
+        KvOp::Put {
+            key: keys::pair(b, customer),
+            value: row.encode(),
+        }
+    }
+
+    /// Writes `ops` now, synced (an admin change, a customer's request).
+    fn write_now(&self, ops: &[KvOp]) -> Result<(), BrokerError> {
+        self.store.append_with(&[], ops, self.now_ms())?;
+        Ok(())
+    }
+
+    /// Appends `entry` to the pair's ledger and applies it: the writes.
+    fn ledger_append(
+        &mut self,
+        b: u64,
+        customer: u64,
+        entry: ConsentEntry,
+    ) -> Result<Vec<KvOp>, BrokerError> {
+        let pair = self.pair(b, customer)?;
+        let n = pair.row.ledger_len;
+        pair.row.apply(&entry);
+        let value = serde_json::to_vec(&entry).expect("an entry serializes");
+        Ok(vec![
+            KvOp::Put {
+                key: keys::ledger_entry(b, customer, n),
+                value,
+            },
+            self.pair_write(b, customer),
+        ])
+    }
+
+    /// A customer's message to business `b` (planned for this batch): it
+    /// opens the service window, and an opt-out or opt-in keyword takes
+    /// effect now (the writes go with the message's).
+    pub(crate) fn customer_wrote(&mut self, b: u64, s: &SendCmd) {
+        if s.kind != MessageKind::Chat || self.is_business(s.sender) {
+            return;
+        }
+        let now = self.now_ms();
+        let (out, inn) = (
+            &self.config.business.opt_out_keywords,
+            &self.config.business.opt_in_keywords,
+        );
+        let word = keyword(&s.payload, out, inn);
+        let customer = s.sender;
+        let mut ops = Vec::new();
+        let pair = match self.pair(b, customer) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(shard = self.id, error = %e, "reading a pair row failed");
+                return;
+            }
+        };
+        pair.row.last_customer_ms = now;
+        let (marketing, utility, withdrew) = (
+            pair.row.marketing,
+            pair.row.utility,
+            pair.row.keyword_withdrew,
+        );
+        let entry = |action: &str, purpose: &str| ConsentEntry {
+            at_ms: now,
+            action: action.into(),
+            purpose: purpose.into(),
+            source: "keyword".into(),
+            text_version: 0,
+            text: String::from_utf8_lossy(&s.payload).trim().to_owned(),
+            language: String::new(),
+        };
+        let mut entries = Vec::new();
+        match word {
+            Some(Keyword::OptOut) => {
+                if marketing {
+                    entries.push(entry("opt_out", "marketing"));
+                }
+                if utility {
+                    entries.push(entry("opt_out", "utility"));
+                }
+                let bits = marketing as u8 | (utility as u8) << 1;
+                if bits != 0 {
+                    self.business
+                        .pairs
+                        .get_mut(&(b, customer))
+                        .expect("read")
+                        .row
+                        .keyword_withdrew = bits;
+                }
+            }
+            Some(Keyword::OptIn) => {
+                if withdrew & 1 != 0 && !marketing {
+                    entries.push(entry("opt_in", "marketing"));
+                }
+                if withdrew & 2 != 0 && !utility {
+                    entries.push(entry("opt_in", "utility"));
+                }
+                self.business
+                    .pairs
+                    .get_mut(&(b, customer))
+                    .expect("read")
+                    .row
+                    .keyword_withdrew = 0;
+            }
+            None => {}
+        }
+        for e in entries {
+            match self.ledger_append(b, customer, e) {
+                Ok(w) => ops.extend(w),
+                Err(e) => error!(shard = self.id, error = %e, "a keyword's ledger entry failed"),
+            }
+        }
+        ops.push(self.pair_write(b, customer));
+        self.kv.extend(ops);
+    }
+
+    /// Admits a business's send, or refuses it with its rule's code.
+    pub(crate) fn admit_business_send(&mut self, cmd: BusinessSendCmd, batch: &mut Batch) {
+        let _ = batch;
+        let client_msg_id = cmd.client_msg_id;
+        let outgoing = Outgoing {
+            business: cmd.business,
+            customer: cmd.customer,
+            client_msg_id,
+            kind: cmd.kind,
+            payload: &cmd.payload,
+        };
+        match self.check_business_send(&outgoing) {
+            Ok(payload) => {
+                let send = SendCmd {
+                    sender: cmd.business,
+                    sender_device: cmd.device,
+                    recipient: cmd.customer,
+                    client_msg_id,
+                    destination: Destination::User(cmd.customer),
+                    scope: 0,
+                    kind: cmd.kind,
+                    payload,
+                    done: Completion::Reply(cmd.reply),
+                    accepted: cmd.accepted,
+                };
+                if let Err(unsent) = cmd.admitted.send(Some(send)) {
+                    // The session is gone: its client retries.
+                    drop(unsent);
+                }
+            }
+            Err((code, retry_after_ms, why)) => {
+                tracing::debug!(
+                    shard = self.id,
+                    business = cmd.business,
+                    customer = cmd.customer,
+                    ?code,
+                    why,
+                    "business send refused"
+                );
+                let result = SendResult {
+                    timestamp_ms: retry_after_ms,
+                    ..failed(client_msg_id, code)
+                };
+                cmd.reply.send(result);
+                let _ = cmd.admitted.send(None);
+            }
+        }
+    }
+
+    /// The rules, in order; the payload to store, or the refusal (code,
+    /// retry-after hint, why).
+    pub(crate) fn check_business_send(
+        &mut self,
+        cmd: &Outgoing<'_>,
+    ) -> Result<Bytes, (ErrorCode, u64, String)> {
+        let (b, customer) = (cmd.business, cmd.customer);
+        let internal = |e: BrokerError| {
+            let code = e.code();
+            (code, 0, e.to_string())
+        };
+        let platform = b == self.platform();
+        if !self.is_business(b) {
+            // Not (or no longer) a business: an ordinary send.
+            return Ok(cmd.payload.clone());
+        }
+        let now = self.now_ms();
+        let s = self.config.business.clone();
+        let loaded = self.loaded(b).map_err(internal)?;
+        if loaded.admitted.contains(&(cmd.client_msg_id, customer)) {
+            // A retry: the customer's shard stores it at most once.
+            return match cmd.kind {
+                MessageKind::Template => self.render(b, customer, cmd.payload).map(|(m, _)| m),
+                _ => Ok(cmd.payload.clone()),
+            };
+        }
+        let pair = self.pair(b, customer).map_err(internal)?;
+        if pair.row.blocked {
+            return Err((
+                ErrorCode::BLOCKED_BY_CUSTOMER,
+                0,
+                "the customer blocks this business".into(),
+            ));
+        }
+        let in_window =
+            pair.row.last_customer_ms > 0 && now < pair.row.last_customer_ms + s.window_ms;
+        let (payload, new_conversation) =
+            match cmd.kind {
+                MessageKind::Template => {
+                    let (payload, category) = self.render(b, customer, cmd.payload)?;
+                    let pair = &self.business.pairs[&(b, customer)];
+                    if !platform && !pair.row.consents(category) {
+                        let purpose = if category == Category::Marketing {
+                            "marketing"
+                        } else {
+                            "utility"
+                        };
+                        return Err((
+                            ErrorCode::NO_CONSENT,
+                            0,
+                            format!("the customer has no current opt-in for {purpose}"),
+                        ));
+                    }
+                    let loaded = &self.business.loaded[&b];
+                    let open = loaded
+                        .started
+                        .get(&customer)
+                        .is_some_and(|&t| t + s.tier_period_ms > now);
+                    (payload, !in_window && !open)
+                }
+                _ if platform || in_window => (cmd.payload.clone(), false),
+                _ => return Err((
+                    ErrorCode::OUTSIDE_WINDOW,
+                    0,
+                    "no message from the customer in the last 24 hours: send an approved template"
+                        .into(),
+                )),
+            };
+        // Rates: the business's, then the pair's; both are checked before
+        // either is taken.
+        let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+        let mps = loaded.row.messages_per_sec.max(1);
+        let business_wait = loaded.bucket.wait_ms(1000.0 / f64::from(mps), mps, now);
+        let pair = self.business.pairs.get_mut(&(b, customer)).expect("read");
+        let pair_wait = if platform {
+            0
+        } else {
+            pair.bucket
+                .wait_ms(s.per_customer_interval_ms as f64, s.per_customer_burst, now)
+        };
+        if business_wait > 0 || pair_wait > 0 {
+            let wait = business_wait.max(pair_wait);
+            let why = if business_wait >= pair_wait {
+                format!("over {mps} messages per second")
+            } else {
+                format!(
+                    "over {} messages to one customer per {} ms, bursts of {}",
+                    1, s.per_customer_interval_ms, s.per_customer_burst
+                )
+            };
+            return Err((ErrorCode::BUSINESS_RATE_LIMITED, wait, why));
+        }
+        if new_conversation {
+            let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+            loaded
+                .started
+                .retain(|_, &mut t| t + s.tier_period_ms > now);
+            if let Some(limit) = loaded.row.tier_limit() {
+                if loaded.started.len() >= limit as usize {
+                    return Err((
+                        ErrorCode::TIER_LIMIT_REACHED,
+                        0,
+                        format!(
+                            "{limit} customers reached in the last 24 hours (the messaging tier)"
+                        ),
+                    ));
+                }
+            }
+            loaded.started.insert(customer, now);
+        }
+        // Admitted: take the tokens, remember the id, write what changed.
+        let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+        loaded.bucket.take();
+        loaded.admitted.insert((cmd.client_msg_id, customer));
+        loaded
+            .admitted_order
+            .push_back((cmd.client_msg_id, customer));
+        if loaded.admitted_order.len() > ADMITTED_MAX {
+            if let Some(old) = loaded.admitted_order.pop_front() {
+                loaded.admitted.remove(&old);
+            }
+        }
+        let pair = self.business.pairs.get_mut(&(b, customer)).expect("read");
+        if !platform {
+            pair.bucket.take();
+        }
+        if new_conversation {
+            pair.row.started_ms = now;
+            let w = self.pair_write(b, customer);
+            self.kv.push(w);
+        }
+        Ok(payload)
+    }
+
+    /// Renders a template send's payload for `customer`: the message's
+    /// payload and the template's category.
+    fn render(
+        &mut self,
+        b: u64,
+        customer: u64,
+        payload: &[u8],
+    ) -> Result<(Bytes, Category), (ErrorCode, u64, String)> {
+        let send = TemplateSend::decode(payload).map_err(|e| {
+            (
+                ErrorCode::TEMPLATE_PARAMS_INVALID,
+                0,
+                format!("template send: {e}"),
+            )
+        })?;
+        let now = self.now_ms();
+        let preferred = self
+            .business
+            .pairs
+            .get(&(b, customer))
+            .map(|p| p.row.language.clone())
+            .unwrap_or_default();
+        let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+        let verified = loaded.row.verified;
+        let Some(t) = loaded.templates.get_mut(&send.name) else {
+            return Err((
+                ErrorCode::NO_SUCH_TEMPLATE,
+                0,
+                format!("no template {:?}", send.name),
+            ));
+        };
+        if t.status == TemplateStatus::Paused && t.paused_until_ms <= now {
+            // The pause is over.
+            t.status = TemplateStatus::Approved;
+        }
+        match t.status {
+            TemplateStatus::Approved => {}
+            TemplateStatus::Paused => {
+                return Err((
+                    ErrorCode::TEMPLATE_PAUSED,
+                    t.paused_until_ms - now,
+                    format!("template {:?} is paused", t.name),
+                ))
+            }
+            other => {
+                return Err((
+                    ErrorCode::TEMPLATE_NOT_APPROVED,
+                    0,
+                    format!("template {:?} is {other:?}", t.name).to_lowercase(),
+                ))
+            }
+        }
+        let Some(v) = t.version(&send.language, &preferred) else {
+            return Err((
+                ErrorCode::NO_SUCH_TEMPLATE,
+                0,
+                format!("template {:?} has no version in {}", t.name, send.language),
+            ));
+        };
+        let m = t
+            .render(v, &send, verified)
+            .map_err(|why| (ErrorCode::TEMPLATE_PARAMS_INVALID, 0, why))?;
+        Ok((m.encode(), m.category))
+    }
+
+    /// A customer's request about business `b`.
+    pub(crate) fn business_ask(&mut self, a: BusinessAskCmd) {
+        let answer = self.answer_ask(a.customer, a.request);
+        let _ = a.answer.send(answer);
+    }
+
+    fn answer_ask(
+        &mut self,
+        customer: u64,
+        r: BusinessRequest,
+    ) -> Result<BusinessInfo, BrokerError> {
+        let b = r.business;
+        if !self.is_business(b) {
+            return Err(refusal(
+                ErrorCode::NOT_A_BUSINESS,
+                format!("{b} is not a business"),
+            ));
+        }
+        self.loaded(b)?;
+        let now = self.now_ms();
+        let mut ops = Vec::new();
+        match r.op {
+            BusinessOp::Info => {}
+            BusinessOp::Block | BusinessOp::Unblock => {
+                let pair = self.pair(b, customer)?;
+                pair.row.blocked = r.op == BusinessOp::Block;
+                ops.push(self.pair_write(b, customer));
+            }
+            BusinessOp::Report => {
+                let pair = self.pair(b, customer)?;
+                pair.row.reports += 1;
+                ops.push(self.pair_write(b, customer));
+            }
+            BusinessOp::OptIn | BusinessOp::OptOut => {
+                let Some(purpose) = purpose_name(r.purpose) else {
+                    return Err(refusal(
+                        ErrorCode::INVALID_REQUEST,
+                        "an opt-in or opt-out names its purpose",
+                    ));
+                };
+                let entry = ConsentEntry {
+                    at_ms: now,
+                    action: if r.op == BusinessOp::OptIn {
+                        "opt_in"
+                    } else {
+                        "opt_out"
+                    }
+                    .into(),
+                    purpose: purpose.into(),
+                    source: "in_chat".into(),
+                    text_version: 0,
+                    text: r.text.clone(),
+                    language: r.language.clone(),
+                };
+                ops = self.ledger_append(b, customer, entry)?;
+            }
+        }
+        if !ops.is_empty() {
+            if let Err(e) = self.write_now(&ops) {
+                // What is in memory is ahead of the disk: read it again.
+                self.business.pairs.remove(&(b, customer));
+                return Err(e);
+            }
+        }
+        let pair = &self.pair(b, customer)?.row;
+        let (blocked, marketing, utility) = (pair.blocked, pair.marketing, pair.utility);
+        Ok(info(
+            b,
+            &self.business.loaded[&b].row,
+            blocked,
+            marketing,
+            utility,
+        ))
+    }
+
+    /// An admin API request for business `b`, answered once written.
+    pub(crate) fn business_admin(&mut self, a: BusinessAdminCmd) {
+        let answer = self.answer_admin(a.business, a.op).map_err(|e| match e {
+            AdminError::Invalid(i) => i,
+            AdminError::Broker(e) => {
+                error!(shard = self.id, error = %e, "a business admin request failed");
+                Invalid {
+                    status: 500,
+                    code: "internal",
+                    message: e.to_string(),
+                }
+            }
+        });
+        let _ = a.answer.send(answer);
+    }
+
+    fn answer_admin(&mut self, b: u64, op: AdminOp) -> Result<serde_json::Value, AdminError> {
+        let now = self.now_ms();
+        let settings = self.config.business.clone();
+        if let AdminOp::Put {
+            display_name,
+            profile,
+        } = &op
+        {
+            if let Some(p) = profile {
+                p.check()?;
+            }
+            if let Some(n) = display_name {
+                check_display_name(n)?;
+            }
+            if !self.is_business(b) {
+                let Some(name) = display_name else {
+                    return Err(
+                        invalid("display_name_invalid", "registering a business names it").into(),
+                    );
+                };
+                let row = BusinessRow {
+                    display_name: name.clone(),
+                    profile: profile.clone().unwrap_or_default(),
+                    messages_per_sec: settings.messages_per_sec,
+                    registered_at_ms: now,
+                    tier_at_ms: now,
+                    ..BusinessRow::default()
+                };
+                self.write_now(&[business_write(b, &row)])?;
+                self.business.known.insert(b);
+                self.config.directory.add(b);
+                self.business.loaded.remove(&b);
+                return Ok(self.loaded(b)?.row.to_json(b));
+            }
+        }
+        if !self.is_business(b) {
+            return Err(AdminError::Invalid(Invalid {
+                status: 404,
+                code: "not_a_business",
+                message: format!("{b} is not a business"),
+            }));
+        }
+        self.loaded(b)?;
+        let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+        let mut row = loaded.row.clone();
+        let value = match op {
+            AdminOp::Get => {
+                let mut v = row.to_json(b);
+                v["templates"] = loaded.templates.len().into();
+                v["conversations_started_in_period"] = loaded
+                    .started
+                    .values()
+                    .filter(|&&t| t + settings.tier_period_ms > now)
+                    .count()
+                    .into();
+                return Ok(v);
+            }
+            AdminOp::Put {
+                display_name,
+                profile,
+            } => {
+                if let Some(p) = profile {
+                    row.profile = p;
+                }
+                if let Some(n) = display_name.filter(|n| *n != row.display_name) {
+                    row.pending_display_name = Some(n);
+                }
+                self.save_row(b, row)?
+            }
+            AdminOp::Verify { verified, reason } => {
+                if verified {
+                    if let Some(n) = row.pending_display_name.take() {
+                        row.display_name = n;
+                    }
+                    // A verified business starts at 2,000 customers.
+                    if row.tier < VERIFIED_TIER {
+                        row.tier = VERIFIED_TIER;
+                        row.tier_at_ms = now;
+                    }
+                }
+                row.verified = verified;
+                row.verified_at_ms = now;
+                row.verification_reason = reason;
+                self.save_row(b, row)?
+            }
+            AdminOp::Limits {
+                tier,
+                messages_per_sec,
+            } => {
+                if let Some(t) = tier {
+                    if usize::from(t) >= TIERS.len() {
+                        return Err(invalid(
+                            "tier_invalid",
+                            "tier is 0 to 4 (250, 2,000, 10,000, 100,000, unlimited)",
+                        )
+                        .into());
+                    }
+                    row.tier = t;
+                    row.tier_at_ms = now;
+                }
+                if let Some(m) = messages_per_sec {
+                    if m == 0 || m > settings.max_messages_per_sec {
+                        return Err(invalid(
+                            "messages_per_sec_invalid",
+                            format!("messages_per_sec is 1 to {}", settings.max_messages_per_sec),
+                        )
+                        .into());
+                    }
+                    row.messages_per_sec = m;
+                }
+                self.save_row(b, row)?
+            }
+            AdminOp::PutTemplate { name, def } => {
+                check_template_name(&name)?;
+                def.check()?;
+                if !loaded.templates.contains_key(&name)
+                    && loaded.templates.len() >= settings.max_templates
+                {
+                    return Err(invalid(
+                        "too_many_templates",
+                        format!("at most {} templates per business", settings.max_templates),
+                    )
+                    .into());
+                }
+                // A new or changed template is reviewed again.
+                let t = Template {
+                    name: name.clone(),
+                    def,
+                    status: TemplateStatus::Pending,
+                    status_reason: "submitted".into(),
+                    status_at_ms: now,
+                    ..Template::default()
+                };
+                self.save_template(b, t.clone())?;
+                self.template_event(b, &t);
+                template_json(&t)
+            }
+            AdminOp::Templates => {
+                let mut list: Vec<_> = loaded.templates.values().map(template_json).collect();
+                list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                serde_json::Value::Array(list)
+            }
+            AdminOp::SetTemplateStatus {
+                name,
+                status,
+                reason,
+            } => {
+                let Some(mut t) = loaded.templates.get(&name).cloned() else {
+                    return Err(AdminError::Invalid(Invalid {
+                        status: 404,
+                        code: "no_such_template",
+                        message: format!("no template {name:?}"),
+                    }));
+                };
+                t.status = status;
+                t.status_reason = reason;
+                t.status_at_ms = now;
+                if status == TemplateStatus::Paused {
+                    // 3 hours, then 6; the third pause disables it.
+                    t.pauses += 1;
+                    match t.pauses {
+                        1 => t.paused_until_ms = now + 3 * 3600 * 1000,
+                        2 => t.paused_until_ms = now + 6 * 3600 * 1000,
+                        _ => t.status = TemplateStatus::Disabled,
+                    }
+                }
+                self.save_template(b, t.clone())?;
+                self.template_event(b, &t);
+                template_json(&t)
+            }
+            AdminOp::Consent { customer, entry } => {
+                if !crate::state::ids::valid_user(customer) || customer == b {
+                    return Err(
+                        invalid("customer_invalid", "a customer is another user's id").into(),
+                    );
+                }
+                if !["opt_in", "opt_out"].contains(&entry.action.as_str()) {
+                    return Err(invalid("action_invalid", "action is opt_in or opt_out").into());
+                }
+                if !["marketing", "utility"].contains(&entry.purpose.as_str()) {
+                    return Err(
+                        invalid("purpose_invalid", "purpose is marketing or utility").into(),
+                    );
+                }
+                if !SOURCES.contains(&entry.source.as_str()) {
+                    return Err(
+                        invalid("source_invalid", format!("source is one of {SOURCES:?}")).into(),
+                    );
+                }
+                if entry.action == "opt_in" && entry.text.trim().is_empty() {
+                    return Err(
+                        invalid("text_missing", "an opt-in records the wording shown").into(),
+                    );
+                }
+                let entry = ConsentEntry {
+                    at_ms: now,
+                    ..entry
+                };
+                let ops = self.ledger_append(b, customer, entry)?;
+                if let Err(e) = self.write_now(&ops) {
+                    self.business.pairs.remove(&(b, customer));
+                    return Err(e.into());
+                }
+                self.pair(b, customer)?.row.to_json()
+            }
+            AdminOp::ConsentOf { customer } => {
+                let current = self.pair(b, customer)?.row.to_json();
+                let history = self.history(b, Some(customer))?;
+                serde_json::json!({ "business": b, "customer": customer, "current": current, "history": history })
+            }
+            AdminOp::Export { customer } => {
+                let history = self.history(b, customer)?;
+                serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history })
+            }
+        };
+        Ok(value)
+    }
+
+    /// The ledger of one customer, or every customer, in order.
+    fn history(&self, b: u64, customer: Option<u64>) -> Result<serde_json::Value, BrokerError> {
+        let prefix = match customer {
+            Some(c) => keys::ledger(b, c),
+            None => keys::ledgers(b),
+        };
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
+            let c = keys::be_u64(&k, 9).unwrap_or(0);
+            match serde_json::from_slice::<ConsentEntry>(&v) {
+                Ok(e) => {
+                    let mut j = serde_json::to_value(&e).expect("an entry serializes");
+                    j["customer"] = c.into();
+                    out.push(j);
+                }
+                Err(e) => warn!(business = b, error = %e, "unreadable ledger entry skipped"),
+            }
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    fn save_row(&mut self, b: u64, row: BusinessRow) -> Result<serde_json::Value, BrokerError> {
+        self.write_now(&[business_write(b, &row)])?;
+        let v = row.to_json(b);
+        self.business.loaded.get_mut(&b).expect("loaded").row = row;
+        Ok(v)
+    }
+
+    fn save_template(&mut self, b: u64, t: Template) -> Result<(), BrokerError> {
+        self.write_now(&[KvOp::Put {
+            key: keys::template(b, &t.name),
+            value: serde_json::to_vec(&t).expect("a template serializes"),
+        }])?;
+        let loaded = self.business.loaded.get_mut(&b).expect("loaded");
+        loaded.templates.insert(t.name.clone(), t);
+        Ok(())
+    }
+
+    /// Tells the business of a template's new status: a `system` message
+    /// from the platform's account in its inbox, its payload JSON.
+    fn template_event(&mut self, b: u64, t: &Template) {
+        let (_, id) = self.next_ids();
+        let payload = serde_json::json!({
+            "event": "template_status",
+            "template": t.name,
+            "status": t.status,
+            "reason": t.status_reason,
+            "at_ms": t.status_at_ms,
+            "paused_until_ms": t.paused_until_ms,
+        });
+        let (tx, _rx) = oneshot::channel();
+        let cmd = SendCmd {
+            sender: self.platform(),
+            sender_device: 0,
+            recipient: b,
+            client_msg_id: id,
+            destination: Destination::User(b),
+            scope: 0,
+            kind: MessageKind::System,
+            payload: Bytes::from(serde_json::to_vec(&payload).expect("json")),
+            done: Completion::Stored(tx),
+            accepted: Instant::now(),
+        };
+        self.to_peer(b, ShardCmd::Send(cmd));
+    }
+}
+
+enum AdminError {
+    Invalid(Invalid),
+    Broker(BrokerError),
+}
+
+impl From<Invalid> for AdminError {
+    fn from(i: Invalid) -> AdminError {
+        AdminError::Invalid(i)
+    }
+}
+
+impl From<BrokerError> for AdminError {
+    fn from(e: BrokerError) -> AdminError {
+        match e {
+            BrokerError::Refused { code, message } if code == ErrorCode::NOT_A_BUSINESS => {
+                AdminError::Invalid(Invalid {
+                    status: 404,
+                    code: "not_a_business",
+                    message,
+                })
+            }
+            e => AdminError::Broker(e),
+        }
+    }
+}
+
+impl From<courier_storage::StoreError> for AdminError {
+    fn from(e: courier_storage::StoreError) -> AdminError {
+        AdminError::Broker(e.into())
+    }
+}
+
+fn business_write(b: u64, row: &BusinessRow) -> KvOp {
+    KvOp::Put {
+        key: keys::business(b),
+        value: serde_json::to_vec(row).expect("a business row serializes"),
+    }
+}
+
+fn template_json(t: &Template) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name,
+        "category": t.def.category,
+        "languages": t.def.versions.iter().map(|v| v.language.clone()).collect::<Vec<_>>(),
+        "status": t.status,
+        "status_reason": t.status_reason,
+        "status_at_ms": t.status_at_ms,
+        "paused_until_ms": t.paused_until_ms,
+        "pauses": t.pauses,
+        "definition": t.def,
+    })
+}
+
+fn info(b: u64, row: &BusinessRow, blocked: bool, marketing: bool, utility: bool) -> BusinessInfo {
+    let p = &row.profile;
+    BusinessInfo {
+        business: b,
+        verified: row.verified,
+        display_name: row.display_name.clone(),
+        about: p.about.clone(),
+        address: p.address.clone(),
+        description: p.description.clone(),
+        email: p.email.clone(),
+        websites: p.websites.clone(),
+        picture: p.picture.clone(),
+        blocked,
+        marketing,
+        utility,
+    }
+}

@@ -1,0 +1,1051 @@
+//! Business messaging over real TCP against the real `courier` process:
+//! accounts and verification, templates and their lifecycle, consent, the
+//! service window, keywords, blocks, the messaging tier and the rates.
+//! Every time rule is reached by moving the node's clock (`test_clock`),
+//! never by waiting.
+
+mod common;
+
+use std::time::Duration;
+
+use courier_client::Client;
+use courier_protocol::business::{Category, Header, TemplateMessage, TemplateSend};
+use courier_protocol::*;
+use serde_json::{json, Value};
+
+use common::{chat, rejected, Server, WAIT};
+
+const HOUR: u64 = 3600 * 1000;
+const DAY: u64 = 24 * HOUR;
+
+fn node() -> Server {
+    Server::start(&[("COURIER_TEST_CLOCK", "true")])
+}
+
+async fn register(s: &Server, b: u64, name: &str) {
+    let (code, body) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}"),
+            json!({ "display_name": name }),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+}
+
+async fn template(s: &Server, b: u64, name: &str, def: Value) -> (u16, Value) {
+    s.admin_json(
+        "PUT",
+        &format!("/admin/businesses/{b}/templates/{name}"),
+        def,
+    )
+    .await
+}
+
+async fn set_status(s: &Server, b: u64, name: &str, status: &str) -> Value {
+    let (code, body) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/templates/{name}/status"),
+            json!({ "status": status, "reason": "review" }),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// A utility template in English and Brazilian Portuguese, approved.
+async fn order_update(s: &Server, b: u64) {
+    let def = json!({
+        "category": "utility",
+        "versions": [
+            {
+                "language": "en_US",
+                "header": { "kind": "text", "text": "Order {{1}}" },
+                "body": "Hi {{2}}, your order {{1}} has shipped.",
+                "footer": "Shop",
+                "buttons": [{ "kind": "url", "text": "Track", "value": "https://shop.test/t/{{1}}" }],
+                "examples": { "1": "#42", "2": "Ana" }
+            },
+            {
+                "language": "pt_BR",
+                "header": { "kind": "text", "text": "Pedido {{1}}" },
+                "body": "Olá {{2}}, seu pedido {{1}} foi enviado.",
+                "examples": { "1": "#42", "2": "Ana" }
+            }
+        ]
+    });
+    let (code, body) = template(s, b, "order_update", def).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "pending");
+    set_status(s, b, "order_update", "approved").await;
+}
+
+/// A marketing template, approved.
+async fn promo(s: &Server, b: u64) {
+    let def = json!({
+        "category": "marketing",
+        "versions": [{ "language": "en_US", "body": "Sale today", "examples": {} }]
+    });
+    let (code, body) = template(s, b, "promo", def).await;
+    assert_eq!(code, 200, "{body}");
+    set_status(s, b, "promo", "approved").await;
+}
+
+async fn consent(s: &Server, b: u64, customer: u64, action: &str, purpose: &str) -> (u16, Value) {
+    s.admin_json(
+        "POST",
+        &format!("/admin/businesses/{b}/consent"),
+        json!({
+            "customer": customer,
+            "action": action,
+            "purpose": purpose,
+            "source": "web_form",
+            "text_version": 3,
+            "text": "Yes, send me order updates",
+            "language": "pt_BR",
+        }),
+    )
+    .await
+}
+
+fn order(id: &str, name: &str) -> TemplateSend {
+    TemplateSend {
+        name: "order_update".into(),
+        language: String::new(),
+        params: vec![(String::new(), id.into()), (String::new(), name.into())],
+    }
+}
+
+fn promo_send() -> TemplateSend {
+    TemplateSend {
+        name: "promo".into(),
+        language: "en_US".into(),
+        params: Vec::new(),
+    }
+}
+
+async fn received_template(c: &Client) -> (Message, TemplateMessage) {
+    let m = c.recv_timeout(WAIT).await.expect("a message");
+    assert_eq!(m.kind, MessageKind::Template);
+    let t = TemplateMessage::decode(&m.payload).expect("a rendered template");
+    (m, t)
+}
+
+async fn info(c: &Client, b: u64) -> Result<BusinessInfo, courier_client::ClientError> {
+    c.business(BusinessOp::Info, b, Purpose::None, "", "").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_are_registered_checked_verified_and_seen_by_customers() {
+    let s = node();
+    let (b, customer) = (5001, 5002);
+    let path = format!("/admin/businesses/{b}");
+    // Each profile rule has its code; nothing is registered by a refusal.
+    let bad = [
+        (json!({ "display_name": "" }), "display_name_invalid"),
+        (
+            json!({ "display_name": "x".repeat(256) }),
+            "display_name_invalid",
+        ),
+        (
+            json!({ "display_name": "Shop", "profile": { "about": "a".repeat(140) } }),
+            "about_too_long",
+        ),
+        (
+            json!({ "display_name": "Shop", "profile": { "address": "a".repeat(257) } }),
+            "address_too_long",
+        ),
+        (
+            json!({ "display_name": "Shop", "profile": { "description": "a".repeat(513) } }),
+            "description_too_long",
+        ),
+        (
+            json!({ "display_name": "Shop", "profile": { "email": "no-at-sign" } }),
+            "email_invalid",
+        ),
+        (
+            json!({ "display_name": "Shop", "profile": { "websites": ["https://a.test", "https://b.test", "https://c.test"] } }),
+            "too_many_websites",
+        ),
+        (
+            json!({ "display_name": "Shop", "colour": "red" }),
+            "body_invalid",
+        ),
+    ];
+    for (body, code) in bad {
+        let (status, answer) = s.admin_json("PUT", &path, body).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some(code)),
+            "{answer}"
+        );
+    }
+    let (status, _) = s.admin_json("GET", &path, Value::Null).await;
+    assert_eq!(status, 404, "a refused registration registers nothing");
+    let (client, _) = s.client(customer).await;
+    assert_eq!(rejected(info(&client, b).await), ErrorCode::NOT_A_BUSINESS);
+
+    // Registered at the boundaries: a 255-character name, a 139-character about.
+    let name = "S".repeat(255);
+    let (status, answer) = s
+        .admin_json(
+            "PUT",
+            &path,
+            json!({
+                "display_name": name,
+                "profile": { "about": "a".repeat(139), "websites": ["https://shop.test", "https://shop.test/help"], "email": "help@shop.test", "picture": "media://p/1" }
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tier"], 250, "an unverified business starts at 250");
+    let seen = info(&client, b).await.unwrap();
+    assert_eq!(seen.display_name, name);
+    assert!(!seen.verified);
+    assert_eq!(seen.websites.len(), 2);
+
+    // The business edits its profile; a new display name waits for review.
+    let (status, answer) = s
+        .admin_json(
+            "PUT",
+            &path,
+            json!({ "display_name": "Shop & Co", "profile": { "about": "We ship" } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["pending_display_name"], "Shop & Co");
+    let seen = info(&client, b).await.unwrap();
+    assert_eq!(
+        (seen.display_name.as_str(), seen.about.as_str()),
+        (name.as_str(), "We ship")
+    );
+
+    let (status, answer) = s
+        .admin_json(
+            "POST",
+            &format!("{path}/verify"),
+            json!({ "verified": true, "reason": "documents checked" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tier"], 2000, "a verified business starts at 2,000");
+    assert_eq!(answer["verification_reason"], "documents checked");
+    let seen = info(&client, b).await.unwrap();
+    assert!(seen.verified, "customers see the mark");
+    assert_eq!(seen.display_name, "Shop & Co", "the reviewed name is shown");
+
+    // The platform's own account exists from the start, verified.
+    let platform = (1u64 << 63) - 1;
+    let seen = info(&client, platform).await.unwrap();
+    assert!(seen.verified);
+
+    // All of it survives a crash.
+    drop(client);
+    let mut s = s;
+    s.kill();
+    s.restart();
+    let (client, _) = s.client(customer).await;
+    let seen = info(&client, b).await.unwrap();
+    assert!(seen.verified && seen.display_name == "Shop & Co" && seen.about == "We ship");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers_language() {
+    let s = node();
+    let (b, customer, other) = (6001, 6002, 6003);
+    register(&s, b, "Shop").await;
+    // One code per schema violation (every code is unit-tested; these
+    // cross the API).
+    let bad = [
+        (
+            json!({ "category": "spam", "versions": [{ "language": "en", "body": "x" }] }),
+            "category_invalid",
+        ),
+        (
+            json!({ "category": "utility", "versions": [] }),
+            "no_versions",
+        ),
+        (
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "x".repeat(1025) }] }),
+            "body_too_long",
+        ),
+        (
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "Hi {{1}} {{name}}", "examples": { "1": "a", "name": "b" } }] }),
+            "params_mixed",
+        ),
+        (
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "Hi {{1}}" }] }),
+            "example_missing",
+        ),
+        (
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "x", "header": { "kind": "text", "text": "h".repeat(61) } }] }),
+            "header_too_long",
+        ),
+        (
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "x", "footer": "f".repeat(61) }] }),
+            "footer_too_long",
+        ),
+    ];
+    for (def, code) in bad {
+        let (status, answer) = template(&s, b, "t", def).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some(code)),
+            "{answer}"
+        );
+    }
+    let (status, answer) = template(
+        &s,
+        b,
+        "Bad-Name",
+        json!({ "category": "utility", "versions": [{ "language": "en", "body": "x" }] }),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (400, Some("name_invalid"))
+    );
+
+    order_update(&s, b).await;
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    let (status, _) = consent(&s, b, customer, "opt_in", "utility").await;
+    assert_eq!(status, 200);
+
+    // Rendered in the customer's preferred language (the opt-in's: pt_BR).
+    business
+        .send_template(1, customer, &order("#7", "Ana"))
+        .await
+        .unwrap();
+    let (m, t) = received_template(&client).await;
+    assert_eq!(m.sender, b);
+    assert_eq!(t.language, "pt_BR");
+    assert_eq!(t.body, "Olá Ana, seu pedido #7 foi enviado.");
+    assert_eq!(t.header, Header::Text("Pedido #7".into()));
+    assert_eq!(t.category, Category::Utility);
+    assert!(!t.verified);
+    // Asked for in English: English, with the button rendered.
+    let mut english = order("#8", "Ana");
+    english.language = "en_US".into();
+    business.send_template(2, customer, &english).await.unwrap();
+    let (_, t) = received_template(&client).await;
+    assert_eq!(t.body, "Hi Ana, your order #8 has shipped.");
+    assert_eq!(t.buttons[0].value, "https://shop.test/t/#8");
+    // A language the template lacks, when asked for: refused.
+    let mut german = order("#9", "Ana");
+    german.language = "de_DE".into();
+    assert_eq!(
+        rejected(business.send_template(3, customer, &german).await),
+        ErrorCode::NO_SUCH_TEMPLATE
+    );
+    // Wrong parameters, an unknown template.
+    let short = TemplateSend {
+        params: vec![(String::new(), "#9".into())],
+        ..order("", "")
+    };
+    assert_eq!(
+        rejected(business.send_template(4, customer, &short).await),
+        ErrorCode::TEMPLATE_PARAMS_INVALID
+    );
+    let unknown = TemplateSend {
+        name: "nope".into(),
+        ..order("#9", "Ana")
+    };
+    assert_eq!(
+        rejected(business.send_template(5, customer, &unknown).await),
+        ErrorCode::NO_SUCH_TEMPLATE
+    );
+    // Another customer with no language of their own gets the fallback
+    // (the first version).
+    let (status, _) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/consent"),
+            json!({ "customer": other, "action": "opt_in", "purpose": "utility", "source": "api_import", "text": "imported" }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (other_client, _) = s.client(other).await;
+    business
+        .send_template(20, other, &order("#5", "Bo"))
+        .await
+        .unwrap();
+    let (_, t) = received_template(&other_client).await;
+    assert_eq!(
+        (t.language.as_str(), t.body.as_str()),
+        ("en_US", "Hi Bo, your order #5 has shipped.")
+    );
+
+    // Pending (a change is reviewed again), rejected: not sent.
+    template(
+        &s,
+        b,
+        "later",
+        json!({ "category": "utility", "versions": [{ "language": "en_US", "body": "Later" }] }),
+    )
+    .await;
+    let later = TemplateSend {
+        name: "later".into(),
+        language: String::new(),
+        params: vec![],
+    };
+    assert_eq!(
+        rejected(business.send_template(6, customer, &later).await),
+        ErrorCode::TEMPLATE_NOT_APPROVED
+    );
+    set_status(&s, b, "later", "rejected").await;
+    assert_eq!(
+        rejected(business.send_template(7, customer, &later).await),
+        ErrorCode::TEMPLATE_NOT_APPROVED
+    );
+
+    // Paused for 3 hours, then 6, then disabled; a paused send is refused
+    // with the time left as its hint, and not counted.
+    let paused = set_status(&s, b, "order_update", "paused").await;
+    assert_eq!(paused["status"], "paused");
+    let refused = business
+        .send_template(8, customer, &order("#1", "Ana"))
+        .await;
+    match refused {
+        Err(courier_client::ClientError::Rejected(code, message)) => {
+            assert_eq!(code, ErrorCode::TEMPLATE_PAUSED);
+            let hint = courier_protocol::error::retry_after_ms(&message).expect("a hint");
+            assert!(hint > 3 * HOUR - 60_000 && hint <= 3 * HOUR, "{message}");
+        }
+        other => panic!("expected TEMPLATE_PAUSED, got {other:?}"),
+    }
+    s.advance_clock(3 * HOUR - 1000).await;
+    assert_eq!(
+        rejected(
+            business
+                .send_template(9, customer, &order("#1", "Ana"))
+                .await
+        ),
+        ErrorCode::TEMPLATE_PAUSED
+    );
+    s.advance_clock(1000).await;
+    business
+        .send_template(10, customer, &order("#1", "Ana"))
+        .await
+        .unwrap();
+    received_template(&client).await;
+    let second = set_status(&s, b, "order_update", "paused").await;
+    assert_eq!(second["pauses"], 2);
+    s.advance_clock(6 * HOUR).await;
+    business
+        .send_template(11, customer, &order("#2", "Ana"))
+        .await
+        .unwrap();
+    received_template(&client).await;
+    let third = set_status(&s, b, "order_update", "paused").await;
+    assert_eq!(third["status"], "disabled", "the third pause disables it");
+    assert_eq!(
+        rejected(
+            business
+                .send_template(12, customer, &order("#3", "Ana"))
+                .await
+        ),
+        ErrorCode::TEMPLATE_NOT_APPROVED
+    );
+
+    // Each status change reached the business as an event in its inbox.
+    let mut events = Vec::new();
+    while let Ok(m) = business.recv_timeout(Duration::from_millis(500)).await {
+        assert_eq!(m.kind, MessageKind::System);
+        let e: Value = serde_json::from_slice(&m.payload).unwrap();
+        events.push(format!(
+            "{} {}",
+            e["template"].as_str().unwrap(),
+            e["status"].as_str().unwrap()
+        ));
+    }
+    for expected in [
+        "order_update pending",
+        "order_update approved",
+        "later rejected",
+        "order_update paused",
+        "order_update disabled",
+    ] {
+        assert!(
+            events.iter().any(|e| e == expected),
+            "{expected} not in {events:?}"
+        );
+    }
+
+    // At most 250 templates per business (251 with this one would be over).
+    let (status, list) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/templates"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let have = list.as_array().unwrap().len();
+    for i in have..250 {
+        let (status, answer) = template(
+            &s,
+            b,
+            &format!("t{i}"),
+            json!({ "category": "utility", "versions": [{ "language": "en", "body": "x" }] }),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = template(
+        &s,
+        b,
+        "one_too_many",
+        json!({ "category": "utility", "versions": [{ "language": "en", "body": "x" }] }),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (400, Some("too_many_templates"))
+    );
+    let (status, _) = template(
+        &s,
+        b,
+        "t10",
+        json!({ "category": "utility", "versions": [{ "language": "en", "body": "changed" }] }),
+    )
+    .await;
+    assert_eq!(status, 200, "replacing one is not a new one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash() {
+    let mut s = node();
+    let (b, customer) = (7001, 7002);
+    register(&s, b, "Shop").await;
+    order_update(&s, b).await;
+    promo(&s, b).await;
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+
+    // No opt-in: no template of either purpose.
+    assert_eq!(
+        rejected(
+            business
+                .send_template(1, customer, &order("#1", "Ana"))
+                .await
+        ),
+        ErrorCode::NO_CONSENT
+    );
+    assert_eq!(
+        rejected(business.send_template(2, customer, &promo_send()).await),
+        ErrorCode::NO_CONSENT
+    );
+    // An opt-in covers its purpose only.
+    let (status, state) = consent(&s, b, customer, "opt_in", "marketing").await;
+    assert_eq!(status, 200, "{state}");
+    business
+        .send_template(3, customer, &promo_send())
+        .await
+        .unwrap();
+    assert_eq!(
+        rejected(
+            business
+                .send_template(4, customer, &order("#1", "Ana"))
+                .await
+        ),
+        ErrorCode::NO_CONSENT
+    );
+    // The customer opts in to utility in the app.
+    let seen = client
+        .business(
+            BusinessOp::OptIn,
+            b,
+            Purpose::Utility,
+            "en_US",
+            "Get order updates",
+        )
+        .await
+        .unwrap();
+    assert!(seen.utility && seen.marketing);
+    business
+        .send_template(5, customer, &order("#1", "Ana"))
+        .await
+        .unwrap();
+    assert_eq!(received_template(&client).await.1.name, "promo");
+    assert_eq!(received_template(&client).await.1.language, "en_US");
+
+    // Free-form: only inside the 24-hour window the customer's message opens.
+    let text = |t: &str| (Destination::User(customer), MessageKind::Chat, chat(t));
+    let (d, k, p) = text("hello?");
+    assert_eq!(
+        rejected(business.send_with_id(6, d, k, p).await),
+        ErrorCode::OUTSIDE_WINDOW
+    );
+    client
+        .send(
+            Destination::User(b),
+            MessageKind::Chat,
+            chat("where is my order?"),
+        )
+        .await
+        .unwrap();
+    let (d, k, p) = text("on its way");
+    business.send_with_id(7, d, k, p).await.unwrap();
+    s.advance_clock(DAY - 1000).await;
+    let (d, k, p) = text("still there?");
+    business.send_with_id(8, d, k, p).await.unwrap();
+    s.advance_clock(2000).await;
+    let (d, k, p) = text("too late");
+    assert_eq!(
+        rejected(business.send_with_id(9, d, k, p).await),
+        ErrorCode::OUTSIDE_WINDOW
+    );
+
+    // STOP withdraws every opt-in at once; START restores them.
+    client
+        .send(Destination::User(b), MessageKind::Chat, chat(" Stop "))
+        .await
+        .unwrap();
+    assert_eq!(
+        rejected(
+            business
+                .send_template(10, customer, &order("#2", "Ana"))
+                .await
+        ),
+        ErrorCode::NO_CONSENT
+    );
+    assert_eq!(
+        rejected(business.send_template(11, customer, &promo_send()).await),
+        ErrorCode::NO_CONSENT
+    );
+    let seen = info(&client, b).await.unwrap();
+    assert!(!seen.marketing && !seen.utility);
+    // The business may still answer in the window the STOP opened.
+    let (d, k, p) = text("you are unsubscribed");
+    business.send_with_id(12, d, k, p).await.unwrap();
+    client
+        .send(Destination::User(b), MessageKind::Chat, chat("START"))
+        .await
+        .unwrap();
+    business
+        .send_template(13, customer, &order("#3", "Ana"))
+        .await
+        .unwrap();
+
+    // The ledger holds every change, in order, with its source and wording.
+    let (status, ledger) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/consent/{customer}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let history: Vec<String> = ledger["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["action"].as_str().unwrap(),
+                e["purpose"].as_str().unwrap(),
+                e["source"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            "opt_in marketing web_form",
+            "opt_in utility in_chat",
+            "opt_out marketing keyword",
+            "opt_out utility keyword",
+            "opt_in marketing keyword",
+            "opt_in utility keyword",
+        ]
+    );
+    assert_eq!(ledger["history"][0]["text"], "Yes, send me order updates");
+    assert_eq!(ledger["history"][0]["text_version"], 3);
+    assert_eq!(ledger["current"]["marketing"], true);
+    let (status, export) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}/export"), Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(export["ledger"].as_array().unwrap().len(), 6);
+    assert_eq!(export["ledger"][0]["customer"], customer);
+    // Bad ledger entries, each with its code.
+    for (body, code) in [
+        (
+            json!({ "customer": customer, "action": "maybe", "purpose": "utility", "source": "web_form", "text": "x" }),
+            "action_invalid",
+        ),
+        (
+            json!({ "customer": customer, "action": "opt_in", "purpose": "spam", "source": "web_form", "text": "x" }),
+            "purpose_invalid",
+        ),
+        (
+            json!({ "customer": customer, "action": "opt_in", "purpose": "utility", "source": "rumour", "text": "x" }),
+            "source_invalid",
+        ),
+        (
+            json!({ "customer": customer, "action": "opt_in", "purpose": "utility", "source": "web_form" }),
+            "text_missing",
+        ),
+        (
+            json!({ "customer": 0, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "x" }),
+            "customer_invalid",
+        ),
+    ] {
+        let (status, answer) = s
+            .admin_json("POST", &format!("/admin/businesses/{b}/consent"), body)
+            .await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some(code)),
+            "{answer}"
+        );
+    }
+
+    // A block stops everything from the business; an unblock lets it again.
+    let seen = client
+        .business(BusinessOp::Block, b, Purpose::None, "", "")
+        .await
+        .unwrap();
+    assert!(seen.blocked);
+    assert_eq!(
+        rejected(
+            business
+                .send_template(14, customer, &order("#4", "Ana"))
+                .await
+        ),
+        ErrorCode::BLOCKED_BY_CUSTOMER
+    );
+    client
+        .business(BusinessOp::Report, b, Purpose::None, "", "spam")
+        .await
+        .unwrap();
+
+    // After a crash: the block, the consent and the window are as they were.
+    drop((business, client));
+    s.kill();
+    s.restart();
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    assert_eq!(
+        rejected(
+            business
+                .send_template(15, customer, &order("#5", "Ana"))
+                .await
+        ),
+        ErrorCode::BLOCKED_BY_CUSTOMER
+    );
+    let seen = client
+        .business(BusinessOp::Unblock, b, Purpose::None, "", "")
+        .await
+        .unwrap();
+    assert!(!seen.blocked && seen.marketing && seen.utility);
+    business
+        .send_template(16, customer, &order("#6", "Ana"))
+        .await
+        .unwrap();
+    let (d, k, p) = text("still in the window");
+    business.send_with_id(17, d, k, p).await.unwrap();
+    let (status, ledger) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/consent/{customer}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger["current"]["reports"], 1);
+    assert_eq!(ledger["history"].as_array().unwrap().len(), 6);
+    // A retried template (same client id) is one message.
+    let again = business
+        .send_template(16, customer, &order("#6", "Ana"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+}
+
+/// A STOP racing a campaign: the business's sends are admitted in order on
+/// its shard, so the customer's inbox holds a prefix of the campaign, and
+/// every send begun after the STOP was acknowledged is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opt_out_takes_effect_for_every_send_admitted_after_it() {
+    let s = node();
+    let (b, customer) = (8001, 8002);
+    register(&s, b, "Shop").await;
+    promo(&s, b).await;
+    consent(&s, b, customer, "opt_in", "marketing").await;
+    // Bursts of 45 per customer would stop the campaign before the race.
+    let (status, _) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/limits"),
+            json!({ "messages_per_sec": 1000 }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    let campaign = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        for id in 1..=40u64 {
+            let began = std::time::Instant::now();
+            let r = business.send_template(id, customer, &promo_send()).await;
+            outcomes.push((id, began, r.map_err(|e| format!("{e:?}"))));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        outcomes
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client
+        .send(Destination::User(b), MessageKind::Chat, chat("STOP"))
+        .await
+        .unwrap();
+    let stopped = std::time::Instant::now();
+    let outcomes: Vec<(u64, std::time::Instant, Result<SendAck, String>)> = campaign.await.unwrap();
+    for (id, began, r) in &outcomes {
+        if *began > stopped {
+            assert!(
+                r.is_err(),
+                "send {id} began after the STOP was acknowledged"
+            );
+        }
+    }
+    let outcomes: Vec<(u64, Result<SendAck, String>)> =
+        outcomes.into_iter().map(|(id, _, r)| (id, r)).collect();
+    let first_refused = outcomes.iter().position(|(_, r)| r.is_err());
+    let accepted = first_refused.unwrap_or(outcomes.len());
+    assert!(
+        accepted < outcomes.len(),
+        "the STOP refused the rest of the campaign"
+    );
+    for (id, r) in &outcomes[accepted..] {
+        let e = r
+            .as_ref()
+            .expect_err("every send after the first refusal is refused");
+        assert!(e.contains("NO_CONSENT"), "send {id}: {e}");
+    }
+    // Exactly the accepted ones reached the customer, in order.
+    for (id, _) in &outcomes[..accepted] {
+        let m = client.recv_timeout(WAIT).await.unwrap();
+        assert_eq!(m.client_msg_id, *id);
+    }
+    assert!(
+        client
+            .recv_timeout(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "nothing after the opt-out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tier_counts_new_conversations_and_the_rates_hold() {
+    let s = node();
+    let b = 9001;
+    register(&s, b, "Shop").await;
+    order_update(&s, b).await;
+    let (status, _) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/limits"),
+            json!({ "messages_per_sec": 1000 }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let customers: Vec<u64> = (10_000..10_252).collect();
+    for &c in &customers {
+        assert_eq!(consent(&s, b, c, "opt_in", "utility").await.0, 200);
+    }
+    let (business, _) = s.client(b).await;
+    // 250 new conversations in the rolling 24 hours (the unverified tier)...
+    for (i, &c) in customers[..250].iter().enumerate() {
+        business
+            .send_template(i as u64 + 1, c, &order("#1", "A"))
+            .await
+            .unwrap();
+    }
+    // ...the 251st is refused, and not counted.
+    let c251 = customers[250];
+    assert_eq!(
+        rejected(business.send_template(1000, c251, &order("#1", "A")).await),
+        ErrorCode::TIER_LIMIT_REACHED
+    );
+    // A customer already in a conversation is not a new one.
+    business
+        .send_template(1001, customers[0], &order("#2", "A"))
+        .await
+        .unwrap();
+    // A customer who wrote first is in a service window: not counted.
+    let (writer, _) = s.client(customers[251]).await;
+    writer
+        .send(Destination::User(b), MessageKind::Chat, chat("hi"))
+        .await
+        .unwrap();
+    business
+        .send_template(1002, customers[251], &order("#3", "A"))
+        .await
+        .unwrap();
+    // 24 hours on, the conversations have aged out.
+    s.advance_clock(DAY).await;
+    business
+        .send_template(1003, c251, &order("#4", "A"))
+        .await
+        .unwrap();
+    let (status, account) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}"), Value::Null)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(account["conversations_started_in_period"], 1);
+
+    // One customer: bursts of 45, then one per 6 seconds.
+    let c = customers[1];
+    s.advance_clock(DAY).await;
+    for i in 0..45 {
+        business
+            .send_template(2000 + i, c, &order("#5", "A"))
+            .await
+            .unwrap();
+    }
+    match business.send_template(2045, c, &order("#5", "A")).await {
+        Err(courier_client::ClientError::Rejected(code, message)) => {
+            assert_eq!(code, ErrorCode::BUSINESS_RATE_LIMITED);
+            let hint = courier_protocol::error::retry_after_ms(&message).expect("a hint");
+            assert!(hint > 0 && hint <= 6000, "{message}");
+        }
+        other => panic!("the 46th of a burst: {other:?}"),
+    }
+    s.advance_clock(6000).await;
+    business
+        .send_template(2046, c, &order("#5", "A"))
+        .await
+        .unwrap();
+
+    // The business's own rate: 5 a second, then refused with a hint.
+    let (status, _) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/limits"),
+            json!({ "messages_per_sec": 5 }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    s.advance_clock(1000).await;
+    let mut refused = 0;
+    for (i, &c) in customers[2..12].iter().enumerate() {
+        if let Err(courier_client::ClientError::Rejected(code, _)) = business
+            .send_template(3000 + i as u64, c, &order("#6", "A"))
+            .await
+        {
+            assert_eq!(code, ErrorCode::BUSINESS_RATE_LIMITED);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 4, "10 sends at 5 a second: {refused} refused");
+    let (status, answer) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/limits"),
+            json!({ "messages_per_sec": 1001 }),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (400, Some("messages_per_sec_invalid"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_account_messages_every_user_and_bad_business_requests_are_refused() {
+    let s = node();
+    let platform = (1u64 << 63) - 1;
+    let customer = 11_001;
+    let (account, _) = s.client(platform).await;
+    let (client, _) = s.client(customer).await;
+    // No window, no opt-in needed: service messages.
+    account
+        .send(
+            Destination::User(customer),
+            MessageKind::Chat,
+            chat("Your account was verified"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.recv_timeout(WAIT).await.unwrap().sender, platform);
+    // A business request about oneself or user 0, an opt-in with no purpose.
+    assert_eq!(
+        rejected(info(&client, customer).await),
+        ErrorCode::INVALID_REQUEST
+    );
+    assert_eq!(rejected(info(&client, 0).await), ErrorCode::INVALID_REQUEST);
+    assert_eq!(
+        rejected(
+            client
+                .business(BusinessOp::OptIn, platform, Purpose::None, "", "yes")
+                .await
+        ),
+        ErrorCode::INVALID_REQUEST
+    );
+    // Admin: a business that does not exist, a path that does not.
+    let (status, answer) = s
+        .admin_json("GET", "/admin/businesses/424242", Value::Null)
+        .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (404, Some("not_a_business"))
+    );
+    let (status, _) = s
+        .admin_json("GET", "/admin/businesses/0", Value::Null)
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = s
+        .admin_json("GET", "/admin/businesses/5/nothing", Value::Null)
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// A business's broadcast list reaches the customers its consent ledger
+/// allows (not its contacts), each in their own language.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_broadcast_list_follows_the_consent_ledger() {
+    let s = node();
+    let (b, yes, never, stopped, contact) = (12_001, 12_002, 12_003, 12_004, 12_005);
+    register(&s, b, "Shop").await;
+    order_update(&s, b).await;
+    consent(&s, b, yes, "opt_in", "utility").await;
+    consent(&s, b, stopped, "opt_in", "utility").await;
+    consent(&s, b, stopped, "opt_out", "utility").await;
+    let (business, _) = s.client(b).await;
+    let (c_yes, _) = s.client(yes).await;
+    let (c_contact, _) = s.client(contact).await;
+    // Having the business as a contact is not an opt-in.
+    c_contact.contacts(ContactsOp::Add, vec![b]).await.unwrap();
+    business
+        .list(ListOp::Set, 1, vec![yes, never, stopped, contact])
+        .await
+        .unwrap();
+    let payload = order("#1", "Ana").encode();
+    let ack = business
+        .broadcast_with_id(77, 1, MessageKind::Template, payload.clone())
+        .await
+        .unwrap();
+    assert_eq!((ack.delivered, ack.skipped), (1, 3));
+    let (m, t) = received_template(&c_yes).await;
+    assert_eq!(t.language, "pt_BR", "rendered for this customer");
+    assert_eq!(m.destination, Destination::User(yes));
+    assert!(c_contact
+        .recv_timeout(Duration::from_millis(300))
+        .await
+        .is_err());
+    // A retry stores no second copy.
+    let again = business
+        .broadcast_with_id(77, 1, MessageKind::Template, payload)
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.delivered == 1);
+    assert!(c_yes
+        .recv_timeout(Duration::from_millis(300))
+        .await
+        .is_err());
+}
