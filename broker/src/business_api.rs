@@ -127,6 +127,10 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             Ok(customer) => Ok(AdminOp::ConsentOf { customer }),
             Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
         },
+        ("POST", ["erase", customer]) => match customer.parse() {
+            Ok(customer) => Ok(AdminOp::Erase { customer }),
+            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+        },
         ("GET", ["export"]) => Ok(AdminOp::Export { customer: None }),
         ("GET", ["export", customer]) => match customer.parse() {
             Ok(customer) => Ok(AdminOp::Export {

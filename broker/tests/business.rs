@@ -764,6 +764,45 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         .await
         .unwrap();
     assert!(again.duplicate);
+
+    // Erasure: the ledger's details go, a tombstone says when; the rules
+    // see a customer the business never had.
+    let (status, erased) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/erase/{customer}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200, "{erased}");
+    assert_eq!(erased["ledger_entries_erased"], 6);
+    let (status, export) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/export/{customer}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(export["ledger"], json!([]));
+    assert_eq!(export["erasures"][0]["customer"], customer);
+    assert_eq!(
+        export["erasures"][0]["erased_at_ms"],
+        erased["erased_at_ms"]
+    );
+    assert_eq!(
+        rejected(
+            business
+                .send_template(18, customer, &order("#7", "Ana"))
+                .await
+        ),
+        ErrorCode::NO_CONSENT
+    );
+    let (d, k, p) = text("hello after erasure");
+    assert_eq!(
+        rejected(business.send_with_id(19, d, k, p).await),
+        ErrorCode::OUTSIDE_WINDOW
+    );
 }
 
 /// A STOP racing a campaign: the business's sends are admitted in order on

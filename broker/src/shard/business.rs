@@ -162,6 +162,11 @@ pub enum AdminOp {
     Export {
         customer: Option<u64>,
     },
+    /// Erases what the business holds of one customer (the ledger's
+    /// entries, consent, window, block), leaving a tombstone with the time.
+    Erase {
+        customer: u64,
+    },
 }
 
 pub type AdminAnswer = oneshot::Sender<Result<serde_json::Value, Invalid>>;
@@ -1020,9 +1025,34 @@ impl Shard {
                 let history = self.history(b, Some(customer))?;
                 serde_json::json!({ "business": b, "customer": customer, "current": current, "history": history })
             }
+            AdminOp::Erase { customer } => {
+                let mut ops: Vec<KvOp> = self
+                    .store
+                    .scan(&keys::ledger(b, customer), usize::MAX)?
+                    .into_iter()
+                    .map(|(key, _)| KvOp::Delete { key })
+                    .collect();
+                let erased = ops.len();
+                // The tombstone: a pair row that holds nothing but when.
+                let tombstone = PairRow {
+                    erased_ms: now,
+                    ..PairRow::default()
+                };
+                ops.push(KvOp::Put {
+                    key: keys::pair(b, customer),
+                    value: tombstone.encode(),
+                });
+                self.write_now(&ops)?;
+                self.business.pairs.remove(&(b, customer));
+                if let Some(l) = self.business.loaded.get_mut(&b) {
+                    l.started.remove(&customer);
+                }
+                serde_json::json!({ "business": b, "customer": customer, "erased_at_ms": now, "ledger_entries_erased": erased })
+            }
             AdminOp::Export { customer } => {
                 let history = self.history(b, customer)?;
-                serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history })
+                let erasures = self.erasures(b, customer)?;
+                serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history, "erasures": erasures })
             }
         };
         Ok(value)
@@ -1044,6 +1074,23 @@ impl Shard {
                     out.push(j);
                 }
                 Err(e) => warn!(business = b, error = %e, "unreadable ledger entry skipped"),
+            }
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    /// The tombstones of erased customers (one customer's, or all).
+    fn erasures(&self, b: u64, customer: Option<u64>) -> Result<serde_json::Value, BrokerError> {
+        let prefix = match customer {
+            Some(c) => keys::pair(b, c),
+            None => keys::pairs(b),
+        };
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
+            if let (Some(c), Some(p)) = (keys::last_id(&k), PairRow::decode(&v)) {
+                if p.erased_ms > 0 {
+                    out.push(serde_json::json!({ "customer": c, "erased_at_ms": p.erased_ms }));
+                }
             }
         }
         Ok(serde_json::Value::Array(out))
