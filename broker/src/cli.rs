@@ -67,6 +67,60 @@ enum AdminRequest {
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterRequest),
+    /// Business accounts, templates and consent (docs/BUSINESS.md).
+    Business {
+        /// The business's user id.
+        id: u64,
+        #[command(subcommand)]
+        request: BusinessRequest,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BusinessRequest {
+    /// The account, its template count and conversations in the tier's period.
+    Show,
+    /// Register the business, or edit it (a new name waits for review).
+    Register {
+        #[arg(long)]
+        name: Option<String>,
+        /// The profile as JSON: {"about", "address", "description",
+        /// "email", "websites", "picture"}.
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Verify (or, with --unverified, unverify) the business.
+    Verify {
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        unverified: bool,
+    },
+    /// Set the messaging tier (0-4: 250, 2,000, 10,000, 100,000,
+    /// unlimited) or the messages per second.
+    Limits {
+        #[arg(long)]
+        tier: Option<u8>,
+        #[arg(long)]
+        messages_per_sec: Option<u32>,
+    },
+    /// Every template and its status.
+    Templates,
+    /// Define a template from a JSON file (it becomes pending).
+    Template { name: String, file: PathBuf },
+    /// Approve, reject, pause or disable a template.
+    TemplateStatus {
+        name: String,
+        status: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// A customer's consent: current state and ledger.
+    Consent { customer: u64 },
+    /// The consent ledger as JSON (one customer's, or every customer's).
+    Export { customer: Option<u64> },
+    /// Erase what the business holds of a customer (leaves a tombstone).
+    Erase { customer: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -342,7 +396,61 @@ pub fn main() -> anyhow::Result<()> {
                     expires_at_s: courier_storage::Clock::system().now_ms() / 1000 + 60,
                 }),
             };
+            let mut body = String::new();
             let (method, path) = match a.request {
+                AdminRequest::Business { id, request } => {
+                    let at = |rest: &str| format!("/admin/businesses/{id}{rest}");
+                    match request {
+                        BusinessRequest::Show => ("GET", at("")),
+                        BusinessRequest::Register { name, profile } => {
+                            let profile = profile
+                                .map(|p| serde_json::from_str::<serde_json::Value>(&p))
+                                .transpose()
+                                .context("--profile is not JSON")?;
+                            body = serde_json::json!({ "display_name": name, "profile": profile })
+                                .to_string();
+                            ("PUT", at(""))
+                        }
+                        BusinessRequest::Verify { reason, unverified } => {
+                            body = serde_json::json!({ "verified": !unverified, "reason": reason })
+                                .to_string();
+                            ("POST", at("/verify"))
+                        }
+                        BusinessRequest::Limits {
+                            tier,
+                            messages_per_sec,
+                        } => {
+                            body = serde_json::json!({ "tier": tier, "messages_per_sec": messages_per_sec })
+                                .to_string();
+                            ("POST", at("/limits"))
+                        }
+                        BusinessRequest::Templates => ("GET", at("/templates")),
+                        BusinessRequest::Template { name, file } => {
+                            body = std::fs::read_to_string(&file)
+                                .with_context(|| format!("reading {}", file.display()))?;
+                            ("PUT", at(&format!("/templates/{name}")))
+                        }
+                        BusinessRequest::TemplateStatus {
+                            name,
+                            status,
+                            reason,
+                        } => {
+                            body = serde_json::json!({ "status": status, "reason": reason })
+                                .to_string();
+                            ("POST", at(&format!("/templates/{name}/status")))
+                        }
+                        BusinessRequest::Consent { customer } => {
+                            ("GET", at(&format!("/consent/{customer}")))
+                        }
+                        BusinessRequest::Export { customer } => match customer {
+                            Some(c) => ("GET", at(&format!("/export/{c}"))),
+                            None => ("GET", at("/export")),
+                        },
+                        BusinessRequest::Erase { customer } => {
+                            ("POST", at(&format!("/erase/{customer}")))
+                        }
+                    }
+                }
                 AdminRequest::Stats => ("GET", "/admin/stats".to_string()),
                 AdminRequest::User { id } => ("GET", format!("/admin/users/{id}")),
                 AdminRequest::Group { id } => ("GET", format!("/admin/groups/{id}")),
@@ -362,7 +470,7 @@ pub fn main() -> anyhow::Result<()> {
                 }
             };
             let (status, body) = client_runtime()?
-                .block_on(http_request(&a.admin_addr, method, &path, &token))
+                .block_on(http_request(&a.admin_addr, method, &path, &token, &body))
                 .with_context(|| format!("asking the node at {}", a.admin_addr))?;
             print!("{body}");
             anyhow::ensure!((200..300).contains(&status), "the node answered {status}");
@@ -399,6 +507,7 @@ async fn http_request(
     method: &str,
     path: &str,
     token: &str,
+    body: &str,
 ) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(
@@ -408,7 +517,8 @@ async fn http_request(
     .await
     .context("timed out connecting")??;
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();

@@ -1088,3 +1088,67 @@ async fn a_business_broadcast_list_follows_the_consent_ledger() {
         .await
         .is_err());
 }
+
+/// `courier admin business ...` drives the same requests from a shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_registers_verifies_and_reads_businesses() {
+    let s = node();
+    let dir = s.data_dir.display().to_string();
+    let admin = s.admin.clone();
+    let run = |args: &[&str]| -> (bool, Value, String) {
+        let mut all = vec![
+            "admin",
+            "--admin-addr",
+            &admin,
+            "--data-dir",
+            &dir,
+            "business",
+        ];
+        all.extend_from_slice(args);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .args(&all)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.success(),
+            serde_json::from_str(&text).unwrap_or(Value::Null),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, account, err) = run(&[
+        "13001",
+        "register",
+        "--name",
+        "Shop",
+        "--profile",
+        r#"{"about": "We ship"}"#,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(account["profile"]["about"], "We ship");
+    let (ok, account, err) = run(&["13001", "verify", "--reason", "checked"]);
+    assert!(ok, "{err}");
+    assert_eq!(account["verified"], true);
+    let file = s.data_dir.join("t.json");
+    std::fs::write(
+        &file,
+        r#"{"category": "utility", "versions": [{"language": "en", "body": "Hi"}]}"#,
+    )
+    .unwrap();
+    let (ok, t, err) = run(&["13001", "template", "hi", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(t["status"], "pending");
+    let (ok, t, err) = run(&["13001", "template-status", "hi", "approved"]);
+    assert!(ok, "{err}");
+    assert_eq!(t["status"], "approved");
+    let (ok, shown, _) = run(&["13001", "show"]);
+    assert!(ok);
+    assert_eq!(
+        (shown["templates"].as_u64(), shown["tier"].as_u64()),
+        (Some(1), Some(2000))
+    );
+    // A refusal is a failing command with the code in its output.
+    let (ok, answer, _) = run(&["13001", "limits", "--tier", "9"]);
+    assert!(!ok);
+    assert_eq!(answer["code"], "tier_invalid");
+}
