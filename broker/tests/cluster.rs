@@ -1641,3 +1641,114 @@ mod data_plane {
         assert_eq!(g1.metric(rate_refused).await, 1);
     }
 }
+
+/// Business messaging across nodes: the business's node holds its rules
+/// and state; a customer on another node, connected through a third,
+/// reads its profile and opts in (carried to the business's node), gets
+/// its templates, and a STOP sent from there takes effect at once.
+mod business {
+    use super::*;
+    use courier_protocol::business::{TemplateMessage, TemplateSend};
+    use courier_protocol::{BusinessOp, Destination, ErrorCode, MessageKind, Purpose};
+    use serde_json::json;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_business_and_its_customer_on_different_nodes_keep_every_rule() {
+        let Some(etcd) = Etcd::start() else { return };
+        let ids = ["b1", "b2", "b3"];
+        let nodes = three_linked_with("bazaar", ids, &etcd, &[]).await;
+        let map = shards(&nodes[0]).await;
+        let b = user_on(&map, "b1", 500);
+        let customer = user_on(&map, "b2", 500);
+        let path = format!("/admin/businesses/{b}");
+
+        // The admin API of a node that does not serve the business's shard
+        // names the one that does.
+        let (status, answer) = nodes[1]
+            .admin_json("PUT", &path, json!({ "display_name": "Shop" }))
+            .await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (421, Some("not_here")),
+            "{answer}"
+        );
+        assert!(answer["error"].as_str().unwrap().contains("b1"), "{answer}");
+        let (status, answer) = nodes[0]
+            .admin_json("PUT", &path, json!({ "display_name": "Shop" }))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let def = json!({ "category": "utility", "versions": [{ "language": "en_US", "body": "Order {{1}} shipped", "examples": { "1": "#1" } }] });
+        let (status, answer) = nodes[0]
+            .admin_json("PUT", &format!("{path}/templates/shipped"), def)
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, _) = nodes[0]
+            .admin_json(
+                "POST",
+                &format!("{path}/templates/shipped/status"),
+                json!({ "status": "approved" }),
+            )
+            .await;
+        assert_eq!(status, 200);
+
+        // The customer (b2), through b3; the business through b2.
+        let (c, _) = nodes[2].client(customer).await;
+        let (business, _) = nodes[1].client(b).await;
+        let seen = c
+            .business(BusinessOp::Info, b, Purpose::None, "", "")
+            .await
+            .unwrap();
+        assert_eq!(seen.display_name, "Shop");
+        let send = |id: &str| TemplateSend {
+            name: "shipped".into(),
+            language: String::new(),
+            params: vec![(String::new(), id.into())],
+        };
+        assert_eq!(
+            rejected(business.send_template(1, customer, &send("#1")).await),
+            ErrorCode::NO_CONSENT
+        );
+        let seen = c
+            .business(
+                BusinessOp::OptIn,
+                b,
+                Purpose::Utility,
+                "en_US",
+                "Order updates, please",
+            )
+            .await
+            .unwrap();
+        assert!(seen.utility);
+        business
+            .send_template(2, customer, &send("#2"))
+            .await
+            .unwrap();
+        let m = c.recv_timeout(WAIT).await.unwrap();
+        let t = TemplateMessage::decode(&m.payload).unwrap();
+        assert_eq!((m.sender, t.body.as_str()), (b, "Order #2 shipped"));
+
+        // STOP from the customer's side: stored on the business's node,
+        // where it withdraws the opt-in before anything after it.
+        c.send(Destination::User(b), MessageKind::Chat, chat("STOP"))
+            .await
+            .unwrap();
+        assert_eq!(
+            rejected(business.send_template(3, customer, &send("#3")).await),
+            ErrorCode::NO_CONSENT
+        );
+        // The STOP opened the window: the business may answer.
+        business
+            .send_with_id(
+                4,
+                Destination::User(customer),
+                MessageKind::Chat,
+                chat("Unsubscribed"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            c.recv_timeout(WAIT).await.unwrap().payload,
+            chat("Unsubscribed")
+        );
+    }
+}
