@@ -158,3 +158,42 @@ async fn idle_connections_are_held_and_measured() {
     assert_eq!(idle.alive_at_end, 2_000, "{}", report.summary());
     assert!(idle.server_rss_after.is_some() && idle.server_bytes_per_connection.is_some());
 }
+
+/// The business scenario: businesses registered over the admin port send
+/// their template to broadcast lists that the consent ledger filters. The
+/// checker holds that every consenting customer got every acknowledged
+/// message once, in order, and the customers who never opted in (one in
+/// ten) nothing. The per-customer rate (one per 6 s) is opened up so that
+/// a load can run; every other rule applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_run_reaches_exactly_the_customers_who_opted_in() {
+    let server = Server::start(&[
+        ("COURIER_BUSINESS_PER_CUSTOMER_INTERVAL_MS", "1"),
+        ("COURIER_BUSINESS_PER_CUSTOMER_BURST", "100000"),
+    ]);
+    let report = run(Options {
+        scenario: Scenario::Business,
+        // Two businesses with ten customers each.
+        users: 22,
+        first_user: 70_000,
+        duration: Duration::from_secs(2),
+        rate: Some(200.0),
+        group_sizes: vec![(10, 1)],
+        metrics: Some(server.admin.clone()),
+        ..server.load_options()
+    })
+    .await
+    .unwrap();
+    println!("{}", report.summary());
+    let v = &report.verdict;
+    assert!(v.ok(), "{}", report.summary());
+    assert!(report.acked > 100, "{}", report.summary());
+    assert_eq!(report.acked, report.sent, "every send answered");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(v.deliveries, v.expected_deliveries, "{}", report.summary());
+    assert_eq!(
+        v.expected_deliveries,
+        report.acked * 9,
+        "nine of each business's ten customers opted in"
+    );
+}

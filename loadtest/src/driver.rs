@@ -34,7 +34,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::checker::Checker;
 use crate::options::Acks;
 use crate::pacer::Pacer;
-use crate::plan::{client_msg_id, conversation, route_and_number, Numbering, Route, Routes};
+use crate::plan::{
+    client_msg_id, conversation, route_and_number, template_payload, Numbering, Route, Routes,
+};
 use crate::stamp;
 use crate::tally::{Phase, Shared, Tally};
 
@@ -452,21 +454,32 @@ impl Loop {
             // message): length, type, request id (the window slot,
             // 1-based), client id 8, destination 9, kind 1, payload 4+n.
             let size = self.habits.size.max(stamp::HEADER_LEN);
-            self.out.put_u32((1 + 4 + 8 + 9 + 1 + 4 + size) as u32);
+            let since = self.shared.since_start(intended);
+            // The business scenario sends its template, the stamp its
+            // parameter (one allocation per message there).
+            let template = self
+                .routes
+                .template
+                .then(|| template_payload(&stamp::payload(conv, n, since, stamp::HEADER_LEN)));
+            let len = template.as_ref().map_or(size, |t| t.len());
+            self.out.put_u32((1 + 4 + 8 + 9 + 1 + 4 + len) as u32);
             self.out.put_u8(frame_type::SEND);
             self.out.put_u32(slot);
             self.out.put_u64(client_msg_id(self.routes.tag, ri, n));
             self.out.put_u8(dest.tag());
             self.out.put_u64(dest.id());
-            self.out.put_u8(MessageKind::Chat as u8);
-            self.out.put_u32(size as u32);
-            stamp::put(
-                &mut self.out,
-                conv,
-                n,
-                self.shared.since_start(intended),
-                size,
-            );
+            match &template {
+                Some(t) => {
+                    self.out.put_u8(MessageKind::Template as u8);
+                    self.out.put_u32(len as u32);
+                    self.out.put_slice(t);
+                }
+                None => {
+                    self.out.put_u8(MessageKind::Chat as u8);
+                    self.out.put_u32(size as u32);
+                    stamp::put(&mut self.out, conv, n, since, size);
+                }
+            }
             self.slots[slot as usize - 1] = Some((ri, n, intended));
             self.tally.at(&self.shared, now).sent += 1;
             self.shared.sent.fetch_add(1, Ordering::Relaxed);

@@ -18,6 +18,12 @@ pub enum Scenario {
     /// business sends to a broadcast list of its customers, one in ten of
     /// whom has not consented (no contact) and must be skipped.
     Broadcast,
+    /// The broadcast blocks, with business rules: each block's first user
+    /// is a registered business (over the admin port, `--metrics`) with an
+    /// approved template; it sends that template (the stamp is its
+    /// parameter) to its broadcast list, which the consent ledger filters:
+    /// one customer in ten never opted in and must get nothing. Courier only.
+    Business,
     /// One-to-one pairs whose connections drop and resume all the time
     /// (each session lives `reconnect_every`, jittered ±50%): unacknowledged
     /// sends are retried with their ids, deliveries resume after the last

@@ -38,6 +38,36 @@ pub(crate) struct Routes {
     /// writes to each, as an application on them would).
     pub lists: Vec<Vec<u64>>,
     pub tag: u64,
+    /// Senders send the business scenario's template (its payload a
+    /// `TemplateSend` whose one parameter is the stamp, in hex).
+    pub template: bool,
+}
+
+/// The template every business of the business scenario has.
+pub(crate) const TEMPLATE: &str = "load";
+
+/// A `TemplateSend` of [`TEMPLATE`] carrying `stamp` (hex) as `{{1}}`.
+pub(crate) fn template_payload(stamp: &[u8]) -> bytes::Bytes {
+    let hex: String = stamp.iter().map(|b| format!("{b:02x}")).collect();
+    courier_protocol::business::TemplateSend {
+        name: TEMPLATE.into(),
+        language: String::new(),
+        params: vec![(String::new(), hex)],
+    }
+    .encode()
+}
+
+/// The stamp of a template message the business scenario sent.
+pub(crate) fn template_stamp(payload: &[u8]) -> Option<Vec<u8>> {
+    let t = courier_protocol::business::TemplateMessage::decode(payload).ok()?;
+    let body = t.body.as_bytes();
+    if body.len() % 2 != 0 {
+        return None;
+    }
+    (0..body.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(std::str::from_utf8(&body[i..i + 2]).ok()?, 16).ok())
+        .collect()
 }
 
 /// The number each sender gives its one broadcast list.
@@ -217,7 +247,7 @@ pub(crate) fn plan(opts: &Options) -> anyhow::Result<Plan> {
                 lists: Vec::new(),
             })
         }
-        Scenario::Broadcast => {
+        Scenario::Broadcast | Scenario::Business => {
             let k = opts.group_sizes[0].0.max(1) + 1;
             anyhow::ensure!(
                 opts.users as usize >= k,

@@ -99,13 +99,25 @@ async fn set_up(
             "the relay has no broadcast lists or contacts"
         );
     }
+    let business = opts.scenario == crate::options::Scenario::Business;
+    if business {
+        anyhow::ensure!(
+            opts.target == Target::Courier,
+            "the business scenario needs the courier target (business rules are Courier's)"
+        );
+        let admin = opts.metrics.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("the business scenario registers its businesses over the admin port: pass --metrics ADDR")
+        })?;
+        courier::set_up_businesses(admin, &opts.key, plan).await?;
+    }
     if opts.target == Target::Courier {
-        courier::create_lists(clients, plan).await?;
+        courier::create_lists(clients, plan, !business).await?;
     }
     Ok(Routes {
         group_ids,
         lists: plan.lists.iter().map(|l| l.2.clone()).collect(),
         tag,
+        template: business,
     })
 }
 
