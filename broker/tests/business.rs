@@ -81,6 +81,25 @@ async fn order_update(s: &Server, b: u64) {
     set_status(s, b, "order_update", "approved").await;
 }
 
+/// A utility template without parameters, approved.
+async fn notice(s: &Server, b: u64) {
+    let def = json!({
+        "category": "utility",
+        "versions": [{ "language": "en_US", "body": "Notice", "examples": {} }]
+    });
+    let (code, body) = template(s, b, "notice", def).await;
+    assert_eq!(code, 200, "{body}");
+    set_status(s, b, "notice", "approved").await;
+}
+
+fn notice_send() -> TemplateSend {
+    TemplateSend {
+        name: "notice".into(),
+        language: String::new(),
+        params: Vec::new(),
+    }
+}
+
 /// A marketing template, approved.
 async fn promo(s: &Server, b: u64) {
     let def = json!({
@@ -938,16 +957,19 @@ async fn the_tier_counts_new_conversations_and_the_rates_hold() {
     assert_eq!(status, 200);
     assert_eq!(account["conversations_started_in_period"], 1);
 
+    // A fresh template for the rates (the first, sent 251 times and never
+    // read, was paused for its quality once a day had passed).
+    notice(&s, b).await;
     // One customer: bursts of 45, then one per 6 seconds.
     let c = customers[1];
     s.advance_clock(DAY).await;
     for i in 0..45 {
         business
-            .send_template(2000 + i, c, &order("#5", "A"))
+            .send_template(2000 + i, c, &notice_send())
             .await
             .unwrap();
     }
-    match business.send_template(2045, c, &order("#5", "A")).await {
+    match business.send_template(2045, c, &notice_send()).await {
         Err(courier_client::ClientError::Rejected(code, message)) => {
             assert_eq!(code, ErrorCode::BUSINESS_RATE_LIMITED);
             let hint = courier_protocol::error::retry_after_ms(&message).expect("a hint");
@@ -957,7 +979,7 @@ async fn the_tier_counts_new_conversations_and_the_rates_hold() {
     }
     s.advance_clock(6000).await;
     business
-        .send_template(2046, c, &order("#5", "A"))
+        .send_template(2046, c, &notice_send())
         .await
         .unwrap();
 
@@ -974,7 +996,7 @@ async fn the_tier_counts_new_conversations_and_the_rates_hold() {
     let mut refused = 0;
     for (i, &c) in customers[2..12].iter().enumerate() {
         if let Err(courier_client::ClientError::Rejected(code, _)) = business
-            .send_template(3000 + i as u64, c, &order("#6", "A"))
+            .send_template(3000 + i as u64, c, &notice_send())
             .await
         {
             assert_eq!(code, ErrorCode::BUSINESS_RATE_LIMITED);
@@ -1151,4 +1173,146 @@ async fn the_admin_command_registers_verifies_and_reads_businesses() {
     let (ok, answer, _) = run(&["13001", "limits", "--tier", "9"]);
     assert!(!ok);
     assert_eq!(answer["code"], "tier_invalid");
+}
+
+async fn account(s: &Server, b: u64) -> Value {
+    let (status, v) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}"), Value::Null)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+/// Quality: a template nobody reads is paused on its own; a business whose
+/// messages are read and that used half its tier moves up a tier after 6
+/// hours; blocks and reports count against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_pauses_an_unread_template_and_moves_a_good_business_up_a_tier() {
+    let s = node();
+    let (unread, good) = (14_001, 14_002);
+    for b in [unread, good] {
+        register(&s, b, "Shop").await;
+        order_update(&s, b).await;
+        let (status, _) = s
+            .admin_json(
+                "POST",
+                &format!("/admin/businesses/{b}/limits"),
+                json!({ "messages_per_sec": 1000 }),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    // 100 template messages, none read a day later: rated low, the
+    // template is paused (the message that found it so is sent; the next
+    // is refused).
+    let (business, _) = s.client(unread).await;
+    for c in 20_000..20_102u64 {
+        consent(&s, unread, c, "opt_in", "utility").await;
+    }
+    for (i, c) in (20_000..20_100u64).enumerate() {
+        business
+            .send_template(i as u64 + 1, c, &order("#1", "A"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        account(&s, unread).await["quality"],
+        "high",
+        "not judged the same day"
+    );
+    s.advance_clock(DAY).await;
+    business
+        .send_template(500, 20_100, &order("#1", "A"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rejected(business.send_template(501, 20_101, &order("#1", "A")).await),
+        ErrorCode::TEMPLATE_PAUSED
+    );
+    let a = account(&s, unread).await;
+    assert_eq!(a["quality"], "low", "{a}");
+    assert_eq!(a["last_7_days"]["template_messages"], 101, "{a}");
+    let mut paused = None;
+    while let Ok(m) = business.recv_timeout(Duration::from_millis(500)).await {
+        let e: Value = serde_json::from_slice(&m.payload).unwrap();
+        if e["status"] == "paused" {
+            paused = Some(e);
+        }
+    }
+    let paused = paused.expect("a paused event");
+    assert!(
+        paused["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("quality low"),
+        "{paused}"
+    );
+
+    // A good business: a fifth of its messages read, 125 conversations
+    // (half of 250) started in a day; judged a day later, the next
+    // conversation moves it up.
+    let (business, _) = s.client(good).await;
+    for c in 30_000..30_126u64 {
+        consent(&s, good, c, "opt_in", "utility").await;
+    }
+    let mut id = 1;
+    let mut readers = Vec::new();
+    for c in 30_000..30_025u64 {
+        business
+            .send_template(id, c, &order("#1", "A"))
+            .await
+            .unwrap();
+        id += 1;
+        let (reader, _) = s.client(c).await;
+        let m = reader.recv_timeout(WAIT).await.unwrap();
+        reader.mark_read(m.seq).await.unwrap();
+        readers.push(reader);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while account(&s, good).await["last_7_days"]["read"] != 25 {
+        assert!(tokio::time::Instant::now() < deadline, "25 reads counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in 30_025..30_125u64 {
+        business
+            .send_template(id, c, &order("#1", "A"))
+            .await
+            .unwrap();
+        id += 1;
+    }
+    let a = account(&s, good).await;
+    assert_eq!(a["tier"], 250, "{a}");
+    s.advance_clock(DAY).await;
+    business
+        .send_template(id, 30_125, &order("#1", "A"))
+        .await
+        .unwrap();
+    let a = account(&s, good).await;
+    assert_eq!(
+        (a["quality"].as_str(), a["tier"].as_u64()),
+        (Some("medium"), Some(2000)),
+        "a fifth read: medium, and moved up a tier: {a}"
+    );
+
+    // Blocks and reports: 3 of 126 customers block it: low.
+    for (i, reader) in readers.iter().take(3).enumerate() {
+        let op = if i == 0 {
+            BusinessOp::Report
+        } else {
+            BusinessOp::Block
+        };
+        reader
+            .business(op, good, Purpose::None, "", "spam")
+            .await
+            .unwrap();
+    }
+    let a = account(&s, good).await;
+    assert_eq!(
+        (
+            a["last_7_days"]["blocks"].as_u64(),
+            a["last_7_days"]["reports"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert_eq!(a["quality"], "low", "{a}");
 }

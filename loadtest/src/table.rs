@@ -36,7 +36,7 @@ pub fn markdown(reports: &[Report]) -> String {
         let s = (r.scenario, r.users, latency_run(r));
         let shown = matches!(
             r.scenario,
-            Scenario::OneToOne | Scenario::Group | Scenario::Broadcast
+            Scenario::OneToOne | Scenario::Group | Scenario::Broadcast | Scenario::Business
         );
         if shown && !sections.contains(&s) {
             sections.push(s);

@@ -20,7 +20,7 @@
 //! written before it is answered, or with the batch of the message that
 //! changed it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::Instant;
@@ -29,7 +29,7 @@ use bytes::Bytes;
 use courier_protocol::business::{Category, TemplateSend};
 use courier_protocol::{
     BusinessInfo, BusinessOp, BusinessRequest, Destination, ErrorCode, MessageKind, Purpose,
-    SendResult,
+    ReceiptPayload, ReceiptStatus, SendResult,
 };
 use courier_storage::{slot_of, KvOp};
 use tokio::sync::oneshot;
@@ -42,9 +42,9 @@ use super::tracking::Batch;
 use crate::config::BusinessSettings;
 use crate::error::BrokerError;
 use crate::state::business::{
-    check_display_name, check_template_name, invalid, keyword, Bucket, BusinessRow, ConsentEntry,
-    Invalid, Keyword, PairRow, Profile, Template, TemplateDef, TemplateStatus, SOURCES, TIERS,
-    VERIFIED_TIER,
+    check_display_name, check_template_name, invalid, keyword, weighted, Bucket, BusinessRow,
+    ConsentEntry, DayCounts, Invalid, Keyword, PairRow, Profile, Quality, Template, TemplateDef,
+    TemplateStatus, QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::keys;
 use crate::state::rows::corrupt;
@@ -188,6 +188,33 @@ struct Loaded {
     /// Client message ids admitted lately (a retry skips the rules).
     admitted: HashSet<(u64, u64)>,
     admitted_order: VecDeque<(u64, u64)>,
+    /// The quality rating's signals, by day (`Q` rows, the last 7 days).
+    days: BTreeMap<u64, DayCounts>,
+    /// Template messages sent lately, by (client id, customer): a read
+    /// receipt for one counts for its template.
+    sent_templates: HashMap<(u64, u64), (String, u64)>,
+    sent_order: VecDeque<(u64, u64)>,
+    /// When the tier was last considered for an upgrade.
+    tier_checked_ms: u64,
+}
+
+/// A day, in milliseconds (the quality rating's unit).
+const DAY_MS: u64 = 24 * 3600 * 1000;
+/// How often a business's tier is considered for an upgrade.
+const TIER_CHECK_MS: u64 = 6 * 3600 * 1000;
+
+/// Pauses an approved template: 3 hours, then 6; the third pause
+/// disables it.
+fn pause(t: &mut Template, now: u64, reason: String) {
+    t.status = TemplateStatus::Paused;
+    t.status_reason = reason;
+    t.status_at_ms = now;
+    t.pauses += 1;
+    match t.pauses {
+        1 => t.paused_until_ms = now + 3 * 3600 * 1000,
+        2 => t.paused_until_ms = now + 6 * 3600 * 1000,
+        _ => t.status = TemplateStatus::Disabled,
+    }
 }
 
 /// A pair as cached: its row and its rate bucket.
@@ -320,6 +347,17 @@ impl Shard {
                     }
                 }
             }
+            let today = now / DAY_MS;
+            let mut days = BTreeMap::new();
+            for (k, v) in self.store.scan(&keys::quality_days(b), usize::MAX)? {
+                if let (Some(day), Ok(c)) =
+                    (keys::last_id(&k), serde_json::from_slice::<DayCounts>(&v))
+                {
+                    if day + QUALITY_DAYS > today {
+                        days.insert(day, c);
+                    }
+                }
+            }
             let burst = row.messages_per_sec;
             self.business.loaded.insert(
                 b,
@@ -330,6 +368,10 @@ impl Shard {
                     bucket: Bucket::full(burst, now),
                     admitted: HashSet::new(),
                     admitted_order: VecDeque::new(),
+                    days,
+                    sent_templates: HashMap::new(),
+                    sent_order: VecDeque::new(),
+                    tier_checked_ms: 0,
                 },
             );
         }
@@ -398,6 +440,9 @@ impl Shard {
     /// opens the service window, and an opt-out or opt-in keyword takes
     /// effect now (the writes go with the message's).
     pub(crate) fn customer_wrote(&mut self, b: u64, s: &SendCmd) {
+        if s.kind == MessageKind::Receipt {
+            return self.receipt_for_business(b, &s.payload);
+        }
         if s.kind != MessageKind::Chat || self.is_business(s.sender) {
             return;
         }
@@ -547,7 +592,7 @@ impl Shard {
         if loaded.admitted.contains(&(cmd.client_msg_id, customer)) {
             // A retry: the customer's shard stores it at most once.
             return match cmd.kind {
-                MessageKind::Template => self.render(b, customer, cmd.payload).map(|(m, _)| m),
+                MessageKind::Template => self.render(b, customer, cmd.payload).map(|(m, ..)| m),
                 _ => Ok(cmd.payload.clone()),
             };
         }
@@ -561,10 +606,12 @@ impl Shard {
         }
         let in_window =
             pair.row.last_customer_ms > 0 && now < pair.row.last_customer_ms + s.window_ms;
+        let mut template = None;
         let (payload, new_conversation) =
             match cmd.kind {
                 MessageKind::Template => {
-                    let (payload, category) = self.render(b, customer, cmd.payload)?;
+                    let (payload, category, name) = self.render(b, customer, cmd.payload)?;
+                    template = Some(name);
                     let pair = &self.business.pairs[&(b, customer)];
                     if !platform && !pair.row.consents(category) {
                         let purpose = if category == Category::Marketing {
@@ -618,6 +665,7 @@ impl Shard {
             return Err((ErrorCode::BUSINESS_RATE_LIMITED, wait, why));
         }
         if new_conversation {
+            self.maybe_upgrade_tier(b, now);
             let loaded = self.business.loaded.get_mut(&b).expect("loaded");
             loaded
                 .started
@@ -656,7 +704,145 @@ impl Shard {
             let w = self.pair_write(b, customer);
             self.kv.push(w);
         }
+        if let Some(name) = template {
+            self.template_sent(b, customer, cmd.client_msg_id, name, new_conversation);
+        }
         Ok(payload)
+    }
+
+    /// Counts today's signal `f` for business `b` (written with the next
+    /// batch); days past the rating's look-back are dropped.
+    fn count(&mut self, b: u64, f: impl FnOnce(&mut DayCounts)) {
+        let today = self.now_ms() / DAY_MS;
+        self.count_on(b, today, f);
+    }
+
+    /// [`Shard::count`] on day `day` (a read counts on its message's day;
+    /// a day already past the look-back is not counted).
+    fn count_on(&mut self, b: u64, day: u64, f: impl FnOnce(&mut DayCounts)) {
+        let today = self.now_ms() / DAY_MS;
+        if day + QUALITY_DAYS <= today {
+            return;
+        }
+        let Some(l) = self.business.loaded.get_mut(&b) else {
+            return;
+        };
+        let c = l.days.entry(day).or_default();
+        f(c);
+        let value = serde_json::to_vec(c).expect("counts serialize");
+        let old: Vec<u64> = l
+            .days
+            .keys()
+            .copied()
+            .filter(|&d| d + QUALITY_DAYS <= today)
+            .collect();
+        for d in old {
+            l.days.remove(&d);
+            self.kv.push(KvOp::Delete {
+                key: keys::quality_day(b, d),
+            });
+        }
+        self.kv.push(KvOp::Put {
+            key: keys::quality_day(b, day),
+            value,
+        });
+    }
+
+    /// A template message admitted: counted, remembered (its read receipt
+    /// counts too), and its template rated; a template rated low is paused.
+    fn template_sent(&mut self, b: u64, customer: u64, id: u64, name: String, started: bool) {
+        self.count(b, |c| {
+            c.sent += 1;
+            c.started += u64::from(started);
+            c.templates.entry(name.clone()).or_default().0 += 1;
+        });
+        let today = self.now_ms() / DAY_MS;
+        let Some(l) = self.business.loaded.get_mut(&b) else {
+            return;
+        };
+        l.sent_templates
+            .insert((id, customer), (name.clone(), today));
+        l.sent_order.push_back((id, customer));
+        if l.sent_order.len() > ADMITTED_MAX {
+            if let Some(old) = l.sent_order.pop_front() {
+                l.sent_templates.remove(&old);
+            }
+        }
+        let w = weighted(&l.days, today, Some(&name));
+        let quality = w.rating();
+        let approved = l
+            .templates
+            .get(&name)
+            .is_some_and(|t| t.status == TemplateStatus::Approved);
+        if quality == Quality::Low && approved {
+            let mut t = l.templates[&name].clone();
+            let now = self.now_ms();
+            pause(
+                &mut t,
+                now,
+                format!(
+                    "quality low: {:.0}% of its messages read, {:.1}% blocks and reports (7 days)",
+                    100.0 * w.read_rate(),
+                    100.0 * w.negative_rate()
+                ),
+            );
+            match self.save_template(b, t.clone()) {
+                Ok(()) => self.template_event(b, &t),
+                Err(e) => error!(shard = self.id, error = %e, "pausing a template failed"),
+            }
+        }
+    }
+
+    /// Every 6 hours at most, a business at medium quality or better that
+    /// used half its tier (new conversations in a day, within the last 7)
+    /// moves up a tier.
+    fn maybe_upgrade_tier(&mut self, b: u64, now: u64) {
+        let today = now / DAY_MS;
+        let Some(l) = self.business.loaded.get_mut(&b) else {
+            return;
+        };
+        if now < l.tier_checked_ms + TIER_CHECK_MS || now < l.row.tier_at_ms + TIER_CHECK_MS {
+            return;
+        }
+        l.tier_checked_ms = now;
+        let Some(limit) = l.row.tier_limit() else {
+            return;
+        };
+        let quality = weighted(&l.days, today, None).rating();
+        let busiest_day = l.days.values().map(|c| c.started).max().unwrap_or(0);
+        let used = busiest_day.max(l.started.len() as u64);
+        if quality < Quality::Medium || used * 2 < u64::from(limit) {
+            return;
+        }
+        let mut row = l.row.clone();
+        row.tier += 1;
+        row.tier_at_ms = now;
+        if let Err(e) = self.save_row(b, row) {
+            error!(shard = self.id, error = %e, "upgrading a tier failed");
+        }
+    }
+
+    /// A read receipt from `customer` in business `b`'s inbox: each template
+    /// message it covers counts as read, once.
+    fn receipt_for_business(&mut self, b: u64, payload: &[u8]) {
+        let Ok(r) = ReceiptPayload::decode(payload) else {
+            return;
+        };
+        if r.status != ReceiptStatus::Read || self.loaded(b).is_err() {
+            return;
+        }
+        let l = self.business.loaded.get_mut(&b).expect("loaded");
+        let read: Vec<(String, u64)> = r
+            .messages
+            .iter()
+            .filter_map(|(id, _)| l.sent_templates.remove(&(*id, r.reader)))
+            .collect();
+        for (name, day) in read {
+            self.count_on(b, day, |c| {
+                c.read += 1;
+                c.templates.entry(name).or_default().1 += 1;
+            });
+        }
     }
 
     /// Renders a template send's payload for `customer`: the message's
@@ -666,7 +852,7 @@ impl Shard {
         b: u64,
         customer: u64,
         payload: &[u8],
-    ) -> Result<(Bytes, Category), (ErrorCode, u64, String)> {
+    ) -> Result<(Bytes, Category, String), (ErrorCode, u64, String)> {
         let send = TemplateSend::decode(payload).map_err(|e| {
             (
                 ErrorCode::TEMPLATE_PARAMS_INVALID,
@@ -721,7 +907,7 @@ impl Shard {
         let m = t
             .render(v, &send, verified)
             .map_err(|why| (ErrorCode::TEMPLATE_PARAMS_INVALID, 0, why))?;
-        Ok((m.encode(), m.category))
+        Ok((m.encode(), m.category, m.name))
     }
 
     /// A customer's request about business `b`.
@@ -749,13 +935,18 @@ impl Shard {
             BusinessOp::Info => {}
             BusinessOp::Block | BusinessOp::Unblock => {
                 let pair = self.pair(b, customer)?;
+                let newly = !pair.row.blocked && r.op == BusinessOp::Block;
                 pair.row.blocked = r.op == BusinessOp::Block;
                 ops.push(self.pair_write(b, customer));
+                if newly {
+                    self.count(b, |c| c.blocks += 1);
+                }
             }
             BusinessOp::Report => {
                 let pair = self.pair(b, customer)?;
                 pair.row.reports += 1;
                 ops.push(self.pair_write(b, customer));
+                self.count(b, |c| c.reports += 1);
             }
             BusinessOp::OptIn | BusinessOp::OptOut => {
                 let Some(purpose) = purpose_name(r.purpose) else {
@@ -864,6 +1055,17 @@ impl Shard {
             AdminOp::Get => {
                 let mut v = row.to_json(b);
                 v["templates"] = loaded.templates.len().into();
+                let today = now / DAY_MS;
+                let quality = weighted(&loaded.days, today, None).rating();
+                v["quality"] = serde_json::to_value(quality).expect("json");
+                let sum = |f: fn(&DayCounts) -> u64| loaded.days.values().map(f).sum::<u64>();
+                v["last_7_days"] = serde_json::json!({
+                    "template_messages": sum(|c| c.sent),
+                    "read": sum(|c| c.read),
+                    "blocks": sum(|c| c.blocks),
+                    "reports": sum(|c| c.reports),
+                    "conversations_started": sum(|c| c.started),
+                });
                 v["conversations_started_in_period"] = loaded
                     .started
                     .values()
@@ -969,17 +1171,12 @@ impl Shard {
                         message: format!("no template {name:?}"),
                     }));
                 };
-                t.status = status;
-                t.status_reason = reason;
-                t.status_at_ms = now;
                 if status == TemplateStatus::Paused {
-                    // 3 hours, then 6; the third pause disables it.
-                    t.pauses += 1;
-                    match t.pauses {
-                        1 => t.paused_until_ms = now + 3 * 3600 * 1000,
-                        2 => t.paused_until_ms = now + 6 * 3600 * 1000,
-                        _ => t.status = TemplateStatus::Disabled,
-                    }
+                    pause(&mut t, now, reason);
+                } else {
+                    t.status = status;
+                    t.status_reason = reason;
+                    t.status_at_ms = now;
                 }
                 self.save_template(b, t.clone())?;
                 self.template_event(b, &t);

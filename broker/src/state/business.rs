@@ -729,6 +729,106 @@ pub fn keyword(payload: &[u8], opt_out: &[String], opt_in: &[String]) -> Option<
     }
 }
 
+/// One day of a business's signals (`Q` row): template sends and reads,
+/// blocks and reports, and per template its sends and reads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DayCounts {
+    pub sent: u64,
+    pub read: u64,
+    pub blocks: u64,
+    pub reports: u64,
+    /// Conversations the business started.
+    pub started: u64,
+    /// Per template: (sent, read).
+    pub templates: BTreeMap<String, (u64, u64)>,
+}
+
+/// A quality rating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    Low,
+    Medium,
+    High,
+}
+
+/// Days a rating looks back over.
+pub const QUALITY_DAYS: u64 = 7;
+/// Template messages (sent before today) below which the read rate says
+/// nothing.
+pub const QUALITY_MIN_SENT: u64 = 100;
+
+/// A business's (or one template's) signals over the rating's days, each
+/// day weighted by how recent it is (today 7, yesterday 6, ...). Reads
+/// count for the day their message was sent, and only days before today
+/// are judged on reads (a message sent today has not had its day yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Weighted {
+    /// Messages sent (every day), and blocks and reports: the negative rate.
+    pub sent: f64,
+    pub negative: f64,
+    /// Messages sent before today: how many, weighted, and their reads.
+    pub judged: u64,
+    pub judged_sent: f64,
+    pub judged_read: f64,
+}
+
+impl Weighted {
+    /// Low when blocks and reports reach 2% of the messages or, with enough
+    /// judged, fewer than 20% are read; medium from 0.5% negative or under
+    /// 50% read; else high.
+    pub fn rating(&self) -> Quality {
+        let neg = if self.sent > 0.0 {
+            self.negative / self.sent
+        } else {
+            0.0
+        };
+        let read_rate = if self.judged >= QUALITY_MIN_SENT && self.judged_sent > 0.0 {
+            self.judged_read / self.judged_sent
+        } else {
+            1.0
+        };
+        if neg >= 0.02 || read_rate < 0.2 {
+            Quality::Low
+        } else if neg >= 0.005 || read_rate < 0.5 {
+            Quality::Medium
+        } else {
+            Quality::High
+        }
+    }
+
+    pub fn read_rate(&self) -> f64 {
+        self.judged_read / self.judged_sent.max(1.0)
+    }
+
+    pub fn negative_rate(&self) -> f64 {
+        self.negative / self.sent.max(1.0)
+    }
+}
+
+/// The weighted signals over the last [`QUALITY_DAYS`] days of the
+/// business, or of one template (its own messages and reads, the
+/// business's blocks and reports).
+pub fn weighted(days: &BTreeMap<u64, DayCounts>, today: u64, template: Option<&str>) -> Weighted {
+    let mut w = Weighted::default();
+    for (&day, c) in days.range(today.saturating_sub(QUALITY_DAYS - 1)..=today) {
+        let weight = (QUALITY_DAYS - (today - day)) as f64;
+        let (sent, read) = match template {
+            Some(t) => c.templates.get(t).copied().unwrap_or_default(),
+            None => (c.sent, c.read),
+        };
+        w.sent += weight * sent as f64;
+        w.negative += weight * (c.blocks + c.reports) as f64;
+        if day < today {
+            w.judged += sent;
+            w.judged_sent += weight * sent as f64;
+            w.judged_read += weight * read as f64;
+        }
+    }
+    w
+}
+
 /// A token bucket over the node's clock: `per_ms` milliseconds per token,
 /// at most `burst` tokens.
 #[derive(Clone, Copy, Debug)]
@@ -939,6 +1039,56 @@ mod tests {
         assert_eq!(keyword(b"start", &out, &inn), Some(Keyword::OptIn));
         assert_eq!(keyword(b"please stop", &out, &inn), None);
         assert_eq!(keyword(&[0xff, 0xfe], &out, &inn), None);
+    }
+
+    #[test]
+    fn quality_weighs_recent_days_and_judges_reads_of_earlier_days() {
+        let mut days = BTreeMap::new();
+        let day = |sent, read, blocks| DayCounts {
+            sent,
+            read,
+            blocks,
+            ..DayCounts::default()
+        };
+        days.insert(10, day(500, 0, 0));
+        assert_eq!(
+            weighted(&days, 10, None).rating(),
+            Quality::High,
+            "today's are not judged on reads"
+        );
+        assert_eq!(
+            weighted(&days, 11, None).rating(),
+            Quality::Low,
+            "a day later: none read"
+        );
+        days.insert(10, day(500, 150, 0));
+        assert_eq!(
+            weighted(&days, 11, None).rating(),
+            Quality::Medium,
+            "30% read"
+        );
+        days.insert(10, day(500, 300, 0));
+        assert_eq!(weighted(&days, 11, None).rating(), Quality::High);
+        days.insert(11, day(0, 0, 5));
+        assert_eq!(
+            weighted(&days, 11, None).rating(),
+            Quality::Medium,
+            "blocks: 5 of 500 (weighted 7 against 6)"
+        );
+        days.insert(11, day(0, 0, 10));
+        assert_eq!(weighted(&days, 11, None).rating(), Quality::Low);
+        assert_eq!(
+            weighted(&days, 16, None).judged,
+            500,
+            "six days on, still counted"
+        );
+        assert_eq!(weighted(&days, 17, None).judged, 0, "seven days on, gone");
+        days.insert(5, day(99, 0, 0));
+        assert_eq!(
+            weighted(&days, 6, None).rating(),
+            Quality::High,
+            "99 are too few to judge"
+        );
     }
 
     #[test]

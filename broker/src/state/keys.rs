@@ -16,6 +16,7 @@
 //! | `T` business . name (UTF-8) | [`Template`](super::business::Template) (JSON) | business's shard |
 //! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
 //! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
+//! | `Q` business . day          | [`DayCounts`](super::business::DayCounts) (JSON): the quality rating's signals | business's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
 //!
 //! Every row belongs to the shard that writes it, and its key names that
@@ -100,6 +101,12 @@ pub fn ledger(b: u64, customer: u64) -> Vec<u8> {
 pub fn ledgers(b: u64) -> Vec<u8> {
     key(b'J', &[b])
 }
+pub fn quality_day(b: u64, day: u64) -> Vec<u8> {
+    key(b'Q', &[b, day])
+}
+pub fn quality_days(b: u64) -> Vec<u8> {
+    key(b'Q', &[b])
+}
 pub fn status(poster: u64, expires_at_ms: u64, id: u64) -> Vec<u8> {
     key(b'S', &[poster, expires_at_ms, id])
 }
@@ -169,6 +176,7 @@ mod tests {
             "the business's shard"
         );
         assert_eq!(owner(&ledger_entry(user, other, 3)), Some(user));
+        assert_eq!(owner(&quality_day(user, 20_000)), Some(user));
         for prefix in [
             user_groups(user),
             cursors(g),

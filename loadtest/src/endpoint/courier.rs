@@ -67,10 +67,22 @@ pub(crate) async fn set_up_businesses(
             "versions": [{ "language": "en_US", "body": "{{1}}", "examples": { "1": "stamp" } }]
         });
         let steps = [
-            ("PUT", at(""), serde_json::json!({ "display_name": format!("Load {business}") })),
-            ("POST", at("/limits"), serde_json::json!({ "messages_per_sec": 1000 })),
+            (
+                "PUT",
+                at(""),
+                serde_json::json!({ "display_name": format!("Load {business}") }),
+            ),
+            (
+                "POST",
+                at("/limits"),
+                serde_json::json!({ "messages_per_sec": 1000 }),
+            ),
             ("PUT", at(&format!("/templates/{TEMPLATE}")), template),
-            ("POST", at(&format!("/templates/{TEMPLATE}/status")), serde_json::json!({ "status": "approved" })),
+            (
+                "POST",
+                at(&format!("/templates/{TEMPLATE}/status")),
+                serde_json::json!({ "status": "approved" }),
+            ),
         ];
         for (method, path, body) in steps {
             admin_request(admin, &token, method, &path, &body).await?;
@@ -109,7 +121,9 @@ async fn admin_request(
     };
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), ask)
         .await
-        .map_err(|_| anyhow::anyhow!("the admin port at {admin} did not answer {method} {path}"))??;
+        .map_err(|_| {
+            anyhow::anyhow!("the admin port at {admin} did not answer {method} {path}")
+        })??;
     anyhow::ensure!(
         answer.starts_with("HTTP/1.1 200"),
         "{method} {path}: {}",
