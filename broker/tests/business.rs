@@ -144,6 +144,11 @@ fn promo_send() -> TemplateSend {
     }
 }
 
+/// The code `business`'s template send is refused with.
+async fn refused(business: &Client, id: u64, customer: u64, send: &TemplateSend) -> ErrorCode {
+    rejected(business.send_template(id, customer, send).await)
+}
+
 async fn received_template(c: &Client) -> (Message, TemplateMessage) {
     let m = c.recv_timeout(WAIT).await.expect("a message");
     assert_eq!(m.kind, MessageKind::Template);
@@ -355,7 +360,7 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
     let mut german = order("#9", "Ana");
     german.language = "de_DE".into();
     assert_eq!(
-        rejected(business.send_template(3, customer, &german).await),
+        refused(&business, 3, customer, &german).await,
         ErrorCode::NO_SUCH_TEMPLATE
     );
     // Wrong parameters, an unknown template.
@@ -364,7 +369,7 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
         ..order("", "")
     };
     assert_eq!(
-        rejected(business.send_template(4, customer, &short).await),
+        refused(&business, 4, customer, &short).await,
         ErrorCode::TEMPLATE_PARAMS_INVALID
     );
     let unknown = TemplateSend {
@@ -372,7 +377,7 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
         ..order("#9", "Ana")
     };
     assert_eq!(
-        rejected(business.send_template(5, customer, &unknown).await),
+        refused(&business, 5, customer, &unknown).await,
         ErrorCode::NO_SUCH_TEMPLATE
     );
     // Another customer with no language of their own gets the fallback
@@ -410,12 +415,12 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
         params: vec![],
     };
     assert_eq!(
-        rejected(business.send_template(6, customer, &later).await),
+        refused(&business, 6, customer, &later).await,
         ErrorCode::TEMPLATE_NOT_APPROVED
     );
     set_status(&s, b, "later", "rejected").await;
     assert_eq!(
-        rejected(business.send_template(7, customer, &later).await),
+        refused(&business, 7, customer, &later).await,
         ErrorCode::TEMPLATE_NOT_APPROVED
     );
 
@@ -423,10 +428,10 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
     // with the time left as its hint, and not counted.
     let paused = set_status(&s, b, "order_update", "paused").await;
     assert_eq!(paused["status"], "paused");
-    let refused = business
+    let first = business
         .send_template(8, customer, &order("#1", "Ana"))
         .await;
-    match refused {
+    match first {
         Err(courier_client::ClientError::Rejected(code, message)) => {
             assert_eq!(code, ErrorCode::TEMPLATE_PAUSED);
             let hint = courier_protocol::error::retry_after_ms(&message).expect("a hint");
@@ -436,11 +441,7 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
     }
     s.advance_clock(3 * HOUR - 1000).await;
     assert_eq!(
-        rejected(
-            business
-                .send_template(9, customer, &order("#1", "Ana"))
-                .await
-        ),
+        refused(&business, 9, customer, &order("#1", "Ana")).await,
         ErrorCode::TEMPLATE_PAUSED
     );
     s.advance_clock(1000).await;
@@ -460,11 +461,7 @@ async fn templates_follow_their_schema_and_lifecycle_and_render_in_the_customers
     let third = set_status(&s, b, "order_update", "paused").await;
     assert_eq!(third["status"], "disabled", "the third pause disables it");
     assert_eq!(
-        rejected(
-            business
-                .send_template(12, customer, &order("#3", "Ana"))
-                .await
-        ),
+        refused(&business, 12, customer, &order("#3", "Ana")).await,
         ErrorCode::TEMPLATE_NOT_APPROVED
     );
 
@@ -545,15 +542,11 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
 
     // No opt-in: no template of either purpose.
     assert_eq!(
-        rejected(
-            business
-                .send_template(1, customer, &order("#1", "Ana"))
-                .await
-        ),
+        refused(&business, 1, customer, &order("#1", "Ana")).await,
         ErrorCode::NO_CONSENT
     );
     assert_eq!(
-        rejected(business.send_template(2, customer, &promo_send()).await),
+        refused(&business, 2, customer, &promo_send()).await,
         ErrorCode::NO_CONSENT
     );
     // An opt-in covers its purpose only.
@@ -564,11 +557,7 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         .await
         .unwrap();
     assert_eq!(
-        rejected(
-            business
-                .send_template(4, customer, &order("#1", "Ana"))
-                .await
-        ),
+        refused(&business, 4, customer, &order("#1", "Ana")).await,
         ErrorCode::NO_CONSENT
     );
     // The customer opts in to utility in the app.
@@ -623,15 +612,11 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         .await
         .unwrap();
     assert_eq!(
-        rejected(
-            business
-                .send_template(10, customer, &order("#2", "Ana"))
-                .await
-        ),
+        refused(&business, 10, customer, &order("#2", "Ana")).await,
         ErrorCode::NO_CONSENT
     );
     assert_eq!(
-        rejected(business.send_template(11, customer, &promo_send()).await),
+        refused(&business, 11, customer, &promo_send()).await,
         ErrorCode::NO_CONSENT
     );
     let seen = info(&client, b).await.unwrap();
@@ -730,11 +715,7 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         .unwrap();
     assert!(seen.blocked);
     assert_eq!(
-        rejected(
-            business
-                .send_template(14, customer, &order("#4", "Ana"))
-                .await
-        ),
+        refused(&business, 14, customer, &order("#4", "Ana")).await,
         ErrorCode::BLOCKED_BY_CUSTOMER
     );
     client
@@ -749,11 +730,7 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
     let (business, _) = s.client(b).await;
     let (client, _) = s.client(customer).await;
     assert_eq!(
-        rejected(
-            business
-                .send_template(15, customer, &order("#5", "Ana"))
-                .await
-        ),
+        refused(&business, 15, customer, &order("#5", "Ana")).await,
         ErrorCode::BLOCKED_BY_CUSTOMER
     );
     let seen = client
@@ -810,11 +787,7 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         erased["erased_at_ms"]
     );
     assert_eq!(
-        rejected(
-            business
-                .send_template(18, customer, &order("#7", "Ana"))
-                .await
-        ),
+        refused(&business, 18, customer, &order("#7", "Ana")).await,
         ErrorCode::NO_CONSENT
     );
     let (d, k, p) = text("hello after erasure");
@@ -927,7 +900,7 @@ async fn the_tier_counts_new_conversations_and_the_rates_hold() {
     // ...the 251st is refused, and not counted.
     let c251 = customers[250];
     assert_eq!(
-        rejected(business.send_template(1000, c251, &order("#1", "A")).await),
+        refused(&business, 1000, c251, &order("#1", "A")).await,
         ErrorCode::TIER_LIMIT_REACHED
     );
     // A customer already in a conversation is not a new one.
@@ -1226,7 +1199,7 @@ async fn quality_pauses_an_unread_template_and_moves_a_good_business_up_a_tier()
         .await
         .unwrap();
     assert_eq!(
-        rejected(business.send_template(501, 20_101, &order("#1", "A")).await),
+        refused(&business, 501, 20_101, &order("#1", "A")).await,
         ErrorCode::TEMPLATE_PAUSED
     );
     let a = account(&s, unread).await;
