@@ -296,6 +296,11 @@ pub struct BusinessSettings {
     pub per_customer_burst: u32,
     /// Templates one business may have.
     pub max_templates: usize,
+    /// Marketing templates one customer may receive from all businesses
+    /// together...
+    pub marketing_per_customer: u32,
+    /// ...per this rolling period.
+    pub marketing_period_ms: u64,
     /// A customer's message that is one of these (any case) withdraws
     /// every opt-in at once.
     pub opt_out_keywords: Vec<String>,
@@ -315,6 +320,8 @@ impl Default for BusinessSettings {
             per_customer_interval_ms: 6000,
             per_customer_burst: 45,
             max_templates: 250,
+            marketing_per_customer: 2,
+            marketing_period_ms: 24 * 3600 * 1000,
             opt_out_keywords: words(&[
                 "STOP",
                 "UNSUBSCRIBE",

@@ -802,7 +802,12 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
 /// every send begun after the STOP was acknowledged is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opt_out_takes_effect_for_every_send_admitted_after_it() {
-    let s = node();
+    // A campaign of 40 marketing messages to one customer: over the
+    // marketing cap (2 a day) unless it is raised.
+    let s = Server::start(&[
+        ("COURIER_TEST_CLOCK", "true"),
+        ("COURIER_BUSINESS_MARKETING_PER_CUSTOMER", "1000"),
+    ]);
     let (b, customer) = (8001, 8002);
     register(&s, b, "Shop").await;
     promo(&s, b).await;
@@ -1288,4 +1293,63 @@ async fn quality_pauses_an_unread_template_and_moves_a_good_business_up_a_tier()
         (Some(2), Some(1))
     );
     assert_eq!(a["quality"], "low", "{a}");
+}
+
+/// The marketing cap: two marketing templates a day per customer, from all
+/// businesses together; utility templates are not counted; a retry of a
+/// counted one is its duplicate; a day later there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marketing_templates_are_capped_per_customer_across_businesses() {
+    let s = node();
+    let (a, b, customer) = (15_001, 15_002, 15_003);
+    for shop in [a, b] {
+        register(&s, shop, "Shop").await;
+        promo(&s, shop).await;
+        order_update(&s, shop).await;
+        consent(&s, shop, customer, "opt_in", "marketing").await;
+        consent(&s, shop, customer, "opt_in", "utility").await;
+    }
+    let (shop_a, _) = s.client(a).await;
+    let (shop_b, _) = s.client(b).await;
+    shop_a
+        .send_template(1, customer, &promo_send())
+        .await
+        .unwrap();
+    shop_b
+        .send_template(1, customer, &promo_send())
+        .await
+        .unwrap();
+    match shop_a.send_template(2, customer, &promo_send()).await {
+        Err(courier_client::ClientError::Rejected(code, message)) => {
+            assert_eq!(code, ErrorCode::MARKETING_CAP_REACHED);
+            let hint = courier_protocol::error::retry_after_ms(&message).expect("a hint");
+            assert!(hint > DAY - 60_000 && hint <= DAY, "{message}");
+        }
+        other => panic!("the third marketing message of the day: {other:?}"),
+    }
+    // Utility is not marketing; a retry of a counted message is its duplicate.
+    shop_a
+        .send_template(3, customer, &order("#1", "Ana"))
+        .await
+        .unwrap();
+    let again = shop_b
+        .send_template(1, customer, &promo_send())
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    // Only businesses send templates to users.
+    let (user, _) = s.client(15_004).await;
+    let forged = user
+        .send(
+            Destination::User(customer),
+            MessageKind::Template,
+            promo_send().encode(),
+        )
+        .await;
+    assert_eq!(rejected(forged), ErrorCode::KIND_NOT_ALLOWED);
+    s.advance_clock(DAY).await;
+    shop_a
+        .send_template(4, customer, &promo_send())
+        .await
+        .unwrap();
 }

@@ -398,6 +398,7 @@ async fn every_row_of_the_error_table_is_what_the_node_does() {
         ErrorCode::TIER_LIMIT_REACHED.0,
         ErrorCode::BUSINESS_RATE_LIMITED.0,
         ErrorCode::BLOCKED_BY_CUSTOMER.0,
+        ErrorCode::MARKETING_CAP_REACHED.0,
     ];
     for row in &rows {
         let got = observed.remove(&row.code).unwrap_or_default();

@@ -139,6 +139,10 @@ codes! {
     BUSINESS_RATE_LIMITED = 68, "business rate limited";
     /// The customer blocks this business.
     BLOCKED_BY_CUSTOMER = 69, "blocked by the customer";
+    /// The customer has had as many marketing messages, from all
+    /// businesses together, as the platform allows per day; retry after
+    /// the hint.
+    MARKETING_CAP_REACHED = 70, "marketing cap reached for the customer";
 }
 
 /// The prefix of an `Error` message that carries a retry-after hint:

@@ -146,6 +146,15 @@ impl Reader {
                 format!("kind {:?} is not sent with Send", s.kind),
             );
         }
+        if s.kind == MessageKind::Template
+            && !matches!(s.destination, Destination::Group(_))
+            && !self.node.businesses.contains(self.user)
+        {
+            return refuse(
+                ErrorCode::KIND_NOT_ALLOWED,
+                "template messages to a user or a list come from businesses",
+            );
+        }
         let max = self.node.config.limits.max_payload_len as usize;
         if s.payload.len() > max {
             return refuse(

@@ -127,6 +127,7 @@ fn refusal(result: &SendResult) -> Reason {
         ErrorCode::SHARD_UNAVAILABLE,
         ErrorCode::BUSINESS_RATE_LIMITED,
         ErrorCode::TEMPLATE_PAUSED,
+        ErrorCode::MARKETING_CAP_REACHED,
     ];
     if hinted.contains(&result.code) {
         Reason::new(result.code, with_retry_after(result.timestamp_ms, text))

@@ -82,6 +82,7 @@ impl Shard {
         let retryable = code == ErrorCode::SHARD_UNAVAILABLE;
         match p {
             Planned::Send(s) => {
+                self.marketing_done(&s, false);
                 self.send_answered(&s, retryable);
                 let result = failed(s.client_msg_id, code);
                 self.complete(s.done, result, false);

@@ -46,6 +46,7 @@ use crate::state::business::{
     ConsentEntry, DayCounts, Invalid, Keyword, PairRow, Profile, Quality, Template, TemplateDef,
     TemplateStatus, QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
+use crate::state::business::{is_marketing, MarketingRow};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -231,6 +232,11 @@ pub(crate) struct Businesses {
     known: HashSet<u64>,
     loaded: HashMap<u64, Loaded>,
     pairs: HashMap<(u64, u64), Pair>,
+    /// This shard's customers' marketing templates received lately (`M`
+    /// rows), read on first touch.
+    marketing: HashMap<u64, MarketingRow>,
+    /// Entries counted by sends not yet written: (customer, sender, id).
+    marketing_planned: HashSet<(u64, u64, u64)>,
 }
 
 fn refusal(code: ErrorCode, message: impl Into<String>) -> BrokerError {
@@ -283,6 +289,89 @@ impl Shard {
         }
     }
 
+    /// The marketing cap, on the customer's shard: a marketing template for
+    /// `s.recipient` is let through if the customer had fewer than
+    /// `business.marketing_per_customer` in the period (counted now, taken
+    /// back by [`Shard::marketing_done`] if it is not stored), or if it is
+    /// a retry of one counted (the store answers the duplicate). `Err`:
+    /// the milliseconds until one more fits.
+    pub(crate) fn marketing_admit(&mut self, s: &SendCmd) -> Result<(), u64> {
+        if !is_marketing(s.kind, &s.payload) {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let (cap, period) = (
+            self.config.business.marketing_per_customer as usize,
+            self.config.business.marketing_period_ms,
+        );
+        let customer = s.recipient;
+        if !self.business.marketing.contains_key(&customer) {
+            if self.business.marketing.len() >= PAIRS_CACHED_MAX {
+                self.business.marketing.clear();
+            }
+            let row = match self.store.get(&keys::marketing(customer)) {
+                Ok(Some(v)) => MarketingRow::decode(&v).unwrap_or_default(),
+                Ok(None) => MarketingRow::default(),
+                Err(e) => {
+                    error!(shard = self.id, error = %e, "reading a marketing row failed");
+                    return Err(1000);
+                }
+            };
+            self.business.marketing.insert(customer, row);
+        }
+        let row = self
+            .business
+            .marketing
+            .get_mut(&customer)
+            .expect("read above");
+        row.0.retain(|&(at, ..)| at + period > now);
+        if row
+            .0
+            .iter()
+            .any(|&(_, sender, id)| sender == s.sender && id == s.client_msg_id)
+        {
+            return Ok(());
+        }
+        if row.0.len() >= cap {
+            let oldest = row.0.iter().map(|&(at, ..)| at).min().unwrap_or(now);
+            return Err((oldest + period).saturating_sub(now).max(1));
+        }
+        row.0.push((now, s.sender, s.client_msg_id));
+        let value = row.encode();
+        self.business
+            .marketing_planned
+            .insert((customer, s.sender, s.client_msg_id));
+        self.kv.push(KvOp::Put {
+            key: keys::marketing(customer),
+            value,
+        });
+        Ok(())
+    }
+
+    /// A marketing template counted by [`Shard::marketing_admit`] has its
+    /// outcome: one not stored now (a duplicate, a refusal, a failed write)
+    /// is taken back.
+    pub(crate) fn marketing_done(&mut self, s: &SendCmd, stored: bool) {
+        // Only an entry this send added (a retry's original stays).
+        let key = (s.recipient, s.sender, s.client_msg_id);
+        if !self.business.marketing_planned.remove(&key) || stored {
+            return;
+        }
+        let Some(row) = self.business.marketing.get_mut(&s.recipient) else {
+            return;
+        };
+        let before = row.0.len();
+        row.0
+            .retain(|&(_, sender, id)| (sender, id) != (s.sender, s.client_msg_id));
+        if row.0.len() != before {
+            let value = row.encode();
+            self.kv.push(KvOp::Put {
+                key: keys::marketing(s.recipient),
+                value,
+            });
+        }
+    }
+
     /// Forgets the businesses and pairs of a run of slots that moved away.
     pub(crate) fn forget_businesses(&mut self, run: &std::ops::Range<u16>) {
         let inside = |id: u64| run.contains(&u16::from(slot_of(id)));
@@ -299,6 +388,7 @@ impl Shard {
             self.config.directory.remove(b);
         }
         self.business.loaded.retain(|b, _| !inside(*b));
+        self.business.marketing.retain(|c, _| !inside(*c));
         self.business.pairs.retain(|(b, _), _| !inside(*b));
     }
 

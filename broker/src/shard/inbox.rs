@@ -56,6 +56,14 @@ impl Shard {
             self.stats.held_in_line.inc();
             return self.refuse_unavailable(s);
         }
+        if let Err(wait) = self.marketing_admit(&s) {
+            self.send_answered(&s, false);
+            let result = SendResult {
+                timestamp_ms: wait,
+                ..failed(s.client_msg_id, ErrorCode::MARKETING_CAP_REACHED)
+            };
+            return self.complete(s.done, result, false);
+        }
         if self.is_business(s.recipient) {
             self.customer_wrote(s.recipient, &s);
         }
@@ -188,6 +196,7 @@ impl Shard {
             AppendOutcome::NotServed => unavailable(s.client_msg_id),
         };
         let stored = matches!(outcome, AppendOutcome::Stored(_));
+        self.marketing_done(&s, stored);
         self.send_answered(&s, outcome == AppendOutcome::NotServed);
         debug!(
             shard = self.id,

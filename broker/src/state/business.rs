@@ -729,6 +729,40 @@ pub fn keyword(payload: &[u8], opt_out: &[String], opt_in: &[String]) -> Option<
     }
 }
 
+/// The marketing templates a customer received lately, from any business
+/// (`M` row, on the customer's shard): (time, sender, client id) each.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MarketingRow(pub Vec<(u64, u64, u64)>);
+
+impl MarketingRow {
+    pub fn encode(&self) -> Vec<u8> {
+        self.0
+            .iter()
+            .flat_map(|(a, b, c)| [a, b, c].map(|x| x.to_be_bytes()))
+            .flatten()
+            .collect()
+    }
+
+    pub fn decode(v: &[u8]) -> Option<MarketingRow> {
+        if v.len() % 24 != 0 {
+            return None;
+        }
+        let at = |i: usize| super::keys::be_u64(v, i);
+        (0..v.len() / 24)
+            .map(|i| Some((at(24 * i)?, at(24 * i + 8)?, at(24 * i + 16)?)))
+            .collect::<Option<Vec<_>>>()
+            .map(MarketingRow)
+    }
+}
+
+/// Whether a message is a business's marketing template, as rendered for
+/// its customer (the `TemplateMessage` payload's category).
+pub fn is_marketing(kind: courier_protocol::MessageKind, payload: &[u8]) -> bool {
+    kind == courier_protocol::MessageKind::Template
+        && payload.first() == Some(&courier_protocol::business::TEMPLATE_FORMAT)
+        && payload.get(2) == Some(&(Category::Marketing as u8))
+}
+
 /// One day of a business's signals (`Q` row): template sends and reads,
 /// blocks and reports, and per template its sends and reads.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -17,6 +17,7 @@
 //! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
 //! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
 //! | `Q` business . day          | [`DayCounts`](super::business::DayCounts) (JSON): the quality rating's signals | business's shard |
+//! | `M` customer                | [`MarketingRow`](super::business::MarketingRow): marketing templates received lately | customer's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
 //!
 //! Every row belongs to the shard that writes it, and its key names that
@@ -107,6 +108,9 @@ pub fn quality_day(b: u64, day: u64) -> Vec<u8> {
 pub fn quality_days(b: u64) -> Vec<u8> {
     key(b'Q', &[b])
 }
+pub fn marketing(customer: u64) -> Vec<u8> {
+    key(b'M', &[customer])
+}
 pub fn status(poster: u64, expires_at_ms: u64, id: u64) -> Vec<u8> {
     key(b'S', &[poster, expires_at_ms, id])
 }
@@ -177,6 +181,7 @@ mod tests {
         );
         assert_eq!(owner(&ledger_entry(user, other, 3)), Some(user));
         assert_eq!(owner(&quality_day(user, 20_000)), Some(user));
+        assert_eq!(owner(&marketing(user)), Some(user), "the customer's shard");
         for prefix in [
             user_groups(user),
             cursors(g),
