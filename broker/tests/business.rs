@@ -1353,3 +1353,65 @@ async fn marketing_templates_are_capped_per_customer_across_businesses() {
         .await
         .unwrap();
 }
+
+/// Template packs: a customer's client fetches a business's approved
+/// templates, keeps them 31 days, and after a failed fetch waits 5 minutes
+/// before asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_fetch_template_packs_keep_them_31_days_and_retry_failures_after_5_minutes() {
+    let s = node();
+    let (b, customer, later) = (16_001, 16_002, 16_003);
+    register(&s, b, "Shop").await;
+    order_update(&s, b).await;
+    template(
+        &s,
+        b,
+        "draft",
+        json!({ "category": "utility", "versions": [{ "language": "en", "body": "x" }] }),
+    )
+    .await;
+    let (c, _) = s.client(customer).await;
+    // The client's wall clock, as the server's (the test clock is not moved).
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let pack = c.template_pack_at(b, t0).await.unwrap();
+    let list: Value = serde_json::from_str(&pack.json).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["order_update"], "approved ones only");
+    assert_eq!(list[0]["versions"][1]["language"], "pt_BR");
+    let valid = pack.valid_until_ms;
+    // Kept: no second request while the pack is valid.
+    c.template_pack_at(b, t0 + 1000).await.unwrap();
+    assert_eq!(c.template_pack_fetches(), 1);
+    let server_now = valid - 31 * DAY;
+    c.template_pack_at(b, valid - 1).await.unwrap();
+    assert_eq!(
+        c.template_pack_fetches(),
+        1,
+        "kept until {valid} (server time {server_now})"
+    );
+    c.template_pack_at(b, valid).await.unwrap();
+    assert_eq!(c.template_pack_fetches(), 2, "fetched again once expired");
+
+    // A failed fetch (not a business yet) is not asked again for 5 minutes.
+    assert_eq!(
+        rejected(c.template_pack_at(later, t0).await),
+        ErrorCode::NOT_A_BUSINESS
+    );
+    register(&s, later, "Later").await;
+    assert_eq!(
+        rejected(c.template_pack_at(later, t0 + 299_999).await),
+        ErrorCode::NOT_A_BUSINESS
+    );
+    assert_eq!(c.template_pack_fetches(), 3);
+    let pack = c.template_pack_at(later, t0 + 300_000).await.unwrap();
+    assert_eq!(pack.json, "[]");
+    assert_eq!(c.template_pack_fetches(), 4);
+}

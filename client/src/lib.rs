@@ -60,6 +60,20 @@ pub enum ClientError {
     Timeout,
 }
 
+impl ClientError {
+    /// The same error again (an I/O error keeps its kind and words).
+    fn copy(&self) -> ClientError {
+        match self {
+            ClientError::Io(e) => ClientError::Io(std::io::Error::new(e.kind(), e.to_string())),
+            ClientError::Refused(c, m) => ClientError::Refused(*c, m.clone()),
+            ClientError::Rejected(c, m) => ClientError::Rejected(*c, m.clone()),
+            ClientError::Closed(r) => ClientError::Closed(r.clone()),
+            ClientError::Protocol(p) => ClientError::Protocol(p.clone()),
+            ClientError::Timeout => ClientError::Timeout,
+        }
+    }
+}
+
 /// How to connect and who to be.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -127,7 +141,23 @@ pub struct Client {
     next_client_msg_id: AtomicU64,
     last_received: Arc<AtomicU64>,
     closed: Arc<Mutex<Option<Option<Reason>>>>,
+    /// Template packs of the businesses asked about (see
+    /// [`Client::template_pack`]).
+    packs: Mutex<HashMap<u64, PackEntry>>,
+    pack_fetches: AtomicU64,
 }
+
+/// A business's template pack as the client keeps it.
+enum PackEntry {
+    /// Fetched; kept until the pack's `valid_until_ms`.
+    Fetched(Arc<TemplatePack>),
+    /// The last fetch failed at this time (ms) with this error: the next
+    /// one waits [`PACK_RETRY_MS`].
+    Failed(u64, ClientError),
+}
+
+/// How long after a failed fetch of a template pack the client tries again.
+pub const PACK_RETRY_MS: u64 = 5 * 60 * 1000;
 
 impl Client {
     /// Connects, says hello and waits for the welcome.
@@ -168,6 +198,8 @@ impl Client {
             next_client_msg_id: AtomicU64::new(seed),
             last_received,
             closed,
+            packs: Mutex::new(HashMap::new()),
+            pack_fetches: AtomicU64::new(0),
         };
         Ok((client, welcome))
     }
@@ -457,6 +489,61 @@ impl Client {
             Body::BusinessInfo(info) => Ok(*info),
             other => Err(unexpected("business_info", &other)),
         }
+    }
+
+    /// The template pack of `business` (its approved templates): kept until
+    /// its `valid_until_ms` (31 days on), fetched again after; a failed
+    /// fetch is answered from memory (its error) for 5 minutes, then tried
+    /// again.
+    pub async fn template_pack(&self, business: u64) -> Result<Arc<TemplatePack>, ClientError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.template_pack_at(business, now_ms).await
+    }
+
+    /// [`Client::template_pack`] as of `now_ms` (the wall clock, in ms).
+    pub async fn template_pack_at(
+        &self,
+        business: u64,
+        now_ms: u64,
+    ) -> Result<Arc<TemplatePack>, ClientError> {
+        let kept = match self.packs.lock().expect("packs lock").get(&business) {
+            Some(PackEntry::Fetched(p)) if now_ms < p.valid_until_ms => Some(Ok(p.clone())),
+            Some(PackEntry::Failed(at, e)) if now_ms < at + PACK_RETRY_MS => Some(Err(e.copy())),
+            _ => None,
+        };
+        if let Some(kept) = kept {
+            return kept;
+        }
+        self.pack_fetches.fetch_add(1, Ordering::Relaxed);
+        let request = BusinessRequest {
+            op: BusinessOp::Templates,
+            business,
+            purpose: Purpose::None,
+            language: String::new(),
+            text: String::new(),
+        };
+        let fetched = match self.request(Body::Business(request)).await {
+            Ok(Body::TemplatePack(p)) => Ok(Arc::new(p)),
+            Ok(other) => Err(unexpected("template_pack", &other)),
+            Err(e) => Err(e),
+        };
+        let entry = match &fetched {
+            Ok(p) => PackEntry::Fetched(p.clone()),
+            Err(e) => PackEntry::Failed(now_ms, e.copy()),
+        };
+        self.packs
+            .lock()
+            .expect("packs lock")
+            .insert(business, entry);
+        fetched
+    }
+
+    /// How many template packs this client has asked the server for.
+    pub fn template_pack_fetches(&self) -> u64 {
+        self.pack_fetches.load(Ordering::Relaxed)
     }
 
     /// A business sends template `send` to `customer` (kind `template`).

@@ -377,6 +377,19 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
                 utility: r.flag()?,
             }))
         }
+        TEMPLATE_PACK => {
+            let business = r.u64()?;
+            let valid_until_ms = r.u64()?;
+            let len = r.u32()? as usize;
+            let raw = r.slice(len)?;
+            Body::TemplatePack(TemplatePack {
+                business,
+                valid_until_ms,
+                json: std::str::from_utf8(raw)
+                    .map_err(|_| r.malformed("template pack is not UTF-8"))?
+                    .to_owned(),
+            })
+        }
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -734,7 +747,18 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
             out.put_u8(i.marketing as u8);
             out.put_u8(i.utility as u8);
         }
+        Body::TemplatePack(p) => {
+            out.put_u64(p.business);
+            out.put_u64(p.valid_until_ms);
+            put_long_text(&p.json, out);
+        }
     }
+}
+
+/// (`TemplatePack`'s JSON: a u32 length and UTF-8.)
+fn put_long_text(t: &str, out: &mut BytesMut) {
+    out.put_u32(u32::try_from(t.len()).expect("text under 4 GiB"));
+    out.put_slice(t.as_bytes());
 }
 
 /// A u16 length and the text's bytes (at most `MAX_BUSINESS_TEXT_LEN`).

@@ -68,8 +68,9 @@ pub mod frame_type {
     pub const DONE: u8 = 0x1E;
     pub const BUSINESS: u8 = 0x1F;
     pub const BUSINESS_INFO: u8 = 0x20;
+    pub const TEMPLATE_PACK: u8 = 0x21;
     /// The highest assigned frame type.
-    pub const LAST: u8 = BUSINESS_INFO;
+    pub const LAST: u8 = TEMPLATE_PACK;
 }
 
 /// Group ids have this bit set and user ids never do, so a group's log can
@@ -446,6 +447,9 @@ wire_enum!(
         OptIn = 5,
         /// Withdraw the opt-in for `purpose`.
         OptOut = 6,
+        /// Fetch the business's approved templates: answered by
+        /// `TemplatePack`.
+        Templates = 7,
     }
 );
 
@@ -494,6 +498,15 @@ pub struct BusinessInfo {
     /// This customer's current opt-ins.
     pub marketing: bool,
     pub utility: bool,
+}
+
+/// Server -> client: a business's approved templates, every language, as
+/// JSON (layout in PROTOCOL.md), and until when the client may keep them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TemplatePack {
+    pub business: u64,
+    pub valid_until_ms: u64,
+    pub json: String,
 }
 
 /// The body of a frame, one variant per frame type.
@@ -550,6 +563,7 @@ pub enum Body {
     Business(BusinessRequest),
     /// Boxed: the largest body, rare.
     BusinessInfo(Box<BusinessInfo>),
+    TemplatePack(TemplatePack),
 }
 
 impl Body {
@@ -588,6 +602,7 @@ impl Body {
             Body::Done => DONE,
             Body::Business(_) => BUSINESS,
             Body::BusinessInfo(_) => BUSINESS_INFO,
+            Body::TemplatePack(_) => TEMPLATE_PACK,
         }
     }
 
@@ -633,6 +648,7 @@ pub fn frame_type_name(t: u8) -> &'static str {
         DONE => "done",
         BUSINESS => "business",
         BUSINESS_INFO => "business_info",
+        TEMPLATE_PACK => "template_pack",
         _ => "unknown",
     }
 }

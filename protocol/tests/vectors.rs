@@ -363,6 +363,17 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                 })),
             ),
         ),
+        (
+            "template_pack",
+            Frame::new(
+                20,
+                Body::TemplatePack(TemplatePack {
+                    business: 5001,
+                    valid_until_ms: 1_702_678_400_000,
+                    json: "[]".into(),
+                }),
+            ),
+        ),
     ]
 }
 

@@ -762,7 +762,7 @@ impl Remote for Router {
             ShardCmd::BusinessAsk(a) => {
                 let body = Body::Business(a.request);
                 self.group_ask(shard, owner, a.customer, body, a.answer, |b| match b {
-                    Body::BusinessInfo(info) => Some(*info),
+                    b @ (Body::BusinessInfo(_) | Body::TemplatePack(_)) => Some(b),
                     _ => None,
                 });
             }
@@ -1071,7 +1071,7 @@ fn serve_group_ask(node: &Node, a: RemoteGroupAsk) -> impl Future<Output = Answe
                 answer: tx,
             };
             node.shards.send_peer(group, ShardCmd::BusinessAsk(ask));
-            Box::pin(async move { answer_frame(rx.await, |i| Body::BusinessInfo(Box::new(i))) })
+            Box::pin(async move { answer_frame(rx.await, |body| body) })
         }
         // The decoder lets no other frame through.
         _ => Box::pin(async { error_frame(ErrorCode::INVALID_REQUEST, "not a group request") }),

@@ -1,8 +1,8 @@
 //! `Business`: a customer's request about a business (its profile, block,
-//! report, opt-in and opt-out), answered by the business's shard with
-//! `BusinessInfo`.
+//! report, opt-in and opt-out, its templates), answered by the business's
+//! shard with `BusinessInfo` (or `TemplatePack`).
 
-use courier_protocol::{Body, BusinessRequest, ErrorCode};
+use courier_protocol::{BusinessRequest, ErrorCode};
 
 use super::reader::Reader;
 use crate::shard::business::BusinessAskCmd;
@@ -30,6 +30,6 @@ impl Reader {
                 })
             })
             .await;
-        self.answer(rid, answer, |i| Body::BusinessInfo(Box::new(i)))
+        self.answer(rid, answer, |body| body)
     }
 }

@@ -28,8 +28,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use courier_protocol::business::{Category, TemplateSend};
 use courier_protocol::{
-    BusinessInfo, BusinessOp, BusinessRequest, Destination, ErrorCode, MessageKind, Purpose,
-    ReceiptPayload, ReceiptStatus, SendResult,
+    Body, BusinessInfo, BusinessOp, BusinessRequest, Destination, ErrorCode, MessageKind, Purpose,
+    ReceiptPayload, ReceiptStatus, SendResult, TemplatePack,
 };
 use courier_storage::{slot_of, KvOp};
 use tokio::sync::oneshot;
@@ -123,7 +123,8 @@ pub(crate) struct Outgoing<'a> {
 pub struct BusinessAskCmd {
     pub customer: u64,
     pub request: BusinessRequest,
-    pub answer: Answer<BusinessInfo>,
+    /// `BusinessInfo`, or `TemplatePack` for op `Templates`.
+    pub answer: Answer<Body>,
 }
 
 /// What the admin API asks of a business's shard.
@@ -199,6 +200,8 @@ struct Loaded {
     tier_checked_ms: u64,
 }
 
+/// How long a client may keep a business's template pack.
+const TEMPLATE_PACK_VALID_MS: u64 = 31 * 24 * 3600 * 1000;
 /// A day, in milliseconds (the quality rating's unit).
 const DAY_MS: u64 = 24 * 3600 * 1000;
 /// How often a business's tier is considered for an upgrade.
@@ -1006,11 +1009,7 @@ impl Shard {
         let _ = a.answer.send(answer);
     }
 
-    fn answer_ask(
-        &mut self,
-        customer: u64,
-        r: BusinessRequest,
-    ) -> Result<BusinessInfo, BrokerError> {
+    fn answer_ask(&mut self, customer: u64, r: BusinessRequest) -> Result<Body, BrokerError> {
         let b = r.business;
         if !self.is_business(b) {
             return Err(refusal(
@@ -1023,6 +1022,30 @@ impl Shard {
         let mut ops = Vec::new();
         match r.op {
             BusinessOp::Info => {}
+            BusinessOp::Templates => {
+                let loaded = &self.business.loaded[&b];
+                let mut approved: Vec<&Template> = loaded
+                    .templates
+                    .values()
+                    .filter(|t| t.status == TemplateStatus::Approved)
+                    .collect();
+                approved.sort_by(|x, y| x.name.cmp(&y.name));
+                let list: Vec<serde_json::Value> = approved
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "name": t.name,
+                            "category": t.def.category,
+                            "versions": t.def.versions,
+                        })
+                    })
+                    .collect();
+                return Ok(Body::TemplatePack(TemplatePack {
+                    business: b,
+                    valid_until_ms: now + TEMPLATE_PACK_VALID_MS,
+                    json: serde_json::Value::Array(list).to_string(),
+                }));
+            }
             BusinessOp::Block | BusinessOp::Unblock => {
                 let pair = self.pair(b, customer)?;
                 let newly = !pair.row.blocked && r.op == BusinessOp::Block;
@@ -1071,13 +1094,13 @@ impl Shard {
         }
         let pair = &self.pair(b, customer)?.row;
         let (blocked, marketing, utility) = (pair.blocked, pair.marketing, pair.utility);
-        Ok(info(
+        Ok(Body::BusinessInfo(Box::new(info(
             b,
             &self.business.loaded[&b].row,
             blocked,
             marketing,
             utility,
-        ))
+        ))))
     }
 
     /// An admin API request for business `b`, answered once written.
