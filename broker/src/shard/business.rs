@@ -240,6 +240,8 @@ pub(crate) struct Businesses {
     marketing: HashMap<u64, MarketingRow>,
     /// Entries counted by sends not yet written: (customer, sender, id).
     marketing_planned: HashSet<(u64, u64, u64)>,
+    /// (business, day) quality counts changed since the last batch.
+    counted: HashSet<(u64, u64)>,
 }
 
 fn refusal(code: ErrorCode, message: impl Into<String>) -> BrokerError {
@@ -820,9 +822,8 @@ impl Shard {
         let Some(l) = self.business.loaded.get_mut(&b) else {
             return;
         };
-        let c = l.days.entry(day).or_default();
-        f(c);
-        let value = serde_json::to_vec(c).expect("counts serialize");
+        f(l.days.entry(day).or_default());
+        self.business.counted.insert((b, day));
         let old: Vec<u64> = l
             .days
             .keys()
@@ -835,10 +836,24 @@ impl Shard {
                 key: keys::quality_day(b, d),
             });
         }
-        self.kv.push(KvOp::Put {
-            key: keys::quality_day(b, day),
-            value,
-        });
+    }
+
+    /// Writes the quality days counted since the last batch, once each
+    /// (with the batch that is about to be written).
+    pub(crate) fn flush_counts(&mut self) {
+        if self.business.counted.is_empty() {
+            return;
+        }
+        for (b, day) in std::mem::take(&mut self.business.counted) {
+            let Some(c) = self.business.loaded.get(&b).and_then(|l| l.days.get(&day)) else {
+                continue;
+            };
+            let value = serde_json::to_vec(c).expect("counts serialize");
+            self.kv.push(KvOp::Put {
+                key: keys::quality_day(b, day),
+                value,
+            });
+        }
     }
 
     /// A template message admitted: counted, remembered (its read receipt

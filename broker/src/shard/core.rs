@@ -386,6 +386,7 @@ impl Shard {
             self.take(cmd, &mut batch);
         }
         self.note_fanned();
+        self.flush_counts();
         self.write_batch(&mut batch);
         // Queries read the cursors marks move, and a stopping shard keeps
         // nothing: both take every held mark now.
