@@ -160,10 +160,11 @@ async fn idle_connections_are_held_and_measured() {
 }
 
 /// The business scenario: businesses registered over the admin port send
-/// their template to broadcast lists that the consent ledger filters. The
-/// checker holds that every consenting customer got every acknowledged
-/// message once, in order, and the customers who never opted in (one in
-/// ten) nothing. The per-customer rate (one per 6 s) is opened up so that
+/// their template to broadcast lists that the consent ledger filters, and
+/// one customer of each opts out half-way. The checker holds that every
+/// consenting customer got every acknowledged message once, in order, the
+/// one who opted out none acknowledged after, and the customers who never
+/// opted in (one in ten) nothing. The per-customer rate (one per 6 s) is opened up so that
 /// a load can run; every other rule applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_business_run_reaches_exactly_the_customers_who_opted_in() {
@@ -191,9 +192,11 @@ async fn a_business_run_reaches_exactly_the_customers_who_opted_in() {
     assert_eq!(report.acked, report.sent, "every send answered");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(v.deliveries, v.expected_deliveries, "{}", report.summary());
-    assert_eq!(
-        v.expected_deliveries,
-        report.acked * 9,
-        "nine of each business's ten customers opted in"
+    // Nine of each business's ten customers opted in; one of them opts
+    // out half-way: the messages before go to nine, those after to eight.
+    assert!(
+        v.expected_deliveries > report.acked * 8 && v.expected_deliveries < report.acked * 9,
+        "{}",
+        report.summary()
     );
 }

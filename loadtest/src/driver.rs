@@ -266,14 +266,19 @@ impl Loop {
                 &frame[5..],
             );
             match kind {
-                frame_type::SEND_ACK | frame_type::BROADCAST_ACK => self.answered(rid, None, now),
+                frame_type::SEND_ACK => self.answered(rid, None, now, None),
+                // BroadcastAck: client id, server id, timestamp, delivered u16...
+                frame_type::BROADCAST_ACK => {
+                    let delivered = body.get(24..26).map(|d| u16::from_be_bytes([d[0], d[1]]));
+                    self.answered(rid, None, now, delivered)
+                }
                 // A request failed (request id 0: the session did).
                 frame_type::ERROR => {
                     let code = reason(&input[..4 + len], max_frame)?;
                     if rid == 0 {
                         return Err(format!("{code:?}"));
                     }
-                    self.answered(rid, Some(code), now);
+                    self.answered(rid, Some(code), now, None);
                 }
                 frame_type::GOODBYE => {
                     let code = reason(&input[..4 + len], max_frame)?;
@@ -488,7 +493,13 @@ impl Loop {
 
     /// The answer to request `rid` (a window slot): acknowledged, or
     /// refused with `code`.
-    fn answered(&mut self, rid: u32, code: Option<ErrorCode>, now: Instant) {
+    fn answered(
+        &mut self,
+        rid: u32,
+        code: Option<ErrorCode>,
+        now: Instant,
+        delivered: Option<u16>,
+    ) {
         let Some((ri, n, intended)) = self
             .slots
             .get_mut((rid as usize).wrapping_sub(1))
@@ -502,7 +513,23 @@ impl Loop {
             self.shared.error(format!("{code:?}"));
             return;
         }
-        let ack = (conversation(self.me, ri), n, &s.routes[ri].recipients[..]);
+        let route = &s.routes[ri];
+        // A broadcast answered after its leaving recipient opted out went
+        // to the others.
+        let without: Vec<u64>;
+        let recipients = match route.leaving {
+            Some(gone) if delivered == Some(route.recipients.len() as u16 - 1) => {
+                without = route
+                    .recipients
+                    .iter()
+                    .copied()
+                    .filter(|&r| r != gone)
+                    .collect();
+                &without[..]
+            }
+            _ => &route.recipients[..],
+        };
+        let ack = (conversation(self.me, ri), n, recipients);
         self.acked += 1;
         self.expected +=
             self.shared

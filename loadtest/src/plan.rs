@@ -21,6 +21,10 @@ pub(crate) struct Route {
     pub dest: Dest,
     pub recipients: Vec<u64>,
     pub weight: u32,
+    /// A recipient who opts out during the run (the business scenario):
+    /// an acknowledgement that counts one recipient fewer than
+    /// `recipients` was sent after the opt-out, without them.
+    pub leaving: Option<u64>,
 }
 
 /// Who sends where: per user, its routes (none: it only receives); the
@@ -186,6 +190,7 @@ fn group_routes(groups: &[Vec<u64>], weight: u32) -> std::collections::HashMap<u
                     dest: Dest::Group(gi),
                     recipients: others,
                     weight,
+                    leaving: None,
                 },
             );
         }
@@ -211,6 +216,7 @@ pub(crate) fn plan(opts: &Options) -> anyhow::Result<Plan> {
                 dest: Dest::User(users[i ^ 1]),
                 recipients: vec![users[i ^ 1]],
                 weight: 7,
+                leaving: None,
             })
             .collect())
     };
@@ -264,10 +270,16 @@ pub(crate) fn plan(opts: &Options) -> anyhow::Result<Plan> {
                     .filter(|(i, _)| i % 10 != 9)
                     .map(|(_, &c)| c)
                     .collect();
+                // The business scenario: the ninth customer opts out
+                // half-way through the run.
+                let leaving = (opts.scenario == Scenario::Business)
+                    .then(|| customers.get(8).copied())
+                    .flatten();
                 routes.push(vec![Route {
                     dest: Dest::List(lists.len()),
                     recipients: consenting.clone(),
                     weight: 1,
+                    leaving,
                 }]);
                 routes.extend(customers.iter().map(|_| Vec::new()));
                 lists.push((business, customers, consenting));

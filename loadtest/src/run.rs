@@ -58,6 +58,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         );
     }
     let plan = plan(&opts)?;
+    // The business scenario: each list's leaving customer, opting out
+    // half-way through.
+    let leavers: Vec<(u64, u64)> = plan
+        .routes
+        .iter()
+        .flatten()
+        .filter_map(|r| match r.dest {
+            crate::plan::Dest::List(l) => r.leaving.map(|c| (plan.lists[l].0, c)),
+            _ => None,
+        })
+        .collect();
     let driven = matches!(opts.target, Target::Courier | Target::Relay) && !opts.resilient();
     let (shared, users) = if driven {
         start_driven(&opts, plan).await?
@@ -78,6 +89,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         _ => None,
     };
     let progress = tokio::spawn(progress(shared.clone(), opts.progress));
+    if let (false, Some(admin)) = (leavers.is_empty(), opts.metrics.clone()) {
+        let (key, half, shared) = (opts.key.clone(), opts.duration / 2, shared.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(half).await;
+            for (business, customer) in leavers {
+                let left =
+                    crate::endpoint::courier::opt_out(&admin, &key, business, customer).await;
+                if let Err(e) = left {
+                    shared.error(format!("opting out: {e}"));
+                }
+            }
+        });
+    }
 
     // Sending ends (every sender's last acks are in, or it gave up).
     while shared.sending_left.load(Ordering::Relaxed) > 0 {

@@ -55,11 +55,7 @@ pub(crate) async fn set_up_businesses(
     key: &courier_protocol::token::TokenKey,
     plan: &Plan,
 ) -> anyhow::Result<()> {
-    let token = key.mint(courier_protocol::token::Claims {
-        user_id: 0,
-        device_id: 0,
-        expires_at_s: u64::MAX / 2,
-    });
+    let token = admin_token(key);
     for (business, _, consenting) in &plan.lists {
         let at = |rest: &str| format!("/admin/businesses/{business}{rest}");
         let template = serde_json::json!({
@@ -96,6 +92,31 @@ pub(crate) async fn set_up_businesses(
         }
     }
     Ok(())
+}
+
+/// `customer` withdraws its opt-in for `business`'s utility templates
+/// (over the admin port, as a web form would).
+pub(crate) async fn opt_out(
+    admin: &str,
+    key: &courier_protocol::token::TokenKey,
+    business: u64,
+    customer: u64,
+) -> anyhow::Result<()> {
+    let token = admin_token(key);
+    let body = serde_json::json!({
+        "customer": customer, "action": "opt_out", "purpose": "utility",
+        "source": "web_form", "text": "stop sending me these"
+    });
+    let path = format!("/admin/businesses/{business}/consent");
+    admin_request(admin, &token, "POST", &path, &body).await
+}
+
+fn admin_token(key: &courier_protocol::token::TokenKey) -> String {
+    key.mint(courier_protocol::token::Claims {
+        user_id: 0,
+        device_id: 0,
+        expires_at_s: u64::MAX / 2,
+    })
 }
 
 /// One admin request with a JSON body; an answer other than 200 is an error.
