@@ -744,7 +744,7 @@ impl MarketingRow {
     }
 
     pub fn decode(v: &[u8]) -> Option<MarketingRow> {
-        if v.len() % 24 != 0 {
+        if !v.len().is_multiple_of(24) {
             return None;
         }
         let at = |i: usize| super::keys::be_u64(v, i);
