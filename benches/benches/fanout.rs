@@ -62,7 +62,7 @@ fn fanout(c: &mut Criterion) {
                     clock,
                     business: courier_broker::config::BusinessSettings::default(),
                     directory: std::sync::Arc::new(
-                        courier_broker::shard::business::Directory::new(
+                        courier_broker::shard::business_state::Directory::new(
                             courier_broker::config::BusinessSettings::default().platform_account,
                         ),
                     ),

@@ -69,14 +69,14 @@ pub async fn run(listener: TcpListener, node: Arc<Node>) {
 }
 
 /// An answer: status line, content type, body.
-pub(crate) struct Answer {
+struct Answer {
     status: &'static str,
     content_type: String,
     body: String,
 }
 
 impl Answer {
-    pub(crate) fn text(status: &'static str, body: &str) -> Answer {
+    fn text(status: &'static str, body: &str) -> Answer {
         Answer {
             status,
             content_type: "text/plain; charset=utf-8".into(),
@@ -84,7 +84,7 @@ impl Answer {
         }
     }
 
-    pub(crate) fn json(status: &'static str, value: serde_json::Value) -> Answer {
+    fn json(status: &'static str, value: serde_json::Value) -> Answer {
         let mut body = serde_json::to_string_pretty(&value).expect("JSON values serialise");
         body.push('\n');
         Answer {
@@ -94,7 +94,7 @@ impl Answer {
         }
     }
 
-    pub(crate) fn error(status: &'static str, message: &str) -> Answer {
+    fn error(status: &'static str, message: &str) -> Answer {
         Answer::json(status, json!({ "error": message }))
     }
 }
@@ -224,7 +224,8 @@ fn authorize(node: &Node, bearer: Option<&str>) -> Result<(), Answer> {
 async fn admin(node: &Arc<Node>, method: &str, path: &str, body: &[u8]) -> Answer {
     let rest = path.trim_start_matches("/admin/");
     if let Some(rest) = rest.strip_prefix("businesses/") {
-        return crate::business_api::route(node, method, rest, body).await;
+        let (status, value) = crate::business_api::route(node, method, rest, body).await;
+        return Answer::json(status, value);
     }
     let mut parts = rest.splitn(2, '/');
     let (what, arg) = (parts.next().unwrap_or(""), parts.next());

@@ -13,10 +13,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::admin::Answer;
 use crate::node::Node;
-use crate::shard::business::{AdminOp, BusinessAdminCmd};
 use crate::shard::messages::ShardCmd;
+use crate::shard::messages::{AdminOp, BusinessAdminCmd};
 use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
 use crate::state::ids::valid_user;
 
@@ -65,9 +64,16 @@ struct ConsentBody {
     language: String,
 }
 
+/// An answer: the HTTP status line's status, and the JSON body.
+pub(crate) type Answer = (&'static str, serde_json::Value);
+
+fn error(status: &'static str, message: &str) -> Answer {
+    (status, json!({ "error": message }))
+}
+
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Answer> {
     serde_json::from_slice(body).map_err(|e| {
-        Answer::json(
+        (
             "400 Bad Request",
             json!({ "error": format!("the body: {e}"), "code": "body_invalid" }),
         )
@@ -78,7 +84,7 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Answer> {
 pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8]) -> Answer {
     let parts: Vec<&str> = rest.split('/').collect();
     let Some(b) = parts[0].parse::<u64>().ok().filter(|&b| valid_user(b)) else {
-        return Answer::error(
+        return error(
             "400 Bad Request",
             "a business id is a user id from 1 to 2^63-1",
         );
@@ -125,26 +131,21 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
         }),
         ("GET", ["consent", customer]) => match customer.parse() {
             Ok(customer) => Ok(AdminOp::ConsentOf { customer }),
-            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+            Err(_) => Err(error("400 Bad Request", "a customer is a user id")),
         },
         ("POST", ["erase", customer]) => match customer.parse() {
             Ok(customer) => Ok(AdminOp::Erase { customer }),
-            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+            Err(_) => Err(error("400 Bad Request", "a customer is a user id")),
         },
         ("GET", ["export"]) => Ok(AdminOp::Export { customer: None }),
         ("GET", ["export", customer]) => match customer.parse() {
             Ok(customer) => Ok(AdminOp::Export {
                 customer: Some(customer),
             }),
-            Err(_) => Err(Answer::error("400 Bad Request", "a customer is a user id")),
+            Err(_) => Err(error("400 Bad Request", "a customer is a user id")),
         },
-        ("GET" | "PUT" | "POST", _) => {
-            Err(Answer::error("404 Not Found", "no such business request"))
-        }
-        _ => Err(Answer::error(
-            "405 Method Not Allowed",
-            "method not allowed",
-        )),
+        ("GET" | "PUT" | "POST", _) => Err(error("404 Not Found", "no such business request")),
+        _ => Err(error("405 Method Not Allowed", "method not allowed")),
     };
     let op = match op {
         Ok(op) => op,
@@ -157,15 +158,15 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
         answer: tx,
     });
     if !node.shards.send(b, cmd).await {
-        return Answer::error("503 Service Unavailable", "the node is stopping");
+        return error("503 Service Unavailable", "the node is stopping");
     }
     match rx.await {
-        Ok(Ok(v)) => Answer::json("200 OK", v),
+        Ok(Ok(v)) => ("200 OK", v),
         Ok(Err(Invalid {
             status,
             code,
             message,
-        })) => Answer::json(
+        })) => (
             match status {
                 400 => "400 Bad Request",
                 404 => "404 Not Found",
@@ -174,6 +175,6 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             },
             json!({ "error": message, "code": code }),
         ),
-        Err(_) => Answer::error("503 Service Unavailable", "the node is stopping"),
+        Err(_) => error("503 Service Unavailable", "the node is stopping"),
     }
 }

@@ -34,7 +34,7 @@ pub struct Node {
     /// With `test_clock`: how far the admin port has moved `clock` forward.
     pub clock_shift: std::sync::OnceLock<Arc<AtomicU64>>,
     /// Which users of this node's shards are businesses, for the sessions.
-    pub businesses: Arc<crate::shard::business::Directory>,
+    pub businesses: Arc<crate::shard::business_state::Directory>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
     /// True once listeners are up and until shutdown starts.
@@ -107,7 +107,7 @@ impl Node {
         tls: Option<TlsSettings>,
     ) -> std::io::Result<Arc<Node>> {
         let limits = &config.limits;
-        let businesses = Arc::new(crate::shard::business::Directory::new(
+        let businesses = Arc::new(crate::shard::business_state::Directory::new(
             config.business.platform_account,
         ));
         let shards = Shards::start(

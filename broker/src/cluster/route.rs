@@ -47,7 +47,7 @@ use super::Cluster;
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::shard::business::BusinessAskCmd;
+use crate::shard::messages::BusinessAskCmd;
 use crate::shard::messages::{
     failed, Completion, GroupOpCmd, GroupReply, GroupSendCmd, ReceiptQueryCmd, RefsCmd, RefsReport,
     SendCmd, ShardCmd, StatusViewCmd,

@@ -5,7 +5,7 @@
 use courier_protocol::{BusinessRequest, ErrorCode};
 
 use super::reader::Reader;
-use crate::shard::business::BusinessAskCmd;
+use crate::shard::messages::BusinessAskCmd;
 use crate::shard::messages::ShardCmd;
 use crate::state::ids::valid_user;
 

@@ -9,8 +9,8 @@ use tokio::sync::{oneshot, TryAcquireError};
 
 use super::reader::Reader;
 use crate::error::{refuse, BrokerResult};
-use crate::shard::business::BusinessSendCmd;
 use crate::shard::handle::Queued;
+use crate::shard::messages::BusinessSendCmd;
 use crate::shard::messages::{
     failed, BroadcastCmd, Completion, GroupReply, GroupSendCmd, Reply, ReplyTo, SendCmd, ShardCmd,
 };

@@ -21,8 +21,6 @@
 //! changed it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -35,16 +33,20 @@ use courier_storage::{slot_of, KvOp};
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
+use super::business_state::{Loaded, Pair};
 use super::core::Shard;
-use super::messages::{failed, Answer, Completion, ReplyTo, SendCmd, ShardCmd};
+use super::messages::{
+    failed, AdminOp, BusinessAdminCmd, BusinessAskCmd, BusinessSendCmd, Completion, SendCmd,
+    ShardCmd,
+};
 use super::route::shard_of;
 use super::tracking::Batch;
 use crate::config::BusinessSettings;
 use crate::error::BrokerError;
 use crate::state::business::{
     check_display_name, check_template_name, invalid, keyword, weighted, Bucket, BusinessRow,
-    ConsentEntry, DayCounts, Invalid, Keyword, PairRow, Profile, Quality, Template, TemplateDef,
-    TemplateStatus, QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
+    ConsentEntry, DayCounts, Invalid, Keyword, PairRow, Quality, Template, TemplateStatus,
+    QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::business::{is_marketing, MarketingRow};
 use crate::state::keys;
@@ -55,61 +57,6 @@ const PAIRS_CACHED_MAX: usize = 200_000;
 /// Client message ids remembered per business as admitted.
 const ADMITTED_MAX: usize = 65_536;
 
-/// Which users of this node's shards are businesses: for sessions, which
-/// send a business's messages through its shard. A bitmap answers "no" for
-/// almost every user without a lock; the set behind it answers the rest.
-pub struct Directory {
-    bits: Box<[AtomicU64]>,
-    ids: RwLock<HashSet<u64>>,
-}
-
-impl Directory {
-    pub fn new(platform: u64) -> Directory {
-        let d = Directory {
-            bits: (0..64).map(|_| AtomicU64::new(0)).collect(),
-            ids: RwLock::new(HashSet::new()),
-        };
-        d.add(platform);
-        d
-    }
-
-    fn bit(id: u64) -> (usize, u64) {
-        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52; // 12 bits
-        ((h >> 6) as usize, 1 << (h & 63))
-    }
-
-    pub fn contains(&self, id: u64) -> bool {
-        let (word, bit) = Directory::bit(id);
-        self.bits[word].load(Ordering::Relaxed) & bit != 0
-            && self.ids.read().expect("directory lock").contains(&id)
-    }
-
-    pub(crate) fn add(&self, id: u64) {
-        self.ids.write().expect("directory lock").insert(id);
-        let (word, bit) = Directory::bit(id);
-        self.bits[word].fetch_or(bit, Ordering::Relaxed);
-    }
-
-    pub(crate) fn remove(&self, id: u64) {
-        self.ids.write().expect("directory lock").remove(&id);
-    }
-}
-
-/// A business's send, for the business's shard to admit.
-pub struct BusinessSendCmd {
-    pub business: u64,
-    pub device: u32,
-    pub customer: u64,
-    pub client_msg_id: u64,
-    pub kind: MessageKind,
-    pub payload: Bytes,
-    pub reply: ReplyTo,
-    pub accepted: Instant,
-    /// The send to queue on the customer's shard; `None` when this shard
-    /// answered `reply` itself (a refusal).
-    pub admitted: oneshot::Sender<Option<SendCmd>>,
-}
-
 /// One message from a business to one customer, as the rules see it.
 pub(crate) struct Outgoing<'a> {
     pub business: u64,
@@ -117,87 +64,6 @@ pub(crate) struct Outgoing<'a> {
     pub client_msg_id: u64,
     pub kind: MessageKind,
     pub payload: &'a Bytes,
-}
-
-/// A customer's `Business` request, for the business's shard.
-pub struct BusinessAskCmd {
-    pub customer: u64,
-    pub request: BusinessRequest,
-    /// `BusinessInfo`, or `TemplatePack` for op `Templates`.
-    pub answer: Answer<Body>,
-}
-
-/// What the admin API asks of a business's shard.
-pub enum AdminOp {
-    /// Registers the business or edits it. A display name given for a
-    /// registered business waits for review (`Verify`).
-    Put {
-        display_name: Option<String>,
-        profile: Option<Profile>,
-    },
-    Get,
-    Verify {
-        verified: bool,
-        reason: String,
-    },
-    Limits {
-        tier: Option<u8>,
-        messages_per_sec: Option<u32>,
-    },
-    PutTemplate {
-        name: String,
-        def: TemplateDef,
-    },
-    Templates,
-    SetTemplateStatus {
-        name: String,
-        status: TemplateStatus,
-        reason: String,
-    },
-    Consent {
-        customer: u64,
-        entry: ConsentEntry,
-    },
-    ConsentOf {
-        customer: u64,
-    },
-    Export {
-        customer: Option<u64>,
-    },
-    /// Erases what the business holds of one customer (the ledger's
-    /// entries, consent, window, block), leaving a tombstone with the time.
-    Erase {
-        customer: u64,
-    },
-}
-
-pub type AdminAnswer = oneshot::Sender<Result<serde_json::Value, Invalid>>;
-
-pub struct BusinessAdminCmd {
-    pub business: u64,
-    pub op: AdminOp,
-    pub answer: AdminAnswer,
-}
-
-/// A business this shard has loaded.
-struct Loaded {
-    row: BusinessRow,
-    templates: HashMap<String, Template>,
-    /// Customers it started a conversation with, and when (within the
-    /// tier's period, pruned as they age).
-    started: HashMap<u64, u64>,
-    bucket: Bucket,
-    /// Client message ids admitted lately (a retry skips the rules).
-    admitted: HashSet<(u64, u64)>,
-    admitted_order: VecDeque<(u64, u64)>,
-    /// The quality rating's signals, by day (`Q` rows, the last 7 days).
-    days: BTreeMap<u64, DayCounts>,
-    /// Template messages sent lately, by (client id, customer): a read
-    /// receipt for one counts for its template.
-    sent_templates: HashMap<(u64, u64), (String, u64)>,
-    sent_order: VecDeque<(u64, u64)>,
-    /// When the tier was last considered for an upgrade.
-    tier_checked_ms: u64,
 }
 
 /// How long a client may keep a business's template pack.
@@ -219,29 +85,6 @@ fn pause(t: &mut Template, now: u64, reason: String) {
         2 => t.paused_until_ms = now + 6 * 3600 * 1000,
         _ => t.status = TemplateStatus::Disabled,
     }
-}
-
-/// A pair as cached: its row and its rate bucket.
-struct Pair {
-    row: PairRow,
-    bucket: Bucket,
-}
-
-/// The business state a shard keeps.
-#[derive(Default)]
-pub(crate) struct Businesses {
-    /// Businesses of this shard (the platform's account included, if it is
-    /// this shard's).
-    known: HashSet<u64>,
-    loaded: HashMap<u64, Loaded>,
-    pairs: HashMap<(u64, u64), Pair>,
-    /// This shard's customers' marketing templates received lately (`M`
-    /// rows), read on first touch.
-    marketing: HashMap<u64, MarketingRow>,
-    /// Entries counted by sends not yet written: (customer, sender, id).
-    marketing_planned: HashSet<(u64, u64, u64)>,
-    /// (business, day) quality counts changed since the last batch.
-    counted: HashSet<(u64, u64)>,
 }
 
 fn refusal(code: ErrorCode, message: impl Into<String>) -> BrokerError {

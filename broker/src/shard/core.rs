@@ -50,7 +50,7 @@ pub struct ShardConfig {
     pub business: crate::config::BusinessSettings,
     /// The node's directory of businesses, kept by the shards for the
     /// sessions.
-    pub directory: Arc<super::business::Directory>,
+    pub directory: Arc<super::business_state::Directory>,
 }
 
 impl ShardConfig {
@@ -66,7 +66,7 @@ impl ShardConfig {
             mark_coalesce: Duration::ZERO,
             clock: Clock::system(),
             business: crate::config::BusinessSettings::default(),
-            directory: Arc::new(super::business::Directory::new(
+            directory: Arc::new(super::business_state::Directory::new(
                 crate::config::BusinessSettings::default().platform_account,
             )),
         }
@@ -185,7 +185,7 @@ pub(crate) struct Shard {
     /// Conversations a refusal here holds in line (see `lines`).
     pub(crate) lines: Lines,
     /// This shard's businesses and their customers (see `business`).
-    pub(crate) business: super::business::Businesses,
+    pub(crate) business: super::business_state::Businesses,
 }
 
 /// Marks of one (user, stream) merged while held: read implies delivered,

@@ -17,14 +17,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use courier_protocol::{
-    Body, BroadcastAck, Destination, ErrorCode, Frame, GroupInfo, GroupOp, Message, MessageKind,
-    Reason, ReceiptCounts, ReceiptStatus, SendResult,
+    Body, BroadcastAck, BusinessRequest, Destination, ErrorCode, Frame, GroupInfo, GroupOp,
+    Message, MessageKind, Reason, ReceiptCounts, ReceiptStatus, SendResult,
 };
 use courier_storage::InboxState;
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::BrokerResult;
 use crate::mailbox;
+use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
 
 /// Where a shard sends the one answer to a request a session waits for.
 pub type Answer<T> = oneshot::Sender<BrokerResult<T>>;
@@ -291,11 +292,11 @@ pub enum ShardCmd {
     GroupOp(GroupOpCmd),
     Broadcast(BroadcastCmd),
     /// A business's send, for the business's shard to admit.
-    BusinessSend(super::business::BusinessSendCmd),
+    BusinessSend(BusinessSendCmd),
     /// A customer's request about a business, for the business's shard.
-    BusinessAsk(super::business::BusinessAskCmd),
+    BusinessAsk(BusinessAskCmd),
     /// The admin API's request about a business, for the business's shard.
-    BusinessAdmin(super::business::BusinessAdminCmd),
+    BusinessAdmin(BusinessAdminCmd),
     StatusView(StatusViewCmd),
     ReceiptQuery(ReceiptQueryCmd),
     Mark(MarkCmd),
@@ -351,6 +352,81 @@ pub enum SlotsChange {
         run: std::ops::Range<u16>,
         marks: Vec<(u64, u64)>,
     },
+}
+
+/// A business's send, for the business's shard to admit.
+pub struct BusinessSendCmd {
+    pub business: u64,
+    pub device: u32,
+    pub customer: u64,
+    pub client_msg_id: u64,
+    pub kind: MessageKind,
+    pub payload: Bytes,
+    pub reply: ReplyTo,
+    pub accepted: Instant,
+    /// The send to queue on the customer's shard; `None` when this shard
+    /// answered `reply` itself (a refusal).
+    pub admitted: oneshot::Sender<Option<SendCmd>>,
+}
+
+/// A customer's `Business` request, for the business's shard.
+pub struct BusinessAskCmd {
+    pub customer: u64,
+    pub request: BusinessRequest,
+    /// `BusinessInfo`, or `TemplatePack` for op `Templates`.
+    pub answer: Answer<Body>,
+}
+
+/// What the admin API asks of a business's shard.
+pub enum AdminOp {
+    /// Registers the business or edits it. A display name given for a
+    /// registered business waits for review (`Verify`).
+    Put {
+        display_name: Option<String>,
+        profile: Option<Profile>,
+    },
+    Get,
+    Verify {
+        verified: bool,
+        reason: String,
+    },
+    Limits {
+        tier: Option<u8>,
+        messages_per_sec: Option<u32>,
+    },
+    PutTemplate {
+        name: String,
+        def: TemplateDef,
+    },
+    Templates,
+    SetTemplateStatus {
+        name: String,
+        status: TemplateStatus,
+        reason: String,
+    },
+    Consent {
+        customer: u64,
+        entry: ConsentEntry,
+    },
+    ConsentOf {
+        customer: u64,
+    },
+    Export {
+        customer: Option<u64>,
+    },
+    /// Erases what the business holds of one customer (the ledger's
+    /// entries, consent, window, block), leaving a tombstone with the time.
+    Erase {
+        customer: u64,
+    },
+}
+
+pub type AdminAnswer = oneshot::Sender<Result<serde_json::Value, Invalid>>;
+
+pub struct BusinessAdminCmd {
+    pub business: u64,
+    pub op: AdminOp,
+    pub answer: AdminAnswer,
 }
 
 /// A live delivery to one session.

@@ -17,11 +17,13 @@
 //! - `lines`: a conversation's order through this shard's retryable refusals;
 //! - `groups`: group sends, membership changes, receipt counts;
 //! - `fanout`: references, log pushes and broadcast lists, with recovery;
+//! - `business`, `business_state`: business rules on the business's shard, and what it keeps;
 //! - `receipts`: marks, receipt messages and status views;
 //! - `recent`: online users' latest inbox entries and what marks of them owe.
 
 mod batch;
 pub mod business;
+pub mod business_state;
 mod core;
 mod fanout;
 mod groups;

@@ -1,0 +1,93 @@
+//! What a shard keeps of its businesses between commands (the rules that
+//! use it are in `business`), and the node's directory of businesses that
+//! sessions read.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use crate::state::business::{Bucket, BusinessRow, DayCounts, MarketingRow, PairRow, Template};
+
+/// Which users of this node's shards are businesses: for sessions, which
+/// send a business's messages through its shard. A bitmap answers "no" for
+/// almost every user without a lock; the set behind it answers the rest.
+pub struct Directory {
+    bits: Box<[AtomicU64]>,
+    ids: RwLock<HashSet<u64>>,
+}
+
+impl Directory {
+    pub fn new(platform: u64) -> Directory {
+        let d = Directory {
+            bits: (0..64).map(|_| AtomicU64::new(0)).collect(),
+            ids: RwLock::new(HashSet::new()),
+        };
+        d.add(platform);
+        d
+    }
+
+    fn bit(id: u64) -> (usize, u64) {
+        let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52; // 12 bits
+        ((h >> 6) as usize, 1 << (h & 63))
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        let (word, bit) = Directory::bit(id);
+        self.bits[word].load(Ordering::Relaxed) & bit != 0
+            && self.ids.read().expect("directory lock").contains(&id)
+    }
+
+    pub(crate) fn add(&self, id: u64) {
+        self.ids.write().expect("directory lock").insert(id);
+        let (word, bit) = Directory::bit(id);
+        self.bits[word].fetch_or(bit, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.ids.write().expect("directory lock").remove(&id);
+    }
+}
+
+/// A business this shard has loaded.
+pub(crate) struct Loaded {
+    pub(crate) row: BusinessRow,
+    pub(crate) templates: HashMap<String, Template>,
+    /// Customers it started a conversation with, and when (within the
+    /// tier's period, pruned as they age).
+    pub(crate) started: HashMap<u64, u64>,
+    pub(crate) bucket: Bucket,
+    /// Client message ids admitted lately (a retry skips the rules).
+    pub(crate) admitted: HashSet<(u64, u64)>,
+    pub(crate) admitted_order: VecDeque<(u64, u64)>,
+    /// The quality rating's signals, by day (`Q` rows, the last 7 days).
+    pub(crate) days: BTreeMap<u64, DayCounts>,
+    /// Template messages sent lately, by (client id, customer): a read
+    /// receipt for one counts for its template.
+    pub(crate) sent_templates: HashMap<(u64, u64), (String, u64)>,
+    pub(crate) sent_order: VecDeque<(u64, u64)>,
+    /// When the tier was last considered for an upgrade.
+    pub(crate) tier_checked_ms: u64,
+}
+
+/// A pair as cached: its row and its rate bucket.
+pub(crate) struct Pair {
+    pub(crate) row: PairRow,
+    pub(crate) bucket: Bucket,
+}
+
+/// The business state a shard keeps.
+#[derive(Default)]
+pub(crate) struct Businesses {
+    /// Businesses of this shard (the platform's account included, if it is
+    /// this shard's).
+    pub(crate) known: HashSet<u64>,
+    pub(crate) loaded: HashMap<u64, Loaded>,
+    pub(crate) pairs: HashMap<(u64, u64), Pair>,
+    /// This shard's customers' marketing templates received lately (`M`
+    /// rows), read on first touch.
+    pub(crate) marketing: HashMap<u64, MarketingRow>,
+    /// Entries counted by sends not yet written: (customer, sender, id).
+    pub(crate) marketing_planned: HashSet<(u64, u64, u64)>,
+    /// (business, day) quality counts changed since the last batch.
+    pub(crate) counted: HashSet<(u64, u64)>,
+}
