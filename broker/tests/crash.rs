@@ -134,7 +134,12 @@ async fn kill_and_verify(durability: &str) {
             let st = states[&s].lock().unwrap();
             (st.acked.clone(), st.next_id)
         };
-        let (reader, _) = server.client(100 + s).await;
+        // Read with fetches only: a session resumed at its head has no
+        // catch-up pushed to it. (One resumed from what it acknowledged got
+        // every message pushed; past the client's delivery queue, 4,096,
+        // unread pushes stopped its reads, and the fetch's answer behind
+        // them never came: an epoll run of this test hung so.)
+        let (reader, _) = server.resume(100 + s, u64::MAX / 2).await;
         let mut ids = Vec::new();
         let mut after = 0;
         loop {
