@@ -52,11 +52,10 @@ pub(crate) const TEMPLATE: &str = "load";
 
 /// A `TemplateSend` of [`TEMPLATE`] carrying `stamp` (hex) as `{{1}}`.
 pub(crate) fn template_payload(stamp: &[u8]) -> bytes::Bytes {
-    let hex: String = stamp.iter().map(|b| format!("{b:02x}")).collect();
     courier_protocol::business::TemplateSend {
         name: TEMPLATE.into(),
         language: String::new(),
-        params: vec![(String::new(), hex)],
+        params: vec![(String::new(), courier_protocol::token::encode_hex(stamp))],
     }
     .encode()
 }
@@ -64,14 +63,7 @@ pub(crate) fn template_payload(stamp: &[u8]) -> bytes::Bytes {
 /// The stamp of a template message the business scenario sent.
 pub(crate) fn template_stamp(payload: &[u8]) -> Option<Vec<u8>> {
     let t = courier_protocol::business::TemplateMessage::decode(payload).ok()?;
-    let body = t.body.as_bytes();
-    if body.len() % 2 != 0 {
-        return None;
-    }
-    (0..body.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(std::str::from_utf8(&body[i..i + 2]).ok()?, 16).ok())
-        .collect()
+    courier_protocol::token::decode_hex(&t.body)
 }
 
 /// The number each sender gives its one broadcast list.

@@ -2,18 +2,7 @@
 //! checked against the code both ways.
 
 use courier_protocol::business::*;
-
-fn unhex(s: &str) -> Vec<u8> {
-    let s: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use courier_protocol::token::{decode_hex, encode_hex};
 
 fn document(name: &str) -> Vec<u8> {
     let doc = include_str!("../PROTOCOL.md");
@@ -27,11 +16,11 @@ fn document(name: &str) -> Vec<u8> {
         .split("```")
         .next()
         .unwrap();
-    let bytes: String = block
+    let hex: String = block
         .lines()
-        .map(|l| l.split('#').next().unwrap_or(""))
+        .map(|l| l.split('#').next().unwrap_or("").trim())
         .collect();
-    unhex(&bytes)
+    decode_hex(&hex).expect("the payload's hex")
 }
 
 #[test]
@@ -42,8 +31,8 @@ fn the_documented_business_payloads_match_the_code() {
         params: vec![(String::new(), "#7".into()), (String::new(), "Ana".into())],
     };
     assert_eq!(
-        hex(&document("template_send")),
-        hex(&send.encode()),
+        encode_hex(&document("template_send")),
+        encode_hex(&send.encode()),
         "template_send"
     );
     assert_eq!(
@@ -65,8 +54,8 @@ fn the_documented_business_payloads_match_the_code() {
         }],
     };
     assert_eq!(
-        hex(&document("template_message")),
-        hex(&message.encode()),
+        encode_hex(&document("template_message")),
+        encode_hex(&message.encode()),
         "template_message"
     );
     assert_eq!(

@@ -40,7 +40,6 @@ use super::messages::{
     ShardCmd,
 };
 use super::route::shard_of;
-use super::tracking::Batch;
 use crate::config::BusinessSettings;
 use crate::error::BrokerError;
 use crate::state::business::{
@@ -85,10 +84,6 @@ fn pause(t: &mut Template, now: u64, reason: String) {
         2 => t.paused_until_ms = now + 6 * 3600 * 1000,
         _ => t.status = TemplateStatus::Disabled,
     }
-}
-
-fn refusal(code: ErrorCode, message: impl Into<String>) -> BrokerError {
-    BrokerError::refused(code, message)
 }
 
 fn purpose_name(p: Purpose) -> Option<&'static str> {
@@ -261,7 +256,7 @@ impl Shard {
                     ..BusinessRow::default()
                 },
                 None => {
-                    return Err(refusal(
+                    return Err(BrokerError::refused(
                         ErrorCode::NOT_A_BUSINESS,
                         format!("{b} is not a business"),
                     ))
@@ -460,8 +455,7 @@ impl Shard {
     }
 
     /// Admits a business's send, or refuses it with its rule's code.
-    pub(crate) fn admit_business_send(&mut self, cmd: BusinessSendCmd, batch: &mut Batch) {
-        let _ = batch;
+    pub(crate) fn admit_business_send(&mut self, cmd: BusinessSendCmd) {
         let client_msg_id = cmd.client_msg_id;
         let outgoing = Outgoing {
             business: cmd.business,
@@ -870,7 +864,7 @@ impl Shard {
     fn answer_ask(&mut self, customer: u64, r: BusinessRequest) -> Result<Body, BrokerError> {
         let b = r.business;
         if !self.is_business(b) {
-            return Err(refusal(
+            return Err(BrokerError::refused(
                 ErrorCode::NOT_A_BUSINESS,
                 format!("{b} is not a business"),
             ));
@@ -921,7 +915,7 @@ impl Shard {
             }
             BusinessOp::OptIn | BusinessOp::OptOut => {
                 let Some(purpose) = purpose_name(r.purpose) else {
-                    return Err(refusal(
+                    return Err(BrokerError::refused(
                         ErrorCode::INVALID_REQUEST,
                         "an opt-in or opt-out names its purpose",
                     ));

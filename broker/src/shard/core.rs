@@ -411,7 +411,7 @@ impl Shard {
                 self.group_op(op);
             }
             ShardCmd::Broadcast(b) => self.plan_broadcast(b),
-            ShardCmd::BusinessSend(b) => self.admit_business_send(b, batch),
+            ShardCmd::BusinessSend(b) => self.admit_business_send(b),
             ShardCmd::BusinessAsk(a) => {
                 // Its write is synced on its own: what is planned goes first.
                 self.write_batch(batch);
