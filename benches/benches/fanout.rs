@@ -60,7 +60,7 @@ fn fanout(c: &mut Criterion) {
                     log_threshold: if strategy == "refs" { 100_000 } else { 1 },
                     mark_coalesce: Duration::from_millis(10),
                     clock,
-                    business: courier_broker::config::BusinessSettings::default(),
+                    business: std::sync::Arc::default(),
                     directory: std::sync::Arc::new(
                         courier_broker::shard::business_state::Directory::new(
                             courier_broker::config::BusinessSettings::default().platform_account,

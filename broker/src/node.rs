@@ -128,7 +128,7 @@ impl Node {
                 },
                 mark_coalesce: Duration::from_millis(limits.mark_coalesce_ms),
                 clock: clock.clone(),
-                business: config.business.clone(),
+                business: Arc::new(config.business.clone()),
                 directory: businesses.clone(),
             },
             store.clone(),

@@ -46,8 +46,9 @@ pub struct ShardConfig {
     /// The node's one clock (the store's idempotency window and expiring
     /// space read the same one).
     pub clock: Clock,
-    /// The rules of business messaging.
-    pub business: crate::config::BusinessSettings,
+    /// The rules of business messaging (shared: a business send takes a
+    /// reference, not a copy of the keyword lists).
+    pub business: Arc<crate::config::BusinessSettings>,
     /// The node's directory of businesses, kept by the shards for the
     /// sessions.
     pub directory: Arc<super::business_state::Directory>,
@@ -65,7 +66,7 @@ impl ShardConfig {
             log_threshold: 4,
             mark_coalesce: Duration::ZERO,
             clock: Clock::system(),
-            business: crate::config::BusinessSettings::default(),
+            business: Arc::default(),
             directory: Arc::new(super::business_state::Directory::new(
                 crate::config::BusinessSettings::default().platform_account,
             )),
