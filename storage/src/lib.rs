@@ -100,6 +100,16 @@ pub trait InboxStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
+    /// Erases the messages of `inbox` at `seqs` in place (a person's data
+    /// erased on request): each keeps its sequence, ids, sender, time and
+    /// destination, takes `kind` (the protocol's "erased") and loses its
+    /// payload. Sequences not stored (trimmed, never written) are skipped,
+    /// and so are references, whose body is a log's and not the inbox's.
+    /// One atomic write, as durable as an append. Returns how many entries
+    /// changed (an entry already erased does not count). Refused, with
+    /// nothing written, when the inbox's slot is not served here.
+    fn erase(&self, inbox: u64, seqs: &[u64], kind: u8) -> Result<usize, StoreError>;
+
     /// Head, acknowledged and oldest retained sequence of `inbox`.
     fn state(&self, inbox: u64) -> Result<InboxState, StoreError>;
 

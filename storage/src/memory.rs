@@ -202,6 +202,23 @@ impl InboxStore for MemoryStore {
             })
     }
 
+    fn erase(&self, inbox: u64, seqs: &[u64], kind: u8) -> Result<usize, StoreError> {
+        let mut inner = self.inner.lock().expect("memory store lock");
+        let Some(i) = inner.inboxes.get_mut(&inbox) else {
+            return Ok(0);
+        };
+        let mut changed = 0;
+        for seq in seqs {
+            if let Some(Entry::Record(record, _)) = i.messages.get_mut(seq) {
+                if let Some(erased) = record.erased(kind) {
+                    *record = erased;
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
         self.append_with(&[], kv, 0).map(|_| ())
     }

@@ -509,6 +509,16 @@ impl Value {
 }
 
 impl Record {
+    /// The record with its payload erased and its kind `kind`; `None` if it
+    /// is that already.
+    pub(crate) fn erased(&self, kind: u8) -> Option<Record> {
+        (self.kind != kind || !self.payload.is_empty()).then(|| Record {
+            kind,
+            payload: Bytes::new(),
+            ..self.clone()
+        })
+    }
+
     pub(crate) fn encode(&self, out: &mut BytesMut) {
         out.reserve(RECORD_FIXED_LEN + self.payload.len());
         out.put_u8(RECORD_FORMAT_V1);

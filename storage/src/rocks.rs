@@ -1006,6 +1006,46 @@ impl InboxStore for RocksStore {
         Ok(outcomes)
     }
 
+    fn erase(&self, inbox: u64, seqs: &[u64], kind: u8) -> Result<usize, StoreError> {
+        let served = self.served();
+        if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
+            return Err(StoreError::Unreplicated(
+                "the inbox's shard is not served here".into(),
+            ));
+        }
+        let mut b = self.batch();
+        let mut value = BytesMut::new();
+        let cf = self.cf(CF_INBOX);
+        let mut changed = 0;
+        for &seq in seqs {
+            let key = self.inbox_key(inbox, seq);
+            let Some(stored) = self.db.get_pinned_cf(cf, key.as_ref())? else {
+                continue;
+            };
+            value.clear();
+            match Value::decode(&stored)? {
+                Value::Ref(..) => continue,
+                Value::Record(r) => match r.erased(kind) {
+                    Some(r) => r.encode(&mut value),
+                    None => continue,
+                },
+                Value::Copy(at, r) => match r.erased(kind) {
+                    Some(r) => encode_copy(at, &r, &mut value),
+                    None => continue,
+                },
+            }
+            b.put(Space::Inbox, key.as_ref(), &value);
+            changed += 1;
+        }
+        if changed == 0 {
+            return Ok(0);
+        }
+        let Batch { wb, notes, raw, .. } = b;
+        self.write(wb)?;
+        self.committed(notes, raw);
+        Ok(changed)
+    }
+
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
         let served = self.served();
         let mut b = self.batch();

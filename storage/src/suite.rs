@@ -250,6 +250,71 @@ pub(crate) fn copies_of_log_entries_kept_elsewhere_read_back_whole(s: &dyn Inbox
     assert!(s.read_after(30, 0, 10).unwrap().is_empty());
 }
 
+/// Erasing messages rewrites them where they are: the sequence, ids,
+/// sender and time stay (the inbox keeps no gap, a retry is still a
+/// duplicate), the kind becomes the one given and the payload goes. Copies
+/// are erased too; references (the body is the log's), sequences never
+/// stored and entries already erased are not counted.
+pub(crate) fn erased_messages_keep_their_place_and_lose_their_payload(s: &dyn InboxStore) {
+    const ERASED: u8 = 6;
+    const LOG: u64 = 1 << 63 | 7;
+    let body = msg(LOG, 5, 1, 100, "group body");
+    s.append(std::slice::from_ref(&body), 100).unwrap();
+    let at = LogRef { log: LOG, seq: 1 };
+    let from_log = |form: Form, scope: u64| NewMessage {
+        inbox: 40,
+        idempotency: Some(IdempotencyKey {
+            sender: LOG,
+            client_msg_id: scope,
+            scope: 40,
+        }),
+        record: body.record.clone(),
+        form,
+    };
+    let out = s
+        .append(
+            &[
+                msg(40, 9, 1, 101, "one"),
+                msg(40, 8, 2, 102, "two"),
+                msg(40, 9, 3, 103, "three"),
+                from_log(Form::Reference(at), 1),
+                from_log(Form::Copy(at), 2),
+            ],
+            103,
+        )
+        .unwrap();
+    assert_eq!(seqs(&out), vec![1, 2, 3, 4, 5]);
+    let before = s.read_after(40, 0, 10).unwrap();
+    assert_eq!(s.erase(40, &[1, 3, 4, 5, 99], ERASED).unwrap(), 3);
+    let after = s.read_after(40, 0, 10).unwrap();
+    assert_eq!(after.len(), 5);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!((a.seq, a.via), (b.seq, b.via));
+        let erased = [1, 3, 5].contains(&a.seq);
+        let expected = if erased {
+            Record {
+                kind: ERASED,
+                payload: Bytes::new(),
+                ..b.record.clone()
+            }
+        } else {
+            b.record.clone()
+        };
+        assert_eq!(a.record, expected, "seq {}", a.seq);
+    }
+    assert_eq!(s.erase(40, &[1, 3, 5], ERASED).unwrap(), 0, "done already");
+    assert_eq!(s.erase(41, &[1], ERASED).unwrap(), 0, "an empty inbox");
+    assert_eq!(s.state(40).unwrap().head_seq, 5);
+    let retry = s.append(&[msg(40, 9, 1, 101, "one")], 104).unwrap();
+    assert!(
+        matches!(retry[0], AppendOutcome::Duplicate(p) if p.seq == 1),
+        "{retry:?}"
+    );
+    assert_eq!(s.read_after(LOG, 0, 1).unwrap()[0].record, body.record);
+    s.ack(40, 2).unwrap();
+    assert_eq!(s.trim_acked(40, 1000).unwrap().oldest_seq, 3);
+}
+
 pub(crate) fn kv_writes_are_atomic_with_appends_and_scan_by_prefix(s: &dyn InboxStore) {
     let put = |k: &[u8], v: &[u8]| KvOp::Put {
         key: k.to_vec(),
@@ -351,6 +416,10 @@ macro_rules! suite {
             #[test]
             fn copies_of_log_entries_kept_elsewhere_read_back_whole() {
                 with_store(super::copies_of_log_entries_kept_elsewhere_read_back_whole)
+            }
+            #[test]
+            fn erased_messages_keep_their_place_and_lose_their_payload() {
+                with_store(super::erased_messages_keep_their_place_and_lose_their_payload)
             }
             #[test]
             fn kv_writes_are_atomic_with_appends_and_scan_by_prefix() {
@@ -531,6 +600,10 @@ mod slots {
         assert!(s.read_after(b, 0, 10).unwrap().is_empty());
         assert_eq!(s.ack(b, 1).unwrap(), InboxState::default());
         assert!(t.not_served() >= 2);
+        assert!(
+            matches!(s.erase(b, &[1], 6), Err(StoreError::Unreplicated(_))),
+            "an erasure of an inbox not served is refused"
+        );
         let again = s.append(&[msg(b, 9, 2, 1, "b")], 2).unwrap();
         assert_eq!(again[0], AppendOutcome::NotServed, "not remembered either");
         t.serve_only(std::slice::from_ref(&(0..SLOTS as u16)));
@@ -583,6 +656,7 @@ mod slots {
                 .unwrap();
             a.ack(5, 2).unwrap();
             a.trim_acked(5, u64::MAX).unwrap();
+            assert_eq!(a.erase(7, &[round], 6).unwrap(), 1);
         }
         let entries = std::mem::take(&mut *tap.0.lock().unwrap());
         assert!(

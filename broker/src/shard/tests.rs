@@ -310,6 +310,7 @@ enum Write {
     Lazy(Vec<courier_storage::KvOp>),
     Ack(u64, u64),
     Trim(u64, u64),
+    Erase(u64, Vec<u64>, u8),
 }
 
 impl Write {
@@ -318,6 +319,7 @@ impl Write {
             Write::Append(m, kv, now) => drop(store.append_with(m, kv, *now).unwrap()),
             Write::Lazy(kv) => store.write_lazy(kv).unwrap(),
             Write::Ack(inbox, seq) => drop(store.ack(*inbox, *seq).unwrap()),
+            Write::Erase(inbox, seqs, kind) => drop(store.erase(*inbox, seqs, *kind).unwrap()),
             Write::Trim(inbox, older) => drop(store.trim_acked(*inbox, *older).unwrap()),
         }
     }
@@ -399,6 +401,15 @@ impl InboxStore for Recording {
     ) -> Result<courier_storage::InboxState, courier_storage::StoreError> {
         let w = Write::Trim(inbox, older_than_ms);
         self.record(w, |s| s.trim_acked(inbox, older_than_ms))
+    }
+    fn erase(
+        &self,
+        inbox: u64,
+        seqs: &[u64],
+        kind: u8,
+    ) -> Result<usize, courier_storage::StoreError> {
+        let w = Write::Erase(inbox, seqs.to_vec(), kind);
+        self.record(w, |s| s.erase(inbox, seqs, kind))
     }
     fn sync(&self) -> Result<(), courier_storage::StoreError> {
         Ok(())

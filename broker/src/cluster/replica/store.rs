@@ -239,6 +239,19 @@ impl InboxStore for ReplicatedStore {
         out
     }
 
+    fn erase(&self, inbox: u64, seqs: &[u64], kind: u8) -> Result<usize, StoreError> {
+        // Entries already visible, rewritten in place: nothing to hide;
+        // answered once the copies have the rewrite (a failure leaves it
+        // here, and a retry of the erasure redoes it everywhere).
+        let out = self.inner().erase(inbox, seqs, kind);
+        if out.is_err() {
+            self.replication.forget_written();
+            return out;
+        }
+        self.replication.settle()?;
+        out
+    }
+
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
         let out = self.inner().write_lazy(kv);
         self.replication.forget_written();
