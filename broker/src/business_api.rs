@@ -171,6 +171,7 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
                 400 => "400 Bad Request",
                 404 => "404 Not Found",
                 421 => "421 Misdirected Request",
+                503 => "503 Service Unavailable",
                 _ => "500 Internal Server Error",
             },
             json!({ "error": message, "code": code }),

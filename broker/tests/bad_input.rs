@@ -191,14 +191,17 @@ async fn requests_that_break_a_rule_get_their_code_and_the_session_goes_on() {
         ),
         ErrorCode::INVALID_DESTINATION
     );
-    assert_eq!(
-        rejected(
-            alice
-                .send(Destination::User(2), MessageKind::System, chat("sys"))
-                .await
-        ),
-        ErrorCode::KIND_NOT_ALLOWED
-    );
+    for kind in [
+        MessageKind::Receipt,
+        MessageKind::System,
+        MessageKind::Erased,
+    ] {
+        assert_eq!(
+            rejected(alice.send(Destination::User(2), kind, chat("x")).await),
+            ErrorCode::KIND_NOT_ALLOWED,
+            "{kind:?}"
+        );
+    }
     assert_eq!(
         rejected(
             alice

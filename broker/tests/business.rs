@@ -763,14 +763,7 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
 
     // Erasure: the ledger's details go, a tombstone says when; the rules
     // see a customer the business never had.
-    let (status, erased) = s
-        .admin_json(
-            "POST",
-            &format!("/admin/businesses/{b}/erase/{customer}"),
-            Value::Null,
-        )
-        .await;
-    assert_eq!(status, 200, "{erased}");
+    let erased = erase(&s, b, customer).await;
     assert_eq!(erased["ledger_entries_erased"], 6);
     let (status, export) = s
         .admin_json(
@@ -795,6 +788,116 @@ async fn consent_the_window_keywords_and_blocks_are_enforced_and_survive_a_crash
         rejected(business.send_with_id(19, d, k, p).await),
         ErrorCode::OUTSIDE_WINDOW
     );
+}
+
+/// Erasure of a customer's data held for a business reaches the messages:
+/// every entry the customer left in the business's inbox (messages,
+/// receipts) reads back as kind `erased`, empty, in its place, in a fetch
+/// and in a resume after a crash alike. Other customers' messages stay, a
+/// retry of an erased message is still the one message, the export shows
+/// the tombstone, and what the customer writes next is stored as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_empties_what_the_customer_left_in_the_business_inbox() {
+    let mut s = node();
+    let (b, one_id, two_id) = (7101, 7102, 7103);
+    register(&s, b, "Shop").await;
+    let (business, _) = s.client(b).await;
+    let (one, _) = s.client(one_id).await;
+    let (two, _) = s.client(two_id).await;
+    let (status, state) = consent(&s, b, one_id, "opt_in", "utility").await;
+    assert_eq!(status, 200, "{state}");
+    let to_b = |t: &str| (Destination::User(b), MessageKind::Chat, chat(t));
+    let (d, k, p) = to_b("my address is 1 Main St");
+    one.send_with_id(1, d, k, p).await.unwrap();
+    let (d, k, p) = to_b("call me on 555 0100");
+    one.send_with_id(2, d, k, p).await.unwrap();
+    let (d, k, p) = to_b("hello from the other customer");
+    two.send_with_id(1, d, k, p).await.unwrap();
+    // The business answers in the window; the customer reads it: a
+    // receipt in the business's inbox.
+    business
+        .send(Destination::User(one_id), MessageKind::Chat, chat("noted"))
+        .await
+        .unwrap();
+    let answer = one.recv_timeout(WAIT).await.unwrap();
+    one.mark_read(answer.seq).await.unwrap();
+    let mut before = Vec::new();
+    while before.len() < 4 {
+        before.push(business.recv_timeout(WAIT).await.unwrap());
+    }
+    let kinds: Vec<_> = before.iter().map(|m| (m.sender, m.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (one_id, MessageKind::Chat),
+            (one_id, MessageKind::Chat),
+            (two_id, MessageKind::Chat),
+            (one_id, MessageKind::Receipt),
+        ]
+    );
+
+    let erased = erase(&s, b, one_id).await;
+    assert_eq!(erased["messages_erased"], 3, "{erased}");
+    assert_eq!(erased["ledger_entries_erased"], 1, "{erased}");
+    let erased_view = |m: &Message| {
+        if m.sender == one_id {
+            Message {
+                kind: MessageKind::Erased,
+                payload: Default::default(),
+                ..m.clone()
+            }
+        } else {
+            m.clone()
+        }
+    };
+    let expected: Vec<Message> = before.iter().map(erased_view).collect();
+    let fetched = business.fetch(0, 100).await.unwrap().messages;
+    assert_eq!(fetched, expected);
+    let (d, k, p) = to_b("my address is 1 Main St");
+    let again = one.send_with_id(1, d, k, p).await.unwrap();
+    assert!(again.duplicate, "a retry of an erased message: {again:?}");
+    let (status, export) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/export/{one_id}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(export["ledger"], json!([]));
+    assert_eq!(
+        export["erasures"][0]["erased_at_ms"],
+        erased["erased_at_ms"]
+    );
+
+    // After a crash a business resuming from the start reads them erased.
+    drop((business, one, two));
+    s.kill();
+    s.restart();
+    let (business, _) = s.resume(b, 0).await;
+    let mut resumed = Vec::new();
+    while resumed.len() < 4 {
+        resumed.push(business.recv_timeout(WAIT).await.unwrap());
+    }
+    assert_eq!(resumed, expected);
+    // The data is gone, not the customer: the next message is as sent, and
+    // erasing again erases it.
+    let (one, _) = s.client(one_id).await;
+    let (d, k, p) = to_b("back again");
+    one.send_with_id(3, d, k, p).await.unwrap();
+    let next = business.recv_timeout(WAIT).await.unwrap();
+    assert_eq!(
+        (next.kind, next.payload),
+        (MessageKind::Chat, chat("back again"))
+    );
+    assert_eq!(erase(&s, b, one_id).await["messages_erased"], 1);
+}
+
+async fn erase(s: &Server, b: u64, customer: u64) -> Value {
+    let path = format!("/admin/businesses/{b}/erase/{customer}");
+    let (status, erased) = s.admin_json("POST", &path, Value::Null).await;
+    assert_eq!(status, 200, "{erased}");
+    erased
 }
 
 /// A STOP racing a campaign: the business's sends are admitted in order on

@@ -828,6 +828,63 @@ mod replication {
         let rebuilds = nodes[2].metric("courier_replication_rebuilds_total").await;
         assert!(rebuilds >= 16, "r3 copied every shard: {rebuilds}");
     }
+    /// A business's erasure of a customer's messages is on every in-sync
+    /// copy of the business's shard before the admin API answers: the
+    /// copy promoted once the business's node is SIGKILLed serves them
+    /// erased, and the three copies agreed before the kill.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_business_erasure_is_on_every_copy_before_it_is_answered() {
+        use courier_protocol::{Destination, MessageKind};
+        let Some(etcd) = Etcd::start() else { return };
+        let extra = [
+            ("COURIER_CLUSTER_SHARDS", "16"),
+            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
+        ];
+        let ids = ["e1", "e2", "e3"];
+        let mut nodes = three_linked_with("elder", ids, &etcd, &extra).await;
+        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
+        let map = shards(&nodes[1]).await;
+        let b = user_on(&map, "e1", 600);
+        let customer = user_on(&map, "e2", 600);
+        let path = format!("/admin/businesses/{b}");
+        let (status, answer) = nodes[0]
+            .admin_json("PUT", &path, serde_json::json!({ "display_name": "Shop" }))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (c, _) = nodes[2].client(customer).await;
+        for text in ["my address is 1 Main St", "call me on 555 0100"] {
+            c.send(Destination::User(b), MessageKind::Chat, chat(text))
+                .await
+                .unwrap();
+        }
+        let (status, erased) = nodes[0]
+            .admin_json("POST", &format!("{path}/erase/{customer}"), Value::Null)
+            .await;
+        assert_eq!(status, 200, "{erased}");
+        assert_eq!(erased["messages_erased"], 2, "{erased}");
+        let all: Vec<&Server> = nodes.iter().collect();
+        copies_agree(&all, "the copies agree after the erasure").await;
+
+        nodes[0].kill();
+        wait_status(&nodes[1], "e1's shards promoted", |s| {
+            shards_of(s, "e1") == 0 && s["shards_unavailable"] == 0
+        })
+        .await;
+        let (business, _) = nodes[1].client(b).await;
+        let read = business.fetch(0, 10).await.unwrap().messages;
+        let seen: Vec<_> = read
+            .iter()
+            .map(|m| (m.seq, m.sender, m.kind, m.payload.len()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, customer, MessageKind::Erased, 0),
+                (2, customer, MessageKind::Erased, 0)
+            ]
+        );
+    }
+
     /// How many shards `id` holds a copy of, by a node's status.
     fn copies_of(s: &Value, id: &str) -> u64 {
         s["nodes"]

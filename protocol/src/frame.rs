@@ -204,6 +204,9 @@ pub enum MessageKind {
     Status = 3,
     System = 4,
     Template = 5,
+    /// A message erased on request (a customer's data erased for a
+    /// business): the record keeps its place and ids, the payload is empty.
+    Erased = 6,
 }
 
 impl MessageKind {
@@ -214,6 +217,7 @@ impl MessageKind {
             3 => MessageKind::Status,
             4 => MessageKind::System,
             5 => MessageKind::Template,
+            6 => MessageKind::Erased,
             _ => return None,
         })
     }

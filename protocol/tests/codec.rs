@@ -158,12 +158,28 @@ fn unknown_destination_tags_and_kinds_are_malformed() {
         decode(&bad_tag, DEFAULT_MAX_FRAME_LEN),
         Err(DecodeError::Malformed { .. })
     ));
-    let mut bad_kind = good;
-    bad_kind[HEADER_LEN + 17] = 0;
-    assert!(matches!(
-        decode(&bad_kind, DEFAULT_MAX_FRAME_LEN),
-        Err(DecodeError::Malformed { .. })
-    ));
+    for kind in [0, 7, 255] {
+        let mut bad_kind = good.clone();
+        bad_kind[HEADER_LEN + 17] = kind;
+        assert!(
+            matches!(
+                decode(&bad_kind, DEFAULT_MAX_FRAME_LEN),
+                Err(DecodeError::Malformed { .. })
+            ),
+            "kind {kind}"
+        );
+    }
+    // Kinds 1 to 6 are known (the server refuses the ones clients may not
+    // send, but they decode).
+    for kind in 1..=6u8 {
+        let mut known = good.clone();
+        known[HEADER_LEN + 17] = kind;
+        let (frame, _) = decode(&known, DEFAULT_MAX_FRAME_LEN).unwrap().unwrap();
+        let Body::Send(s) = frame.body else {
+            panic!("a send")
+        };
+        assert_eq!(s.kind as u8, kind);
+    }
 }
 
 proptest! {

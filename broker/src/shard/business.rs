@@ -959,6 +959,13 @@ impl Shard {
     pub(crate) fn business_admin(&mut self, a: BusinessAdminCmd) {
         let answer = self.answer_admin(a.business, a.op).map_err(|e| match e {
             AdminError::Invalid(i) => i,
+            AdminError::Broker(
+                e @ BrokerError::Storage(courier_storage::StoreError::Unreplicated(_)),
+            ) => Invalid {
+                status: 503,
+                code: "unavailable",
+                message: format!("{e}; retry"),
+            },
             AdminError::Broker(e) => {
                 error!(shard = self.id, error = %e, "a business admin request failed");
                 Invalid {
@@ -1188,6 +1195,9 @@ impl Shard {
                 serde_json::json!({ "business": b, "customer": customer, "current": current, "history": history })
             }
             AdminOp::Erase { customer } => {
+                // The messages first, the tombstone last: an erasure cut
+                // short leaves no tombstone, and its retry finishes it.
+                let messages = self.erase_messages(b, customer)?;
                 let mut ops: Vec<KvOp> = self
                     .store
                     .scan(&keys::ledger(b, customer), usize::MAX)?
@@ -1209,7 +1219,13 @@ impl Shard {
                 if let Some(l) = self.business.loaded.get_mut(&b) {
                     l.started.remove(&customer);
                 }
-                serde_json::json!({ "business": b, "customer": customer, "erased_at_ms": now, "ledger_entries_erased": erased })
+                serde_json::json!({
+                    "business": b,
+                    "customer": customer,
+                    "erased_at_ms": now,
+                    "ledger_entries_erased": erased,
+                    "messages_erased": messages,
+                })
             }
             AdminOp::Export { customer } => {
                 let history = self.history(b, customer)?;
@@ -1218,6 +1234,36 @@ impl Shard {
             }
         };
         Ok(value)
+    }
+
+    /// Erases what `customer` left in business `b`'s inbox (messages to
+    /// it, to lists it is on, receipts): each becomes kind `erased`, in
+    /// place. Read a page at a time, each page's erasure one write; the
+    /// customer's next message is appended on this thread, so none slips
+    /// in between. Returns how many entries were erased.
+    fn erase_messages(&self, b: u64, customer: u64) -> Result<usize, BrokerError> {
+        const PAGE: usize = 1024;
+        let mut after = self.store.state(b)?.oldest_seq.saturating_sub(1);
+        let mut erased = 0;
+        loop {
+            let page = self.store.read_after(b, after, PAGE)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.seq;
+            let seqs: Vec<u64> = page
+                .iter()
+                .filter(|m| m.record.sender == customer)
+                .map(|m| m.seq)
+                .collect();
+            if !seqs.is_empty() {
+                erased += self.store.erase(b, &seqs, MessageKind::Erased as u8)?;
+            }
+            if page.len() < PAGE {
+                break;
+            }
+        }
+        Ok(erased)
     }
 
     /// The ledger of one customer, or every customer, in order.
