@@ -100,11 +100,7 @@ fn fanout(c: &mut Criterion) {
                                     client_msg_id: next_id,
                                     kind: MessageKind::Chat,
                                     payload: payload.clone(),
-                                    reply: GroupReply::Session(ReplyTo {
-                                        tx: rtx.clone(),
-                                        request_id: 0,
-                                        index: None,
-                                    }),
+                                    reply: GroupReply::Session(ReplyTo::new(rtx.clone(), 0, None)),
                                     accepted: std::time::Instant::now(),
                                 });
                                 shards.send(group, cmd).await;

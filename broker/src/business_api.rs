@@ -64,6 +64,14 @@ struct ConsentBody {
     language: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    url: String,
+    #[serde(default)]
+    secret: String,
+}
+
 /// An answer: the HTTP status line's status, and the JSON body.
 pub(crate) type Answer = (&'static str, serde_json::Value);
 
@@ -78,6 +86,37 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Answer> {
             json!({ "error": format!("the body: {e}"), "code": "body_invalid" }),
         )
     })
+}
+
+/// The most events one request reads.
+const EVENTS_MAX: usize = 1000;
+
+/// `events[/<after>[/<limit>]]`: the events after a sequence (0), at most
+/// `limit` (100).
+fn events_op(rest: &[&str]) -> Result<AdminOp, Answer> {
+    let number = |s: Option<&&str>, default: u64| match s {
+        None => Some(default),
+        Some(s) => s.parse::<u64>().ok(),
+    };
+    match (
+        number(rest.first(), 0),
+        number(rest.get(1), 100),
+        rest.len(),
+    ) {
+        (Some(after), Some(limit), 0..=2) if (1..=EVENTS_MAX as u64).contains(&limit) => {
+            Ok(AdminOp::Events {
+                after,
+                limit: limit as usize,
+            })
+        }
+        _ => Err((
+            "400 Bad Request",
+            json!({
+                "error": format!("events/<after>/<limit>: numbers, limit 1 to {EVENTS_MAX}"),
+                "code": "range_invalid",
+            }),
+        )),
+    }
 }
 
 /// `rest` is the path after `/admin/businesses/`.
@@ -144,6 +183,20 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             }),
             Err(_) => Err(error("400 Bad Request", "a customer is a user id")),
         },
+        ("GET", ["events", rest @ ..]) => events_op(rest),
+        ("GET", ["messages", id]) => match id.parse() {
+            Ok(message) => Ok(AdminOp::MessageStatus { message }),
+            Err(_) => Err(error("400 Bad Request", "a message is a client message id")),
+        },
+        ("POST", ["messages", id, "converted"]) => match id.parse() {
+            Ok(message) => Ok(AdminOp::Convert { message }),
+            Err(_) => Err(error("400 Bad Request", "a message is a client message id")),
+        },
+        ("PUT", ["webhook"]) => parse::<WebhookBody>(body).map(|w| AdminOp::SetWebhook {
+            url: w.url,
+            secret: w.secret,
+        }),
+        ("GET", ["webhook"]) => Ok(AdminOp::Webhook),
         ("GET" | "PUT" | "POST", _) => Err(error("404 Not Found", "no such business request")),
         _ => Err(error("405 Method Not Allowed", "method not allowed")),
     };
@@ -151,18 +204,9 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
         Ok(op) => op,
         Err(answer) => return answer,
     };
-    let (tx, rx) = oneshot::channel();
-    let cmd = ShardCmd::BusinessAdmin(BusinessAdminCmd {
-        business: b,
-        op,
-        answer: tx,
-    });
-    if !node.shards.send(b, cmd).await {
-        return error("503 Service Unavailable", "the node is stopping");
-    }
-    match rx.await {
-        Ok(Ok(v)) => ("200 OK", v),
-        Ok(Err(Invalid {
+    match ask(node, b, op).await {
+        Some(Ok(v)) => ("200 OK", v),
+        Some(Err(Invalid {
             status,
             code,
             message,
@@ -176,6 +220,24 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             },
             json!({ "error": message, "code": code }),
         ),
-        Err(_) => error("503 Service Unavailable", "the node is stopping"),
+        None => error("503 Service Unavailable", "the node is stopping"),
     }
+}
+
+/// Asks business `b`'s shard; `None` if the node is stopping.
+pub(crate) async fn ask(
+    node: &Node,
+    b: u64,
+    op: AdminOp,
+) -> Option<Result<serde_json::Value, Invalid>> {
+    let (tx, rx) = oneshot::channel();
+    let cmd = ShardCmd::BusinessAdmin(BusinessAdminCmd {
+        business: b,
+        op,
+        answer: tx,
+    });
+    if !node.shards.send(b, cmd).await {
+        return None;
+    }
+    rx.await.ok()
 }

@@ -306,6 +306,18 @@ pub struct BusinessSettings {
     pub opt_out_keywords: Vec<String>,
     /// ...and one of these restores what the last opt-out keyword withdrew.
     pub opt_in_keywords: Vec<String>,
+    /// How long a webhook request may take before it counts as failed.
+    pub webhook_timeout_ms: u64,
+    /// The first wait before a failed webhook request is retried; each
+    /// failure doubles it...
+    pub webhook_retry_ms: u64,
+    /// ...up to this.
+    pub webhook_retry_max_ms: u64,
+    /// Events the webhook has not taken this long after they happened are
+    /// dropped (and counted).
+    pub webhook_give_up_ms: u64,
+    /// Events in one webhook request, at most.
+    pub webhook_batch: usize,
 }
 
 impl Default for BusinessSettings {
@@ -322,6 +334,11 @@ impl Default for BusinessSettings {
             max_templates: 250,
             marketing_per_customer: 2,
             marketing_period_ms: 24 * 3600 * 1000,
+            webhook_timeout_ms: 10_000,
+            webhook_retry_ms: 1_000,
+            webhook_retry_max_ms: 15 * 60 * 1000,
+            webhook_give_up_ms: 7 * 24 * 3600 * 1000,
+            webhook_batch: 100,
             opt_out_keywords: words(&[
                 "STOP",
                 "UNSUBSCRIBE",
@@ -630,6 +647,13 @@ impl Config {
         anyhow::ensure!(
             b.messages_per_sec >= 1 && b.messages_per_sec <= b.max_messages_per_sec,
             "business.messages_per_sec must be from 1 to business.max_messages_per_sec"
+        );
+        anyhow::ensure!(
+            b.webhook_timeout_ms >= 1
+                && b.webhook_retry_ms >= 1
+                && b.webhook_retry_max_ms >= b.webhook_retry_ms
+                && (1..=1000).contains(&b.webhook_batch),
+            "business.webhook_timeout_ms and webhook_retry_ms must be at least 1, webhook_retry_max_ms at least webhook_retry_ms, webhook_batch from 1 to 1000"
         );
         anyhow::ensure!(
             b.per_customer_burst >= 1 && b.per_customer_interval_ms >= 1,

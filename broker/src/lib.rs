@@ -24,7 +24,8 @@
 //!   port's TLS configuration, reloaded on SIGHUP), [`gate`] (admission:
 //!   connection, unauthenticated and per-source budgets), [`node`] (what
 //!   every connection shares), [`server`] (start, accept loops, shutdown),
-//!   [`admin`] (health, metrics, admin API) and [`cli`].
+//!   [`admin`] (health, metrics, admin API), [`webhooks`] (businesses'
+//!   events posted to their endpoints) and [`cli`].
 //!
 //! [`fuzzing`] holds the fuzz targets (stored rows, the session state
 //! machine against an in-process node) that `fuzz/` and the tests drive.
@@ -49,3 +50,4 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod state;
+pub mod webhooks;

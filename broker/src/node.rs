@@ -110,6 +110,10 @@ impl Node {
         let businesses = Arc::new(crate::shard::business_state::Directory::new(
             config.business.platform_account,
         ));
+        // Connected before the shards start: each pokes its businesses
+        // with a webhook as it loads them.
+        let (webhooks, pokes) = tokio::sync::mpsc::unbounded_channel();
+        businesses.send_webhooks_to(webhooks);
         let shards = Shards::start(
             config.shard_count(),
             ShardConfig {
@@ -142,7 +146,7 @@ impl Node {
         });
         let send_rates = SendRates::new(limits.sends_per_user_per_sec);
         let metrics = Arc::new(Metrics::new(&shards.stats));
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             config,
             store,
             shards,
@@ -165,7 +169,9 @@ impl Node {
             accept_log: LogEvery::new(10_000),
             disk_full: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
-        }))
+        });
+        crate::webhooks::start(&node, pokes);
+        Ok(node)
     }
 
     /// A new group id (`GROUP_ID_BIT` set). In a cluster, one whose shard

@@ -1518,3 +1518,360 @@ async fn clients_fetch_template_packs_keep_them_31_days_and_retry_failures_after
     assert_eq!(pack.json, "[]");
     assert_eq!(c.template_pack_fetches(), 4);
 }
+
+/// A webhook receiver over real TCP: the first request is answered 500,
+/// the second never (the node's timeout), the rest 200 while `failing` is
+/// off and 503 while it is on. Records every request.
+struct Hook {
+    requests: std::sync::Mutex<Vec<(u16, String, Vec<u8>)>>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Hook {
+    async fn start() -> (std::sync::Arc<Hook>, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/shop", listener.local_addr().unwrap());
+        let hook = std::sync::Arc::new(Hook {
+            requests: Default::default(),
+            failing: Default::default(),
+        });
+        let h = hook.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let h = h.clone();
+                tokio::spawn(async move { h.answer(sock).await });
+            }
+        });
+        (hook, url)
+    }
+
+    async fn answer(&self, mut sock: tokio::net::TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let (head_len, body_len) = loop {
+            let n = sock.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap();
+                break (i + 4, len);
+            }
+        };
+        while buf.len() < head_len + body_len {
+            let n = sock.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let head = String::from_utf8_lossy(&buf[..head_len]).to_string();
+        let signature = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Courier-Signature: "))
+            .unwrap_or("")
+            .to_owned();
+        let body = buf[head_len..head_len + body_len].to_vec();
+        let status = {
+            let mut r = self.requests.lock().unwrap();
+            let status = match r.len() {
+                0 => 500,
+                1 => 0,
+                _ if self.failing.load(std::sync::atomic::Ordering::SeqCst) => 503,
+                _ => 200,
+            };
+            r.push((status, signature, body));
+            status
+        };
+        if status == 0 {
+            // Never answered: the node's timeout ends it.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+        let _ = sock.write_all(answer.as_bytes()).await;
+    }
+
+    /// The events of every request answered 200, in the order they came,
+    /// each request's signature checked.
+    fn taken(&self, secret: &str) -> Vec<Value> {
+        use hmac::Mac;
+        let mut out = Vec::new();
+        for (status, signature, body) in self.requests.lock().unwrap().iter() {
+            let (t, v1) = signature
+                .strip_prefix("t=")
+                .and_then(|s| s.split_once(",v1="))
+                .unwrap_or_else(|| panic!("a signature: {signature:?}"));
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(body);
+            let expected = courier_protocol::token::encode_hex(&mac.finalize().into_bytes());
+            assert_eq!(
+                v1,
+                expected,
+                "the signature of {}",
+                String::from_utf8_lossy(body)
+            );
+            if *status == 200 {
+                let v: Value = serde_json::from_slice(body).unwrap();
+                out.extend(v["events"].as_array().unwrap().iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Waits (bounded) until the events taken cover sequences 1..=`last`.
+    async fn wait_taken(&self, secret: &str, last: u64) -> Vec<Value> {
+        self.wait_until(secret, |taken| {
+            let seen: std::collections::BTreeSet<u64> =
+                taken.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+            (1..=last).all(|s| seen.contains(&s))
+        })
+        .await
+    }
+
+    /// Waits (bounded) until the events taken pass `done`.
+    async fn wait_until(&self, secret: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let taken = self.taken(secret);
+            if done(&taken) {
+                return taken;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the webhook took {taken:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The changes of `events` for message `id`, in order.
+fn changes_of(events: &[Value], id: u64) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["message"] == id)
+        .map(|e| e["change"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits (bounded) until message `id` of business `b` has `status`.
+async fn wait_status(s: &Server, b: u64, id: u64, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, v) = s
+            .admin_json(
+                "GET",
+                &format!("/admin/businesses/{b}/messages/{id}"),
+                Value::Null,
+            )
+            .await;
+        if code == 200 && v["status"] == status {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{code} {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Each business message moves accepted, sent, delivered, read (and
+/// converted when the business says so), told as events with the
+/// business's own gap-free sequence: over the admin API, and to a signed
+/// webhook that fails, times out and recovers, at least once and with no
+/// status going back. Refused sends are no messages. Events survive a
+/// SIGKILL and the webhook goes on after it; events the webhook has not
+/// taken in 7 days are dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
+    let mut s = Server::start(&[
+        ("COURIER_TEST_CLOCK", "true"),
+        ("COURIER_BUSINESS_WEBHOOK_TIMEOUT_MS", "300"),
+        ("COURIER_BUSINESS_WEBHOOK_RETRY_MS", "50"),
+        ("COURIER_BUSINESS_WEBHOOK_RETRY_MAX_MS", "200"),
+    ]);
+    let (b, customer, stranger) = (9001, 9002, 9003);
+    register(&s, b, "Shop").await;
+    notice(&s, b).await;
+    consent(&s, b, customer, "opt_in", "utility").await;
+    let (hook, url) = Hook::start().await;
+    let secret = "whsec_a-long-enough-secret";
+    let path = format!("/admin/businesses/{b}/webhook");
+    for (body, code) in [
+        (
+            json!({ "url": "https://shop.test/h", "secret": secret }),
+            "webhook_url_invalid",
+        ),
+        (
+            json!({ "url": url, "secret": "short" }),
+            "webhook_secret_invalid",
+        ),
+    ] {
+        let (status, answer) = s.admin_json("PUT", &path, body).await;
+        assert_eq!(
+            (status, answer["code"].as_str()),
+            (400, Some(code)),
+            "{answer}"
+        );
+    }
+    let (status, answer) = s
+        .admin_json("PUT", &path, json!({ "url": url, "secret": secret }))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.get("secret").is_none(), "the secret is not shown");
+
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    business
+        .send_template(1, customer, &notice_send())
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(&business, 2, stranger, &notice_send()).await,
+        ErrorCode::NO_CONSENT
+    );
+    let (m, _) = received_template(&client).await;
+    wait_status(&s, b, 1, "sent").await;
+    client.ack(m.seq).await.unwrap();
+    wait_status(&s, b, 1, "delivered").await;
+    client.mark_read(m.seq).await.unwrap();
+    wait_status(&s, b, 1, "read").await;
+    let (status, converted) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/messages/1/converted"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200, "{converted}");
+    assert_eq!(
+        (
+            converted["converted"].as_bool(),
+            converted["customer"].as_u64()
+        ),
+        (Some(true), Some(customer))
+    );
+    let (status, none) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/messages/2"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (status, none["code"].as_str()),
+        (404, Some("no_such_message")),
+        "a refused send is no message"
+    );
+
+    let (status, events) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}/events"), Value::Null)
+        .await;
+    assert_eq!(status, 200, "{events}");
+    let events = events["events"].as_array().unwrap().clone();
+    assert_eq!(
+        changes_of(&events, 1),
+        ["accepted", "sent", "delivered", "read", "converted"]
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(events[0]["id"], format!("{b}-1"));
+    assert_eq!(events[0]["template"], "notice");
+    assert_eq!(events[0]["customer"], customer);
+    let (status, page) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/events/3/1"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["events"][0]["seq"], 4, "after 3, one");
+    let (status, bad) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/events/x"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("range_invalid")));
+
+    // The webhook: a 500, a timeout, then every event, in order per message.
+    let taken = hook.wait_taken(secret, 5).await;
+    assert!(
+        hook.requests.lock().unwrap().len() >= 3,
+        "retried after a 500 and a timeout"
+    );
+    let mut firsts: Vec<Value> = Vec::new();
+    for e in &taken {
+        if !firsts.iter().any(|f| f["id"] == e["id"]) {
+            firsts.push(e.clone());
+        }
+    }
+    assert_eq!(
+        firsts, events,
+        "each event once, as the API tells it, in order"
+    );
+
+    // After a SIGKILL: the events are still there and the webhook goes on.
+    drop((business, client));
+    s.kill();
+    s.restart();
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    business
+        .send_template(3, customer, &notice_send())
+        .await
+        .unwrap();
+    received_template(&client).await;
+    let taken = hook.wait_taken(secret, 7).await;
+    assert_eq!(changes_of(&taken, 3)[..2], ["accepted", "sent"]);
+    let (_, after) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}/events"), Value::Null)
+        .await;
+    assert_eq!(after["events"].as_array().unwrap()[..5], events[..]);
+
+    // An endpoint that fails for 7 days loses those events, counted.
+    hook.failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed_before = hook.requests.lock().unwrap().len();
+    business
+        .send_template(4, customer, &notice_send())
+        .await
+        .unwrap();
+    wait_status(&s, b, 4, "sent").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hook.requests.lock().unwrap().len() == failed_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request while failing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.advance_clock(7 * DAY + 1000).await;
+    s.wait_for_metric("courier_webhook_events_total{outcome=\"dropped\"}", 2)
+        .await;
+    hook.failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (m, _) = received_template(&client).await;
+    client.mark_read(m.seq).await.unwrap();
+    wait_status(&s, b, 4, "read").await;
+    let taken = hook
+        .wait_until(secret, |t| changes_of(t, 4).iter().any(|c| c == "read"))
+        .await;
+    assert_eq!(
+        changes_of(&taken, 4),
+        ["delivered", "read"],
+        "the dropped events never came, the later ones did"
+    );
+}

@@ -192,11 +192,7 @@ impl Reader {
     /// Queues a send whose permit is taken (given back if the shard has
     /// stopped).
     fn queue(&self, s: Send, request_id: u32, index: Option<u16>) -> Queued<'_> {
-        let reply = ReplyTo {
-            tx: self.replies.clone(),
-            request_id,
-            index,
-        };
+        let reply = ReplyTo::new(self.replies.clone(), request_id, index);
         let accepted = Instant::now();
         let (key, cmd) = match s.destination {
             // A business's messages pass its rules on its own shard first.

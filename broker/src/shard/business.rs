@@ -36,8 +36,8 @@ use tracing::{error, warn};
 use super::business_state::{Loaded, Pair};
 use super::core::Shard;
 use super::messages::{
-    failed, AdminOp, BusinessAdminCmd, BusinessAskCmd, BusinessSendCmd, Completion, SendCmd,
-    ShardCmd,
+    failed, AdminOp, BusinessAdminCmd, BusinessAskCmd, BusinessSendCmd, Completion, OutcomeTap,
+    SendCmd, ShardCmd,
 };
 use super::route::shard_of;
 use crate::config::BusinessSettings;
@@ -48,6 +48,7 @@ use crate::state::business::{
     QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::business::{is_marketing, MarketingRow};
+use crate::state::business_events::Fact;
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -63,6 +64,14 @@ pub(crate) struct Outgoing<'a> {
     pub client_msg_id: u64,
     pub kind: MessageKind,
     pub payload: &'a Bytes,
+}
+
+/// A template rendered for one customer.
+struct Rendered {
+    payload: Bytes,
+    category: Category,
+    name: String,
+    language: String,
 }
 
 /// How long a client may keep a business's template pack.
@@ -115,11 +124,17 @@ impl Shard {
         let shards = self.peers.len();
         match scanned {
             Ok(rows) => {
-                for (k, _) in rows {
+                for (k, v) in rows {
                     if let Some(id) = keys::last_id(&k) {
                         if shard_of(id, shards) == self.id as usize {
                             self.business.known.insert(id);
                             self.config.directory.add(id);
+                            // Events the webhook may not have taken yet.
+                            if serde_json::from_slice::<BusinessRow>(&v)
+                                .is_ok_and(|r| !r.webhook_url.is_empty())
+                            {
+                                self.config.directory.poke_webhook(id);
+                            }
                         }
                     }
                 }
@@ -233,6 +248,8 @@ impl Shard {
         self.business.loaded.retain(|b, _| !inside(*b));
         self.business.marketing.retain(|c, _| !inside(*c));
         self.business.pairs.retain(|(b, _), _| !inside(*b));
+        self.business.heads.retain(|b, _| !inside(*b));
+        self.business.messages.retain(|(b, _), _| !inside(*b));
     }
 
     /// Whether `id` is a business of this shard.
@@ -241,7 +258,7 @@ impl Shard {
     }
 
     /// The business's account and templates, read on first touch.
-    fn loaded(&mut self, b: u64) -> Result<&mut Loaded, BrokerError> {
+    pub(super) fn loaded(&mut self, b: u64) -> Result<&mut Loaded, BrokerError> {
         if !self.business.loaded.contains_key(&b) {
             let now = self.now_ms();
             let row = match self.store.get(&keys::business(b))? {
@@ -466,6 +483,12 @@ impl Shard {
         };
         match self.check_business_send(&outgoing) {
             Ok(payload) => {
+                let mut reply = cmd.reply;
+                reply.outcome = Some(Box::new(OutcomeTap {
+                    queue: self.peers[self.id as usize].tx.clone(),
+                    business: cmd.business,
+                    customer: cmd.customer,
+                }));
                 let send = SendCmd {
                     sender: cmd.business,
                     sender_device: cmd.device,
@@ -475,7 +498,7 @@ impl Shard {
                     scope: 0,
                     kind: cmd.kind,
                     payload,
-                    done: Completion::Reply(cmd.reply),
+                    done: Completion::Reply(reply),
                     accepted: cmd.accepted,
                 };
                 if let Err(unsent) = cmd.admitted.send(Some(send)) {
@@ -524,7 +547,7 @@ impl Shard {
         if loaded.admitted.contains(&(cmd.client_msg_id, customer)) {
             // A retry: the customer's shard stores it at most once.
             return match cmd.kind {
-                MessageKind::Template => self.render(b, customer, cmd.payload).map(|(m, ..)| m),
+                MessageKind::Template => self.render(b, customer, cmd.payload).map(|r| r.payload),
                 _ => Ok(cmd.payload.clone()),
             };
         }
@@ -542,8 +565,13 @@ impl Shard {
         let (payload, new_conversation) =
             match cmd.kind {
                 MessageKind::Template => {
-                    let (payload, category, name) = self.render(b, customer, cmd.payload)?;
-                    template = Some(name);
+                    let Rendered {
+                        payload,
+                        category,
+                        name,
+                        language,
+                    } = self.render(b, customer, cmd.payload)?;
+                    template = Some((name, language));
                     let pair = &self.business.pairs[&(b, customer)];
                     if !platform && !pair.row.consents(category) {
                         let purpose = if category == Category::Marketing {
@@ -636,7 +664,15 @@ impl Shard {
             let w = self.pair_write(b, customer);
             self.kv.push(w);
         }
-        if let Some(name) = template {
+        let (name, language) = template.clone().unwrap_or_default();
+        self.message_fact(
+            b,
+            customer,
+            cmd.client_msg_id,
+            Fact::Accepted,
+            Some((name, language)),
+        );
+        if let Some((name, _)) = template {
             self.template_sent(b, customer, cmd.client_msg_id, name, new_conversation);
         }
         Ok(payload)
@@ -767,12 +803,23 @@ impl Shard {
         }
     }
 
-    /// A read receipt from `customer` in business `b`'s inbox: each template
-    /// message it covers counts as read, once.
+    /// A receipt from `customer` in business `b`'s inbox: each message it
+    /// covers moves on, and for a read receipt each template message it
+    /// covers counts as read for the quality rating, once.
     fn receipt_for_business(&mut self, b: u64, payload: &[u8]) {
         let Ok(r) = ReceiptPayload::decode(payload) else {
             return;
         };
+        let fact = match r.status {
+            ReceiptStatus::Read => Some(Fact::Read),
+            ReceiptStatus::Delivered => Some(Fact::Delivered),
+            _ => None,
+        };
+        if let Some(fact) = fact {
+            for (id, _) in &r.messages {
+                self.receipted(b, r.reader, *id, fact);
+            }
+        }
         if r.status != ReceiptStatus::Read || self.loaded(b).is_err() {
             return;
         }
@@ -797,7 +844,7 @@ impl Shard {
         b: u64,
         customer: u64,
         payload: &[u8],
-    ) -> Result<(Bytes, Category, String), (ErrorCode, u64, String)> {
+    ) -> Result<Rendered, (ErrorCode, u64, String)> {
         let send = TemplateSend::decode(payload).map_err(|e| {
             (
                 ErrorCode::TEMPLATE_PARAMS_INVALID,
@@ -852,7 +899,12 @@ impl Shard {
         let m = t
             .render(v, &send, verified)
             .map_err(|why| (ErrorCode::TEMPLATE_PARAMS_INVALID, 0, why))?;
-        Ok((m.encode(), m.category, m.name))
+        Ok(Rendered {
+            payload: m.encode(),
+            category: m.category,
+            name: m.name,
+            language: m.language,
+        })
     }
 
     /// A customer's request about business `b`.
@@ -1232,6 +1284,62 @@ impl Shard {
                 let erasures = self.erasures(b, customer)?;
                 serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history, "erasures": erasures })
             }
+            AdminOp::Events { after, limit } => {
+                let (events, head) = self.events_after(b, after, limit)?;
+                serde_json::json!({ "business": b, "last": head.last, "events": events })
+            }
+            AdminOp::MessageStatus { message } => self.message_json(b, message)?,
+            AdminOp::SetWebhook { url, secret } => {
+                if !url.is_empty() {
+                    crate::webhooks::Endpoint::parse(&url)
+                        .map_err(|why| invalid("webhook_url_invalid", why))?;
+                    if secret.chars().count() < 16 {
+                        return Err(invalid(
+                            "webhook_secret_invalid",
+                            "a webhook secret has at least 16 characters",
+                        )
+                        .into());
+                    }
+                }
+                let mut row = self.loaded(b)?.row.clone();
+                row.webhook_url = url;
+                row.webhook_secret = secret;
+                let hooked = !row.webhook_url.is_empty();
+                self.save_row(b, row)?;
+                if hooked {
+                    self.config.directory.poke_webhook(b);
+                }
+                self.webhook_json(b)?
+            }
+            AdminOp::Webhook => self.webhook_json(b)?,
+            AdminOp::WebhookBatch { limit } => {
+                let row = &self.loaded(b)?.row;
+                let (url, secret) = (row.webhook_url.clone(), row.webhook_secret.clone());
+                let after = self.event_head(b)?.delivered;
+                let events = if url.is_empty() {
+                    Vec::new()
+                } else {
+                    self.events_after(b, after, limit)?.0
+                };
+                serde_json::json!({ "url": url, "secret": secret, "events": events })
+            }
+            AdminOp::WebhookDelivered { up_to } => {
+                self.webhook_delivered(b, up_to)?;
+                self.webhook_json(b)?
+            }
+            AdminOp::Convert { message } => {
+                let json = self.message_json(b, message)?;
+                let customer = json["customer"].as_u64().unwrap_or(0);
+                self.message_fact(b, customer, message, Fact::Converted, None);
+                let ops = std::mem::take(&mut self.kv);
+                if let Err(e) = self.write_now(&ops) {
+                    // Not written: read again from the store next time.
+                    self.business.heads.remove(&b);
+                    self.business.messages.remove(&(b, message));
+                    return Err(e.into());
+                }
+                self.message_json(b, message)?
+            }
         };
         Ok(value)
     }
@@ -1264,6 +1372,36 @@ impl Shard {
             }
         }
         Ok(erased)
+    }
+
+    /// The webhook as the admin API shows it (not its secret).
+    fn webhook_json(&mut self, b: u64) -> Result<serde_json::Value, BrokerError> {
+        let url = self.loaded(b)?.row.webhook_url.clone();
+        let head = self.event_head(b)?;
+        Ok(serde_json::json!({
+            "business": b,
+            "url": url,
+            "last_event": head.last,
+            "delivered_up_to": head.delivered,
+        }))
+    }
+
+    /// One message's status as the admin API shows it.
+    fn message_json(&mut self, b: u64, message: u64) -> Result<serde_json::Value, AdminError> {
+        match self.message_row(b, message)? {
+            Some(row) => {
+                let mut v = serde_json::to_value(&row).expect("a message row serializes");
+                v["business"] = b.into();
+                v["message"] = message.into();
+                Ok(v)
+            }
+            None => Err(Invalid {
+                status: 404,
+                code: "no_such_message",
+                message: format!("business {b} sent no message {message} through its rules"),
+            }
+            .into()),
+        }
     }
 
     /// The ledger of one customer, or every customer, in order.

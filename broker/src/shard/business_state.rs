@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use crate::state::business::{Bucket, BusinessRow, DayCounts, MarketingRow, PairRow, Template};
+use crate::state::business_events::{EventHead, MessageRow};
 
 /// Which users of this node's shards are businesses: for sessions, which
 /// send a business's messages through its shard. A bitmap answers "no" for
@@ -14,6 +15,9 @@ use crate::state::business::{Bucket, BusinessRow, DayCounts, MarketingRow, PairR
 pub struct Directory {
     bits: Box<[AtomicU64]>,
     ids: RwLock<HashSet<u64>>,
+    /// The node's webhook sender, told of businesses with events to post
+    /// (unset: no sender runs, as in a shard's unit tests).
+    webhooks: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<u64>>,
 }
 
 impl Directory {
@@ -21,6 +25,7 @@ impl Directory {
         let d = Directory {
             bits: (0..64).map(|_| AtomicU64::new(0)).collect(),
             ids: RwLock::new(HashSet::new()),
+            webhooks: std::sync::OnceLock::new(),
         };
         d.add(platform);
         d
@@ -29,6 +34,18 @@ impl Directory {
     fn bit(id: u64) -> (usize, u64) {
         let h = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52; // 12 bits
         ((h >> 6) as usize, 1 << (h & 63))
+    }
+
+    /// Connects the node's webhook sender (once).
+    pub fn send_webhooks_to(&self, tx: tokio::sync::mpsc::UnboundedSender<u64>) {
+        let _ = self.webhooks.set(tx);
+    }
+
+    /// Business `b` has events its webhook has not taken.
+    pub(crate) fn poke_webhook(&self, b: u64) {
+        if let Some(tx) = self.webhooks.get() {
+            let _ = tx.send(b);
+        }
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -90,4 +107,9 @@ pub(crate) struct Businesses {
     pub(crate) marketing_planned: HashSet<(u64, u64, u64)>,
     /// (business, day) quality counts changed since the last batch.
     pub(crate) counted: HashSet<(u64, u64)>,
+    /// Businesses' event heads (`W` rows), read on first touch.
+    pub(crate) heads: HashMap<u64, EventHead>,
+    /// Business messages' statuses (`X` rows) by (business, client
+    /// message id), read on first touch.
+    pub(crate) messages: HashMap<(u64, u64), MessageRow>,
 }

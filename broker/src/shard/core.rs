@@ -422,6 +422,7 @@ impl Shard {
                 self.write_batch(batch);
                 self.business_admin(a);
             }
+            ShardCmd::BusinessOutcome(o) => self.business_outcome(o),
             ShardCmd::StatusView(v) => self.plan_status_view(v, batch),
             ShardCmd::ReceiptQuery(q) => batch.queries.push(q),
             ShardCmd::Mark(m) => self.hold_mark(m, batch),

@@ -43,10 +43,44 @@ pub struct ReplyTo {
     pub request_id: u32,
     /// Position in a `SendBatch`, or `None` for a single `Send`.
     pub index: Option<u16>,
+    /// A business's admitted send: its business's shard, told the outcome
+    /// too (the message's status).
+    pub outcome: Option<Box<OutcomeTap>>,
+}
+
+/// Where a business send's outcome is also told: its business's shard's
+/// peer queue (unbounded: an outcome is never dropped for a full queue).
+pub struct OutcomeTap {
+    pub queue: tokio::sync::mpsc::UnboundedSender<ShardCmd>,
+    pub business: u64,
+    pub customer: u64,
+}
+
+/// The outcome of a business's admitted send, for its business's shard.
+pub struct BusinessOutcome {
+    pub business: u64,
+    pub customer: u64,
+    pub result: SendResult,
 }
 
 impl ReplyTo {
+    pub fn new(tx: ReplyQueue, request_id: u32, index: Option<u16>) -> ReplyTo {
+        ReplyTo {
+            tx,
+            request_id,
+            index,
+            outcome: None,
+        }
+    }
+
     pub fn send(&self, result: SendResult) {
+        if let Some(tap) = &self.outcome {
+            let _ = tap.queue.send(ShardCmd::BusinessOutcome(BusinessOutcome {
+                business: tap.business,
+                customer: tap.customer,
+                result,
+            }));
+        }
         // The session may be gone; its client will retry with the same id.
         let _ = self.tx.send(Reply::SendResult {
             request_id: self.request_id,
@@ -297,6 +331,8 @@ pub enum ShardCmd {
     BusinessAsk(BusinessAskCmd),
     /// The admin API's request about a business, for the business's shard.
     BusinessAdmin(BusinessAdminCmd),
+    /// What became of a business's admitted send.
+    BusinessOutcome(BusinessOutcome),
     StatusView(StatusViewCmd),
     ReceiptQuery(ReceiptQueryCmd),
     Mark(MarkCmd),
@@ -418,6 +454,35 @@ pub enum AdminOp {
     /// entries, consent, window, block), leaving a tombstone with the time.
     Erase {
         customer: u64,
+    },
+    /// The business's events after a sequence.
+    Events {
+        after: u64,
+        limit: usize,
+    },
+    /// The business reports a conversion for one of its messages.
+    Convert {
+        message: u64,
+    },
+    /// One message's status.
+    MessageStatus {
+        message: u64,
+    },
+    /// Sets (or, with an empty url, removes) the business's webhook.
+    SetWebhook {
+        url: String,
+        secret: String,
+    },
+    /// The webhook and how far it has delivered.
+    Webhook,
+    /// For the node's webhook sender: the webhook, and the events it has
+    /// not taken yet (at most `limit`).
+    WebhookBatch {
+        limit: usize,
+    },
+    /// The webhook took (or gave up on) every event up to `up_to`.
+    WebhookDelivered {
+        up_to: u64,
     },
 }
 

@@ -18,11 +18,13 @@
 //! - `groups`: group sends, membership changes, receipt counts;
 //! - `fanout`: references, log pushes and broadcast lists, with recovery;
 //! - `business`, `business_state`: business rules on the business's shard, and what it keeps;
+//! - `business_events`: the statuses of a business's messages and their events;
 //! - `receipts`: marks, receipt messages and status views;
 //! - `recent`: online users' latest inbox entries and what marks of them owe.
 
 mod batch;
 pub mod business;
+mod business_events;
 pub mod business_state;
 mod core;
 mod fanout;

@@ -30,11 +30,7 @@ fn send(i: u64, reply: &mailbox::Sender<Reply>) -> ShardCmd {
         scope: 0,
         kind: MessageKind::Chat,
         payload: Bytes::from_static(b"x"),
-        done: Completion::Reply(ReplyTo {
-            tx: reply.clone(),
-            request_id: i as u32,
-            index: None,
-        }),
+        done: Completion::Reply(ReplyTo::new(reply.clone(), i as u32, None)),
         accepted: Instant::now(),
     })
 }

@@ -113,6 +113,10 @@ pub struct BusinessRow {
     pub registered_at_ms: u64,
     /// When the tier last changed (upgrades are checked every 6 hours).
     pub tier_at_ms: u64,
+    /// Where the business's events are posted (`http://host:port/path`;
+    /// empty: nowhere), and the secret they are signed with.
+    pub webhook_url: String,
+    pub webhook_secret: String,
 }
 
 /// A display name: 1 to 255 characters, not blank.

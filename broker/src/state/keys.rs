@@ -17,6 +17,9 @@
 //! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
 //! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
 //! | `Q` business . day          | [`DayCounts`](super::business::DayCounts) (JSON): the quality rating's signals | business's shard |
+//! | `X` business . client msg id | [`MessageRow`](super::business_events::MessageRow) (JSON): one business message's status | business's shard |
+//! | `V` business . seq          | [`Event`](super::business_events::Event) (JSON): a status change told to the business | business's shard |
+//! | `W` business                | [`EventHead`](super::business_events::EventHead): last event seq . delivered by the webhook | business's shard |
 //! | `M` customer                | [`MarketingRow`](super::business::MarketingRow): marketing templates received lately | customer's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
 //!
@@ -107,6 +110,18 @@ pub fn quality_day(b: u64, day: u64) -> Vec<u8> {
 }
 pub fn quality_days(b: u64) -> Vec<u8> {
     key(b'Q', &[b])
+}
+pub fn message_status(b: u64, client_msg_id: u64) -> Vec<u8> {
+    key(b'X', &[b, client_msg_id])
+}
+pub fn event(b: u64, seq: u64) -> Vec<u8> {
+    key(b'V', &[b, seq])
+}
+pub fn events(b: u64) -> Vec<u8> {
+    key(b'V', &[b])
+}
+pub fn event_head(b: u64) -> Vec<u8> {
+    key(b'W', &[b])
 }
 pub fn marketing(customer: u64) -> Vec<u8> {
     key(b'M', &[customer])

@@ -6,9 +6,11 @@
 //! [`message`] converts between the store's records and the wire's
 //! messages; [`social`] reads and writes a user's contacts, broadcast lists
 //! and statuses (state that needs no sequencing); [`business`] is business
-//! accounts, templates, consent and the rules' pure parts.
+//! accounts, templates, consent and the rules' pure parts;
+//! [`business_events`] the statuses of business messages and their events.
 
 pub mod business;
+pub mod business_events;
 pub mod ids;
 pub mod keys;
 pub mod message;

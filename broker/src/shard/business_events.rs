@@ -1,0 +1,217 @@
+//! The statuses of a business's messages and the events that tell them,
+//! on the business's shard (state/business_events.rs has the rules).
+//!
+//! Facts come from three places, all on this shard's thread:
+//! - admission (`check_business_send`): accepted;
+//! - the send's outcome, which the session's reply hands back here as a
+//!   `BusinessOutcome` (see `ReplyTo::outcome`): sent, or failed with its
+//!   code (`SHARD_UNAVAILABLE` is no outcome: the client retries);
+//! - the customer's receipts, appended to the business's inbox here:
+//!   delivered, read;
+//! - and the admin API: converted.
+//!
+//! Each fact's row and events are written with the batch it is learned
+//! in, so an event exists exactly when its status does. A node that dies
+//! between a send's storage and its outcome leaves the message accepted
+//! until the business retries it (every client retries an unanswered
+//! send), whose duplicate answer is the outcome.
+
+use courier_protocol::ErrorCode;
+use courier_storage::KvOp;
+use tracing::error;
+
+use super::core::Shard;
+use super::messages::BusinessOutcome;
+use crate::error::BrokerError;
+use crate::state::business_events::{Event, EventHead, Fact, MessageRow};
+use crate::state::keys;
+use crate::state::rows::corrupt;
+
+/// Message rows kept in memory per shard before the cache starts over.
+const MESSAGES_CACHED_MAX: usize = 200_000;
+
+impl Shard {
+    /// Business `b`'s event head, read on first touch.
+    pub(super) fn event_head(&mut self, b: u64) -> Result<EventHead, BrokerError> {
+        if let Some(h) = self.business.heads.get(&b) {
+            return Ok(*h);
+        }
+        let head = match self.store.get(&keys::event_head(b))? {
+            Some(v) => EventHead::decode(&v)
+                .ok_or_else(|| corrupt("event head", format!("business {b}")))?,
+            None => EventHead::default(),
+        };
+        self.business.heads.insert(b, head);
+        Ok(head)
+    }
+
+    /// The row of business `b`'s message `id`, read on first touch
+    /// (`None`: no fact about it yet).
+    pub(super) fn message_row(
+        &mut self,
+        b: u64,
+        id: u64,
+    ) -> Result<Option<MessageRow>, BrokerError> {
+        if let Some(row) = self.business.messages.get(&(b, id)) {
+            return Ok(Some(row.clone()));
+        }
+        match self.store.get(&keys::message_status(b, id))? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| corrupt("message status", format!("{b}.{id}: {e}")).into()),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies `fact` to business `b`'s message `id` to `customer`: its row
+    /// and one event per change go with the next batch. `template`: the
+    /// template and language, for a message first seen here.
+    pub(crate) fn message_fact(
+        &mut self,
+        b: u64,
+        customer: u64,
+        id: u64,
+        fact: Fact,
+        template: Option<(String, String)>,
+    ) {
+        if let Err(e) = self.apply_fact(b, customer, id, fact, template) {
+            error!(shard = self.id, business = b, error = %e, "recording a message status failed");
+        }
+    }
+
+    fn apply_fact(
+        &mut self,
+        b: u64,
+        customer: u64,
+        id: u64,
+        fact: Fact,
+        template: Option<(String, String)>,
+    ) -> Result<(), BrokerError> {
+        self.loaded(b)?;
+        let mut row = self.message_row(b, id)?.unwrap_or_else(|| {
+            let (template, language) = template.unwrap_or_default();
+            MessageRow {
+                customer,
+                template,
+                language,
+                ..MessageRow::default()
+            }
+        });
+        let now = self.now_ms();
+        let changes = row.apply(fact, now);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut head = self.event_head(b)?;
+        for change in changes {
+            head.last += 1;
+            let event = Event {
+                seq: head.last,
+                id: format!("{b}-{}", head.last),
+                message: id,
+                customer: row.customer,
+                change,
+                code: if change == crate::state::business_events::Change::Failed {
+                    row.code
+                } else {
+                    0
+                },
+                template: row.template.clone(),
+                language: row.language.clone(),
+                at_ms: now,
+            };
+            self.kv.push(KvOp::Put {
+                key: keys::event(b, head.last),
+                value: serde_json::to_vec(&event).expect("an event serializes"),
+            });
+        }
+        self.kv.push(KvOp::Put {
+            key: keys::event_head(b),
+            value: head.encode(),
+        });
+        self.kv.push(KvOp::Put {
+            key: keys::message_status(b, id),
+            value: serde_json::to_vec(&row).expect("a message row serializes"),
+        });
+        self.business.heads.insert(b, head);
+        if self
+            .business
+            .loaded
+            .get(&b)
+            .is_some_and(|l| !l.row.webhook_url.is_empty())
+        {
+            self.config.directory.poke_webhook(b);
+        }
+        if self.business.messages.len() >= MESSAGES_CACHED_MAX {
+            self.business.messages.clear();
+        }
+        self.business.messages.insert((b, id), row);
+        Ok(())
+    }
+
+    /// A receipt from `customer` for business `b`'s message `id`: moves
+    /// a message the business sent through its rules (others have no row).
+    pub(crate) fn receipted(&mut self, b: u64, customer: u64, id: u64, fact: Fact) {
+        match self.message_row(b, id) {
+            Ok(Some(row)) if row.customer == customer => {
+                self.message_fact(b, customer, id, fact, None)
+            }
+            Ok(_) => {}
+            Err(e) => error!(shard = self.id, error = %e, "reading a message status failed"),
+        }
+    }
+
+    /// The outcome of a business's admitted send, from its session's reply.
+    pub(crate) fn business_outcome(&mut self, o: BusinessOutcome) {
+        let fact = match o.result.code {
+            ErrorCode::OK => Fact::Sent {
+                server_msg_id: o.result.server_msg_id,
+            },
+            // Not an outcome: the client retries it.
+            ErrorCode::SHARD_UNAVAILABLE => return,
+            code => Fact::Failed(code.0),
+        };
+        self.message_fact(o.business, o.customer, o.result.client_msg_id, fact, None);
+    }
+
+    /// The webhook took every event of business `b` up to `up_to`.
+    pub(super) fn webhook_delivered(&mut self, b: u64, up_to: u64) -> Result<(), BrokerError> {
+        let mut head = self.event_head(b)?;
+        head.delivered = head.delivered.max(up_to.min(head.last));
+        self.store.append_with(
+            &[],
+            &[KvOp::Put {
+                key: keys::event_head(b),
+                value: head.encode(),
+            }],
+            self.now_ms(),
+        )?;
+        self.business.heads.insert(b, head);
+        Ok(())
+    }
+
+    /// Business `b`'s events after `after`, at most `limit`, and its head.
+    pub(crate) fn events_after(
+        &mut self,
+        b: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<serde_json::Value>, EventHead), BrokerError> {
+        let head = self.event_head(b)?;
+        let mut out = Vec::new();
+        for seq in after.saturating_add(1)..=head.last {
+            if out.len() >= limit {
+                break;
+            }
+            // Events older than the retention are gone: skipped.
+            if let Some(v) = self.store.get(&keys::event(b, seq))? {
+                out.push(
+                    serde_json::from_slice(&v).map_err(|e| {
+                        BrokerError::from(corrupt("event", format!("{b}.{seq}: {e}")))
+                    })?,
+                );
+            }
+        }
+        Ok((out, head))
+    }
+}

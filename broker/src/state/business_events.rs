@@ -1,0 +1,325 @@
+//! What becomes of each message a business sends to a customer, and the
+//! events that tell the business: the rules' pure parts (no store, no
+//! clock), kept apart so that every order of facts can be tested.
+//!
+//! A message's status only moves up its ranks:
+//!
+//! ```text
+//! accepted ─► failed ─► sent ─► delivered ─► read
+//!     └──────────────────┘ (a retry that is stored after a failure)
+//! ```
+//!
+//! Facts arrive in any order (a read receipt may overtake the outcome of
+//! the send it reads). A fact at a higher rank implies the ranks below it
+//! on the way (`read` implies `sent` and `delivered`, never `failed`), and
+//! each rank passed is one event, in rank order; a fact at or below the
+//! current rank changes nothing. `converted` is a mark beside the ranks
+//! (the business reports a conversion), told once.
+
+use serde::{Deserialize, Serialize};
+
+/// A business message's rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Admitted by the business's rules, on its way to the customer.
+    Accepted = 1,
+    /// Admitted, then not stored (its code says why); a retry may still
+    /// store it.
+    Failed = 2,
+    /// Durable in the customer's inbox.
+    Sent = 3,
+    /// On one of the customer's devices.
+    Delivered = 4,
+    /// Read by the customer.
+    Read = 5,
+}
+
+/// What an event tells: a status reached, or a conversion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    Accepted,
+    Failed,
+    Sent,
+    Delivered,
+    Read,
+    Converted,
+}
+
+impl From<Status> for Change {
+    fn from(s: Status) -> Change {
+        match s {
+            Status::Accepted => Change::Accepted,
+            Status::Failed => Change::Failed,
+            Status::Sent => Change::Sent,
+            Status::Delivered => Change::Delivered,
+            Status::Read => Change::Read,
+        }
+    }
+}
+
+/// Something learned about a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fact {
+    Accepted,
+    /// Not stored, with the wire error code.
+    Failed(u16),
+    /// Stored in the customer's inbox under this server id.
+    Sent {
+        server_msg_id: u64,
+    },
+    Delivered,
+    Read,
+    Converted,
+}
+
+/// The ranks on the way to `target` that a fact implies (`failed` is never
+/// implied: a message read was stored).
+const CHAIN: [Status; 4] = [
+    Status::Accepted,
+    Status::Sent,
+    Status::Delivered,
+    Status::Read,
+];
+
+/// Row `X` business . client message id: one message's status (JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRow {
+    pub customer: u64,
+    /// `None` until the first fact.
+    pub status: Option<Status>,
+    /// The wire code of the last failure (0: none).
+    #[serde(default)]
+    pub code: u16,
+    #[serde(default)]
+    pub converted: bool,
+    #[serde(default)]
+    pub server_msg_id: u64,
+    /// The template's name and language (empty for free-form messages).
+    #[serde(default)]
+    pub template: String,
+    #[serde(default)]
+    pub language: String,
+    /// When the first fact was learned.
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+impl MessageRow {
+    /// Applies `fact`: the changes it makes, in order (one event each).
+    pub fn apply(&mut self, fact: Fact, now_ms: u64) -> Vec<Change> {
+        if self.since_ms == 0 {
+            self.since_ms = now_ms;
+        }
+        let target = match fact {
+            Fact::Converted => {
+                if self.converted {
+                    return Vec::new();
+                }
+                self.converted = true;
+                return vec![Change::Converted];
+            }
+            Fact::Failed(code) => {
+                if self.status >= Some(Status::Failed) {
+                    return Vec::new();
+                }
+                let mut out = Vec::new();
+                if self.status.is_none() {
+                    out.push(Change::Accepted);
+                }
+                self.status = Some(Status::Failed);
+                self.code = code;
+                out.push(Change::Failed);
+                return out;
+            }
+            Fact::Accepted => Status::Accepted,
+            Fact::Sent { server_msg_id } => {
+                self.server_msg_id = server_msg_id;
+                Status::Sent
+            }
+            Fact::Delivered => Status::Delivered,
+            Fact::Read => Status::Read,
+        };
+        let out: Vec<Change> = CHAIN
+            .iter()
+            .filter(|&&s| s <= target && Some(s) > self.status)
+            .map(|&s| s.into())
+            .collect();
+        if Some(target) > self.status {
+            self.status = Some(target);
+        }
+        out
+    }
+}
+
+/// One event a business is told, with its own sequence (per business,
+/// from 1, gap-free). Stored as row `V` business . seq (JSON); the same
+/// JSON is what the admin API and the webhooks carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    /// Stable across redeliveries: `<business>-<seq>`.
+    pub id: String,
+    /// The business's client message id of the message.
+    pub message: u64,
+    pub customer: u64,
+    pub change: Change,
+    /// The failure's wire code (for `failed`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub code: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub language: String,
+    pub at_ms: u64,
+}
+
+fn is_zero(v: &u16) -> bool {
+    *v == 0
+}
+
+/// Row `W` business: the business's event sequence and how far its
+/// webhook has delivered (16 bytes: next seq, delivered up to).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHead {
+    /// The last sequence given (0: none yet).
+    pub last: u64,
+    /// Events up to here were accepted by the webhook (or there is none).
+    pub delivered: u64,
+}
+
+impl EventHead {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&self.last.to_be_bytes());
+        v.extend_from_slice(&self.delivered.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<EventHead> {
+        let at = |i: usize| {
+            v.get(i..i + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
+        };
+        (v.len() == 16).then_some(())?;
+        Some(EventHead {
+            last: at(0)?,
+            delivered: at(8)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(facts: &[Fact]) -> (MessageRow, Vec<Change>) {
+        let mut row = MessageRow::default();
+        let mut out = Vec::new();
+        for f in facts {
+            out.extend(row.apply(*f, 1));
+        }
+        (row, out)
+    }
+
+    fn rank(c: Change) -> u8 {
+        match c {
+            Change::Accepted => 1,
+            Change::Failed => 2,
+            Change::Sent => 3,
+            Change::Delivered => 4,
+            Change::Read => 5,
+            Change::Converted => 6,
+        }
+    }
+
+    #[test]
+    fn facts_in_order_tell_each_status_once() {
+        let (row, out) = run(&[
+            Fact::Accepted,
+            Fact::Sent { server_msg_id: 9 },
+            Fact::Delivered,
+            Fact::Delivered,
+            Fact::Read,
+            Fact::Converted,
+            Fact::Converted,
+        ]);
+        use Change::*;
+        assert_eq!(out, [Accepted, Sent, Delivered, Read, Converted]);
+        assert_eq!(row.status, Some(Status::Read));
+        assert_eq!(row.server_msg_id, 9);
+    }
+
+    #[test]
+    fn a_failure_then_a_stored_retry_moves_on_and_nothing_fails_after_sent() {
+        use Change::*;
+        let (row, out) = run(&[
+            Fact::Accepted,
+            Fact::Failed(66),
+            Fact::Sent { server_msg_id: 1 },
+            Fact::Failed(66),
+        ]);
+        assert_eq!(out, [Accepted, Failed, Sent]);
+        assert_eq!((row.status, row.code), (Some(Status::Sent), 66));
+    }
+
+    /// Every order of the facts of a message's life: the status ends the
+    /// same, never goes down, and the events told are the ranks passed,
+    /// each once, in rank order.
+    #[test]
+    fn every_order_of_facts_ends_the_same_and_never_goes_back() {
+        let facts = [
+            Fact::Accepted,
+            Fact::Sent { server_msg_id: 3 },
+            Fact::Delivered,
+            Fact::Read,
+            Fact::Converted,
+        ];
+        let mut orders = vec![vec![]];
+        for _ in 0..facts.len() {
+            let mut next = Vec::new();
+            for o in &orders {
+                for i in 0..facts.len() {
+                    if !o.contains(&i) {
+                        let mut o = o.clone();
+                        o.push(i);
+                        next.push(o);
+                    }
+                }
+            }
+            orders = next;
+        }
+        assert_eq!(orders.len(), 120);
+        for order in orders {
+            let mut row = MessageRow::default();
+            let mut told = Vec::new();
+            for &i in &order {
+                let before = row.status;
+                told.extend(row.apply(facts[i], 1));
+                assert!(row.status >= before, "{order:?}");
+            }
+            assert_eq!(row.status, Some(Status::Read), "{order:?}");
+            assert!(row.converted);
+            let statuses: Vec<Change> = told
+                .iter()
+                .copied()
+                .filter(|c| *c != Change::Converted)
+                .collect();
+            use Change::*;
+            assert_eq!(statuses, [Accepted, Sent, Delivered, Read], "{order:?}");
+            assert!(statuses.windows(2).all(|w| rank(w[0]) < rank(w[1])));
+            assert_eq!(told.iter().filter(|c| **c == Converted).count(), 1);
+        }
+    }
+
+    #[test]
+    fn heads_round_trip_and_bad_bytes_are_refused() {
+        let h = EventHead {
+            last: 7,
+            delivered: 3,
+        };
+        assert_eq!(EventHead::decode(&h.encode()), Some(h));
+        assert_eq!(EventHead::decode(&[1, 2, 3]), None);
+    }
+}
