@@ -17,6 +17,7 @@ use crate::node::Node;
 use crate::shard::messages::ShardCmd;
 use crate::shard::messages::{AdminOp, BusinessAdminCmd};
 use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
+use crate::state::business_events::Period;
 use crate::state::ids::valid_user;
 
 #[derive(Deserialize)]
@@ -191,6 +192,13 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
         ("POST", ["messages", id, "converted"]) => match id.parse() {
             Ok(message) => Ok(AdminOp::Convert { message }),
             Err(_) => Err(error("400 Bad Request", "a message is a client message id")),
+        },
+        ("GET", ["stats", period]) => match Period::parse(period) {
+            Some(period) => Ok(AdminOp::Stats { period }),
+            None => Err((
+                "400 Bad Request",
+                json!({ "error": "a period is half_hour, day or month", "code": "period_invalid" }),
+            )),
         },
         ("PUT", ["webhook"]) => parse::<WebhookBody>(body).map(|w| AdminOp::SetWebhook {
             url: w.url,

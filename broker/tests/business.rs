@@ -1875,3 +1875,144 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         "the dropped events never came, the later ones did"
     );
 }
+
+/// Statistics are counted as the statuses move, per UTC half hour, day
+/// and month of sending, for the business and per template and language;
+/// a figure that describes fewer than 5 customers shows "< 5", and a
+/// rate only when both its figures show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_customers() {
+    let s = node();
+    let b = 9101;
+    let customers: Vec<u64> = (9102..=9107).collect();
+    register(&s, b, "Shop").await;
+    notice(&s, b).await;
+    let (business, _) = s.client(b).await;
+    let mut clients = Vec::new();
+    for (i, &c) in customers.iter().enumerate() {
+        consent(&s, b, c, "opt_in", "utility").await;
+        let (client, _) = s.client(c).await;
+        business
+            .send_template(i as u64 + 1, c, &notice_send())
+            .await
+            .unwrap();
+        let (m, _) = received_template(&client).await;
+        clients.push((client, m.seq));
+    }
+    let stats = |period: &'static str| {
+        let s = &s;
+        async move {
+            let (status, v) = s
+                .admin_json(
+                    "GET",
+                    &format!("/admin/businesses/{b}/stats/{period}"),
+                    Value::Null,
+                )
+                .await;
+            assert_eq!(status, 200, "{v}");
+            v["rows"].as_array().unwrap().clone()
+        }
+    };
+    // Four of six read: four customers are fewer than five.
+    for (i, (client, seq)) in clients.iter().take(4).enumerate() {
+        client.mark_read(*seq).await.unwrap();
+        wait_status(&s, b, i as u64 + 1, "read").await;
+    }
+    for i in 5..=6 {
+        wait_status(&s, b, i, "sent").await;
+    }
+    let day = stats("day").await;
+    assert_eq!(
+        day.len(),
+        2,
+        "the business's totals and its template's: {day:?}"
+    );
+    let total = day.iter().find(|r| r["template"] == "").unwrap();
+    let template = day.iter().find(|r| r["template"] == "notice").unwrap();
+    assert_eq!(template["language"], "en_US");
+    for row in [total, template] {
+        assert_eq!(row["sent"], 6, "{row}");
+        assert_eq!(row["read"], "< 5", "{row}");
+        assert_eq!(row["delivered"], "< 5", "{row}");
+        assert_eq!(row["read_rate"], Value::Null, "{row}");
+        assert_eq!(row["delivery_rate"], Value::Null, "{row}");
+    }
+    // The fifth reader: now they show, with their rates.
+    let (client, seq) = &clients[4];
+    client.mark_read(*seq).await.unwrap();
+    wait_status(&s, b, 5, "read").await;
+    for i in 1..=5 {
+        let path = format!("/admin/businesses/{b}/messages/{i}/converted");
+        let (status, _) = s.admin_json("POST", &path, Value::Null).await;
+        assert_eq!(status, 200);
+    }
+    for period in ["half_hour", "day", "month"] {
+        let rows = stats(period).await;
+        let total = rows.iter().find(|r| r["template"] == "").unwrap();
+        let expected = json!({
+            "accepted": 6, "sent": 6, "delivered": 5, "read": 5, "converted": 5,
+            "failed": {},
+            "delivery_rate": 0.8333, "read_rate": 1.0, "conversion_rate": 0.8333,
+        });
+        for (k, v) in expected.as_object().unwrap() {
+            assert_eq!(&total[k], v, "{period} {k}: {total}");
+        }
+        let start = total["start_ms"].as_u64().unwrap();
+        let step = match period {
+            "half_hour" => 1_800_000,
+            "day" => DAY,
+            _ => 1,
+        };
+        assert_eq!(start % step, 0, "{period} starts on its boundary");
+    }
+    let (status, bad) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/stats/week"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (400, Some("period_invalid"))
+    );
+
+    // An erased customer leaves the figures' future: their read, stored
+    // in the business's inbox after the erasure, counts nowhere.
+    let last = customers[5];
+    erase(&s, b, last).await;
+    let (client, seq) = &clients[5];
+    client.mark_read(*seq).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let inbox = business.fetch(0, 1000).await.unwrap().messages;
+        if inbox
+            .iter()
+            .any(|m| m.sender == last && m.kind == MessageKind::Receipt)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no receipt from {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = stats("day")
+        .await
+        .into_iter()
+        .find(|r| r["template"] == "")
+        .unwrap();
+    assert_eq!(
+        (total["read"].as_u64(), total["delivered"].as_u64()),
+        (Some(5), Some(5))
+    );
+    let (status, _) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/messages/6"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 404, "the erased customer's message status is gone");
+}

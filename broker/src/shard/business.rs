@@ -48,7 +48,7 @@ use crate::state::business::{
     QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::business::{is_marketing, MarketingRow};
-use crate::state::business_events::Fact;
+use crate::state::business_events::{Fact, MessageRow};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -714,6 +714,7 @@ impl Shard {
     /// Writes the quality days counted since the last batch, once each
     /// (with the batch that is about to be written).
     pub(crate) fn flush_counts(&mut self) {
+        self.flush_stats();
         if self.business.counted.is_empty() {
             return;
         }
@@ -1257,6 +1258,16 @@ impl Shard {
                     .map(|(key, _)| KvOp::Delete { key })
                     .collect();
                 let erased = ops.len();
+                // The statuses of the messages sent to the customer: no
+                // later fact about them is counted or told.
+                for (key, v) in self.store.scan(&keys::message_statuses(b), usize::MAX)? {
+                    if serde_json::from_slice::<MessageRow>(&v)
+                        .is_ok_and(|r| r.customer == customer)
+                    {
+                        ops.push(KvOp::Delete { key });
+                    }
+                }
+                self.business.messages.retain(|_, r| r.customer != customer);
                 // The tombstone: a pair row that holds nothing but when.
                 let tombstone = PairRow {
                     erased_ms: now,
@@ -1289,6 +1300,10 @@ impl Shard {
                 serde_json::json!({ "business": b, "last": head.last, "events": events })
             }
             AdminOp::MessageStatus { message } => self.message_json(b, message)?,
+            AdminOp::Stats { period } => {
+                let rows = self.stats_report(b, period)?;
+                serde_json::json!({ "business": b, "period": period.name(), "rows": rows })
+            }
             AdminOp::SetWebhook { url, secret } => {
                 if !url.is_empty() {
                     crate::webhooks::Endpoint::parse(&url)
@@ -1331,6 +1346,7 @@ impl Shard {
                 let json = self.message_json(b, message)?;
                 let customer = json["customer"].as_u64().unwrap_or(0);
                 self.message_fact(b, customer, message, Fact::Converted, None);
+                self.flush_stats();
                 let ops = std::mem::take(&mut self.kv);
                 if let Err(e) = self.write_now(&ops) {
                     // Not written: read again from the store next time.

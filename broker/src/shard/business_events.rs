@@ -23,12 +23,14 @@ use tracing::error;
 use super::core::Shard;
 use super::messages::BusinessOutcome;
 use crate::error::BrokerError;
-use crate::state::business_events::{Event, EventHead, Fact, MessageRow};
+use crate::state::business_events::{Change, Counts, Event, EventHead, Fact, MessageRow, Period};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
 /// Message rows kept in memory per shard before the cache starts over.
 const MESSAGES_CACHED_MAX: usize = 200_000;
+/// Statistics rows kept in memory per shard before the cache starts over.
+const STATS_CACHED_MAX: usize = 50_000;
 
 impl Shard {
     /// Business `b`'s event head, read on first touch.
@@ -102,6 +104,7 @@ impl Shard {
         if changes.is_empty() {
             return Ok(());
         }
+        self.count_changes(b, &row, &changes)?;
         let mut head = self.event_head(b)?;
         for change in changes {
             head.last += 1;
@@ -111,7 +114,7 @@ impl Shard {
                 message: id,
                 customer: row.customer,
                 change,
-                code: if change == crate::state::business_events::Change::Failed {
+                code: if change == Change::Failed {
                     row.code
                 } else {
                     0
@@ -147,6 +150,100 @@ impl Shard {
         }
         self.business.messages.insert((b, id), row);
         Ok(())
+    }
+
+    /// Counts `changes` of `row` in the statistics of the periods it was
+    /// sent in: the business's totals, and its template's and language's.
+    fn count_changes(
+        &mut self,
+        b: u64,
+        row: &MessageRow,
+        changes: &[Change],
+    ) -> Result<(), BrokerError> {
+        let mut dims = vec![(String::new(), String::new())];
+        if !row.template.is_empty() {
+            dims.push((row.template.clone(), row.language.clone()));
+        }
+        for period in Period::ALL {
+            let start = period.start(row.since_ms);
+            for (template, language) in &dims {
+                let key = keys::stats(b, period as u8, start, template, language);
+                if !self.business.stats.contains_key(&key) {
+                    let counts = match self.store.get(&key)? {
+                        Some(v) => serde_json::from_slice(&v)
+                            .map_err(|e| corrupt("statistics", format!("{b}: {e}")))?,
+                        None => Counts::default(),
+                    };
+                    self.business.stats.insert(key.clone(), counts);
+                }
+                let counts = self.business.stats.get_mut(&key).expect("read above");
+                for &change in changes {
+                    counts.count(change, row.code, row.customer);
+                }
+                self.business.stats_changed.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the statistics changed since the last batch (with the batch
+    /// about to be written); the cache starts over when it grows large.
+    pub(crate) fn flush_stats(&mut self) {
+        if self.business.stats_changed.is_empty() {
+            return;
+        }
+        for key in std::mem::take(&mut self.business.stats_changed) {
+            if let Some(c) = self.business.stats.get(&key) {
+                let value = serde_json::to_vec(c).expect("counts serialize");
+                self.kv.push(KvOp::Put { key, value });
+            }
+        }
+        if self.business.stats.len() >= STATS_CACHED_MAX {
+            self.business.stats.clear();
+        }
+    }
+
+    /// Business `b`'s statistics per `period`, oldest first: each row's
+    /// period start, template and language (empty: all messages) and its
+    /// figures as reports show them.
+    pub(crate) fn stats_report(
+        &mut self,
+        b: u64,
+        period: Period,
+    ) -> Result<Vec<serde_json::Value>, BrokerError> {
+        // What this shard counted is on the store first.
+        let pending = std::mem::take(&mut self.business.stats_changed);
+        let mut ops = Vec::new();
+        for key in pending {
+            if let Some(c) = self.business.stats.get(&key) {
+                let value = serde_json::to_vec(c).expect("counts serialize");
+                ops.push(KvOp::Put { key, value });
+            }
+        }
+        if !ops.is_empty() {
+            self.store.append_with(&[], &ops, self.now_ms())?;
+        }
+        let prefix = keys::stats_of(b, period as u8);
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
+            let Some(start) = keys::be_u64(&k, prefix.len()) else {
+                continue;
+            };
+            let dim = &k[prefix.len() + 8..];
+            let (template, language) = match dim.iter().position(|&c| c == 0) {
+                Some(i) => (&dim[..i], &dim[i + 1..]),
+                None => (dim, &[][..]),
+            };
+            let counts: Counts = serde_json::from_slice(&v)
+                .map_err(|e| BrokerError::from(corrupt("statistics", format!("{b}: {e}"))))?;
+            let mut r = counts.report();
+            r["start_ms"] = start.into();
+            r["template"] = String::from_utf8_lossy(template).into_owned().into();
+            r["language"] = String::from_utf8_lossy(language).into_owned().into();
+            out.push(r);
+        }
+        out.sort_by_key(|r| r["start_ms"].as_u64());
+        Ok(out)
     }
 
     /// A receipt from `customer` for business `b`'s message `id`: moves

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use crate::state::business::{Bucket, BusinessRow, DayCounts, MarketingRow, PairRow, Template};
-use crate::state::business_events::{EventHead, MessageRow};
+use crate::state::business_events::{Counts, EventHead, MessageRow};
 
 /// Which users of this node's shards are businesses: for sessions, which
 /// send a business's messages through its shard. A bitmap answers "no" for
@@ -112,4 +112,8 @@ pub(crate) struct Businesses {
     /// Business messages' statuses (`X` rows) by (business, client
     /// message id), read on first touch.
     pub(crate) messages: HashMap<(u64, u64), MessageRow>,
+    /// Statistics rows (`Y`) by key, read on first touch, and the keys
+    /// changed since the last batch.
+    pub(crate) stats: HashMap<Vec<u8>, Counts>,
+    pub(crate) stats_changed: HashSet<Vec<u8>>,
 }

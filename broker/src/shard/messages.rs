@@ -468,6 +468,10 @@ pub enum AdminOp {
     MessageStatus {
         message: u64,
     },
+    /// The business's statistics per period.
+    Stats {
+        period: crate::state::business_events::Period,
+    },
     /// Sets (or, with an empty url, removes) the business's webhook.
     SetWebhook {
         url: String,

@@ -210,9 +210,215 @@ impl EventHead {
     }
 }
 
+/// The periods statistics are counted in (UTC), by the time the message
+/// was accepted: each message counts in the period it was sent in, so a
+/// period's rates compare its messages with what became of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Period {
+    HalfHour = 1,
+    Day = 2,
+    Month = 3,
+}
+
+const HALF_HOUR_MS: u64 = 30 * 60 * 1000;
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+impl Period {
+    pub const ALL: [Period; 3] = [Period::HalfHour, Period::Day, Period::Month];
+
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "half_hour" => Some(Period::HalfHour),
+            "day" => Some(Period::Day),
+            "month" => Some(Period::Month),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::HalfHour => "half_hour",
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// The start (ms since the epoch, UTC) of the period holding `ms`.
+    pub fn start(self, ms: u64) -> u64 {
+        match self {
+            Period::HalfHour => ms - ms % HALF_HOUR_MS,
+            Period::Day => ms - ms % DAY_MS,
+            Period::Month => {
+                let (y, m, _) = civil_from_days((ms / DAY_MS) as i64);
+                days_from_civil(y, m, 1) as u64 * DAY_MS
+            }
+        }
+    }
+}
+
+/// The (year, month, day) of a day count since 1970-01-01 (Howard
+/// Hinnant's civil calendar algorithms).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Figures that describe fewer customers than this are shown as "< 5".
+pub const FEWEST_SHOWN: usize = 5;
+
+/// One figure: how many, and up to [`FEWEST_SHOWN`] of the distinct
+/// customers it counts (enough to know whether it may be shown).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Figure {
+    pub n: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub few: Vec<u64>,
+}
+
+impl Figure {
+    pub fn add(&mut self, customer: u64) {
+        self.n += 1;
+        if self.few.len() < FEWEST_SHOWN && !self.few.contains(&customer) {
+            self.few.push(customer);
+        }
+    }
+
+    /// Whether the figure describes enough customers to be shown.
+    pub fn shown(&self) -> bool {
+        self.few.len() >= FEWEST_SHOWN
+    }
+
+    /// The figure as reports show it: the number, or "< 5".
+    pub fn show(&self) -> serde_json::Value {
+        if self.shown() {
+            self.n.into()
+        } else {
+            format!("< {FEWEST_SHOWN}").into()
+        }
+    }
+}
+
+/// What one period counts for one dimension (row `Y`, JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counts {
+    pub accepted: Figure,
+    pub sent: Figure,
+    pub delivered: Figure,
+    pub read: Figure,
+    pub converted: Figure,
+    /// By wire error code.
+    pub failed: std::collections::BTreeMap<u16, Figure>,
+}
+
+impl Counts {
+    pub fn count(&mut self, change: Change, code: u16, customer: u64) {
+        match change {
+            Change::Accepted => self.accepted.add(customer),
+            Change::Failed => self.failed.entry(code).or_default().add(customer),
+            Change::Sent => self.sent.add(customer),
+            Change::Delivered => self.delivered.add(customer),
+            Change::Read => self.read.add(customer),
+            Change::Converted => self.converted.add(customer),
+        }
+    }
+
+    /// The counts as reports show them, with the rates (docs/BUSINESS.md
+    /// gives the formulas): a rate is shown only when both its figures are.
+    pub fn report(&self) -> serde_json::Value {
+        let rate = |num: &Figure, den: &Figure| -> serde_json::Value {
+            if num.shown() && den.shown() && den.n > 0 {
+                ((num.n as f64 / den.n as f64 * 10_000.0).round() / 10_000.0).into()
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        let failed: serde_json::Map<String, serde_json::Value> = self
+            .failed
+            .iter()
+            .map(|(code, f)| (code.to_string(), f.show()))
+            .collect();
+        serde_json::json!({
+            "accepted": self.accepted.show(),
+            "sent": self.sent.show(),
+            "delivered": self.delivered.show(),
+            "read": self.read.show(),
+            "converted": self.converted.show(),
+            "failed": failed,
+            "delivery_rate": rate(&self.delivered, &self.sent),
+            "read_rate": rate(&self.read, &self.delivered),
+            "conversion_rate": rate(&self.converted, &self.sent),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_start_at_utc_half_hours_days_and_months() {
+        // 2026-12-06T08:25:33.123Z
+        let t = 1_796_545_533_123;
+        assert_eq!(Period::HalfHour.start(t), 1_796_544_000_000);
+        assert_eq!(Period::Day.start(t), 1_796_515_200_000);
+        // 2026-12-01T00:00:00Z
+        assert_eq!(Period::Month.start(t), 1_796_083_200_000);
+        // The first of March in a leap year, and the epoch.
+        assert_eq!(Period::Month.start(951_868_800_000 + 5), 951_868_800_000);
+        assert_eq!(Period::Month.start(0), 0);
+        for day in [0i64, 59, 365, 10_957, 20_000, 40_000] {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
+    }
+
+    #[test]
+    fn a_figure_of_fewer_than_five_customers_is_not_shown() {
+        let mut f = Figure::default();
+        for c in [1, 1, 2, 3, 4, 4, 4] {
+            f.add(c);
+        }
+        assert_eq!(
+            (f.n, f.show()),
+            (7, serde_json::json!("< 5")),
+            "7 messages, 4 customers"
+        );
+        f.add(5);
+        assert_eq!(f.show(), serde_json::json!(8));
+        f.add(6);
+        assert_eq!(f.few.len(), 5, "no more ids than needed");
+        let mut c = Counts::default();
+        for customer in 1..=10 {
+            c.count(Change::Sent, 0, customer);
+            c.count(Change::Delivered, 0, customer);
+        }
+        for customer in 1..=4 {
+            c.count(Change::Read, 0, customer);
+        }
+        let r = c.report();
+        assert_eq!(r["sent"], 10);
+        assert_eq!(r["delivery_rate"], 1.0);
+        assert_eq!(r["read"], "< 5");
+        assert_eq!(r["read_rate"], serde_json::Value::Null);
+    }
 
     fn run(facts: &[Fact]) -> (MessageRow, Vec<Change>) {
         let mut row = MessageRow::default();

@@ -20,6 +20,7 @@
 //! | `X` business . client msg id | [`MessageRow`](super::business_events::MessageRow) (JSON): one business message's status | business's shard |
 //! | `V` business . seq          | [`Event`](super::business_events::Event) (JSON): a status change told to the business | business's shard |
 //! | `W` business                | [`EventHead`](super::business_events::EventHead): last event seq . delivered by the webhook | business's shard |
+//! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (JSON): one period's statistics (empty template: all messages) | business's shard |
 //! | `M` customer                | [`MarketingRow`](super::business::MarketingRow): marketing templates received lately | customer's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
 //!
@@ -114,6 +115,9 @@ pub fn quality_days(b: u64) -> Vec<u8> {
 pub fn message_status(b: u64, client_msg_id: u64) -> Vec<u8> {
     key(b'X', &[b, client_msg_id])
 }
+pub fn message_statuses(b: u64) -> Vec<u8> {
+    key(b'X', &[b])
+}
 pub fn event(b: u64, seq: u64) -> Vec<u8> {
     key(b'V', &[b, seq])
 }
@@ -122,6 +126,16 @@ pub fn events(b: u64) -> Vec<u8> {
 }
 pub fn event_head(b: u64) -> Vec<u8> {
     key(b'W', &[b])
+}
+pub fn stats(b: u64, period: u8, start_ms: u64, template: &str, language: &str) -> Vec<u8> {
+    let mut k = key(b'Y', &[b, u64::from(period), start_ms]);
+    k.extend_from_slice(template.as_bytes());
+    k.push(0);
+    k.extend_from_slice(language.as_bytes());
+    k
+}
+pub fn stats_of(b: u64, period: u8) -> Vec<u8> {
+    key(b'Y', &[b, u64::from(period)])
 }
 pub fn marketing(customer: u64) -> Vec<u8> {
     key(b'M', &[customer])
