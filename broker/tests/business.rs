@@ -1797,6 +1797,25 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(page["events"][0]["seq"], 4, "after 3, one");
+    // The same stream over the protocol, resumable after a sequence.
+    let (last, json) = business.events(0, 100).await.unwrap();
+    assert_eq!(last, 5);
+    assert_eq!(
+        serde_json::from_str::<Value>(&json).unwrap(),
+        Value::from(events.clone())
+    );
+    let (_, rest) = business.events(3, 100).await.unwrap();
+    let rest: Vec<Value> = serde_json::from_str(&rest).unwrap();
+    assert_eq!(rest[..], events[3..], "resumed after 3");
+    assert_eq!(
+        rejected(business.events(0, 0).await),
+        ErrorCode::INVALID_REQUEST
+    );
+    assert_eq!(
+        rejected(client.events(0, 10).await),
+        ErrorCode::NOT_A_BUSINESS,
+        "a customer has no events"
+    );
     let (status, bad) = s
         .admin_json(
             "GET",

@@ -503,6 +503,17 @@ impl Client {
         self.template_pack_at(business, now_ms).await
     }
 
+    /// A business's own events after sequence `after`, at most `limit`
+    /// (1 to 1,000): the last sequence there is, and the events as a JSON
+    /// array (PROTOCOL.md, `EventList`). Resuming from the last event read
+    /// reads each once.
+    pub async fn events(&self, after: u64, limit: u16) -> Result<(u64, String), ClientError> {
+        match self.request(Body::EventFetch { after, limit }).await? {
+            Body::EventList { last, json } => Ok((last, json)),
+            other => Err(unexpected("event_list", &other)),
+        }
+    }
+
     /// [`Client::template_pack`] as of `now_ms` (the wall clock, in ms).
     pub async fn template_pack_at(
         &self,

@@ -390,6 +390,21 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
                     .to_owned(),
             })
         }
+        EVENT_FETCH => Body::EventFetch {
+            after: r.u64()?,
+            limit: r.u16()?,
+        },
+        EVENT_LIST => {
+            let last = r.u64()?;
+            let len = r.u32()? as usize;
+            let raw = r.slice(len)?;
+            Body::EventList {
+                last,
+                json: std::str::from_utf8(raw)
+                    .map_err(|_| r.malformed("event list is not UTF-8"))?
+                    .to_owned(),
+            }
+        }
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -752,10 +767,18 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
             out.put_u64(p.valid_until_ms);
             put_long_text(&p.json, out);
         }
+        Body::EventFetch { after, limit } => {
+            out.put_u64(*after);
+            out.put_u16(*limit);
+        }
+        Body::EventList { last, json } => {
+            out.put_u64(*last);
+            put_long_text(json, out);
+        }
     }
 }
 
-/// (`TemplatePack`'s JSON: a u32 length and UTF-8.)
+/// (`TemplatePack`'s and `EventList`'s JSON: a u32 length and UTF-8.)
 fn put_long_text(t: &str, out: &mut BytesMut) {
     out.put_u32(u32::try_from(t.len()).expect("text under 4 GiB"));
     out.put_slice(t.as_bytes());

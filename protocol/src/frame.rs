@@ -69,8 +69,10 @@ pub mod frame_type {
     pub const BUSINESS: u8 = 0x1F;
     pub const BUSINESS_INFO: u8 = 0x20;
     pub const TEMPLATE_PACK: u8 = 0x21;
+    pub const EVENT_FETCH: u8 = 0x22;
+    pub const EVENT_LIST: u8 = 0x23;
     /// The highest assigned frame type.
-    pub const LAST: u8 = TEMPLATE_PACK;
+    pub const LAST: u8 = EVENT_LIST;
 }
 
 /// Group ids have this bit set and user ids never do, so a group's log can
@@ -568,6 +570,17 @@ pub enum Body {
     /// Boxed: the largest body, rare.
     BusinessInfo(Box<BusinessInfo>),
     TemplatePack(TemplatePack),
+    /// A business reads its events after a sequence.
+    EventFetch {
+        after: u64,
+        limit: u16,
+    },
+    /// The events read: the last sequence there is, and the events as a
+    /// JSON array (layout in PROTOCOL.md).
+    EventList {
+        last: u64,
+        json: String,
+    },
 }
 
 impl Body {
@@ -607,6 +620,8 @@ impl Body {
             Body::Business(_) => BUSINESS,
             Body::BusinessInfo(_) => BUSINESS_INFO,
             Body::TemplatePack(_) => TEMPLATE_PACK,
+            Body::EventFetch { .. } => EVENT_FETCH,
+            Body::EventList { .. } => EVENT_LIST,
         }
     }
 
@@ -653,6 +668,8 @@ pub fn frame_type_name(t: u8) -> &'static str {
         BUSINESS => "business",
         BUSINESS_INFO => "business_info",
         TEMPLATE_PACK => "template_pack",
+        EVENT_FETCH => "event_fetch",
+        EVENT_LIST => "event_list",
         _ => "unknown",
     }
 }

@@ -374,6 +374,26 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                 }),
             ),
         ),
+        (
+            "event_fetch",
+            Frame::new(
+                21,
+                Body::EventFetch {
+                    after: 4,
+                    limit: 100,
+                },
+            ),
+        ),
+        (
+            "event_list",
+            Frame::new(
+                21,
+                Body::EventList {
+                    last: 4,
+                    json: "[]".into(),
+                },
+            ),
+        ),
     ]
 }
 

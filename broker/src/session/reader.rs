@@ -115,6 +115,7 @@ impl Reader {
             }
             Body::Fetch(f) => Box::pin(self.fetch(rid, f)).await,
             Body::Business(b) => Box::pin(self.business(rid, b)).await,
+            Body::EventFetch { after, limit } => Box::pin(self.events(rid, after, limit)).await,
             Body::Ping { nonce } => {
                 self.reply(rid, Body::Pong { nonce });
                 true
