@@ -186,12 +186,28 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
         },
         ("GET", ["events", rest @ ..]) => events_op(rest),
         ("GET", ["messages", id]) => match id.parse() {
-            Ok(message) => Ok(AdminOp::MessageStatus { message }),
+            Ok(message) => Ok(AdminOp::MessageStatus {
+                message,
+                customer: None,
+            }),
             Err(_) => Err(error("400 Bad Request", "a message is a client message id")),
         },
-        ("POST", ["messages", id, "converted"]) => match id.parse() {
-            Ok(message) => Ok(AdminOp::Convert { message }),
-            Err(_) => Err(error("400 Bad Request", "a message is a client message id")),
+        ("GET", ["messages", id, customer]) => match (id.parse(), customer.parse()) {
+            (Ok(message), Ok(customer)) => Ok(AdminOp::MessageStatus {
+                message,
+                customer: Some(customer),
+            }),
+            _ => Err(error(
+                "400 Bad Request",
+                "messages/<client message id>/<customer>",
+            )),
+        },
+        ("POST", ["messages", id, customer, "converted"]) => match (id.parse(), customer.parse()) {
+            (Ok(message), Ok(customer)) => Ok(AdminOp::Convert { message, customer }),
+            _ => Err(error(
+                "400 Bad Request",
+                "messages/<client message id>/<customer>/converted",
+            )),
         },
         ("GET", ["stats", period]) => match Period::parse(period) {
             Some(period) => Ok(AdminOp::Stats { period }),

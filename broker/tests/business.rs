@@ -1153,9 +1153,11 @@ async fn the_platform_account_messages_every_user_and_bad_business_requests_are_
 async fn a_business_broadcast_list_follows_the_consent_ledger() {
     let s = node();
     let (b, yes, never, stopped, contact) = (12_001, 12_002, 12_003, 12_004, 12_005);
+    let also = 12_006;
     register(&s, b, "Shop").await;
     order_update(&s, b).await;
     consent(&s, b, yes, "opt_in", "utility").await;
+    consent(&s, b, also, "opt_in", "utility").await;
     consent(&s, b, stopped, "opt_in", "utility").await;
     consent(&s, b, stopped, "opt_out", "utility").await;
     let (business, _) = s.client(b).await;
@@ -1164,7 +1166,7 @@ async fn a_business_broadcast_list_follows_the_consent_ledger() {
     // Having the business as a contact is not an opt-in.
     c_contact.contacts(ContactsOp::Add, vec![b]).await.unwrap();
     business
-        .list(ListOp::Set, 1, vec![yes, never, stopped, contact])
+        .list(ListOp::Set, 1, vec![yes, never, stopped, contact, also])
         .await
         .unwrap();
     let payload = order("#1", "Ana").encode();
@@ -1172,10 +1174,33 @@ async fn a_business_broadcast_list_follows_the_consent_ledger() {
         .broadcast_with_id(77, 1, MessageKind::Template, payload.clone())
         .await
         .unwrap();
-    assert_eq!((ack.delivered, ack.skipped), (1, 3));
+    assert_eq!((ack.delivered, ack.skipped), (2, 3));
     let (m, t) = received_template(&c_yes).await;
     assert_eq!(t.language, "pt_BR", "rendered for this customer");
     assert_eq!(m.destination, Destination::User(yes));
+    // One status per customer the list send reached; each moves on its own.
+    c_yes.mark_read(m.seq).await.unwrap();
+    wait_status(&s, b, 77, yes, "read").await;
+    let (status, rows) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/messages/77"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200, "{rows}");
+    let seen: Vec<(u64, &str)> = rows["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["customer"].as_u64().unwrap(),
+                r["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [(yes, "read"), (also, "sent")]);
     assert!(c_contact
         .recv_timeout(Duration::from_millis(300))
         .await
@@ -1185,7 +1210,7 @@ async fn a_business_broadcast_list_follows_the_consent_ledger() {
         .broadcast_with_id(77, 1, MessageKind::Template, payload)
         .await
         .unwrap();
-    assert!(again.duplicate && again.delivered == 1);
+    assert!(again.duplicate && again.delivered == 2);
     assert!(c_yes
         .recv_timeout(Duration::from_millis(300))
         .await
@@ -1666,14 +1691,15 @@ fn changes_of(events: &[Value], id: u64) -> Vec<String> {
         .collect()
 }
 
-/// Waits (bounded) until message `id` of business `b` has `status`.
-async fn wait_status(s: &Server, b: u64, id: u64, status: &str) -> Value {
+/// Waits (bounded) until message `id` of business `b` has `status` for
+/// `customer`.
+async fn wait_status(s: &Server, b: u64, id: u64, customer: u64, status: &str) -> Value {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (code, v) = s
             .admin_json(
                 "GET",
-                &format!("/admin/businesses/{b}/messages/{id}"),
+                &format!("/admin/businesses/{b}/messages/{id}/{customer}"),
                 Value::Null,
             )
             .await;
@@ -1741,15 +1767,15 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         ErrorCode::NO_CONSENT
     );
     let (m, _) = received_template(&client).await;
-    wait_status(&s, b, 1, "sent").await;
+    wait_status(&s, b, 1, customer, "sent").await;
     client.ack(m.seq).await.unwrap();
-    wait_status(&s, b, 1, "delivered").await;
+    wait_status(&s, b, 1, customer, "delivered").await;
     client.mark_read(m.seq).await.unwrap();
-    wait_status(&s, b, 1, "read").await;
+    wait_status(&s, b, 1, customer, "read").await;
     let (status, converted) = s
         .admin_json(
             "POST",
-            &format!("/admin/businesses/{b}/messages/1/converted"),
+            &format!("/admin/businesses/{b}/messages/1/{customer}/converted"),
             Value::Null,
         )
         .await;
@@ -1868,7 +1894,7 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         .send_template(4, customer, &notice_send())
         .await
         .unwrap();
-    wait_status(&s, b, 4, "sent").await;
+    wait_status(&s, b, 4, customer, "sent").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while hook.requests.lock().unwrap().len() == failed_before {
         assert!(
@@ -1884,7 +1910,7 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         .store(false, std::sync::atomic::Ordering::SeqCst);
     let (m, _) = received_template(&client).await;
     client.mark_read(m.seq).await.unwrap();
-    wait_status(&s, b, 4, "read").await;
+    wait_status(&s, b, 4, customer, "read").await;
     let taken = hook
         .wait_until(secret, |t| changes_of(t, 4).iter().any(|c| c == "read"))
         .await;
@@ -1935,10 +1961,10 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
     // Four of six read: four customers are fewer than five.
     for (i, (client, seq)) in clients.iter().take(4).enumerate() {
         client.mark_read(*seq).await.unwrap();
-        wait_status(&s, b, i as u64 + 1, "read").await;
+        wait_status(&s, b, i as u64 + 1, customers[i], "read").await;
     }
     for i in 5..=6 {
-        wait_status(&s, b, i, "sent").await;
+        wait_status(&s, b, i, customers[i as usize - 1], "sent").await;
     }
     let day = stats("day").await;
     assert_eq!(
@@ -1959,9 +1985,12 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
     // The fifth reader: now they show, with their rates.
     let (client, seq) = &clients[4];
     client.mark_read(*seq).await.unwrap();
-    wait_status(&s, b, 5, "read").await;
+    wait_status(&s, b, 5, customers[4], "read").await;
     for i in 1..=5 {
-        let path = format!("/admin/businesses/{b}/messages/{i}/converted");
+        let path = format!(
+            "/admin/businesses/{b}/messages/{i}/{}/converted",
+            customers[i as usize - 1]
+        );
         let (status, _) = s.admin_json("POST", &path, Value::Null).await;
         assert_eq!(status, 200);
     }

@@ -181,11 +181,16 @@ pub(crate) fn complete(
     let ok = result.code == ErrorCode::OK;
     match done {
         Completion::Reply(r) => r.send(result),
-        Completion::Copy { sender, token } => to_peer(
+        Completion::Copy {
+            sender,
+            token,
+            recipient,
+        } => to_peer(
             sender,
             ShardCmd::CopyDone {
                 sender,
                 token,
+                recipient,
                 result,
                 stored,
             },

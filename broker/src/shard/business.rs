@@ -249,7 +249,7 @@ impl Shard {
         self.business.marketing.retain(|c, _| !inside(*c));
         self.business.pairs.retain(|(b, _), _| !inside(*b));
         self.business.heads.retain(|b, _| !inside(*b));
-        self.business.messages.retain(|(b, _), _| !inside(*b));
+        self.business.messages.retain(|(b, _, _), _| !inside(*b));
     }
 
     /// Whether `id` is a business of this shard.
@@ -1299,7 +1299,29 @@ impl Shard {
                 let (events, head) = self.events_after(b, after, limit)?;
                 serde_json::json!({ "business": b, "last": head.last, "events": events })
             }
-            AdminOp::MessageStatus { message } => self.message_json(b, message)?,
+            AdminOp::MessageStatus {
+                message,
+                customer: Some(customer),
+            } => self.message_json(b, message, customer)?,
+            AdminOp::MessageStatus {
+                message,
+                customer: None,
+            } => {
+                let mut rows = Vec::new();
+                for (_, v) in self
+                    .store
+                    .scan(&keys::message_statuses_of(b, message), usize::MAX)?
+                {
+                    let row: MessageRow = serde_json::from_slice(&v).map_err(|e| {
+                        BrokerError::from(corrupt("message status", format!("{b}.{message}: {e}")))
+                    })?;
+                    rows.push(row);
+                }
+                if rows.is_empty() {
+                    return Err(no_such_message(b, message).into());
+                }
+                serde_json::json!({ "business": b, "message": message, "customers": rows })
+            }
             AdminOp::Stats { period } => {
                 let rows = self.stats_report(b, period)?;
                 serde_json::json!({ "business": b, "period": period.name(), "rows": rows })
@@ -1342,19 +1364,18 @@ impl Shard {
                 self.webhook_delivered(b, up_to)?;
                 self.webhook_json(b)?
             }
-            AdminOp::Convert { message } => {
-                let json = self.message_json(b, message)?;
-                let customer = json["customer"].as_u64().unwrap_or(0);
+            AdminOp::Convert { message, customer } => {
+                self.message_json(b, message, customer)?;
                 self.message_fact(b, customer, message, Fact::Converted, None);
                 self.flush_stats();
                 let ops = std::mem::take(&mut self.kv);
                 if let Err(e) = self.write_now(&ops) {
                     // Not written: read again from the store next time.
                     self.business.heads.remove(&b);
-                    self.business.messages.remove(&(b, message));
+                    self.business.messages.remove(&(b, message, customer));
                     return Err(e.into());
                 }
-                self.message_json(b, message)?
+                self.message_json(b, message, customer)?
             }
         };
         Ok(value)
@@ -1402,21 +1423,21 @@ impl Shard {
         }))
     }
 
-    /// One message's status as the admin API shows it.
-    fn message_json(&mut self, b: u64, message: u64) -> Result<serde_json::Value, AdminError> {
-        match self.message_row(b, message)? {
+    /// One message's status for one customer as the admin API shows it.
+    fn message_json(
+        &mut self,
+        b: u64,
+        message: u64,
+        customer: u64,
+    ) -> Result<serde_json::Value, AdminError> {
+        match self.message_row(b, message, customer)? {
             Some(row) => {
                 let mut v = serde_json::to_value(&row).expect("a message row serializes");
                 v["business"] = b.into();
                 v["message"] = message.into();
                 Ok(v)
             }
-            None => Err(Invalid {
-                status: 404,
-                code: "no_such_message",
-                message: format!("business {b} sent no message {message} through its rules"),
-            }
-            .into()),
+            None => Err(no_such_message(b, message).into()),
         }
     }
 
@@ -1533,6 +1554,16 @@ impl From<BrokerError> for AdminError {
 impl From<courier_storage::StoreError> for AdminError {
     fn from(e: courier_storage::StoreError) -> AdminError {
         AdminError::Broker(e.into())
+    }
+}
+
+fn no_such_message(b: u64, message: u64) -> Invalid {
+    Invalid {
+        status: 404,
+        code: "no_such_message",
+        message: format!(
+            "business {b} sent no message {message} to that customer through its rules"
+        ),
     }
 }
 

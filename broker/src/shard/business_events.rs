@@ -47,17 +47,18 @@ impl Shard {
         Ok(head)
     }
 
-    /// The row of business `b`'s message `id`, read on first touch
-    /// (`None`: no fact about it yet).
+    /// The row of business `b`'s message `id` to `customer`, read on
+    /// first touch (`None`: no fact about it yet).
     pub(super) fn message_row(
         &mut self,
         b: u64,
         id: u64,
+        customer: u64,
     ) -> Result<Option<MessageRow>, BrokerError> {
-        if let Some(row) = self.business.messages.get(&(b, id)) {
+        if let Some(row) = self.business.messages.get(&(b, id, customer)) {
             return Ok(Some(row.clone()));
         }
-        match self.store.get(&keys::message_status(b, id))? {
+        match self.store.get(&keys::message_status(b, id, customer))? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| corrupt("message status", format!("{b}.{id}: {e}")).into()),
@@ -90,7 +91,7 @@ impl Shard {
         template: Option<(String, String)>,
     ) -> Result<(), BrokerError> {
         self.loaded(b)?;
-        let mut row = self.message_row(b, id)?.unwrap_or_else(|| {
+        let mut row = self.message_row(b, id, customer)?.unwrap_or_else(|| {
             let (template, language) = template.unwrap_or_default();
             MessageRow {
                 customer,
@@ -133,7 +134,7 @@ impl Shard {
             value: head.encode(),
         });
         self.kv.push(KvOp::Put {
-            key: keys::message_status(b, id),
+            key: keys::message_status(b, id, customer),
             value: serde_json::to_vec(&row).expect("a message row serializes"),
         });
         self.business.heads.insert(b, head);
@@ -148,7 +149,7 @@ impl Shard {
         if self.business.messages.len() >= MESSAGES_CACHED_MAX {
             self.business.messages.clear();
         }
-        self.business.messages.insert((b, id), row);
+        self.business.messages.insert((b, id, customer), row);
         Ok(())
     }
 
@@ -249,11 +250,9 @@ impl Shard {
     /// A receipt from `customer` for business `b`'s message `id`: moves
     /// a message the business sent through its rules (others have no row).
     pub(crate) fn receipted(&mut self, b: u64, customer: u64, id: u64, fact: Fact) {
-        match self.message_row(b, id) {
-            Ok(Some(row)) if row.customer == customer => {
-                self.message_fact(b, customer, id, fact, None)
-            }
-            Ok(_) => {}
+        match self.message_row(b, id, customer) {
+            Ok(Some(_)) => self.message_fact(b, customer, id, fact, None),
+            Ok(None) => {}
             Err(e) => error!(shard = self.id, error = %e, "reading a message status failed"),
         }
     }

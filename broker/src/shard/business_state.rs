@@ -110,8 +110,8 @@ pub(crate) struct Businesses {
     /// Businesses' event heads (`W` rows), read on first touch.
     pub(crate) heads: HashMap<u64, EventHead>,
     /// Business messages' statuses (`X` rows) by (business, client
-    /// message id), read on first touch.
-    pub(crate) messages: HashMap<(u64, u64), MessageRow>,
+    /// message id, customer), read on first touch.
+    pub(crate) messages: HashMap<(u64, u64, u64), MessageRow>,
     /// Statistics rows (`Y`) by key, read on first touch, and the keys
     /// changed since the last batch.
     pub(crate) stats: HashMap<Vec<u8>, Counts>,

@@ -442,11 +442,12 @@ impl Shard {
             } => self.push_group(group, message, users, accepted),
             ShardCmd::RefsDone { group, seq, code } => self.refs_done(group, seq, code),
             ShardCmd::CopyDone {
+                sender,
                 token,
+                recipient,
                 result,
                 stored,
-                ..
-            } => self.copy_done(token, result, stored),
+            } => self.copy_done(sender, token, recipient, result, stored),
             ShardCmd::ReceiptPartDone {
                 reader,
                 emission,

@@ -36,7 +36,7 @@ use super::business::Outgoing;
 use super::core::Shard;
 use super::groups::recipients_of;
 use super::messages::{
-    BroadcastCmd, Completion, GroupReply, RefsCmd, RefsReport, SendCmd, ShardCmd,
+    BroadcastCmd, BusinessOutcome, Completion, GroupReply, RefsCmd, RefsReport, SendCmd, ShardCmd,
 };
 use super::route::by_shard;
 use super::tracking::{HeldFanout, PendingBroadcast, PendingFanout};
@@ -504,6 +504,7 @@ impl Shard {
                 done: Completion::Copy {
                     sender: b.sender,
                     token,
+                    recipient,
                 },
                 accepted,
             })
@@ -511,8 +512,23 @@ impl Shard {
         let _ = b.copies.send(copies);
     }
 
-    /// One copy of a broadcast has an outcome; the last one answers.
-    pub(crate) fn copy_done(&mut self, token: u64, result: SendResult, stored: bool) {
+    /// One copy of a broadcast has an outcome; the last one answers. A
+    /// business's copy moves its message's status for the recipient.
+    pub(crate) fn copy_done(
+        &mut self,
+        sender: u64,
+        token: u64,
+        recipient: u64,
+        result: SendResult,
+        stored: bool,
+    ) {
+        if self.is_business(sender) {
+            self.business_outcome(BusinessOutcome {
+                business: sender,
+                customer: recipient,
+                result,
+            });
+        }
         let Some(pending) = self.broadcasts.get_mut(&token) else {
             error!(
                 shard = self.id,

@@ -155,7 +155,11 @@ pub enum Completion {
     Reply(ReplyTo),
     /// One copy of a broadcast: the sender's shard, which holds the
     /// broadcast's answer under `token`, is sent a `CopyDone`.
-    Copy { sender: u64, token: u64 },
+    Copy {
+        sender: u64,
+        token: u64,
+        recipient: u64,
+    },
     /// One receipt from the reader's outbox: the reader's shard, which
     /// deletes the outbox row once the receipt is durable, is sent a
     /// `ReceiptPartDone`.
@@ -358,6 +362,7 @@ pub enum ShardCmd {
     CopyDone {
         sender: u64,
         token: u64,
+        recipient: u64,
         result: SendResult,
         stored: bool,
     },
@@ -460,13 +465,16 @@ pub enum AdminOp {
         after: u64,
         limit: usize,
     },
-    /// The business reports a conversion for one of its messages.
+    /// The business reports a conversion for one of its messages to one
+    /// customer.
     Convert {
         message: u64,
+        customer: u64,
     },
-    /// One message's status.
+    /// One message's status for one customer, or for each (`None`).
     MessageStatus {
         message: u64,
+        customer: Option<u64>,
     },
     /// The business's statistics per period.
     Stats {

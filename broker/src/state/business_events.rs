@@ -83,7 +83,8 @@ const CHAIN: [Status; 4] = [
     Status::Read,
 ];
 
-/// Row `X` business . client message id: one message's status (JSON).
+/// Row `X` business . client message id . customer: one message's status
+/// for one customer (JSON).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRow {
     pub customer: u64,

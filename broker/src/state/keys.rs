@@ -17,7 +17,7 @@
 //! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
 //! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
 //! | `Q` business . day          | [`DayCounts`](super::business::DayCounts) (JSON): the quality rating's signals | business's shard |
-//! | `X` business . client msg id | [`MessageRow`](super::business_events::MessageRow) (JSON): one business message's status | business's shard |
+//! | `X` business . client msg id . customer | [`MessageRow`](super::business_events::MessageRow) (JSON): one business message's status for one customer (a list send has one per customer) | business's shard |
 //! | `V` business . seq          | [`Event`](super::business_events::Event) (JSON): a status change told to the business | business's shard |
 //! | `W` business                | [`EventHead`](super::business_events::EventHead): last event seq . delivered by the webhook | business's shard |
 //! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (JSON): one period's statistics (empty template: all messages) | business's shard |
@@ -112,7 +112,10 @@ pub fn quality_day(b: u64, day: u64) -> Vec<u8> {
 pub fn quality_days(b: u64) -> Vec<u8> {
     key(b'Q', &[b])
 }
-pub fn message_status(b: u64, client_msg_id: u64) -> Vec<u8> {
+pub fn message_status(b: u64, client_msg_id: u64, customer: u64) -> Vec<u8> {
+    key(b'X', &[b, client_msg_id, customer])
+}
+pub fn message_statuses_of(b: u64, client_msg_id: u64) -> Vec<u8> {
     key(b'X', &[b, client_msg_id])
 }
 pub fn message_statuses(b: u64) -> Vec<u8> {
