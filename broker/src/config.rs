@@ -318,6 +318,10 @@ pub struct BusinessSettings {
     pub webhook_give_up_ms: u64,
     /// Events in one webhook request, at most.
     pub webhook_batch: usize,
+    /// How long a business's events stay readable (admin API, protocol);
+    /// at least `webhook_give_up_ms`: an event is deleted only once its
+    /// webhook took it or gave up on it.
+    pub events_kept_ms: u64,
 }
 
 impl Default for BusinessSettings {
@@ -339,6 +343,7 @@ impl Default for BusinessSettings {
             webhook_retry_max_ms: 15 * 60 * 1000,
             webhook_give_up_ms: 7 * 24 * 3600 * 1000,
             webhook_batch: 100,
+            events_kept_ms: 30 * 24 * 3600 * 1000,
             opt_out_keywords: words(&[
                 "STOP",
                 "UNSUBSCRIBE",
@@ -654,6 +659,10 @@ impl Config {
                 && b.webhook_retry_max_ms >= b.webhook_retry_ms
                 && (1..=1000).contains(&b.webhook_batch),
             "business.webhook_timeout_ms and webhook_retry_ms must be at least 1, webhook_retry_max_ms at least webhook_retry_ms, webhook_batch from 1 to 1000"
+        );
+        anyhow::ensure!(
+            b.events_kept_ms >= b.webhook_give_up_ms,
+            "business.events_kept_ms must be at least business.webhook_give_up_ms"
         );
         anyhow::ensure!(
             b.per_customer_burst >= 1 && b.per_customer_interval_ms >= 1,

@@ -1919,6 +1919,35 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
         ["delivered", "read"],
         "the dropped events never came, the later ones did"
     );
+
+    // Events are kept 30 days (business.events_kept_ms), then deleted once
+    // the webhook took them or gave up; the sequence goes on.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, w) = s.admin_json("GET", &path, Value::Null).await;
+        if w["delivered_up_to"] == w["last_event"] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{w}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((business, client));
+    s.kill();
+    s.restart();
+    // (A restarted node's clock starts unmoved: the events are 7 days on.)
+    s.advance_clock(38 * DAY).await;
+    let events_path = format!("/admin/businesses/{b}/events");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, v) = s.admin_json("GET", &events_path, Value::Null).await;
+        assert_eq!(status, 200, "{v}");
+        if v["events"].as_array().unwrap().is_empty() {
+            assert!(v["last"].as_u64().unwrap() >= 11, "{v}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still kept: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Statistics are counted as the statuses move, per UTC half hour, day

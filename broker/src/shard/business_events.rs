@@ -29,6 +29,10 @@ use crate::state::rows::corrupt;
 
 /// Message rows kept in memory per shard before the cache starts over.
 const MESSAGES_CACHED_MAX: usize = 200_000;
+/// How often old events are deleted, and at most how many per business a
+/// time.
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+const PRUNE_MAX: usize = 10_000;
 /// Statistics rows kept in memory per shard before the cache starts over.
 const STATS_CACHED_MAX: usize = 50_000;
 
@@ -286,6 +290,60 @@ impl Shard {
         Ok(())
     }
 
+    /// Deletes, every minute, the events of the loaded businesses older
+    /// than `business.events_kept_ms` that the webhook took (or gave up
+    /// on), oldest first, at most [`PRUNE_MAX`] per business a time.
+    pub(crate) fn prune_events(&mut self) {
+        let now = self.now_ms();
+        // By the node's clock, which a test moves forward.
+        let due = self
+            .business
+            .pruned_at_ms
+            .is_none_or(|at| now >= at + PRUNE_INTERVAL_MS);
+        if !due || self.business.heads.is_empty() {
+            return;
+        }
+        self.business.pruned_at_ms = Some(now);
+        let kept = self.config.business.events_kept_ms;
+        let businesses: Vec<u64> = self.business.heads.keys().copied().collect();
+        for b in businesses {
+            if let Err(e) = self.prune_events_of(b, now.saturating_sub(kept)) {
+                error!(shard = self.id, business = b, error = %e, "deleting old events failed");
+            }
+        }
+    }
+
+    fn prune_events_of(&mut self, b: u64, before_ms: u64) -> Result<(), BrokerError> {
+        let hooked = !self.loaded(b)?.row.webhook_url.is_empty();
+        let mut head = self.event_head(b)?;
+        let upto = if hooked { head.delivered } else { head.last };
+        let mut ops = Vec::new();
+        let mut seq = head.pruned;
+        while seq < upto.min(head.last) && ops.len() < PRUNE_MAX {
+            let next = seq + 1;
+            let key = keys::event(b, next);
+            if let Some(v) = self.store.get(&key)? {
+                let at = serde_json::from_slice::<Event>(&v).map_or(0, |e| e.at_ms);
+                if at >= before_ms {
+                    break;
+                }
+                ops.push(KvOp::Delete { key });
+            }
+            seq = next;
+        }
+        if seq == head.pruned {
+            return Ok(());
+        }
+        head.pruned = seq;
+        ops.push(KvOp::Put {
+            key: keys::event_head(b),
+            value: head.encode(),
+        });
+        self.store.write_lazy(&ops)?;
+        self.business.heads.insert(b, head);
+        Ok(())
+    }
+
     /// Business `b`'s events after `after`, at most `limit`, and its head.
     pub(crate) fn events_after(
         &mut self,
@@ -295,7 +353,7 @@ impl Shard {
     ) -> Result<(Vec<serde_json::Value>, EventHead), BrokerError> {
         let head = self.event_head(b)?;
         let mut out = Vec::new();
-        for seq in after.saturating_add(1)..=head.last {
+        for seq in after.max(head.pruned).saturating_add(1)..=head.last {
             if out.len() >= limit {
                 break;
             }

@@ -116,4 +116,6 @@ pub(crate) struct Businesses {
     /// changed since the last batch.
     pub(crate) stats: HashMap<Vec<u8>, Counts>,
     pub(crate) stats_changed: HashSet<Vec<u8>>,
+    /// When old events were last deleted (the node's clock, ms).
+    pub(crate) pruned_at_ms: Option<u64>,
 }

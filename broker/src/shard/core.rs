@@ -327,6 +327,7 @@ impl Shard {
             }
             if last_trim.elapsed() >= TRIM_INTERVAL {
                 self.trim();
+                self.prune_events();
                 self.retry_receipts();
                 self.retry_fanouts();
                 last_trim = Instant::now();

@@ -180,21 +180,25 @@ fn is_zero(v: &u16) -> bool {
     *v == 0
 }
 
-/// Row `W` business: the business's event sequence and how far its
-/// webhook has delivered (16 bytes: next seq, delivered up to).
+/// Row `W` business: the business's event sequence, how far its webhook
+/// has delivered and how far old events are deleted (24 bytes: last seq,
+/// delivered up to, pruned up to).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHead {
     /// The last sequence given (0: none yet).
     pub last: u64,
     /// Events up to here were accepted by the webhook (or there is none).
     pub delivered: u64,
+    /// Events up to here are deleted (older than `business.events_kept_ms`).
+    pub pruned: u64,
 }
 
 impl EventHead {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(16);
+        let mut v = Vec::with_capacity(24);
         v.extend_from_slice(&self.last.to_be_bytes());
         v.extend_from_slice(&self.delivered.to_be_bytes());
+        v.extend_from_slice(&self.pruned.to_be_bytes());
         v
     }
 
@@ -203,10 +207,11 @@ impl EventHead {
             v.get(i..i + 8)
                 .map(|b| u64::from_be_bytes(b.try_into().expect("8")))
         };
-        (v.len() == 16).then_some(())?;
+        (v.len() == 24).then_some(())?;
         Some(EventHead {
             last: at(0)?,
             delivered: at(8)?,
+            pruned: at(16)?,
         })
     }
 }
@@ -525,6 +530,7 @@ mod tests {
         let h = EventHead {
             last: 7,
             delivered: 3,
+            pruned: 1,
         };
         assert_eq!(EventHead::decode(&h.encode()), Some(h));
         assert_eq!(EventHead::decode(&[1, 2, 3]), None);
