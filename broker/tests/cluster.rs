@@ -885,6 +885,99 @@ mod replication {
         );
     }
 
+    /// A business's events are state of its shard: after its node is
+    /// SIGKILLed, the promoted copy has every event told so far, goes on
+    /// with the same sequence, and posts to the webhook from there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_business_keeps_its_events_and_webhook_across_a_failover() {
+        use common::hook::Hook;
+        use courier_protocol::business::TemplateSend;
+        use serde_json::json;
+        let Some(etcd) = Etcd::start() else { return };
+        let extra = [
+            ("COURIER_CLUSTER_SHARDS", "16"),
+            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
+        ];
+        let ids = ["f1", "f2", "f3"];
+        let mut nodes = three_linked_with("fir", ids, &etcd, &extra).await;
+        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
+        let map = shards(&nodes[1]).await;
+        let b = user_on(&map, "f1", 700);
+        let customer = user_on(&map, "f2", 700);
+        let path = format!("/admin/businesses/{b}");
+        let (hook, url) = Hook::start(false).await;
+        let secret = "whsec_cluster-secret-0001";
+        let def = json!({ "category": "utility", "versions": [{ "language": "en_US", "body": "Notice", "examples": {} }] });
+        for (method, at, body) in [
+            ("PUT", path.clone(), json!({ "display_name": "Shop" })),
+            ("PUT", format!("{path}/templates/notice"), def),
+            (
+                "POST",
+                format!("{path}/templates/notice/status"),
+                json!({ "status": "approved" }),
+            ),
+            (
+                "POST",
+                format!("{path}/consent"),
+                json!({ "customer": customer, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "Notices, please" }),
+            ),
+            (
+                "PUT",
+                format!("{path}/webhook"),
+                json!({ "url": url, "secret": secret }),
+            ),
+        ] {
+            let (status, answer) = nodes[0].admin_json(method, &at, body).await;
+            assert_eq!(status, 200, "{at}: {answer}");
+        }
+        let notice = TemplateSend {
+            name: "notice".into(),
+            language: String::new(),
+            params: Vec::new(),
+        };
+        let (c, _) = nodes[2].client(customer).await;
+        let (business, _) = nodes[1].client(b).await;
+        business.send_template(1, customer, &notice).await.unwrap();
+        let m = c.recv_timeout(WAIT).await.unwrap();
+        c.mark_read(m.seq).await.unwrap();
+        let changes = |taken: &[Value], id: u64| -> Vec<String> {
+            taken
+                .iter()
+                .filter(|e| e["message"] == id)
+                .map(|e| e["change"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        hook.wait_until(secret, |t| changes(t, 1).iter().any(|c| c == "read"))
+            .await;
+        let all: Vec<&Server> = nodes.iter().collect();
+        copies_agree(&all, "the copies agree on the events").await;
+
+        nodes[0].kill();
+        wait_status(&nodes[1], "f1's shards promoted", |s| {
+            shards_of(s, "f1") == 0 && s["shards_unavailable"] == 0
+        })
+        .await;
+        let (business, _) = nodes[1].client(b).await;
+        business.send_template(2, customer, &notice).await.unwrap();
+        let taken = hook
+            .wait_until(secret, |t| changes(t, 2).iter().any(|c| c == "sent"))
+            .await;
+        assert_eq!(changes(&taken, 2), ["accepted", "sent"]);
+        let (last, json) = business.events(0, 100).await.unwrap();
+        let events: Vec<Value> = serde_json::from_str(&json).unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=last).collect::<Vec<_>>(),
+            "one sequence across the failover"
+        );
+        assert_eq!(
+            changes(&events, 1),
+            ["accepted", "sent", "delivered", "read"]
+        );
+        assert_eq!(changes(&events, 2), ["accepted", "sent"]);
+    }
+
     /// How many shards `id` holds a copy of, by a node's status.
     fn copies_of(s: &Value, id: &str) -> u64 {
         s["nodes"]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test file uses part of the harness")]
 
+pub mod hook;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
