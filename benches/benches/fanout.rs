@@ -66,6 +66,7 @@ fn fanout(c: &mut Criterion) {
                             courier_broker::config::BusinessSettings::default().platform_account,
                         ),
                     ),
+                    clicks: None,
                 };
                 let shards = Shards::start(2, config, store).unwrap();
                 let group = courier_protocol::GROUP_ID_BIT | 1;

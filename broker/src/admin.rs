@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -73,6 +73,8 @@ struct Answer {
     status: &'static str,
     content_type: String,
     body: String,
+    /// A redirect's target (a `location` header).
+    location: Option<String>,
 }
 
 impl Answer {
@@ -81,6 +83,7 @@ impl Answer {
             status,
             content_type: "text/plain; charset=utf-8".into(),
             body: body.into(),
+            location: None,
         }
     }
 
@@ -91,6 +94,7 @@ impl Answer {
             status,
             content_type: "application/json".into(),
             body,
+            location: None,
         }
     }
 
@@ -144,8 +148,12 @@ async fn respond(mut stream: TcpStream, node: &Arc<Node>) -> std::io::Result<()>
         body.truncate(length);
         route(node, method, path, bearer.as_deref(), &body).await
     };
+    let location = answer
+        .location
+        .map(|l| format!("location: {l}\r\n"))
+        .unwrap_or_default();
     let response = format!(
-        "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{location}connection: close\r\n\r\n{}",
         answer.status,
         answer.content_type,
         answer.body.len(),
@@ -188,7 +196,9 @@ async fn route(
             body: node
                 .metrics
                 .render(node.store.health(), &node.config.data_dir),
+            location: None,
         },
+        ("GET", p) if p.starts_with("/c/") => click(node, &p[3..]).await,
         (_, p) if p.starts_with("/admin/") => {
             if let Err(e) = authorize(node, bearer) {
                 return e;
@@ -197,6 +207,34 @@ async fn route(
         }
         ("GET", _) => Answer::text("404 Not Found", "not found\n"),
         _ => Answer::text("405 Method Not Allowed", "method not allowed\n"),
+    }
+}
+
+/// A customer's tap on a tracked link: counted on the business's shard
+/// (when it is this node's: a click that lands on another cluster node is
+/// redirected without being counted), then redirected.
+async fn click(node: &Arc<Node>, token: &str) -> Answer {
+    use crate::state::business_events::click;
+    let Some(c) = click::verify(&node.key, token) else {
+        return Answer::text("404 Not Found", "no such link\n");
+    };
+    if c.url.chars().any(char::is_control) {
+        return Answer::text("400 Bad Request", "the link's target is not a URL\n");
+    }
+    let op = crate::shard::messages::AdminOp::Click {
+        message: c.message,
+        customer: c.customer,
+    };
+    if let Some(Err(e)) = crate::business_api::ask(node, c.business, op).await {
+        debug!(
+            business = c.business,
+            code = e.code,
+            "a click was not counted"
+        );
+    }
+    Answer {
+        location: Some(c.url),
+        ..Answer::text("302 Found", "")
     }
 }
 

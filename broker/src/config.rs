@@ -322,6 +322,11 @@ pub struct BusinessSettings {
     /// at least `webhook_give_up_ms`: an event is deleted only once its
     /// webhook took it or gave up on it.
     pub events_kept_ms: u64,
+    /// Where customers' taps on URL buttons of templates go first, to be
+    /// counted (`clicked`) and redirected: this node's HTTP port as the
+    /// public reaches it (`https://c.example.com`), whose `/c/<token>` the
+    /// node answers. Empty: links are not tracked.
+    pub click_base_url: String,
 }
 
 impl Default for BusinessSettings {
@@ -344,6 +349,7 @@ impl Default for BusinessSettings {
             webhook_give_up_ms: 7 * 24 * 3600 * 1000,
             webhook_batch: 100,
             events_kept_ms: 30 * 24 * 3600 * 1000,
+            click_base_url: String::new(),
             opt_out_keywords: words(&[
                 "STOP",
                 "UNSUBSCRIBE",
@@ -659,6 +665,12 @@ impl Config {
                 && b.webhook_retry_max_ms >= b.webhook_retry_ms
                 && (1..=1000).contains(&b.webhook_batch),
             "business.webhook_timeout_ms and webhook_retry_ms must be at least 1, webhook_retry_max_ms at least webhook_retry_ms, webhook_batch from 1 to 1000"
+        );
+        anyhow::ensure!(
+            b.click_base_url.is_empty()
+                || b.click_base_url.starts_with("http://")
+                || b.click_base_url.starts_with("https://"),
+            "business.click_base_url is empty or an http:// or https:// URL"
         );
         anyhow::ensure!(
             b.events_kept_ms >= b.webhook_give_up_ms,

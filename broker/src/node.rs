@@ -134,6 +134,16 @@ impl Node {
                 clock: clock.clone(),
                 business: Arc::new(config.business.clone()),
                 directory: businesses.clone(),
+                clicks: (!config.business.click_base_url.is_empty()).then(|| {
+                    Arc::new(crate::shard::ClickLinks {
+                        base: config
+                            .business
+                            .click_base_url
+                            .trim_end_matches('/')
+                            .to_owned(),
+                        key: key.clone(),
+                    })
+                }),
             },
             store.clone(),
         )?;

@@ -1956,3 +1956,72 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
         .await;
     assert_eq!(status, 404, "the erased customer's message status is gone");
 }
+
+/// One GET on the node's HTTP port, redirects not followed: the status
+/// and the `location` header.
+async fn get_raw(addr: &str, path: &str) -> (u16, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    sock.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    sock.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    let location = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .map(|l| l.trim().to_owned());
+    (status, location)
+}
+
+/// With `business.click_base_url` set, a template's URL button goes
+/// through a tracked link: opening it redirects to the button's own URL
+/// and counts `clicked` once (which implies read), told as an event and
+/// in the statistics; a forged link is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_links_count_a_click_and_redirect() {
+    let s = Server::start(&[
+        ("COURIER_TEST_CLOCK", "true"),
+        ("COURIER_BUSINESS_CLICK_BASE_URL", "http://links.test/"),
+    ]);
+    let (b, customer) = (9201, 9202);
+    register(&s, b, "Shop").await;
+    order_update(&s, b).await;
+    consent(&s, b, customer, "opt_in", "utility").await;
+    let (business, _) = s.client(b).await;
+    let (client, _) = s.client(customer).await;
+    let send = TemplateSend {
+        language: "en_US".into(),
+        ..order("#7", "Ana")
+    };
+    business.send_template(1, customer, &send).await.unwrap();
+    let (_, t) = received_template(&client).await;
+    let link = t.buttons[0].value.clone();
+    let path = link
+        .strip_prefix("http://links.test")
+        .unwrap_or_else(|| panic!("a tracked link: {link}"));
+    assert!(path.starts_with("/c/"), "{link}");
+    wait_status(&s, b, 1, customer, "sent").await;
+    for _ in 0..2 {
+        assert_eq!(
+            get_raw(&s.admin, path).await,
+            (302, Some("https://shop.test/t/#7".to_owned()))
+        );
+    }
+    let row = wait_status(&s, b, 1, customer, "read").await;
+    assert_eq!(row["clicked"], true, "{row}");
+    let (_, events) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}/events"), Value::Null)
+        .await;
+    assert_eq!(
+        changes_of(events["events"].as_array().unwrap(), 1),
+        ["accepted", "sent", "delivered", "read", "clicked"],
+        "a click implies read, and counts once"
+    );
+    // A character in the middle (the message's id): decodes, fails the tag.
+    let mut forged: Vec<char> = path.chars().collect();
+    forged[12] = if forged[12] == 'A' { 'B' } else { 'A' };
+    let forged: String = forged.into_iter().collect();
+    assert_eq!(get_raw(&s.admin, &forged).await.0, 404);
+    assert_eq!(get_raw(&s.admin, "/c/").await.0, 404);
+}

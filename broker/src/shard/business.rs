@@ -547,7 +547,9 @@ impl Shard {
         if loaded.admitted.contains(&(cmd.client_msg_id, customer)) {
             // A retry: the customer's shard stores it at most once.
             return match cmd.kind {
-                MessageKind::Template => self.render(b, customer, cmd.payload).map(|r| r.payload),
+                MessageKind::Template => self
+                    .render(b, customer, cmd.client_msg_id, cmd.payload)
+                    .map(|r| r.payload),
                 _ => Ok(cmd.payload.clone()),
             };
         }
@@ -570,7 +572,7 @@ impl Shard {
                         category,
                         name,
                         language,
-                    } = self.render(b, customer, cmd.payload)?;
+                    } = self.render(b, customer, cmd.client_msg_id, cmd.payload)?;
                     template = Some((name, language));
                     let pair = &self.business.pairs[&(b, customer)];
                     if !platform && !pair.row.consents(category) {
@@ -844,6 +846,7 @@ impl Shard {
         &mut self,
         b: u64,
         customer: u64,
+        message: u64,
         payload: &[u8],
     ) -> Result<Rendered, (ErrorCode, u64, String)> {
         let send = TemplateSend::decode(payload).map_err(|e| {
@@ -897,9 +900,25 @@ impl Shard {
                 format!("template {:?} has no version in {}", t.name, send.language),
             ));
         };
-        let m = t
+        let mut m = t
             .render(v, &send, verified)
             .map_err(|why| (ErrorCode::TEMPLATE_PARAMS_INVALID, 0, why))?;
+        if let Some(links) = &self.config.clicks {
+            // The same link for a retry: the token is a function of its parts.
+            for (i, button) in m.buttons.iter_mut().enumerate() {
+                if button.kind == courier_protocol::business::ButtonKind::Url {
+                    let click = crate::state::business_events::click::Click {
+                        business: b,
+                        message,
+                        customer,
+                        button: i as u8,
+                        url: std::mem::take(&mut button.value),
+                    };
+                    let token = crate::state::business_events::click::mint(&links.key, &click);
+                    button.value = format!("{}/c/{token}", links.base);
+                }
+            }
+        }
         Ok(Rendered {
             payload: m.encode(),
             category: m.category,
@@ -1033,6 +1052,7 @@ impl Shard {
 
     fn answer_admin(&mut self, b: u64, op: AdminOp) -> Result<serde_json::Value, AdminError> {
         let now = self.now_ms();
+        let op_is_click = matches!(op, AdminOp::Click { .. });
         let settings = self.config.business.clone();
         if let AdminOp::Put {
             display_name,
@@ -1364,9 +1384,14 @@ impl Shard {
                 self.webhook_delivered(b, up_to)?;
                 self.webhook_json(b)?
             }
-            AdminOp::Convert { message, customer } => {
+            AdminOp::Convert { message, customer } | AdminOp::Click { message, customer } => {
                 self.message_json(b, message, customer)?;
-                self.message_fact(b, customer, message, Fact::Converted, None);
+                let fact = if op_is_click {
+                    Fact::Clicked
+                } else {
+                    Fact::Converted
+                };
+                self.message_fact(b, customer, message, fact, None);
                 self.flush_stats();
                 let ops = std::mem::take(&mut self.kv);
                 if let Err(e) = self.write_now(&ops) {

@@ -52,6 +52,15 @@ pub struct ShardConfig {
     /// The node's directory of businesses, kept by the shards for the
     /// sessions.
     pub directory: Arc<super::business_state::Directory>,
+    /// Tracked links: URL buttons of business templates go through
+    /// `<base>/c/<token>` (`business.click_base_url`; `None`: not tracked).
+    pub clicks: Option<Arc<ClickLinks>>,
+}
+
+/// How a shard turns a template's URL button into a tracked link.
+pub struct ClickLinks {
+    pub base: String,
+    pub key: courier_protocol::token::TokenKey,
 }
 
 impl ShardConfig {
@@ -70,6 +79,7 @@ impl ShardConfig {
             directory: Arc::new(super::business_state::Directory::new(
                 crate::config::BusinessSettings::default().platform_account,
             )),
+            clicks: None,
         }
     }
 }

@@ -471,6 +471,11 @@ pub enum AdminOp {
         message: u64,
         customer: u64,
     },
+    /// A customer opened a tracked link of one of the business's messages.
+    Click {
+        message: u64,
+        customer: u64,
+    },
     /// One message's status for one customer, or for each (`None`).
     MessageStatus {
         message: u64,

@@ -38,7 +38,7 @@ mod recent;
 pub mod route;
 mod tracking;
 
-pub use self::core::{Remote, ShardConfig};
+pub use self::core::{ClickLinks, Remote, ShardConfig};
 
 #[cfg(test)]
 mod tests;

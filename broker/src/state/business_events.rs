@@ -44,6 +44,7 @@ pub enum Change {
     Sent,
     Delivered,
     Read,
+    Clicked,
     Converted,
 }
 
@@ -71,6 +72,8 @@ pub enum Fact {
     },
     Delivered,
     Read,
+    /// A tracked link of the message opened (implies read).
+    Clicked,
     Converted,
 }
 
@@ -95,6 +98,8 @@ pub struct MessageRow {
     pub code: u16,
     #[serde(default)]
     pub converted: bool,
+    #[serde(default)]
+    pub clicked: bool,
     #[serde(default)]
     pub server_msg_id: u64,
     /// The template's name and language (empty for free-form messages).
@@ -140,15 +145,19 @@ impl MessageRow {
                 Status::Sent
             }
             Fact::Delivered => Status::Delivered,
-            Fact::Read => Status::Read,
+            Fact::Read | Fact::Clicked => Status::Read,
         };
-        let out: Vec<Change> = CHAIN
+        let mut out: Vec<Change> = CHAIN
             .iter()
             .filter(|&&s| s <= target && Some(s) > self.status)
             .map(|&s| s.into())
             .collect();
         if Some(target) > self.status {
             self.status = Some(target);
+        }
+        if fact == Fact::Clicked && !self.clicked {
+            self.clicked = true;
+            out.push(Change::Clicked);
         }
         out
     }
@@ -329,6 +338,7 @@ pub struct Counts {
     pub sent: Figure,
     pub delivered: Figure,
     pub read: Figure,
+    pub clicked: Figure,
     pub converted: Figure,
     /// By wire error code.
     pub failed: std::collections::BTreeMap<u16, Figure>,
@@ -342,6 +352,7 @@ impl Counts {
             Change::Sent => self.sent.add(customer),
             Change::Delivered => self.delivered.add(customer),
             Change::Read => self.read.add(customer),
+            Change::Clicked => self.clicked.add(customer),
             Change::Converted => self.converted.add(customer),
         }
     }
@@ -366,11 +377,75 @@ impl Counts {
             "sent": self.sent.show(),
             "delivered": self.delivered.show(),
             "read": self.read.show(),
+            "clicked": self.clicked.show(),
             "converted": self.converted.show(),
             "failed": failed,
             "delivery_rate": rate(&self.delivered, &self.sent),
             "read_rate": rate(&self.read, &self.delivered),
+            "click_through_rate": rate(&self.clicked, &self.delivered),
             "conversion_rate": rate(&self.converted, &self.sent),
+        })
+    }
+}
+
+/// A tracked link's token: which message, customer and button it is, and
+/// where it goes, signed with the node's token secret (every node of a
+/// cluster shares it, so any node can redirect it). Base64url of
+/// `business u64 . message u64 . customer u64 . button u8 . url . tag[16]`.
+pub mod click {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use courier_protocol::token::TokenKey;
+
+    const DOMAIN: &str = "courier click";
+    const FIXED: usize = 8 * 3 + 1;
+    const TAG: usize = 16;
+
+    /// What a click token says.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Click {
+        pub business: u64,
+        pub message: u64,
+        pub customer: u64,
+        pub button: u8,
+        pub url: String,
+    }
+
+    pub fn mint(key: &TokenKey, c: &Click) -> String {
+        let mut raw = Vec::with_capacity(FIXED + c.url.len() + TAG);
+        raw.extend_from_slice(&c.business.to_be_bytes());
+        raw.extend_from_slice(&c.message.to_be_bytes());
+        raw.extend_from_slice(&c.customer.to_be_bytes());
+        raw.push(c.button);
+        raw.extend_from_slice(c.url.as_bytes());
+        let tag = key.tag(DOMAIN, &raw);
+        raw.extend_from_slice(&tag[..TAG]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The click, if `token` is one this secret signed.
+    pub fn verify(key: &TokenKey, token: &str) -> Option<Click> {
+        let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+        if raw.len() < FIXED + TAG {
+            return None;
+        }
+        let (signed, tag) = raw.split_at(raw.len() - TAG);
+        let expected = key.tag(DOMAIN, signed);
+        // Constant time: the tag must not leak by timing.
+        let diff = expected[..TAG]
+            .iter()
+            .zip(tag)
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return None;
+        }
+        let at = |i: usize| u64::from_be_bytes(signed[i..i + 8].try_into().expect("8"));
+        Some(Click {
+            business: at(0),
+            message: at(8),
+            customer: at(16),
+            button: signed[24],
+            url: String::from_utf8(signed[FIXED..].to_vec()).ok()?,
         })
     }
 }
@@ -378,6 +453,29 @@ impl Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn click_tokens_round_trip_and_a_changed_byte_fails() {
+        let key = courier_protocol::token::TokenKey::new(vec![7; 32]);
+        let c = click::Click {
+            business: 5001,
+            message: 17,
+            customer: 42,
+            button: 0,
+            url: "https://shop.test/t/#7".into(),
+        };
+        let token = click::mint(&key, &c);
+        assert_eq!(click::verify(&key, &token), Some(c));
+        let mut raw =
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &token)
+                .unwrap();
+        raw[3] ^= 1;
+        let forged = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+        assert_eq!(click::verify(&key, &forged), None);
+        let other = courier_protocol::token::TokenKey::new(vec![8; 32]);
+        assert_eq!(click::verify(&other, &token), None);
+        assert_eq!(click::verify(&key, "not base64!"), None);
+    }
 
     #[test]
     fn periods_start_at_utc_half_hours_days_and_months() {
@@ -442,7 +540,8 @@ mod tests {
             Change::Sent => 3,
             Change::Delivered => 4,
             Change::Read => 5,
-            Change::Converted => 6,
+            Change::Clicked => 6,
+            Change::Converted => 7,
         }
     }
 
@@ -486,6 +585,7 @@ mod tests {
             Fact::Sent { server_msg_id: 3 },
             Fact::Delivered,
             Fact::Read,
+            Fact::Clicked,
             Fact::Converted,
         ];
         let mut orders = vec![vec![]];
@@ -502,7 +602,7 @@ mod tests {
             }
             orders = next;
         }
-        assert_eq!(orders.len(), 120);
+        assert_eq!(orders.len(), 720);
         for order in orders {
             let mut row = MessageRow::default();
             let mut told = Vec::new();
@@ -516,12 +616,14 @@ mod tests {
             let statuses: Vec<Change> = told
                 .iter()
                 .copied()
-                .filter(|c| *c != Change::Converted)
+                .filter(|c| !matches!(c, Change::Converted | Change::Clicked))
                 .collect();
             use Change::*;
             assert_eq!(statuses, [Accepted, Sent, Delivered, Read], "{order:?}");
             assert!(statuses.windows(2).all(|w| rank(w[0]) < rank(w[1])));
             assert_eq!(told.iter().filter(|c| **c == Converted).count(), 1);
+            assert_eq!(told.iter().filter(|c| **c == Clicked).count(), 1);
+            assert!(row.clicked);
         }
     }
 
