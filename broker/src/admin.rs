@@ -262,6 +262,17 @@ fn authorize(node: &Node, bearer: Option<&str>) -> Result<(), Answer> {
 async fn admin(node: &Arc<Node>, method: &str, path: &str, body: &[u8]) -> Answer {
     let rest = path.trim_start_matches("/admin/");
     if let Some(rest) = rest.strip_prefix("businesses/") {
+        // `.../stats/<period>.csv`: the same rows as CSV.
+        if let Some(json_path) = rest.strip_suffix(".csv").filter(|p| p.contains("/stats/")) {
+            let (status, value) = crate::business_api::route(node, method, json_path, body).await;
+            return match value["rows"].as_array() {
+                Some(rows) if status == "200 OK" => Answer {
+                    content_type: "text/csv; charset=utf-8".into(),
+                    ..Answer::text(status, &crate::business_api::stats_csv(rows))
+                },
+                _ => Answer::json(status, value),
+            };
+        }
         let (status, value) = crate::business_api::route(node, method, rest, body).await;
         return Answer::json(status, value);
     }

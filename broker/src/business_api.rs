@@ -248,6 +248,52 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
     }
 }
 
+/// The statistics rows as CSV, one line per row, the columns of the JSON
+/// (a hidden figure stays `< 5`; failures as `code:n` joined by `;`).
+pub(crate) fn stats_csv(rows: &[serde_json::Value]) -> String {
+    const COLUMNS: [&str; 14] = [
+        "start_ms",
+        "template",
+        "language",
+        "accepted",
+        "sent",
+        "delivered",
+        "read",
+        "clicked",
+        "converted",
+        "failed",
+        "delivery_rate",
+        "read_rate",
+        "click_through_rate",
+        "conversion_rate",
+    ];
+    let cell = |v: &serde_json::Value| -> String {
+        let text = match v {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| format!("{k}:{}", v.as_str().map_or(v.to_string(), str::to_owned)))
+                .collect::<Vec<_>>()
+                .join(";"),
+            other => other.to_string(),
+        };
+        if text.contains([',', '"', '\n']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    };
+    let mut out = COLUMNS.join(",");
+    out.push('\n');
+    for r in rows {
+        let line: Vec<String> = COLUMNS.iter().map(|c| cell(&r[*c])).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
 /// Asks business `b`'s shard; `None` if the node is stopping.
 pub(crate) async fn ask(
     node: &Node,

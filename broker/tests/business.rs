@@ -1917,6 +1917,26 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
         (400, Some("period_invalid"))
     );
 
+    // The same rows as CSV.
+    let (status, csv) = s
+        .admin_request(&format!("/admin/businesses/{b}/stats/day.csv"))
+        .await;
+    assert_eq!(status, 200, "{csv}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "start_ms,template,language,accepted,sent,delivered,read,clicked,converted,failed,delivery_rate,read_rate,click_through_rate,conversion_rate"
+    );
+    let total_line = lines
+        .iter()
+        .find(|l| l.split(',').nth(1) == Some(""))
+        .unwrap();
+    let cells: Vec<&str> = total_line.split(',').collect();
+    assert_eq!(
+        &cells[3..],
+        ["6", "6", "5", "5", "< 5", "5", "", "0.8333", "1.0", "", "0.8333"]
+    );
+
     // An erased customer leaves the figures' future: their read, stored
     // in the business's inbox after the erasure, counts nowhere.
     let last = customers[5];
