@@ -67,6 +67,12 @@ struct ConsentBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct TimeZoneBody {
+    utc_offset_minutes: i32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WebhookBody {
     url: String,
     #[serde(default)]
@@ -209,6 +215,10 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
                 "messages/<client message id>/<customer>/converted",
             )),
         },
+        ("GET", ["engagement"]) => Ok(AdminOp::Engagement),
+        ("PUT", ["time_zone"]) => parse::<TimeZoneBody>(body).map(|t| AdminOp::TimeZone {
+            utc_offset_minutes: t.utc_offset_minutes,
+        }),
         ("GET", ["stats", period]) => match Period::parse(period) {
             Some(period) => Ok(AdminOp::Stats { period }),
             None => Err((

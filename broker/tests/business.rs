@@ -2045,3 +2045,132 @@ async fn tracked_links_count_a_click_and_redirect() {
     assert_eq!(get_raw(&s.admin, &forged).await.0, 404);
     assert_eq!(get_raw(&s.admin, "/c/").await.0, 404);
 }
+
+/// Engagement from a synthetic history, checked against figures computed
+/// here from the times the node stamped: when customers write (weekday x
+/// hour in the business's time zone), how long they wait for the first
+/// answer (median and p90 by the documented buckets), and the read rate
+/// by the hour messages were sent, with the best hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engagement_figures_match_a_history_computed_independently() {
+    const BOUNDS: [u64; 16] = [
+        1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400,
+    ];
+    let offset: i64 = 120;
+    // Weekday (0 Monday) and hour at +02:00.
+    let slot = |ms: u64| {
+        let local = ms as i64 + offset * 60_000;
+        let day = local.div_euclid(DAY as i64);
+        (
+            (day + 3).rem_euclid(7) as usize,
+            (local.rem_euclid(DAY as i64) / 3_600_000) as usize,
+        )
+    };
+    let bucket = |ms: u64| {
+        let s = ms.div_ceil(1000);
+        BOUNDS.iter().copied().find(|&b| s <= b).unwrap_or(u64::MAX)
+    };
+    let s = node();
+    let b = 9301;
+    register(&s, b, "Shop").await;
+    let (status, v) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}/time_zone"),
+            json!({ "utc_offset_minutes": offset }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["utc_offset_minutes"].as_i64()),
+        (200, Some(offset)),
+        "{v}"
+    );
+    let (business, _) = s.client(b).await;
+    let delays_s = [3u64, 8, 40, 100, 250, 1000];
+    let mut wrote = Vec::new();
+    let mut waits = Vec::new();
+    let mut sent = Vec::new();
+    let mut clients = Vec::new();
+    for (i, delay) in delays_s.iter().enumerate() {
+        let c = 9302 + i as u64;
+        let (client, _) = s.client(c).await;
+        let asked = client
+            .send(Destination::User(b), MessageKind::Chat, chat("hello?"))
+            .await
+            .unwrap();
+        // A second message before the answer: the wait runs from the first.
+        s.advance_clock(1000).await;
+        client
+            .send(Destination::User(b), MessageKind::Chat, chat("anyone?"))
+            .await
+            .unwrap();
+        s.advance_clock(delay * 1000 - 1000).await;
+        let answer = business
+            .send(Destination::User(c), MessageKind::Chat, chat("here"))
+            .await
+            .unwrap();
+        wrote.push((c, asked.timestamp_ms));
+        wrote.push((c, asked.timestamp_ms + 1000));
+        waits.push(bucket(answer.timestamp_ms - asked.timestamp_ms));
+        sent.push(answer.timestamp_ms);
+        let m = client.recv_timeout(WAIT).await.unwrap();
+        clients.push((client, m.seq, c, answer.client_msg_id));
+    }
+    for (client, seq, c, id) in &clients {
+        client.mark_read(*seq).await.unwrap();
+        wait_status(&s, b, *id, *c, "read").await;
+    }
+    let (status, e) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/engagement"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(status, 200, "{e}");
+    // Response times: median and p90 of the bucketed waits.
+    waits.sort_unstable();
+    let q = |p: f64| waits[((p * waits.len() as f64).ceil() as usize).max(1) - 1];
+    assert_eq!(e["response"]["replies"], 6, "{e}");
+    assert_eq!(e["response"]["median_s"], q(0.5), "{e}");
+    assert_eq!(e["response"]["p90_s"], q(0.9), "{e}");
+    // The heatmap: each cell's customers, shown only from five.
+    let mut cells: std::collections::BTreeMap<(usize, usize), Vec<u64>> = Default::default();
+    for (c, at) in &wrote {
+        cells.entry(slot(*at)).or_default().push(*c);
+    }
+    for d in 0..7 {
+        for h in 0..24 {
+            let who = cells.get(&(d, h)).cloned().unwrap_or_default();
+            let mut distinct = who.clone();
+            distinct.dedup();
+            let expected = if distinct.len() >= 5 {
+                json!(who.len())
+            } else {
+                json!("< 5")
+            };
+            assert_eq!(e["heatmap"][d][h], expected, "cell {d} {h}: {e}");
+        }
+    }
+    // Read rate by the hour of sending, and the best hour.
+    let mut by_hour: std::collections::BTreeMap<usize, usize> = Default::default();
+    for at in &sent {
+        *by_hour.entry(slot(*at).1).or_default() += 1;
+    }
+    let best = by_hour.iter().find(|(_, n)| **n >= 5).map(|(h, _)| *h);
+    assert_eq!(e["best_hour"].as_u64().map(|h| h as usize), best, "{e}");
+    if let Some(h) = best {
+        assert_eq!(e["hours"][h]["read_rate"], 1.0, "{e}");
+    }
+    let (status, bad) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}/time_zone"),
+            json!({ "utc_offset_minutes": 900 }),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (400, Some("time_zone_invalid"))
+    );
+}

@@ -469,6 +469,7 @@ impl Shard {
         }
         ops.push(self.pair_write(b, customer));
         self.kv.extend(ops);
+        self.engage_customer(b, customer);
     }
 
     /// Admits a business's send, or refuses it with its rule's code.
@@ -665,6 +666,9 @@ impl Shard {
             pair.row.started_ms = now;
             let w = self.pair_write(b, customer);
             self.kv.push(w);
+        }
+        if !platform {
+            self.engage_business(b, customer);
         }
         let (name, language) = template.clone().unwrap_or_default();
         self.message_fact(
@@ -1288,6 +1292,10 @@ impl Shard {
                     }
                 }
                 self.business.messages.retain(|_, r| r.customer != customer);
+                ops.push(KvOp::Delete {
+                    key: keys::awaiting(b, customer),
+                });
+                self.business.awaiting.remove(&(b, customer));
                 // The tombstone: a pair row that holds nothing but when.
                 let tombstone = PairRow {
                     erased_ms: now,
@@ -1341,6 +1349,20 @@ impl Shard {
                     return Err(no_such_message(b, message).into());
                 }
                 serde_json::json!({ "business": b, "message": message, "customers": rows })
+            }
+            AdminOp::Engagement => self.engagement_report(b)?,
+            AdminOp::TimeZone { utc_offset_minutes } => {
+                if !(-720..=840).contains(&utc_offset_minutes) {
+                    return Err(invalid(
+                        "time_zone_invalid",
+                        "utc_offset_minutes is from -720 to 840",
+                    )
+                    .into());
+                }
+                let mut row = self.loaded(b)?.row.clone();
+                row.utc_offset_minutes = utc_offset_minutes;
+                self.save_row(b, row)?;
+                self.engagement_report(b)?
             }
             AdminOp::Stats { period } => {
                 let rows = self.stats_report(b, period)?;

@@ -23,7 +23,9 @@ use tracing::error;
 use super::core::Shard;
 use super::messages::BusinessOutcome;
 use crate::error::BrokerError;
-use crate::state::business_events::{Change, Counts, Event, EventHead, Fact, MessageRow, Period};
+use crate::state::business_events::{
+    Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Period,
+};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -188,12 +190,112 @@ impl Shard {
                 self.business.stats_changed.insert(key);
             }
         }
+        for &change in changes {
+            if matches!(change, Change::Sent | Change::Read) {
+                let (e, offset) = self.engagement(b)?;
+                e.sent_or_read(row.customer, row.since_ms, change == Change::Read, offset);
+            }
+        }
         Ok(())
+    }
+
+    /// Business `b`'s engagement row, read on first touch, marked changed.
+    fn engagement(&mut self, b: u64) -> Result<(&mut Engagement, i32), BrokerError> {
+        let offset = self.loaded(b)?.row.utc_offset_minutes;
+        if !self.business.engagement.contains_key(&b) {
+            let e = match self.store.get(&keys::engagement(b))? {
+                Some(v) => serde_json::from_slice(&v)
+                    .map_err(|e| corrupt("engagement", format!("{b}: {e}")))?,
+                None => Engagement::default(),
+            };
+            self.business.engagement.insert(b, e);
+        }
+        self.business.engagement_changed.insert(b);
+        Ok((
+            self.business.engagement.get_mut(&b).expect("read above"),
+            offset,
+        ))
+    }
+
+    /// Since when `customer` waits for business `b`'s answer (0: not).
+    fn awaiting(&mut self, b: u64, customer: u64) -> Result<u64, BrokerError> {
+        if let Some(&t) = self.business.awaiting.get(&(b, customer)) {
+            return Ok(t);
+        }
+        let t = self
+            .store
+            .get(&keys::awaiting(b, customer))?
+            .and_then(|v| keys::be_u64(&v, 0))
+            .unwrap_or(0);
+        if self.business.awaiting.len() >= MESSAGES_CACHED_MAX {
+            self.business.awaiting.clear();
+        }
+        self.business.awaiting.insert((b, customer), t);
+        Ok(t)
+    }
+
+    /// A customer's message to business `b` (written with this batch): its
+    /// hour counts, and the customer waits for an answer from now, unless
+    /// already waiting.
+    pub(crate) fn engage_customer(&mut self, b: u64, customer: u64) {
+        let now = self.now_ms();
+        let done = self
+            .engagement(b)
+            .map(|(e, offset)| e.customer_wrote(customer, now, offset));
+        let waits = self.awaiting(b, customer);
+        match (done, waits) {
+            (Ok(()), Ok(0)) => {
+                self.business.awaiting.insert((b, customer), now);
+                self.kv.push(KvOp::Put {
+                    key: keys::awaiting(b, customer),
+                    value: now.to_be_bytes().to_vec(),
+                });
+            }
+            (Ok(()), Ok(_)) => {}
+            (Err(e), _) | (_, Err(e)) => {
+                error!(shard = self.id, error = %e, "counting engagement failed")
+            }
+        }
+    }
+
+    /// Business `b` admitted a message to `customer`: a first answer to a
+    /// waiting customer counts its wait.
+    pub(crate) fn engage_business(&mut self, b: u64, customer: u64) {
+        let since = match self.awaiting(b, customer) {
+            Ok(0) => return,
+            Ok(t) => t,
+            Err(e) => return error!(shard = self.id, error = %e, "reading a wait failed"),
+        };
+        let now = self.now_ms();
+        match self.engagement(b) {
+            Ok((e, offset)) => e.answered(customer, since, now, offset),
+            Err(e) => return error!(shard = self.id, error = %e, "counting engagement failed"),
+        }
+        self.business.awaiting.insert((b, customer), 0);
+        self.kv.push(KvOp::Delete {
+            key: keys::awaiting(b, customer),
+        });
+    }
+
+    /// Business `b`'s engagement as reports show it.
+    pub(crate) fn engagement_report(&mut self, b: u64) -> Result<serde_json::Value, BrokerError> {
+        let (e, offset) = self.engagement(b)?;
+        let mut v = e.report(offset);
+        v["business"] = b.into();
+        Ok(v)
     }
 
     /// Writes the statistics changed since the last batch (with the batch
     /// about to be written); the cache starts over when it grows large.
     pub(crate) fn flush_stats(&mut self) {
+        for b in std::mem::take(&mut self.business.engagement_changed) {
+            if let Some(e) = self.business.engagement.get(&b) {
+                self.kv.push(KvOp::Put {
+                    key: keys::engagement(b),
+                    value: serde_json::to_vec(e).expect("engagement serializes"),
+                });
+            }
+        }
         if self.business.stats_changed.is_empty() {
             return;
         }

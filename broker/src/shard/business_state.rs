@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use crate::state::business::{Bucket, BusinessRow, DayCounts, MarketingRow, PairRow, Template};
-use crate::state::business_events::{Counts, EventHead, MessageRow};
+use crate::state::business_events::{Counts, Engagement, EventHead, MessageRow};
 
 /// Which users of this node's shards are businesses: for sessions, which
 /// send a business's messages through its shard. A bitmap answers "no" for
@@ -116,6 +116,13 @@ pub(crate) struct Businesses {
     /// changed since the last batch.
     pub(crate) stats: HashMap<Vec<u8>, Counts>,
     pub(crate) stats_changed: HashSet<Vec<u8>>,
+    /// Businesses' engagement rows (`A`), read on first touch, and the
+    /// businesses whose row changed since the last batch.
+    pub(crate) engagement: HashMap<u64, Engagement>,
+    pub(crate) engagement_changed: HashSet<u64>,
+    /// Since when each (business, customer) waits for an answer (`Z`
+    /// rows; 0: not waiting), read on first touch.
+    pub(crate) awaiting: HashMap<(u64, u64), u64>,
     /// When old events were last deleted (the node's clock, ms).
     pub(crate) pruned_at_ms: Option<u64>,
 }

@@ -481,6 +481,12 @@ pub enum AdminOp {
         message: u64,
         customer: Option<u64>,
     },
+    /// The business's engagement figures.
+    Engagement,
+    /// Sets the business's time zone.
+    TimeZone {
+        utc_offset_minutes: i32,
+    },
     /// The business's statistics per period.
     Stats {
         period: crate::state::business_events::Period,

@@ -117,6 +117,10 @@ pub struct BusinessRow {
     /// empty: nowhere), and the secret they are signed with.
     pub webhook_url: String,
     pub webhook_secret: String,
+    /// The business's time zone as an offset from UTC, in minutes (its
+    /// engagement figures are by its local hour; a fixed offset: daylight
+    /// saving is not followed).
+    pub utc_offset_minutes: i32,
 }
 
 /// A display name: 1 to 255 characters, not blank.

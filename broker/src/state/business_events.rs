@@ -388,6 +388,173 @@ impl Counts {
     }
 }
 
+/// Upper bounds (seconds) of the response-time histogram's buckets; a
+/// last bucket holds everything longer.
+pub const WAIT_BOUNDS_S: [u64; 16] = [
+    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 86400,
+];
+
+/// Response times, bucketed by [`WAIT_BOUNDS_S`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waits {
+    pub replies: Figure,
+    /// One count per bound, and one past the last.
+    pub buckets: Vec<u64>,
+}
+
+impl Waits {
+    pub fn add(&mut self, customer: u64, wait_ms: u64) {
+        self.replies.add(customer);
+        if self.buckets.len() != WAIT_BOUNDS_S.len() + 1 {
+            self.buckets = vec![0; WAIT_BOUNDS_S.len() + 1];
+        }
+        let s = wait_ms.div_ceil(1000);
+        let i = WAIT_BOUNDS_S
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(WAIT_BOUNDS_S.len());
+        self.buckets[i] += 1;
+    }
+
+    /// The `q` quantile (0 < q <= 1) as its bucket's upper bound in
+    /// seconds: the smallest bound with at least ceil(q * n) replies at or
+    /// under it (`None` with no replies; past the last bound: `u64::MAX`).
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let n: u64 = self.buckets.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let want = ((q * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(WAIT_BOUNDS_S.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+
+    /// As reports show it: the count, median and p90 (hidden under 5
+    /// customers).
+    pub fn report(&self) -> serde_json::Value {
+        if !self.replies.shown() {
+            return serde_json::json!({ "replies": self.replies.show(), "median_s": null, "p90_s": null });
+        }
+        serde_json::json!({
+            "replies": self.replies.n,
+            "median_s": self.quantile(0.5),
+            "p90_s": self.quantile(0.9),
+        })
+    }
+}
+
+/// A business's engagement (row `A`, JSON): when its customers write, how
+/// long they wait for an answer, and when its messages are read, all by
+/// the hour in the business's time zone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Engagement {
+    /// Customers' messages by weekday (0 Monday) x hour: 168 cells.
+    pub writes: Vec<Figure>,
+    /// Response times, all and by the hour the customer wrote.
+    pub waits: Waits,
+    pub waits_by_hour: Vec<Waits>,
+    /// Messages sent and read by the hour they were sent.
+    pub sent_by_hour: Vec<Figure>,
+    pub read_by_hour: Vec<Figure>,
+}
+
+/// The weekday (0 Monday) and hour of `ms` at `offset_min` from UTC.
+pub fn local_slot(ms: u64, offset_min: i32) -> (usize, usize) {
+    let local = ms as i64 + i64::from(offset_min) * 60_000;
+    let day = local.div_euclid(DAY_MS as i64);
+    let hour = local.rem_euclid(DAY_MS as i64) / 3_600_000;
+    // 1970-01-01 was a Thursday (3 from Monday).
+    ((day + 3).rem_euclid(7) as usize, hour as usize)
+}
+
+impl Engagement {
+    fn sized(&mut self) {
+        if self.writes.len() != 168 {
+            self.writes = vec![Figure::default(); 168];
+        }
+        for v in [&mut self.sent_by_hour, &mut self.read_by_hour] {
+            if v.len() != 24 {
+                *v = vec![Figure::default(); 24];
+            }
+        }
+        if self.waits_by_hour.len() != 24 {
+            self.waits_by_hour = vec![Waits::default(); 24];
+        }
+    }
+
+    pub fn customer_wrote(&mut self, customer: u64, at_ms: u64, offset_min: i32) {
+        self.sized();
+        let (day, hour) = local_slot(at_ms, offset_min);
+        self.writes[day * 24 + hour].add(customer);
+    }
+
+    /// The business's first answer to a customer who wrote at `since_ms`.
+    pub fn answered(&mut self, customer: u64, since_ms: u64, now_ms: u64, offset_min: i32) {
+        self.sized();
+        let wait = now_ms.saturating_sub(since_ms);
+        self.waits.add(customer, wait);
+        let (_, hour) = local_slot(since_ms, offset_min);
+        self.waits_by_hour[hour].add(customer, wait);
+    }
+
+    /// A message sent at `sent_ms` was sent (`read` false) or read.
+    pub fn sent_or_read(&mut self, customer: u64, sent_ms: u64, read: bool, offset_min: i32) {
+        self.sized();
+        let (_, hour) = local_slot(sent_ms, offset_min);
+        let v = if read {
+            &mut self.read_by_hour
+        } else {
+            &mut self.sent_by_hour
+        };
+        v[hour].add(customer);
+    }
+
+    /// As reports show it (docs/BUSINESS.md): hidden figures as "< 5";
+    /// the best hour is the one with the highest read rate among hours
+    /// whose figures show (the earliest on a tie), or null.
+    pub fn report(&self, offset_min: i32) -> serde_json::Value {
+        let mut e = self.clone();
+        e.sized();
+        let heatmap: Vec<Vec<serde_json::Value>> = (0..7)
+            .map(|d| (0..24).map(|h| e.writes[d * 24 + h].show()).collect())
+            .collect();
+        let mut best: Option<(usize, f64)> = None;
+        let hours: Vec<serde_json::Value> = (0..24)
+            .map(|h| {
+                let (sent, read) = (&e.sent_by_hour[h], &e.read_by_hour[h]);
+                let rate = (sent.shown() && read.shown() && sent.n > 0)
+                    .then(|| (read.n as f64 / sent.n as f64 * 10_000.0).round() / 10_000.0);
+                if let Some(r) = rate {
+                    if best.is_none_or(|(_, b)| r > b) {
+                        best = Some((h, r));
+                    }
+                }
+                serde_json::json!({
+                    "hour": h,
+                    "sent": sent.show(),
+                    "read": read.show(),
+                    "read_rate": rate,
+                    "wait": e.waits_by_hour[h].report(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "utc_offset_minutes": offset_min,
+            "heatmap": heatmap,
+            "response": e.waits.report(),
+            "hours": hours,
+            "best_hour": best.map(|(h, _)| h),
+        })
+    }
+}
+
 /// A tracked link's token: which message, customer and button it is, and
 /// where it goes, signed with the node's token secret (every node of a
 /// cluster shares it, so any node can redirect it). Base64url of
@@ -453,6 +620,25 @@ pub mod click {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_slots_and_wait_quantiles() {
+        // 2026-12-06 (a Sunday) 08:25 UTC; at +02:00 10:25, at -09:00
+        // Saturday 23:25.
+        let t = 1_796_545_533_123;
+        assert_eq!(local_slot(t, 0), (6, 8));
+        assert_eq!(local_slot(t, 120), (6, 10));
+        assert_eq!(local_slot(t, -540), (5, 23));
+        let mut w = Waits::default();
+        for (c, s) in [(1, 3), (2, 4), (3, 40), (4, 700), (5, 90_000)] {
+            w.add(c, s * 1000);
+        }
+        // Bounds: 3 s and 4 s -> 5; 40 s -> 60; 700 s -> 900; 25 h -> past.
+        assert_eq!(w.quantile(0.5), Some(60));
+        assert_eq!(w.quantile(0.9), Some(u64::MAX));
+        assert_eq!(w.quantile(0.4), Some(5));
+        assert_eq!(Waits::default().quantile(0.5), None);
+    }
 
     #[test]
     fn click_tokens_round_trip_and_a_changed_byte_fails() {
