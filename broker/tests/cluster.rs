@@ -828,6 +828,21 @@ mod replication {
         let rebuilds = nodes[2].metric("courier_replication_rebuilds_total").await;
         assert!(rebuilds >= 16, "r3 copied every shard: {rebuilds}");
     }
+    /// Three nodes with every shard on all three, in sync; a business led
+    /// by the first and a customer led by the second.
+    async fn business_on_three(name: &str, ids: [&str; 3], etcd: &Etcd) -> (Vec<Server>, u64, u64) {
+        let extra = [
+            ("COURIER_CLUSTER_SHARDS", "16"),
+            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
+        ];
+        let nodes = three_linked_with(name, ids, etcd, &extra).await;
+        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
+        let map = shards(&nodes[1]).await;
+        let b = user_on(&map, ids[0], 600);
+        let customer = user_on(&map, ids[1], 600);
+        (nodes, b, customer)
+    }
+
     /// A business's erasure of a customer's messages is on every in-sync
     /// copy of the business's shard before the admin API answers: the
     /// copy promoted once the business's node is SIGKILLed serves them
@@ -836,16 +851,7 @@ mod replication {
     async fn a_business_erasure_is_on_every_copy_before_it_is_answered() {
         use courier_protocol::{Destination, MessageKind};
         let Some(etcd) = Etcd::start() else { return };
-        let extra = [
-            ("COURIER_CLUSTER_SHARDS", "16"),
-            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
-        ];
-        let ids = ["e1", "e2", "e3"];
-        let mut nodes = three_linked_with("elder", ids, &etcd, &extra).await;
-        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
-        let map = shards(&nodes[1]).await;
-        let b = user_on(&map, "e1", 600);
-        let customer = user_on(&map, "e2", 600);
+        let (mut nodes, b, customer) = business_on_three("elder", ["e1", "e2", "e3"], &etcd).await;
         let path = format!("/admin/businesses/{b}");
         let (status, answer) = nodes[0]
             .admin_json("PUT", &path, serde_json::json!({ "display_name": "Shop" }))
@@ -894,16 +900,7 @@ mod replication {
         use courier_protocol::business::TemplateSend;
         use serde_json::json;
         let Some(etcd) = Etcd::start() else { return };
-        let extra = [
-            ("COURIER_CLUSTER_SHARDS", "16"),
-            ("COURIER_CLUSTER_REPLICATION_FACTOR", "3"),
-        ];
-        let ids = ["f1", "f2", "f3"];
-        let mut nodes = three_linked_with("fir", ids, &etcd, &extra).await;
-        all_in_sync(&nodes[1], "three copies of every shard in sync").await;
-        let map = shards(&nodes[1]).await;
-        let b = user_on(&map, "f1", 700);
-        let customer = user_on(&map, "f2", 700);
+        let (mut nodes, b, customer) = business_on_three("fir", ["f1", "f2", "f3"], &etcd).await;
         let path = format!("/admin/businesses/{b}");
         let (hook, url) = Hook::start(false).await;
         let secret = "whsec_cluster-secret-0001";
