@@ -119,8 +119,21 @@ enum BusinessRequest {
     Consent { customer: u64 },
     /// The consent ledger as JSON (one customer's, or every customer's).
     Export { customer: Option<u64> },
-    /// Erase what the business holds of a customer (leaves a tombstone).
+    /// Erase what the business holds of a customer: its messages in the
+    /// business's inbox, the ledger (leaves a tombstone).
     Erase { customer: u64 },
+    /// The business's message events after a sequence (0: the oldest kept).
+    Events {
+        #[arg(default_value_t = 0)]
+        after: u64,
+    },
+    /// Statistics per period: half_hour, day or month.
+    Stats {
+        #[arg(default_value = "day")]
+        period: String,
+    },
+    /// When customers write, how long they wait, when they read.
+    Engagement,
 }
 
 #[derive(Subcommand, Debug)]
@@ -449,6 +462,13 @@ pub fn main() -> anyhow::Result<()> {
                         BusinessRequest::Erase { customer } => {
                             ("POST", at(&format!("/erase/{customer}")))
                         }
+                        BusinessRequest::Events { after } => {
+                            ("GET", at(&format!("/events/{after}/1000")))
+                        }
+                        BusinessRequest::Stats { period } => {
+                            ("GET", at(&format!("/stats/{period}")))
+                        }
+                        BusinessRequest::Engagement => ("GET", at("/engagement")),
                     }
                 }
                 AdminRequest::Stats => ("GET", "/admin/stats".to_string()),

@@ -1280,6 +1280,25 @@ async fn the_admin_command_registers_verifies_and_reads_businesses() {
     let (ok, answer, _) = run(&["13001", "limits", "--tier", "9"]);
     assert!(!ok);
     assert_eq!(answer["code"], "tier_invalid");
+    // The reports: events, statistics, engagement (nothing sent yet).
+    let (ok, events, err) = run(&["13001", "events"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (
+            events["last"].as_u64(),
+            events["events"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(0))
+    );
+    let (ok, stats, err) = run(&["13001", "stats", "month"]);
+    assert!(ok, "{err}");
+    assert_eq!(stats["period"], "month");
+    let (ok, e, err) = run(&["13001", "engagement"]);
+    assert!(ok, "{err}");
+    assert_eq!(e["heatmap"].as_array().map(Vec::len), Some(7));
+    let (ok, answer, _) = run(&["13001", "stats", "week"]);
+    assert!(!ok);
+    assert_eq!(answer["code"], "period_invalid");
 }
 
 async fn account(s: &Server, b: u64) -> Value {
