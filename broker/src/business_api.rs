@@ -67,6 +67,12 @@ struct ConsentBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct LabelsBody {
+    labels: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TimeZoneBody {
     utc_offset_minutes: i32,
 }
@@ -216,6 +222,17 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             )),
         },
         ("GET", ["engagement"]) => Ok(AdminOp::Engagement),
+        ("GET" | "PUT", ["labels", customer]) => match customer.parse::<u64>() {
+            Ok(customer) if method == "GET" => Ok(AdminOp::Labels {
+                customer,
+                labels: None,
+            }),
+            Ok(customer) => parse::<LabelsBody>(body).map(|l| AdminOp::Labels {
+                customer,
+                labels: Some(l.labels),
+            }),
+            Err(_) => Err(error("400 Bad Request", "a customer is a user id")),
+        },
         ("PUT", ["time_zone"]) => parse::<TimeZoneBody>(body).map(|t| AdminOp::TimeZone {
             utc_offset_minutes: t.utc_offset_minutes,
         }),

@@ -2106,6 +2106,25 @@ async fn engagement_figures_match_a_history_computed_independently() {
     );
     let (business, _) = s.client(b).await;
     let delays_s = [3u64, 8, 40, 100, 250, 1000];
+    // The first five conversations are labelled "returns".
+    for c in 9302..9307u64 {
+        let path = format!("/admin/businesses/{b}/labels/{c}");
+        let (status, v) = s
+            .admin_json("PUT", &path, json!({ "labels": ["returns"] }))
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, bad) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}/labels/9302"),
+            json!({ "labels": ["Returns!"] }),
+        )
+        .await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (400, Some("labels_invalid"))
+    );
     let mut wrote = Vec::new();
     let mut waits = Vec::new();
     let mut sent = Vec::new();
@@ -2148,11 +2167,19 @@ async fn engagement_figures_match_a_history_computed_independently() {
         .await;
     assert_eq!(status, 200, "{e}");
     // Response times: median and p90 of the bucketed waits.
+    let waits_in_order = waits.clone();
     waits.sort_unstable();
     let q = |p: f64| waits[((p * waits.len() as f64).ceil() as usize).max(1) - 1];
     assert_eq!(e["response"]["replies"], 6, "{e}");
     assert_eq!(e["response"]["median_s"], q(0.5), "{e}");
     assert_eq!(e["response"]["p90_s"], q(0.9), "{e}");
+    // Per label: the five labelled conversations' messages and waits.
+    let labelled = &e["labels"]["returns"];
+    assert_eq!(labelled["messages"], 10, "{e}");
+    assert_eq!(labelled["response"]["replies"], 5, "{e}");
+    let mut five = waits_in_order[..5].to_vec();
+    five.sort_unstable();
+    assert_eq!(labelled["response"]["median_s"], five[2], "{e}");
     // The heatmap: each cell's customers, shown only from five.
     let mut cells: std::collections::BTreeMap<(usize, usize), Vec<u64>> = Default::default();
     for (c, at) in &wrote {

@@ -1296,6 +1296,10 @@ impl Shard {
                     key: keys::awaiting(b, customer),
                 });
                 self.business.awaiting.remove(&(b, customer));
+                ops.push(KvOp::Delete {
+                    key: keys::labels(b, customer),
+                });
+                self.business.labels.remove(&(b, customer));
                 // The tombstone: a pair row that holds nothing but when.
                 let tombstone = PairRow {
                     erased_ms: now,
@@ -1351,6 +1355,15 @@ impl Shard {
                 serde_json::json!({ "business": b, "message": message, "customers": rows })
             }
             AdminOp::Engagement => self.engagement_report(b)?,
+            AdminOp::Labels { customer, labels } => {
+                if let Some(labels) = labels {
+                    crate::state::business_events::check_labels(&labels)
+                        .map_err(|why| invalid("labels_invalid", why))?;
+                    self.set_labels(b, customer, labels)?;
+                }
+                let labels = self.labels(b, customer)?;
+                serde_json::json!({ "business": b, "customer": customer, "labels": labels })
+            }
             AdminOp::TimeZone { utc_offset_minutes } => {
                 if !(-720..=840).contains(&utc_offset_minutes) {
                     return Err(invalid(

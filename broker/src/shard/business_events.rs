@@ -234,14 +234,53 @@ impl Shard {
         Ok(t)
     }
 
+    /// The labels of business `b`'s conversation with `customer`.
+    pub(crate) fn labels(&mut self, b: u64, customer: u64) -> Result<Vec<String>, BrokerError> {
+        if let Some(l) = self.business.labels.get(&(b, customer)) {
+            return Ok(l.clone());
+        }
+        let l: Vec<String> = match self.store.get(&keys::labels(b, customer))? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| corrupt("labels", format!("{b}.{customer}: {e}")))?,
+            None => Vec::new(),
+        };
+        if self.business.labels.len() >= MESSAGES_CACHED_MAX {
+            self.business.labels.clear();
+        }
+        self.business.labels.insert((b, customer), l.clone());
+        Ok(l)
+    }
+
+    /// Labels business `b`'s conversation with `customer` (written now).
+    pub(crate) fn set_labels(
+        &mut self,
+        b: u64,
+        customer: u64,
+        labels: Vec<String>,
+    ) -> Result<(), BrokerError> {
+        let key = keys::labels(b, customer);
+        let op = if labels.is_empty() {
+            KvOp::Delete { key }
+        } else {
+            KvOp::Put {
+                key,
+                value: serde_json::to_vec(&labels).expect("labels serialize"),
+            }
+        };
+        self.store.append_with(&[], &[op], self.now_ms())?;
+        self.business.labels.insert((b, customer), labels);
+        Ok(())
+    }
+
     /// A customer's message to business `b` (written with this batch): its
     /// hour counts, and the customer waits for an answer from now, unless
     /// already waiting.
     pub(crate) fn engage_customer(&mut self, b: u64, customer: u64) {
         let now = self.now_ms();
+        let labels = self.labels(b, customer).unwrap_or_default();
         let done = self
             .engagement(b)
-            .map(|(e, offset)| e.customer_wrote(customer, now, offset));
+            .map(|(e, offset)| e.customer_wrote(customer, now, offset, &labels));
         let waits = self.awaiting(b, customer);
         match (done, waits) {
             (Ok(()), Ok(0)) => {
@@ -267,8 +306,9 @@ impl Shard {
             Err(e) => return error!(shard = self.id, error = %e, "reading a wait failed"),
         };
         let now = self.now_ms();
+        let labels = self.labels(b, customer).unwrap_or_default();
         match self.engagement(b) {
-            Ok((e, offset)) => e.answered(customer, since, now, offset),
+            Ok((e, offset)) => e.answered(customer, since, now, offset, &labels),
             Err(e) => return error!(shard = self.id, error = %e, "counting engagement failed"),
         }
         self.business.awaiting.insert((b, customer), 0);

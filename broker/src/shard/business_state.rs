@@ -123,6 +123,8 @@ pub(crate) struct Businesses {
     /// Since when each (business, customer) waits for an answer (`Z`
     /// rows; 0: not waiting), read on first touch.
     pub(crate) awaiting: HashMap<(u64, u64), u64>,
+    /// Conversations' labels (`N` rows), read on first touch.
+    pub(crate) labels: HashMap<(u64, u64), Vec<String>>,
     /// When old events were last deleted (the node's clock, ms).
     pub(crate) pruned_at_ms: Option<u64>,
 }

@@ -483,6 +483,11 @@ pub enum AdminOp {
     },
     /// The business's engagement figures.
     Engagement,
+    /// Labels a conversation (`Some`), or reads its labels.
+    Labels {
+        customer: u64,
+        labels: Option<Vec<String>>,
+    },
     /// Sets the business's time zone.
     TimeZone {
         utc_offset_minutes: i32,

@@ -463,7 +463,36 @@ pub struct Engagement {
     /// Messages sent and read by the hour they were sent.
     pub sent_by_hour: Vec<Figure>,
     pub read_by_hour: Vec<Figure>,
+    /// Customers' messages and waits by the labels of their conversation.
+    pub labels: std::collections::BTreeMap<String, LabelFigures>,
 }
+
+/// What one conversation label counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LabelFigures {
+    pub messages: Figure,
+    pub waits: Waits,
+}
+
+/// A conversation label: 1 to 40 of `a-z`, `0-9`, `_`, `-`; at most
+/// [`LABELS_MAX`] per conversation.
+pub fn check_labels(labels: &[String]) -> Result<(), String> {
+    if labels.len() > LABELS_MAX {
+        return Err(format!("at most {LABELS_MAX} labels per conversation"));
+    }
+    for l in labels {
+        let ok = (1..=40).contains(&l.len())
+            && l.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-');
+        if !ok {
+            return Err(format!("{l:?}: a label is 1 to 40 of a-z, 0-9, _ and -"));
+        }
+    }
+    Ok(())
+}
+
+pub const LABELS_MAX: usize = 10;
 
 /// The weekday (0 Monday) and hour of `ms` at `offset_min` from UTC.
 pub fn local_slot(ms: u64, offset_min: i32) -> (usize, usize) {
@@ -489,17 +518,44 @@ impl Engagement {
         }
     }
 
-    pub fn customer_wrote(&mut self, customer: u64, at_ms: u64, offset_min: i32) {
+    pub fn customer_wrote(
+        &mut self,
+        customer: u64,
+        at_ms: u64,
+        offset_min: i32,
+        labels: &[String],
+    ) {
         self.sized();
         let (day, hour) = local_slot(at_ms, offset_min);
         self.writes[day * 24 + hour].add(customer);
+        for l in labels {
+            self.labels
+                .entry(l.clone())
+                .or_default()
+                .messages
+                .add(customer);
+        }
     }
 
     /// The business's first answer to a customer who wrote at `since_ms`.
-    pub fn answered(&mut self, customer: u64, since_ms: u64, now_ms: u64, offset_min: i32) {
+    pub fn answered(
+        &mut self,
+        customer: u64,
+        since_ms: u64,
+        now_ms: u64,
+        offset_min: i32,
+        labels: &[String],
+    ) {
         self.sized();
         let wait = now_ms.saturating_sub(since_ms);
         self.waits.add(customer, wait);
+        for l in labels {
+            self.labels
+                .entry(l.clone())
+                .or_default()
+                .waits
+                .add(customer, wait);
+        }
         let (_, hour) = local_slot(since_ms, offset_min);
         self.waits_by_hour[hour].add(customer, wait);
     }
@@ -545,8 +601,19 @@ impl Engagement {
                 })
             })
             .collect();
+        let labels: serde_json::Map<String, serde_json::Value> = e
+            .labels
+            .iter()
+            .map(|(l, f)| {
+                (
+                    l.clone(),
+                    serde_json::json!({ "messages": f.messages.show(), "response": f.waits.report() }),
+                )
+            })
+            .collect();
         serde_json::json!({
             "utc_offset_minutes": offset_min,
+            "labels": labels,
             "heatmap": heatmap,
             "response": e.waits.report(),
             "hours": hours,

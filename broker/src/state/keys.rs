@@ -22,6 +22,7 @@
 //! | `W` business                | [`EventHead`](super::business_events::EventHead): last event seq . delivered by the webhook | business's shard |
 //! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (JSON): one period's statistics (empty template: all messages) | business's shard |
 //! | `A` business                | [`Engagement`](super::business_events::Engagement) (JSON): when customers write, waits, reads by hour | business's shard |
+//! | `N` business . customer     | JSON list of the conversation's labels | business's shard |
 //! | `Z` business . customer     | u64: since when the customer waits for the business's answer | business's shard |
 //! | `M` customer                | [`MarketingRow`](super::business::MarketingRow): marketing templates received lately | customer's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
@@ -144,6 +145,9 @@ pub fn stats_of(b: u64, period: u8) -> Vec<u8> {
 }
 pub fn engagement(b: u64) -> Vec<u8> {
     key(b'A', &[b])
+}
+pub fn labels(b: u64, customer: u64) -> Vec<u8> {
+    key(b'N', &[b, customer])
 }
 pub fn awaiting(b: u64, customer: u64) -> Vec<u8> {
     key(b'Z', &[b, customer])
