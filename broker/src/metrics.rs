@@ -171,6 +171,9 @@ pub struct ShardMetrics {
     /// From the connection accepting a send to its message being durable
     /// (in the recipient's inbox or the group's log).
     pub accept_to_durable: Histogram,
+    /// Business messages' status changes, platform-wide, by change (never
+    /// by business: the label's values are the seven changes).
+    pub business_changes: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -269,6 +272,20 @@ impl ShardMetrics {
                 "From a send accepted on its connection to its message being durable.",
                 LATENCY_BUCKETS,
             ),
+            business_changes: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "courier_business_message_changes_total",
+                        "Business messages' status changes, all businesses together, by change: accepted, failed, sent, delivered, read, clicked, converted.",
+                    ),
+                    &["change"],
+                )
+                .expect("valid metric");
+                for c in ["accepted", "failed", "sent", "delivered", "read", "clicked", "converted"] {
+                    v.with_label_values(&[c]);
+                }
+                v
+            },
         }
     }
 
@@ -287,7 +304,7 @@ impl ShardMetrics {
         ] {
             register(r, c.clone());
         }
-        for f in &self.queue_families {
+        for f in self.queue_families.iter().chain([&self.business_changes]) {
             register(r, f.clone());
         }
         for h in [

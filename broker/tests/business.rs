@@ -1936,6 +1936,18 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
         (400, Some("period_invalid"))
     );
 
+    // Platform-wide, without business labels.
+    assert_eq!(
+        s.metric("courier_business_message_changes_total{change=\"read\"}")
+            .await,
+        5
+    );
+    assert_eq!(
+        s.metric("courier_business_message_changes_total{change=\"sent\"}")
+            .await,
+        6
+    );
+
     // The same rows as CSV.
     let (status, csv) = s
         .admin_request(&format!("/admin/businesses/{b}/stats/day.csv"))

@@ -113,6 +113,12 @@ impl Shard {
         }
         self.count_changes(b, &row, &changes)?;
         let mut head = self.event_head(b)?;
+        for change in &changes {
+            self.stats
+                .business_changes
+                .with_label_values(&[change.name()])
+                .inc();
+        }
         for change in changes {
             head.last += 1;
             let event = Event {

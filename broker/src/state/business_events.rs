@@ -48,6 +48,21 @@ pub enum Change {
     Converted,
 }
 
+impl Change {
+    /// The name events and metrics give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Change::Accepted => "accepted",
+            Change::Failed => "failed",
+            Change::Sent => "sent",
+            Change::Delivered => "delivered",
+            Change::Read => "read",
+            Change::Clicked => "clicked",
+            Change::Converted => "converted",
+        }
+    }
+}
+
 impl From<Status> for Change {
     fn from(s: Status) -> Change {
         match s {
