@@ -17,6 +17,8 @@ impl Shard {
     /// Writes the planned appends (and pending key-value writes) in one
     /// storage write, then answers and pushes.
     pub(crate) fn write_batch(&mut self, batch: &mut Batch) {
+        // Rows the business facts changed go with the events they wrote.
+        self.flush_counts();
         if batch.appends.is_empty() && self.kv.is_empty() {
             for p in batch.plan.drain(..) {
                 self.finish(p, &mut std::iter::empty());
@@ -59,6 +61,7 @@ impl Shard {
 
     /// Writes pending key-value writes on their own (marks, receipt cursors).
     pub(crate) fn write_kv(&mut self) {
+        self.flush_counts();
         if self.kv.is_empty() {
             return;
         }

@@ -35,6 +35,8 @@ const MESSAGES_CACHED_MAX: usize = 200_000;
 /// time.
 const PRUNE_INTERVAL_MS: u64 = 60_000;
 const PRUNE_MAX: usize = 10_000;
+/// Engagement rows are written at most this often.
+const ENGAGEMENT_FLUSH_MS: u64 = 1000;
 /// Statistics rows kept in memory per shard before the cache starts over.
 const STATS_CACHED_MAX: usize = 50_000;
 
@@ -141,27 +143,12 @@ impl Shard {
                 value: serde_json::to_vec(&event).expect("an event serializes"),
             });
         }
-        self.kv.push(KvOp::Put {
-            key: keys::event_head(b),
-            value: head.encode(),
-        });
-        self.kv.push(KvOp::Put {
-            key: keys::message_status(b, id, customer),
-            value: serde_json::to_vec(&row).expect("a message row serializes"),
-        });
+        // The head and the row are written once per batch, however many
+        // facts the batch holds (`flush_stats`).
         self.business.heads.insert(b, head);
-        if self
-            .business
-            .loaded
-            .get(&b)
-            .is_some_and(|l| !l.row.webhook_url.is_empty())
-        {
-            self.config.directory.poke_webhook(b);
-        }
-        if self.business.messages.len() >= MESSAGES_CACHED_MAX {
-            self.business.messages.clear();
-        }
+        self.business.heads_changed.insert(b);
         self.business.messages.insert((b, id, customer), row);
+        self.business.messages_changed.insert((b, id, customer));
         Ok(())
     }
 
@@ -331,15 +318,50 @@ impl Shard {
         Ok(v)
     }
 
-    /// Writes the statistics changed since the last batch (with the batch
-    /// about to be written); the cache starts over when it grows large.
+    /// Writes what the facts since the last batch changed, with the batch
+    /// about to be written: each message row and event head once, the
+    /// statistics; the engagement rows at most once a second (a crash may
+    /// lose the last second of them). The caches start over when large.
     pub(crate) fn flush_stats(&mut self) {
-        for b in std::mem::take(&mut self.business.engagement_changed) {
-            if let Some(e) = self.business.engagement.get(&b) {
+        for (b, id, customer) in std::mem::take(&mut self.business.messages_changed) {
+            if let Some(row) = self.business.messages.get(&(b, id, customer)) {
                 self.kv.push(KvOp::Put {
-                    key: keys::engagement(b),
-                    value: serde_json::to_vec(e).expect("engagement serializes"),
+                    key: keys::message_status(b, id, customer),
+                    value: serde_json::to_vec(row).expect("a message row serializes"),
                 });
+            }
+        }
+        if self.business.messages.len() >= MESSAGES_CACHED_MAX {
+            self.business.messages.clear();
+        }
+        for b in std::mem::take(&mut self.business.heads_changed) {
+            if let Some(head) = self.business.heads.get(&b) {
+                self.kv.push(KvOp::Put {
+                    key: keys::event_head(b),
+                    value: head.encode(),
+                });
+            }
+            if self
+                .business
+                .loaded
+                .get(&b)
+                .is_some_and(|l| !l.row.webhook_url.is_empty())
+            {
+                self.config.directory.poke_webhook(b);
+            }
+        }
+        let now = self.now_ms();
+        if now >= self.business.engagement_flushed_ms + ENGAGEMENT_FLUSH_MS
+            || now < self.business.engagement_flushed_ms
+        {
+            self.business.engagement_flushed_ms = now;
+            for b in std::mem::take(&mut self.business.engagement_changed) {
+                if let Some(e) = self.business.engagement.get(&b) {
+                    self.kv.push(KvOp::Put {
+                        key: keys::engagement(b),
+                        value: serde_json::to_vec(e).expect("engagement serializes"),
+                    });
+                }
             }
         }
         if self.business.stats_changed.is_empty() {

@@ -112,6 +112,11 @@ pub(crate) struct Businesses {
     /// Business messages' statuses (`X` rows) by (business, client
     /// message id, customer), read on first touch.
     pub(crate) messages: HashMap<(u64, u64, u64), MessageRow>,
+    /// Message rows and event heads changed since the last batch, and when
+    /// the engagement rows were last written (the node's clock, ms).
+    pub(crate) messages_changed: HashSet<(u64, u64, u64)>,
+    pub(crate) heads_changed: HashSet<u64>,
+    pub(crate) engagement_flushed_ms: u64,
     /// Statistics rows (`Y`) by key, read on first touch, and the keys
     /// changed since the last batch.
     pub(crate) stats: HashMap<Vec<u8>, Counts>,

@@ -338,6 +338,8 @@ impl Shard {
             if last_trim.elapsed() >= TRIM_INTERVAL {
                 self.trim();
                 self.prune_events();
+                // Engagement rows held back by their once-a-second write.
+                self.write_kv();
                 self.retry_receipts();
                 self.retry_fanouts();
                 last_trim = Instant::now();
@@ -398,7 +400,6 @@ impl Shard {
             self.take(cmd, &mut batch);
         }
         self.note_fanned();
-        self.flush_counts();
         self.write_batch(&mut batch);
         // Queries read the cursors marks move, and a stopping shard keeps
         // nothing: both take every held mark now.
