@@ -89,11 +89,7 @@ fn rig() -> &'static Rig {
             ..StoreConfig::default()
         }));
         let key = TokenKey::new(RIG_SECRET.to_vec());
-        // Inside the runtime: the node starts its tasks (the webhook sender).
-        let node = {
-            let _inside = runtime.enter();
-            Node::assemble(config, store, key, clock, 100_000, None).expect("a node")
-        };
+        let node = Node::assemble(config, store, key, clock, 100_000, None).expect("a node");
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
             .expect("a loopback listener");

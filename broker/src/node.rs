@@ -52,6 +52,9 @@ pub struct Node {
     /// This node's cluster membership, set at start when the node was
     /// started with a cluster name (a single node has none).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The businesses the shards poke for their webhooks, until the server
+    /// starts the sender that reads them (`webhooks::start`).
+    pub webhook_pokes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u64>>>,
 }
 
 /// Lets a repeated log line through at most once per interval and counts
@@ -156,7 +159,8 @@ impl Node {
         });
         let send_rates = SendRates::new(limits.sends_per_user_per_sec);
         let metrics = Arc::new(Metrics::new(&shards.stats));
-        let node = Arc::new(Node {
+        Ok(Arc::new(Node {
+            webhook_pokes: std::sync::Mutex::new(Some(pokes)),
             config,
             store,
             shards,
@@ -179,9 +183,7 @@ impl Node {
             accept_log: LogEvery::new(10_000),
             disk_full: AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
-        });
-        crate::webhooks::start(&node, pokes);
-        Ok(node)
+        }))
     }
 
     /// A new group id (`GROUP_ID_BIT` set). In a cluster, one whose shard

@@ -113,6 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .then(|| Replication::new(config.cluster.node_id.clone(), store.clone()));
     let written = replication.as_ref().map_or(store.clone(), |r| r.store());
     let node = Node::assemble(config, written, key, clock, connections_max, tls)?;
+    crate::webhooks::start(&node);
     node.metrics.set_io_path(io);
     if node.config.test_clock {
         let _ = node.clock_shift.set(shift);

@@ -97,7 +97,10 @@ struct Counters {
 
 /// Starts the node's webhook sender, which the shards poke (through the
 /// business directory) with businesses that have events to post.
-pub fn start(node: &Arc<Node>, pokes: mpsc::UnboundedReceiver<u64>) {
+pub fn start(node: &Arc<Node>) {
+    let Some(pokes) = node.webhook_pokes.lock().expect("pokes lock").take() else {
+        return;
+    };
     let vec = |name: &str, help: &str| {
         let v = IntCounterVec::new(prometheus::Opts::new(name, help), &["outcome"])
             .expect("valid metric");
