@@ -1693,6 +1693,16 @@ async fn message_statuses_reach_the_business_as_events_and_signed_webhooks() {
     );
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    // A retry is the same message: answered as a duplicate, told nothing new.
+    let again = business
+        .send_template(1, customer, &notice_send())
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    let (_, after_retry) = s
+        .admin_json("GET", &format!("/admin/businesses/{b}/events"), Value::Null)
+        .await;
+    assert_eq!(after_retry["last"], 5, "{after_retry}");
     assert_eq!(events[0]["id"], format!("{b}-1"));
     assert_eq!(events[0]["template"], "notice");
     assert_eq!(events[0]["customer"], customer);

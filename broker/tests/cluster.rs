@@ -843,6 +843,16 @@ mod replication {
         (nodes, b, customer)
     }
 
+    /// SIGKILLs `nodes[0]` (`id`, the business's) and waits until its
+    /// shards are promoted on the others.
+    async fn kill_the_business_node(nodes: &mut [Server], id: &str) {
+        nodes[0].kill();
+        wait_status(&nodes[1], &format!("{id}'s shards promoted"), |s| {
+            shards_of(s, id) == 0 && s["shards_unavailable"] == 0
+        })
+        .await;
+    }
+
     /// A business's erasure of a customer's messages is on every in-sync
     /// copy of the business's shard before the admin API answers: the
     /// copy promoted once the business's node is SIGKILLed serves them
@@ -871,11 +881,7 @@ mod replication {
         let all: Vec<&Server> = nodes.iter().collect();
         copies_agree(&all, "the copies agree after the erasure").await;
 
-        nodes[0].kill();
-        wait_status(&nodes[1], "e1's shards promoted", |s| {
-            shards_of(s, "e1") == 0 && s["shards_unavailable"] == 0
-        })
-        .await;
+        kill_the_business_node(&mut nodes, "e1").await;
         let (business, _) = nodes[1].client(b).await;
         let read = business.fetch(0, 10).await.unwrap().messages;
         let seen: Vec<_> = read
@@ -949,11 +955,7 @@ mod replication {
         let all: Vec<&Server> = nodes.iter().collect();
         copies_agree(&all, "the copies agree on the events").await;
 
-        nodes[0].kill();
-        wait_status(&nodes[1], "f1's shards promoted", |s| {
-            shards_of(s, "f1") == 0 && s["shards_unavailable"] == 0
-        })
-        .await;
+        kill_the_business_node(&mut nodes, "f1").await;
         let (business, _) = nodes[1].client(b).await;
         business.send_template(2, customer, &notice).await.unwrap();
         let taken = hook

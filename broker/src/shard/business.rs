@@ -670,13 +670,12 @@ impl Shard {
         if !platform {
             self.engage_business(b, customer);
         }
-        let (name, language) = template.clone().unwrap_or_default();
         self.message_fact(
             b,
             customer,
             cmd.client_msg_id,
             Fact::Accepted,
-            Some((name, language)),
+            template.clone(),
         );
         if let Some((name, _)) = template {
             self.template_sent(b, customer, cmd.client_msg_id, name, new_conversation);
@@ -1056,7 +1055,6 @@ impl Shard {
 
     fn answer_admin(&mut self, b: u64, op: AdminOp) -> Result<serde_json::Value, AdminError> {
         let now = self.now_ms();
-        let op_is_click = matches!(op, AdminOp::Click { .. });
         let settings = self.config.business.clone();
         if let AdminOp::Put {
             display_name,
@@ -1419,23 +1417,11 @@ impl Shard {
                 self.webhook_delivered(b, up_to)?;
                 self.webhook_json(b)?
             }
-            AdminOp::Convert { message, customer } | AdminOp::Click { message, customer } => {
-                self.message_json(b, message, customer)?;
-                let fact = if op_is_click {
-                    Fact::Clicked
-                } else {
-                    Fact::Converted
-                };
-                self.message_fact(b, customer, message, fact, None);
-                self.flush_stats();
-                let ops = std::mem::take(&mut self.kv);
-                if let Err(e) = self.write_now(&ops) {
-                    // Not written: read again from the store next time.
-                    self.business.heads.remove(&b);
-                    self.business.messages.remove(&(b, message, customer));
-                    return Err(e.into());
-                }
-                self.message_json(b, message, customer)?
+            AdminOp::Convert { message, customer } => {
+                self.reported(b, message, customer, Fact::Converted)?
+            }
+            AdminOp::Click { message, customer } => {
+                self.reported(b, message, customer, Fact::Clicked)?
             }
         };
         Ok(value)
@@ -1481,6 +1467,32 @@ impl Shard {
             "last_event": head.last,
             "delivered_up_to": head.delivered,
         }))
+    }
+
+    /// A fact the business (a conversion) or the customer's tap (a click)
+    /// reports about one of its messages, written before it is answered:
+    /// the message's row as it is then.
+    fn reported(
+        &mut self,
+        b: u64,
+        message: u64,
+        customer: u64,
+        fact: Fact,
+    ) -> Result<serde_json::Value, AdminError> {
+        self.message_json(b, message, customer)?;
+        self.message_fact(b, customer, message, fact, None);
+        self.flush_stats();
+        let ops = std::mem::take(&mut self.kv);
+        if let Err(e) = self.write_now(&ops) {
+            // Not written: what the fact changed in memory is read again
+            // from the store next time.
+            self.business.heads.remove(&b);
+            self.business.messages.remove(&(b, message, customer));
+            self.business.stats.clear();
+            self.business.engagement.remove(&b);
+            return Err(e.into());
+        }
+        self.message_json(b, message, customer)
     }
 
     /// One message's status for one customer as the admin API shows it.

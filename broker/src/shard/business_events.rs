@@ -1,17 +1,20 @@
 //! The statuses of a business's messages and the events that tell them,
 //! on the business's shard (state/business_events.rs has the rules).
 //!
-//! Facts come from three places, all on this shard's thread:
+//! Facts all reach this shard's thread:
 //! - admission (`check_business_send`): accepted;
 //! - the send's outcome, which the session's reply hands back here as a
-//!   `BusinessOutcome` (see `ReplyTo::outcome`): sent, or failed with its
-//!   code (`SHARD_UNAVAILABLE` is no outcome: the client retries);
+//!   `BusinessOutcome` (see `ReplyTo::outcome`), or a list copy's
+//!   `CopyDone`: sent, or failed with its code (`SHARD_UNAVAILABLE` is no
+//!   outcome: the client retries);
 //! - the customer's receipts, appended to the business's inbox here:
 //!   delivered, read;
-//! - and the admin API: converted.
+//! - the admin API: converted; a tracked link's tap: clicked.
 //!
-//! Each fact's row and events are written with the batch it is learned
-//! in, so an event exists exactly when its status does. A node that dies
+//! A fact's events go in the batch it is learned in, and the message's
+//! row and the event head join them when that batch is written
+//! (`flush_stats`, called by every write of the shard's rows), so an event
+//! exists exactly when its status does. A node that dies
 //! between a send's storage and its outcome leaves the message accepted
 //! until the business retries it (every client retries an unanswered
 //! send), whose duplicate answer is the outcome.
@@ -66,12 +69,16 @@ impl Shard {
         if let Some(row) = self.business.messages.get(&(b, id, customer)) {
             return Ok(Some(row.clone()));
         }
-        match self.store.get(&keys::message_status(b, id, customer))? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| corrupt("message status", format!("{b}.{id}: {e}")).into()),
-            None => Ok(None),
-        }
+        let Some(v) = self.store.get(&keys::message_status(b, id, customer))? else {
+            return Ok(None);
+        };
+        let row: MessageRow = serde_json::from_slice(&v)
+            .map_err(|e| corrupt("message status", format!("{b}.{id}: {e}")))?;
+        // Kept: the fact that asked is about to apply to it.
+        self.business
+            .messages
+            .insert((b, id, customer), row.clone());
+        Ok(Some(row))
     }
 
     /// Applies `fact` to business `b`'s message `id` to `customer`: its row
@@ -160,13 +167,16 @@ impl Shard {
         row: &MessageRow,
         changes: &[Change],
     ) -> Result<(), BrokerError> {
-        let mut dims = vec![(String::new(), String::new())];
-        if !row.template.is_empty() {
-            dims.push((row.template.clone(), row.language.clone()));
-        }
+        let all = ("", "");
+        let template = (row.template.as_str(), row.language.as_str());
+        let dims: &[(&str, &str)] = if row.template.is_empty() {
+            &[all]
+        } else {
+            &[all, template]
+        };
         for period in Period::ALL {
             let start = period.start(row.since_ms);
-            for (template, language) in &dims {
+            for &(template, language) in dims {
                 let key = keys::stats(b, period as u8, start, template, language);
                 if !self.business.stats.contains_key(&key) {
                     let counts = match self.store.get(&key)? {
@@ -386,18 +396,8 @@ impl Shard {
         b: u64,
         period: Period,
     ) -> Result<Vec<serde_json::Value>, BrokerError> {
-        // What this shard counted is on the store first.
-        let pending = std::mem::take(&mut self.business.stats_changed);
-        let mut ops = Vec::new();
-        for key in pending {
-            if let Some(c) = self.business.stats.get(&key) {
-                let value = serde_json::to_vec(c).expect("counts serialize");
-                ops.push(KvOp::Put { key, value });
-            }
-        }
-        if !ops.is_empty() {
-            self.store.append_with(&[], &ops, self.now_ms())?;
-        }
+        // What this shard counted was written with the batch before this
+        // request (a `BusinessAdmin` runs after `write_batch`).
         let prefix = keys::stats_of(b, period as u8);
         let mut out = Vec::new();
         for (k, v) in self.store.scan(&prefix, usize::MAX)? {
@@ -417,7 +417,7 @@ impl Shard {
             r["language"] = String::from_utf8_lossy(language).into_owned().into();
             out.push(r);
         }
-        out.sort_by_key(|r| r["start_ms"].as_u64());
+        // Key order is start order: the start comes before the dimension.
         Ok(out)
     }
 
