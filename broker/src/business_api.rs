@@ -18,6 +18,7 @@ use crate::shard::messages::ShardCmd;
 use crate::shard::messages::{AdminOp, BusinessAdminCmd};
 use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
 use crate::state::business_events::Period;
+use crate::state::campaigns::CampaignDef;
 use crate::state::ids::valid_user;
 
 #[derive(Deserialize)]
@@ -129,6 +130,14 @@ fn events_op(rest: &[&str]) -> Result<AdminOp, Answer> {
                 "code": "range_invalid",
             }),
         )),
+    }
+}
+
+/// A campaign id in a path: 1 to 2^63-1.
+fn campaign_id(s: &str) -> Result<u64, Answer> {
+    match s.parse::<u64>() {
+        Ok(id) if id > 0 && id < crate::state::campaigns::CAMPAIGN_BIT => Ok(id),
+        _ => Err(error("400 Bad Request", "a campaign id is a number from 1")),
     }
 }
 
@@ -248,6 +257,30 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
             secret: w.secret,
         }),
         ("GET", ["webhook"]) => Ok(AdminOp::Webhook),
+        ("POST", ["campaigns"]) => {
+            parse::<CampaignDef>(body).map(|d| AdminOp::CreateCampaign(Box::new(d)))
+        }
+        ("GET", ["campaigns"]) => Ok(AdminOp::Campaigns),
+        ("GET", ["campaigns", id]) => campaign_id(id).map(|id| AdminOp::Campaign { id }),
+        ("POST", ["campaigns", id, action @ ("pause" | "resume" | "cancel")]) => campaign_id(id)
+            .map(|id| AdminOp::ControlCampaign {
+                id,
+                action: match *action {
+                    "pause" => "pause",
+                    "resume" => "resume",
+                    _ => "cancel",
+                },
+            }),
+        ("POST", ["campaigns", id, customer, "converted"]) => {
+            match (campaign_id(id), customer.parse()) {
+                (Ok(id), Ok(customer)) => Ok(AdminOp::Convert {
+                    message: crate::state::campaigns::message_id(id),
+                    customer,
+                }),
+                (Err(e), _) => Err(e),
+                (_, Err(_)) => Err(error("400 Bad Request", "a customer is a user id")),
+            }
+        }
         ("GET" | "PUT" | "POST", _) => Err(error("404 Not Found", "no such business request")),
         _ => Err(error("405 Method Not Allowed", "method not allowed")),
     };
@@ -278,10 +311,12 @@ pub(crate) async fn route(node: &Arc<Node>, method: &str, rest: &str, body: &[u8
 /// The statistics rows as CSV, one line per row, the columns of the JSON
 /// (a hidden figure stays `< 5`; failures as `code:n` joined by `;`).
 pub(crate) fn stats_csv(rows: &[serde_json::Value]) -> String {
-    const COLUMNS: [&str; 14] = [
+    const COLUMNS: [&str; 16] = [
         "start_ms",
         "template",
         "language",
+        "campaign",
+        "variant",
         "accepted",
         "sent",
         "delivered",

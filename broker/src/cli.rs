@@ -134,6 +134,12 @@ enum BusinessRequest {
     },
     /// When customers write, how long they wait, when they read.
     Engagement,
+    /// Create a campaign from a JSON file (docs/BUSINESS.md, "Campaigns").
+    Campaign { file: PathBuf },
+    /// Every campaign's report, or one's.
+    Campaigns { id: Option<u64> },
+    /// Pause, resume or cancel a campaign.
+    CampaignControl { id: u64, action: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -469,6 +475,18 @@ pub fn main() -> anyhow::Result<()> {
                             ("GET", at(&format!("/stats/{period}")))
                         }
                         BusinessRequest::Engagement => ("GET", at("/engagement")),
+                        BusinessRequest::Campaign { file } => {
+                            body = std::fs::read_to_string(&file)
+                                .with_context(|| format!("reading {}", file.display()))?;
+                            ("POST", at("/campaigns"))
+                        }
+                        BusinessRequest::Campaigns { id } => match id {
+                            Some(id) => ("GET", at(&format!("/campaigns/{id}"))),
+                            None => ("GET", at("/campaigns")),
+                        },
+                        BusinessRequest::CampaignControl { id, action } => {
+                            ("POST", at(&format!("/campaigns/{id}/{action}")))
+                        }
                     }
                 }
                 AdminRequest::Stats => ("GET", "/admin/stats".to_string()),

@@ -174,6 +174,9 @@ pub struct ShardMetrics {
     /// Business messages' status changes, platform-wide, by change (never
     /// by business: the label's values are the seven changes).
     pub business_changes: IntCounterVec,
+    /// Campaigns' customers, platform-wide: admitted, refused by a rule,
+    /// and sends repeated (after a restart, a failover or no outcome).
+    pub campaign_customers: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -286,6 +289,20 @@ impl ShardMetrics {
                 }
                 v
             },
+            campaign_customers: {
+                let v = IntCounterVec::new(
+                    Opts::new(
+                        "courier_campaign_customers_total",
+                        "Campaigns' customers, all businesses together: admitted, refused (by a rule), resent (a send repeated after a restart, a failover or no outcome).",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid metric");
+                for c in ["admitted", "refused", "resent"] {
+                    v.with_label_values(&[c]);
+                }
+                v
+            },
         }
     }
 
@@ -304,7 +321,11 @@ impl ShardMetrics {
         ] {
             register(r, c.clone());
         }
-        for f in self.queue_families.iter().chain([&self.business_changes]) {
+        for f in self
+            .queue_families
+            .iter()
+            .chain([&self.business_changes, &self.campaign_customers])
+        {
             register(r, f.clone());
         }
         for h in [

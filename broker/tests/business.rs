@@ -1966,15 +1966,16 @@ async fn statistics_count_each_status_and_hide_figures_of_fewer_than_five_custom
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "start_ms,template,language,accepted,sent,delivered,read,clicked,converted,failed,delivery_rate,read_rate,click_through_rate,conversion_rate"
+        "start_ms,template,language,campaign,variant,accepted,sent,delivered,read,clicked,converted,failed,delivery_rate,read_rate,click_through_rate,conversion_rate"
     );
     let total_line = lines
         .iter()
         .find(|l| l.split(',').nth(1) == Some(""))
         .unwrap();
     let cells: Vec<&str> = total_line.split(',').collect();
+    assert_eq!(&cells[3..5], ["", ""], "no campaign, no variant");
     assert_eq!(
-        &cells[3..],
+        &cells[5..],
         ["6", "6", "5", "5", "< 5", "5", "", "0.8333", "1.0", "", "0.8333"]
     );
 
@@ -2241,4 +2242,392 @@ async fn engagement_figures_match_a_history_computed_independently() {
         (status, bad["code"].as_str()),
         (400, Some("time_zone_invalid"))
     );
+}
+
+/// The variant split as docs/BUSINESS.md gives it, written here from the
+/// document: `splitmix64(seed XOR customer) mod` the weights' sum.
+fn variant_of(seed: u64, customer: u64, weights: &[u64]) -> usize {
+    let mut z = (seed ^ customer).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let mut r = z % weights.iter().sum::<u64>();
+    for (i, &w) in weights.iter().enumerate() {
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    unreachable!()
+}
+
+/// Business `b`'s campaign `id` as the API reports it.
+async fn campaign(s: &Server, b: u64, id: u64) -> Value {
+    let (code, v) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/campaigns/{id}"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+async fn create_campaign(s: &Server, b: u64, body: Value) -> (u16, Value) {
+    s.admin_json("POST", &format!("/admin/businesses/{b}/campaigns"), body)
+        .await
+}
+
+/// Pauses, resumes or cancels campaign `id`.
+async fn campaign_ctl(s: &Server, b: u64, id: u64, action: &str) -> (u16, Value) {
+    s.admin_json(
+        "POST",
+        &format!("/admin/businesses/{b}/campaigns/{id}/{action}"),
+        Value::Null,
+    )
+    .await
+}
+
+/// Polls campaign `id` (bounded) until `done` holds of it.
+async fn campaign_until(s: &Server, b: u64, id: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = campaign(s, b, id).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A figure as reports show it: the number, or "< 5".
+fn shown(n: u64) -> Value {
+    if n >= 5 {
+        n.into()
+    } else {
+        "< 5".into()
+    }
+}
+
+fn rate(num: u64, den: u64) -> Value {
+    if num >= 5 && den >= 5 {
+        ((num as f64 / den as f64 * 10_000.0).round() / 10_000.0).into()
+    } else {
+        Value::Null
+    }
+}
+
+/// A campaign of two variants to 1,000 customers: 100 without consent,
+/// some opted out while it is paused, 150 offline until it is over (100
+/// of them read, 50 only receive), the rest never connect; the node is
+/// SIGKILLed mid-campaign. Every customer is counted exactly once, under
+/// the variant the documented split gives it: refused by reason, sent,
+/// delivered, read, converted, with the rates; the statistics carry the
+/// variants; the webhook gets every event, signed, with no status going
+/// back; pause, resume and cancel obey their states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_variant_campaign_counts_every_customer_once_across_a_sigkill() {
+    let mut s = node();
+    let b = 9301;
+    let n = 1000u64;
+    let customer = |i: u64| 880_000 + i;
+    register(&s, b, "Shop").await;
+    promo(&s, b).await;
+    let def = json!({
+        "category": "marketing",
+        "versions": [{ "language": "en_US", "body": "Sale: {{1}} off", "examples": { "1": "10%" } }]
+    });
+    let (code, body) = template(&s, b, "promo_b", def).await;
+    assert_eq!(code, 200, "{body}");
+    set_status(&s, b, "promo_b", "approved").await;
+    let (code, body) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/limits"),
+            json!({ "tier": 4, "messages_per_sec": 100 }),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (hook, url) = Hook::start(false).await;
+    let secret = "a-campaign-secret-of-32-chars-ok";
+    let (code, body) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}/webhook"),
+            json!({ "url": url, "secret": secret }),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    for i in (0..n).filter(|i| i % 10 != 0) {
+        let (code, body) = consent(&s, b, customer(i), "opt_in", "marketing").await;
+        assert_eq!(code, 200, "{body}");
+    }
+
+    // Bad bodies get their codes.
+    let create = |body: Value| create_campaign(&s, b, body);
+    let (code, bad) = create(json!({
+        "name": "x", "variants": [{ "name": "a", "template": "nope" }],
+        "segment": { "customers": [1] }
+    }))
+    .await;
+    assert_eq!(
+        (code, bad["code"].as_str()),
+        (404, Some("no_such_template"))
+    );
+    let (code, bad) = create(json!({
+        "name": "x", "variants": [{ "name": "a", "template": "promo" }],
+        "segment": { "label": "nobody_has_it" }
+    }))
+    .await;
+    assert_eq!((code, bad["code"].as_str()), (400, Some("segment_empty")));
+    let (code, bad) = create(json!({ "name": "x" })).await;
+    assert_eq!((code, bad["code"].as_str()), (400, Some("body_invalid")));
+
+    // The campaign (customers given in reverse, one twice, the business
+    // itself once: each customer is reached once, in id order), paused
+    // at once.
+    let mut segment: Vec<u64> = (0..n).rev().map(customer).collect();
+    segment.push(customer(5));
+    segment.push(b);
+    let seed = 42;
+    let (code, created) = create(json!({
+        "name": "Winter sale",
+        "seed": seed,
+        "variants": [
+            { "name": "plain", "template": "promo", "language": "en_US", "weight": 1 },
+            { "name": "off20", "template": "promo_b", "language": "en_US", "params": ["20%"], "weight": 1 }
+        ],
+        "segment": { "customers": segment },
+    }))
+    .await;
+    assert_eq!(code, 200, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    assert_eq!(created["customers"], n);
+    let (code, paused) = campaign_ctl(&s, b, id, "pause").await;
+    assert_eq!(
+        (code, paused["state"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    let p = paused["processed"].as_u64().unwrap();
+    assert!(p < n / 2, "paused before half: {paused}");
+    // While paused nobody is admitted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(campaign(&s, b, id).await["processed"], p);
+    // Customers ending in 1 opt out now: those not reached yet are refused.
+    for i in (0..n).filter(|i| i % 10 == 1) {
+        consent(&s, b, customer(i), "opt_out", "marketing").await;
+    }
+    let (code, resumed) = campaign_ctl(&s, b, id, "resume").await;
+    assert_eq!((code, resumed["state"].as_str()), (200, Some("running")));
+
+    // SIGKILL mid-campaign, then it goes on from what was written.
+    campaign_until(&s, b, id, |v| v["processed"].as_u64().unwrap() >= 600).await;
+    s.kill();
+    s.restart();
+    let done = campaign_until(&s, b, id, |v| v["state"] == "done").await;
+    assert_eq!(done["processed"], n, "{done}");
+    assert_eq!(done["awaiting_outcome"], 0);
+    let (code, again) = campaign_ctl(&s, b, id, "pause").await;
+    assert_eq!(
+        (code, again["code"].as_str()),
+        (400, Some("campaign_finished"))
+    );
+
+    // Later, 150 customers come online: 100 read, 50 only receive.
+    let variant = |i: u64| variant_of(seed, customer(i), &[1, 1]);
+    let refused = |i: u64| i.is_multiple_of(10) || (i % 10 == 1 && i >= p);
+    let reads = |i: u64| i < 500 && matches!(i % 10, 2 | 3);
+    let receives = |i: u64| i < 500 && matches!(i % 10, 2..=4);
+    let converts = |i: u64| reads(i) && i.is_multiple_of(3);
+    for i in (0..n).filter(|&i| receives(i)) {
+        let (c, _) = s.client(customer(i)).await;
+        let (m, t) = received_template(&c).await;
+        assert_eq!(
+            t.name,
+            ["promo", "promo_b"][variant(i)],
+            "customer {i} got its variant"
+        );
+        c.ack(m.seq).await.unwrap();
+        if reads(i) {
+            c.mark_read(m.seq).await.unwrap();
+        }
+        assert!(
+            c.recv_timeout(Duration::from_millis(20)).await.is_err(),
+            "one message to customer {i}, whatever the crash"
+        );
+    }
+    let expect_read: u64 = (0..n).filter(|&i| reads(i) && !refused(i)).count() as u64;
+    let report = campaign_until(&s, b, id, |v| {
+        let read: u64 = v["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["read"].as_u64().unwrap_or(0))
+            .sum();
+        read == expect_read
+    })
+    .await;
+    for i in (0..n).filter(|&i| converts(i) && !refused(i)) {
+        let (code, body) = s
+            .admin_json(
+                "POST",
+                &format!(
+                    "/admin/businesses/{b}/campaigns/{id}/{}/converted",
+                    customer(i)
+                ),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let _ = report;
+    let report = campaign(&s, b, id).await;
+
+    // Every figure, per variant, computed here from the rules above.
+    for (v, row) in report["variants"].as_array().unwrap().iter().enumerate() {
+        let mine: Vec<u64> = (0..n).filter(|&i| variant(i) == v).collect();
+        let count = |f: &dyn Fn(u64) -> bool| mine.iter().filter(|&&i| f(i)).count() as u64;
+        let no_consent = count(&|i| refused(i));
+        let sent = mine.len() as u64 - no_consent;
+        let delivered = count(&|i| receives(i) && !refused(i));
+        let read = count(&|i| reads(i) && !refused(i));
+        let converted = count(&|i| converts(i) && !refused(i));
+        let name = ["plain", "off20"][v];
+        let expected = json!({
+            "name": name,
+            "targeted": mine.len(),
+            "refused": { "NO_CONSENT": shown(no_consent) },
+            "accepted": shown(sent),
+            "sent": shown(sent),
+            "delivered": shown(delivered),
+            "read": shown(read),
+            "clicked": "< 5",
+            "converted": shown(converted),
+            "failed": {},
+            "delivery_rate": rate(delivered, sent),
+            "read_rate": rate(read, delivered),
+            "conversion_rate": rate(converted, sent),
+        });
+        for (k, want) in expected.as_object().unwrap() {
+            assert_eq!(&row[k], want, "variant {v} {k}: {row}");
+        }
+    }
+    let targeted: u64 = report["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["targeted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(targeted, n, "each customer once");
+
+    // The statistics carry each variant under the campaign.
+    let (_, day) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/stats/day"),
+            Value::Null,
+        )
+        .await;
+    for (v, row) in report["variants"].as_array().unwrap().iter().enumerate() {
+        let stat = day["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["campaign"] == id && r["variant"] == ["plain", "off20"][v])
+            .unwrap_or_else(|| panic!("variant {v} in {day}"));
+        for k in ["sent", "delivered", "read", "converted"] {
+            assert_eq!(stat[k], row[k], "{k}");
+        }
+    }
+
+    // The webhook: every customer's events, signed, never going back.
+    let message = report["message_id"]
+        .as_str()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    let expected_events: usize = (0..n)
+        .filter(|&i| !refused(i))
+        .map(|i| 2 + receives(i) as usize + reads(i) as usize + converts(i) as usize)
+        .sum();
+    let taken = hook
+        .wait_until(secret, |t| {
+            let ids: std::collections::HashSet<&str> =
+                t.iter().map(|e| e["id"].as_str().unwrap()).collect();
+            ids.len() >= expected_events
+        })
+        .await;
+    let rank = |c: &str| {
+        ["accepted", "sent", "delivered", "read", "converted"]
+            .iter()
+            .position(|x| *x == c)
+            .unwrap_or_else(|| panic!("{c}"))
+    };
+    let mut seen: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    let mut ids = std::collections::HashSet::new();
+    for e in &taken {
+        if !ids.insert(e["id"].as_str().unwrap().to_owned()) {
+            continue;
+        }
+        assert_eq!(e["message"], message);
+        seen.entry(e["customer"].as_u64().unwrap())
+            .or_default()
+            .push(rank(e["change"].as_str().unwrap()));
+    }
+    for i in 0..n {
+        let got = seen.remove(&customer(i)).unwrap_or_default();
+        let mut want = Vec::new();
+        if !refused(i) {
+            want = vec![0, 1];
+            if receives(i) {
+                want.push(2);
+            }
+            if reads(i) {
+                want.push(3);
+            }
+            if converts(i) {
+                want.push(4);
+            }
+        }
+        assert_eq!(got, want, "customer {i}'s events in order");
+    }
+
+    // A second campaign, cancelled before its start, admits nobody.
+    let (code, later) = create_campaign(
+        &s,
+        b,
+        json!({
+            "name": "Next year",
+            "variants": [{ "name": "a", "template": "promo" }],
+            "segment": { "customers": [customer(2)] },
+            "schedule": { "local_time": "2099-01-01T09:00" },
+        }),
+    )
+    .await;
+    assert_eq!((code, later["state"].as_str()), (200, Some("scheduled")));
+    let id2 = later["id"].as_u64().unwrap();
+    assert_eq!(id2, id + 1);
+    let (code, cancelled) = s
+        .admin_json(
+            "POST",
+            &format!("/admin/businesses/{b}/campaigns/{id2}/cancel"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(
+        (code, cancelled["state"].as_str()),
+        (200, Some("cancelled"))
+    );
+    assert_eq!(cancelled["processed"], 0);
+    let (_, list) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/campaigns"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(list["campaigns"].as_array().unwrap().len(), 2);
 }

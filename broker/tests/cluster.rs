@@ -977,6 +977,115 @@ mod replication {
         assert_eq!(changes(&events, 2), ["accepted", "sent"]);
     }
 
+    /// A campaign runs on its business's shard and is state of it: a
+    /// two-variant campaign to 200 customers spread over three nodes goes
+    /// on after SIGKILL of the business's node, on the promoted copy, from
+    /// what was written. Every customer gets exactly one message, of the
+    /// variant the seeded split gives it, and is counted once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_campaign_goes_on_after_its_business_node_is_killed() {
+        use courier_protocol::business::TemplateMessage;
+        use serde_json::json;
+        let Some(etcd) = Etcd::start() else { return };
+        let (mut nodes, b, _) = business_on_three("cedar", ["d1", "d2", "d3"], &etcd).await;
+        let path = format!("/admin/businesses/{b}");
+        let customers: Vec<u64> = (0..200).map(|i| 51_000 + i * 7).collect();
+        let mut setup = vec![
+            ("PUT", path.clone(), json!({ "display_name": "Shop" })),
+            (
+                "POST",
+                format!("{path}/limits"),
+                json!({ "tier": 4, "messages_per_sec": 40 }),
+            ),
+        ];
+        for (name, body) in [("notice", "Notice"), ("notice_b", "Notice, again")] {
+            setup.push((
+                "PUT",
+                format!("{path}/templates/{name}"),
+                json!({ "category": "utility", "versions": [{ "language": "en_US", "body": body, "examples": {} }] }),
+            ));
+            setup.push((
+                "POST",
+                format!("{path}/templates/{name}/status"),
+                json!({ "status": "approved" }),
+            ));
+        }
+        for c in &customers {
+            setup.push((
+                "POST",
+                format!("{path}/consent"),
+                json!({ "customer": c, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "Notices, please" }),
+            ));
+        }
+        for (method, at, body) in setup {
+            let (status, answer) = nodes[0].admin_json(method, &at, body).await;
+            assert_eq!(status, 200, "{at}: {answer}");
+        }
+        let (status, created) = nodes[0]
+            .admin_json(
+                "POST",
+                &format!("{path}/campaigns"),
+                json!({
+                    "name": "Notice to all",
+                    "seed": 7,
+                    "variants": [
+                        { "name": "a", "template": "notice", "weight": 3 },
+                        { "name": "b", "template": "notice_b", "weight": 1 }
+                    ],
+                    "segment": { "customers": customers },
+                }),
+            )
+            .await;
+        assert_eq!(status, 200, "{created}");
+        let id = created["id"].as_u64().unwrap();
+        let report = format!("{path}/campaigns/{id}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = nodes[0].admin_json("GET", &report, Value::Null).await;
+            if v["processed"].as_u64().unwrap_or(0) >= 90 {
+                assert!(v["processed"].as_u64().unwrap() < 200, "mid-campaign: {v}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill_the_business_node(&mut nodes, "d1").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = 'done: loop {
+            for n in [1, 2] {
+                let (status, v) = nodes[n].admin_json("GET", &report, Value::Null).await;
+                if status == 200 && v["state"] == "done" {
+                    break 'done v;
+                }
+            }
+            assert!(Instant::now() < deadline, "the campaign did not finish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(done["processed"], 200, "{done}");
+        let resent = nodes[1]
+            .metric("courier_campaign_customers_total{outcome=\"resent\"}")
+            .await
+            + nodes[2]
+                .metric("courier_campaign_customers_total{outcome=\"resent\"}")
+                .await;
+        println!("campaign failover: {resent} sends repeated by the new owner");
+        let variants = done["variants"].as_array().unwrap();
+        let split = |c: u64| courier_broker::state::campaigns::pick(7, c, &[3, 1]);
+        for (v, row) in variants.iter().enumerate() {
+            let mine = customers.iter().filter(|&&c| split(c) == v).count() as u64;
+            assert_eq!(row["targeted"], mine, "{row}");
+            assert_eq!(row["sent"], mine, "{row}");
+            assert_eq!(row["refused"], json!({}), "{row}");
+        }
+        for (i, &c) in customers.iter().enumerate() {
+            let (client, _) = nodes[1 + i % 2].client(c).await;
+            let got = client.fetch(0, 10).await.unwrap().messages;
+            assert_eq!(got.len(), 1, "customer {c}: one message, whatever the kill");
+            let t = TemplateMessage::decode(&got[0].payload).unwrap();
+            assert_eq!(t.name, ["notice", "notice_b"][split(c)]);
+        }
+    }
+
     /// How many shards `id` holds a copy of, by a node's status.
     fn copies_of(s: &Value, id: &str) -> u64 {
         s["nodes"]

@@ -48,7 +48,7 @@ use crate::state::business::{
     QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::business::{is_marketing, MarketingRow};
-use crate::state::business_events::{Fact, MessageRow};
+use crate::state::business_events::{Fact, MessageRow, Origin};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -64,11 +64,13 @@ pub(crate) struct Outgoing<'a> {
     pub client_msg_id: u64,
     pub kind: MessageKind,
     pub payload: &'a Bytes,
+    /// The campaign and variant that sends it, if one does.
+    pub campaign: Option<(u64, u8)>,
 }
 
 /// A template rendered for one customer.
-struct Rendered {
-    payload: Bytes,
+pub(super) struct Rendered {
+    pub(super) payload: Bytes,
     category: Category,
     name: String,
     language: String,
@@ -250,6 +252,7 @@ impl Shard {
         self.business.pairs.retain(|(b, _), _| !inside(*b));
         self.business.heads.retain(|b, _| !inside(*b));
         self.business.messages.retain(|(b, _, _), _| !inside(*b));
+        self.forget_campaigns(inside);
     }
 
     /// Whether `id` is a business of this shard.
@@ -329,7 +332,7 @@ impl Shard {
     }
 
     /// The pair's state, read on first touch.
-    fn pair(&mut self, b: u64, customer: u64) -> Result<&mut Pair, BrokerError> {
+    pub(super) fn pair(&mut self, b: u64, customer: u64) -> Result<&mut Pair, BrokerError> {
         if !self.business.pairs.contains_key(&(b, customer)) {
             if self.business.pairs.len() >= PAIRS_CACHED_MAX {
                 self.business.pairs.clear();
@@ -481,6 +484,7 @@ impl Shard {
             client_msg_id,
             kind: cmd.kind,
             payload: &cmd.payload,
+            campaign: None,
         };
         match self.check_business_send(&outgoing) {
             Ok(payload) => {
@@ -670,13 +674,15 @@ impl Shard {
         if !platform {
             self.engage_business(b, customer);
         }
-        self.message_fact(
-            b,
-            customer,
-            cmd.client_msg_id,
-            Fact::Accepted,
-            template.clone(),
-        );
+        let (campaign, variant) = cmd.campaign.unwrap_or_default();
+        let (name, language) = template.clone().unwrap_or_default();
+        let origin = Origin {
+            template: name,
+            language,
+            campaign,
+            variant,
+        };
+        self.message_fact(b, customer, cmd.client_msg_id, Fact::Accepted, Some(origin));
         if let Some((name, _)) = template {
             self.template_sent(b, customer, cmd.client_msg_id, name, new_conversation);
         }
@@ -845,7 +851,7 @@ impl Shard {
 
     /// Renders a template send's payload for `customer`: the message's
     /// payload and the template's category.
-    fn render(
+    pub(super) fn render(
         &mut self,
         b: u64,
         customer: u64,
@@ -1423,6 +1429,10 @@ impl Shard {
             AdminOp::Click { message, customer } => {
                 self.reported(b, message, customer, Fact::Clicked)?
             }
+            AdminOp::CreateCampaign(def) => self.create_campaign(b, *def)?,
+            AdminOp::Campaigns => self.campaign_list(b)?,
+            AdminOp::Campaign { id } => self.campaign_report(b, id)?,
+            AdminOp::ControlCampaign { id, action } => self.control_campaign(b, id, action)?,
         };
         Ok(value)
     }
@@ -1597,7 +1607,7 @@ impl Shard {
     }
 }
 
-enum AdminError {
+pub(super) enum AdminError {
     Invalid(Invalid),
     Broker(BrokerError),
 }

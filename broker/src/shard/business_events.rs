@@ -27,7 +27,7 @@ use super::core::Shard;
 use super::messages::BusinessOutcome;
 use crate::error::BrokerError;
 use crate::state::business_events::{
-    Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Period,
+    Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Origin, Period,
 };
 use crate::state::keys;
 use crate::state::rows::corrupt;
@@ -82,17 +82,17 @@ impl Shard {
     }
 
     /// Applies `fact` to business `b`'s message `id` to `customer`: its row
-    /// and one event per change go with the next batch. `template`: the
-    /// template and language, for a message first seen here.
+    /// and one event per change go with the next batch. `origin`: what the
+    /// message is, for a message first seen here.
     pub(crate) fn message_fact(
         &mut self,
         b: u64,
         customer: u64,
         id: u64,
         fact: Fact,
-        template: Option<(String, String)>,
+        origin: Option<Origin>,
     ) {
-        if let Err(e) = self.apply_fact(b, customer, id, fact, template) {
+        if let Err(e) = self.apply_fact(b, customer, id, fact, origin) {
             error!(shard = self.id, business = b, error = %e, "recording a message status failed");
         }
     }
@@ -103,15 +103,17 @@ impl Shard {
         customer: u64,
         id: u64,
         fact: Fact,
-        template: Option<(String, String)>,
+        origin: Option<Origin>,
     ) -> Result<(), BrokerError> {
         self.loaded(b)?;
         let mut row = self.message_row(b, id, customer)?.unwrap_or_else(|| {
-            let (template, language) = template.unwrap_or_default();
+            let o = origin.unwrap_or_default();
             MessageRow {
                 customer,
-                template,
-                language,
+                template: o.template,
+                language: o.language,
+                campaign: o.campaign,
+                variant: o.variant,
                 ..MessageRow::default()
             }
         });
@@ -167,16 +169,22 @@ impl Shard {
         row: &MessageRow,
         changes: &[Change],
     ) -> Result<(), BrokerError> {
-        let all = ("", "");
-        let template = (row.template.as_str(), row.language.as_str());
-        let dims: &[(&str, &str)] = if row.template.is_empty() {
-            &[all]
-        } else {
-            &[all, template]
+        let mut dims: Vec<(&str, &str)> = vec![("", "")];
+        if !row.template.is_empty() {
+            dims.push((row.template.as_str(), row.language.as_str()));
+        }
+        // A campaign's variant: template `#<campaign>`, language the
+        // variant's name (no template name starts with `#`).
+        let campaign = match row.campaign {
+            0 => None,
+            c => self.campaign_counted(b, c, row, changes)?,
         };
+        if let Some((tag, variant)) = &campaign {
+            dims.push((tag.as_str(), variant.as_str()));
+        }
         for period in Period::ALL {
             let start = period.start(row.since_ms);
-            for &(template, language) in dims {
+            for &(template, language) in &dims {
                 let key = keys::stats(b, period as u8, start, template, language);
                 if !self.business.stats.contains_key(&key) {
                     let counts = match self.store.get(&key)? {
@@ -333,6 +341,7 @@ impl Shard {
     /// statistics; the engagement rows at most once a second (a crash may
     /// lose the last second of them). The caches start over when large.
     pub(crate) fn flush_stats(&mut self) {
+        self.flush_campaigns();
         for (b, id, customer) in std::mem::take(&mut self.business.messages_changed) {
             if let Some(row) = self.business.messages.get(&(b, id, customer)) {
                 self.kv.push(KvOp::Put {
@@ -413,8 +422,22 @@ impl Shard {
                 .map_err(|e| BrokerError::from(corrupt("statistics", format!("{b}: {e}"))))?;
             let mut r = counts.report();
             r["start_ms"] = start.into();
-            r["template"] = String::from_utf8_lossy(template).into_owned().into();
-            r["language"] = String::from_utf8_lossy(language).into_owned().into();
+            let (template, language) = (
+                String::from_utf8_lossy(template),
+                String::from_utf8_lossy(language),
+            );
+            match template.strip_prefix('#').map(str::parse::<u64>) {
+                Some(Ok(campaign)) => {
+                    r["campaign"] = campaign.into();
+                    r["variant"] = language.into_owned().into();
+                    r["template"] = "".into();
+                    r["language"] = "".into();
+                }
+                _ => {
+                    r["template"] = template.into_owned().into();
+                    r["language"] = language.into_owned().into();
+                }
+            }
             out.push(r);
         }
         // Key order is start order: the start comes before the dimension.

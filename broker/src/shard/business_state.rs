@@ -132,4 +132,27 @@ pub(crate) struct Businesses {
     pub(crate) labels: HashMap<(u64, u64), Vec<String>>,
     /// When old events were last deleted (the node's clock, ms).
     pub(crate) pruned_at_ms: Option<u64>,
+    /// Campaigns held: every unfinished one, and finished ones a fact
+    /// touched (until written); by (business, campaign).
+    pub(crate) campaigns: HashMap<(u64, u64), Campaign>,
+    /// Which campaign each outcome token is.
+    pub(crate) campaign_tokens: HashMap<u64, (u64, u64)>,
+    pub(crate) campaign_token_of: HashMap<(u64, u64), u64>,
+    /// Campaign rows changed since the last batch.
+    pub(crate) campaigns_changed: HashSet<(u64, u64)>,
+    /// When a campaign's turn is due next.
+    pub(crate) campaigns_due: Option<std::time::Instant>,
+}
+
+/// A campaign as its shard holds it.
+pub(crate) struct Campaign {
+    pub(crate) row: crate::state::campaigns::CampaignRow,
+    /// The token its sends' outcomes come back under.
+    pub(crate) token: u64,
+    /// Each variant's send, encoded once.
+    pub(crate) sends: Vec<bytes::Bytes>,
+    /// The segment row read last.
+    pub(crate) chunk: Option<(u64, Vec<u64>)>,
+    /// When each outstanding send was queued (absent: due now).
+    pub(crate) queued: HashMap<u64, std::time::Instant>,
 }

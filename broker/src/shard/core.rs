@@ -320,6 +320,7 @@ impl Shard {
         self.recover_fanouts(marks);
         self.recover_receipts();
         self.load_businesses(None);
+        self.load_campaigns(None);
         let mut cmds = Vec::with_capacity(self.config.batch_max);
         let mut last_trim = Instant::now();
         loop {
@@ -335,6 +336,7 @@ impl Shard {
                 self.process(&mut cmds);
                 break;
             }
+            self.run_campaigns();
             if last_trim.elapsed() >= TRIM_INTERVAL {
                 self.trim();
                 self.prune_events();
@@ -358,7 +360,11 @@ impl Shard {
     /// a batch of whatever else is queued, peers first. False once every
     /// session-side sender is gone.
     async fn drain(&mut self, cmds: &mut Vec<ShardCmd>) -> bool {
-        let wait = match self.marks_due {
+        let due = match (self.marks_due, self.campaigns_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let wait = match due {
             Some(due) => due
                 .saturating_duration_since(Instant::now())
                 .min(TRIM_INTERVAL),
@@ -504,6 +510,7 @@ impl Shard {
                 self.recover_fanouts(marks);
                 self.recover_receipts_in(Some(&run));
                 self.load_businesses(Some(&run));
+                self.load_campaigns(Some(&run));
             }
         }
     }

@@ -453,6 +453,7 @@ impl Shard {
                 client_msg_id: b.client_msg_id,
                 kind: b.kind,
                 payload: &b.payload,
+                campaign: None,
             };
             match self.check_business_send(&outgoing) {
                 Ok(payload) => admitted.push((recipient, payload)),
@@ -522,6 +523,9 @@ impl Shard {
         result: SendResult,
         stored: bool,
     ) {
+        if self.campaign_outcome(token, recipient, result) {
+            return;
+        }
         if self.is_business(sender) {
             self.business_outcome(BusinessOutcome {
                 business: sender,

@@ -492,6 +492,18 @@ pub enum AdminOp {
     TimeZone {
         utc_offset_minutes: i32,
     },
+    /// Creates a campaign.
+    CreateCampaign(Box<crate::state::campaigns::CampaignDef>),
+    /// Every campaign of the business, or one.
+    Campaigns,
+    Campaign {
+        id: u64,
+    },
+    /// Pauses, resumes or cancels a campaign.
+    ControlCampaign {
+        id: u64,
+        action: &'static str,
+    },
     /// The business's statistics per period.
     Stats {
         period: crate::state::business_events::Period,

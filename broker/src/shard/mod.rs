@@ -26,6 +26,7 @@ mod batch;
 pub mod business;
 mod business_events;
 pub mod business_state;
+mod campaigns;
 mod core;
 mod fanout;
 mod groups;

@@ -125,6 +125,29 @@ pub struct MessageRow {
     /// When the first fact was learned.
     #[serde(default)]
     pub since_ms: u64,
+    /// The campaign it was sent by (0: none), and its variant there.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub campaign: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub variant: u8,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
+}
+
+/// What a message is, for its row's first fact: its template and
+/// language (empty for free-form messages) and its campaign and variant.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    pub template: String,
+    pub language: String,
+    pub campaign: u64,
+    pub variant: u8,
 }
 
 impl MessageRow {
@@ -300,7 +323,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);

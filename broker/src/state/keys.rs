@@ -23,6 +23,8 @@
 //! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (JSON): one period's statistics (empty template: all messages) | business's shard |
 //! | `A` business                | [`Engagement`](super::business_events::Engagement) (JSON): when customers write, waits, reads by hour | business's shard |
 //! | `N` business . customer     | JSON list of the conversation's labels | business's shard |
+//! | `E` business . campaign     | [`CampaignRow`](super::campaigns::CampaignRow) (JSON): a campaign's definition, state, cursor, refusals and counts | business's shard |
+//! | `H` business . campaign . chunk | the campaign's segment: up to 4,096 customer ids (u64 each) | business's shard |
 //! | `Z` business . customer     | u64: since when the customer waits for the business's answer | business's shard |
 //! | `M` customer                | [`MarketingRow`](super::business::MarketingRow): marketing templates received lately | customer's shard |
 //! | expiring `S` poster . expires_at . status_id | [`StatusRow`](super::rows::StatusRow): posted_at . audience . users . payload | poster's session |
@@ -149,6 +151,21 @@ pub fn engagement(b: u64) -> Vec<u8> {
 pub fn labels(b: u64, customer: u64) -> Vec<u8> {
     key(b'N', &[b, customer])
 }
+pub fn labels_of(b: u64) -> Vec<u8> {
+    key(b'N', &[b])
+}
+pub fn campaign(b: u64, id: u64) -> Vec<u8> {
+    key(b'E', &[b, id])
+}
+pub fn campaigns(b: u64) -> Vec<u8> {
+    key(b'E', &[b])
+}
+pub fn all_campaigns() -> Vec<u8> {
+    vec![b'E']
+}
+pub fn segment(b: u64, id: u64, chunk: u64) -> Vec<u8> {
+    key(b'H', &[b, id, chunk])
+}
 pub fn awaiting(b: u64, customer: u64) -> Vec<u8> {
     key(b'Z', &[b, customer])
 }
@@ -226,11 +243,14 @@ mod tests {
         assert_eq!(owner(&ledger_entry(user, other, 3)), Some(user));
         assert_eq!(owner(&quality_day(user, 20_000)), Some(user));
         assert_eq!(owner(&marketing(user)), Some(user), "the customer's shard");
+        assert_eq!(owner(&campaign(user, 3)), Some(user));
+        assert_eq!(owner(&segment(user, 3, 0)), Some(user));
         for prefix in [
             user_groups(user),
             cursors(g),
             fanned_prefix(),
             outbox_prefix(),
+            all_campaigns(),
         ] {
             assert_eq!(owner(&prefix), None, "{prefix:?} spans owners");
         }

@@ -11,6 +11,7 @@
 
 pub mod business;
 pub mod business_events;
+pub mod campaigns;
 pub mod ids;
 pub mod keys;
 pub mod message;
