@@ -26,6 +26,9 @@
 //! - `POST /admin/clock/advance/<ms>`: with `test_clock` only, moves the
 //!   node's clock forward.
 //!
+//! A business's own requests take its token instead (`dashboard.rs`):
+//! `GET /dashboard` (the page) and `GET /dashboard/api`.
+//!
 //! A deliberately tiny HTTP/1.1 responder: one request per connection,
 //! bounded header size, JSON bodies of at most 256 KiB (`content-length`).
 
@@ -199,6 +202,17 @@ async fn route(
             location: None,
         },
         ("GET", p) if p.starts_with("/c/") => click(node, &p[3..]).await,
+        ("GET", "/dashboard" | "/dashboard/") => Answer {
+            status: "200 OK",
+            content_type: "text/html; charset=utf-8".into(),
+            body: crate::dashboard::PAGE.into(),
+            location: None,
+        },
+        ("GET", p) if p == "/dashboard/api" || p.starts_with("/dashboard/api?") => {
+            let query = p.split_once('?').map_or("", |(_, q)| q);
+            let (status, value) = crate::dashboard::api(node, bearer, query).await;
+            Answer::json(status, value)
+        }
         (_, p) if p.starts_with("/admin/") => {
             if let Err(e) = authorize(node, bearer) {
                 return e;

@@ -39,6 +39,7 @@ pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod fuzzing;
 pub mod gate;
