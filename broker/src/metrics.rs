@@ -174,6 +174,8 @@ pub struct ShardMetrics {
     /// Business messages' status changes, platform-wide, by change (never
     /// by business: the label's values are the seven changes).
     pub business_changes: IntCounterVec,
+    /// `business_changes`' counters, by `Change` (its order).
+    pub business_change: Vec<IntCounter>,
     /// Campaigns' customers, platform-wide: admitted, refused by a rule,
     /// and sends repeated (after a restart, a failover or no outcome).
     pub campaign_customers: IntCounterVec,
@@ -188,8 +190,27 @@ pub(crate) fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
         .expect("valid metric")
 }
 
+/// The business message changes, in `Change`'s order.
+const CHANGES: [&str; 7] = [
+    "accepted",
+    "failed",
+    "sent",
+    "delivered",
+    "read",
+    "clicked",
+    "converted",
+];
+
 impl ShardMetrics {
     pub fn new(shards: usize) -> ShardMetrics {
+        let business_changes = IntCounterVec::new(
+            Opts::new(
+                "courier_business_message_changes_total",
+                "Business messages' status changes, all businesses together, by change: accepted, failed, sent, delivered, read, clicked, converted.",
+            ),
+            &["change"],
+        )
+        .expect("valid metric");
         let family = |name: &str, help: &str| {
             IntCounterVec::new(Opts::new(name, help), &["shard"]).expect("valid metric")
         };
@@ -275,20 +296,11 @@ impl ShardMetrics {
                 "From a send accepted on its connection to its message being durable.",
                 LATENCY_BUCKETS,
             ),
-            business_changes: {
-                let v = IntCounterVec::new(
-                    Opts::new(
-                        "courier_business_message_changes_total",
-                        "Business messages' status changes, all businesses together, by change: accepted, failed, sent, delivered, read, clicked, converted.",
-                    ),
-                    &["change"],
-                )
-                .expect("valid metric");
-                for c in ["accepted", "failed", "sent", "delivered", "read", "clicked", "converted"] {
-                    v.with_label_values(&[c]);
-                }
-                v
-            },
+            business_change: CHANGES
+                .iter()
+                .map(|c| business_changes.with_label_values(&[c]))
+                .collect(),
+            business_changes,
             campaign_customers: {
                 let v = IntCounterVec::new(
                     Opts::new(
@@ -736,6 +748,19 @@ mod tests {
         }
         for (i, r) in AuthFailure::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod change_order {
+    /// `business_change` is indexed by `Change as usize`.
+    #[test]
+    fn the_change_counters_follow_the_changes_order() {
+        use crate::state::business_events::Change::*;
+        let all = [Accepted, Failed, Sent, Delivered, Read, Clicked, Converted];
+        for (i, c) in all.into_iter().enumerate() {
+            assert_eq!((c as usize, c.name()), (i, super::CHANGES[i]));
         }
     }
 }

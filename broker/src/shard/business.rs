@@ -252,6 +252,7 @@ impl Shard {
         self.business.pairs.retain(|(b, _), _| !inside(*b));
         self.business.heads.retain(|b, _| !inside(*b));
         self.business.messages.retain(|(b, _, _), _| !inside(*b));
+        self.business.held.retain(|(b, _, _), _| !inside(*b));
         self.forget_campaigns(inside);
     }
 
@@ -1296,6 +1297,7 @@ impl Shard {
                     }
                 }
                 self.business.messages.retain(|_, r| r.customer != customer);
+                self.business.held.retain(|(_, _, c), _| *c != customer);
                 ops.push(KvOp::Delete {
                     key: keys::awaiting(b, customer),
                 });

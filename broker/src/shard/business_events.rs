@@ -11,7 +11,10 @@
 //!   delivered, read;
 //! - the admin API: converted; a tracked link's tap: clicked.
 //!
-//! A fact's events go in the batch it is learned in, and the message's
+//! A new message's acceptance is held (in memory, at most `HOLD_MS`) until
+//! its outcome, and then counted, told and written with it: one row write
+//! for both. Every other fact's events go in the batch it is learned in,
+//! and the message's
 //! row and the event head join them when that batch is written
 //! (`flush_stats`, called by every write of the shard's rows), so an event
 //! exists exactly when its status does. A node that dies
@@ -38,6 +41,9 @@ const MESSAGES_CACHED_MAX: usize = 200_000;
 /// time.
 const PRUNE_INTERVAL_MS: u64 = 60_000;
 const PRUNE_MAX: usize = 10_000;
+/// A new message's acceptance waits this long for its outcome before it is
+/// written and told on its own.
+const HOLD_MS: u64 = 1000;
 /// Engagement rows are written at most this often.
 const ENGAGEMENT_FLUSH_MS: u64 = 1000;
 /// Statistics rows kept in memory per shard before the cache starts over.
@@ -118,19 +124,44 @@ impl Shard {
             }
         });
         let now = self.now_ms();
-        let changes = row.apply(fact, now);
+        let fresh = row.status.is_none();
+        let mut changes = row.apply(fact, now);
         if changes.is_empty() {
             return Ok(());
         }
-        self.count_changes(b, &row, &changes)?;
-        let mut head = self.event_head(b)?;
-        for change in &changes {
-            self.stats
-                .business_changes
-                .with_label_values(&[change.name()])
-                .inc();
+        let key = (b, id, customer);
+        if fresh && fact == Fact::Accepted {
+            // Held until the outcome, a few milliseconds away, so that the
+            // row is written once for both (`HOLD_MS` at most).
+            self.business.held.insert(key, now);
+            self.business.messages.insert(key, row);
+            return Ok(());
         }
-        for change in changes {
+        let mut first_at = now;
+        if let Some(at) = self.business.held.remove(&key) {
+            changes.insert(0, Change::Accepted);
+            first_at = at;
+        }
+        self.tell(key, row, &changes, first_at, now)
+    }
+
+    /// Counts and tells `changes` of message `key`'s `row` (the first
+    /// learned at `first_at`, the rest `now`) with the next batch.
+    fn tell(
+        &mut self,
+        key: (u64, u64, u64),
+        row: MessageRow,
+        changes: &[Change],
+        first_at: u64,
+        now: u64,
+    ) -> Result<(), BrokerError> {
+        let (b, id, customer) = key;
+        self.count_changes(b, &row, changes)?;
+        let mut head = self.event_head(b)?;
+        for &change in changes {
+            self.stats.business_change[change as usize].inc();
+        }
+        for (i, &change) in changes.iter().enumerate() {
             head.last += 1;
             let event = Event {
                 seq: head.last,
@@ -145,7 +176,7 @@ impl Shard {
                 },
                 template: row.template.clone(),
                 language: row.language.clone(),
-                at_ms: now,
+                at_ms: if i == 0 { first_at } else { now },
             };
             self.kv.push(KvOp::Put {
                 key: keys::event(b, head.last),
@@ -208,6 +239,33 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Tells the acceptances held for `HOLD_MS` without an outcome (all of
+    /// them with `all`, before a write that must have them: a campaign's
+    /// turn, a cache that starts over).
+    pub(crate) fn release_held(&mut self, all: bool) {
+        if self.business.held.is_empty() {
+            return;
+        }
+        let now = self.now_ms();
+        let all = all || self.business.messages.len() >= MESSAGES_CACHED_MAX;
+        let due: Vec<((u64, u64, u64), u64)> = self
+            .business
+            .held
+            .iter()
+            .filter(|(_, &at)| all || now >= at + HOLD_MS || now < at)
+            .map(|(k, &at)| (*k, at))
+            .collect();
+        for (key, at) in due {
+            self.business.held.remove(&key);
+            let Some(row) = self.business.messages.get(&key).cloned() else {
+                continue;
+            };
+            if let Err(e) = self.tell(key, row, &[Change::Accepted], at, now) {
+                error!(shard = self.id, error = %e, "recording a message status failed");
+            }
+        }
     }
 
     /// Business `b`'s engagement row, read on first touch, marked changed.
@@ -341,6 +399,7 @@ impl Shard {
     /// statistics; the engagement rows at most once a second (a crash may
     /// lose the last second of them). The caches start over when large.
     pub(crate) fn flush_stats(&mut self) {
+        self.release_held(false);
         self.flush_campaigns();
         for (b, id, customer) in std::mem::take(&mut self.business.messages_changed) {
             if let Some(row) = self.business.messages.get(&(b, id, customer)) {
@@ -350,7 +409,7 @@ impl Shard {
                 });
             }
         }
-        if self.business.messages.len() >= MESSAGES_CACHED_MAX {
+        if self.business.messages.len() >= MESSAGES_CACHED_MAX && self.business.held.is_empty() {
             self.business.messages.clear();
         }
         for b in std::mem::take(&mut self.business.heads_changed) {

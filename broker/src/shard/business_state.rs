@@ -115,6 +115,10 @@ pub(crate) struct Businesses {
     /// Message rows and event heads changed since the last batch, and when
     /// the engagement rows were last written (the node's clock, ms).
     pub(crate) messages_changed: HashSet<(u64, u64, u64)>,
+    /// New messages' acceptances not yet told (their rows are in
+    /// `messages`), and when they were learned: the outcome, usually in a
+    /// few milliseconds, is written and told with them.
+    pub(crate) held: HashMap<(u64, u64, u64), u64>,
     pub(crate) heads_changed: HashSet<u64>,
     pub(crate) engagement_flushed_ms: u64,
     /// Statistics rows (`Y`) by key, read on first touch, and the keys

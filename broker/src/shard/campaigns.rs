@@ -181,6 +181,8 @@ impl Shard {
         if self.business.campaigns_changed.is_empty() && sends.is_empty() {
             return;
         }
+        // The turn's admissions are written with it, not held.
+        self.release_held(true);
         self.flush_counts();
         let kv = std::mem::take(&mut self.kv);
         match self.store.append_with(&[], &kv, self.now_ms()) {
@@ -197,6 +199,7 @@ impl Shard {
                 error!(shard = self.id, error = %e, "writing a campaign turn failed");
                 self.kv_written(false);
                 self.business.messages.clear();
+                self.business.held.clear();
                 self.business.stats.clear();
                 self.business.heads.clear();
                 self.business.campaigns.clear();
