@@ -990,37 +990,21 @@ mod replication {
         let (mut nodes, b, _) = business_on_three("cedar", ["d1", "d2", "d3"], &etcd).await;
         let path = format!("/admin/businesses/{b}");
         let customers: Vec<u64> = (0..200).map(|i| 51_000 + i * 7).collect();
-        let mut setup = vec![
-            ("PUT", path.clone(), json!({ "display_name": "Shop" })),
-            (
+        nodes[0]
+            .utility_business(
+                b,
+                &[("notice", "Notice"), ("notice_b", "Notice, again")],
+                &customers,
+            )
+            .await;
+        let (status, answer) = nodes[0]
+            .admin_json(
                 "POST",
-                format!("{path}/limits"),
+                &format!("{path}/limits"),
                 json!({ "tier": 4, "messages_per_sec": 40 }),
-            ),
-        ];
-        for (name, body) in [("notice", "Notice"), ("notice_b", "Notice, again")] {
-            setup.push((
-                "PUT",
-                format!("{path}/templates/{name}"),
-                json!({ "category": "utility", "versions": [{ "language": "en_US", "body": body, "examples": {} }] }),
-            ));
-            setup.push((
-                "POST",
-                format!("{path}/templates/{name}/status"),
-                json!({ "status": "approved" }),
-            ));
-        }
-        for c in &customers {
-            setup.push((
-                "POST",
-                format!("{path}/consent"),
-                json!({ "customer": c, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "Notices, please" }),
-            ));
-        }
-        for (method, at, body) in setup {
-            let (status, answer) = nodes[0].admin_json(method, &at, body).await;
-            assert_eq!(status, 200, "{at}: {answer}");
-        }
+            )
+            .await;
+        assert_eq!(status, 200, "{answer}");
         let (status, created) = nodes[0]
             .admin_json(
                 "POST",

@@ -92,27 +92,8 @@ async fn the_dashboard_shows_the_apis_figures_in_a_real_browser() {
     let b = 9401;
     let customers: Vec<u64> = (9402..9414).collect();
     let path = format!("/admin/businesses/{b}");
-    let notice = json!({ "category": "utility", "versions": [{ "language": "en_US", "body": "Notice", "examples": {} }] });
-    let mut setup = vec![
-        ("PUT", path.clone(), json!({ "display_name": "Shop" })),
-        ("PUT", format!("{path}/templates/notice"), notice),
-        (
-            "POST",
-            format!("{path}/templates/notice/status"),
-            json!({ "status": "approved" }),
-        ),
-    ];
-    for c in &customers {
-        setup.push((
-            "POST",
-            format!("{path}/consent"),
-            json!({ "customer": c, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "Notices, please" }),
-        ));
-    }
-    for (method, at, body) in setup {
-        let (code, v) = s.admin_json(method, &at, body).await;
-        assert_eq!(code, 200, "{at}: {v}");
-    }
+    s.utility_business(b, &[("notice", "Notice")], &customers)
+        .await;
 
     // Six customers write and are answered (a heatmap cell and response
     // times that show); a campaign of two variants reaches all twelve,

@@ -298,6 +298,41 @@ impl Server {
         )
     }
 
+    /// Makes `b` a business named Shop with the approved utility templates
+    /// `templates` (name, body) and every one of `customers` opted in to
+    /// utility messages, each request answered 200.
+    pub async fn utility_business(&self, b: u64, templates: &[(&str, &str)], customers: &[u64]) {
+        let path = format!("/admin/businesses/{b}");
+        let mut setup = vec![(
+            "PUT",
+            path.clone(),
+            serde_json::json!({ "display_name": "Shop" }),
+        )];
+        for (name, body) in templates {
+            setup.push((
+                "PUT",
+                format!("{path}/templates/{name}"),
+                serde_json::json!({ "category": "utility", "versions": [{ "language": "en_US", "body": body, "examples": {} }] }),
+            ));
+            setup.push((
+                "POST",
+                format!("{path}/templates/{name}/status"),
+                serde_json::json!({ "status": "approved" }),
+            ));
+        }
+        for c in customers {
+            setup.push((
+                "POST",
+                format!("{path}/consent"),
+                serde_json::json!({ "customer": c, "action": "opt_in", "purpose": "utility", "source": "web_form", "text": "Notices, please" }),
+            ));
+        }
+        for (method, at, body) in setup {
+            let (status, answer) = self.admin_json(method, &at, body).await;
+            assert_eq!(status, 200, "{at}: {answer}");
+        }
+    }
+
     /// Moves the node's clock forward (a node started with
     /// `COURIER_TEST_CLOCK=true`).
     pub async fn advance_clock(&self, ms: u64) {
