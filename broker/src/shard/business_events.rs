@@ -17,10 +17,11 @@
 //! and the message's
 //! row and the event head join them when that batch is written
 //! (`flush_stats`, called by every write of the shard's rows), so an event
-//! exists exactly when its status does. A node that dies
-//! between a send's storage and its outcome leaves the message accepted
-//! until the business retries it (every client retries an unanswered
-//! send), whose duplicate answer is the outcome.
+//! exists exactly when its status does. A node that dies between a
+//! send's admission and its outcome may have written neither: the
+//! business's retry (every client retries an unanswered send) is admitted
+//! again and its duplicate answer is the outcome. A campaign writes its
+//! admissions before its sends leave (`campaigns.rs`).
 
 use courier_protocol::ErrorCode;
 use courier_storage::KvOp;
