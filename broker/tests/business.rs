@@ -2460,7 +2460,7 @@ async fn a_two_variant_campaign_counts_every_customer_once_across_a_sigkill() {
         );
     }
     let expect_read: u64 = (0..n).filter(|&i| reads(i) && !refused(i)).count() as u64;
-    let report = campaign_until(&s, b, id, |v| {
+    campaign_until(&s, b, id, |v| {
         let read: u64 = v["variants"]
             .as_array()
             .unwrap()
@@ -2483,7 +2483,6 @@ async fn a_two_variant_campaign_counts_every_customer_once_across_a_sigkill() {
             .await;
         assert_eq!(code, 200, "{body}");
     }
-    let _ = report;
     let report = campaign(&s, b, id).await;
 
     // Every figure, per variant, computed here from the rules above.

@@ -193,6 +193,35 @@ mod tests {
         );
     }
 
+    /// Identity before expiry (PROTOCOL.md); `verify_any` learns the
+    /// identity from the token and checks the rest.
+    #[test]
+    fn identity_is_checked_before_expiry_and_verify_any_takes_any_identity() {
+        let claims = Claims {
+            user_id: 42,
+            device_id: 3,
+            expires_at_s: 1000,
+        };
+        let t = key().mint(claims);
+        assert_eq!(
+            key().verify(t.as_bytes(), 43, 3, 5000),
+            Err(TokenError::WrongIdentity)
+        );
+        assert_eq!(key().verify_any(t.as_bytes(), 999), Ok(claims));
+        assert_eq!(
+            key().verify_any(t.as_bytes(), 1000),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            TokenKey::new(vec![8u8; 32]).verify_any(t.as_bytes(), 999),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            key().verify_any(b"garbage", 999),
+            Err(TokenError::Malformed)
+        );
+    }
+
     #[test]
     fn tampered_or_garbage_tokens_fail() {
         let t = key().mint(Claims {
