@@ -2630,3 +2630,169 @@ async fn a_two_variant_campaign_counts_every_customer_once_across_a_sigkill() {
         .await;
     assert_eq!(list["campaigns"].as_array().unwrap().len(), 2);
 }
+
+/// Each customer's own best hour, from its own reads: a
+/// `customer_best_hour` campaign reaches each customer at the next start
+/// of the local hour its messages were read at the best rate, and those
+/// who read nothing yet at the segment's best hour; a `best_hour`
+/// campaign starts at the best hour of its segment's customers, though
+/// the business's own figures are too few to show one. The hours are
+/// computed here from the history the test made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_reaches_each_customer_at_its_own_best_hour() {
+    let s = node();
+    let b = 9501;
+    // Customers a and b read, c never does, d has no history.
+    let (ca, cb, cc, cd) = (9502u64, 9503u64, 9504u64, 9505u64);
+    s.utility_business(b, &[("notice", "Notice")], &[ca, cb, cc, cd])
+        .await;
+    // The business is at +05:30: hours are local.
+    let offset: u64 = 330 * 60_000;
+    let (code, v) = s
+        .admin_json(
+            "PUT",
+            &format!("/admin/businesses/{b}/time_zone"),
+            json!({ "utc_offset_minutes": 330 }),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let hour_of = |ms: u64| ((ms + offset) / HOUR % 24) as usize;
+    // The node's clock runs on from where the test moves it: the history
+    // starts a minute into a local hour, so each step stays inside its hour.
+    let (stranger, _) = s.client(9598).await;
+    let clock = stranger
+        .send(Destination::User(9599), MessageKind::Chat, chat("time?"))
+        .await
+        .unwrap()
+        .timestamp_ms;
+    let local = clock + offset;
+    s.advance_clock(HOUR - local % HOUR + 60_000).await;
+    let (business, _) = s.client(b).await;
+    let mut clients = std::collections::HashMap::new();
+    for c in [ca, cb, cc, cd] {
+        clients.insert(c, s.client(c).await.0);
+    }
+    let mut next_id = 1u64;
+    // Sends `notice` to `c`; it reads it if `read`. The send's time.
+    let mut history = async |c: u64, read: bool| -> u64 {
+        let id = next_id;
+        next_id += 1;
+        let ack = business.send_template(id, c, &notice_send()).await.unwrap();
+        let (m, _) = received_template(&clients[&c]).await;
+        clients[&c].ack(m.seq).await.unwrap();
+        if read {
+            clients[&c].mark_read(m.seq).await.unwrap();
+            wait_status(&s, b, id, c, "read").await;
+        } else {
+            wait_status(&s, b, id, c, "delivered").await;
+        }
+        ack.timestamp_ms
+    };
+    // Hour h0: a reads, c does not. Three hours on: b reads, a and c do not.
+    let t0 = history(ca, true).await;
+    history(cc, false).await;
+    s.advance_clock(3 * HOUR).await;
+    let t3 = history(cb, true).await;
+    history(ca, false).await;
+    history(cc, false).await;
+    let (h_a, h_b) = (hour_of(t0), hour_of(t3));
+    assert_eq!(h_b, (h_a + 3) % 24);
+    // The segment's best hour: h_a (a read 1 of 1) over h_b (1 of 3).
+    // The business's own engagement shows none: fewer than 5 customers.
+    let (_, e) = s
+        .admin_json(
+            "GET",
+            &format!("/admin/businesses/{b}/engagement"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(e["best_hour"], Value::Null, "{e}");
+
+    // Twenty hours on: an hour before h_a comes again.
+    s.advance_clock(20 * HOUR).await;
+    let now = t3 + 20 * HOUR;
+    assert_eq!(hour_of(now), (h_a + 23) % 24);
+    // The next start of local hour h after `now`.
+    let next_start = |h: usize| {
+        let local = now + offset;
+        let mut at = local - local % DAY + h as u64 * HOUR;
+        if at + HOUR <= local {
+            at += DAY;
+        }
+        at.max(local) - offset
+    };
+    let (at_a, at_b) = (next_start(h_a), next_start(h_b));
+    assert!(now < at_a && at_a < at_b, "{now} {at_a} {at_b}");
+    let (code, created) = create_campaign(
+        &s,
+        b,
+        json!({
+            "name": "Own hours",
+            "variants": [{ "name": "only", "template": "notice" }],
+            "segment": { "customers": [cd, cc, cb, ca] },
+            "schedule": "customer_best_hour",
+        }),
+    )
+    .await;
+    assert_eq!(code, 200, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    assert_eq!(created["state"], "scheduled", "{created}");
+    assert_eq!(created["start_ms"], at_a, "{created}");
+    assert_eq!(
+        created["waves"],
+        json!([
+            { "hour": h_a, "start_ms": at_a, "customers": "< 5" },
+            { "hour": h_b, "start_ms": at_b, "customers": "< 5" },
+        ]),
+        "{created}"
+    );
+    // A best_hour campaign to b and c: their sums make h_b the best
+    // (b read 1 of 1 there; c read nothing).
+    let (code, by_segment) = create_campaign(
+        &s,
+        b,
+        json!({
+            "name": "Segment hour",
+            "variants": [{ "name": "only", "template": "notice" }],
+            "segment": { "customers": [cb, cc] },
+            "schedule": "best_hour",
+        }),
+    )
+    .await;
+    assert_eq!(code, 200, "{by_segment}");
+    assert_eq!(by_segment["start_ms"], at_b, "{by_segment}");
+    let second = by_segment["id"].as_u64().unwrap();
+    let (code, _) = campaign_ctl(&s, b, second, "cancel").await;
+    assert_eq!(code, 200);
+
+    // Before h_a nobody is reached.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(campaign(&s, b, id).await["processed"], 0);
+    // At h_a: a, c (no read: the segment's hour) and d (no history).
+    s.advance_clock(at_a - now).await;
+    let v = campaign_until(&s, b, id, |v| {
+        v["processed"] == 3 && v["awaiting_outcome"] == 0
+    })
+    .await;
+    assert_eq!(v["state"], "running", "{v}");
+    for c in [ca, cc, cd] {
+        let (m, t) = received_template(&clients[&c]).await;
+        assert_eq!(t.name, "notice");
+        assert_eq!(hour_of(m.timestamp_ms), h_a, "customer {c} at its hour");
+        assert!(m.timestamp_ms >= at_a, "customer {c} not before its hour");
+    }
+    assert!(
+        clients[&cb]
+            .recv_timeout(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "b's hour has not come"
+    );
+    // At h_b: b, and the campaign is done.
+    s.advance_clock(at_b - at_a).await;
+    let v = campaign_until(&s, b, id, |v| v["state"] == "done").await;
+    assert_eq!(v["processed"], 4, "{v}");
+    let (m, _) = received_template(&clients[&cb]).await;
+    assert_eq!(hour_of(m.timestamp_ms), h_b);
+    assert!(m.timestamp_ms >= at_b);
+}

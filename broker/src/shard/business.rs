@@ -336,6 +336,7 @@ impl Shard {
     pub(super) fn pair(&mut self, b: u64, customer: u64) -> Result<&mut Pair, BrokerError> {
         if !self.business.pairs.contains_key(&(b, customer)) {
             if self.business.pairs.len() >= PAIRS_CACHED_MAX {
+                self.flush_pairs();
                 self.business.pairs.clear();
             }
             let row = match self.store.get(&keys::pair(b, customer))? {
@@ -354,6 +355,16 @@ impl Shard {
             .pairs
             .get_mut(&(b, customer))
             .expect("read above"))
+    }
+
+    /// Queues the pairs whose read hours changed for the next batch.
+    pub(super) fn flush_pairs(&mut self) {
+        for (b, customer) in std::mem::take(&mut self.business.pairs_changed) {
+            if self.business.pairs.contains_key(&(b, customer)) {
+                let write = self.pair_write(b, customer);
+                self.kv.push(write);
+            }
+        }
     }
 
     fn pair_write(&self, b: u64, customer: u64) -> KvOp {

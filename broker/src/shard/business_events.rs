@@ -31,7 +31,7 @@ use super::core::Shard;
 use super::messages::BusinessOutcome;
 use crate::error::BrokerError;
 use crate::state::business_events::{
-    Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Origin, Period,
+    local_slot, Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Origin, Period,
 };
 use crate::state::keys;
 use crate::state::rows::corrupt;
@@ -235,8 +235,13 @@ impl Shard {
         }
         for &change in changes {
             if matches!(change, Change::Sent | Change::Read) {
+                let read = change == Change::Read;
                 let (e, offset) = self.engagement(b)?;
-                e.sent_or_read(row.customer, row.since_ms, change == Change::Read, offset);
+                e.sent_or_read(row.customer, row.since_ms, read, offset);
+                // The customer's own hours (its pair row, with the batch).
+                let (_, hour) = local_slot(row.since_ms, offset);
+                self.pair(b, row.customer)?.row.hours.count(hour, read);
+                self.business.pairs_changed.insert((b, row.customer));
             }
         }
         Ok(())
@@ -413,6 +418,7 @@ impl Shard {
         if self.business.messages.len() >= MESSAGES_CACHED_MAX && self.business.held.is_empty() {
             self.business.messages.clear();
         }
+        self.flush_pairs();
         for b in std::mem::take(&mut self.business.heads_changed) {
             if let Some(head) = self.business.heads.get(&b) {
                 self.kv.push(KvOp::Put {

@@ -39,7 +39,7 @@ use super::core::Shard;
 use super::messages::{BusinessOutcome, Completion, SendCmd, ShardCmd};
 use super::route::shard_of;
 use crate::error::BrokerError;
-use crate::state::business::{invalid, Invalid};
+use crate::state::business::{best_read_hour, invalid, Invalid, PairRow, ReadHours};
 use crate::state::business_events::MessageRow;
 use crate::state::campaigns::{
     self, message_id, pick, CampaignDef, CampaignRow, CampaignState, Schedule, Segment,
@@ -273,6 +273,11 @@ impl Shard {
         for turn in 0.. {
             let c = self.business.campaigns.get_mut(&(b, id)).expect("held");
             if !c.row.admitting() || c.row.outstanding.len() >= CAMPAIGN_IN_FLIGHT {
+                break;
+            }
+            // The next customer's own hour has not come yet.
+            if now < c.row.next_due_ms() {
+                self.wake_campaigns(SCHEDULE_POLL);
                 break;
             }
             if turn == TURN_MAX {
@@ -537,11 +542,26 @@ impl Shard {
             return Err(invalid("segment_empty", "the segment has no customer").into());
         }
         let now = self.now_ms();
-        let best_hour = match def.schedule {
-            Schedule::BestHour => self.engagement_report(b)?["best_hour"].as_u64(),
-            _ => None,
+        let mut waves = Vec::new();
+        let mut best_hour = None;
+        if matches!(
+            def.schedule,
+            Schedule::BestHour | Schedule::CustomerBestHour
+        ) {
+            let own = self.own_best_hours(b, &customers)?;
+            best_hour = match own.1 {
+                Some(h) => Some(h as u64),
+                None => self.engagement_report(b)?["best_hour"].as_u64(),
+            };
+            if def.schedule == Schedule::CustomerBestHour {
+                let fallback = best_hour.map(|h| h as usize);
+                (customers, waves) = campaigns::waves(own.0, fallback, now, offset);
+            }
+        }
+        let start_ms = match waves.first() {
+            Some(w) => w.at_ms,
+            None => campaigns::start_ms(&def.schedule, now, offset, best_hour),
         };
-        let start_ms = campaigns::start_ms(&def.schedule, now, offset, best_hour);
         let row = CampaignRow {
             id,
             name: def.name,
@@ -557,6 +577,7 @@ impl Shard {
             outstanding: Default::default(),
             variants_counts: vec![VariantCounts::default(); def.variants.len()],
             variants: def.variants,
+            waves,
         };
         let mut ops: Vec<KvOp> = customers
             .chunks(CHUNK)
@@ -575,6 +596,36 @@ impl Shard {
         self.hold_campaign(b, row);
         self.wake_campaigns(Duration::ZERO);
         Ok(report)
+    }
+
+    /// Each customer's own best hour, and the segment's: the best over
+    /// the sum of their counts (`None` while none of them read a message).
+    /// A pair row read for each customer not in the cache, not kept there
+    /// (a segment can be far larger than the cache).
+    #[allow(clippy::type_complexity)]
+    fn own_best_hours(
+        &mut self,
+        b: u64,
+        customers: &[u64],
+    ) -> Result<(Vec<(u64, Option<usize>)>, Option<usize>), BrokerError> {
+        let (mut sent, mut read) = ([0u64; 24], [0u64; 24]);
+        let mut own = Vec::with_capacity(customers.len());
+        for &c in customers {
+            let hours = match self.business.pairs.get(&(b, c)) {
+                Some(p) => p.row.hours,
+                None => match self.store.get(&keys::pair(b, c))? {
+                    Some(v) => {
+                        PairRow::decode(&v)
+                            .ok_or_else(|| corrupt("pair row", format!("{b}.{c}")))?
+                            .hours
+                    }
+                    None => ReadHours::default(),
+                },
+            };
+            hours.add_to(&mut sent, &mut read);
+            own.push((c, hours.best()));
+        }
+        Ok((own, best_read_hour(&sent, &read)))
     }
 
     /// The customers whose conversation with `b` carries `label`.

@@ -637,6 +637,71 @@ pub struct PairRow {
     pub language: String,
     /// The customer's data was erased at this time (0: never).
     pub erased_ms: u64,
+    /// The business's messages to this customer sent, and read, by the
+    /// hour (in the business's time zone) they were sent: what picks the
+    /// customer's own best hour ([`ReadHours::best`]).
+    pub hours: ReadHours,
+}
+
+/// Messages sent and read by the local hour they were sent, for one
+/// customer: 24 pairs of saturating counters (halved together when one
+/// would overflow, which keeps the rates). Encoded as 96 bytes at the end
+/// of the pair row, absent while all are zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadHours {
+    pub sent: [u16; 24],
+    pub read: [u16; 24],
+}
+
+impl ReadHours {
+    pub fn is_empty(&self) -> bool {
+        self.sent.iter().all(|&n| n == 0) && self.read.iter().all(|&n| n == 0)
+    }
+
+    /// A message sent at local `hour` was sent (`read` false) or read.
+    pub fn count(&mut self, hour: usize, read: bool) {
+        let v = if read { &mut self.read } else { &mut self.sent };
+        if v[hour] == u16::MAX {
+            for n in self.sent.iter_mut().chain(self.read.iter_mut()) {
+                *n /= 2;
+            }
+        }
+        let v = if read { &mut self.read } else { &mut self.sent };
+        v[hour] += 1;
+    }
+
+    /// The hour with the highest read rate among hours with a read
+    /// message (the earliest on a tie), or `None` while nothing was read.
+    pub fn best(&self) -> Option<usize> {
+        best_read_hour(&self.sent.map(u64::from), &self.read.map(u64::from))
+    }
+
+    /// Adds these counts to `sent` and `read` (a segment's sums).
+    pub fn add_to(&self, sent: &mut [u64; 24], read: &mut [u64; 24]) {
+        for h in 0..24 {
+            sent[h] += u64::from(self.sent[h]);
+            read[h] += u64::from(self.read[h]);
+        }
+    }
+}
+
+/// The hour with the highest rate `read / sent` among hours with a read
+/// message (the earliest on a tie), or `None` while nothing was read. A
+/// hour's `sent` counts as at least its `read` (a read can arrive for a
+/// message whose sent fact was counted before the counters existed).
+pub fn best_read_hour(sent: &[u64; 24], read: &[u64; 24]) -> Option<usize> {
+    let mut best: Option<(usize, u128, u128)> = None;
+    for h in 0..24 {
+        let (r, n) = (u128::from(read[h]), u128::from(sent[h].max(read[h])));
+        if r == 0 {
+            continue;
+        }
+        // r/n > best_r/best_n, in integers.
+        if best.is_none_or(|(_, br, bn)| r * bn > br * n) {
+            best = Some((h, r, n));
+        }
+    }
+    best.map(|(h, _, _)| h)
 }
 
 impl PairRow {
@@ -652,6 +717,11 @@ impl PairRow {
         v.extend_from_slice(&self.erased_ms.to_be_bytes());
         v.push(self.language.len().min(255) as u8);
         v.extend_from_slice(&self.language.as_bytes()[..self.language.len().min(255)]);
+        if !self.hours.is_empty() {
+            for n in self.hours.sent.iter().chain(&self.hours.read) {
+                v.extend_from_slice(&n.to_be_bytes());
+            }
+        }
         v
     }
 
@@ -660,6 +730,19 @@ impl PairRow {
         let flags = *v.get(16)?;
         let len = usize::from(*v.get(38)?);
         let language = std::str::from_utf8(v.get(39..39 + len)?).ok()?.to_owned();
+        let mut hours = ReadHours::default();
+        match v.get(39 + len..) {
+            Some([]) | None => {}
+            Some(tail) if tail.len() == 96 => {
+                let mut n = tail
+                    .chunks_exact(2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]));
+                for x in hours.sent.iter_mut().chain(hours.read.iter_mut()) {
+                    *x = n.next()?;
+                }
+            }
+            Some(_) => return None,
+        }
         Some(PairRow {
             last_customer_ms: u64_at(0)?,
             started_ms: u64_at(8)?,
@@ -671,6 +754,7 @@ impl PairRow {
             ledger_len: u64_at(22)?,
             erased_ms: u64_at(30)?,
             language,
+            hours,
         })
     }
 
@@ -1057,6 +1141,38 @@ mod tests {
     }
 
     #[test]
+    fn a_customers_best_hour_is_its_highest_read_rate() {
+        let mut h = ReadHours::default();
+        assert_eq!(h.best(), None, "nothing sent");
+        for _ in 0..4 {
+            h.count(8, false);
+        }
+        assert_eq!(h.best(), None, "sent, never read");
+        h.count(8, true); // 1 of 4 at 08
+        h.count(19, false);
+        h.count(19, false);
+        h.count(19, true); // 1 of 2 at 19
+        assert_eq!(h.best(), Some(19));
+        h.count(7, false);
+        h.count(7, false);
+        h.count(7, true); // 1 of 2 at 07 too: the earliest wins a tie
+        assert_eq!(h.best(), Some(7));
+        // Counters halve together rather than overflow: rates stay.
+        let mut full = ReadHours::default();
+        full.sent[3] = u16::MAX;
+        full.read[3] = u16::MAX / 2;
+        full.sent[4] = 100;
+        full.read[4] = 10;
+        full.count(3, false);
+        assert_eq!(
+            (full.sent[3], full.read[3]),
+            (u16::MAX / 2 + 1, u16::MAX / 4)
+        );
+        assert_eq!((full.sent[4], full.read[4]), (50, 5));
+        assert_eq!(full.best(), Some(3));
+    }
+
+    #[test]
     fn pair_rows_round_trip_and_keywords_match_whole_messages() {
         let p = PairRow {
             last_customer_ms: 5,
@@ -1069,8 +1185,20 @@ mod tests {
             ledger_len: 9,
             language: "pt_BR".into(),
             erased_ms: 0,
+            hours: ReadHours::default(),
         };
-        assert_eq!(PairRow::decode(&p.encode()), Some(p));
+        assert_eq!(PairRow::decode(&p.encode()), Some(p.clone()));
+        // With read hours: 96 bytes more, and back.
+        let mut q = p.clone();
+        q.hours.count(9, false);
+        q.hours.count(9, true);
+        q.hours.count(20, false);
+        assert_eq!(q.encode().len(), p.encode().len() + 96);
+        assert_eq!(PairRow::decode(&q.encode()), Some(q.clone()));
+        // A tail of another length is a corrupt row.
+        let mut bad = q.encode();
+        bad.pop();
+        assert_eq!(PairRow::decode(&bad), None);
         let out = vec!["STOP".to_owned(), "PARAR".to_owned()];
         let inn = vec!["START".to_owned()];
         assert_eq!(keyword(b" stop! ", &out, &inn), Some(Keyword::OptOut));

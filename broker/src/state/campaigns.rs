@@ -98,9 +98,74 @@ pub enum Schedule {
     Now,
     /// `YYYY-MM-DDTHH:MM` in the business's time zone.
     LocalTime(String),
-    /// The next start of the hour with the business's best read rate (its
-    /// engagement's `best_hour`); now if no hour shows one yet.
+    /// The next start of the segment's best hour: the hour with the best
+    /// read rate over the segment's customers' own counts, or the
+    /// business's (its engagement's `best_hour`) while none of them has
+    /// read a message; now if neither shows one yet.
     BestHour,
+    /// Each customer at the next start of its own best hour (the hour its
+    /// messages were read at the best rate); a customer who has read none
+    /// yet at the segment's best hour, as `BestHour`.
+    CustomerBestHour,
+}
+
+/// A run of a `customer_best_hour` campaign's segment whose customers
+/// start at one time: the segment is ordered by start, and the customers
+/// before `end` (after the previous wave's) start at `at_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub end: u64,
+    /// The local hour, or `None` for customers with no hour of their own
+    /// nor the segment's (they start at once).
+    pub hour: Option<u8>,
+    pub at_ms: u64,
+}
+
+/// Orders a segment by when each customer starts: `hours` gives each
+/// customer (in any order) its own best local hour, or `None` for the
+/// segment's `fallback` (or at once, without one). The customers come back
+/// ordered by start, then id, with the waves that say where each start
+/// begins.
+pub fn waves(
+    hours: Vec<(u64, Option<usize>)>,
+    fallback: Option<usize>,
+    now: u64,
+    offset_min: i32,
+) -> (Vec<u64>, Vec<Wave>) {
+    let mut timed: Vec<(u64, Option<u8>, u64)> = hours
+        .into_iter()
+        .map(|(c, own)| {
+            let hour = own.or(fallback);
+            let at = hour.map_or(now, |h| next_hour_start(h, now, offset_min));
+            (at, hour.map(|h| h as u8), c)
+        })
+        .collect();
+    timed.sort_unstable();
+    let mut waves: Vec<Wave> = Vec::new();
+    for (i, &(at, hour, _)) in timed.iter().enumerate() {
+        match waves.last_mut() {
+            Some(w) if w.at_ms == at && w.hour == hour => w.end = i as u64 + 1,
+            _ => waves.push(Wave {
+                end: i as u64 + 1,
+                hour,
+                at_ms: at,
+            }),
+        }
+    }
+    (timed.into_iter().map(|(_, _, c)| c).collect(), waves)
+}
+
+/// The next start of local hour `hour` (0 to 23) at `offset_min` from
+/// UTC, or `now` when inside that hour already.
+pub fn next_hour_start(hour: usize, now: u64, offset_min: i32) -> u64 {
+    let offset = i64::from(offset_min) * 60_000;
+    let local = now as i64 + offset;
+    let day = local.div_euclid(86_400_000) * 86_400_000;
+    let mut at = day + hour as i64 * 3_600_000;
+    if at + 3_600_000 <= local {
+        at += 86_400_000;
+    }
+    ((at - offset).max(now as i64)) as u64
 }
 
 /// The body that creates a campaign.
@@ -214,18 +279,9 @@ pub fn start_ms(schedule: &Schedule, now: u64, offset_min: i32, best_hour: Optio
             let local = parse_local(t).expect("checked at creation");
             (local - offset).max(now as i64) as u64
         }
-        Schedule::BestHour => match best_hour {
+        Schedule::BestHour | Schedule::CustomerBestHour => match best_hour {
             None => now,
-            Some(h) => {
-                let local = now as i64 + offset;
-                let day = local.div_euclid(86_400_000) * 86_400_000;
-                let mut at = day + h as i64 * 3_600_000;
-                if at + 3_600_000 <= local {
-                    at += 86_400_000;
-                }
-                // Inside the best hour already: now.
-                ((at - offset).max(now as i64)) as u64
-            }
+            Some(h) => next_hour_start(h as usize, now, offset_min),
         },
     }
 }
@@ -304,6 +360,10 @@ pub struct CampaignRow {
     #[serde(default)]
     pub outstanding: BTreeMap<u64, u8>,
     pub variants_counts: Vec<VariantCounts>,
+    /// A `customer_best_hour` campaign's starts (empty otherwise: every
+    /// customer starts at `start_ms`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
 }
 
 impl CampaignRow {
@@ -314,6 +374,14 @@ impl CampaignRow {
     /// Whether customers may still be admitted.
     pub fn admitting(&self) -> bool {
         self.state == CampaignState::Running && self.next < self.total
+    }
+
+    /// When the next customer in order starts (0: with the campaign).
+    pub fn next_due_ms(&self) -> u64 {
+        self.waves
+            .iter()
+            .find(|w| self.next < w.end)
+            .map_or(0, |w| w.at_ms)
     }
 
     /// Done when nobody is left to admit (or it was cancelled) and every
@@ -383,7 +451,27 @@ impl CampaignRow {
             "processed": self.next,
             "awaiting_outcome": self.outstanding.len(),
             "variants": variants,
+            "waves": self.waves_report(),
         })
+    }
+
+    /// The waves as reports show them: each start's hour, time and
+    /// customers (fewer than 5 as "< 5").
+    fn waves_report(&self) -> serde_json::Value {
+        let mut from = 0;
+        self.waves
+            .iter()
+            .map(|w| {
+                let n = w.end - from;
+                from = w.end;
+                serde_json::json!({
+                    "hour": w.hour,
+                    "start_ms": w.at_ms,
+                    "customers": if (1..5).contains(&n) { serde_json::json!("< 5") } else { n.into() },
+                })
+            })
+            .collect::<Vec<_>>()
+            .into()
     }
 }
 
@@ -497,6 +585,76 @@ mod tests {
     }
 
     #[test]
+    fn each_customer_starts_at_its_own_hour_in_waves() {
+        // 2026-12-06 08:25:33 UTC; the business at +02:00 (10:25 local).
+        let now = 1_796_545_533_123;
+        let utc = |t: &str| parse_local(t).unwrap() as u64;
+        let hours = vec![
+            (50, Some(9)),  // tomorrow 09:00 local: 07:00 UTC
+            (40, None),     // the segment's hour, 14
+            (30, Some(10)), // inside its hour: now
+            (20, Some(14)),
+            (10, Some(9)),
+        ];
+        let (order, waves) = super::waves(hours, Some(14), now, 120);
+        assert_eq!(order, vec![30, 20, 40, 10, 50]);
+        assert_eq!(
+            waves,
+            vec![
+                Wave {
+                    end: 1,
+                    hour: Some(10),
+                    at_ms: now
+                },
+                Wave {
+                    end: 3,
+                    hour: Some(14),
+                    at_ms: utc("2026-12-06T12:00")
+                },
+                Wave {
+                    end: 5,
+                    hour: Some(9),
+                    at_ms: utc("2026-12-07T07:00")
+                },
+            ]
+        );
+        // Without a segment hour, those with none of their own go at once.
+        let (order, waves) = super::waves(vec![(7, None), (3, Some(11))], None, now, 120);
+        assert_eq!(order, vec![7, 3]);
+        assert_eq!(
+            waves[0],
+            Wave {
+                end: 1,
+                hour: None,
+                at_ms: now
+            }
+        );
+        assert_eq!(waves[1].at_ms, utc("2026-12-06T09:00"));
+        // The row admits each wave at its time.
+        let mut row = CampaignRow {
+            id: 1,
+            name: "w".into(),
+            variants: Vec::new(),
+            seed: 0,
+            schedule: Schedule::CustomerBestHour,
+            label: String::new(),
+            created_ms: now,
+            start_ms: now,
+            finished_ms: 0,
+            state: CampaignState::Running,
+            total: 2,
+            next: 0,
+            outstanding: BTreeMap::new(),
+            variants_counts: Vec::new(),
+            waves,
+        };
+        assert_eq!(row.next_due_ms(), now);
+        row.next = 1;
+        assert_eq!(row.next_due_ms(), utc("2026-12-06T09:00"));
+        assert_eq!(row.report()["waves"][1]["customers"], "< 5");
+    }
+
+    #[test]
     fn a_campaign_is_done_once_drained_and_answered() {
         let mut row = CampaignRow {
             id: 1,
@@ -513,6 +671,7 @@ mod tests {
             next: 2,
             outstanding: BTreeMap::from([(9, 0)]),
             variants_counts: Vec::new(),
+            waves: Vec::new(),
         };
         row.settle(5);
         assert_eq!(row.state, CampaignState::Running, "one outcome to come");
