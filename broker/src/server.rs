@@ -122,6 +122,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::cluster::replica::ReplicaMetrics::register_idle(&node.metrics);
     }
     if let Some(replication) = replication {
+        let shards = Arc::downgrade(&node);
+        replication.on_shown(Box::new(move |inboxes| {
+            if let Some(node) = shards.upgrade() {
+                node.shards.shown(inboxes);
+            }
+        }));
         let slots = Slots::new(
             store.clone(),
             node.config.cluster.node_id.clone(),

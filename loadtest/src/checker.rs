@@ -38,6 +38,9 @@ pub struct Checker {
     /// message number (index n - 1), delivered receipts in the low nibble,
     /// read ones in the high, each saturating at 15.
     receipts: HashMap<Key, Vec<u8>>,
+    /// The inbox sequences each recipient was delivered, in order (a
+    /// diagnosis: where a lost message's recipient skipped an entry).
+    inbox_seqs: HashMap<u64, Vec<u64>>,
 }
 
 /// One problem the checker found.
@@ -81,6 +84,12 @@ pub struct Verdict {
     pub receipts_unexpected: u64,
     /// The first problems found (at most 20), for the report.
     pub examples: Vec<Problem>,
+    /// For the recipients of those lost: the inbox sequences between the
+    /// first and the last they were delivered that they never were (an
+    /// entry stored and not delivered, or none: the message is not in
+    /// the inbox at all), at most 20 each.
+    #[serde(default)]
+    pub inbox_gaps: Vec<(u64, Vec<u64>)>,
 }
 
 impl Verdict {
@@ -139,8 +148,16 @@ impl Checker {
         };
     }
 
+    /// `recipient` was delivered inbox entry `seq` (any kind).
+    pub fn inbox_seq(&mut self, recipient: u64, seq: u64) {
+        self.inbox_seqs.entry(recipient).or_default().push(seq);
+    }
+
     /// Folds another checker's observations into this one (one per task).
     pub fn merge(&mut self, other: Checker) {
+        for (k, v) in other.inbox_seqs {
+            self.inbox_seqs.entry(k).or_default().extend(v);
+        }
         for (k, v) in other.acked {
             self.acked.entry(k).or_default().extend(v);
         }
@@ -213,6 +230,25 @@ impl Checker {
             }
         }
         self.verify_receipts(&mut v, note);
+        let mut lost_to: Vec<u64> = v
+            .examples
+            .iter()
+            .filter(|e| e.kind == ProblemKind::Lost)
+            .map(|e| e.recipient)
+            .collect();
+        lost_to.sort_unstable();
+        lost_to.dedup();
+        for r in lost_to {
+            let mut seqs = self.inbox_seqs.get(&r).cloned().unwrap_or_default();
+            seqs.sort_unstable();
+            seqs.dedup();
+            let missing: Vec<u64> = seqs
+                .windows(2)
+                .flat_map(|w| w[0] + 1..w[1])
+                .take(20)
+                .collect();
+            v.inbox_gaps.push((r, missing));
+        }
         v
     }
 
@@ -305,6 +341,23 @@ mod tests {
             n: 4
         }));
         assert!(!v.ok());
+    }
+
+    #[test]
+    fn a_lost_messages_recipient_shows_the_inbox_entries_it_skipped() {
+        let mut c = Checker::new();
+        for n in 1..=3 {
+            c.acked(7, n, &[1]);
+        }
+        for (n, seq) in [(1, 10), (3, 13)] {
+            c.delivered(1, 7, n);
+            c.inbox_seq(1, seq);
+        }
+        // A receipt in between, at 11.
+        c.inbox_seq(1, 11);
+        let v = c.verify();
+        assert_eq!(v.lost, 1, "{v:?}");
+        assert_eq!(v.inbox_gaps, vec![(1, vec![12])]);
     }
 
     #[test]

@@ -232,6 +232,11 @@ impl Report {
         for e in &v.examples {
             s.push_str(&format!("  {e:?}\n"));
         }
+        for (recipient, missing) in &v.inbox_gaps {
+            s.push_str(&format!(
+                "  recipient {recipient}: inbox entries never delivered between its first and last delivery: {missing:?}\n"
+            ));
+        }
         if self.reconnects + self.kills + self.redelivered + self.retried + self.unanswered > 0 {
             s.push_str(&format!(
                 "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence, {} sends unanswered for 30 s\n",

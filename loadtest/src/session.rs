@@ -307,6 +307,9 @@ impl State {
             return;
         }
         *last = d.message.seq;
+        if d.stream == 0 {
+            self.checker.inbox_seq(self.me, d.message.seq);
+        }
         self.since_confirm += 1;
         if self.since_confirm >= 256 {
             self.since_confirm = 0;

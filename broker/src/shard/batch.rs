@@ -43,7 +43,8 @@ impl Shard {
                 }
             }
             Err(e) => {
-                error!(shard = self.id, error = %e, count = batch.appends.len(), "storage append failed; rejecting the batch");
+                let inboxes: Vec<u64> = batch.appends.iter().map(|m| m.inbox).take(16).collect();
+                error!(shard = self.id, error = %e, count = batch.appends.len(), ?inboxes, "storage append failed; rejecting the batch");
                 self.stats.storage_errors.inc();
                 batch.appends.clear();
                 // A full disk is told as such (the client retries later);

@@ -9,6 +9,7 @@
 //! its outcomes in `batch`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -471,6 +472,14 @@ impl Shard {
                 emission,
                 ok,
             } => self.receipt_part_done(reader, emission, ok),
+            ShardCmd::Shown(inboxes) => {
+                for user in inboxes {
+                    for session in self.sessions.get(&user).into_iter().flatten() {
+                        session.lagging.store(true, Ordering::SeqCst);
+                        session.wake.notify_one();
+                    }
+                }
+            }
             ShardCmd::Slots(change) => {
                 // Whatever is planned was routed by the old map: write it
                 // (the store refuses what it no longer serves).

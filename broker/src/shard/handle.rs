@@ -188,6 +188,20 @@ impl Shards {
         complete(done, result, stored, |key, cmd| self.send_peer(key, cmd));
     }
 
+    /// Sends the sessions of `inboxes` to catch up: entries a failed write
+    /// hid are readable now, and no live push carried them.
+    pub fn shown(&self, inboxes: Vec<u64>) {
+        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); self.peers.len()];
+        for inbox in inboxes {
+            by_shard[shard_of(inbox, self.peers.len())].push(inbox);
+        }
+        for (p, inboxes) in self.peers.iter().zip(by_shard) {
+            if !inboxes.is_empty() {
+                p.send(ShardCmd::Shown(inboxes));
+            }
+        }
+    }
+
     /// Tells every shard that the store stopped serving the run of slots
     /// `run` (its cluster shard moved away).
     pub fn lost(&self, run: std::ops::Range<u16>) {

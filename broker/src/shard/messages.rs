@@ -375,6 +375,10 @@ pub enum ShardCmd {
     /// The node's store stopped or started serving a run of slots (a
     /// shard moved away or here).
     Slots(SlotsChange),
+    /// Entries of these inboxes that a failed write hid are readable now
+    /// (replicated shards): no live push carried them, so the inboxes'
+    /// sessions catch up.
+    Shown(Vec<u64>),
     /// Finish what is queued before this, sync the store, and stop.
     Stop,
 }

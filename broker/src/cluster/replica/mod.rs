@@ -60,7 +60,7 @@ use courier_storage::{
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use prometheus::{Histogram, IntCounter, IntGauge, IntGaugeVec, Opts};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::member::within;
 use super::transfer::{get_at, get_entries, put_at, put_entries, Slots};
@@ -249,6 +249,9 @@ pub struct Replication {
     tapping: AtomicBool,
     /// What readers may not see yet (see `store.rs`).
     unsettled: Unsettled,
+    /// Told the inboxes whose hidden entries show: no live push carried
+    /// them (their write failed), so their sessions read them.
+    on_shown: OnceLock<Box<dyn Fn(Vec<u64>) + Send + Sync>>,
 }
 
 impl Replication {
@@ -270,6 +273,7 @@ impl Replication {
             metrics: ReplicaMetrics::new(),
             tapping: AtomicBool::new(false),
             unsettled: Unsettled::default(),
+            on_shown: OnceLock::new(),
         })
     }
 
@@ -494,10 +498,22 @@ impl Replication {
         if count == 0 {
             return;
         }
-        self.unsettled.settle_failed(|inbox| {
+        let shown = self.unsettled.settle_failed(|inbox| {
             let shard = shard_of_slot(courier_storage::slot_of(inbox), count);
             marks.get(&shard).copied()
         });
+        if !shown.is_empty() {
+            debug!(inboxes = ?shown, "entries hidden by a failed write show");
+            if let Some(tell) = self.on_shown.get() {
+                tell(shown);
+            }
+        }
+    }
+
+    /// Who learns of inboxes whose hidden entries show (the node's shards,
+    /// which send those inboxes' sessions to catch up).
+    pub fn on_shown(&self, tell: Box<dyn Fn(Vec<u64>) + Send + Sync>) {
+        let _ = self.on_shown.set(tell);
     }
 
     /// Serves only the shards whose streams are whole (a deposed shard,

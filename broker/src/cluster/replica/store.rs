@@ -78,7 +78,10 @@ impl Unsettled {
     /// Shows what failed writes hid where it became safe: `mark` says
     /// where the stream of an inbox's shard stands (`None`: not led here,
     /// or fenced).
-    pub(super) fn settle_failed(&self, mark: impl Fn(u64) -> Option<StreamMark>) {
+    /// Returns the inboxes shown: what they hid was never pushed (its
+    /// write failed), so their sessions must read it.
+    pub(super) fn settle_failed(&self, mark: impl Fn(u64) -> Option<StreamMark>) -> Vec<u64> {
+        let mut shown = Vec::new();
         let mut inboxes = self.inboxes.lock().expect("unsettled lock");
         inboxes.retain(|inbox, h| {
             let Some((epoch, lsn)) = h.failed.filter(|_| h.writing == 0) else {
@@ -89,8 +92,12 @@ impl Unsettled {
                     && (m.followed_since >= h.followed_from
                         || (lsn != u64::MAX && m.committed >= lsn))
             });
+            if safe {
+                shown.push(*inbox);
+            }
             !safe
         });
+        shown
     }
 
     /// Forgets what was hidden in the inboxes `inside` says are of a run
@@ -364,13 +371,14 @@ mod tests {
     fn a_failed_write_shows_once_its_stream_committed_past_it_at_its_epoch() {
         let u = Unsettled::default();
         hide(&u, 7, 50, 0, Some((3, 10)));
-        u.settle_failed(|_| None); // fenced, or not led here
+        assert!(u.settle_failed(|_| None).is_empty()); // fenced, or not led here
         assert_eq!(u.cut(7), Some(50));
-        u.settle_failed(|_| mark(3, 9, false));
+        assert!(u.settle_failed(|_| mark(3, 9, false)).is_empty());
         assert_eq!(u.cut(7), Some(50), "not committed yet");
-        u.settle_failed(|_| mark(4, 20, false));
+        assert!(u.settle_failed(|_| mark(4, 20, false)).is_empty());
         assert_eq!(u.cut(7), Some(50), "another epoch's stream says nothing");
-        u.settle_failed(|_| mark(3, 10, false));
+        // Shown, and told: no push carried what it hid.
+        assert_eq!(u.settle_failed(|_| mark(3, 10, false)), vec![7]);
         assert_eq!(u.cut(7), None);
     }
 
