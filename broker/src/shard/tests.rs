@@ -958,3 +958,22 @@ async fn a_send_refused_while_its_shard_is_not_served_is_not_overtaken_by_the_ne
     );
     shards.stop().await;
 }
+
+/// Entries a failed write hid show later with no live push of their own
+/// (replicated shards): `shown` sends their inboxes' sessions to catch up
+/// (lagging, woken), and leaves other users' sessions on live push.
+#[tokio::test]
+async fn shown_inboxes_send_their_sessions_to_catch_up() {
+    let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+    let shards = Shards::start(2, ShardConfig::for_tests(), store).unwrap();
+    let (dtx, _drx) = mailbox::bounded(8);
+    let (shown, _) = register(&shards, 2, dtx.clone()).await;
+    let (other, _) = register(&shards, 3, dtx).await;
+    shards.shown(vec![2, 9]);
+    // Woken: the writer would run its catch-up now.
+    tokio::time::timeout(std::time::Duration::from_secs(5), shown.wake.notified())
+        .await
+        .expect("the shown inbox's session is woken");
+    assert!(shown.lagging.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(!other.lagging.load(std::sync::atomic::Ordering::SeqCst));
+}
