@@ -844,13 +844,40 @@ mod replication {
     }
 
     /// SIGKILLs `nodes[0]` (`id`, the business's) and waits until its
-    /// shards are promoted on the others.
+    /// shards are promoted on the others: the other nodes lead all 16 (a
+    /// status that lists no shards at all does not pass).
     async fn kill_the_business_node(nodes: &mut [Server], id: &str) {
         nodes[0].kill();
         wait_status(&nodes[1], &format!("{id}'s shards promoted"), |s| {
-            shards_of(s, id) == 0 && s["shards_unavailable"] == 0
+            let others: u64 = s["nodes"].as_array().map_or(0, |n| {
+                n.iter()
+                    .filter(|n| n["id"] != id)
+                    .map(|n| n["shards"].as_u64().unwrap_or(0))
+                    .sum()
+            });
+            shards_of(s, id) == 0 && others == 16 && s["shards_unavailable"] == 0
         })
         .await;
+    }
+
+    /// `user`'s session on `node` after a failover, connecting again as a
+    /// client does while the node answers `SHARD_UNAVAILABLE` with a retry
+    /// time (its view may not show the promotion yet), for 15 s at most.
+    async fn client_after_failover(node: &Server, user: u64) -> courier_client::Client {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match courier_client::Client::connect(node.config(user)).await {
+                Ok((c, _)) => return c,
+                Err(courier_client::ClientError::Refused(code, why))
+                    if code == courier_protocol::ErrorCode::SHARD_UNAVAILABLE
+                        && Instant::now() < deadline =>
+                {
+                    let wait = courier_protocol::error::retry_after_ms(&why).unwrap_or(200);
+                    tokio::time::sleep(Duration::from_millis(wait.min(1000))).await;
+                }
+                Err(e) => panic!("connect after the failover: {e:?}"),
+            }
+        }
     }
 
     /// A business's erasure of a customer's messages is on every in-sync
@@ -882,7 +909,7 @@ mod replication {
         copies_agree(&all, "the copies agree after the erasure").await;
 
         kill_the_business_node(&mut nodes, "e1").await;
-        let (business, _) = nodes[1].client(b).await;
+        let business = client_after_failover(&nodes[1], b).await;
         let read = business.fetch(0, 10).await.unwrap().messages;
         let seen: Vec<_> = read
             .iter()
@@ -956,7 +983,7 @@ mod replication {
         copies_agree(&all, "the copies agree on the events").await;
 
         kill_the_business_node(&mut nodes, "f1").await;
-        let (business, _) = nodes[1].client(b).await;
+        let business = client_after_failover(&nodes[1], b).await;
         business.send_template(2, customer, &notice).await.unwrap();
         let taken = hook
             .wait_until(secret, |t| changes(t, 2).iter().any(|c| c == "sent"))
