@@ -339,11 +339,7 @@ impl Shard {
                 self.flush_pairs();
                 self.business.pairs.clear();
             }
-            let row = match self.store.get(&keys::pair(b, customer))? {
-                Some(v) => PairRow::decode(&v)
-                    .ok_or_else(|| corrupt("pair row", format!("{b}.{customer}")))?,
-                None => PairRow::default(),
-            };
+            let row = self.stored_pair(b, customer)?;
             let s = &self.config.business;
             let bucket = Bucket::full(s.per_customer_burst, self.now_ms());
             self.business
@@ -355,6 +351,16 @@ impl Shard {
             .pairs
             .get_mut(&(b, customer))
             .expect("read above"))
+    }
+
+    /// The pair's row as stored (the default for a pair never written),
+    /// bypassing the cache.
+    pub(super) fn stored_pair(&self, b: u64, customer: u64) -> Result<PairRow, BrokerError> {
+        match self.store.get(&keys::pair(b, customer))? {
+            Some(v) => PairRow::decode(&v)
+                .ok_or_else(|| corrupt("pair row", format!("{b}.{customer}")).into()),
+            None => Ok(PairRow::default()),
+        }
     }
 
     /// Queues the pairs whose read hours changed for the next batch.

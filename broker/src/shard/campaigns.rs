@@ -39,7 +39,7 @@ use super::core::Shard;
 use super::messages::{BusinessOutcome, Completion, SendCmd, ShardCmd};
 use super::route::shard_of;
 use crate::error::BrokerError;
-use crate::state::business::{best_read_hour, invalid, Invalid, PairRow, ReadHours};
+use crate::state::business::{best_read_hour, invalid, Invalid};
 use crate::state::business_events::MessageRow;
 use crate::state::campaigns::{
     self, message_id, pick, CampaignDef, CampaignRow, CampaignState, Schedule, Segment,
@@ -59,6 +59,13 @@ const RETRY: Duration = Duration::from_secs(1);
 /// A scheduled campaign looks at the clock this often (the node's clock,
 /// which tests move, is not a timer).
 const SCHEDULE_POLL: Duration = Duration::from_secs(1);
+
+/// A segment's customers' best hours (`ReadHours::best`), each and
+/// over the sum of their counts (`None` while none of them read one).
+struct SegmentHours {
+    own: Vec<(u64, Option<usize>)>,
+    best: Option<usize>,
+}
 
 /// Server-side troubles: not a rule's refusal, tried again.
 fn transient(code: ErrorCode) -> bool {
@@ -548,14 +555,14 @@ impl Shard {
             def.schedule,
             Schedule::BestHour | Schedule::CustomerBestHour
         ) {
-            let own = self.own_best_hours(b, &customers)?;
-            best_hour = match own.1 {
+            let hours = self.segment_hours(b, &customers)?;
+            best_hour = match hours.best {
                 Some(h) => Some(h as u64),
                 None => self.engagement_report(b)?["best_hour"].as_u64(),
             };
             if def.schedule == Schedule::CustomerBestHour {
                 let fallback = best_hour.map(|h| h as usize);
-                (customers, waves) = campaigns::waves(own.0, fallback, now, offset);
+                (customers, waves) = campaigns::waves(hours.own, fallback, now, offset);
             }
         }
         let start_ms = match waves.first() {
@@ -598,34 +605,24 @@ impl Shard {
         Ok(report)
     }
 
-    /// Each customer's own best hour, and the segment's: the best over
-    /// the sum of their counts (`None` while none of them read a message).
-    /// A pair row read for each customer not in the cache, not kept there
-    /// (a segment can be far larger than the cache).
-    #[allow(clippy::type_complexity)]
-    fn own_best_hours(
-        &mut self,
-        b: u64,
-        customers: &[u64],
-    ) -> Result<(Vec<(u64, Option<usize>)>, Option<usize>), BrokerError> {
+    /// Each customer's own best hour, and the segment's. A pair row read
+    /// for each customer not in the cache, not kept there (a segment can be
+    /// far larger than the cache).
+    fn segment_hours(&mut self, b: u64, customers: &[u64]) -> Result<SegmentHours, BrokerError> {
         let (mut sent, mut read) = ([0u64; 24], [0u64; 24]);
         let mut own = Vec::with_capacity(customers.len());
         for &c in customers {
             let hours = match self.business.pairs.get(&(b, c)) {
                 Some(p) => p.row.hours,
-                None => match self.store.get(&keys::pair(b, c))? {
-                    Some(v) => {
-                        PairRow::decode(&v)
-                            .ok_or_else(|| corrupt("pair row", format!("{b}.{c}")))?
-                            .hours
-                    }
-                    None => ReadHours::default(),
-                },
+                None => self.stored_pair(b, c)?.hours,
             };
             hours.add_to(&mut sent, &mut read);
             own.push((c, hours.best()));
         }
-        Ok((own, best_read_hour(&sent, &read)))
+        Ok(SegmentHours {
+            own,
+            best: best_read_hour(&sent, &read),
+        })
     }
 
     /// The customers whose conversation with `b` carries `label`.

@@ -9,7 +9,6 @@
 //! its outcomes in `batch`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -475,8 +474,7 @@ impl Shard {
             ShardCmd::Shown(inboxes) => {
                 for user in inboxes {
                     for session in self.sessions.get(&user).into_iter().flatten() {
-                        session.lagging.store(true, Ordering::SeqCst);
-                        session.wake.notify_one();
+                        session.catch_up();
                     }
                 }
             }

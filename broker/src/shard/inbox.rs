@@ -300,8 +300,7 @@ impl Shard {
                     true
                 }
                 Err(TrySendError::Full(_)) => {
-                    session.lagging.store(true, Ordering::SeqCst);
-                    session.wake.notify_one();
+                    session.catch_up();
                     stats.demotions.inc();
                     debug!(
                         user,

@@ -566,6 +566,14 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
+    /// Takes the session off live push: its writer wakes and reads the
+    /// store from what it delivered last, then clears `lagging`.
+    pub fn catch_up(&self) {
+        self.lagging
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
     /// Ends the session: its user's shard is another node's now.
     pub fn end_moved(&self) {
         self.moved.store(true, std::sync::atomic::Ordering::SeqCst);

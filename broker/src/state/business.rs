@@ -660,8 +660,12 @@ impl ReadHours {
 
     /// A message sent at local `hour` was sent (`read` false) or read.
     pub fn count(&mut self, hour: usize, read: bool) {
-        let v = if read { &mut self.read } else { &mut self.sent };
-        if v[hour] == u16::MAX {
+        let counted = if read {
+            self.read[hour]
+        } else {
+            self.sent[hour]
+        };
+        if counted == u16::MAX {
             for n in self.sent.iter_mut().chain(self.read.iter_mut()) {
                 *n /= 2;
             }
