@@ -35,7 +35,7 @@ pub(crate) async fn connect_all(
     let tag = run_tag();
     let mut users = Vec::new();
     for i in 0..opts.users {
-        users.push(connect_one(opts, plan, tag, i).await?);
+        users.push(resiliently(opts, || connect_one(opts, plan, tag, i)).await?);
     }
     let clients: HashMap<u64, Arc<Client>> = users
         .iter()
@@ -45,8 +45,34 @@ pub(crate) async fn connect_all(
             Endpoint::Peer(_) => None,
         })
         .collect();
-    let routes = set_up(opts, plan, tag, &clients).await?;
+    // The users' own sessions first; after a failure (a resilient run's
+    // node killed during the set-up), fresh sessions of the owners, as
+    // `set_up_only`'s. A group made by a failed attempt stays, unused.
+    let routes = match set_up(opts, plan, tag, &clients).await {
+        Ok(routes) => routes,
+        Err(_) if opts.resilient() => resiliently(opts, || set_up_fresh(opts, plan, tag)).await?,
+        Err(e) => return Err(e),
+    };
     Ok((users, routes))
+}
+
+/// `step` until it succeeds, for a resilient run (a phone connects again
+/// when its network or the node it reached goes away; its set-up too),
+/// for 60 s at most; once for the others.
+async fn resiliently<T, F, Fut>(opts: &Options, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match step().await {
+            Err(_) if opts.resilient() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// For runs whose Courier or relay users are driver loops: sets up the
@@ -54,6 +80,12 @@ pub(crate) async fn connect_all(
 /// that own them (closed before the run's sessions connect, so the run
 /// resumes after everything they caused).
 pub(crate) async fn set_up_only(opts: &Options, plan: &Plan) -> anyhow::Result<Routes> {
+    set_up_fresh(opts, plan, run_tag()).await
+}
+
+/// Sets up the plan's groups and lists over fresh sessions of the users
+/// that own them, for the run tagged `tag`.
+async fn set_up_fresh(opts: &Options, plan: &Plan, tag: u64) -> anyhow::Result<Routes> {
     let mut owners: Vec<u64> = plan.groups.iter().map(|m| m[0]).collect();
     if opts.target == Target::Courier {
         for (business, _, consenting) in &plan.lists {
@@ -68,7 +100,7 @@ pub(crate) async fn set_up_only(opts: &Options, plan: &Plan) -> anyhow::Result<R
         let (client, _) = Client::connect(opts.client_config(u - opts.first_user)).await?;
         clients.insert(u, Arc::new(client));
     }
-    set_up(opts, plan, run_tag(), &clients).await
+    set_up(opts, plan, tag, &clients).await
 }
 
 /// A number that tells this run's messages from earlier runs' (the time).
