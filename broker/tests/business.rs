@@ -2707,6 +2707,27 @@ async fn a_campaign_reaches_each_customer_at_its_own_best_hour() {
         )
         .await;
     assert_eq!(e["best_hour"], Value::Null, "{e}");
+    // The totals' statistics: a row for each half hour sent in, and a day's
+    // rows made of them, one per day whatever half hours it holds.
+    let starts = async |period: &str| -> Vec<u64> {
+        let (code, v) = s
+            .admin_json(
+                "GET",
+                &format!("/admin/businesses/{b}/stats/{period}"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(code, 200, "{v}");
+        let rows = v["rows"].as_array().unwrap().iter();
+        rows.filter(|r| r["template"] == "")
+            .map(|r| r["start_ms"].as_u64().unwrap())
+            .collect()
+    };
+    let half = HOUR / 2;
+    assert_eq!(starts("half_hour").await, [t0 - t0 % half, t3 - t3 % half]);
+    let mut days = vec![t0 - t0 % DAY, t3 - t3 % DAY];
+    days.dedup();
+    assert_eq!(starts("day").await, days);
 
     // Twenty hours on: an hour before h_a comes again.
     s.advance_clock(20 * HOUR).await;

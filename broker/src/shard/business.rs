@@ -1307,9 +1307,7 @@ impl Shard {
                 // The statuses of the messages sent to the customer: no
                 // later fact about them is counted or told.
                 for (key, v) in self.store.scan(&keys::message_statuses(b), usize::MAX)? {
-                    if serde_json::from_slice::<MessageRow>(&v)
-                        .is_ok_and(|r| r.customer == customer)
-                    {
+                    if MessageRow::decode(&v).is_some_and(|r| r.customer == customer) {
                         ops.push(KvOp::Delete { key });
                     }
                 }
@@ -1367,8 +1365,8 @@ impl Shard {
                     .store
                     .scan(&keys::message_statuses_of(b, message), usize::MAX)?
                 {
-                    let row: MessageRow = serde_json::from_slice(&v).map_err(|e| {
-                        BrokerError::from(corrupt("message status", format!("{b}.{message}: {e}")))
+                    let row = MessageRow::decode(&v).ok_or_else(|| {
+                        BrokerError::from(corrupt("message status", format!("{b}.{message}")))
                     })?;
                     rows.push(row);
                 }

@@ -23,6 +23,8 @@
 //! again and its duplicate answer is the outcome. A campaign writes its
 //! admissions before its sends leave (`campaigns.rs`).
 
+use std::collections::BTreeMap;
+
 use courier_protocol::ErrorCode;
 use courier_storage::KvOp;
 use tracing::error;
@@ -31,7 +33,8 @@ use super::core::Shard;
 use super::messages::BusinessOutcome;
 use crate::error::BrokerError;
 use crate::state::business_events::{
-    local_slot, Change, Counts, Engagement, Event, EventHead, Fact, MessageRow, Origin, Period,
+    local_slot, Change, Counts, Engagement, Event, EventHead, EventRow, Fact, MessageRow, Origin,
+    Period,
 };
 use crate::state::keys;
 use crate::state::rows::corrupt;
@@ -79,8 +82,8 @@ impl Shard {
         let Some(v) = self.store.get(&keys::message_status(b, id, customer))? else {
             return Ok(None);
         };
-        let row: MessageRow = serde_json::from_slice(&v)
-            .map_err(|e| corrupt("message status", format!("{b}.{id}: {e}")))?;
+        let row = MessageRow::decode(&v)
+            .ok_or_else(|| corrupt("message status", format!("{b}.{id}.{customer}")))?;
         // Kept: the fact that asked is about to apply to it.
         self.business
             .messages
@@ -164,9 +167,7 @@ impl Shard {
         }
         for (i, &change) in changes.iter().enumerate() {
             head.last += 1;
-            let event = Event {
-                seq: head.last,
-                id: format!("{b}-{}", head.last),
+            let event = EventRow {
                 message: id,
                 customer: row.customer,
                 change,
@@ -175,13 +176,13 @@ impl Shard {
                 } else {
                     0
                 },
-                template: row.template.clone(),
-                language: row.language.clone(),
+                template: &row.template,
+                language: &row.language,
                 at_ms: if i == 0 { first_at } else { now },
             };
             self.kv.push(KvOp::Put {
                 key: keys::event(b, head.last),
-                value: serde_json::to_vec(&event).expect("an event serializes"),
+                value: event.encode(),
             });
         }
         // The head and the row are written once per batch, however many
@@ -214,31 +215,32 @@ impl Shard {
         if let Some((tag, variant)) = &campaign {
             dims.push((tag.as_str(), variant.as_str()));
         }
-        for period in Period::ALL {
-            let start = period.start(row.since_ms);
-            for &(template, language) in &dims {
-                let key = keys::stats(b, period as u8, start, template, language);
-                if !self.business.stats.contains_key(&key) {
-                    let counts = match self.store.get(&key)? {
-                        Some(v) => serde_json::from_slice(&v)
-                            .map_err(|e| corrupt("statistics", format!("{b}: {e}")))?,
-                        None => Counts::default(),
-                    };
-                    self.business.stats.insert(key.clone(), counts);
-                }
-                let counts = self.business.stats.get_mut(&key).expect("read above");
-                for &change in changes {
-                    counts.count(change, row.code, row.customer);
-                }
-                self.business.stats_changed.insert(key);
+        // Half hours only: a day's and a month's rows are their half
+        // hours' sums, made when asked for (`stats_report`).
+        let start = Period::HalfHour.start(row.since_ms);
+        for &(template, language) in &dims {
+            let key = keys::stats(b, Period::HalfHour as u8, start, template, language);
+            if !self.business.stats.contains_key(&key) {
+                let counts = match self.store.get(&key)? {
+                    Some(v) => Counts::decode(&v)
+                        .ok_or_else(|| corrupt("statistics", format!("business {b}")))?,
+                    None => Counts::default(),
+                };
+                self.business.stats.insert(key.clone(), counts);
             }
+            let counts = self.business.stats.get_mut(&key).expect("read above");
+            for &change in changes {
+                counts.count(change, row.code, row.customer);
+            }
+            self.business.stats_changed.insert(key);
         }
         for &change in changes {
             if matches!(change, Change::Sent | Change::Read) {
                 let read = change == Change::Read;
                 let (e, offset) = self.engagement(b)?;
                 e.sent_or_read(row.customer, row.since_ms, read, offset);
-                // The customer's own hours (its pair row, with the batch).
+                // The customer's own hours (its pair row, written with the
+                // engagement, at most once a second).
                 let (_, hour) = local_slot(row.since_ms, offset);
                 self.pair(b, row.customer)?.row.hours.count(hour, read);
                 self.business.pairs_changed.insert((b, row.customer));
@@ -411,14 +413,13 @@ impl Shard {
             if let Some(row) = self.business.messages.get(&(b, id, customer)) {
                 self.kv.push(KvOp::Put {
                     key: keys::message_status(b, id, customer),
-                    value: serde_json::to_vec(row).expect("a message row serializes"),
+                    value: row.encode(),
                 });
             }
         }
         if self.business.messages.len() >= MESSAGES_CACHED_MAX && self.business.held.is_empty() {
             self.business.messages.clear();
         }
-        self.flush_pairs();
         for b in std::mem::take(&mut self.business.heads_changed) {
             if let Some(head) = self.business.heads.get(&b) {
                 self.kv.push(KvOp::Put {
@@ -440,6 +441,9 @@ impl Shard {
             || now < self.business.engagement_flushed_ms
         {
             self.business.engagement_flushed_ms = now;
+            // Read hours are figures like the engagement's: a crash loses
+            // at most this second of them (BUSINESS.md).
+            self.flush_pairs();
             for b in std::mem::take(&mut self.business.engagement_changed) {
                 if let Some(e) = self.business.engagement.get(&b) {
                     self.kv.push(KvOp::Put {
@@ -454,7 +458,7 @@ impl Shard {
         }
         for key in std::mem::take(&mut self.business.stats_changed) {
             if let Some(c) = self.business.stats.get(&key) {
-                let value = serde_json::to_vec(c).expect("counts serialize");
+                let value = c.encode();
                 self.kv.push(KvOp::Put { key, value });
             }
         }
@@ -465,7 +469,9 @@ impl Shard {
 
     /// Business `b`'s statistics per `period`, oldest first: each row's
     /// period start, template and language (empty: all messages) and its
-    /// figures as reports show them.
+    /// figures as reports show them. A day's or a month's row is the sum of
+    /// its half hours' (rows of those periods that earlier versions wrote
+    /// count the same facts and are not read).
     pub(crate) fn stats_report(
         &mut self,
         b: u64,
@@ -473,19 +479,26 @@ impl Shard {
     ) -> Result<Vec<serde_json::Value>, BrokerError> {
         // What this shard counted was written with the batch before this
         // request (a `BusinessAdmin` runs after `write_batch`).
-        let prefix = keys::stats_of(b, period as u8);
-        let mut out = Vec::new();
+        let prefix = keys::stats_of(b, Period::HalfHour as u8);
+        // By (start, dimension): the keys' own order.
+        let mut rows: BTreeMap<(u64, Vec<u8>), Counts> = BTreeMap::new();
         for (k, v) in self.store.scan(&prefix, usize::MAX)? {
             let Some(start) = keys::be_u64(&k, prefix.len()) else {
                 continue;
             };
-            let dim = &k[prefix.len() + 8..];
+            let counts = Counts::decode(&v)
+                .ok_or_else(|| BrokerError::from(corrupt("statistics", format!("business {b}"))))?;
+            let dim = k[prefix.len() + 8..].to_vec();
+            rows.entry((period.start(start), dim))
+                .or_default()
+                .merge(&counts);
+        }
+        let mut out = Vec::new();
+        for ((start, dim), counts) in rows {
             let (template, language) = match dim.iter().position(|&c| c == 0) {
                 Some(i) => (&dim[..i], &dim[i + 1..]),
-                None => (dim, &[][..]),
+                None => (&dim[..], &[][..]),
             };
-            let counts: Counts = serde_json::from_slice(&v)
-                .map_err(|e| BrokerError::from(corrupt("statistics", format!("{b}: {e}"))))?;
             let mut r = counts.report();
             r["start_ms"] = start.into();
             let (template, language) = (
@@ -582,7 +595,7 @@ impl Shard {
             let next = seq + 1;
             let key = keys::event(b, next);
             if let Some(v) = self.store.get(&key)? {
-                let at = serde_json::from_slice::<Event>(&v).map_or(0, |e| e.at_ms);
+                let at = Event::decode(b, next, &v).map_or(0, |e| e.at_ms);
                 if at >= before_ms {
                     break;
                 }
@@ -618,11 +631,9 @@ impl Shard {
             }
             // Events older than the retention are gone: skipped.
             if let Some(v) = self.store.get(&keys::event(b, seq))? {
-                out.push(
-                    serde_json::from_slice(&v).map_err(|e| {
-                        BrokerError::from(corrupt("event", format!("{b}.{seq}: {e}")))
-                    })?,
-                );
+                let event = Event::decode(b, seq, &v)
+                    .ok_or_else(|| BrokerError::from(corrupt("event", format!("{b}.{seq}"))))?;
+                out.push(serde_json::to_value(&event).expect("an event serializes"));
             }
         }
         Ok((out, head))

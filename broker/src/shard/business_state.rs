@@ -100,8 +100,9 @@ pub(crate) struct Businesses {
     pub(crate) known: HashSet<u64>,
     pub(crate) loaded: HashMap<u64, Loaded>,
     pub(crate) pairs: HashMap<(u64, u64), Pair>,
-    /// Pairs whose read hours changed since the last batch (written with
-    /// it, once each; before the cache starts over).
+    /// Pairs whose read hours changed since they were last written
+    /// (written with the engagement rows, at most once a second, and
+    /// before the cache starts over).
     pub(crate) pairs_changed: HashSet<(u64, u64)>,
     /// This shard's customers' marketing templates received lately (`M`
     /// rows), read on first touch.

@@ -18,6 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::rows::{put_str, Fields};
+
 /// A business message's rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,6 +65,35 @@ impl Change {
     }
 }
 
+impl Change {
+    const ALL: [Change; 7] = [
+        Change::Accepted,
+        Change::Failed,
+        Change::Sent,
+        Change::Delivered,
+        Change::Read,
+        Change::Clicked,
+        Change::Converted,
+    ];
+
+    fn from_u8(v: u8) -> Option<Change> {
+        Change::ALL.get(usize::from(v)).copied()
+    }
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Option<Status> {
+        match v {
+            1 => Some(Status::Accepted),
+            2 => Some(Status::Failed),
+            3 => Some(Status::Sent),
+            4 => Some(Status::Delivered),
+            5 => Some(Status::Read),
+            _ => None,
+        }
+    }
+}
+
 impl From<Status> for Change {
     fn from(s: Status) -> Change {
         match s {
@@ -101,8 +132,20 @@ const CHAIN: [Status; 4] = [
     Status::Read,
 ];
 
+/// The first byte of the binary rows below. Rows written before them are
+/// JSON objects, which start with `{`: both are read.
+const BINARY_V1: u8 = 1;
+
+/// Whether a stored row is the JSON of an earlier version.
+fn is_json(v: &[u8]) -> bool {
+    v.first() == Some(&b'{')
+}
+
 /// Row `X` business . client message id . customer: one message's status
-/// for one customer (JSON).
+/// for one customer. Layout: 1 . customer u64 . status u8 (0: none) .
+/// code u16 . flags u8 (1 converted, 2 clicked) . server_msg_id u64 .
+/// since_ms u64 . campaign u64 . variant u8 . template . language (each a
+/// u16 length and its bytes). Earlier versions wrote JSON, still read.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageRow {
     pub customer: u64,
@@ -151,6 +194,52 @@ pub struct Origin {
 }
 
 impl MessageRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(49 + self.template.len() + self.language.len());
+        v.push(BINARY_V1);
+        v.extend_from_slice(&self.customer.to_be_bytes());
+        v.push(self.status.map_or(0, |s| s as u8));
+        v.extend_from_slice(&self.code.to_be_bytes());
+        v.push(self.converted as u8 | (self.clicked as u8) << 1);
+        v.extend_from_slice(&self.server_msg_id.to_be_bytes());
+        v.extend_from_slice(&self.since_ms.to_be_bytes());
+        v.extend_from_slice(&self.campaign.to_be_bytes());
+        v.push(self.variant);
+        put_str(&mut v, &self.template);
+        put_str(&mut v, &self.language);
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<MessageRow> {
+        if is_json(v) {
+            return serde_json::from_slice(v).ok();
+        }
+        let mut f = Fields::new(v);
+        (f.u8()? == BINARY_V1).then_some(())?;
+        let customer = f.u64()?;
+        let status = match f.u8()? {
+            0 => None,
+            s => Some(Status::from_u8(s)?),
+        };
+        let code = f.u16()?;
+        let flags = f.u8()?;
+        let row = MessageRow {
+            customer,
+            status,
+            code,
+            converted: flags & 1 != 0,
+            clicked: flags & 2 != 0,
+            server_msg_id: f.u64()?,
+            since_ms: f.u64()?,
+            campaign: f.u64()?,
+            variant: f.u8()?,
+            template: f.str()?,
+            language: f.str()?,
+        };
+        f.end()?;
+        Some(row)
+    }
+
     /// Applies `fact`: the changes it makes, in order (one event each).
     pub fn apply(&mut self, fact: Fact, now_ms: u64) -> Vec<Change> {
         if self.since_ms == 0 {
@@ -202,8 +291,8 @@ impl MessageRow {
 }
 
 /// One event a business is told, with its own sequence (per business,
-/// from 1, gap-free). Stored as row `V` business . seq (JSON); the same
-/// JSON is what the admin API and the webhooks carry.
+/// from 1, gap-free). Stored as row `V` business . seq ([`EventRow`]);
+/// its JSON is what the admin API, the protocol and the webhooks carry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
@@ -225,6 +314,61 @@ pub struct Event {
 
 fn is_zero(v: &u16) -> bool {
     *v == 0
+}
+
+/// An event as row `V` business . seq stores it (the sequence is the key's,
+/// the id follows from both). Layout: 1 . message u64 . customer u64 .
+/// change u8 (0 accepted, 1 failed, 2 sent, 3 delivered, 4 read, 5 clicked,
+/// 6 converted) . code u16 . at_ms u64 . template . language (each a u16
+/// length and its bytes). Earlier versions wrote the event's JSON, still
+/// read.
+pub struct EventRow<'a> {
+    pub message: u64,
+    pub customer: u64,
+    pub change: Change,
+    pub code: u16,
+    pub template: &'a str,
+    pub language: &'a str,
+    pub at_ms: u64,
+}
+
+impl EventRow<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32 + self.template.len() + self.language.len());
+        v.push(BINARY_V1);
+        v.extend_from_slice(&self.message.to_be_bytes());
+        v.extend_from_slice(&self.customer.to_be_bytes());
+        v.push(self.change as u8);
+        v.extend_from_slice(&self.code.to_be_bytes());
+        v.extend_from_slice(&self.at_ms.to_be_bytes());
+        put_str(&mut v, self.template);
+        put_str(&mut v, self.language);
+        v
+    }
+}
+
+impl Event {
+    /// Business `b`'s event `seq` from its stored row.
+    pub fn decode(b: u64, seq: u64, v: &[u8]) -> Option<Event> {
+        if is_json(v) {
+            return serde_json::from_slice(v).ok();
+        }
+        let mut f = Fields::new(v);
+        (f.u8()? == BINARY_V1).then_some(())?;
+        let event = Event {
+            seq,
+            id: format!("{b}-{seq}"),
+            message: f.u64()?,
+            customer: f.u64()?,
+            change: Change::from_u8(f.u8()?)?,
+            code: f.u16()?,
+            at_ms: f.u64()?,
+            template: f.str()?,
+            language: f.str()?,
+        };
+        f.end()?;
+        Some(event)
+    }
 }
 
 /// Row `W` business: the business's event sequence, how far its webhook
@@ -277,8 +421,6 @@ const HALF_HOUR_MS: u64 = 30 * 60 * 1000;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
 impl Period {
-    pub const ALL: [Period; 3] = [Period::HalfHour, Period::Day, Period::Month];
-
     pub fn parse(s: &str) -> Option<Period> {
         match s {
             "half_hour" => Some(Period::HalfHour),
@@ -353,6 +495,37 @@ impl Figure {
         }
     }
 
+    fn merge(&mut self, other: &Figure) {
+        self.n += other.n;
+        for &c in &other.few {
+            if self.few.len() >= FEWEST_SHOWN {
+                break;
+            }
+            if !self.few.contains(&c) {
+                self.few.push(c);
+            }
+        }
+    }
+
+    fn encode_into(&self, v: &mut Vec<u8>) {
+        v.extend_from_slice(&self.n.to_be_bytes());
+        let few = &self.few[..self.few.len().min(FEWEST_SHOWN)];
+        v.push(few.len() as u8);
+        for c in few {
+            v.extend_from_slice(&c.to_be_bytes());
+        }
+    }
+
+    fn decode(f: &mut Fields<'_>) -> Option<Figure> {
+        let n = f.u64()?;
+        let k = f.u8()?;
+        if usize::from(k) > FEWEST_SHOWN {
+            return None;
+        }
+        let few = (0..k).map(|_| f.u64()).collect::<Option<Vec<u64>>>()?;
+        Some(Figure { n, few })
+    }
+
     /// Whether the figure describes enough customers to be shown.
     pub fn shown(&self) -> bool {
         self.few.len() >= FEWEST_SHOWN
@@ -368,7 +541,11 @@ impl Figure {
     }
 }
 
-/// What one period counts for one dimension (row `Y`, JSON).
+/// What one period counts for one dimension (row `Y`). Layout: 1 . the
+/// figures accepted, sent, delivered, read, clicked, converted . count u16
+/// . count x (code u16 . figure), where a figure is n u64 . k u8 . k x
+/// customer u64. Earlier versions wrote JSON, still read; campaign rows
+/// keep their counts as JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Counts {
@@ -392,6 +569,70 @@ impl Counts {
             Change::Read => self.read.add(customer),
             Change::Clicked => self.clicked.add(customer),
             Change::Converted => self.converted.add(customer),
+        }
+    }
+
+    fn figures(&self) -> [&Figure; 6] {
+        [
+            &self.accepted,
+            &self.sent,
+            &self.delivered,
+            &self.read,
+            &self.clicked,
+            &self.converted,
+        ]
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(128);
+        v.push(BINARY_V1);
+        for fig in self.figures() {
+            fig.encode_into(&mut v);
+        }
+        v.extend_from_slice(&(self.failed.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        for (code, fig) in self.failed.iter().take(usize::from(u16::MAX)) {
+            v.extend_from_slice(&code.to_be_bytes());
+            fig.encode_into(&mut v);
+        }
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<Counts> {
+        if is_json(v) {
+            return serde_json::from_slice(v).ok();
+        }
+        let mut f = Fields::new(v);
+        (f.u8()? == BINARY_V1).then_some(())?;
+        let mut c = Counts {
+            accepted: Figure::decode(&mut f)?,
+            sent: Figure::decode(&mut f)?,
+            delivered: Figure::decode(&mut f)?,
+            read: Figure::decode(&mut f)?,
+            clicked: Figure::decode(&mut f)?,
+            converted: Figure::decode(&mut f)?,
+            failed: Default::default(),
+        };
+        for _ in 0..f.u16()? {
+            let code = f.u16()?;
+            c.failed.insert(code, Figure::decode(&mut f)?);
+        }
+        f.end()?;
+        Some(c)
+    }
+
+    /// Adds `other`'s counts (a longer period's row from its parts): the
+    /// sums, and the customers kept up to [`FEWEST_SHOWN`]. A part that
+    /// kept fewer than that kept all of its customers, so the sum shows
+    /// exactly when the period's distinct customers are enough.
+    pub fn merge(&mut self, other: &Counts) {
+        self.accepted.merge(&other.accepted);
+        self.sent.merge(&other.sent);
+        self.delivered.merge(&other.delivered);
+        self.read.merge(&other.read);
+        self.clicked.merge(&other.clicked);
+        self.converted.merge(&other.converted);
+        for (code, f) in &other.failed {
+            self.failed.entry(*code).or_default().merge(f);
         }
     }
 
@@ -743,6 +984,135 @@ mod tests {
         assert_eq!(w.quantile(0.9), Some(u64::MAX));
         assert_eq!(w.quantile(0.4), Some(5));
         assert_eq!(Waits::default().quantile(0.5), None);
+    }
+
+    /// Every binary row: read back as written, and from the JSON earlier
+    /// versions wrote; a short, long or unknown row reads as corrupt.
+    #[test]
+    fn binary_rows_round_trip_read_their_json_past_and_refuse_damage() {
+        let row = MessageRow {
+            customer: 42,
+            status: Some(Status::Delivered),
+            code: 0,
+            converted: true,
+            clicked: false,
+            server_msg_id: 99,
+            template: "order_ready".into(),
+            language: "pt_BR".into(),
+            since_ms: 1_796_545_533_123,
+            campaign: 7,
+            variant: 2,
+        };
+        let failed = MessageRow {
+            status: Some(Status::Failed),
+            code: 53,
+            template: String::new(),
+            ..row.clone()
+        };
+        let fresh = MessageRow::default();
+        for r in [&row, &failed, &fresh] {
+            let v = r.encode();
+            assert_eq!(MessageRow::decode(&v).as_ref(), Some(r));
+            assert_eq!(
+                MessageRow::decode(&serde_json::to_vec(r).unwrap()).as_ref(),
+                Some(r)
+            );
+            assert_eq!(MessageRow::decode(&v[..v.len() - 1]), None, "short");
+            let mut long = v.clone();
+            long.push(0);
+            assert_eq!(MessageRow::decode(&long), None, "long");
+        }
+        let mut bad = row.encode();
+        bad[9] = 6; // no such status
+        assert_eq!(MessageRow::decode(&bad), None);
+        bad[0] = 2; // no such version
+        assert_eq!(MessageRow::decode(&bad), None);
+
+        let written = EventRow {
+            message: 17,
+            customer: 42,
+            change: Change::Failed,
+            code: 53,
+            template: "order_ready",
+            language: "pt_BR",
+            at_ms: 1_796_545_533_123,
+        };
+        let event = Event {
+            seq: 9,
+            id: "5001-9".into(),
+            message: 17,
+            customer: 42,
+            change: Change::Failed,
+            code: 53,
+            template: "order_ready".into(),
+            language: "pt_BR".into(),
+            at_ms: 1_796_545_533_123,
+        };
+        let v = written.encode();
+        assert_eq!(Event::decode(5001, 9, &v), Some(event.clone()));
+        let json = serde_json::to_vec(&event).unwrap();
+        assert_eq!(Event::decode(5001, 9, &json), Some(event));
+        assert_eq!(Event::decode(5001, 9, &v[..v.len() - 1]), None);
+        for change in Change::ALL {
+            let v = EventRow { change, ..written }.encode();
+            assert_eq!(Event::decode(1, 1, &v).map(|e| e.change), Some(change));
+        }
+        let mut bad = v.clone();
+        bad[17] = 7; // no such change
+        assert_eq!(Event::decode(5001, 9, &bad), None);
+
+        let mut counts = Counts::default();
+        for c in 1..=7 {
+            counts.count(Change::Sent, 0, c);
+        }
+        counts.count(Change::Read, 0, 3);
+        counts.count(Change::Failed, 53, 4);
+        counts.count(Change::Failed, 45, 4);
+        let v = counts.encode();
+        assert_eq!(Counts::decode(&v), Some(counts.clone()));
+        assert_eq!(
+            Counts::decode(&serde_json::to_vec(&counts).unwrap()),
+            Some(counts.clone())
+        );
+        assert_eq!(
+            Counts::decode(&Counts::default().encode()),
+            Some(Counts::default())
+        );
+        assert_eq!(Counts::decode(&v[..v.len() - 1]), None);
+        let mut bad = v.clone();
+        bad[9] = 6; // the first figure claims six customers kept
+        assert_eq!(Counts::decode(&bad), None);
+    }
+
+    /// A day's row made from its half hours shows what the day's own
+    /// count would: the same sums, and "< 5" exactly when fewer than 5
+    /// distinct customers are counted, however they spread over the parts.
+    #[test]
+    fn a_longer_periods_counts_are_its_parts_merged() {
+        // (half hour, customer) of each read: 4 customers over the day,
+        // then a fifth; one half hour with 6 of its own.
+        let spreads: [&[(usize, u64)]; 3] = [
+            &[(0, 1), (0, 2), (1, 2), (1, 3), (2, 4), (3, 1)],
+            &[(0, 1), (0, 2), (1, 2), (1, 3), (2, 4), (3, 5)],
+            &[(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (1, 7)],
+        ];
+        for (i, reads) in spreads.iter().enumerate() {
+            let mut day = Counts::default();
+            let mut parts = vec![Counts::default(); 4];
+            for &(part, c) in *reads {
+                day.count(Change::Read, 0, c);
+                parts[part].count(Change::Read, 0, c);
+                parts[part].count(Change::Failed, 53, c);
+            }
+            let mut merged = Counts::default();
+            for p in &parts {
+                merged.merge(p);
+            }
+            assert_eq!(merged.read.n, day.read.n, "spread {i}");
+            assert_eq!(merged.read.shown(), day.read.shown(), "spread {i}");
+            assert_eq!(merged.failed[&53].n, reads.len() as u64);
+            assert_eq!(merged.report()["read"], day.report()["read"], "spread {i}");
+        }
     }
 
     #[test]

@@ -17,10 +17,10 @@
 //! | `P` business . customer     | [`PairRow`](super::business::PairRow): window, conversation, consent, block | business's shard |
 //! | `J` business . customer . n | [`ConsentEntry`](super::business::ConsentEntry) (JSON), never rewritten | business's shard |
 //! | `Q` business . day          | [`DayCounts`](super::business::DayCounts) (JSON): the quality rating's signals | business's shard |
-//! | `X` business . client msg id . customer | [`MessageRow`](super::business_events::MessageRow) (JSON): one business message's status for one customer (a list send has one per customer) | business's shard |
-//! | `V` business . seq          | [`Event`](super::business_events::Event) (JSON): a status change told to the business | business's shard |
+//! | `X` business . client msg id . customer | [`MessageRow`](super::business_events::MessageRow) (binary; JSON before): one business message's status for one customer (a list send has one per customer) | business's shard |
+//! | `V` business . seq          | [`EventRow`](super::business_events::EventRow) (binary; JSON before): a status change told to the business | business's shard |
 //! | `W` business                | [`EventHead`](super::business_events::EventHead): last event seq . delivered by the webhook | business's shard |
-//! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (JSON): one period's statistics (empty template: all messages) | business's shard |
+//! | `Y` business . period . start . template NUL language | [`Counts`](super::business_events::Counts) (binary; JSON before): one period's statistics (empty template: all messages) | business's shard |
 //! | `A` business                | [`Engagement`](super::business_events::Engagement) (JSON): when customers write, waits, reads by hour | business's shard |
 //! | `N` business . customer     | JSON list of the conversation's labels | business's shard |
 //! | `E` business . campaign     | [`CampaignRow`](super::campaigns::CampaignRow) (JSON): a campaign's definition, state, cursor, refusals and counts | business's shard |

@@ -19,6 +19,56 @@ pub fn corrupt(what: &'static str, detail: impl Into<String>) -> StoreError {
     }
 }
 
+/// Reads a binary row front to back: each field is `None` past the end,
+/// so a short row fails where it is short, never with a panic.
+pub struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    pub fn new(v: &'a [u8]) -> Fields<'a> {
+        Fields(v)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+
+    pub fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    pub fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    /// A string written by [`put_str`].
+    pub fn str(&mut self) -> Option<String> {
+        let n = usize::from(self.u16()?);
+        Some(std::str::from_utf8(self.take(n)?).ok()?.to_owned())
+    }
+
+    /// `Some` when every byte was read (a row with bytes to spare is corrupt).
+    pub fn end(self) -> Option<()> {
+        self.0.is_empty().then_some(())
+    }
+}
+
+/// Writes `s` as its length (u16) and bytes; [`Fields::str`] reads it.
+/// Longer strings are cut at 65,535 bytes (names here are far shorter).
+pub fn put_str(v: &mut Vec<u8>, s: &str) {
+    let mut n = s.len().min(usize::from(u16::MAX));
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    v.extend_from_slice(&(n as u16).to_be_bytes());
+    v.extend_from_slice(&s.as_bytes()[..n]);
+}
+
 /// One member of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Member {
