@@ -440,18 +440,7 @@ impl Shard {
         if now >= self.business.engagement_flushed_ms + ENGAGEMENT_FLUSH_MS
             || now < self.business.engagement_flushed_ms
         {
-            self.business.engagement_flushed_ms = now;
-            // Read hours are figures like the engagement's: a crash loses
-            // at most this second of them (BUSINESS.md).
-            self.flush_pairs();
-            for b in std::mem::take(&mut self.business.engagement_changed) {
-                if let Some(e) = self.business.engagement.get(&b) {
-                    self.kv.push(KvOp::Put {
-                        key: keys::engagement(b),
-                        value: serde_json::to_vec(e).expect("engagement serializes"),
-                    });
-                }
-            }
+            self.flush_engagement();
         }
         if self.business.stats_changed.is_empty() {
             return;
@@ -464,6 +453,23 @@ impl Shard {
         }
         if self.business.stats.len() >= STATS_CACHED_MAX {
             self.business.stats.clear();
+        }
+    }
+
+    /// Queues the engagement rows and the customers' read hours changed
+    /// since they were last written: once a second with the batches (a
+    /// crash loses at most that second of them, BUSINESS.md), and when
+    /// the shard stops.
+    pub(crate) fn flush_engagement(&mut self) {
+        self.business.engagement_flushed_ms = self.now_ms();
+        self.flush_pairs();
+        for b in std::mem::take(&mut self.business.engagement_changed) {
+            if let Some(e) = self.business.engagement.get(&b) {
+                self.kv.push(KvOp::Put {
+                    key: keys::engagement(b),
+                    value: serde_json::to_vec(e).expect("engagement serializes"),
+                });
+            }
         }
     }
 

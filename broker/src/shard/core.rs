@@ -349,6 +349,8 @@ impl Shard {
             }
         }
         self.note_fanned();
+        // What waits for its once-a-second write goes now.
+        self.flush_engagement();
         self.write_kv();
         if let Err(e) = self.store.sync() {
             error!(shard = self.id, error = %e, "store sync at shard stop failed");
