@@ -63,9 +63,9 @@ impl Change {
             Change::Converted => "converted",
         }
     }
-}
 
-impl Change {
+    /// Every change in the order of its byte in the binary rows
+    /// (`change as u8`).
     const ALL: [Change; 7] = [
         Change::Accepted,
         Change::Failed,
@@ -490,6 +490,11 @@ pub struct Figure {
 impl Figure {
     pub fn add(&mut self, customer: u64) {
         self.n += 1;
+        self.keep(customer);
+    }
+
+    /// Keeps `customer` among the few, while fewer than [`FEWEST_SHOWN`].
+    fn keep(&mut self, customer: u64) {
         if self.few.len() < FEWEST_SHOWN && !self.few.contains(&customer) {
             self.few.push(customer);
         }
@@ -498,12 +503,7 @@ impl Figure {
     fn merge(&mut self, other: &Figure) {
         self.n += other.n;
         for &c in &other.few {
-            if self.few.len() >= FEWEST_SHOWN {
-                break;
-            }
-            if !self.few.contains(&c) {
-                self.few.push(c);
-            }
+            self.keep(c);
         }
     }
 
