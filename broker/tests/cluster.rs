@@ -849,13 +849,7 @@ mod replication {
     async fn kill_the_business_node(nodes: &mut [Server], id: &str) {
         nodes[0].kill();
         wait_status(&nodes[1], &format!("{id}'s shards promoted"), |s| {
-            let others: u64 = s["nodes"].as_array().map_or(0, |n| {
-                n.iter()
-                    .filter(|n| n["id"] != id)
-                    .map(|n| n["shards"].as_u64().unwrap_or(0))
-                    .sum()
-            });
-            shards_of(s, id) == 0 && others == 16 && s["shards_unavailable"] == 0
+            shards_of(s, id) == 0 && shards_led(s) == 16 && s["shards_unavailable"] == 0
         })
         .await;
     }
@@ -872,8 +866,7 @@ mod replication {
                     if code == courier_protocol::ErrorCode::SHARD_UNAVAILABLE
                         && Instant::now() < deadline =>
                 {
-                    let wait = courier_protocol::error::retry_after_ms(&why).unwrap_or(200);
-                    tokio::time::sleep(Duration::from_millis(wait.min(1000))).await;
+                    tokio::time::sleep(courier_client::retry_delay(&why)).await;
                 }
                 Err(e) => panic!("connect after the failover: {e:?}"),
             }

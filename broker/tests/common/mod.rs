@@ -713,3 +713,10 @@ pub fn shards_of(status: &serde_json::Value, id: &str) -> u64 {
         .and_then(|n| n["shards"].as_u64())
         .unwrap_or(0)
 }
+
+/// How many shards the nodes in `status` lead together.
+pub fn shards_led(status: &serde_json::Value) -> u64 {
+    status["nodes"].as_array().map_or(0, |n| {
+        n.iter().map(|n| n["shards"].as_u64().unwrap_or(0)).sum()
+    })
+}
