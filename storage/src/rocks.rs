@@ -21,10 +21,14 @@
 //! ([`SlotTransfer`]) and deletes them, never reading other shards' data.
 //!
 //! Why this shape:
-//! - `meta` is written in the same atomic batch as the messages, so an
-//!   inbox's head is known by one point read. Heads are loaded lazily on first
-//!   touch and cached: opening the store reads nothing per user, so start-up
-//!   time does not grow with the number of users.
+//! - An inbox's head is its last row, so an append writes no `meta` row: a
+//!   stored message is two memtable inserts (its row and its idempotency
+//!   entry), not three. `meta` is written by acks and trims; a trim that
+//!   removes every row keeps the head there. A head is the higher of the
+//!   `meta` head and the last row's sequence (one point read, one backward
+//!   seek), loaded lazily on first touch and cached: opening the store reads
+//!   nothing per user, so start-up time does not grow with the number of
+//!   users.
 //! - `inbox` uses an 8-byte prefix extractor (the user id) with a memtable
 //!   prefix bloom, so range reads of one inbox skip other users' data; LZ4
 //!   compresses the payloads, which are often small and repetitive.
@@ -568,13 +572,17 @@ impl RocksStore {
         if let Some(s) = self.stripe(user).lock().expect("state lock").get(&user) {
             return Ok(*s);
         }
-        let state = match self
+        let mut state = match self
             .db
             .get_pinned_cf(self.cf(CF_META), self.meta_key(user))?
         {
             Some(v) => decode_meta(&v)?,
             None => InboxState::default(),
         };
+        // An append writes no meta row: the head is the last row's
+        // sequence, or the meta row's head where an ack or a trim wrote a
+        // later one (everything up to it trimmed).
+        state.head_seq = state.head_seq.max(self.last_seq(user)?);
         // A concurrent reader may have loaded an older value from disk after
         // the writer published a newer one: keep whatever is cached already.
         Ok(*self
@@ -583,6 +591,26 @@ impl RocksStore {
             .expect("state lock")
             .entry(user)
             .or_insert(state))
+    }
+
+    /// The sequence of `user`'s last inbox row (0: none): one backward seek
+    /// within the user's prefix.
+    fn last_seq(&self, user: u64) -> Result<u64, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(true);
+        ro.set_prefix_same_as_start(true);
+        ro.set_iterate_lower_bound(self.inbox_key(user, 0).as_ref().to_vec());
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INBOX), ro);
+        it.seek_for_prev(self.inbox_key(user, u64::MAX));
+        let at = self.lead;
+        let last = match it.key() {
+            Some(k) if it.valid() && k.len() == at + 16 && be_u64(k, at) == user => {
+                be_u64(k, at + 8)
+            }
+            _ => 0,
+        };
+        it.status()?;
+        Ok(last)
     }
 
     fn publish_states(&self, states: &HashMap<u64, InboxState>) {
@@ -987,9 +1015,9 @@ impl InboxStore for RocksStore {
             }
             outcomes.push(AppendOutcome::Stored(placement));
         }
-        for (user, s) in &touched {
-            b.put(Space::Meta, self.meta_key(*user).as_ref(), &encode_meta(s));
-        }
+        // No meta row: the rows just put carry the new heads (see
+        // `cached_state`), so a stored message costs its row and its
+        // idempotency entry, two inserts.
         self.put_kv(&mut b, &served, kv)?;
         if b.wb.is_empty() {
             return Ok(outcomes);

@@ -976,6 +976,57 @@ mod rocks_only {
         assert_eq!(seqs_read, vec![3, 4, 5, 6]);
     }
 
+    /// Appends write no meta row: after a reopen an inbox's head is its last
+    /// row's sequence, or, once a trim removed every row, the head the trim
+    /// wrote; never a sequence handed out again. Neighbouring inboxes' rows
+    /// never lend their sequences. Both layouts, from the WAL and from
+    /// table files.
+    #[test]
+    fn reopened_heads_come_from_the_last_row_or_the_trim_that_removed_it() {
+        for (layout, cfg) in [("flat", config()), ("slotted", slotted())] {
+            for flushed in [false, true] {
+                let dir = tempfile::tempdir().unwrap();
+                {
+                    let s = RocksStore::open(dir.path(), cfg.clone()).unwrap();
+                    // 1: four rows, never acknowledged; 2: three rows, all
+                    // acknowledged and trimmed; 3: one row; 4: nothing.
+                    let batch: Vec<_> = (1..=4)
+                        .map(|i| msg(1, 9, i, i, "a"))
+                        .chain((1..=3).map(|i| msg(2, 9, 10 + i, i, "b")))
+                        .chain([msg(3, 9, 20, 1, "c")])
+                        .collect();
+                    s.append(&batch, 5).unwrap();
+                    s.ack(2, 3).unwrap();
+                    assert_eq!(s.trim_acked(2, 10).unwrap().oldest_seq, 4);
+                    let meta = s.db.cf_handle("meta").unwrap();
+                    let metas = s.db.iterator_cf(meta, rocksdb::IteratorMode::Start).count();
+                    assert_eq!(metas, 1, "{layout}: only the ack and the trim wrote meta");
+                    if flushed {
+                        s.flush_memtables().unwrap();
+                    }
+                }
+                let s = RocksStore::open(dir.path(), cfg.clone()).unwrap();
+                let heads: Vec<_> = (1..=4).map(|u| s.state(u).unwrap().head_seq).collect();
+                assert_eq!(heads, vec![4, 3, 1, 0], "{layout}, flushed {flushed}");
+                let st = s.state(2).unwrap();
+                assert_eq!((st.acked_seq, st.oldest_seq), (3, 4));
+                let next = s
+                    .append(
+                        &[
+                            msg(1, 9, 5, 6, "a"),
+                            msg(2, 9, 14, 6, "b"),
+                            msg(4, 9, 30, 6, "d"),
+                        ],
+                        6,
+                    )
+                    .unwrap();
+                assert_eq!(seqs(&next), vec![5, 4, 1], "{layout}, flushed {flushed}");
+                let again = s.append(&[msg(1, 9, 4, 7, "a")], 7).unwrap();
+                assert!(matches!(again[0], AppendOutcome::Duplicate(p) if p.seq == 4));
+            }
+        }
+    }
+
     #[test]
     fn fsync_mode_appends_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
