@@ -117,6 +117,16 @@ pub trait InboxStore: Send + Sync + 'static {
     /// head; never moves backwards).
     fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError>;
 
+    /// The state [`InboxStore::ack`] would leave, without writing it: for a
+    /// caller that writes a [`KvOp::Ack`] with its next write.
+    /// `InboxState::default()` where the inbox's slot is not served here,
+    /// as `ack` answers there.
+    fn acked_state(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
+        let mut s = self.state(inbox)?;
+        s.ack(up_to_seq);
+        Ok(s)
+    }
+
     /// Deletes acknowledged messages whose timestamp is older than
     /// `older_than_ms`, oldest first, stopping at the first younger one.
     fn trim_acked(&self, inbox: u64, older_than_ms: u64) -> Result<InboxState, StoreError>;

@@ -107,6 +107,8 @@ impl InboxStore for MemoryStore {
                         k.as_slice() < from.as_slice() || k.as_slice() >= to.as_slice()
                     });
                 }
+                // After the appends, as the RocksDB store does.
+                KvOp::Ack { .. } => {}
             }
         }
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -153,6 +155,16 @@ impl InboxStore for MemoryStore {
                 );
             }
             outcomes.push(AppendOutcome::Stored(placement));
+        }
+        for op in kv {
+            if let KvOp::Ack { inbox, up_to_seq } = op {
+                inner
+                    .inboxes
+                    .entry(*inbox)
+                    .or_default()
+                    .state
+                    .ack(*up_to_seq);
+            }
         }
         Ok(outcomes)
     }
@@ -267,8 +279,7 @@ impl InboxStore for MemoryStore {
     fn ack(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
         let mut inner = self.inner.lock().expect("memory store lock");
         let i = inner.inboxes.entry(inbox).or_default();
-        let acked = up_to_seq.min(i.state.head_seq);
-        i.state.acked_seq = i.state.acked_seq.max(acked);
+        i.state.ack(up_to_seq);
         Ok(i.state)
     }
 

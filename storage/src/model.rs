@@ -292,6 +292,14 @@ pub enum KvOp {
         from: Vec<u8>,
         to: Vec<u8>,
     },
+    /// Moves `inbox`'s acknowledged cursor as [`crate::InboxStore::ack`]
+    /// does (clamped to the head, never backwards), in the same write as
+    /// the rest: a shard's marks ride its next write instead of each
+    /// making one. Left out where the inbox's slot is not served.
+    Ack {
+        inbox: u64,
+        up_to_seq: u64,
+    },
 }
 
 /// The store's clock (milliseconds since the epoch), injectable for tests of
@@ -358,6 +366,19 @@ pub struct InboxState {
     pub acked_seq: u64,
     /// Lowest sequence still stored (everything below was trimmed).
     pub oldest_seq: u64,
+}
+
+impl InboxState {
+    /// Moves the acknowledged cursor to `up_to_seq`, clamped to the head and
+    /// never backwards; whether it moved.
+    pub fn ack(&mut self, up_to_seq: u64) -> bool {
+        let acked = up_to_seq.min(self.head_seq);
+        if acked <= self.acked_seq {
+            return false;
+        }
+        self.acked_seq = acked;
+        true
+    }
 }
 
 impl Default for InboxState {

@@ -793,14 +793,31 @@ impl RocksStore {
     /// Adds the key-value writes of `kv` to `b`, leaving out those to
     /// slots that are not served. A key without an owner in the slotted
     /// layout fails the whole write (a broker bug, never half applied).
+    /// An acknowledgement moves its inbox's state in `states` (the write's
+    /// inboxes, published once it is committed) and puts its `meta` row.
     fn put_kv(
         &self,
         b: &mut Batch<'_>,
         served: &Served<'_>,
         kv: &[KvOp],
+        states: &mut HashMap<u64, InboxState>,
     ) -> Result<(), StoreError> {
         for op in kv {
             match op {
+                KvOp::Ack { inbox, up_to_seq } => {
+                    if !self.may_write(served, self.lead_of(*inbox).as_ref()) {
+                        continue;
+                    }
+                    let s = match states.entry(*inbox) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(self.cached_state(*inbox)?)
+                        }
+                    };
+                    if s.ack(*up_to_seq) {
+                        b.put(Space::Meta, self.meta_key(*inbox).as_ref(), &encode_meta(s));
+                    }
+                }
                 KvOp::Put { key, value } => {
                     let key = self.kv_key(key)?;
                     if self.may_write(served, &key) {
@@ -851,6 +868,30 @@ impl RocksStore {
             }
         }
         Ok(())
+    }
+
+    /// Writes `kv` without waiting for a sync (`write_lazy`, `ack`); the
+    /// states of the inboxes its acknowledgements touched, published.
+    fn write_unsynced(
+        &self,
+        served: &Served<'_>,
+        kv: &[KvOp],
+    ) -> Result<HashMap<u64, InboxState>, StoreError> {
+        let mut states = HashMap::new();
+        let mut b = self.batch();
+        self.put_kv(&mut b, served, kv, &mut states)?;
+        if b.wb.is_empty() {
+            return Ok(states);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        if let Err(e) = self.db.write_opt(b.wb, &opts) {
+            self.forget_states(states.keys());
+            return Err(e.into());
+        }
+        self.committed(b.notes, b.raw);
+        self.publish_states(&states);
+        Ok(states)
     }
 
     /// Forgets every cached inbox state (after an import or a deletion
@@ -1018,7 +1059,7 @@ impl InboxStore for RocksStore {
         // No meta row: the rows just put carry the new heads (see
         // `cached_state`), so a stored message costs its row and its
         // idempotency entry, two inserts.
-        self.put_kv(&mut b, &served, kv)?;
+        self.put_kv(&mut b, &served, kv, &mut touched)?;
         if b.wb.is_empty() {
             return Ok(outcomes);
         }
@@ -1075,14 +1116,7 @@ impl InboxStore for RocksStore {
     }
 
     fn write_lazy(&self, kv: &[KvOp]) -> Result<(), StoreError> {
-        let served = self.served();
-        let mut b = self.batch();
-        self.put_kv(&mut b, &served, kv)?;
-        let mut opts = WriteOptions::default();
-        opts.set_sync(false);
-        self.db.write_opt(b.wb, &opts)?;
-        self.committed(b.notes, b.raw);
-        Ok(())
+        self.write_unsynced(&self.served(), kv).map(drop)
     }
 
     fn read_after(
@@ -1184,21 +1218,22 @@ impl InboxStore for RocksStore {
             // writing it elsewhere).
             return Ok(InboxState::default());
         }
-        let mut s = self.cached_state(inbox)?;
-        let acked = up_to_seq.min(s.head_seq);
-        if acked <= s.acked_seq {
-            return Ok(s);
-        }
-        s.acked_seq = acked;
-        let mut b = self.batch();
-        b.put(Space::Meta, self.meta_key(inbox).as_ref(), &encode_meta(&s));
         // An ack that is lost in a power failure only means redelivery (the
         // client de-duplicates by sequence), so it never waits for a sync.
-        let mut opts = WriteOptions::default();
-        opts.set_sync(false);
-        self.db.write_opt(b.wb, &opts)?;
-        self.committed(b.notes, b.raw);
-        self.publish_states(&HashMap::from([(inbox, s)]));
+        let states = self.write_unsynced(&served, &[KvOp::Ack { inbox, up_to_seq }])?;
+        match states.get(&inbox) {
+            Some(s) => Ok(*s),
+            None => self.cached_state(inbox),
+        }
+    }
+
+    fn acked_state(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
+        let served = self.served();
+        if !self.may_write(&served, self.lead_of(inbox).as_ref()) {
+            return Ok(InboxState::default());
+        }
+        let mut s = self.cached_state(inbox)?;
+        s.ack(up_to_seq);
         Ok(s)
     }
 

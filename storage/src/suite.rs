@@ -145,6 +145,49 @@ pub(crate) fn acks_clamp_and_never_go_back(s: &dyn InboxStore) {
     assert_eq!(s.state(1).unwrap().acked_seq, 2);
 }
 
+/// An acknowledgement written as a key-value op (a shard's marks ride its
+/// next write) moves the cursor as `ack` does: clamped to the head, never
+/// backwards, after the messages of the same write; `acked_state` tells
+/// what it will leave without writing anything.
+pub(crate) fn acks_ride_key_value_writes(s: &dyn InboxStore) {
+    let batch: Vec<_> = (1..=4).map(|i| msg(1, 9, i, i, "m")).collect();
+    s.append(&batch, 5).unwrap();
+    assert_eq!(s.acked_state(1, 2).unwrap().acked_seq, 2);
+    assert_eq!(
+        s.state(1).unwrap().acked_seq,
+        0,
+        "acked_state writes nothing"
+    );
+    let ack = |up_to_seq| KvOp::Ack {
+        inbox: 1,
+        up_to_seq,
+    };
+    s.write_lazy(&[ack(99)]).unwrap();
+    assert_eq!(s.state(1).unwrap().acked_seq, 4, "clamped to the head");
+    s.write_lazy(&[ack(1)]).unwrap();
+    assert_eq!(s.state(1).unwrap().acked_seq, 4, "never backwards");
+    assert_eq!(s.acked_state(1, 2).unwrap().acked_seq, 4);
+    let out = s
+        .append_with(&[msg(1, 9, 5, 5, "m")], &[ack(5)], 6)
+        .unwrap();
+    assert_eq!(seqs(&out), vec![5]);
+    assert_eq!(
+        s.state(1).unwrap().acked_seq,
+        5,
+        "after the write's own messages"
+    );
+    s.write_lazy(&[KvOp::Ack {
+        inbox: 2,
+        up_to_seq: 3,
+    }])
+    .unwrap();
+    assert_eq!(
+        s.state(2).unwrap().acked_seq,
+        0,
+        "nothing stored, nothing acknowledged"
+    );
+}
+
 pub(crate) fn trim_removes_only_old_acked_messages(s: &dyn InboxStore) {
     let batch: Vec<_> = (1..=6).map(|i| msg(3, 9, i, i * 100, "m")).collect();
     s.append(&batch, 600).unwrap();
@@ -404,6 +447,10 @@ macro_rules! suite {
             #[test]
             fn acks_clamp_and_never_go_back() {
                 with_store(super::acks_clamp_and_never_go_back)
+            }
+            #[test]
+            fn acks_ride_key_value_writes() {
+                with_store(super::acks_ride_key_value_writes)
             }
             #[test]
             fn trim_removes_only_old_acked_messages() {

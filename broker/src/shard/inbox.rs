@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use courier_protocol::{Destination, ErrorCode, Message, MessageKind, SendResult};
 use courier_storage::{
-    AppendOutcome, Form, IdempotencyKey, LogRef, NewMessage, Record, StoredMessage,
+    AppendOutcome, Form, IdempotencyKey, KvOp, LogRef, NewMessage, Record, StoredMessage,
 };
 use tracing::{debug, error, warn};
 
@@ -248,7 +248,20 @@ impl Shard {
             r.session.end_moved();
         }
         self.sessions.entry(r.user).or_default().push(r.session);
-        let _ = r.state.send(self.store.state(r.user).map_err(Into::into));
+        // The user's acknowledgements not yet written (they go with the
+        // shard's next write) count as written: the session resumes after
+        // them.
+        let pending = self.kv.iter().filter_map(|op| match op {
+            KvOp::Ack { inbox, up_to_seq } if *inbox == r.user => Some(*up_to_seq),
+            _ => None,
+        });
+        let state = self.store.state(r.user).map(|mut s| {
+            pending.for_each(|up_to| {
+                s.ack(up_to);
+            });
+            s
+        });
+        let _ = r.state.send(state.map_err(Into::into));
     }
 
     pub(crate) fn unregister(&mut self, user: u64, session_id: u64) {

@@ -191,18 +191,23 @@ impl Shard {
     }
 
     /// Acknowledges the inbox up to `up_to`, then plans the receipts of what
-    /// the mark newly covers: their outbox rows and the moved `R` row go in
-    /// the next key-value write, and the receipts are sent once it is done
+    /// the mark newly covers: the acknowledgement, their outbox rows and the
+    /// moved `R` row go in the next key-value write (one write for a turn's
+    /// marks), and the receipts are sent once it is done
     /// ([`Shard::kv_written`]).
     fn mark_inbox(&mut self, user: u64, up_to: u64, status: ReceiptStatus) {
         // Read implies delivered: both move the inbox's ack cursor.
-        let state = match self.store.ack(user, up_to) {
+        let state = match self.store.acked_state(user, up_to) {
             Ok(s) => s,
             Err(e) => {
                 warn!(shard = self.id, error = %e, "recording an ack failed");
                 return;
             }
         };
+        self.kv.push(KvOp::Ack {
+            inbox: user,
+            up_to_seq: up_to,
+        });
         if state.acked_seq >= state.oldest_seq {
             self.note_trim(user);
         }

@@ -320,6 +320,10 @@ impl InboxStore for ReplicatedStore {
         out
     }
 
+    fn acked_state(&self, inbox: u64, up_to_seq: u64) -> Result<InboxState, StoreError> {
+        self.inner().acked_state(inbox, up_to_seq)
+    }
+
     fn trim_acked(&self, inbox: u64, older_than_ms: u64) -> Result<InboxState, StoreError> {
         let out = self.inner().trim_acked(inbox, older_than_ms);
         self.replication.forget_written();
