@@ -594,7 +594,8 @@ impl RocksStore {
     }
 
     /// The sequence of `user`'s last inbox row (0: none): one backward seek
-    /// within the user's prefix.
+    /// within the user's prefix. A key there of another length is corrupt
+    /// (read as no row, it would hand out its sequences again).
     fn last_seq(&self, user: u64) -> Result<u64, StoreError> {
         let mut ro = ReadOptions::default();
         ro.set_verify_checksums(true);
@@ -602,15 +603,16 @@ impl RocksStore {
         ro.set_iterate_lower_bound(self.inbox_key(user, 0).as_ref().to_vec());
         let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INBOX), ro);
         it.seek_for_prev(self.inbox_key(user, u64::MAX));
-        let at = self.lead;
-        let last = match it.key() {
-            Some(k) if it.valid() && k.len() == at + 16 && be_u64(k, at) == user => {
-                be_u64(k, at + 8)
-            }
-            _ => 0,
-        };
         it.status()?;
-        Ok(last)
+        // The bounds keep the iterator inside the user's prefix.
+        match it.key() {
+            Some(k) if it.valid() && k.len() != self.lead + 16 => Err(StoreError::Corrupt {
+                what: "inbox key",
+                detail: format!("inbox {user}: a key of {} bytes", k.len()),
+            }),
+            Some(k) if it.valid() => Ok(be_u64(k, self.lead + 8)),
+            _ => Ok(0),
+        }
     }
 
     fn publish_states(&self, states: &HashMap<u64, InboxState>) {

@@ -1090,6 +1090,29 @@ mod rocks_only {
         );
     }
 
+    /// An inbox's head comes from its last key: a key there of another
+    /// length is reported, never read as an empty inbox (which would hand
+    /// out its sequences again).
+    #[test]
+    fn a_corrupt_last_inbox_key_is_reported_not_read_as_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RocksStore::open(dir.path(), config()).unwrap();
+            s.append(&[msg(1, 9, 1, 1, "x")], 1).unwrap();
+            let cf = s.db.cf_handle("inbox").unwrap();
+            let mut key = 1u64.to_be_bytes().to_vec();
+            key.extend_from_slice(&[0xff; 3]);
+            s.db.put_cf(cf, key, b"junk").unwrap();
+        }
+        let s = RocksStore::open(dir.path(), config()).unwrap();
+        assert!(matches!(s.state(1), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            s.append(&[msg(1, 9, 2, 2, "y")], 2),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(s.state(2).unwrap().head_seq, 0, "other inboxes are read");
+    }
+
     #[test]
     fn corrupt_meta_is_reported_not_served() {
         let dir = tempfile::tempdir().unwrap();
