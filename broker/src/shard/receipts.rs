@@ -204,10 +204,15 @@ impl Shard {
                 return;
             }
         };
-        self.kv.push(KvOp::Ack {
-            inbox: user,
-            up_to_seq: up_to,
-        });
+        // Nothing acknowledged (an empty inbox, or one whose slot is not
+        // served here, which `acked_state` has already counted) writes
+        // nothing.
+        if state.acked_seq > 0 {
+            self.kv.push(KvOp::Ack {
+                inbox: user,
+                up_to_seq: up_to,
+            });
+        }
         if state.acked_seq >= state.oldest_seq {
             self.note_trim(user);
         }
