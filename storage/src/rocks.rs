@@ -82,8 +82,13 @@ pub struct RocksStore {
     config: StoreConfig,
     write_opts: WriteOptions,
     /// Cached inbox states, striped by user id. Only the inbox's single writer
-    /// changes an entry, after its write succeeded.
+    /// changes an entry, after its write succeeded; only inboxes of served
+    /// slots are cached (see `cached_state`).
     states: Vec<Mutex<HashMap<u64, InboxState>>>,
+    /// Moves on every forgetting of cached states (an import, a deletion, a
+    /// failed write, a change of the served set): a state read from disk
+    /// before one is not cached after it.
+    forgotten: AtomicU64,
     cache: Cache,
     /// Writes that synced the WAL.
     wal_syncs: AtomicU64,
@@ -99,6 +104,10 @@ pub struct RocksStore {
     /// lock from its check to its end; a change takes the write lock, so it
     /// returns only after the writes that saw the old set are done.
     served: std::sync::RwLock<Box<[bool; SLOTS]>>,
+    /// The served set as bits, changed under `served`'s write lock and read
+    /// without a lock (by `cached_state`, which may run inside a write
+    /// that holds the read lock).
+    served_bits: [AtomicU64; SLOTS / 64],
     /// Writes dropped because their slot was not served.
     not_served: AtomicU64,
     /// Told of every committed write to served slots (replication).
@@ -390,6 +399,7 @@ impl RocksStore {
             config,
             write_opts,
             states: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            forgotten: AtomicU64::new(0),
             cache,
             wal_syncs: AtomicU64::new(0),
             owner,
@@ -397,6 +407,7 @@ impl RocksStore {
             watch: Mutex::new(None),
             watching: AtomicBool::new(false),
             served: std::sync::RwLock::new(Box::new([true; SLOTS])),
+            served_bits: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             not_served: AtomicU64::new(0),
             tap: std::sync::RwLock::new(None),
             tapping: AtomicBool::new(false),
@@ -572,6 +583,7 @@ impl RocksStore {
         if let Some(s) = self.stripe(user).lock().expect("state lock").get(&user) {
             return Ok(*s);
         }
+        let forgotten = self.forgotten.load(Ordering::SeqCst);
         let mut state = match self
             .db
             .get_pinned_cf(self.cf(CF_META), self.meta_key(user))?
@@ -583,14 +595,42 @@ impl RocksStore {
         // sequence, or the meta row's head where an ack or a trim wrote a
         // later one (everything up to it trimmed).
         state.head_seq = state.head_seq.max(self.last_seq(user)?);
+        let mut stripe = self.stripe(user).lock().expect("state lock");
         // A concurrent reader may have loaded an older value from disk after
         // the writer published a newer one: keep whatever is cached already.
-        Ok(*self
-            .stripe(user)
+        if let Some(s) = stripe.get(&user) {
+            return Ok(*s);
+        }
+        // Cached only while the slot is served (its writer is here and
+        // every change to it goes through the cache), and only if nothing
+        // was forgotten since the read: an import that landed meanwhile
+        // would otherwise leave the older value cached behind its own
+        // forgetting, and the slot's next owner would hand out its
+        // sequences again. (A forgetting bumps the counter before it
+        // takes the stripe locks, so one this check misses removes what
+        // is inserted here.)
+        if self.serves_slot(user) && self.forgotten.load(Ordering::SeqCst) == forgotten {
+            stripe.insert(user, state);
+        }
+        Ok(state)
+    }
+
+    /// The state cached for `user`, if any (for tests of the cache's rules).
+    #[cfg(test)]
+    pub(crate) fn cached(&self, user: u64) -> Option<InboxState> {
+        self.stripe(user)
             .lock()
             .expect("state lock")
-            .entry(user)
-            .or_insert(state))
+            .get(&user)
+            .copied()
+    }
+
+    /// Whether `user`'s slot is served here (always, flat), without the
+    /// served set's lock.
+    fn serves_slot(&self, user: u64) -> bool {
+        let slot = slot_of(user) as usize;
+        self.owner.is_none()
+            || self.served_bits[slot / 64].load(Ordering::SeqCst) & (1 << (slot % 64)) != 0
     }
 
     /// The sequence of `user`'s last inbox row (0: none): one backward seek
@@ -625,6 +665,7 @@ impl RocksStore {
     }
 
     fn forget_states<'a>(&self, users: impl Iterator<Item = &'a u64>) {
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
         for user in users {
             self.stripe(*user).lock().expect("state lock").remove(user);
         }
@@ -899,6 +940,7 @@ impl RocksStore {
     /// Forgets every cached inbox state (after an import or a deletion
     /// changed inboxes behind the cache).
     fn forget_all_states(&self) {
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
         for stripe in &self.states {
             stripe.lock().expect("state lock").clear();
         }
@@ -1324,8 +1366,29 @@ impl InboxStore for RocksStore {
 impl SlotTransfer for RocksStore {
     fn serve_only(&self, runs: &[std::ops::Range<u16>]) {
         let mut served = self.served.write().expect("served lock");
+        let mut changed = [false; SLOTS];
         for (slot, on) in served.iter_mut().enumerate() {
-            *on = runs.iter().any(|r| r.contains(&(slot as u16)));
+            let now = runs.iter().any(|r| r.contains(&(slot as u16)));
+            changed[slot] = *on != now;
+            *on = now;
+            let bit = 1u64 << (slot % 64);
+            if now {
+                self.served_bits[slot / 64].fetch_or(bit, Ordering::SeqCst);
+            } else {
+                self.served_bits[slot / 64].fetch_and(!bit, Ordering::SeqCst);
+            }
+        }
+        // The states of slots that stopped being served are not this
+        // store's to keep; those of slots served from now on are read
+        // from disk afresh (what the copies imported).
+        if changed.contains(&true) {
+            self.forgotten.fetch_add(1, Ordering::SeqCst);
+            for stripe in &self.states {
+                stripe
+                    .lock()
+                    .expect("state lock")
+                    .retain(|user, _| !changed[slot_of(*user) as usize]);
+            }
         }
     }
 

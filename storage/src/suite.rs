@@ -754,6 +754,116 @@ mod slots {
         assert_ne!(before, a.transfer().unwrap().digest(all, now).unwrap());
     }
 
+    /// The head cache keeps only inboxes of served slots. A state read where
+    /// the slot is not served (a copy's target, a paused old owner) is
+    /// answered from disk and not kept, and a change of the served set drops
+    /// the states of the slots it changed: an import landing while such a
+    /// read is under way cannot leave an older head behind for the slot's
+    /// next owner to hand out again.
+    #[test]
+    fn only_the_inboxes_of_served_slots_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let run = slots_of_shard(1, 4);
+        let others = [0..run.start, run.end..SLOTS as u16];
+        let u = (1..=255u64)
+            .find(|u| run.contains(&u16::from(slot_of(*u))))
+            .unwrap();
+        let t = s.transfer().unwrap();
+        assert_eq!(seqs(&s.append(&[msg(u, 9, 1, 1, "m")], 1).unwrap()), [1]);
+        assert_eq!(s.cached(u).map(|c| c.head_seq), Some(1), "served: cached");
+        t.serve_only(&others);
+        assert_eq!(
+            s.cached(u),
+            None,
+            "dropped when the slot stops being served"
+        );
+        assert_eq!(s.state(u).unwrap().head_seq, 1);
+        assert_eq!(s.cached(u), None, "a read where not served is not kept");
+        t.serve_only(std::slice::from_ref(&(0..SLOTS as u16)));
+        assert_eq!(s.state(u).unwrap().head_seq, 1);
+        assert_eq!(
+            s.cached(u).map(|c| c.head_seq),
+            Some(1),
+            "served again: cached"
+        );
+    }
+
+    /// A node that has moved shards away deletes their runs (a range
+    /// deletion over each, and every cached head forgotten) while its other
+    /// inboxes go on taking messages, acknowledgements and trims: each of
+    /// those inboxes' heads, read again from disk, is still its last
+    /// sequence, from the memtable and from table files alike.
+    #[test]
+    fn deleting_a_moved_run_leaves_the_other_inboxes_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let t = s.transfer().unwrap();
+        let runs: Vec<_> = (0..8).map(|n| slots_of_shard(n, 8)).collect();
+        let in_run = |u: u64, r: &std::ops::Range<u16>| r.contains(&u16::from(slot_of(u)));
+        let users: Vec<u64> = (1..=255).collect();
+        let mut heads = std::collections::HashMap::<u64, u64>::new();
+        let mut cmid = 0u64;
+        for round in 0..40u64 {
+            // The run that leaves this round (all of it served again after).
+            let leaving = &runs[(round % 8) as usize];
+            let kept: Vec<u64> = users
+                .iter()
+                .copied()
+                .filter(|u| !in_run(*u, leaving))
+                .collect();
+            let mut batch = Vec::new();
+            for &u in &kept {
+                for _ in 0..1 + (u + round) % 3 {
+                    cmid += 1;
+                    batch.push(msg(u, 9, cmid, cmid, "m"));
+                }
+            }
+            let acks: Vec<KvOp> = kept
+                .iter()
+                .filter(|u| (*u + round) % 2 == 0)
+                .map(|&u| KvOp::Ack {
+                    inbox: u,
+                    up_to_seq: heads.get(&u).copied().unwrap_or(0) + 1,
+                })
+                .collect();
+            for (m, o) in batch
+                .iter()
+                .zip(s.append_with(&batch, &acks, cmid).unwrap())
+            {
+                match o {
+                    AppendOutcome::Stored(p) => {
+                        let h = heads.entry(m.inbox).or_default();
+                        assert_eq!(p.seq, *h + 1, "round {round}: inbox {}", m.inbox);
+                        *h = p.seq;
+                    }
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+            for &u in kept.iter().filter(|u| (*u + round) % 3 == 0) {
+                s.trim_acked(u, u64::MAX).unwrap();
+            }
+            if round % 5 == 4 {
+                s.flush_memtables().unwrap();
+            }
+            let others: Vec<_> = runs.iter().filter(|r| *r != leaving).cloned().collect();
+            t.serve_only(&others);
+            t.delete_slots(leaving.clone()).unwrap();
+            for &u in &kept {
+                assert_eq!(
+                    s.state(u).unwrap().head_seq,
+                    heads.get(&u).copied().unwrap_or(0),
+                    "round {round}: inbox {u}"
+                );
+            }
+            // The leaving users come back empty: their heads start again.
+            for &u in users.iter().filter(|u| in_run(**u, leaving)) {
+                heads.remove(&u);
+            }
+            t.serve_only(std::slice::from_ref(&(0..SLOTS as u16)));
+        }
+    }
+
     /// What the other spaces hold for `users`, for comparing two stores.
     fn picture(s: &RocksStore, users: impl Iterator<Item = u64>) -> Vec<String> {
         let mut out = Vec::new();
@@ -799,6 +909,9 @@ mod slots {
         ));
         assert!(b.transfer().unwrap().delete_slots(run.clone()).is_err());
         b.transfer().unwrap().serve_only(&others);
+        // As a copy begins: the new owner deletes what an earlier attempt
+        // left (a range tombstone under every row the copy brings).
+        b.transfer().unwrap().delete_slots(run.clone()).unwrap();
         let moving = |u: u64| run.contains(&u16::from(slot_of(u)));
         let users = || 1..=255u64;
         assert!(users().filter(|u| moving(*u)).count() > 30);
@@ -852,6 +965,11 @@ mod slots {
                     0,
                 )
                 .unwrap();
+            }
+            // Readers on the new owner while it copies (a group's head, a
+            // session sent away): what they see is not kept for later.
+            for u in users().filter(|u| moving(*u)).take(8) {
+                b.state(u).unwrap();
             }
             from = chunk.next;
             if from.is_none() {
