@@ -331,8 +331,24 @@ impl Drop for Deployment {
                 let path = std::env::temp_dir().join(format!("{}-{service}.log", self.project));
                 let mut text = out.stdout;
                 text.extend_from_slice(&out.stderr);
-                if !text.is_empty() && std::fs::write(&path, text).is_ok() {
+                if !text.is_empty() && std::fs::write(&path, &text).is_ok() {
                     eprintln!("{service}'s log: {}", path.display());
+                }
+                if std::thread::panicking() {
+                    // The node's warnings and errors in the failure's own
+                    // output (a CI run keeps nothing else of the nodes).
+                    let text = String::from_utf8_lossy(&text);
+                    let warned: Vec<&str> = text
+                        .lines()
+                        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                        .collect();
+                    let tail = &warned[warned.len().saturating_sub(30)..];
+                    eprintln!(
+                        "{service}: the last {} of its {} warnings and errors:\n{}",
+                        tail.len(),
+                        warned.len(),
+                        tail.join("\n")
+                    );
                 }
             }
         }

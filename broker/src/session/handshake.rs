@@ -11,7 +11,7 @@ use courier_protocol::{frame_type, Body, ErrorCode, Frame, Hello, Welcome, PROTO
 use courier_storage::InboxState;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use super::forward::Forward;
 use super::frames::{encoded, FrameReader, ReadError};
@@ -273,7 +273,21 @@ pub(crate) async fn unregister(node: &Node, user: u64, session_id: u64) {
 fn welcome(node: &Node, hello: &Hello, session_id: u64, state: InboxState) -> (Welcome, u64) {
     let limits = &node.config.limits;
     let wanted_after = match hello.resume_after {
-        Some(n) => n.min(state.head_seq),
+        Some(n) => {
+            // Past the head: the client has seen sequences this inbox does
+            // not hold (a client bug, or an inbox that lost its newest
+            // entries, whose next messages would reuse sequences the
+            // client drops as seen). `u64::MAX` is "from now on".
+            if n > state.head_seq && n != u64::MAX {
+                warn!(
+                    user = hello.user_id,
+                    resume_after = n,
+                    head = state.head_seq,
+                    "a client resumes past its inbox's head"
+                );
+            }
+            n.min(state.head_seq)
+        }
         None => state.acked_seq,
     };
     let gap = wanted_after + 1 < state.oldest_seq;
