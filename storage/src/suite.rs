@@ -966,8 +966,8 @@ mod slots {
                 )
                 .unwrap();
             }
-            // Readers on the new owner while it copies (a group's head, a
-            // session sent away): what they see is not kept for later.
+            // Readers on the new owner while it copies (a session sent
+            // away): what they see is not kept for later.
             for u in users().filter(|u| moving(*u)).take(8) {
                 b.state(u).unwrap();
             }
