@@ -15,9 +15,12 @@ use tracing::{debug, error, warn};
 
 use super::core::Shard;
 use super::lines::Conversation;
-use super::messages::{failed, unavailable, Completion, Delivery, RefsCmd, RegisterCmd, SendCmd};
+use super::messages::{
+    failed, unavailable, Completion, Delivery, RefsCmd, RegisterCmd, SendCmd, RETRY_AFTER_MS,
+};
 use super::recent::Fact;
 use super::tracking::{Batch, Planned};
+use crate::error::BrokerError;
 use crate::mailbox::TrySendError;
 use crate::metrics::Metrics;
 use crate::state::message::{record_of, to_wire};
@@ -242,10 +245,18 @@ impl Shard {
             .transfer()
             .is_none_or(|t| t.serves(courier_storage::slot_of(r.user)));
         if !self.here(r.user) || !served {
-            // The user's shard moved away (or is pausing to) after the
-            // handshake chose this node: the session ends, and the client
-            // reconnects to land on the owner.
-            r.session.end_moved();
+            // The user's shard moved away (or is pausing to, or is fenced)
+            // after the handshake chose this node: no welcome from a node
+            // that does not hold the inbox (its head here may be nothing,
+            // and a client library resumes from a welcome's position), but
+            // SHARD_UNAVAILABLE, and the client comes back to the owner.
+            let message = courier_protocol::error::with_retry_after(
+                RETRY_AFTER_MS,
+                "the user's shard is not served here now",
+            );
+            let refused = BrokerError::refused(ErrorCode::SHARD_UNAVAILABLE, message);
+            let _ = r.state.send(Err(refused));
+            return;
         }
         self.sessions.entry(r.user).or_default().push(r.session);
         // The user's acknowledgements not yet written (they go with the

@@ -977,3 +977,48 @@ async fn shown_inboxes_send_their_sessions_to_catch_up() {
     assert!(shown.lagging.load(std::sync::atomic::Ordering::SeqCst));
     assert!(!other.lagging.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// A session that reaches a shard whose slot is not served here (moved
+/// away, pausing for a move, fenced) is refused SHARD_UNAVAILABLE with a
+/// retry hint instead of welcomed with what this node's store says of an
+/// inbox it does not hold (a head of nothing, after the move's deletion,
+/// from which a client library would resume); served again, it registers.
+#[tokio::test]
+async fn a_session_for_a_slot_not_served_here_is_refused_not_welcomed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = slotted_store(dir.path());
+    serve(&*store, true);
+    let shards = Shards::start(1, ShardConfig::for_tests(), store.clone()).unwrap();
+    let (rtx, mut rrx) = mailbox::unbounded();
+    assert!(shards.send(2, send(1, &rtx)).await);
+    assert_eq!(result(&mut rrx).await.seq, 1);
+
+    serve(&*store, false);
+    let (dtx, _refused_rx) = mailbox::bounded(8);
+    let session = Arc::new(SessionHandle {
+        id: 9,
+        deliveries: dtx,
+        lagging: AtomicBool::new(false),
+        wake: Notify::new(),
+        moved: AtomicBool::new(false),
+    });
+    let (stx, srx) = oneshot::channel();
+    let cmd = ShardCmd::Register(RegisterCmd {
+        user: 2,
+        session,
+        state: stx,
+    });
+    assert!(shards.send(2, cmd).await);
+    let refused = srx.await.unwrap().expect_err("refused where not served");
+    assert_eq!(refused.code(), ErrorCode::SHARD_UNAVAILABLE);
+    assert!(
+        refused.client_message().contains("retry after"),
+        "{}",
+        refused.client_message()
+    );
+
+    serve(&*store, true);
+    let (deliveries, _drx) = mailbox::bounded(8);
+    let (_session, state) = register(&shards, 2, deliveries).await;
+    assert_eq!(state.head_seq, 1);
+}
