@@ -246,8 +246,18 @@ impl Shard {
                     self.send_refs(g, h.message, h.recipients, answers, h.accepted)
                 }
                 None => {
-                    if let Err(e) = self.refan(g, seq) {
-                        warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed");
+                    match self.refan(g, seq) {
+                        Ok(()) => {}
+                        // The group's shard is not served here now (a fenced
+                        // copy, a shard leaving): retried on every tick until
+                        // it is served again or gone, so not a warning each
+                        // time.
+                        Err(e @ StoreError::Unreplicated(_)) => {
+                            debug!(shard = self.id, group = g, seq, error = %e, "fan-out retry waits: the group is not served here now")
+                        }
+                        Err(e) => {
+                            warn!(shard = self.id, group = g, seq, error = %e, "fan-out retry failed")
+                        }
                     }
                 }
             }
