@@ -56,6 +56,19 @@ async fn register(
     user: u64,
     deliveries: mailbox::Sender<(Delivery, Instant)>,
 ) -> (Arc<SessionHandle>, courier_storage::InboxState) {
+    let (session, answer) = try_register(shards, user, deliveries).await;
+    (session, answer.unwrap())
+}
+
+/// A session of `user` offered to its shard, and the shard's answer.
+async fn try_register(
+    shards: &Shards,
+    user: u64,
+    deliveries: mailbox::Sender<(Delivery, Instant)>,
+) -> (
+    Arc<SessionHandle>,
+    Result<courier_storage::InboxState, crate::error::BrokerError>,
+) {
     let session = Arc::new(SessionHandle {
         id: 1,
         deliveries,
@@ -70,7 +83,7 @@ async fn register(
         state: stx,
     });
     assert!(shards.send(user, cmd).await);
-    (session, srx.await.unwrap().unwrap())
+    (session, srx.await.unwrap())
 }
 
 /// The shard core on the in-memory store: acks follow the store's
@@ -995,21 +1008,8 @@ async fn a_session_for_a_slot_not_served_here_is_refused_not_welcomed() {
 
     serve(&*store, false);
     let (dtx, _refused_rx) = mailbox::bounded(8);
-    let session = Arc::new(SessionHandle {
-        id: 9,
-        deliveries: dtx,
-        lagging: AtomicBool::new(false),
-        wake: Notify::new(),
-        moved: AtomicBool::new(false),
-    });
-    let (stx, srx) = oneshot::channel();
-    let cmd = ShardCmd::Register(RegisterCmd {
-        user: 2,
-        session,
-        state: stx,
-    });
-    assert!(shards.send(2, cmd).await);
-    let refused = srx.await.unwrap().expect_err("refused where not served");
+    let (_, answer) = try_register(&shards, 2, dtx).await;
+    let refused = answer.expect_err("refused where not served");
     assert_eq!(refused.code(), ErrorCode::SHARD_UNAVAILABLE);
     assert!(
         refused.client_message().contains("retry after"),
