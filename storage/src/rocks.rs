@@ -103,10 +103,10 @@ pub struct RocksStore {
     /// Which slots take writes (slotted only). Every write holds the read
     /// lock from its check to its end; a change takes the write lock, so it
     /// returns only after the writes that saw the old set are done.
-    served: std::sync::RwLock<Box<[bool; SLOTS]>>,
-    /// The served set as bits, changed under `served`'s write lock and read
-    /// without a lock (by `cached_state`, which may run inside a write
-    /// that holds the read lock).
+    served: std::sync::RwLock<()>,
+    /// The served set, a bit per slot: changed only under `served`'s write
+    /// lock (so stable for a write that holds the read lock), read without
+    /// taking it (`cached_state` runs inside such writes).
     served_bits: [AtomicU64; SLOTS / 64],
     /// Writes dropped because their slot was not served.
     not_served: AtomicU64,
@@ -117,7 +117,7 @@ pub struct RocksStore {
 }
 
 /// The served slots, as one write sees them (`None`: flat, all served).
-type Served<'a> = Option<std::sync::RwLockReadGuard<'a, Box<[bool; SLOTS]>>>;
+type Served<'a> = Option<std::sync::RwLockReadGuard<'a, ()>>;
 
 struct Watch {
     slots: std::ops::Range<u16>,
@@ -406,7 +406,7 @@ impl RocksStore {
             lead,
             watch: Mutex::new(None),
             watching: AtomicBool::new(false),
-            served: std::sync::RwLock::new(Box::new([true; SLOTS])),
+            served: std::sync::RwLock::new(()),
             served_bits: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             not_served: AtomicU64::new(0),
             tap: std::sync::RwLock::new(None),
@@ -463,7 +463,7 @@ impl RocksStore {
     /// not.
     fn may_write(&self, served: &Served<'_>, key: &[u8]) -> bool {
         let ok = match (served, key.first()) {
-            (Some(s), Some(slot)) => s[*slot as usize],
+            (Some(_), Some(slot)) => self.slot_served(*slot),
             _ => true,
         };
         if !ok {
@@ -609,7 +609,7 @@ impl RocksStore {
         // sequences again. (A forgetting bumps the counter before it
         // takes the stripe locks, so one this check misses removes what
         // is inserted here.)
-        if self.serves_slot(user) && self.forgotten.load(Ordering::SeqCst) == forgotten {
+        if self.slot_served(slot_of(user)) && self.forgotten.load(Ordering::SeqCst) == forgotten {
             stripe.insert(user, state);
         }
         Ok(state)
@@ -625,10 +625,10 @@ impl RocksStore {
             .copied()
     }
 
-    /// Whether `user`'s slot is served here (always, flat), without the
-    /// served set's lock.
-    fn serves_slot(&self, user: u64) -> bool {
-        let slot = slot_of(user) as usize;
+    /// Whether `slot` is served here (always, flat), without the served
+    /// set's lock.
+    fn slot_served(&self, slot: u8) -> bool {
+        let slot = slot as usize;
         self.owner.is_none()
             || self.served_bits[slot / 64].load(Ordering::SeqCst) & (1 << (slot % 64)) != 0
     }
@@ -1365,35 +1365,34 @@ impl InboxStore for RocksStore {
 
 impl SlotTransfer for RocksStore {
     fn serve_only(&self, runs: &[std::ops::Range<u16>]) {
-        let mut served = self.served.write().expect("served lock");
-        let mut changed = [false; SLOTS];
-        for (slot, on) in served.iter_mut().enumerate() {
-            let now = runs.iter().any(|r| r.contains(&(slot as u16)));
-            changed[slot] = *on != now;
-            *on = now;
-            let bit = 1u64 << (slot % 64);
-            if now {
-                self.served_bits[slot / 64].fetch_or(bit, Ordering::SeqCst);
-            } else {
-                self.served_bits[slot / 64].fetch_and(!bit, Ordering::SeqCst);
-            }
+        let _quiet = self.served.write().expect("served lock");
+        let mut changed = [0u64; SLOTS / 64];
+        for (word, bits) in self.served_bits.iter().enumerate() {
+            let now = (0..64)
+                .filter(|b| runs.iter().any(|r| r.contains(&((word * 64 + b) as u16))))
+                .fold(0u64, |w, b| w | 1 << b);
+            changed[word] = bits.swap(now, Ordering::SeqCst) ^ now;
         }
         // The states of slots that stopped being served are not this
         // store's to keep; those of slots served from now on are read
         // from disk afresh (what the copies imported).
-        if changed.contains(&true) {
+        if changed.iter().any(|w| *w != 0) {
             self.forgotten.fetch_add(1, Ordering::SeqCst);
+            let moved = |user: u64| {
+                let slot = slot_of(user) as usize;
+                changed[slot / 64] & (1 << (slot % 64)) != 0
+            };
             for stripe in &self.states {
                 stripe
                     .lock()
                     .expect("state lock")
-                    .retain(|user, _| !changed[slot_of(*user) as usize]);
+                    .retain(|user, _| !moved(*user));
             }
         }
     }
 
     fn serves(&self, slot: u8) -> bool {
-        self.owner.is_none() || self.served.read().expect("served lock")[slot as usize]
+        self.slot_served(slot)
     }
 
     fn not_served(&self) -> u64 {
@@ -1503,9 +1502,8 @@ impl SlotTransfer for RocksStore {
         // Held to the end: a change of the served set waits for this
         // import, so no import lands in a slot after it became served.
         let served = self.served();
-        let serves = |slot: u8| served.as_ref().is_none_or(|s| s[slot as usize]);
         for key in keys {
-            if key.first().is_some_and(|s| serves(*s)) {
+            if key.first().is_some_and(|s| self.slot_served(*s)) {
                 return Err(StoreError::Layout(format!(
                     "slot {} is served here: an import goes only into slots not served",
                     key[0]
@@ -1543,8 +1541,7 @@ impl SlotTransfer for RocksStore {
 
     fn delete_slots(&self, slots: std::ops::Range<u16>) -> Result<(), StoreError> {
         let served = self.served();
-        let serves = |slot: u16| served.as_ref().is_none_or(|s| s[slot as usize]);
-        if let Some(s) = slots.clone().find(|s| serves(*s)) {
+        if let Some(s) = slots.clone().find(|s| self.slot_served(*s as u8)) {
             return Err(StoreError::Layout(format!(
                 "slot {s} is served here: only slots not served are deleted"
             )));
