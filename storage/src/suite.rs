@@ -970,6 +970,7 @@ mod slots {
             // away): what they see is not kept for later.
             for u in users().filter(|u| moving(*u)).take(8) {
                 b.state(u).unwrap();
+                assert_eq!(b.cached(u), None, "inbox {u}: read where not served, kept");
             }
             from = chunk.next;
             if from.is_none() {
