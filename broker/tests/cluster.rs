@@ -655,9 +655,7 @@ mod control_plane {
             .join()
             .expect("the load's thread")
             .expect("the load ran");
-        println!("shards moved under load:\n{}", report.summary());
-        assert!(report.verdict.ok(), "{}", report.summary());
-        assert!(report.acked >= 1000, "the load ran:\n{}", report.summary());
+        assert_load_held("shards moved", &report);
 
         // The drained node leaves: nothing it held is missing.
         nodes[1].terminate();
@@ -820,9 +818,7 @@ mod replication {
             .join()
             .expect("the load's thread")
             .expect("the load ran");
-        println!("replicated shards under load:\n{}", report.summary());
-        assert!(report.verdict.ok(), "{}", report.summary());
-        assert!(report.acked >= 1000, "the load ran:\n{}", report.summary());
+        assert_load_held("replicated shards, killed and rebuilt", &report);
         let all: Vec<&Server> = nodes.iter().collect();
         copies_agree(&all, "the copies of every shard agree").await;
         let rebuilds = nodes[2].metric("courier_replication_rebuilds_total").await;
@@ -1179,9 +1175,7 @@ mod replication {
             .join()
             .expect("the load's thread")
             .expect("the load ran");
-        println!("copies moved under load:\n{}", report.summary());
-        assert!(report.verdict.ok(), "{}", report.summary());
-        assert!(report.acked >= 1000, "the load ran:\n{}", report.summary());
+        assert_load_held("copies moved", &report);
 
         let (mut adds, mut leads, mut drops) = (0, 0, 0);
         for n in nodes.iter().chain(std::iter::once(&c4)) {

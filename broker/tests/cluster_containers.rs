@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{load_in_background, shards_of, tool};
+use common::{assert_load_held, load_in_background, shards_of, tool};
 use courier_broker::auth::{load_or_create_secret, Claims};
 use courier_client::{Client, ClientConfig};
 use courier_protocol::{Destination, MessageKind};
@@ -1198,8 +1198,9 @@ const FAULT_AFTER: Duration = Duration::from_secs(2);
 /// Runs the load generator through HAProxy (one-to-one pairs whose users
 /// HAProxy spreads over the nodes, each user reconnecting, retrying with
 /// its ids and resuming when its session ends, as a phone does), injects
-/// `fault` a moment in, and requires the checker's verdict clean: every
-/// acknowledged message delivered, once, in its conversation's order.
+/// `fault` a moment in, and requires the checker's verdict clean (every
+/// acknowledged message delivered, once, in its conversation's order) and
+/// no send given up.
 fn under_load(d: &Deployment, what: &str, first_user: u64, fault: impl FnOnce()) {
     under_load_at(d, what, first_user, FAULT_AFTER, fault)
 }
@@ -1233,13 +1234,7 @@ fn under_load_at(
         .join()
         .expect("the load's thread")
         .unwrap_or_else(|e| panic!("{what}: the load did not run: {e:#}"));
-    println!("under load, {what}:\n{}", report.summary());
-    assert!(report.verdict.ok(), "{what}:\n{}", report.summary());
-    assert!(
-        report.acked >= 1000,
-        "{what}: the load ran:\n{}",
-        report.summary()
-    );
+    assert_load_held(what, &report);
 }
 
 /// The Kubernetes manifests (`deploy/k8s/`) are valid against the

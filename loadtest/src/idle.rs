@@ -114,6 +114,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
         retried: 0,
         redelivered: 0,
         unanswered: 0,
+        abandoned: 0,
         kills: 0,
         idle: Some(IdleReport {
             connections: n,

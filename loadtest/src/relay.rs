@@ -16,12 +16,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 /// Misbehaviour on purpose: every n-th delivery is dropped, sent twice, or
-/// held back and sent after the next one. 0 = never.
+/// held back and sent after the next one; and from the n-th send on, every
+/// send is refused `SHARD_UNAVAILABLE` (a shard that never comes back).
+/// 0 = never.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     pub drop_every: u64,
     pub duplicate_every: u64,
     pub reorder_every: u64,
+    pub unavailable_from: u64,
 }
 
 #[derive(Default)]
@@ -34,6 +37,8 @@ struct Relay {
     state: Mutex<State>,
     faults: Faults,
     deliveries: AtomicU64,
+    /// Sends seen (counted only with `Faults::unavailable_from`).
+    sends: AtomicU64,
     next_id: AtomicU64,
 }
 
@@ -45,6 +50,7 @@ pub async fn start(addr: &str, faults: Faults) -> std::io::Result<std::net::Sock
         state: Mutex::new(State::default()),
         faults,
         deliveries: AtomicU64::new(0),
+        sends: AtomicU64::new(0),
         next_id: AtomicU64::new(1),
     });
     tokio::spawn(async move {
@@ -150,6 +156,13 @@ async fn serve(relay: Arc<Relay>, stream: TcpStream) {
     while let Some(frame) = read_frame(&mut rd, &mut buf).await {
         let rid = frame.request_id;
         match frame.body {
+            Body::Send(_) if relay.refuses_sends() => {
+                let no = Reason::new(
+                    ErrorCode::SHARD_UNAVAILABLE,
+                    error::with_retry_after(100, "the relay's shard is gone for good"),
+                );
+                let _ = out_tx.send(Frame::new(rid, Body::Error(no)));
+            }
             Body::Send(s) => {
                 let id = relay.next_id.fetch_add(1, Ordering::Relaxed);
                 let m = Message {
@@ -239,6 +252,12 @@ async fn serve(relay: Arc<Relay>, stream: TcpStream) {
 }
 
 impl Relay {
+    /// Whether this send is refused (`Faults::unavailable_from`).
+    fn refuses_sends(&self) -> bool {
+        let from = self.faults.unavailable_from;
+        from != 0 && self.sends.fetch_add(1, Ordering::Relaxed) + 1 >= from
+    }
+
     fn deliver(&self, to: u64, m: Message, held: &mut Option<(u64, Message)>) {
         let n = self.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
         let f = self.faults;

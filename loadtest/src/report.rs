@@ -47,6 +47,12 @@ pub struct Report {
     /// a new one): the server owes every send an answer, so 0 is right.
     #[serde(default)]
     pub unanswered: u64,
+    /// Sends the generator gave up unacknowledged: still refused or
+    /// unanswered 30 s after the sending time, or left when the run
+    /// stopped waiting for its senders. A server that recovers from its
+    /// faults leaves 0.
+    #[serde(default)]
+    pub abandoned: u64,
     /// Times the server was killed and restarted.
     #[serde(default)]
     pub kills: u64,
@@ -156,6 +162,7 @@ pub(crate) fn report(
         retried: shared.retried.load(Ordering::Relaxed),
         redelivered: shared.redelivered.load(Ordering::Relaxed),
         unanswered: shared.unanswered.load(Ordering::Relaxed),
+        abandoned: shared.abandoned.load(Ordering::Relaxed),
         kills: 0,
         idle: None,
         label: None,
@@ -237,10 +244,17 @@ impl Report {
                 "  recipient {recipient}: inbox entries never delivered between its first and last delivery: {missing:?}\n"
             ));
         }
-        if self.reconnects + self.kills + self.redelivered + self.retried + self.unanswered > 0 {
+        if self.reconnects
+            + self.kills
+            + self.redelivered
+            + self.retried
+            + self.unanswered
+            + self.abandoned
+            > 0
+        {
             s.push_str(&format!(
-                "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence, {} sends unanswered for 30 s\n",
-                self.reconnects, self.kills, self.retried, self.redelivered, self.unanswered
+                "resilience: {} reconnects, {} server kills, {} sends retried after SHARD_UNAVAILABLE, {} redeliveries after resume dropped by sequence, {} sends unanswered for 30 s, {} sends abandoned unacknowledged\n",
+                self.reconnects, self.kills, self.retried, self.redelivered, self.unanswered, self.abandoned
             ));
         }
         if let Some(i) = &self.idle {

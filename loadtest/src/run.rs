@@ -103,14 +103,32 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         });
     }
 
-    // Sending ends (every sender's last acks are in, or it gave up).
+    // Sending ends (every sender's last acks are in, or it gave up). Each
+    // sender bounds its own waits; this bounds the sum, so a sender that
+    // still waits on something unforeseen ends the run with an error
+    // instead of holding it (its unacknowledged sends are abandoned).
+    let senders_limit = shared.start + opts.duration + SENDERS_GRACE;
+    let mut senders_stuck = false;
     while shared.sending_left.load(Ordering::Relaxed) > 0 {
+        if Instant::now() > senders_limit {
+            senders_stuck = true;
+            let left = shared.sending_left.load(Ordering::Relaxed);
+            shared.error(format!(
+                "{left} senders still sending {SENDERS_GRACE:?} after the sending time; stopped"
+            ));
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let send_end = shared.start.elapsed();
     let cpu = process_cpu().saturating_sub(cpu_at_start);
     if let Some(chaos) = chaos {
-        chaos.await?;
+        // It kills until sending ends, which it did not if senders stuck.
+        if senders_stuck {
+            chaos.abort();
+        } else {
+            chaos.await?;
+        }
     }
     // Deliveries drain: wait until every expected one arrived or nothing
     // moved for two seconds (bounded).
@@ -146,6 +164,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
     Ok(report)
 }
+
+/// How long after the sending time the run waits for its senders: past
+/// each sender's own bounds (30 s of retrying or reconnecting after the
+/// end, then a last answer's 30 s), so only a sender stuck on something
+/// unforeseen meets it.
+const SENDERS_GRACE: Duration = Duration::from_secs(90);
 
 /// The node's metrics text, when asked for; a cluster's nodes' texts one
 /// after another (their histograms add up). `None`, said why, if one could

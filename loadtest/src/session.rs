@@ -85,10 +85,12 @@ impl User {
             since_confirm: 0,
             retry: Vec::new(),
             retry_at: None,
+            refusal: None,
         };
         // The set-up session resumed after everything already there.
         state.last_seq.insert(0, self.client.last_received_seq());
         let mut client = Some(self.client.clone());
+        let mut why_end = "unanswered when the run stopped";
         loop {
             let c = match client.take() {
                 Some(c) => c,
@@ -97,7 +99,10 @@ impl User {
                         shared.reconnects.fetch_add(1, Ordering::Relaxed);
                         c
                     }
-                    None => break,
+                    None => {
+                        why_end = "no session to send it on until 30 s after the end";
+                        break;
+                    }
                 },
             };
             match self.session(&c, &mut state, &shared, &routes).await {
@@ -109,6 +114,9 @@ impl User {
             // Gave up reconnecting: what is still unacknowledged is not
             // expected anywhere (it was never acknowledged).
             state.done_sending(&shared);
+        }
+        if !state.unacked.is_empty() {
+            state.abandon_all(&shared, why_end);
         }
         state.tally.flush(&shared);
         state.checker
@@ -190,8 +198,15 @@ impl User {
         } else {
             None
         };
+        // Past this, nothing new is sent and refused sends are not tried
+        // again: a shard out of reach for so long is the run's finding,
+        // and the run must end to report it.
+        let give_up = self.pacer.end() + GIVE_UP_AFTER;
         loop {
-            if state.sending && next_at.is_none() && inflight.is_empty() {
+            if next_at.is_some() && Instant::now() > give_up {
+                next_at = None;
+            }
+            if state.sending && next_at.is_none() && inflight.is_empty() && state.retry.is_empty() {
                 state.done_sending(shared);
             }
             // Sends waiting to be retried hold their place in the window.
@@ -233,6 +248,7 @@ impl User {
                         state.retry.push(k);
                         state.retry_at
                             .get_or_insert(tokio::time::Instant::now() + retry_delay(&message));
+                        state.refusal = Some(message);
                     }
                     Err(e @ ClientError::Rejected(..)) => {
                         state.unacked.remove(&k);
@@ -251,6 +267,16 @@ impl User {
                     if state.retry_at.is_some() =>
                 {
                     state.retry_at = None;
+                    if Instant::now() > give_up {
+                        let why = format!(
+                            "refused SHARD_UNAVAILABLE until {GIVE_UP_AFTER:?} after the end ({})",
+                            state.refusal.as_deref().unwrap_or_default()
+                        );
+                        for k in std::mem::take(&mut state.retry) {
+                            state.abandon(k, shared, &why);
+                        }
+                        continue;
+                    }
                     state.retry.sort_unstable();
                     for k in std::mem::take(&mut state.retry) {
                         if let Some(u) = state.unacked.get(&k) {
@@ -268,7 +294,9 @@ impl User {
                 {
                     return End::Dropped;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(200)), if !state.sending => {
+                // The run stops (a sender still sending only if the run
+                // stopped waiting for it: what it holds is abandoned).
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     if shared.stopped() {
                         return End::Finished;
                     }
@@ -292,12 +320,33 @@ struct State {
     /// Sends refused `SHARD_UNAVAILABLE`, to send again at `retry_at`.
     retry: Vec<u64>,
     retry_at: Option<tokio::time::Instant>,
+    /// The last such refusal's message (its hint, for the report).
+    refusal: Option<String>,
 }
 
 impl State {
     fn done_sending(&mut self, shared: &Shared) {
         self.sending = false;
         shared.sending_left.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Send `k` is given up unacknowledged: counted, and said why (one
+    /// line per user and reason in the report's errors).
+    fn abandon(&mut self, k: u64, shared: &Shared, why: &str) {
+        if let Some(u) = self.unacked.remove(&k) {
+            shared.abandoned.fetch_add(1, Ordering::Relaxed);
+            shared.error(format!(
+                "user {} gave up a send on route {}: {why}",
+                self.me, u.route
+            ));
+        }
+    }
+
+    fn abandon_all(&mut self, shared: &Shared, why: &str) {
+        let left: Vec<u64> = self.unacked.keys().copied().collect();
+        for k in left {
+            self.abandon(k, shared, why);
+        }
     }
 
     async fn delivered(&mut self, c: &Arc<Client>, d: courier_client::Delivery, shared: &Shared) {

@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     /// Sends not answered within the session's limit (the session was
     /// then given up and the send retried on the next).
     pub unanswered: AtomicU64,
+    /// Sends given up unacknowledged (refused or unanswered until well
+    /// after the end): each is also an error naming its user and why.
+    pub abandoned: AtomicU64,
     /// Nanoseconds from the start to the latest delivery.
     pub last_delivery_ns: AtomicU64,
     pub errors: Mutex<BTreeMap<String, u64>>,
@@ -76,6 +79,7 @@ impl Shared {
             retried: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             unanswered: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             seconds: Mutex::new(Vec::new()),

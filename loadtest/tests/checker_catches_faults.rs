@@ -80,3 +80,54 @@ async fn drops_duplicates_and_reorders_are_caught() {
     assert!(r.verdict.reordered > 0, "{}", r.summary());
     assert_eq!(r.verdict.duplicates, 0, "{}", r.summary());
 }
+
+/// A shard that never comes back: the resilient sender retries its
+/// refused sends (as a phone does) only until 30 s after the sending time,
+/// then gives them up, counted and named, and the run ends and reports
+/// instead of waiting for ever. Nothing acknowledged is lost meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_refused_for_ever_are_abandoned_and_the_run_ends() {
+    let addr = start(
+        "127.0.0.1:0",
+        Faults {
+            unavailable_from: 300,
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
+    let opts = Options {
+        scenario: Scenario::OneToOne,
+        users: 8,
+        first_user: 1,
+        duration: Duration::from_millis(1500),
+        size: 64,
+        rate: Some(1000.0),
+        window: 4,
+        resilient: true,
+        // Resuming is Courier's: the relay speaks its protocol.
+        ..Options::new(
+            Target::Courier,
+            addr.to_string(),
+            TokenKey::new(vec![1; 32]),
+        )
+    };
+    // Bounded here too: the generator's own bound is what is tested.
+    let r = tokio::time::timeout(Duration::from_secs(120), run(opts))
+        .await
+        .expect("the run ended")
+        .unwrap();
+    println!("{}", r.summary());
+    assert!(r.verdict.ok(), "{}", r.summary());
+    assert!(r.retried > 0, "{}", r.summary());
+    assert_eq!(r.acked, 299, "{}", r.summary());
+    assert!(r.abandoned > 0, "{}", r.summary());
+    assert_eq!(r.acked + r.abandoned, r.sent, "{}", r.summary());
+    assert!(
+        r.errors
+            .keys()
+            .any(|e| e.contains("refused SHARD_UNAVAILABLE")),
+        "{}",
+        r.summary()
+    );
+}

@@ -704,6 +704,25 @@ pub fn load_in_background(
     })
 }
 
+/// What a resilient load under faults must show: every acknowledged
+/// message delivered once and in order, a real load (1,000 acknowledged),
+/// and no send given up (every send answered once the faults healed).
+pub fn assert_load_held(what: &str, report: &courier_loadtest::Report) {
+    println!("under load, {what}:\n{}", report.summary());
+    assert!(report.verdict.ok(), "{what}:\n{}", report.summary());
+    assert!(
+        report.acked >= 1000,
+        "{what}: the load ran:\n{}",
+        report.summary()
+    );
+    assert_eq!(
+        report.abandoned,
+        0,
+        "{what}: sends given up unacknowledged:\n{}",
+        report.summary()
+    );
+}
+
 /// Shards node `id` owns in a cluster status (`GET /admin/cluster`); 0
 /// before it registered.
 pub fn shards_of(status: &serde_json::Value, id: &str) -> u64 {
