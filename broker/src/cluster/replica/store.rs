@@ -50,7 +50,15 @@ pub(super) struct Hidden {
     /// write: a copy following with it or a later one copied the shard
     /// with the write in it.
     followed_from: u64,
+    /// When the latest failed write failed; `None` once said to be
+    /// hidden long (said once: see [`HIDDEN_LONG`]).
+    failed_at: Option<Instant>,
 }
+
+/// How long a failed write may stay hidden before it is logged: its
+/// inbox's readers see nothing new and retries of what it wrote are
+/// refused meanwhile, so a write that stays hidden is worth a warning.
+const HIDDEN_LONG: Duration = Duration::from_secs(60);
 
 /// Where a shard's stream stands, for what its failed writes hid.
 #[derive(Clone, Copy, Debug)]
@@ -87,13 +95,25 @@ impl Unsettled {
             let Some((epoch, lsn)) = h.failed.filter(|_| h.writing == 0) else {
                 return true;
             };
-            let safe = mark(*inbox).is_some_and(|m| {
+            let now = mark(*inbox);
+            let safe = now.is_some_and(|m| {
                 m.epoch == epoch
                     && (m.followed_since >= h.followed_from
                         || (lsn != u64::MAX && m.committed >= lsn))
             });
             if safe {
                 shown.push(*inbox);
+            } else if h.failed_at.is_some_and(|at| at.elapsed() > HIDDEN_LONG) {
+                h.failed_at = None;
+                warn!(
+                    inbox,
+                    cut = h.cut,
+                    failed_epoch = epoch,
+                    failed_part = lsn,
+                    followed_from = h.followed_from,
+                    stream = ?now,
+                    "a failed write has stayed hidden for {HIDDEN_LONG:?}: its inbox shows nothing new and retries of it are refused"
+                );
             }
             !safe
         });
@@ -176,6 +196,7 @@ impl InboxStore for ReplicatedStore {
                     writing: 0,
                     failed: None,
                     followed_from: 0,
+                    failed_at: None,
                 });
                 h.writing += 1;
             }
@@ -236,6 +257,7 @@ impl InboxStore for ReplicatedStore {
                     .iter()
                     .find(|(s, _)| *s == shard)
                     .map_or(u64::MAX, |(_, m)| *m);
+                h.failed_at = Some(Instant::now());
             }
             if h.writing == 0 && h.failed.is_none() {
                 e.remove();
@@ -357,6 +379,7 @@ mod tests {
             writing,
             failed,
             followed_from: 5,
+            failed_at: Some(Instant::now()),
         };
         u.inboxes.lock().unwrap().insert(inbox, h);
     }
