@@ -90,7 +90,7 @@ impl User {
         // The set-up session resumed after everything already there.
         state.last_seq.insert(0, self.client.last_received_seq());
         let mut client = Some(self.client.clone());
-        let mut why_end = "unanswered when the run stopped";
+        let mut why_end = "unanswered when the run stopped".to_owned();
         loop {
             let c = match client.take() {
                 Some(c) => c,
@@ -100,7 +100,9 @@ impl User {
                         c
                     }
                     None => {
-                        why_end = "no session to send it on until 30 s after the end";
+                        why_end = format!(
+                            "no session to send it on until {GIVE_UP_AFTER:?} after the end"
+                        );
                         break;
                     }
                 },
@@ -116,7 +118,7 @@ impl User {
             state.done_sending(&shared);
         }
         if !state.unacked.is_empty() {
-            state.abandon_all(&shared, why_end);
+            state.abandon_all(&shared, &why_end);
         }
         state.tally.flush(&shared);
         state.checker
@@ -189,6 +191,8 @@ impl User {
         }
         state.retry.clear();
         state.retry_at = None;
+        // Told when the run's phase changes: a user ends once it stops.
+        let mut phase = shared.watch_phase();
         let lifetime = self.lifetime.map(|m| {
             let jitter = state.numbering.rng.gen_range(0.5..1.5);
             tokio::time::Instant::now() + m.mul_f64(jitter)
@@ -203,6 +207,11 @@ impl User {
         // and the run must end to report it.
         let give_up = self.pacer.end() + GIVE_UP_AFTER;
         loop {
+            if shared.stopped() {
+                // Sending is over (or the run stopped waiting for this
+                // sender: what it holds is abandoned).
+                return End::Finished;
+            }
             if next_at.is_some() && Instant::now() > give_up {
                 next_at = None;
             }
@@ -294,13 +303,8 @@ impl User {
                 {
                     return End::Dropped;
                 }
-                // The run stops (a sender still sending only if the run
-                // stopped waiting for it: what it holds is abandoned).
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if shared.stopped() {
-                        return End::Finished;
-                    }
-                }
+                // Checked at the loop's top.
+                _ = phase.changed() => {}
             }
         }
     }
