@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use courier_protocol::error::with_retry_after;
 use courier_protocol::{
     Destination, ErrorCode, GroupEvent, GroupEventKind, GroupInfo, GroupOp, Message, MessageKind,
     ReceiptCounts, Role, SendResult, Strategy,
@@ -22,7 +21,7 @@ use tracing::{debug, error};
 
 use super::core::Shard;
 use super::lines::Conversation;
-use super::messages::{failed, unavailable, GroupOpCmd, GroupReply, GroupSendCmd, RETRY_AFTER_MS};
+use super::messages::{failed, not_served, unavailable, GroupOpCmd, GroupReply, GroupSendCmd};
 use super::route::shard_of;
 use super::tracking::{Batch, GroupCache, Planned};
 use crate::error::{refuse, BrokerResult};
@@ -489,10 +488,7 @@ impl Shard {
         let outcome = self.store.append_with(&[append], &kv, self.now_ms())?;
         match outcome.first() {
             Some(AppendOutcome::Stored(p)) if p.seq == e => Ok(Arc::new(message)),
-            Some(AppendOutcome::NotServed) => refuse(
-                ErrorCode::SHARD_UNAVAILABLE,
-                with_retry_after(RETRY_AFTER_MS, "the group's shard is moving"),
-            ),
+            Some(AppendOutcome::NotServed) => Err(not_served("the group's shard is moving")),
             other => {
                 self.groups.remove(&g);
                 error!(

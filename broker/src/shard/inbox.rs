@@ -16,11 +16,10 @@ use tracing::{debug, error, warn};
 use super::core::Shard;
 use super::lines::Conversation;
 use super::messages::{
-    failed, unavailable, Completion, Delivery, RefsCmd, RegisterCmd, SendCmd, RETRY_AFTER_MS,
+    failed, not_served, unavailable, Completion, Delivery, RefsCmd, RegisterCmd, SendCmd,
 };
 use super::recent::Fact;
 use super::tracking::{Batch, Planned};
-use crate::error::BrokerError;
 use crate::mailbox::TrySendError;
 use crate::metrics::Metrics;
 use crate::state::message::{record_of, to_wire};
@@ -250,12 +249,9 @@ impl Shard {
             // that does not hold the inbox (its head here may be nothing,
             // and a client library resumes from a welcome's position), but
             // SHARD_UNAVAILABLE, and the client comes back to the owner.
-            let message = courier_protocol::error::with_retry_after(
-                RETRY_AFTER_MS,
-                "the user's shard is not served here now",
-            );
-            let refused = BrokerError::refused(ErrorCode::SHARD_UNAVAILABLE, message);
-            let _ = r.state.send(Err(refused));
+            let _ = r
+                .state
+                .send(Err(not_served("the user's shard is not served here now")));
             return;
         }
         self.sessions.entry(r.user).or_default().push(r.session);

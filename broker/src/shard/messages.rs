@@ -23,7 +23,7 @@ use courier_protocol::{
 use courier_storage::InboxState;
 use tokio::sync::{oneshot, Notify};
 
-use crate::error::BrokerResult;
+use crate::error::{BrokerError, BrokerResult};
 use crate::mailbox;
 use crate::state::business::{ConsentEntry, Invalid, Profile, TemplateDef, TemplateStatus};
 
@@ -140,6 +140,15 @@ pub fn failed(client_msg_id: u64, code: ErrorCode) -> SendResult {
 /// The retry-after hint of a `SHARD_UNAVAILABLE`: about how long a lost
 /// link takes to come back, or a cluster node to restart.
 pub const RETRY_AFTER_MS: u64 = 500;
+
+/// A request refused `SHARD_UNAVAILABLE` with the hint, saying `why`
+/// (the shard it needs is moving, fenced or not served here now).
+pub fn not_served(why: &str) -> BrokerError {
+    BrokerError::refused(
+        ErrorCode::SHARD_UNAVAILABLE,
+        courier_protocol::error::with_retry_after(RETRY_AFTER_MS, why),
+    )
+}
 
 /// A send refused because a node it needs is out of reach, with the hint.
 pub fn unavailable(client_msg_id: u64) -> SendResult {
