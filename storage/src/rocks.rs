@@ -326,7 +326,8 @@ impl RocksStore {
         // each memtable keeps, per prefix of `len` bytes, where the last
         // key went in and starts the next insert's search there instead of
         // at the skip list's top (only for writes not inserted
-        // concurrently; about 250 bytes per prefix in a memtable; a key
+        // concurrently; RocksDB puts the cost at about 250 bytes per
+        // prefix, counted in the memtable's size; a key
         // shorter than the prefix is inserted without a hint). The option
         // has no setter here, only its string form, read onto fresh
         // options before anything else is set on them (what the options
