@@ -95,8 +95,19 @@ impl Stream {
         self.isr = o.isr.clone();
         self.replicas = o.replicas.clone();
         self.removing = o.removing.clone();
-        // A copy the controller removed gets no more.
+        // A copy the controller removed gets no more, and joins nothing:
+        // counted in the commit as joining with no follower left, it
+        // would hold every write of the shard until the next change of
+        // the set (a drained node that catches up on a shard it no longer
+        // leads, just as the controller removes its copy).
         self.followers.retain(|n, _| o.replicas.contains(n));
+        if self
+            .joining
+            .as_ref()
+            .is_some_and(|j| !o.replicas.contains(j))
+        {
+            self.joining = None;
+        }
         self.confirmed |= self.isr == [me];
     }
 
@@ -605,5 +616,62 @@ impl Replication {
             self.change_isr(shard);
         }
         Answer::Done(Bytes::copy_from_slice(&[state]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(replicas: &[&str], isr: &[&str], revision: i64) -> Owner {
+        let names = |v: &[&str]| v.iter().map(|n| n.to_string()).collect();
+        Owner {
+            node: "a".into(),
+            epoch: 7,
+            revision,
+            replicas: names(replicas),
+            isr: names(isr),
+            removing: None,
+        }
+    }
+
+    fn following(s: &mut Stream, node: &str, applied: u64) {
+        let id = s.next_follower;
+        s.next_follower += 1;
+        s.followers.insert(node.into(), Follower { id, applied });
+    }
+
+    /// A drain removes a copy that was catching up to join the in-sync
+    /// set: the writes of the shard no longer wait for it (before, the
+    /// commit counted the joining copy, whose follower was gone, as 0:
+    /// every write waited its 30 s and failed, until the set next changed).
+    #[test]
+    fn a_joining_copy_the_controller_removes_holds_no_commit() {
+        let mut s = Stream::new("a", &owner(&["a", "b", "c", "d"], &["a", "b", "c"], 10));
+        s.next_lsn = 101;
+        following(&mut s, "b", 100);
+        following(&mut s, "c", 90);
+        following(&mut s, "d", 40);
+        s.joining = Some("d".into());
+        assert_eq!(s.committed("a"), 40, "the joining copy counts");
+
+        s.adopt("a", &owner(&["a", "b", "c"], &["a", "b", "c"], 11));
+        assert_eq!(s.joining, None);
+        assert_eq!(s.committed("a"), 90, "the in-sync copies alone");
+        assert_eq!(s.wanted_isr("a"), s.isr);
+    }
+
+    /// A copy still in the record keeps joining through a change of the
+    /// record (another copy removed): it counts until it is in the set.
+    #[test]
+    fn a_joining_copy_still_a_replica_keeps_counting() {
+        let mut s = Stream::new("a", &owner(&["a", "b", "c", "d"], &["a", "b"], 10));
+        s.next_lsn = 101;
+        following(&mut s, "b", 100);
+        following(&mut s, "d", 40);
+        s.joining = Some("d".into());
+        s.adopt("a", &owner(&["a", "b", "d"], &["a", "b"], 11));
+        assert_eq!(s.joining.as_deref(), Some("d"));
+        assert_eq!(s.committed("a"), 40);
     }
 }
