@@ -19,6 +19,10 @@
 //! line drains in order once the owner is back. Sends to other recipients
 //! are not held.
 //!
+//! A group's shard keeps a line per (group, node) for the copies of its
+//! log entries to that node's members ([`Line::admit_entry`]): the same
+//! rules, with the entries in the order of their sequence.
+//!
 //! A line whose first send has not been seen (retried) for [`GIVE_UP`] is
 //! dropped: its client gave up on it (the library retries every hint, at
 //! most 5 s apart, for 30 s by default).
@@ -57,25 +61,8 @@ impl Line {
     /// (`None`: no connection to the owner). If not, it is refused and
     /// keeps its place in the line.
     pub fn admit(&mut self, id: u64, connection: Option<u64>, now: Instant) -> bool {
-        if self
-            .waiting_since
-            .is_some_and(|t| now.duration_since(t) > GIVE_UP)
-        {
-            self.refused.clear();
-            self.waiting_since = None;
-        }
-        // On their way over a connection that is gone: they will fail, and
-        // go before anything sent after them.
-        let mut i = 0;
-        while i < self.inflight.len() {
-            let (place, gone, on) = self.inflight[i];
-            if Some(on) == connection {
-                i += 1;
-            } else {
-                self.inflight.remove(i);
-                self.refused.insert(place, gone);
-            }
-        }
+        self.forget_given_up(now);
+        self.fail_gone(connection);
         let seen = self.refused.iter().find(|(_, &r)| r == id).map(|(&p, _)| p);
         let first = self.refused.keys().next().copied();
         let place = match (connection, first) {
@@ -98,6 +85,68 @@ impl Line {
         self.inflight
             .push_back((place, id, connection.expect("matched Some")));
         true
+    }
+
+    /// Whether entry `seq` of a group's log may go out now, as copies to
+    /// the node of this line, over link connection `connection`. A
+    /// group's line orders its entries by sequence, not as first seen:
+    /// the group's shard sends every entry that waits again on each tick,
+    /// oldest first, and one bundle of copies goes to several nodes. In
+    /// first-seen order each node's line let one entry through per tick,
+    /// each line a different one, so the bundle failed at the other
+    /// line, and the entry stored at one node came back to it as new,
+    /// behind the rest: a livelock that held a group's sends unanswered
+    /// for as long as the run lasted. By sequence every line lets the
+    /// waiting entries through in the order the shard sends them again.
+    /// The oldest refused entry goes first; an entry older than it
+    /// passes (it went out before, or is a retry of one stored there:
+    /// the member's shard keeps the same order, see `shard::lines`).
+    pub fn admit_entry(&mut self, seq: u64, connection: Option<u64>, now: Instant) -> bool {
+        self.forget_given_up(now);
+        self.fail_gone(connection);
+        let first = self.refused.keys().next().copied();
+        let goes_first = first.is_none_or(|f| seq <= f);
+        let Some(connection) = connection.filter(|_| goes_first) else {
+            if goes_first {
+                // First in line (or the first, retried): waited for from now.
+                self.waiting_since = Some(now);
+            }
+            self.refused.insert(seq, seq);
+            return false;
+        };
+        if self.refused.remove(&seq).is_some() {
+            // The first one went: the next waits from now.
+            self.waiting_since = (!self.refused.is_empty()).then_some(now);
+        }
+        self.inflight.push_back((seq, seq, connection));
+        true
+    }
+
+    /// Drops what waits if its first has not been retried for [`GIVE_UP`].
+    fn forget_given_up(&mut self, now: Instant) {
+        if self
+            .waiting_since
+            .is_some_and(|t| now.duration_since(t) > GIVE_UP)
+        {
+            self.refused.clear();
+            self.waiting_since = None;
+        }
+    }
+
+    /// Sends on their way over a connection other than `connection` (gone:
+    /// they will fail) take their places among the refused, before
+    /// anything sent after them.
+    fn fail_gone(&mut self, connection: Option<u64>) {
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let (place, gone, on) = self.inflight[i];
+            if Some(on) == connection {
+                i += 1;
+            } else {
+                self.inflight.remove(i);
+                self.refused.insert(place, gone);
+            }
+        }
     }
 
     /// The send admitted last went out on connection `connection` (it may
@@ -325,6 +374,77 @@ mod tests {
         l.refused_here(2, now);
         assert!(!l.admit(3, Some(4), now));
         assert!(l.admit(2, Some(4), now));
+    }
+
+    /// Two nodes' lines of one group, whose entries 3, 4 and 5 were
+    /// refused in different orders (no connection a moment): the tick
+    /// that sends them again, oldest first, gets all three through both.
+    /// In first-seen order each line let one through, a different one,
+    /// so every bundle failed at the other node (the livelock).
+    #[test]
+    fn a_groups_entries_go_again_in_sequence_whatever_order_they_were_refused_in() {
+        let now = Instant::now();
+        let (mut a, mut b) = (Line::default(), Line::default());
+        for seq in [5, 3, 4] {
+            assert!(!a.admit_entry(seq, None, now));
+        }
+        for seq in [4, 5, 3] {
+            assert!(!b.admit_entry(seq, None, now));
+        }
+        for seq in 3..=5 {
+            assert!(a.admit_entry(seq, Some(1), now), "{seq} to a");
+            assert!(b.admit_entry(seq, Some(1), now), "{seq} to b");
+        }
+        for seq in 3..=5 {
+            a.answered(seq, false, now);
+            b.answered(seq, false, now);
+        }
+        assert!(a.idle() && b.idle());
+
+        // First seen, for contrast: the same tick gets one through.
+        let mut first_seen = Line::default();
+        for id in [5, 3, 4] {
+            assert!(!first_seen.admit(id, None, now));
+        }
+        let through: Vec<u64> = (3..=5)
+            .filter(|&id| first_seen.admit(id, Some(1), now))
+            .collect();
+        assert_eq!(through, vec![5]);
+    }
+
+    /// An entry newer than the first refused one waits for it; an older
+    /// one (sent before it, or a retry of one stored there) passes.
+    #[test]
+    fn a_newer_entry_waits_for_the_first_refused_and_an_older_one_passes() {
+        let now = Instant::now();
+        let mut l = Line::default();
+        assert!(l.admit_entry(10, Some(1), now));
+        assert!(l.admit_entry(11, Some(1), now));
+        l.answered(10, false, now);
+        l.answered(11, true, now); // refused there: 11 goes next
+        assert!(!l.admit_entry(12, Some(1), now));
+        assert!(l.admit_entry(10, Some(1), now), "older than 11");
+        l.answered(10, false, now);
+        assert!(l.admit_entry(11, Some(1), now));
+        assert!(l.admit_entry(12, Some(1), now));
+        // On their way over connection 1, which is gone: they go again
+        // before anything after them.
+        assert!(!l.admit_entry(13, Some(2), now));
+        assert!(l.admit_entry(11, Some(2), now));
+        assert!(l.admit_entry(12, Some(2), now));
+        assert!(l.admit_entry(13, Some(2), now));
+    }
+
+    /// A group's line whose first entry is not sent again (its members
+    /// went to another node) lets the rest go after [`GIVE_UP`].
+    #[test]
+    fn a_groups_line_whose_first_entry_is_not_sent_again_is_dropped() {
+        let start = Instant::now();
+        let mut l = Line::default();
+        assert!(!l.admit_entry(7, None, start));
+        assert!(!l.admit_entry(8, Some(1), t(1_000, start)));
+        assert!(!l.admit_entry(8, Some(1), t(9_000, start)));
+        assert!(l.admit_entry(8, Some(1), t(10_001, start)));
     }
 
     #[test]

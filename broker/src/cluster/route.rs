@@ -626,7 +626,7 @@ impl Router {
             let peer = self.cluster.links.peer(&node);
             let connection = peer.as_ref().and_then(|p| p.connection());
             let started = self.lines.with(key, |line| {
-                if !line.admit(seq, connection, Instant::now()) {
+                if !line.admit_entry(seq, connection, Instant::now()) {
                     return None;
                 }
                 let started = peer.as_ref().and_then(|p| {

@@ -113,9 +113,12 @@ impl Server {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let sink = log.clone();
+        // Echoed with the process's id: several nodes share the test's
+        // stderr.
+        let pid = child.id();
         std::thread::spawn(move || {
             for line in stderr.lines().map_while(Result::ok) {
-                eprintln!("{line}");
+                eprintln!("[courier {pid}] {line}");
                 let mut log = sink.lock().unwrap();
                 if log.len() < LOG_LINES_MAX {
                     log.push(line);
