@@ -1462,6 +1462,13 @@ impl SlotTransfer for RocksStore {
             ro.set_verify_checksums(true);
             ro.set_iterate_lower_bound(slot_bound(slots.start));
             ro.set_iterate_upper_bound(slot_bound(slots.end));
+            // Across owners, in key order: the inbox family has a prefix
+            // extractor, and a seek in prefix mode (the default) skips the
+            // files and memtables whose prefix filter lacks the seek key's
+            // owner, with every other owner's rows in them. A copy that
+            // went on from a chunk's last key then left whole inboxes
+            // behind, and the new owner handed out their sequences again.
+            ro.set_total_order_seek(true);
             let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
             match start.take() {
                 Some(k) => it.seek(k),
@@ -1593,6 +1600,7 @@ impl SlotTransfer for RocksStore {
             ro.set_verify_checksums(true);
             ro.set_iterate_lower_bound(slot_bound(slots.start));
             ro.set_iterate_upper_bound(slot_bound(slots.end));
+            ro.set_total_order_seek(true);
             let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
             it.seek_to_first();
             while it.valid() {
@@ -1621,6 +1629,7 @@ impl SlotTransfer for RocksStore {
             let mut ro = ReadOptions::default();
             ro.set_iterate_lower_bound(slot_bound(slots.start));
             ro.set_iterate_upper_bound(slot_bound(slots.end));
+            ro.set_total_order_seek(true);
             let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
             it.seek_to_first();
             while it.valid() {

@@ -882,6 +882,71 @@ mod slots {
         out
     }
 
+    /// A run of slots whose inboxes lie in several table files is copied
+    /// whole in small chunks: each chunk after the first starts with a
+    /// seek to the last one's next key, which in the inbox family's
+    /// prefix mode skipped the files without that key's owner (a drain
+    /// under load lost one user's whole inbox this way: its new owner
+    /// began it again at sequence 1).
+    #[test]
+    fn a_run_of_slots_in_several_files_is_exported_whole_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RocksStore::open(dir.path(), slotted()).unwrap();
+        let run = slots_of_shard(1, 4);
+        let moving: Vec<u64> = (1..=2000u64)
+            .filter(|u| run.contains(&u16::from(slot_of(*u))))
+            .collect();
+        assert!(moving.len() > 200);
+        // Owners in key order, in three files: the first third, the
+        // second, the last (each flushed on its own).
+        let mut keyed = moving.clone();
+        keyed.sort_by_key(|&u| (slot_of(u), u));
+        let mut cmid = 0;
+        for part in keyed.chunks(keyed.len().div_ceil(3)) {
+            let batch: Vec<NewMessage> = part
+                .iter()
+                .flat_map(|&u| (0..3).map(move |i| msg(u, 9, u * 10 + i, u * 10 + i, "m")))
+                .collect();
+            cmid += 1;
+            s.append_with(&batch, &[], cmid).unwrap();
+            s.flush_memtables().unwrap();
+        }
+        let transfer = s.transfer().unwrap();
+        let mut from = None;
+        let (mut chunks, mut inbox_rows) = (0, 0u64);
+        loop {
+            let chunk = transfer.export(run.clone(), from, 2048).unwrap();
+            chunks += 1;
+            inbox_rows += chunk
+                .entries
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        RawEntry::Put {
+                            space: Space::Inbox,
+                            ..
+                        }
+                    )
+                })
+                .count() as u64;
+            from = chunk.next;
+            if from.is_none() {
+                break;
+            }
+        }
+        assert!(chunks > 10, "{chunks} chunks");
+        assert_eq!(
+            inbox_rows,
+            moving.len() as u64 * 3,
+            "every inbox row of the run"
+        );
+        assert_eq!(
+            transfer.count(run).unwrap()[Space::Inbox as usize],
+            inbox_rows
+        );
+    }
+
     /// A shard (a run of slots) copied from one store to another while the
     /// first keeps taking writes, then brought up to date from what the
     /// watch saw, ends equal: every inbox (messages, cursors, trims),
