@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -45,6 +45,11 @@ use crate::state::keys;
 use crate::state::message::to_wire;
 use crate::state::rows::{FanMark, GroupState};
 use crate::state::social;
+
+/// How long a group entry's fan-out may stay open before it is logged
+/// (once): its senders' answers wait for it, so a fan-out that fails for
+/// that long is stuck somewhere worth a look.
+const FANOUT_LONG: Duration = Duration::from_secs(60);
 
 impl Shard {
     /// Sends a just-written membership event to the members.
@@ -118,6 +123,8 @@ impl Shard {
                     recipients,
                     accepted,
                 }),
+                since: Instant::now(),
+                warned: false,
             };
             debug!(shard = self.id, group = g, entry = seq, "fan-out held back");
             self.fanouts.entry(g).or_default().insert(seq, held);
@@ -173,11 +180,19 @@ impl Shard {
             "fan-out sent"
         );
         let parts = by_shard(here, self.peers.len());
+        // A retry keeps the first attempt's time.
+        let (since, warned) = self
+            .fanouts
+            .get(&g)
+            .and_then(|f| f.get(&message.seq))
+            .map_or((Instant::now(), false), |p| (p.since, p.warned));
         let mut pending = PendingFanout {
             remaining: parts.len() + usize::from(!elsewhere.is_empty()),
             failed: None,
             answers,
             held: None,
+            since,
+            warned,
         };
         if pending.remaining == 0 {
             pending.answer();
@@ -224,15 +239,35 @@ impl Shard {
             return;
         };
         let mut next = Vec::new();
+        let mut long = None;
         for (&seq, p) in entries {
             if p.succeeded() {
                 continue;
+            }
+            if !p.warned && p.since.elapsed() > FANOUT_LONG {
+                long.get_or_insert((seq, p.since.elapsed(), p.failed));
             }
             if p.to_retry() || p.held.is_some() {
                 next.push(seq);
             }
             if moving {
                 break;
+            }
+        }
+        if let Some((seq, open_for, failed)) = long {
+            // Said once per entry: its sends (and the entries after it,
+            // while shards move) wait unanswered meanwhile.
+            warn!(
+                shard = self.id,
+                group = g,
+                entry = seq,
+                open_for = ?open_for,
+                failed = ?failed.map(|c| c.0),
+                moving,
+                "a group entry's fan-out has not reached every member for {FANOUT_LONG:?}: its senders' answers wait; it is sent again each tick"
+            );
+            if let Some(p) = self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
+                p.warned = true;
             }
         }
         for seq in next {

@@ -65,6 +65,10 @@ pub(crate) struct PendingFanout {
     pub answers: Vec<(GroupReply, SendResult)>,
     /// Not sent yet: what to send once the entries before it are stored.
     pub held: Option<HeldFanout>,
+    /// When the entry's first fan-out went out (kept through its
+    /// retries), and whether its taking long was logged.
+    pub since: Instant,
+    pub warned: bool,
 }
 
 /// A fan-out waiting for its turn.
