@@ -254,22 +254,7 @@ impl Shard {
                 break;
             }
         }
-        if let Some((seq, open_for, failed)) = long {
-            // Said once per entry: its sends (and the entries after it,
-            // while shards move) wait unanswered meanwhile.
-            warn!(
-                shard = self.id,
-                group = g,
-                entry = seq,
-                open_for = ?open_for,
-                failed = ?failed.map(|c| c.0),
-                moving,
-                "a group entry's fan-out has not reached every member for {FANOUT_LONG:?}: its senders' answers wait; it is sent again each tick"
-            );
-            if let Some(p) = self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
-                p.warned = true;
-            }
-        }
+        let mut not_here = false;
         for seq in next {
             let held = self
                 .fanouts
@@ -288,6 +273,7 @@ impl Shard {
                         // it is served again or gone, so not a warning each
                         // time.
                         Err(e @ StoreError::Unreplicated(_)) => {
+                            not_here = true;
                             debug!(shard = self.id, group = g, seq, error = %e, "fan-out retry waits: the group is not served here now")
                         }
                         Err(e) => {
@@ -295,6 +281,23 @@ impl Shard {
                         }
                     }
                 }
+            }
+        }
+        if let Some((seq, open_for, failed)) = long.filter(|_| !not_here) {
+            // Said once per entry: its sends (and the entries after it,
+            // while shards move) wait unanswered meanwhile. Not for a group
+            // whose shard is not served here now: its owner fans it out.
+            warn!(
+                shard = self.id,
+                group = g,
+                entry = seq,
+                open_for = ?open_for,
+                failed = ?failed.map(|c| c.0),
+                moving,
+                "a group entry's fan-out has not reached every member for {FANOUT_LONG:?}: its senders' answers wait; it is sent again each tick"
+            );
+            if let Some(p) = self.fanouts.get_mut(&g).and_then(|f| f.get_mut(&seq)) {
+                p.warned = true;
             }
         }
     }
