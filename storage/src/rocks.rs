@@ -57,8 +57,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
-    ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    DBRawIterator, Options, ReadOptions, SliceTransform, WriteBatch, WriteOptions, DB,
 };
 
 use crate::model::*;
@@ -957,6 +957,23 @@ impl RocksStore {
         Ok(states)
     }
 
+    /// An iterator over `space`'s rows in the slots `slots`, across
+    /// owners in key order (a copy's chunks, its digest, its count).
+    /// Total order: the inbox family has a prefix extractor, and a seek in
+    /// prefix mode (the default) skips the files and memtables whose
+    /// prefix filter lacks the seek key's owner, with every other owner's
+    /// rows in them. A copy that went on from a chunk's last key then left
+    /// whole inboxes behind, and the new owner handed out their sequences
+    /// again.
+    fn run_iterator(&self, space: Space, slots: &std::ops::Range<u16>) -> DBRawIterator<'_> {
+        let mut ro = ReadOptions::default();
+        ro.set_verify_checksums(true);
+        ro.set_iterate_lower_bound(slot_bound(slots.start));
+        ro.set_iterate_upper_bound(slot_bound(slots.end));
+        ro.set_total_order_seek(true);
+        self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro)
+    }
+
     /// Forgets every cached inbox state (after an import or a deletion
     /// changed inboxes behind the cache).
     fn forget_all_states(&self) {
@@ -1458,18 +1475,7 @@ impl SlotTransfer for RocksStore {
             None => (Space::Inbox, None),
         };
         for space in Space::ALL.into_iter().filter(|s| *s >= first) {
-            let mut ro = ReadOptions::default();
-            ro.set_verify_checksums(true);
-            ro.set_iterate_lower_bound(slot_bound(slots.start));
-            ro.set_iterate_upper_bound(slot_bound(slots.end));
-            // Across owners, in key order: the inbox family has a prefix
-            // extractor, and a seek in prefix mode (the default) skips the
-            // files and memtables whose prefix filter lacks the seek key's
-            // owner, with every other owner's rows in them. A copy that
-            // went on from a chunk's last key then left whole inboxes
-            // behind, and the new owner handed out their sequences again.
-            ro.set_total_order_seek(true);
-            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            let mut it = self.run_iterator(space, &slots);
             match start.take() {
                 Some(k) => it.seek(k),
                 None => it.seek_to_first(),
@@ -1596,12 +1602,7 @@ impl SlotTransfer for RocksStore {
         let window = self.config.idempotency_window_ms;
         let mut digest = Digest::new();
         for space in Space::ALL {
-            let mut ro = ReadOptions::default();
-            ro.set_verify_checksums(true);
-            ro.set_iterate_lower_bound(slot_bound(slots.start));
-            ro.set_iterate_upper_bound(slot_bound(slots.end));
-            ro.set_total_order_seek(true);
-            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            let mut it = self.run_iterator(space, &slots);
             it.seek_to_first();
             while it.valid() {
                 let (Some(k), Some(v)) = (it.key(), it.value()) else {
@@ -1626,11 +1627,7 @@ impl SlotTransfer for RocksStore {
     fn count(&self, slots: std::ops::Range<u16>) -> Result<[u64; 5], StoreError> {
         let mut out = [0; 5];
         for space in Space::ALL {
-            let mut ro = ReadOptions::default();
-            ro.set_iterate_lower_bound(slot_bound(slots.start));
-            ro.set_iterate_upper_bound(slot_bound(slots.end));
-            ro.set_total_order_seek(true);
-            let mut it = self.db.raw_iterator_cf_opt(self.cf(space_cf(space)), ro);
+            let mut it = self.run_iterator(space, &slots);
             it.seek_to_first();
             while it.valid() {
                 out[space as usize] += 1;
