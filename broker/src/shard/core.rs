@@ -21,9 +21,9 @@ use super::lines::Lines;
 use super::messages::{Answer, MarkCmd, ReceiptQueryCmd, SessionHandle, ShardCmd, SlotsChange};
 use super::recent::Recent;
 use super::route::shard_of;
-use super::tracking::{Batch, GroupCache, PendingBroadcast, PendingFanout};
+use super::tracking::{Batch, GroupCache, KnownRow, PendingBroadcast, PendingFanout};
 use crate::metrics::ShardMetrics;
-use crate::state::rows::{Cursors, OutboxRow, ReceiptRow};
+use crate::state::rows::{Cursors, OutboxRow};
 
 /// How often a shard trims acknowledged messages past retention.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -179,9 +179,11 @@ pub(crate) struct Shard {
     pub(crate) outbox: BTreeMap<(u64, u64), (OutboxRow, bool)>,
     /// Source of the tokens above.
     next_token: u64,
-    /// Receipt rows of this shard's users as planned (`R` rows): ahead of
-    /// the disk only until the next key-value write, which carries them.
-    pub(crate) receipt_rows: HashMap<u64, ReceiptRow>,
+    /// Receipt rows of this shard's users as planned (`R` rows), with what
+    /// was last put for each: ahead of the disk until the next key-value
+    /// write, or, moved by marks that owe nothing, by a bounded range (see
+    /// `KnownRow`).
+    pub(crate) receipt_rows: HashMap<u64, KnownRow>,
     /// Group cursors of this shard's users, by (group, user) (`C` rows).
     pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
     /// Key-value writes to make with the next batch.
@@ -349,8 +351,10 @@ impl Shard {
             }
         }
         self.note_fanned();
-        // What waits for its once-a-second write goes now.
+        // What waits for its once-a-second write goes now, and the receipt
+        // rows only this shard's memory had moved.
         self.flush_engagement();
+        self.put_unwritten_receipt_rows();
         self.write_kv();
         if let Err(e) = self.store.sync() {
             error!(shard = self.id, error = %e, "store sync at shard stop failed");

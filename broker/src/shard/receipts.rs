@@ -38,7 +38,7 @@ use super::core::Shard;
 use super::messages::{Completion, MarkCmd, SendCmd, ShardCmd, StatusViewCmd};
 use super::recent::Fact;
 use super::route::shard_of;
-use super::tracking::Batch;
+use super::tracking::{Batch, KnownRow};
 use crate::error::{BrokerError, BrokerResult};
 use crate::state::keys;
 use crate::state::rows::{Cursors, OutboxRow, ReceiptRow};
@@ -48,6 +48,10 @@ use crate::state::social;
 const PAGE: usize = 1024;
 /// Messages named by one receipt message at most.
 const RECEIPT_MESSAGES_MAX: usize = 4096;
+/// How far a user's delivered cursor may run ahead of its `R` row on disk
+/// through marks that owe nothing (see `KnownRow`): what the next mark
+/// after a crash reads back at most.
+pub(crate) const UNWRITTEN_MAX: u64 = 1024;
 /// Outbox rows one shard reads at start at most (normally there are none
 /// or a handful: a row lives from a mark until its receipt is durable).
 const OUTBOX_RECOVER_MAX: usize = 1 << 20;
@@ -174,11 +178,11 @@ impl Shard {
     /// The user's `R` row, cached; `None` if the store cannot read it
     /// (treating that as "nothing receipted yet" would repeat receipts
     /// under new emission numbers: the caller plans nothing instead).
-    fn receipt_row(&mut self, user: u64) -> Option<ReceiptRow> {
+    fn receipt_row(&mut self, user: u64) -> Option<KnownRow> {
         if let Some(r) = self.receipt_rows.get(&user) {
             return Some(*r);
         }
-        let r = match self.store.get(&keys::receipts(user)) {
+        let row = match self.store.get(&keys::receipts(user)) {
             Ok(Some(v)) => ReceiptRow::decode(&v),
             Ok(None) => ReceiptRow::default(),
             Err(e) => {
@@ -186,8 +190,25 @@ impl Shard {
                 return None;
             }
         };
-        self.receipt_rows.insert(user, r);
-        Some(r)
+        let known = KnownRow {
+            row,
+            written: row.cursors,
+        };
+        self.receipt_rows.insert(user, known);
+        Some(known)
+    }
+
+    /// Puts every `R` row that is ahead of the disk (a stopping shard).
+    pub(crate) fn put_unwritten_receipt_rows(&mut self) {
+        for (user, known) in &mut self.receipt_rows {
+            if known.written != known.row.cursors {
+                known.written = known.row.cursors;
+                self.kv.push(KvOp::Put {
+                    key: keys::receipts(*user),
+                    value: known.row.encode(),
+                });
+            }
+        }
     }
 
     /// Acknowledges the inbox up to `up_to`, then plans the receipts of what
@@ -216,9 +237,10 @@ impl Shard {
         if state.acked_seq >= state.oldest_seq {
             self.note_trim(user);
         }
-        let Some(old) = self.receipt_row(user) else {
+        let Some(known) = self.receipt_row(user) else {
             return; // unreadable row (logged); the next mark tries again
         };
+        let old = known.row;
         let cursors = old.cursors;
         let read = if status == ReceiptStatus::Read {
             cursors.read.max(up_to.min(state.head_seq))
@@ -231,11 +253,19 @@ impl Shard {
         }
         let owed = self.owed_receipts(user, cursors, new);
         let row = self.plan_emissions(user, old, new, owed);
-        self.receipt_rows.insert(user, row);
-        self.kv.push(KvOp::Put {
-            key: keys::receipts(user),
-            value: row.encode(),
-        });
+        let quiet = row.emitted == old.emitted
+            && new.read == known.written.read
+            && new.delivered.saturating_sub(known.written.delivered) <= UNWRITTEN_MAX;
+        let written = if quiet {
+            known.written
+        } else {
+            self.kv.push(KvOp::Put {
+                key: keys::receipts(user),
+                value: row.encode(),
+            });
+            new
+        };
+        self.receipt_rows.insert(user, KnownRow { row, written });
     }
 
     /// Collects the receipts the inbox range between `old` and `new` owes

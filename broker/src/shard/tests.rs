@@ -1022,3 +1022,90 @@ async fn a_session_for_a_slot_not_served_here_is_refused_not_welcomed() {
     let (_session, state) = register(&shards, 2, deliveries).await;
     assert_eq!(state.head_seq, 1);
 }
+
+/// Marks that owe nothing (here, of the user's own messages) move the
+/// user's `R` row in the shard's memory only, up to `UNWRITTEN_MAX` past
+/// the row on disk; a mark past that bound writes it, a mark that moves the
+/// read cursor writes it, and a stopping shard writes what its memory
+/// moved. A mark's inbox acknowledgement goes in the same write as its row,
+/// so the test waits for the acknowledgement and then reads the row.
+#[tokio::test]
+async fn marks_that_owe_nothing_rewrite_the_receipt_row_only_within_a_bound() {
+    use super::receipts::UNWRITTEN_MAX;
+    use crate::state::keys;
+    use crate::state::rows::{Cursors, ReceiptRow};
+
+    let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+    let shards = Shards::start(1, ShardConfig::for_tests(), store.clone()).unwrap();
+    let (rtx, mut rrx) = mailbox::unbounded();
+    let n = UNWRITTEN_MAX + 8;
+    for i in 1..=n {
+        let ShardCmd::Send(mut s) = send(i, &rtx) else {
+            unreachable!()
+        };
+        s.sender = 2;
+        assert!(shards.send(2, ShardCmd::Send(s)).await);
+        assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+    }
+    let on_disk = || {
+        store
+            .get(&keys::receipts(2))
+            .unwrap()
+            .map(|v| ReceiptRow::decode(&v).cursors)
+    };
+    let mark_until_acked = |up_to_seq, status| {
+        let shards = &shards;
+        let store = &store;
+        async move {
+            let mark = MarkCmd {
+                user: 2,
+                stream: 0,
+                up_to_seq,
+                status,
+            };
+            assert!(shards.send(2, ShardCmd::Mark(mark)).await);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while store.state(2).unwrap().acked_seq < up_to_seq {
+                assert!(Instant::now() < deadline, "mark {up_to_seq} never applied");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    for seq in [1, 10, UNWRITTEN_MAX] {
+        mark_until_acked(seq, ReceiptStatus::Delivered).await;
+    }
+    assert_eq!(on_disk(), None, "marks owing nothing wrote the row");
+    mark_until_acked(UNWRITTEN_MAX + 1, ReceiptStatus::Delivered).await;
+    assert_eq!(
+        on_disk(),
+        Some(Cursors::new(UNWRITTEN_MAX + 1, 0)),
+        "one past the bound is written"
+    );
+    mark_until_acked(UNWRITTEN_MAX + 2, ReceiptStatus::Delivered).await;
+    assert_eq!(on_disk(), Some(Cursors::new(UNWRITTEN_MAX + 1, 0)));
+    // Read marks acknowledge nothing new here: wait for the row itself.
+    let read = MarkCmd {
+        user: 2,
+        stream: 0,
+        up_to_seq: 3,
+        status: ReceiptStatus::Read,
+    };
+    assert!(shards.send(2, ShardCmd::Mark(read)).await);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while on_disk() != Some(Cursors::new(UNWRITTEN_MAX + 2, 3)) {
+        assert!(
+            Instant::now() < deadline,
+            "a read cursor's move was not written: {:?}",
+            on_disk()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mark_until_acked(n, ReceiptStatus::Delivered).await;
+    assert_eq!(on_disk(), Some(Cursors::new(UNWRITTEN_MAX + 2, 3)));
+    shards.stop().await;
+    assert_eq!(
+        on_disk(),
+        Some(Cursors::new(n, 3)),
+        "the stopping shard wrote its memory's row"
+    );
+}
