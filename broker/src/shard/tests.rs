@@ -1057,13 +1057,7 @@ async fn marks_that_owe_nothing_rewrite_the_receipt_row_only_within_a_bound() {
         let shards = &shards;
         let store = &store;
         async move {
-            let mark = MarkCmd {
-                user: 2,
-                stream: 0,
-                up_to_seq,
-                status,
-            };
-            assert!(shards.send(2, ShardCmd::Mark(mark)).await);
+            assert!(shards.send(2, mark_2(up_to_seq, status)).await);
             let deadline = Instant::now() + Duration::from_secs(5);
             while store.state(2).unwrap().acked_seq < up_to_seq {
                 assert!(Instant::now() < deadline, "mark {up_to_seq} never applied");
@@ -1084,13 +1078,7 @@ async fn marks_that_owe_nothing_rewrite_the_receipt_row_only_within_a_bound() {
     mark_until_acked(UNWRITTEN_MAX + 2, ReceiptStatus::Delivered).await;
     assert_eq!(on_disk(), Some(Cursors::new(UNWRITTEN_MAX + 1, 0)));
     // Read marks acknowledge nothing new here: wait for the row itself.
-    let read = MarkCmd {
-        user: 2,
-        stream: 0,
-        up_to_seq: 3,
-        status: ReceiptStatus::Read,
-    };
-    assert!(shards.send(2, ShardCmd::Mark(read)).await);
+    assert!(shards.send(2, mark_2(3, ReceiptStatus::Read)).await);
     let deadline = Instant::now() + Duration::from_secs(5);
     while on_disk() != Some(Cursors::new(UNWRITTEN_MAX + 2, 3)) {
         assert!(
