@@ -112,6 +112,7 @@ impl Replication {
     /// removed it, or it was removed while this node was away).
     pub(super) async fn backup(self: Arc<Self>, shard: u32) {
         let Some(cluster) = self.cluster().cloned() else {
+            debug!(shard, "a copy's task found no cluster yet; it ends");
             self.following
                 .lock()
                 .expect("following lock")
@@ -166,6 +167,7 @@ impl Replication {
                 continue;
             }
             let run = slots_of_shard(shard, view.owners.len() as u32);
+            debug!(shard, primary = %o.node, epoch = o.epoch, "copying the shard from its primary");
             match self.copy(cluster, shard, &o, run).await {
                 Ok(id) => self.tail(cluster, shard, &o, id).await,
                 Err(e) => {

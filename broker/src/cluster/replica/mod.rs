@@ -307,7 +307,14 @@ impl Replication {
     /// shards this node leads, tails dropped for shards it no longer
     /// copies from that primary, backup tasks for the shards it copies.
     pub fn follow(self: &Arc<Self>, view: &View) {
-        if view.replication() <= 1 || !view.map_complete() {
+        if view.replication() <= 1 {
+            return;
+        }
+        if !view.map_complete() {
+            debug!(
+                revision = view.revision,
+                "a view with an incomplete map: not followed"
+            );
             return;
         }
         if !self.tapping.swap(true, Ordering::AcqRel) {
@@ -397,6 +404,7 @@ impl Replication {
         let mut following = self.following.lock().expect("following lock");
         for shard in copies {
             if following.insert(shard) {
+                debug!(shard, revision = view.revision, "a copy's task starts");
                 self.runtime.spawn(self.clone().backup(shard));
             }
         }
