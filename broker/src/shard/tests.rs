@@ -497,31 +497,66 @@ async fn receipts_settle(store: &dyn InboxStore, what: &str) {
 /// right after it is replayed (a fresh store with the writes up to there),
 /// the node starts again and the reader marks everything read: each sender
 /// then holds exactly one read receipt per message and at most one
-/// delivered receipt, never two, and none is missing.
+/// delivered receipt, never two, and none is missing. The second run has
+/// three of the reader's own messages in the middle of its inbox and a
+/// delivered mark that covers only them: a mark that owes nothing, which
+/// moves the reader's `R` row in the shard's memory only, so a crash loses
+/// that move and the next mark reads the range back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
+    use ReceiptStatus::{Delivered, Read};
+    let chats_only = [
+        (2, Read),
+        (5, Delivered),
+        (7, Read),
+        (9, Delivered),
+        (10, Read),
+        (12, Read),
+    ];
+    crash_after_every_write(None, &chats_only).await;
+    // Chats 1..=6 (seq 1..=6), the reader's own 7..=9, chats 10..=15.
+    let own_in_the_middle = [
+        (2, Read),
+        (6, Delivered),
+        (9, Delivered),
+        (11, Delivered),
+        (13, Read),
+        (15, Read),
+    ];
+    crash_after_every_write(Some(3), &own_in_the_middle).await;
+}
+
+/// The run of the test above: senders 1 and 3 send reader 2 their chats in
+/// turn, with three of the reader's own messages after round `own_after`;
+/// the reader marks `steps`; then a crash after each write is replayed.
+async fn crash_after_every_write(own_after: Option<u64>, steps: &[(u64, ReceiptStatus)]) {
     let rec = Arc::new(Recording {
         inner: MemoryStore::new(StoreConfig::default()),
         log: Default::default(),
     });
     let store: Arc<dyn InboxStore> = rec.clone();
-    let shards = Shards::start(2, ShardConfig::for_tests(), store.clone()).unwrap();
+    // The reader's messages stay (the tests' default trims them on ack):
+    // the checks below count each sender's messages in its inbox, and a
+    // trimmed inbox would leave nothing to check.
+    let config = || ShardConfig {
+        acked_retention_ms: 3_600_000,
+        ..ShardConfig::for_tests()
+    };
+    let shards = Shards::start(2, config(), store.clone()).unwrap();
     let (rtx, mut rrx) = mailbox::unbounded();
     for i in 1..=PER_SENDER {
         for s in [1, 3] {
             assert!(shards.send(2, chat_to_2(s, i, &rtx)).await);
             assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
         }
+        if own_after == Some(i) {
+            for own in 100..103 {
+                assert!(shards.send(2, chat_to_2(2, own, &rtx)).await);
+                assert_eq!(result(&mut rrx).await.code, ErrorCode::OK);
+            }
+        }
     }
-    let steps = [
-        (2, ReceiptStatus::Read),
-        (5, ReceiptStatus::Delivered),
-        (7, ReceiptStatus::Read),
-        (9, ReceiptStatus::Delivered),
-        (10, ReceiptStatus::Read),
-        (12, ReceiptStatus::Read),
-    ];
-    for (seq, status) in steps {
+    for &(seq, status) in steps {
         assert!(shards.send(2, mark_2(seq, status)).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -535,14 +570,21 @@ async fn receipts_reach_each_sender_once_whatever_write_a_crash_follows() {
         for w in &log[..cut] {
             w.apply(&*after);
         }
-        let shards = Shards::start(2, ShardConfig::for_tests(), after.clone()).unwrap();
+        let shards = Shards::start(2, config(), after.clone()).unwrap();
         let head = after.state(2).unwrap().head_seq;
         assert!(shards.send(2, mark_2(head, ReceiptStatus::Read)).await);
-        let what = format!("crash after write {cut} of {}", log.len());
+        let what = format!(
+            "own after {own_after:?}: crash after write {cut} of {}",
+            log.len()
+        );
         receipts_settle(&*after, &what).await;
         shards.stop().await;
         for s in [1, 3] {
             let counts = receipts_at(&*after, s);
+            assert!(
+                sent_by(&*after, s) > 0 || cut < 3,
+                "{what}: sender {s}'s messages are gone"
+            );
             for i in 1..=sent_by(&*after, s) {
                 assert_eq!(
                     counts.get(&(i, ReceiptStatus::Read as u8)),
