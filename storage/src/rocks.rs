@@ -36,8 +36,9 @@
 //!   filter drops entries older than the idempotency window so it stays small.
 //!   Nearly every lookup is a miss (a new message's key), so its memtables
 //!   keep a whole-key bloom too: a miss costs a few hashed bits, not a
-//!   search of the skip list (at 10,000 connections that search was 13% of
-//!   the shard threads' samples).
+//!   search of the skip list (at 10,000 connections that search was 8.4%
+//!   of the node's samples: BENCHMARKS, "10,000 connections with
+//!   phone-like acknowledgements").
 //! - Trimming acknowledged messages is a range delete over one inbox prefix:
 //!   one tombstone instead of one per message.
 //! - An inbox entry is either a record or a 25-byte reference to a record in

@@ -165,8 +165,9 @@ impl PendingBroadcast {
 /// A user's `R` row as planned, and the cursors of the last one put in a
 /// write. A mark that owes nothing (it covers the user's own messages,
 /// receipts, group references) moves the row here only, while its read
-/// cursor stays and its delivered cursor is within `receipts::UNWRITTEN_MAX` of the
-/// written one: a sender acknowledging the receipts it is pushed would
+/// cursor stays and its delivered cursor is within
+/// `receipts::UNWRITTEN_MAX` of the written one: a sender acknowledging
+/// the receipts it is pushed would
 /// otherwise rewrite the row for each. Nothing is lost by a crash: the
 /// next mark starts from the row on disk and finds that range owing
 /// nothing again. The next mark that owes, or that reads, writes the row.
