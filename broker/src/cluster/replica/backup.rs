@@ -116,6 +116,7 @@ impl Replication {
             self.following
                 .lock()
                 .expect("following lock")
+                .shards
                 .remove(&shard);
             return;
         };
@@ -126,9 +127,10 @@ impl Replication {
                 self.delete_copy(shard, run).await;
             }
             // A view that made this node a copy again meanwhile found this
-            // task running and started none: go on here.
+            // task running and started none: go on here. The view `follow`
+            // was last given, under its lock (see `Following`).
             let mut following = self.following.lock().expect("following lock");
-            let view = cluster.view();
+            let view = following.view.clone();
             let again = !cluster.stop.is_cancelled()
                 && view.replication() > 1
                 && view
@@ -137,7 +139,7 @@ impl Replication {
                     .and_then(|o| o.as_ref())
                     .is_some_and(|o| o.node != self.me && o.replicas.contains(&self.me));
             if !again {
-                following.remove(&shard);
+                following.shards.remove(&shard);
                 return;
             }
         }
@@ -151,7 +153,7 @@ impl Replication {
             if cluster.stop.is_cancelled() {
                 break None;
             }
-            let view = cluster.view();
+            let view = self.followed_view();
             let Some(o) = view.owners.get(shard as usize).and_then(|o| o.clone()) else {
                 break None;
             };

@@ -227,6 +227,21 @@ struct Primaries {
     left: BTreeSet<u32>,
 }
 
+/// The shards with a backup task running here, and the last view
+/// [`Replication::follow`] was given. The tasks go by that view, read
+/// under this lock, not by `Cluster::view`, which is published only after
+/// `follow` returns: a view that made this node a copy of a shard while
+/// that shard's task was ending found the task listed and started none,
+/// and the task, reading the older view, ended. Nobody copied the shard
+/// and the controller waited on it for good (a joining node's first
+/// copies, given while its sweep of leftovers ran; the container test's
+/// join stage found it).
+#[derive(Default)]
+struct Following {
+    shards: BTreeSet<u32>,
+    view: Arc<View>,
+}
+
 /// Replication on one node: the primary side of the shards it leads and
 /// the backup side of the shards it copies.
 pub struct Replication {
@@ -237,8 +252,8 @@ pub struct Replication {
     settled: Condvar,
     tails: Mutex<HashMap<u32, Tail>>,
     next_tail: AtomicU64,
-    /// Shards with a backup task running here.
-    following: Mutex<BTreeSet<u32>>,
+    /// Shards with a backup task running here, and the view they go by.
+    following: Mutex<Following>,
     /// Whether the shards this node is no copy of were swept (once).
     swept: AtomicBool,
     cluster: OnceLock<Arc<Cluster>>,
@@ -265,7 +280,7 @@ impl Replication {
             settled: Condvar::new(),
             tails: Mutex::new(HashMap::new()),
             next_tail: AtomicU64::new(1),
-            following: Mutex::new(BTreeSet::new()),
+            following: Mutex::new(Following::default()),
             swept: AtomicBool::new(false),
             cluster: OnceLock::new(),
             slots: OnceLock::new(),
@@ -301,12 +316,19 @@ impl Replication {
         self.cluster.get()
     }
 
+    /// The last view [`Replication::follow`] was given.
+    fn followed_view(&self) -> Arc<View> {
+        self.following.lock().expect("following lock").view.clone()
+    }
+
     // ----- views -----
 
     /// Follows a new view, before anything routes by it: streams for the
     /// shards this node leads, tails dropped for shards it no longer
     /// copies from that primary, backup tasks for the shards it copies.
     pub fn follow(self: &Arc<Self>, view: &View) {
+        // Every view, first: the backup tasks go by it (see `Following`).
+        self.following.lock().expect("following lock").view = Arc::new(view.clone());
         if view.replication() <= 1 {
             return;
         }
@@ -403,7 +425,7 @@ impl Replication {
         }
         let mut following = self.following.lock().expect("following lock");
         for shard in copies {
-            if following.insert(shard) {
+            if following.shards.insert(shard) {
                 debug!(shard, revision = view.revision, "a copy's task starts");
                 self.runtime.spawn(self.clone().backup(shard));
             }
