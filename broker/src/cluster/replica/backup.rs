@@ -112,7 +112,8 @@ impl Replication {
     /// removed it, or it was removed while this node was away).
     pub(super) async fn backup(self: Arc<Self>, shard: u32) {
         let Some(cluster) = self.cluster().cloned() else {
-            debug!(shard, "a copy's task found no cluster yet; it ends");
+            // `follow` starts these tasks only once `start` set the cluster.
+            warn!(shard, "a copy's task found no cluster; it ends");
             self.following
                 .lock()
                 .expect("following lock")

@@ -254,6 +254,10 @@ pub struct Replication {
     next_tail: AtomicU64,
     /// Shards with a backup task running here, and the view they go by.
     following: Mutex<Following>,
+    /// Held by each [`Replication::follow`] from start to end, and by
+    /// `start`'s following again: views are followed one at a time, in
+    /// the order they were given, so no older view undoes a newer one.
+    follow_turn: Mutex<()>,
     /// Whether the shards this node is no copy of were swept (once).
     swept: AtomicBool,
     cluster: OnceLock<Arc<Cluster>>,
@@ -281,6 +285,7 @@ impl Replication {
             tails: Mutex::new(HashMap::new()),
             next_tail: AtomicU64::new(1),
             following: Mutex::new(Following::default()),
+            follow_turn: Mutex::new(()),
             swept: AtomicBool::new(false),
             cluster: OnceLock::new(),
             slots: OnceLock::new(),
@@ -296,10 +301,15 @@ impl Replication {
     pub fn start(self: &Arc<Self>, cluster: Arc<Cluster>, slots: Arc<Slots>, metrics: &Metrics) {
         self.metrics.register(metrics);
         let _ = cluster.replication.set(self.clone());
-        let view = cluster.view();
         let _ = self.cluster.set(cluster);
-        // What views came before this could not reach the cluster yet.
-        self.follow(&view);
+        // The views followed while the node joined started no backup task
+        // (they need the cluster): follow the last of them again, now that
+        // tasks can start, in turn with any view arriving meanwhile.
+        {
+            let _turn = self.follow_turn.lock().expect("follow turn");
+            let view = self.followed_view();
+            self.follow_in_turn(view);
+        }
         let _ = self.slots.set(slots);
         self.runtime.spawn(self.clone().fence_watch());
     }
@@ -327,8 +337,14 @@ impl Replication {
     /// shards this node leads, tails dropped for shards it no longer
     /// copies from that primary, backup tasks for the shards it copies.
     pub fn follow(self: &Arc<Self>, view: &View) {
+        let _turn = self.follow_turn.lock().expect("follow turn");
+        self.follow_in_turn(Arc::new(view.clone()));
+    }
+
+    /// [`Replication::follow`], under `follow_turn`.
+    fn follow_in_turn(self: &Arc<Self>, view: Arc<View>) {
         // Every view, first: the backup tasks go by it (see `Following`).
-        self.following.lock().expect("following lock").view = Arc::new(view.clone());
+        self.following.lock().expect("following lock").view = view.clone();
         if view.replication() <= 1 {
             return;
         }
@@ -411,14 +427,18 @@ impl Replication {
                 }
                 stands
             });
-            // Once, at the first map: a task also for each shard this node
-            // does not hold, which deletes what is left of it here (a copy
-            // removed while this node was away).
-            let sweep = !self.swept.swap(true, Ordering::AcqRel);
-            for (shard, o) in view.owners.iter().enumerate() {
-                if let Some(o) = o {
-                    if o.node != self.me && (sweep || o.replicas.contains(&self.me)) {
-                        copies.push(shard as u32);
+            // Backup tasks copy over the cluster's links: none starts
+            // before `start`, which follows the last view again. Once, at
+            // the first map followed from then on: a task also for each
+            // shard this node does not hold, which deletes what is left of
+            // it here (a copy removed while this node was away).
+            if self.cluster().is_some() {
+                let sweep = !self.swept.swap(true, Ordering::AcqRel);
+                for (shard, o) in view.owners.iter().enumerate() {
+                    if let Some(o) = o {
+                        if o.node != self.me && (sweep || o.replicas.contains(&self.me)) {
+                            copies.push(shard as u32);
+                        }
                     }
                 }
             }
@@ -748,5 +768,62 @@ impl Replication {
             }
             op => Box::pin(async move { Err(format!("unknown replication request {op}")) }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::view::{ClusterRecord, Owner};
+    use courier_storage::{MemoryStore, StoreConfig};
+
+    /// Two shards, two copies each: node `a` copies shard 0 (led by `b`)
+    /// and holds nothing of shard 1 (led by `c`, copied by `b`).
+    fn view(revision: i64) -> View {
+        let owner = |node: &str, replicas: [&str; 2]| {
+            Some(Owner {
+                node: node.into(),
+                epoch: 1,
+                revision,
+                replicas: replicas.map(str::to_owned).to_vec(),
+                isr: replicas.map(str::to_owned).to_vec(),
+                removing: None,
+            })
+        };
+        View {
+            revision,
+            config: Some(ClusterRecord {
+                shards: 2,
+                created_ms: 0,
+                replication: 2,
+            }),
+            owners: vec![owner("b", ["b", "a"]), owner("c", ["c", "b"])],
+            etcd_up: true,
+            ..View::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn views_followed_while_joining_start_no_copy_and_leave_the_sweep_to_start() {
+        let store = Arc::new(MemoryStore::new(StoreConfig::default()));
+        let r = Replication::new("a".into(), store);
+        r.follow(&view(7));
+        r.follow(&view(9));
+        // A task started now would find no cluster and end, its shard
+        // followed by no one; and the one-time sweep would be spent on
+        // tasks that never ran.
+        assert!(
+            r.following.lock().unwrap().shards.is_empty(),
+            "no backup task before start"
+        );
+        assert!(
+            !r.swept.load(Ordering::Acquire),
+            "the sweep is left to start"
+        );
+        assert_eq!(
+            r.followed_view().revision,
+            9,
+            "start follows the last view again"
+        );
     }
 }
