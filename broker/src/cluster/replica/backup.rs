@@ -110,17 +110,7 @@ impl Replication {
     /// as the view makes it a backup; deletes the copy once the view no
     /// longer names this node among the shard's copies (the controller
     /// removed it, or it was removed while this node was away).
-    pub(super) async fn backup(self: Arc<Self>, shard: u32) {
-        let Some(cluster) = self.cluster().cloned() else {
-            // `follow` starts these tasks only once `start` set the cluster.
-            warn!(shard, "a copy's task found no cluster; it ends");
-            self.following
-                .lock()
-                .expect("following lock")
-                .shards
-                .remove(&shard);
-            return;
-        };
+    pub(super) async fn backup(self: Arc<Self>, cluster: Arc<Cluster>, shard: u32) {
         loop {
             let removed = self.follow_copy(&cluster, shard).await;
             self.drop_tail(shard, None);

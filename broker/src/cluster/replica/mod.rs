@@ -412,6 +412,7 @@ impl Replication {
         // Backups: a tail stays only while its primary and epoch stand,
         // and this node is still one of the shard's copies.
         let mut copies = Vec::new();
+        let cluster = self.cluster().cloned();
         {
             let mut tails = self.tails.lock().expect("tails lock");
             tails.retain(|shard, t| {
@@ -432,7 +433,7 @@ impl Replication {
             // the first map followed from then on: a task also for each
             // shard this node does not hold, which deletes what is left of
             // it here (a copy removed while this node was away).
-            if self.cluster().is_some() {
+            if cluster.is_some() {
                 let sweep = !self.swept.swap(true, Ordering::AcqRel);
                 for (shard, o) in view.owners.iter().enumerate() {
                     if let Some(o) = o {
@@ -445,9 +446,13 @@ impl Replication {
         }
         let mut following = self.following.lock().expect("following lock");
         for shard in copies {
+            // `copies` is empty without the cluster.
+            let Some(cluster) = cluster.clone() else {
+                break;
+            };
             if following.shards.insert(shard) {
                 debug!(shard, revision = view.revision, "a copy's task starts");
-                self.runtime.spawn(self.clone().backup(shard));
+                self.runtime.spawn(self.clone().backup(cluster, shard));
             }
         }
         drop(following);
