@@ -1,1 +1,2 @@
-//! Benchmarks live in `benches/`; this library is empty.
+//! Benchmarks live in `benches/`, and `src/bin/courier-census.rs` is the
+//! node with an allocation census; this library is empty.

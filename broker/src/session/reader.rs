@@ -21,9 +21,13 @@ use crate::node::Node;
 use crate::shard::messages::{Answer, Reply, ShardCmd};
 
 /// The reader side's per-connection state.
+/// A welcomed session's read side; counted in `connections_open` from
+/// [`super::begin`] until it is dropped.
 pub(crate) struct Reader {
     pub(super) node: Arc<Node>,
     pub(super) user: u64,
+    /// This session's id among the user's sessions (its registration).
+    pub(super) session_id: u64,
     pub(super) device: u32,
     /// The writer's reply queue (answers to this session's requests).
     pub(super) replies: mailbox::Sender<Reply>,
@@ -32,6 +36,12 @@ pub(crate) struct Reader {
     pub(super) inflight: Arc<Semaphore>,
     /// This connection's sends per second (`limits.sends_per_connection_per_sec`).
     pub(super) send_bucket: Bucket,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.node.metrics.connections_open.dec();
+    }
 }
 
 /// Why the read loop ended: the goodbye to send (none if the client went
@@ -45,21 +55,24 @@ impl Reader {
     /// Reads and handles frames until the client goes, the stream breaks,
     /// nothing arrives within `limits.idle_timeout_ms`, or the node stops.
     pub(crate) async fn read_loop<R: NetRead>(&mut self, frames: &mut FrameReader<R>) -> Ended {
-        let idle_ms = self.node.config.limits.idle_timeout_ms;
-        let idle = Duration::from_millis(idle_ms);
-        let node = self.node.clone();
+        // Nothing here outlives the wait but the wait itself: this future is
+        // most of a waiting connection's task (the idle timeout is read
+        // from the config each time rather than held, the node borrowed
+        // rather than cloned).
         let stopping = || Reason::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
         let goodbye = |reason: Reason| Ended {
             closed_by: CloseReason::of_code(reason.code),
             goodbye: Some(reason),
         };
         loop {
+            let idle = Duration::from_millis(self.node.config.limits.idle_timeout_ms);
             let next = tokio::select! {
-                _ = node.shutdown.cancelled() => return goodbye(stopping()),
+                _ = self.node.shutdown.cancelled() => return goodbye(stopping()),
                 r = tokio::time::timeout(idle, frames.next_frame()) => r,
             };
             match next {
                 Err(_) => {
+                    let idle_ms = self.node.config.limits.idle_timeout_ms;
                     let why = format!("nothing received for {idle_ms} ms");
                     return goodbye(Reason::new(ErrorCode::IDLE_TIMEOUT, why));
                 }

@@ -4,7 +4,7 @@
 //! one buffer and writes them in one write; a full delivery queue, or a
 //! gap, sends it to catch-up (`catch_up`), which reads the store.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -98,7 +98,7 @@ pub(crate) struct Writer<W> {
     /// Highest sequence handed to the socket (or queued in `pending`).
     pub(super) delivered: u64,
     /// Log-strategy groups this session reads, by group id.
-    pub(super) groups: HashMap<u64, GroupStream>,
+    pub(super) groups: BTreeMap<u64, GroupStream>,
     /// Re-read the user's group rows before the next catch-up.
     pub(super) rescan: bool,
     /// The session's in-flight permits: one comes back per send answered.
@@ -110,7 +110,7 @@ pub(crate) struct Writer<W> {
     /// Group log deliveries waiting to be encoded as `GroupDeliver` frames.
     pub(super) pending_group: Vec<(u64, Arc<Message>)>,
     /// Results of batches in progress: slots and how many are still missing.
-    batches: HashMap<u32, (Vec<Option<SendResult>>, usize)>,
+    batches: BTreeMap<u32, (Vec<Option<SendResult>>, usize)>,
     max_frame_len: usize,
     pub(super) metrics: Arc<Metrics>,
     /// Accept times of the live deliveries in `out`, observed once written.
@@ -152,13 +152,13 @@ impl<W: NetWrite> Writer<W> {
             store: node.store.clone(),
             user: inputs.user,
             delivered: inputs.start_after,
-            groups: HashMap::new(),
+            groups: BTreeMap::new(),
             rescan: true,
             inflight: inputs.inflight,
             out: BytesMut::new(),
             pending: Vec::new(),
             pending_group: Vec::new(),
-            batches: HashMap::new(),
+            batches: BTreeMap::new(),
             max_frame_len: node.config.limits.max_frame_len as usize,
             metrics: node.metrics.clone(),
             pushed: Vec::new(),
