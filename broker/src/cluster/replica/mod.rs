@@ -444,18 +444,16 @@ impl Replication {
                 }
             }
         }
-        let mut following = self.following.lock().expect("following lock");
-        for shard in copies {
-            // `copies` is empty without the cluster.
-            let Some(cluster) = cluster.clone() else {
-                break;
-            };
-            if following.shards.insert(shard) {
-                debug!(shard, revision = view.revision, "a copy's task starts");
-                self.runtime.spawn(self.clone().backup(cluster, shard));
+        if let Some(cluster) = cluster {
+            let mut following = self.following.lock().expect("following lock");
+            for shard in copies {
+                if following.shards.insert(shard) {
+                    debug!(shard, revision = view.revision, "a copy's task starts");
+                    self.runtime
+                        .spawn(self.clone().backup(cluster.clone(), shard));
+                }
             }
         }
-        drop(following);
         self.fence_shards();
     }
 
