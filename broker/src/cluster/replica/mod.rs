@@ -302,15 +302,18 @@ impl Replication {
         self.metrics.register(metrics);
         let _ = cluster.replication.set(self.clone());
         let _ = self.cluster.set(cluster);
+        // Before the views are followed again: following ends by fencing
+        // the shards it must not serve yet, on the slots.
+        let _ = self.slots.set(slots);
         // The views followed while the node joined started no backup task
-        // (they need the cluster): follow the last of them again, now that
-        // tasks can start, in turn with any view arriving meanwhile.
+        // (they need the cluster) and fenced nothing (no slots yet): follow
+        // the last of them again, now that both can happen, in turn with
+        // any view arriving meanwhile.
         {
             let _turn = self.follow_turn.lock().expect("follow turn");
             let view = self.followed_view();
             self.follow_in_turn(view);
         }
-        let _ = self.slots.set(slots);
         self.runtime.spawn(self.clone().fence_watch());
     }
 
