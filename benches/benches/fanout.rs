@@ -67,6 +67,10 @@ fn fanout(c: &mut Criterion) {
                         ),
                     ),
                     clicks: None,
+                    reports: courier_broker::reports::Reports::start(
+                        courier_broker::reports::QUEUE_LEN,
+                    )
+                    .expect("a reports thread"),
                 };
                 let shards = Shards::start(2, config, store).unwrap();
                 let group = courier_protocol::GROUP_ID_BIT | 1;

@@ -25,7 +25,8 @@
 //!   connection, unauthenticated and per-source budgets), [`node`] (what
 //!   every connection shares), [`server`] (start, accept loops, shutdown),
 //!   [`admin`] (health, metrics, admin API), [`webhooks`] (businesses'
-//!   events posted to their endpoints) and [`cli`].
+//!   events posted to their endpoints), [`reports`] (long read-only admin
+//!   reports, off the shard threads) and [`cli`].
 //!
 //! [`fuzzing`] holds the fuzz targets (stored rows, the session state
 //! machine against an in-process node) that `fuzz/` and the tests drive.
@@ -47,6 +48,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod reports;
 pub mod server;
 pub mod session;
 pub mod shard;

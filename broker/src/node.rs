@@ -147,6 +147,7 @@ impl Node {
                         key: key.clone(),
                     })
                 }),
+                reports: crate::reports::Reports::start(crate::reports::QUEUE_LEN)?,
             },
             store.clone(),
         )?;

@@ -29,26 +29,28 @@ use courier_protocol::{
     Body, BusinessInfo, BusinessOp, BusinessRequest, Destination, ErrorCode, MessageKind, Purpose,
     ReceiptPayload, ReceiptStatus, SendResult, TemplatePack,
 };
-use courier_storage::{slot_of, KvOp};
+use courier_storage::{slot_of, InboxStore, KvOp};
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
+use super::business_events::stats_report;
 use super::business_state::{Loaded, Pair};
 use super::core::Shard;
 use super::messages::{
-    failed, AdminOp, BusinessAdminCmd, BusinessAskCmd, BusinessSendCmd, Completion, OutcomeTap,
-    SendCmd, ShardCmd,
+    failed, AdminAnswer, AdminOp, BusinessAdminCmd, BusinessAskCmd, BusinessSendCmd, Completion,
+    OutcomeTap, SendCmd, ShardCmd,
 };
 use super::route::shard_of;
 use crate::config::BusinessSettings;
 use crate::error::BrokerError;
+use crate::reports::Turn;
 use crate::state::business::{
     check_display_name, check_template_name, invalid, keyword, weighted, Bucket, BusinessRow,
     ConsentEntry, DayCounts, Invalid, Keyword, PairRow, Quality, Template, TemplateStatus,
     QUALITY_DAYS, SOURCES, TIERS, VERIFIED_TIER,
 };
 use crate::state::business::{is_marketing, MarketingRow};
-use crate::state::business_events::{Fact, MessageRow, Origin};
+use crate::state::business_events::{Fact, MessageRow, Origin, Period};
 use crate::state::keys;
 use crate::state::rows::corrupt;
 
@@ -1056,25 +1058,54 @@ impl Shard {
 
     /// An admin API request for business `b`, answered once written.
     pub(crate) fn business_admin(&mut self, a: BusinessAdminCmd) {
-        let answer = self.answer_admin(a.business, a.op).map_err(|e| match e {
-            AdminError::Invalid(i) => i,
-            AdminError::Broker(
-                e @ BrokerError::Storage(courier_storage::StoreError::Unreplicated(_)),
-            ) => Invalid {
-                status: 503,
-                code: "unavailable",
-                message: format!("{e}; retry"),
-            },
-            AdminError::Broker(e) => {
-                error!(shard = self.id, error = %e, "a business admin request failed");
-                Invalid {
-                    status: 500,
-                    code: "internal",
-                    message: e.to_string(),
-                }
-            }
-        });
+        let shard = self.id;
+        if let Some(report) = Report::of(&a.op) {
+            return self.hand_report(a.business, report, a.answer);
+        }
+        let answer = self
+            .answer_admin(a.business, a.op)
+            .map_err(|e| admin_failure(shard, e));
         let _ = a.answer.send(answer);
+    }
+
+    /// A report that reads a business's whole history: checked here, made
+    /// on the reports thread (`crate::reports`), whose answer goes to the
+    /// asker. What this shard counted is already written: a
+    /// `BusinessAdmin` runs after `write_batch`.
+    fn hand_report(&mut self, b: u64, report: Report, answer: AdminAnswer) {
+        let shard = self.id;
+        if let Err(e) = self.admin_business(b) {
+            let _ = answer.send(Err(admin_failure(shard, e)));
+            return;
+        }
+        let store = self.store.clone();
+        self.config.reports.run(move |turn| {
+            let made = match turn {
+                Turn::Run => report.make(&*store, b).map_err(|e| admin_failure(shard, e)),
+                Turn::Busy => Err(Invalid {
+                    status: 503,
+                    code: "busy",
+                    message: format!(
+                        "{} reports are waiting to be made on this node; retry",
+                        crate::reports::QUEUE_LEN
+                    ),
+                }),
+            };
+            let _ = answer.send(made);
+        });
+    }
+
+    /// Business `b`, loaded, for an admin request (404 if it is none).
+    fn admin_business(&mut self, b: u64) -> Result<(), AdminError> {
+        if !self.is_business(b) {
+            return Err(AdminError::Invalid(Invalid {
+                status: 404,
+                code: "not_a_business",
+                message: format!("{b} is not a business"),
+            }));
+        }
+        self.loaded(b)?;
+        Ok(())
     }
 
     fn answer_admin(&mut self, b: u64, op: AdminOp) -> Result<serde_json::Value, AdminError> {
@@ -1112,14 +1143,7 @@ impl Shard {
                 return Ok(self.loaded(b)?.row.to_json(b));
             }
         }
-        if !self.is_business(b) {
-            return Err(AdminError::Invalid(Invalid {
-                status: 404,
-                code: "not_a_business",
-                message: format!("{b} is not a business"),
-            }));
-        }
-        self.loaded(b)?;
+        self.admin_business(b)?;
         let loaded = self.business.loaded.get_mut(&b).expect("loaded");
         let mut row = loaded.row.clone();
         let value = match op {
@@ -1356,25 +1380,14 @@ impl Shard {
                 message,
                 customer: Some(customer),
             } => self.message_json(b, message, customer)?,
+            // `business_admin` hands these to the reports thread and never
+            // brings them here; answered all the same, so that the match
+            // stays whole for any other caller.
+            AdminOp::Stats { period } => Report::Stats(period).make(&*self.store, b)?,
             AdminOp::MessageStatus {
                 message,
                 customer: None,
-            } => {
-                let mut rows = Vec::new();
-                for (_, v) in self
-                    .store
-                    .scan(&keys::message_statuses_of(b, message), usize::MAX)?
-                {
-                    let row = MessageRow::decode(&v).ok_or_else(|| {
-                        BrokerError::from(corrupt("message status", format!("{b}.{message}")))
-                    })?;
-                    rows.push(row);
-                }
-                if rows.is_empty() {
-                    return Err(no_such_message(b, message).into());
-                }
-                serde_json::json!({ "business": b, "message": message, "customers": rows })
-            }
+            } => Report::MessageStatuses(message).make(&*self.store, b)?,
             AdminOp::Engagement => self.engagement_report(b)?,
             AdminOp::Labels { customer, labels } => {
                 if let Some(labels) = labels {
@@ -1397,10 +1410,6 @@ impl Shard {
                 row.utc_offset_minutes = utc_offset_minutes;
                 self.save_row(b, row)?;
                 self.engagement_report(b)?
-            }
-            AdminOp::Stats { period } => {
-                let rows = self.stats_report(b, period)?;
-                serde_json::json!({ "business": b, "period": period.name(), "rows": rows })
             }
             AdminOp::SetWebhook { url, secret } => {
                 if !url.is_empty() {
@@ -1627,6 +1636,71 @@ impl Shard {
 pub(super) enum AdminError {
     Invalid(Invalid),
     Broker(BrokerError),
+}
+
+/// What an admin request that failed answers.
+fn admin_failure(shard: u64, e: AdminError) -> Invalid {
+    match e {
+        AdminError::Invalid(i) => i,
+        AdminError::Broker(
+            e @ BrokerError::Storage(courier_storage::StoreError::Unreplicated(_)),
+        ) => Invalid {
+            status: 503,
+            code: "unavailable",
+            message: format!("{e}; retry"),
+        },
+        AdminError::Broker(e) => {
+            error!(shard, error = %e, "a business admin request failed");
+            Invalid {
+                status: 500,
+                code: "internal",
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// The admin requests made on the reports thread: each reads rows without
+/// bound (every half hour a business counted, every customer a message
+/// went to), only from the store.
+enum Report {
+    Stats(Period),
+    MessageStatuses(u64),
+}
+
+impl Report {
+    fn of(op: &AdminOp) -> Option<Report> {
+        match *op {
+            AdminOp::Stats { period } => Some(Report::Stats(period)),
+            AdminOp::MessageStatus {
+                message,
+                customer: None,
+            } => Some(Report::MessageStatuses(message)),
+            _ => None,
+        }
+    }
+
+    fn make(&self, store: &dyn InboxStore, b: u64) -> Result<serde_json::Value, AdminError> {
+        match *self {
+            Report::Stats(period) => {
+                let rows = stats_report(store, b, period)?;
+                Ok(serde_json::json!({ "business": b, "period": period.name(), "rows": rows }))
+            }
+            Report::MessageStatuses(message) => {
+                let mut rows = Vec::new();
+                for (_, v) in store.scan(&keys::message_statuses_of(b, message), usize::MAX)? {
+                    let row = MessageRow::decode(&v).ok_or_else(|| {
+                        BrokerError::from(corrupt("message status", format!("{b}.{message}")))
+                    })?;
+                    rows.push(row);
+                }
+                if rows.is_empty() {
+                    return Err(no_such_message(b, message).into());
+                }
+                Ok(serde_json::json!({ "business": b, "message": message, "customers": rows }))
+            }
+        }
+    }
 }
 
 impl From<Invalid> for AdminError {

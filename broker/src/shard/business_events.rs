@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 
 use courier_protocol::ErrorCode;
-use courier_storage::KvOp;
+use courier_storage::{InboxStore, KvOp};
 use tracing::error;
 
 use super::core::Shard;
@@ -473,62 +473,6 @@ impl Shard {
         }
     }
 
-    /// Business `b`'s statistics per `period`, oldest first: each row's
-    /// period start, template and language (empty: all messages) and its
-    /// figures as reports show them. A day's or a month's row is the sum of
-    /// its half hours' (rows of those periods that earlier versions wrote
-    /// count the same facts and are not read).
-    pub(crate) fn stats_report(
-        &mut self,
-        b: u64,
-        period: Period,
-    ) -> Result<Vec<serde_json::Value>, BrokerError> {
-        // What this shard counted was written with the batch before this
-        // request (a `BusinessAdmin` runs after `write_batch`).
-        let prefix = keys::stats_of(b, Period::HalfHour as u8);
-        // By (start, dimension): the keys' own order.
-        let mut rows: BTreeMap<(u64, Vec<u8>), Counts> = BTreeMap::new();
-        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
-            let Some(start) = keys::be_u64(&k, prefix.len()) else {
-                continue;
-            };
-            let counts = Counts::decode(&v)
-                .ok_or_else(|| BrokerError::from(corrupt("statistics", format!("business {b}"))))?;
-            let dim = k[prefix.len() + 8..].to_vec();
-            rows.entry((period.start(start), dim))
-                .or_default()
-                .merge(&counts);
-        }
-        let mut out = Vec::new();
-        for ((start, dim), counts) in rows {
-            let (template, language) = match dim.iter().position(|&c| c == 0) {
-                Some(i) => (&dim[..i], &dim[i + 1..]),
-                None => (&dim[..], &[][..]),
-            };
-            let mut r = counts.report();
-            r["start_ms"] = start.into();
-            let (template, language) = (
-                String::from_utf8_lossy(template),
-                String::from_utf8_lossy(language),
-            );
-            match template.strip_prefix('#').map(str::parse::<u64>) {
-                Some(Ok(campaign)) => {
-                    r["campaign"] = campaign.into();
-                    r["variant"] = language.into_owned().into();
-                    r["template"] = "".into();
-                    r["language"] = "".into();
-                }
-                _ => {
-                    r["template"] = template.into_owned().into();
-                    r["language"] = language.into_owned().into();
-                }
-            }
-            out.push(r);
-        }
-        // Key order is start order: the start comes before the dimension.
-        Ok(out)
-    }
-
     /// A receipt from `customer` for business `b`'s message `id`: moves
     /// a message the business sent through its rules (others have no row).
     pub(crate) fn receipted(&mut self, b: u64, customer: u64, id: u64, fact: Fact) {
@@ -644,4 +588,58 @@ impl Shard {
         }
         Ok((out, head))
     }
+}
+
+/// Business `b`'s statistics per `period`, oldest first: each row's
+/// period start, template and language (empty: all messages) and its
+/// figures as reports show them. A day's or a month's row is the sum of
+/// its half hours' (rows of those periods that earlier versions wrote
+/// count the same facts and are not read).
+pub(crate) fn stats_report(
+    store: &dyn InboxStore,
+    b: u64,
+    period: Period,
+) -> Result<Vec<serde_json::Value>, BrokerError> {
+    let prefix = keys::stats_of(b, Period::HalfHour as u8);
+    // By (start, dimension): the keys' own order.
+    let mut rows: BTreeMap<(u64, Vec<u8>), Counts> = BTreeMap::new();
+    for (k, v) in store.scan(&prefix, usize::MAX)? {
+        let Some(start) = keys::be_u64(&k, prefix.len()) else {
+            continue;
+        };
+        let counts = Counts::decode(&v)
+            .ok_or_else(|| BrokerError::from(corrupt("statistics", format!("business {b}"))))?;
+        let dim = k[prefix.len() + 8..].to_vec();
+        rows.entry((period.start(start), dim))
+            .or_default()
+            .merge(&counts);
+    }
+    let mut out = Vec::new();
+    for ((start, dim), counts) in rows {
+        let (template, language) = match dim.iter().position(|&c| c == 0) {
+            Some(i) => (&dim[..i], &dim[i + 1..]),
+            None => (&dim[..], &[][..]),
+        };
+        let mut r = counts.report();
+        r["start_ms"] = start.into();
+        let (template, language) = (
+            String::from_utf8_lossy(template),
+            String::from_utf8_lossy(language),
+        );
+        match template.strip_prefix('#').map(str::parse::<u64>) {
+            Some(Ok(campaign)) => {
+                r["campaign"] = campaign.into();
+                r["variant"] = language.into_owned().into();
+                r["template"] = "".into();
+                r["language"] = "".into();
+            }
+            _ => {
+                r["template"] = template.into_owned().into();
+                r["language"] = language.into_owned().into();
+            }
+        }
+        out.push(r);
+    }
+    // Key order is start order: the start comes before the dimension.
+    Ok(out)
 }

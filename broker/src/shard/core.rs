@@ -55,6 +55,8 @@ pub struct ShardConfig {
     /// Tracked links: URL buttons of business templates go through
     /// `<base>/c/<token>` (`business.click_base_url`; `None`: not tracked).
     pub clicks: Option<Arc<ClickLinks>>,
+    /// Where a business's long reports are made (see [`crate::reports`]).
+    pub reports: crate::reports::Reports,
 }
 
 /// How a shard turns a template's URL button into a tracked link.
@@ -80,6 +82,8 @@ impl ShardConfig {
                 crate::config::BusinessSettings::default().platform_account,
             )),
             clicks: None,
+            reports: crate::reports::Reports::start(crate::reports::QUEUE_LEN)
+                .expect("a reports thread"),
         }
     }
 }
