@@ -67,7 +67,10 @@ fn maybe_trace(size: usize) {
         return;
     }
     let every = TRACE_EVERY.load(Ordering::Relaxed).max(1);
-    if TRACE_SEEN.fetch_add(1, Ordering::Relaxed) % every != 0 {
+    if !TRACE_SEEN
+        .fetch_add(1, Ordering::Relaxed)
+        .is_multiple_of(every)
+    {
         return;
     }
     let _ = TRACING.try_with(|t| {
