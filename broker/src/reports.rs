@@ -1,8 +1,9 @@
 //! Long read-only reports, made on a thread of their own.
 //!
 //! A few admin requests read a business's whole history: its statistics
-//! (every half hour it ever counted) and one message's status for every
-//! customer it went to (a campaign's: up to a million rows). Made on the
+//! (every half hour it ever counted), one message's status for every
+//! customer it went to (a campaign's: up to a million rows) and the export
+//! of every customer's ledger. Made on the
 //! shard thread that received them, such a scan would hold up every send,
 //! mark and push of that shard's users for as long as it reads. The shard
 //! checks the request, writes what it holds in memory, and hands the scan

@@ -1059,7 +1059,7 @@ impl Shard {
     /// An admin API request for business `b`, answered once written.
     pub(crate) fn business_admin(&mut self, a: BusinessAdminCmd) {
         let shard = self.id;
-        if let Some(report) = Report::of(&a.op) {
+        if let Some(report) = Report::of(&a.op, self.now_ms()) {
             return self.hand_report(a.business, report, a.answer);
         }
         let answer = self
@@ -1314,7 +1314,7 @@ impl Shard {
             }
             AdminOp::ConsentOf { customer } => {
                 let current = self.pair(b, customer)?.row.to_json();
-                let history = self.history(b, Some(customer))?;
+                let history = history(&*self.store, b, Some(customer))?;
                 serde_json::json!({ "business": b, "customer": customer, "current": current, "history": history })
             }
             AdminOp::Erase { customer } => {
@@ -1367,11 +1367,7 @@ impl Shard {
                     "messages_erased": messages,
                 })
             }
-            AdminOp::Export { customer } => {
-                let history = self.history(b, customer)?;
-                let erasures = self.erasures(b, customer)?;
-                serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history, "erasures": erasures })
-            }
+            AdminOp::Export { customer } => export(&*self.store, b, customer, now)?,
             AdminOp::Events { after, limit } => {
                 let (events, head) = self.events_after(b, after, limit)?;
                 serde_json::json!({ "business": b, "last": head.last, "events": events })
@@ -1549,44 +1545,6 @@ impl Shard {
         }
     }
 
-    /// The ledger of one customer, or every customer, in order.
-    fn history(&self, b: u64, customer: Option<u64>) -> Result<serde_json::Value, BrokerError> {
-        let prefix = match customer {
-            Some(c) => keys::ledger(b, c),
-            None => keys::ledgers(b),
-        };
-        let mut out = Vec::new();
-        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
-            let c = keys::be_u64(&k, 9).unwrap_or(0);
-            match serde_json::from_slice::<ConsentEntry>(&v) {
-                Ok(e) => {
-                    let mut j = serde_json::to_value(&e).expect("an entry serializes");
-                    j["customer"] = c.into();
-                    out.push(j);
-                }
-                Err(e) => warn!(business = b, error = %e, "unreadable ledger entry skipped"),
-            }
-        }
-        Ok(serde_json::Value::Array(out))
-    }
-
-    /// The tombstones of erased customers (one customer's, or all).
-    fn erasures(&self, b: u64, customer: Option<u64>) -> Result<serde_json::Value, BrokerError> {
-        let prefix = match customer {
-            Some(c) => keys::pair(b, c),
-            None => keys::pairs(b),
-        };
-        let mut out = Vec::new();
-        for (k, v) in self.store.scan(&prefix, usize::MAX)? {
-            if let (Some(c), Some(p)) = (keys::last_id(&k), PairRow::decode(&v)) {
-                if p.erased_ms > 0 {
-                    out.push(serde_json::json!({ "customer": c, "erased_at_ms": p.erased_ms }));
-                }
-            }
-        }
-        Ok(serde_json::Value::Array(out))
-    }
-
     fn save_row(&mut self, b: u64, row: BusinessRow) -> Result<serde_json::Value, BrokerError> {
         self.write_now(&[business_write(b, &row)])?;
         let v = row.to_json(b);
@@ -1666,11 +1624,16 @@ fn admin_failure(shard: u64, e: AdminError) -> Invalid {
 enum Report {
     Stats(Period),
     MessageStatuses(u64),
+    /// Every customer's ledger and tombstone, as of `now`.
+    Export {
+        now: u64,
+    },
 }
 
 impl Report {
-    fn of(op: &AdminOp) -> Option<Report> {
+    fn of(op: &AdminOp, now: u64) -> Option<Report> {
         match *op {
+            AdminOp::Export { customer: None } => Some(Report::Export { now }),
             AdminOp::Stats { period } => Some(Report::Stats(period)),
             AdminOp::MessageStatus {
                 message,
@@ -1686,6 +1649,7 @@ impl Report {
                 let rows = stats_report(store, b, period)?;
                 Ok(serde_json::json!({ "business": b, "period": period.name(), "rows": rows }))
             }
+            Report::Export { now } => Ok(export(store, b, None, now)?),
             Report::MessageStatuses(message) => {
                 let mut rows = Vec::new();
                 for (_, v) in store.scan(&keys::message_statuses_of(b, message), usize::MAX)? {
@@ -1777,4 +1741,65 @@ fn info(b: u64, row: &BusinessRow, blocked: bool, marketing: bool, utility: bool
         marketing,
         utility,
     }
+}
+
+/// Business `b`'s export: one customer's ledger and tombstone, or every
+/// customer's.
+fn export(
+    store: &dyn InboxStore,
+    b: u64,
+    customer: Option<u64>,
+    now: u64,
+) -> Result<serde_json::Value, BrokerError> {
+    let history = history(store, b, customer)?;
+    let erasures = erasures(store, b, customer)?;
+    Ok(
+        serde_json::json!({ "business": b, "exported_at_ms": now, "ledger": history, "erasures": erasures }),
+    )
+}
+
+/// The ledger of one customer, or every customer, in order.
+fn history(
+    store: &dyn InboxStore,
+    b: u64,
+    customer: Option<u64>,
+) -> Result<serde_json::Value, BrokerError> {
+    let prefix = match customer {
+        Some(c) => keys::ledger(b, c),
+        None => keys::ledgers(b),
+    };
+    let mut out = Vec::new();
+    for (k, v) in store.scan(&prefix, usize::MAX)? {
+        let c = keys::be_u64(&k, 9).unwrap_or(0);
+        match serde_json::from_slice::<ConsentEntry>(&v) {
+            Ok(e) => {
+                let mut j = serde_json::to_value(&e).expect("an entry serializes");
+                j["customer"] = c.into();
+                out.push(j);
+            }
+            Err(e) => warn!(business = b, error = %e, "unreadable ledger entry skipped"),
+        }
+    }
+    Ok(serde_json::Value::Array(out))
+}
+
+/// The tombstones of erased customers (one customer's, or all).
+fn erasures(
+    store: &dyn InboxStore,
+    b: u64,
+    customer: Option<u64>,
+) -> Result<serde_json::Value, BrokerError> {
+    let prefix = match customer {
+        Some(c) => keys::pair(b, c),
+        None => keys::pairs(b),
+    };
+    let mut out = Vec::new();
+    for (k, v) in store.scan(&prefix, usize::MAX)? {
+        if let (Some(c), Some(p)) = (keys::last_id(&k), PairRow::decode(&v)) {
+            if p.erased_ms > 0 {
+                out.push(serde_json::json!({ "customer": c, "erased_at_ms": p.erased_ms }));
+            }
+        }
+    }
+    Ok(serde_json::Value::Array(out))
 }
