@@ -493,24 +493,20 @@ async fn refused_handshakes_are_counted_by_reason() {
     assert!(courier_client::Client::connect(config).await.is_err());
     let (c, _) = server.client(7).await;
     c.ping().await.unwrap();
-    assert_eq!(
-        server
-            .metric("courier_auth_failures_total{reason=\"wrong_identity\"}")
-            .await,
-        1
-    );
-    assert_eq!(
-        server
-            .metric("courier_auth_failures_total{reason=\"bad_token\"}")
-            .await,
-        1
-    );
-    assert_eq!(
-        server
-            .metric("courier_connections_closed_total{reason=\"auth_failed\"}")
-            .await,
-        2
-    );
+    // A refused connection is counted once its goodbye is written and the
+    // socket closed, which may come after the client has read the goodbye:
+    // wait (bounded) for each count, then check it is exact.
+    for (name, n) in [
+        ("courier_auth_failures_total{reason=\"wrong_identity\"}", 1),
+        ("courier_auth_failures_total{reason=\"bad_token\"}", 1),
+        (
+            "courier_connections_closed_total{reason=\"auth_failed\"}",
+            2,
+        ),
+    ] {
+        server.wait_for_metric(name, n).await;
+        assert_eq!(server.metric(name).await, n, "{name}");
+    }
     assert_eq!(server.metric("courier_connections_open").await, 1);
     assert_eq!(
         server
