@@ -3,10 +3,10 @@
 //! A few admin requests read a business's whole history: its statistics
 //! (every half hour it ever counted), one message's status for every
 //! customer it went to (a campaign's: up to a million rows) and the export
-//! of every customer's ledger. Made on the
-//! shard thread that received them, such a scan would hold up every send,
-//! mark and push of that shard's users for as long as it reads. The shard
-//! checks the request, writes what it holds in memory, and hands the scan
+//! of every customer's ledger. Made on the shard thread that received
+//! them, such a scan would hold up every send, mark and push of that
+//! shard's users for as long as it reads. The shard writes what it held
+//! (as before every admin request), checks the request and hands the scan
 //! here; its answer goes straight to whoever asked.
 //!
 //! One thread, in the order asked, behind a bounded queue: when the queue
