@@ -20,9 +20,8 @@ use crate::net::seam::NetRead;
 use crate::node::Node;
 use crate::shard::messages::{Answer, Reply, ShardCmd};
 
-/// The reader side's per-connection state.
-/// A welcomed session's read side; counted in `connections_open` from
-/// [`super::begin`] until it is dropped.
+/// A welcomed session's read side, its per-connection state; counted in
+/// `connections_open` from [`super::begin`] until it is dropped.
 pub(crate) struct Reader {
     pub(super) node: Arc<Node>,
     pub(super) user: u64,

@@ -405,15 +405,22 @@ impl Server {
 
     /// Waits (bounded by `WAIT`) until the sample `name` is at least `value`.
     pub async fn wait_for_metric(&self, name: &str, value: u64) {
+        self.wait_metric(name, &format!("at least {value}"), |now| now >= value)
+            .await;
+    }
+
+    /// Waits (bounded by `WAIT`) until the sample `name` is `wanted`
+    /// (described as `what` if it never is).
+    pub async fn wait_metric(&self, name: &str, what: &str, wanted: impl Fn(u64) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let now = self.metric(name).await;
-            if now >= value {
+            if wanted(now) {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{name} stayed at {now}, below {value}"
+                "{name} stayed at {now}, not {what}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
