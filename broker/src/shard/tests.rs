@@ -1139,3 +1139,77 @@ async fn marks_that_owe_nothing_rewrite_the_receipt_row_only_within_a_bound() {
         "the stopping shard wrote its memory's row"
     );
 }
+
+/// A business's long reports are made on the reports thread: when its
+/// queue is full, one is refused at once with 503 `busy` (the shard does
+/// not wait, nor make it itself), a request for a user who is no business
+/// is still answered 404 by the shard, and once the thread is free the
+/// same request is answered.
+#[tokio::test]
+async fn a_full_reports_queue_refuses_a_report_at_once_with_busy() {
+    use super::messages::{AdminOp, BusinessAdminCmd};
+    use crate::reports::Reports;
+    use crate::state::business::Invalid;
+    use crate::state::business_events::Period;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let reports = Reports::start(1).unwrap();
+    let config = ShardConfig {
+        reports: reports.clone(),
+        ..ShardConfig::for_tests()
+    };
+    let store: Arc<dyn InboxStore> = Arc::new(MemoryStore::new(StoreConfig::default()));
+    let shards = Shards::start(2, config, store).unwrap();
+    let ask = |b: u64, op: AdminOp| {
+        let (answer, rx) = oneshot::channel();
+        let sent = shards.send(
+            b,
+            ShardCmd::BusinessAdmin(BusinessAdminCmd {
+                business: b,
+                op,
+                answer,
+            }),
+        );
+        async move {
+            assert!(sent.await, "the shard took the request");
+            tokio::time::timeout(WAIT, rx)
+                .await
+                .expect("answered in time")
+                .expect("answered")
+        }
+    };
+    let shop = 500;
+    let put = AdminOp::Put {
+        display_name: Some("Corner Shop".into()),
+        profile: None,
+    };
+    ask(shop, put).await.expect("registered");
+
+    // The thread busy with one report, the queue's one place taken.
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    reports.run(move |_| {
+        started_tx.send(()).unwrap();
+        let _ = gate_rx.recv_timeout(WAIT);
+    });
+    started_rx
+        .recv_timeout(WAIT)
+        .expect("the first report started");
+    reports.run(|_| {});
+
+    let stats = || AdminOp::Stats {
+        period: Period::Day,
+    };
+    let busy = ask(shop, stats()).await.expect_err("refused");
+    assert_eq!((busy.status, busy.code), (503, "busy"), "{busy:?}");
+    let none: Invalid = ask(501, stats()).await.expect_err("not a business");
+    assert_eq!((none.status, none.code), (404, "not_a_business"));
+
+    gate_tx.send(()).unwrap();
+    let made = ask(shop, stats())
+        .await
+        .expect("made once the thread is free");
+    assert_eq!(made["business"], shop);
+    assert_eq!(made["period"], "day");
+    shards.stop().await;
+}
