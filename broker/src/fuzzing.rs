@@ -117,6 +117,7 @@ pub fn hello(user: u64) -> Vec<u8> {
             user_id: user,
             device_id: 1,
             resume_after: None,
+            receipts_after: None,
             token: token.into_bytes().into(),
         }),
     );

@@ -153,6 +153,9 @@ pub struct ShardMetrics {
     pub group_messages: IntCounter,
     pub refs_stored: IntCounter,
     pub receipts_stored: IntCounter,
+    /// Receipts that moved a sender's fact row (senders who take receipts
+    /// as facts; a repeat that moves nothing is not counted).
+    pub receipt_facts: IntCounter,
     /// Marks whose range was read back from the store (not all among the
     /// shard's remembered recent entries).
     pub receipt_range_reads: IntCounter,
@@ -264,6 +267,10 @@ impl ShardMetrics {
                 "courier_receipts_stored_total",
                 "Receipt messages appended to senders' inboxes.",
             ),
+            receipt_facts: counter(
+                "courier_receipt_facts_total",
+                "Receipts that moved a sender's receipt fact (senders who take receipts as facts).",
+            ),
             receipt_range_reads: counter(
                 "courier_receipt_range_reads_total",
                 "Marks whose newly covered inbox range was read from the store (not remembered in memory).",
@@ -329,6 +336,7 @@ impl ShardMetrics {
             &self.group_messages,
             &self.refs_stored,
             &self.receipts_stored,
+            &self.receipt_facts,
             &self.receipt_range_reads,
         ] {
             register(r, c.clone());

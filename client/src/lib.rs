@@ -16,7 +16,8 @@
 //!
 //! One background task reads frames: replies complete the request that
 //! carries their request id, deliveries go to a bounded queue read by
-//! [`Client::recv`]. If the application stops calling `recv`, that queue
+//! [`Client::recv`], receipt facts (with `receipts_after` set) are merged
+//! per reader and read with [`Client::receipt_changes`]. If the application stops calling `recv`, that queue
 //! fills, the reader stops reading the socket and the server moves this
 //! session to catch-up: nothing is lost, nothing else slows down.
 
@@ -83,6 +84,11 @@ pub struct ClientConfig {
     pub token: String,
     /// `Some(n)`: resume after inbox sequence `n`; `None`: after what was acknowledged.
     pub resume_after: Option<u64>,
+    /// `Some(v)`: take one-to-one receipts as facts (`Receipts` frames,
+    /// read with [`Client::receipt_changes`]), every fact after version `v`
+    /// first (0: all). `None`: receipts come as `receipt` messages. The
+    /// server switches the user for good the first time a session asks.
+    pub receipts_after: Option<u64>,
     pub max_frame_len: u32,
     pub connect_timeout: Duration,
     /// Connect from this local address (a load generator spreads many
@@ -112,6 +118,7 @@ impl ClientConfig {
             device_id,
             token: token.into(),
             resume_after: None,
+            receipts_after: None,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             connect_timeout: Duration::from_secs(10),
             local_addr: None,
@@ -145,6 +152,51 @@ pub struct Client {
     /// [`Client::template_pack`]).
     packs: Mutex<HashMap<u64, PackEntry>>,
     pack_fetches: AtomicU64,
+    facts: Arc<Facts>,
+}
+
+/// The receipt facts this session was told: the latest per reader, those
+/// not yet taken by [`Client::receipt_changes`], and the highest version.
+#[derive(Default)]
+struct Facts {
+    state: Mutex<FactsState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct FactsState {
+    latest: HashMap<u64, ReceiptFact>,
+    untaken: HashMap<u64, ReceiptFact>,
+    version: u64,
+    closed: bool,
+}
+
+impl Facts {
+    /// Takes in facts as they arrived; each moves only forward.
+    fn arrived(&self, facts: Vec<ReceiptFact>) {
+        let mut st = self.state.lock().expect("facts");
+        for f in facts {
+            st.version = st.version.max(f.version);
+            let merged = match st.latest.get(&f.reader) {
+                Some(old) if old.version >= f.version => continue,
+                Some(old) => ReceiptFact {
+                    delivered: old.delivered.max(f.delivered),
+                    read: old.read.max(f.read),
+                    ..f
+                },
+                None => f,
+            };
+            st.latest.insert(f.reader, merged);
+            st.untaken.insert(f.reader, merged);
+        }
+        drop(st);
+        self.changed.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("facts").closed = true;
+        self.changed.notify_one();
+    }
 }
 
 /// A business's template pack as the client keeps it.
@@ -174,6 +226,8 @@ impl Client {
         let pending: Pending = Arc::default();
         let closed: Arc<Mutex<Option<Option<Reason>>>> = Arc::default();
         let (dtx, drx) = mpsc::channel(DELIVERY_QUEUE_LEN);
+        let facts = Arc::new(Facts::default());
+        facts.state.lock().expect("facts").version = config.receipts_after.unwrap_or(0);
         // The server says how large its frames may be.
         let max = config.max_frame_len.max(welcome.max_frame_len);
         tokio::spawn(read_loop(
@@ -183,6 +237,7 @@ impl Client {
             dtx,
             pending.clone(),
             closed.clone(),
+            facts.clone(),
         ));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -200,16 +255,73 @@ impl Client {
             closed,
             packs: Mutex::new(HashMap::new()),
             pack_fetches: AtomicU64::new(0),
+            facts,
         };
         Ok((client, welcome))
     }
 
     /// Connects again as the same user and device, resuming after the last
-    /// message this client handed to the application.
+    /// message this client handed to the application (and, taking receipt
+    /// facts, after the last fact's version it was told).
     pub async fn reconnect(&self) -> Result<(Client, Welcome), ClientError> {
         let mut config = self.config.clone();
         config.resume_after = Some(self.last_received_seq());
+        if config.receipts_after.is_some() {
+            config.receipts_after = Some(self.receipts_version());
+        }
         Client::connect(config).await
+    }
+
+    /// The highest receipt-fact version this session was told (the
+    /// configured `receipts_after` before any).
+    pub fn receipts_version(&self) -> u64 {
+        self.facts.state.lock().expect("facts").version
+    }
+
+    /// What `reader` has done with this user's one-to-one messages, as far
+    /// as this session was told: messages whose `SendAck.seq` is at most
+    /// `delivered` reached the reader, at most `read` were read.
+    pub fn receipt_fact(&self, reader: u64) -> Option<ReceiptFact> {
+        self.facts
+            .state
+            .lock()
+            .expect("facts")
+            .latest
+            .get(&reader)
+            .copied()
+    }
+
+    /// The facts that changed since the last call, the latest per reader
+    /// (waits for one); `None` once the connection is closed and every
+    /// change was taken.
+    pub async fn receipt_changes(&self) -> Option<Vec<ReceiptFact>> {
+        loop {
+            {
+                let mut st = self.facts.state.lock().expect("facts");
+                if !st.untaken.is_empty() {
+                    let mut changes: Vec<ReceiptFact> =
+                        st.untaken.drain().map(|(_, f)| f).collect();
+                    changes.sort_by_key(|f| f.version);
+                    return Some(changes);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            self.facts.changed.notified().await;
+        }
+    }
+
+    /// Like [`Client::receipt_changes`] with a deadline.
+    pub async fn receipt_changes_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<ReceiptFact>, ClientError> {
+        match tokio::time::timeout(timeout, self.receipt_changes()).await {
+            Ok(Some(changes)) => Ok(changes),
+            Ok(None) => Err(self.closed_error()),
+            Err(_) => Err(ClientError::Timeout),
+        }
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -763,6 +875,7 @@ async fn handshake(
             user_id: config.user_id,
             device_id: config.device_id,
             resume_after: config.resume_after,
+            receipts_after: config.receipts_after,
             token: Bytes::from(config.token.clone().into_bytes()),
         }),
     );
@@ -836,12 +949,14 @@ async fn read_loop(
     deliveries: mpsc::Sender<Delivery>,
     pending: Pending,
     closed: Arc<Mutex<Option<Option<Reason>>>>,
+    facts: Arc<Facts>,
 ) {
     let mut reason = None;
     while let Ok(Some(frame)) = read_frame(&mut rd, &mut buf, max).await {
         match frame.body {
             Body::Deliver(messages) => deliver(&deliveries, 0, messages).await,
             Body::GroupDeliver { group, messages } => deliver(&deliveries, group, messages).await,
+            Body::Receipts(list) => facts.arrived(list),
             Body::Goodbye(r) => {
                 reason = Some(r);
                 break;
@@ -864,6 +979,7 @@ async fn read_loop(
         }
     }
     *closed.lock().expect("closed") = Some(reason);
+    facts.close();
     // Dropping the waiters fails every outstanding request.
     pending.lock().expect("pending").clear();
 }

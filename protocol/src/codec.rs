@@ -95,7 +95,7 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
             let device_id = r.u32()?;
             let flags = r.u8()?;
             let after = r.u64()?;
-            if flags & !1 != 0 {
+            if flags & !3 != 0 {
                 return Err(r.malformed("unknown flag bits"));
             }
             // One spelling per hello: without the resume bit the field is 0
@@ -103,6 +103,8 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
             if flags & 1 == 0 && after != 0 {
                 return Err(r.malformed("resume_after set without the resume flag"));
             }
+            // Bit 1: receipts as facts, from the version that follows.
+            let receipts_after = if flags & 2 != 0 { Some(r.u64()?) } else { None };
             let token_len = r.u16()? as usize;
             if token_len > MAX_TOKEN_LEN {
                 return Err(r.malformed("token longer than 1024 bytes"));
@@ -113,6 +115,7 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
                 user_id,
                 device_id,
                 resume_after: (flags & 1 != 0).then_some(after),
+                receipts_after,
                 token,
             })
         }
@@ -405,6 +408,28 @@ fn decode_body(frame_type: u8, r: &mut Reader<'_>) -> Result<Body, DecodeError> 
                     .to_owned(),
             }
         }
+        RECEIPTS => {
+            let count = r.u16()? as usize;
+            if count == 0 {
+                return Err(r.malformed("no receipt facts"));
+            }
+            let mut facts = Vec::with_capacity(count.min(r.buf.len() / RECEIPT_FACT_LEN));
+            for _ in 0..count {
+                let fact = ReceiptFact {
+                    reader: r.u64()?,
+                    delivered: r.u64()?,
+                    read: r.u64()?,
+                    version: r.u64()?,
+                };
+                // Read implies delivered: a fact that says otherwise is
+                // not one a server writes.
+                if fact.read > fact.delivered {
+                    return Err(r.malformed("a receipt fact read beyond delivered"));
+                }
+                facts.push(fact);
+            }
+            Body::Receipts(facts)
+        }
         other => return Err(DecodeError::UnknownFrameType(other)),
     })
 }
@@ -588,8 +613,12 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
             out.put_u16(h.version);
             out.put_u64(h.user_id);
             out.put_u32(h.device_id);
-            out.put_u8(h.resume_after.is_some() as u8);
+            let flags = h.resume_after.is_some() as u8 | (h.receipts_after.is_some() as u8) << 1;
+            out.put_u8(flags);
             out.put_u64(h.resume_after.unwrap_or(0));
+            if let Some(v) = h.receipts_after {
+                out.put_u64(v);
+            }
             out.put_u16(h.token.len() as u16);
             out.put_slice(&h.token);
         }
@@ -774,6 +803,16 @@ fn encode_body(body: &Body, out: &mut BytesMut) {
         Body::EventList { last, json } => {
             out.put_u64(*last);
             put_long_text(json, out);
+        }
+        Body::Receipts(facts) => {
+            assert!(!facts.is_empty(), "a Receipts frame carries a fact");
+            out.put_u16(u16::try_from(facts.len()).expect("at most 65535 facts"));
+            for f in facts {
+                out.put_u64(f.reader);
+                out.put_u64(f.delivered);
+                out.put_u64(f.read);
+                out.put_u64(f.version);
+            }
         }
     }
 }

@@ -71,8 +71,9 @@ pub mod frame_type {
     pub const TEMPLATE_PACK: u8 = 0x21;
     pub const EVENT_FETCH: u8 = 0x22;
     pub const EVENT_LIST: u8 = 0x23;
+    pub const RECEIPTS: u8 = 0x24;
     /// The highest assigned frame type.
-    pub const LAST: u8 = EVENT_LIST;
+    pub const LAST: u8 = RECEIPTS;
 }
 
 /// Group ids have this bit set and user ids never do, so a group's log can
@@ -234,6 +235,10 @@ pub struct Hello {
     /// `Some(n)`: deliver everything after inbox sequence `n`.
     /// `None`: deliver everything not yet acknowledged.
     pub resume_after: Option<u64>,
+    /// `Some(v)`: this session takes its one-to-one receipts as facts
+    /// (`Receipts` frames), every fact after version `v` first (0: all).
+    /// `None`: receipts come as `receipt` messages in the inbox.
+    pub receipts_after: Option<u64>,
     pub token: Bytes,
 }
 
@@ -370,6 +375,21 @@ pub struct Mark {
     pub up_to_seq: u64,
     pub status: ReceiptStatus,
 }
+
+/// What one reader has done with the session user's one-to-one messages:
+/// every message to `reader` whose `SendAck.seq` is at most `delivered`
+/// reached the reader, at most `read` was read. `version` orders the user's
+/// facts (one counter per user; each change takes the next).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiptFact {
+    pub reader: u64,
+    pub delivered: u64,
+    pub read: u64,
+    pub version: u64,
+}
+
+/// Encoded size of one [`ReceiptFact`].
+pub const RECEIPT_FACT_LEN: usize = 32;
 
 /// Client -> server: edit or read one's contacts. Answered by `Users`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -581,6 +601,8 @@ pub enum Body {
         last: u64,
         json: String,
     },
+    /// Receipt facts, in version order; never acknowledged.
+    Receipts(Vec<ReceiptFact>),
 }
 
 impl Body {
@@ -622,6 +644,7 @@ impl Body {
             Body::TemplatePack(_) => TEMPLATE_PACK,
             Body::EventFetch { .. } => EVENT_FETCH,
             Body::EventList { .. } => EVENT_LIST,
+            Body::Receipts(_) => RECEIPTS,
         }
     }
 
@@ -670,6 +693,7 @@ pub fn frame_type_name(t: u8) -> &'static str {
         TEMPLATE_PACK => "template_pack",
         EVENT_FETCH => "event_fetch",
         EVENT_LIST => "event_list",
+        RECEIPTS => "receipts",
         _ => "unknown",
     }
 }

@@ -31,6 +31,21 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                     user_id: 1001,
                     device_id: 1,
                     resume_after: Some(41),
+                    receipts_after: None,
+                    token: Bytes::from_static(b"tok"),
+                }),
+            ),
+        ),
+        (
+            "hello_receipt_facts",
+            Frame::new(
+                1,
+                Body::Hello(Hello {
+                    version: 1,
+                    user_id: 1001,
+                    device_id: 1,
+                    resume_after: Some(41),
+                    receipts_after: Some(7),
                     token: Bytes::from_static(b"tok"),
                 }),
             ),
@@ -392,6 +407,18 @@ pub fn vectors() -> Vec<(&'static str, Frame)> {
                     last: 4,
                     json: "[]".into(),
                 },
+            ),
+        ),
+        (
+            "receipts",
+            Frame::new(
+                0,
+                Body::Receipts(vec![ReceiptFact {
+                    reader: 1002,
+                    delivered: 46,
+                    read: 45,
+                    version: 8,
+                }]),
             ),
         ),
     ]

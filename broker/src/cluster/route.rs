@@ -382,6 +382,7 @@ impl Router {
                 kind: s.kind,
                 destination: s.destination,
                 payload: s.payload,
+                covers_seq: s.covers_seq,
             }
             .encode()
         });
@@ -1284,6 +1285,7 @@ fn queue_send(
         scope: s.scope,
         kind: s.kind,
         payload: s.payload,
+        covers_seq: s.covers_seq,
         done: Completion::Remote(tx),
         accepted: Instant::now(),
     });

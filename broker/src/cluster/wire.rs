@@ -6,7 +6,8 @@
 //! ```text
 //! SEND (1): shard u32 | epoch i64 | sender u64 | sender_device u32 |
 //!           recipient u64 | client_msg_id u64 | scope u64 | kind u8 |
-//!           destination (tag u8, id u64) | payload (u32 length, bytes)
+//!           destination (tag u8, id u64) | payload (u32 length, bytes) |
+//!           covers_seq u64 (a receipt's highest reader-inbox sequence, or 0)
 //! answer:   0 | code u16 | server_msg_id u64 | seq u64 | timestamp_ms u64 |
 //!           duplicate u8 | stored u8
 //!        or 1 (not the owner at that epoch) | epoch i64 | owner (u16 length, UTF-8)
@@ -179,6 +180,7 @@ pub struct RemoteSend {
     pub kind: MessageKind,
     pub destination: Destination,
     pub payload: Bytes,
+    pub covers_seq: u64,
 }
 
 /// What the owner answers a `RemoteSend`.
@@ -212,7 +214,7 @@ pub enum WireError {
 
 impl RemoteSend {
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(75 + self.payload.len());
+        let mut out = BytesMut::with_capacity(83 + self.payload.len());
         out.put_u8(SEND);
         out.put_u32(self.shard);
         out.put_i64(self.epoch);
@@ -225,6 +227,7 @@ impl RemoteSend {
         put_destination(&mut out, self.destination);
         out.put_u32(self.payload.len() as u32);
         out.put_slice(&self.payload);
+        out.put_u64(self.covers_seq);
         out.freeze()
     }
 
@@ -248,6 +251,8 @@ impl RemoteSend {
         let len = b.get_u32() as usize;
         need(&b, len)?;
         let payload = b.split_to(len);
+        need(&b, 8)?;
+        let covers_seq = b.get_u64();
         done(&b)?;
         Ok(RemoteSend {
             shard,
@@ -260,6 +265,7 @@ impl RemoteSend {
             kind,
             destination,
             payload,
+            covers_seq,
         })
     }
 }
@@ -783,6 +789,7 @@ mod tests {
             kind: MessageKind::Chat,
             destination: Destination::User(9),
             payload: Bytes::from_static(b"hi"),
+            covers_seq: 46,
         }
     }
 

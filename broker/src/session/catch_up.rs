@@ -3,15 +3,17 @@
 //! The inbox from the last delivered sequence up to its head, then every
 //! log-strategy group stream from its cursor (from the user's `U` rows and
 //! `C` cursors) up to the log's head or the event that removed the user.
-//! It clears `lagging` before reading and reads once more if the shard set
-//! it again meanwhile, so no message falls between live push and catch-up.
+//! Then, for a session that takes receipt facts, the user's fact rows
+//! after the last version it sent. It clears `lagging` before reading and
+//! reads once more if the shard set it again meanwhile, so no message (or
+//! fact) falls between live push and catch-up.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use courier_protocol::{Body, ErrorCode, Frame, Message, Reason};
+use courier_protocol::{Body, ErrorCode, Frame, Message, Reason, ReceiptFact};
 use courier_storage::StoreError;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::streams::GroupStream;
 use super::writer::Writer;
@@ -19,10 +21,13 @@ use crate::net::seam::NetWrite;
 use crate::state::ids::NONE;
 use crate::state::keys;
 use crate::state::message::to_wire;
-use crate::state::rows::{Cursors, MemberRow};
+use crate::state::rows::{Cursors, FactRow, MemberRow};
 
 /// Messages read from the store per catch-up step.
 const CATCH_UP_PAGE: usize = 256;
+/// Receipt fact rows one catch-up reads at most (one per reader the user
+/// ever wrote to and heard from).
+const FACTS_READ_MAX: usize = 1 << 20;
 
 /// Why a group catch-up stopped. Classified where it happens: a socket
 /// error is the client going away (not the node's fault, not logged as an
@@ -87,6 +92,14 @@ impl<W: NetWrite> Writer<W> {
                 Err(CatchUpError::Socket(e)) => return Err(e),
                 Err(CatchUpError::Store(e)) => {
                     error!(user = self.user, error = %e, "group catch-up failed; closing session");
+                    return self.storage_goodbye(e).await;
+                }
+            }
+            match self.catch_up_facts().await {
+                Ok(()) => {}
+                Err(CatchUpError::Socket(e)) => return Err(e),
+                Err(CatchUpError::Store(e)) => {
+                    error!(user = self.user, error = %e, "receipt fact catch-up failed; closing session");
                     return self.storage_goodbye(e).await;
                 }
             }
@@ -177,6 +190,62 @@ impl<W: NetWrite> Writer<W> {
 
     /// One page of `inbox` (the user's, or a group log) after `after`, in
     /// wire form, read on the blocking pool.
+    /// For a session that takes receipt facts: reads the user's fact rows
+    /// and sends those after the last version sent, in version order. A
+    /// client that says it has seen a version beyond every row (a client
+    /// bug, or a store that lost its newest rows) is sent every row after
+    /// the highest there is, so that the next facts are not dropped as
+    /// seen.
+    async fn catch_up_facts(&mut self) -> Result<(), CatchUpError> {
+        let Some(after) = self.facts_after else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        let user = self.user;
+        let rows =
+            tokio::task::spawn_blocking(move || store.scan(&keys::facts(user), FACTS_READ_MAX))
+                .await
+                .map_err(read_task_failed)??;
+        if rows.len() == FACTS_READ_MAX {
+            warn!(
+                user,
+                "more than {FACTS_READ_MAX} receipt fact rows; the rest are sent as they change"
+            );
+        }
+        let mut facts = Vec::new();
+        let mut highest = 0;
+        for (key, value) in rows {
+            let (Some(reader), Ok(row)) = (keys::last_id(&key), FactRow::decode(&value)) else {
+                error!(user, key = ?key, "corrupt receipt fact row; skipped");
+                continue;
+            };
+            highest = highest.max(row.version);
+            facts.push(ReceiptFact {
+                reader,
+                delivered: row.delivered,
+                read: row.read,
+                version: row.version,
+            });
+        }
+        // `u64::MAX` is "from now on", as for the inbox.
+        let after = if after == u64::MAX {
+            highest
+        } else if after > highest {
+            warn!(
+                user,
+                after, highest, "a client resumes receipt facts past the last version"
+            );
+            0
+        } else {
+            after
+        };
+        facts.retain(|f| f.version > after);
+        facts.sort_unstable_by_key(|f| f.version);
+        self.pending_facts.extend(facts);
+        self.facts_after = Some(highest);
+        self.flush().await.map_err(CatchUpError::Socket)
+    }
+
     async fn read_page(
         &self,
         inbox: u64,

@@ -35,6 +35,8 @@ pub(crate) struct Started {
     pub deliveries: mailbox::Receiver<(Delivery, std::time::Instant)>,
     /// Delivery resumes after this inbox sequence.
     pub start_after: u64,
+    /// The session takes receipt facts, after this version.
+    pub receipts_after: Option<u64>,
 }
 
 /// How a handshake that passed goes on.
@@ -79,7 +81,8 @@ pub(crate) async fn start<R: NetRead>(
     let (user, device) = (hello.user_id, hello.device_id);
     let session_id = node.next_session.fetch_add(1, Ordering::Relaxed);
     let (handle, deliveries) = session_handle(node, session_id);
-    let state = match register(node, user, handle.clone()).await {
+    let facts = hello.receipts_after.is_some();
+    let state = match register(node, user, handle.clone(), facts).await {
         Ok(s) => s,
         Err(BrokerError::Stopped) => {
             let reason = reader.bye(wr, ErrorCode::SHUTTING_DOWN, "server shutting down");
@@ -118,6 +121,7 @@ pub(crate) async fn start<R: NetRead>(
         handle,
         deliveries,
         start_after,
+        receipts_after: hello.receipts_after,
     }))
 }
 
@@ -243,15 +247,18 @@ fn session_handle(
 
 /// Registers for live pushes; the shard answers with the inbox state in its
 /// own order, so every message is either pushed or found by the writer's
-/// first catch-up, and every earlier ack is reflected.
+/// first catch-up, and every earlier ack is reflected. `facts`: the user
+/// takes receipts as facts from now on.
 async fn register(
     node: &Node,
     user: u64,
     session: Arc<SessionHandle>,
+    facts: bool,
 ) -> Result<InboxState, BrokerError> {
     let (tx, rx) = oneshot::channel();
     let cmd = ShardCmd::Register(RegisterCmd {
         user,
+        facts,
         session,
         state: tx,
     });

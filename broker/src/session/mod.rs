@@ -198,6 +198,7 @@ fn begin<W: SpawnWriter>(
         session: started.handle,
         user: started.user,
         start_after: started.start_after,
+        receipts_after: started.receipts_after,
         inflight: inflight.clone(),
     };
     let writer = W::spawn(Writer::new(wr, inputs, node));

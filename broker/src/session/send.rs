@@ -210,6 +210,7 @@ impl Reader {
                     scope: 0,
                     kind: s.kind,
                     payload: s.payload,
+                    covers_seq: 0,
                     done: Completion::Reply(reply),
                     accepted,
                 }),

@@ -13,8 +13,8 @@ use std::time::Instant;
 use bytes::BytesMut;
 use courier_protocol::error::with_retry_after;
 use courier_protocol::{
-    encode, encode_deliver, frame_type, Body, ErrorCode, Frame, Message, Reason, SendAck,
-    SendResult, HEADER_LEN, MESSAGE_FIXED_LEN,
+    encode, encode_deliver, frame_type, Body, ErrorCode, Frame, Message, Reason, ReceiptFact,
+    SendAck, SendResult, HEADER_LEN, MESSAGE_FIXED_LEN,
 };
 use courier_storage::InboxStore;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -34,6 +34,8 @@ use crate::shard::messages::{failed, Delivery, Reply, SessionHandle};
 
 /// Messages per `Deliver` frame at most.
 pub(super) const DELIVER_BATCH_MAX: usize = 128;
+/// Facts per `Receipts` frame at most (32 KiB).
+const FACTS_PER_FRAME: usize = 1024;
 /// The writer flushes once this much is encoded...
 const WRITE_BUF_FLUSH: usize = 256 << 10;
 /// ...or this many deliveries are waiting to be encoded.
@@ -77,6 +79,8 @@ pub(crate) struct WriterInputs {
     pub user: u64,
     /// Delivery resumes after this inbox sequence.
     pub start_after: u64,
+    /// `Some`: the session takes receipt facts, after this version.
+    pub receipts_after: Option<u64>,
     pub inflight: Arc<Semaphore>,
 }
 
@@ -109,6 +113,12 @@ pub(crate) struct Writer<W> {
     pub(super) pending: Vec<Arc<Message>>,
     /// Group log deliveries waiting to be encoded as `GroupDeliver` frames.
     pub(super) pending_group: Vec<(u64, Arc<Message>)>,
+    /// For a session that takes receipt facts: the highest version handed
+    /// to the socket (or queued in `pending_facts`); every fact of the
+    /// user up to it was sent, or replaced by a later one that was.
+    pub(super) facts_after: Option<u64>,
+    /// Facts waiting to be encoded as `Receipts` frames, in version order.
+    pub(super) pending_facts: Vec<ReceiptFact>,
     /// Results of batches in progress: slots and how many are still missing.
     batches: BTreeMap<u32, (Vec<Option<SendResult>>, usize)>,
     max_frame_len: usize,
@@ -158,6 +168,8 @@ impl<W: NetWrite> Writer<W> {
             out: BytesMut::new(),
             pending: Vec::new(),
             pending_group: Vec::new(),
+            facts_after: inputs.receipts_after,
+            pending_facts: Vec::new(),
             batches: BTreeMap::new(),
             max_frame_len: node.config.limits.max_frame_len as usize,
             metrics: node.metrics.clone(),
@@ -242,6 +254,7 @@ impl<W: NetWrite> Writer<W> {
     fn on_delivery(&mut self, (d, accepted): (Delivery, Instant)) -> bool {
         let m = match d {
             Delivery::Inbox(m) => m,
+            Delivery::Fact(f) => return self.on_fact(f),
             Delivery::Group(g, m) => {
                 let Some(stream) = self.groups.get_mut(&g) else {
                     // A group this session does not read yet (just joined,
@@ -276,6 +289,24 @@ impl<W: NetWrite> Writer<W> {
             self.pending.push(m);
             self.metrics.deliveries_live.inc();
             self.pushed.push(accepted);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Accepts a live fact; returns true if one was missed (versions of a
+    /// user run on by one, except across a restart of its shard): the
+    /// catch-up then reads the user's fact rows.
+    fn on_fact(&mut self, f: ReceiptFact) -> bool {
+        let Some(after) = self.facts_after else {
+            return false; // this session takes receipt messages
+        };
+        if f.version <= after {
+            false // already sent by a catch-up
+        } else if f.version == after + 1 {
+            self.facts_after = Some(f.version);
+            self.pending_facts.push(f);
             false
         } else {
             true
@@ -413,6 +444,14 @@ impl<W: NetWrite> Writer<W> {
             self.metrics.frame_out(frame_type::GROUP_DELIVER);
         }
         self.pending_group.clear();
+        for chunk in self.pending_facts.chunks(FACTS_PER_FRAME) {
+            encode(
+                &Frame::new(0, Body::Receipts(chunk.to_vec())),
+                &mut self.out,
+            );
+            self.metrics.frame_out(frame_type::RECEIPTS);
+        }
+        self.pending_facts.clear();
     }
 
     pub(super) async fn flush(&mut self) -> std::io::Result<()> {

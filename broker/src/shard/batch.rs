@@ -101,6 +101,10 @@ impl Shard {
                 self.group_send_answered(&cmd, retryable);
                 cmd.reply.send(failed(cmd.client_msg_id, code))
             }
+            Planned::Fact(s, _) => {
+                self.send_answered(&s, retryable);
+                self.complete(s.done, failed(s.client_msg_id, code), false);
+            }
         }
     }
 
@@ -164,6 +168,7 @@ impl Shard {
                 let (m, outcome) = outcomes.next().expect("one outcome per group send");
                 self.finish_group_send(cmd, recipients, m, outcome);
             }
+            Planned::Fact(s, fact) => self.finish_fact(s, fact),
         }
     }
 

@@ -523,6 +523,7 @@ impl Shard {
                     scope: 0,
                     kind: cmd.kind,
                     payload,
+                    covers_seq: 0,
                     done: Completion::Reply(reply),
                     accepted: cmd.accepted,
                 };
@@ -1584,6 +1585,7 @@ impl Shard {
             scope: 0,
             kind: MessageKind::System,
             payload: Bytes::from(serde_json::to_vec(&payload).expect("json")),
+            covers_seq: 0,
             done: Completion::Stored(tx),
             accepted: Instant::now(),
         };

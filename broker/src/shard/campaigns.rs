@@ -744,6 +744,7 @@ fn campaign_send(b: u64, id: u64, customer: u64, payload: Bytes, token: u64) -> 
         scope: customer,
         kind: MessageKind::Template,
         payload,
+        covers_seq: 0,
         done: Completion::Copy {
             sender: b,
             token,

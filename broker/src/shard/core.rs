@@ -190,6 +190,8 @@ pub(crate) struct Shard {
     pub(crate) receipt_rows: HashMap<u64, KnownRow>,
     /// Group cursors of this shard's users, by (group, user) (`C` rows).
     pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
+    /// Its users' receipt facts, as planned (see `facts`).
+    pub(crate) facts: super::facts::Facts,
     /// Key-value writes to make with the next batch.
     pub(crate) kv: Vec<KvOp>,
     /// Marks held to be merged (`mark_coalesce`), by (user, stream): the
@@ -264,6 +266,7 @@ impl Shard {
             next_token: 0,
             receipt_rows: HashMap::new(),
             group_cursors: HashMap::new(),
+            facts: Default::default(),
             kv: Vec::new(),
             held_marks: BTreeMap::new(),
             marks_due: None,
@@ -556,6 +559,7 @@ impl Shard {
         self.outbox.retain(|(reader, _), _| !inside(*reader));
         self.receipt_rows.retain(|u, _| !inside(*u));
         self.group_cursors.retain(|(_, u), _| !inside(*u));
+        self.facts.forget(inside);
         self.held_marks.retain(|(u, _), _| !inside(*u));
         self.trim_pending.retain(|u| !inside(*u));
         let gone: Vec<u64> = self

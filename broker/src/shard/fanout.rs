@@ -550,6 +550,7 @@ impl Shard {
                 scope: recipient,
                 kind: b.kind,
                 payload,
+                covers_seq: 0,
                 done: Completion::Copy {
                     sender: b.sender,
                     token,

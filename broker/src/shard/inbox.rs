@@ -69,6 +69,16 @@ impl Shard {
         if self.is_business(s.recipient) {
             self.customer_wrote(s.recipient, &s);
         }
+        match self.is_fact(&s) {
+            Ok(true) => return self.plan_fact(s, batch),
+            Ok(false) => {}
+            Err(e) => {
+                error!(shard = self.id, user = s.recipient, error = %e, "reading whether a user takes receipt facts failed");
+                self.send_answered(&s, false);
+                let result = failed(s.client_msg_id, ErrorCode::INTERNAL);
+                return self.complete(s.done, result, false);
+            }
+        }
         let (ts, id) = self.next_ids();
         batch.appends.push(NewMessage {
             inbox: s.recipient,
@@ -253,6 +263,12 @@ impl Shard {
                 .state
                 .send(Err(not_served("the user's shard is not served here now")));
             return;
+        }
+        if r.facts {
+            if let Err(e) = self.switch_to_facts(r.user) {
+                let _ = r.state.send(Err(e.into()));
+                return;
+            }
         }
         self.sessions.entry(r.user).or_default().push(r.session);
         // The user's acknowledgements not yet written (they go with the

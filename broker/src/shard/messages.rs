@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use courier_protocol::{
     Body, BroadcastAck, BusinessRequest, Destination, ErrorCode, Frame, GroupInfo, GroupOp,
-    Message, MessageKind, Reason, ReceiptCounts, ReceiptStatus, SendResult,
+    Message, MessageKind, Reason, ReceiptCounts, ReceiptFact, ReceiptStatus, SendResult,
 };
 use courier_storage::InboxState;
 use tokio::sync::{oneshot, Notify};
@@ -193,6 +193,10 @@ pub struct SendCmd {
     pub scope: u64,
     pub kind: MessageKind,
     pub payload: Bytes,
+    /// A receipt of one-to-one messages from a reader's outbox: the
+    /// highest reader-inbox sequence it names, which is what a sender who
+    /// takes receipts as facts is told. 0 for every other send.
+    pub covers_seq: u64,
     pub done: Completion,
     /// When the session accepted the send (for latency metrics).
     pub accepted: Instant,
@@ -328,6 +332,8 @@ pub struct MarkCmd {
 /// appended afterwards and therefore pushed to the new session.
 pub struct RegisterCmd {
     pub user: u64,
+    /// The session takes receipts as facts: the user is switched for good.
+    pub facts: bool,
     pub session: Arc<SessionHandle>,
     pub state: Answer<InboxState>,
 }
@@ -554,6 +560,8 @@ pub enum Delivery {
     Inbox(Arc<Message>),
     /// A log-strategy group message (seq = group sequence).
     Group(u64, Arc<Message>),
+    /// A receipt fact of the user's (for sessions that take facts).
+    Fact(ReceiptFact),
 }
 
 /// A live session as its user's shard sees it: where to push, and the flag

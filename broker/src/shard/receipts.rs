@@ -63,9 +63,10 @@ pub(crate) fn receipt_scope(sender: u64) -> u64 {
     sender | (1 << 63)
 }
 
-/// The receipts a mark owes: (original sender, status) -> (client id,
-/// server id) of each message.
-type Owed = BTreeMap<(u64, u8), Vec<(u64, u64)>>;
+/// The receipts a mark owes: (original sender, status, one-to-one) ->
+/// (client id, server id, inbox sequence) of each message, in sequence
+/// order.
+type Owed = BTreeMap<(u64, u8, bool), Vec<(u64, u64, u64)>>;
 
 impl Shard {
     /// A mark from a session: applied with this batch, or held to be merged
@@ -341,10 +342,12 @@ impl Shard {
                 sender,
                 client_msg_id,
                 server_msg_id,
-            } => owed
-                .entry((sender, st as u8))
-                .or_default()
-                .push((client_msg_id, server_msg_id)),
+                direct,
+            } => owed.entry((sender, st as u8, direct)).or_default().push((
+                client_msg_id,
+                server_msg_id,
+                seq,
+            )),
             Fact::Nothing => {}
         }
     }
@@ -360,18 +363,23 @@ impl Shard {
         owed: Owed,
     ) -> ReceiptRow {
         let mut emitted = old.emitted;
-        for ((sender, st), messages) in owed {
+        for ((sender, st, direct), messages) in owed {
             let status = ReceiptStatus::from_u8(st).expect("from a ReceiptStatus");
             for chunk in messages.chunks(RECEIPT_MESSAGES_MAX) {
                 emitted += 1;
+                let covers = match chunk.last() {
+                    Some(&(_, _, seq)) if direct => seq,
+                    _ => 0,
+                };
                 let row = OutboxRow {
                     sender,
                     payload: ReceiptPayload {
                         status,
                         reader: user,
-                        messages: chunk.to_vec(),
+                        messages: chunk.iter().map(|&(c, s, _)| (c, s)).collect(),
                     }
                     .encode(),
+                    covers,
                 };
                 self.kv.push(KvOp::Put {
                     key: keys::outbox(user, emitted),
@@ -394,8 +402,10 @@ impl Shard {
         if !ok {
             self.outbox_unwritten.clear();
             self.receipt_rows.clear();
+            self.facts.clear();
             return;
         }
+        self.facts.trim();
         for (reader, emission, row) in std::mem::take(&mut self.outbox_unwritten) {
             self.send_receipt(reader, emission, &row);
             self.outbox.insert((reader, emission), (row, true));
@@ -415,6 +425,7 @@ impl Shard {
             scope: receipt_scope(row.sender),
             kind: MessageKind::Receipt,
             payload: row.payload.clone(),
+            covers_seq: row.covers,
             done: Completion::Receipt { reader, emission },
             accepted: Instant::now(),
         };
@@ -531,6 +542,7 @@ impl Shard {
                 messages: vec![(v.status_id, v.status_id)],
             }
             .encode(),
+            covers_seq: 0,
             done: Completion::Stored(v.answer),
             accepted: Instant::now(),
         };

@@ -22,11 +22,14 @@ const RECENT_MAX: usize = 1 << 18;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fact {
     /// A one-to-one or broadcast message from another user: a receipt to
-    /// `sender` naming (client id, server id).
+    /// `sender` naming (client id, server id). `direct`: a one-to-one
+    /// message (its sender knows its inbox sequence from its `SendAck`;
+    /// a broadcast's sender does not).
     Receipt {
         sender: u64,
         client_msg_id: u64,
         server_msg_id: u64,
+        direct: bool,
     },
     /// A group reference: the member's cursor on that group log moves.
     GroupRef { log: u64, seq: u64 },
@@ -54,6 +57,7 @@ impl Fact {
             sender: rec.sender,
             client_msg_id: rec.client_msg_id,
             server_msg_id: rec.server_msg_id,
+            direct: rec.dest_tag == Destination::User(0).tag(),
         }
     }
 }

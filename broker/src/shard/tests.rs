@@ -30,6 +30,7 @@ fn send(i: u64, reply: &mailbox::Sender<Reply>) -> ShardCmd {
         scope: 0,
         kind: MessageKind::Chat,
         payload: Bytes::from_static(b"x"),
+        covers_seq: 0,
         done: Completion::Reply(ReplyTo::new(reply.clone(), i as u32, None)),
         accepted: Instant::now(),
     })
@@ -38,7 +39,7 @@ fn send(i: u64, reply: &mailbox::Sender<Reply>) -> ShardCmd {
 fn inbox_seq(d: Delivery) -> u64 {
     match d {
         Delivery::Inbox(m) => m.seq,
-        Delivery::Group(..) => panic!("expected an inbox delivery"),
+        Delivery::Group(..) | Delivery::Fact(_) => panic!("expected an inbox delivery"),
     }
 }
 
@@ -79,6 +80,7 @@ async fn try_register(
     let (stx, srx) = oneshot::channel();
     let cmd = ShardCmd::Register(RegisterCmd {
         user,
+        facts: false,
         session: session.clone(),
         state: stx,
     });

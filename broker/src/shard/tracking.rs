@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use courier_protocol::{BroadcastAck, ErrorCode, Message, SendResult};
+use courier_protocol::{BroadcastAck, ErrorCode, Message, ReceiptFact, SendResult};
 use courier_storage::NewMessage;
 
 use super::messages::{
@@ -44,6 +44,9 @@ pub(crate) enum Planned {
         cmd: GroupSendCmd,
         recipients: Vec<u64>,
     },
+    /// A receipt that moves its sender's fact row (`None`: a repeat that
+    /// moves nothing); see `facts`.
+    Fact(SendCmd, Option<ReceiptFact>),
 }
 
 /// A group this shard owns, as cached after first touch.

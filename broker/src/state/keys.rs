@@ -10,6 +10,8 @@
 //! | `C` group . user            | [`Cursors`](super::rows::Cursors): delivered . read (group seqs) | user's shard |
 //! | `R` user                    | [`ReceiptRow`](super::rows::ReceiptRow): delivered . read (inbox seqs receipted) . emitted | user's shard |
 //! | `O` user . emission         | [`OutboxRow`](super::rows::OutboxRow): a receipt not yet durable at its sender | user's shard |
+//! | `I` user                    | empty: the user takes its one-to-one receipts as facts (set by its first session that asks, never unset) | user's shard |
+//! | `D` sender . reader         | [`FactRow`](super::rows::FactRow): delivered . read (reader-inbox seqs) . version | sender's shard |
 //! | `K` user . contact          | empty                                    | user's session |
 //! | `L` user . list             | [`UserList`](super::rows::UserList): count u16 . users | user's session |
 //! | `B` business                | [`BusinessRow`](super::business::BusinessRow) (JSON) | business's shard |
@@ -72,6 +74,15 @@ pub fn outbox(reader: u64, emission: u64) -> Vec<u8> {
 }
 pub fn outbox_prefix() -> Vec<u8> {
     vec![b'O']
+}
+pub fn facts_on(user: u64) -> Vec<u8> {
+    key(b'I', &[user])
+}
+pub fn fact(sender: u64, reader: u64) -> Vec<u8> {
+    key(b'D', &[sender, reader])
+}
+pub fn facts(sender: u64) -> Vec<u8> {
+    key(b'D', &[sender])
 }
 pub fn contact(user: u64, contact: u64) -> Vec<u8> {
     key(b'K', &[user, contact])
@@ -228,6 +239,9 @@ mod tests {
         );
         assert_eq!(owner(&receipts(user)), Some(user));
         assert_eq!(owner(&outbox(user, 5)), Some(user));
+        assert_eq!(owner(&facts_on(user)), Some(user));
+        assert_eq!(owner(&fact(user, other)), Some(user), "the sender's shard");
+        assert_eq!(owner(&facts(user)), Some(user));
         assert_eq!(owner(&contact(user, other)), Some(user));
         assert_eq!(owner(&list(user, other)), Some(user));
         assert_eq!(owner(&status(user, 1_000, 7)), Some(user));

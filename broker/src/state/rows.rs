@@ -245,19 +245,26 @@ impl ReceiptRow {
 
 /// `O` reader . emission: one receipt message planned and not yet known to
 /// be durable in the original sender's inbox. Deleted once it is.
-/// Layout: sender u64 . receipt payload (the wire `ReceiptPayload`).
+/// Layout: sender u64 . receipt payload (the wire `ReceiptPayload`) .
+/// covers u64. A row from before `covers` (the payload alone) reads as
+/// covers 0: the two lengths never agree, since a payload is 11 + 16n bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxRow {
     /// The original sender: whose inbox the receipt goes to.
     pub sender: u64,
     pub payload: Bytes,
+    /// The highest reader-inbox sequence of the one-to-one messages the
+    /// receipt names (what a sender who takes receipts as facts is told);
+    /// 0 for broadcast copies, which stay receipt messages.
+    pub covers: u64,
 }
 
 impl OutboxRow {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(8 + self.payload.len());
+        let mut v = Vec::with_capacity(16 + self.payload.len());
         v.extend_from_slice(&self.sender.to_be_bytes());
         v.extend_from_slice(&self.payload);
+        v.extend_from_slice(&self.covers.to_be_bytes());
         v
     }
 
@@ -265,12 +272,64 @@ impl OutboxRow {
     /// a receipt.
     pub fn decode(v: &[u8]) -> Option<OutboxRow> {
         let sender = be_u64(v, 0)?;
-        let payload = &v[8..];
-        courier_protocol::ReceiptPayload::decode(payload).ok()?;
+        let rest = &v[8..];
+        let (payload, covers) = match courier_protocol::ReceiptPayload::decode(rest) {
+            Ok(_) => (rest, 0),
+            Err(_) => {
+                let at = rest.len().checked_sub(8)?;
+                courier_protocol::ReceiptPayload::decode(&rest[..at]).ok()?;
+                (&rest[..at], be_u64(rest, at)?)
+            }
+        };
         Some(OutboxRow {
             sender,
             payload: Bytes::copy_from_slice(payload),
+            covers,
         })
+    }
+}
+
+/// `D` sender . reader: what `reader` has done with `sender`'s one-to-one
+/// messages, for a sender who takes receipts as facts. `delivered` and
+/// `read` are sequences in the reader's inbox (`read <= delivered`);
+/// `version` is the sender's counter when the row last changed.
+/// Layout: delivered u64 . read u64 . version u64.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FactRow {
+    pub delivered: u64,
+    pub read: u64,
+    pub version: u64,
+}
+
+impl FactRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&self.delivered.to_be_bytes());
+        v.extend_from_slice(&self.read.to_be_bytes());
+        v.extend_from_slice(&self.version.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Result<FactRow, StoreError> {
+        match (be_u64(v, 0), be_u64(v, 8), be_u64(v, 16)) {
+            (Some(delivered), Some(read), Some(version)) if v.len() == 24 => Ok(FactRow {
+                delivered,
+                read,
+                version,
+            }),
+            _ => Err(corrupt("receipt fact row", format!("{} bytes", v.len()))),
+        }
+    }
+
+    /// Moved forward by a receipt covering up to `seq` (read implies
+    /// delivered); the version is the caller's to set.
+    pub fn advanced(self, seq: u64, read: bool) -> FactRow {
+        let r = if read { self.read.max(seq) } else { self.read };
+        FactRow {
+            delivered: self.delivered.max(seq).max(r),
+            read: r,
+            version: self.version,
+        }
     }
 }
 
@@ -435,9 +494,40 @@ mod tests {
                 messages: vec![(1, 2)],
             }
             .encode(),
+            covers: 46,
         };
         assert_eq!(OutboxRow::decode(&o.encode()), Some(o.clone()));
         assert_eq!(OutboxRow::decode(&o.encode()[..7]), None);
         assert_eq!(OutboxRow::decode(&o.encode()[..20]), None);
+        assert_eq!(OutboxRow::decode(&o.encode()[..40]), None);
+        // A row written before `covers`: the sender and the payload.
+        let before = o.encode()[..o.encode().len() - 8].to_vec();
+        let read = OutboxRow::decode(&before).expect("the older layout");
+        assert_eq!((read.payload, read.covers), (o.payload, 0));
+    }
+
+    #[test]
+    fn fact_rows_round_trip_move_only_forward_and_refuse_other_lengths() {
+        let f = FactRow {
+            delivered: 9,
+            read: 4,
+            version: 12,
+        };
+        assert_eq!(FactRow::decode(&f.encode()).unwrap(), f);
+        assert!(FactRow::decode(&f.encode()[..23]).is_err());
+        assert!(FactRow::decode(&[f.encode(), vec![0]].concat()).is_err());
+        let moved = |d, r| FactRow {
+            delivered: d,
+            read: r,
+            version: 12,
+        };
+        assert_eq!(f.advanced(5, false), f, "a lower delivered changes nothing");
+        assert_eq!(f.advanced(11, false), moved(11, 4));
+        assert_eq!(
+            f.advanced(11, true),
+            moved(11, 11),
+            "read implies delivered"
+        );
+        assert_eq!(f.advanced(6, true), moved(9, 6));
     }
 }

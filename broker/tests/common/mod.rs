@@ -692,6 +692,7 @@ impl Raw {
                 user_id: user,
                 device_id: 1,
                 resume_after: None,
+                receipts_after: None,
                 token: Bytes::from(token.as_bytes().to_vec()),
             }),
         )
