@@ -3,7 +3,7 @@
 //! once, in order, at every intended recipient (for broadcasts: every
 //! consenting one, and no other), and every message a reader acknowledged
 //! or marked read must come back to its sender as exactly one delivered or
-//! read receipt.
+//! read receipt (as facts by default, as receipt messages when asked).
 
 mod common;
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use courier_broker::auth::load_or_create_secret;
 use courier_loadtest::server::ServerProcess;
-use courier_loadtest::{run, Options, Scenario, Target};
+use courier_loadtest::{run, Options, Receipts, Scenario, Target};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_to_one_and_group_runs_lose_nothing() {
@@ -53,6 +53,35 @@ async fn one_to_one_and_group_runs_lose_nothing() {
             assert!(report.receipts >= v.receipts_owed, "{}", report.summary());
         }
     }
+    // One-to-one facts came as facts: no receipt message was stored for
+    // them (the broadcast and mixed runs' list copies keep theirs).
+    assert!(server.metric("courier_receipt_facts_total").await > 100);
+}
+
+/// Senders that take receipts as messages (the generator's old way) get
+/// each one exactly once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_as_messages_are_checked_too() {
+    let server = Server::start(&[]);
+    let report = run(Options {
+        scenario: Scenario::OneToOne,
+        users: 20,
+        first_user: 70_000,
+        duration: Duration::from_secs(2),
+        rate: Some(2000.0),
+        group_sizes: vec![(2, 1)],
+        receipts: Receipts::Messages,
+        ..server.load_options()
+    })
+    .await
+    .unwrap();
+    println!("{}", report.summary());
+    let v = &report.verdict;
+    assert!(v.ok(), "{}", report.summary());
+    assert!(v.receipts_owed > 100, "{}", report.summary());
+    assert!(report.receipts >= v.receipts_owed, "{}", report.summary());
+    assert_eq!(server.metric("courier_receipt_facts_total").await, 0);
+    assert!(server.metric("courier_receipts_stored_total").await > 100);
 }
 
 /// Clients that drop their sessions every ~0.3 s, retry what was not

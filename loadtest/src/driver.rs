@@ -10,7 +10,10 @@
 //! touched once per batch. Receipts that come back to the user (it is a
 //! sender too) are counted per message for the checker, which requires
 //! exactly one delivered or read receipt per message as the reader's marks
-//! call for.
+//! call for. Taken as facts (per reader, the highest inbox sequence
+//! delivered and read), each acknowledged message waits in its reader's
+//! queues, ordered by its `SendAck.seq`, until a fact covers it: that is
+//! its receipt, counted once; a fact that goes back is an error.
 //!
 //! The frames of the hot path are parsed and written by hand from the byte
 //! layouts in the protocol document (`Deliver`, where the codec would
@@ -18,7 +21,7 @@
 //! in place); the rest goes through the codec, and anything not for a user
 //! is ignored.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,8 +29,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, BytesMut};
 use courier_client::RawSession;
 use courier_protocol::{
-    decode, encode, frame_type, Body, ErrorCode, Frame, Mark, MessageKind, ReceiptPayload,
-    ReceiptStatus,
+    decode, encode, frame_type, Body, Destination, ErrorCode, Frame, Mark, MessageKind,
+    ReceiptPayload, ReceiptStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -54,6 +57,26 @@ pub(crate) struct Habits {
     pub size: usize,
     /// The target writes receipts (Courier does; the relay does not).
     pub receipts: bool,
+    /// ...as facts (`Receipts` frames), not as receipt messages.
+    pub facts: bool,
+}
+
+/// One reader of the user's one-to-one messages, as its facts tell: how
+/// far it got (inbox sequences), and the acknowledged messages not yet
+/// covered as delivered, then as read: (inbox sequence, conversation,
+/// number), each queue in sequence order.
+#[derive(Default)]
+struct Reader {
+    delivered: u64,
+    read: u64,
+    undelivered: VecDeque<(u64, u64, u64)>,
+    unread: VecDeque<(u64, u64, u64)>,
+}
+
+/// Inserts `m` in sequence order (nearly always at the back).
+fn insert_by_seq(q: &mut VecDeque<(u64, u64, u64)>, m: (u64, u64, u64)) {
+    let at = q.iter().rposition(|e| e.0 < m.0).map_or(0, |i| i + 1);
+    q.insert(at, m);
 }
 
 /// One user's sending side.
@@ -108,6 +131,10 @@ struct Loop {
     /// message number read, and the highest number a read mark covered.
     owed: Vec<(u64, u64, u64)>,
     reads: VecDeque<ReadMark>,
+    /// Receipts as facts: per reader of this user's one-to-one messages.
+    readers: HashMap<u64, Reader>,
+    /// The highest fact version told.
+    fact_version: u64,
     // Counted locally, added to the shared counters once per turn.
     delivered: u64,
     acked: u64,
@@ -160,6 +187,8 @@ pub(crate) async fn drive(
         unacked: 0,
         owed: Vec::new(),
         reads: VecDeque::new(),
+        readers: HashMap::new(),
+        fact_version: 0,
         delivered: 0,
         acked: 0,
         expected: 0,
@@ -266,11 +295,16 @@ impl Loop {
                 &frame[5..],
             );
             match kind {
-                frame_type::SEND_ACK => self.answered(rid, None, now, None),
+                // SendAck: client id 8, server id 8, seq 8...
+                frame_type::SEND_ACK => {
+                    let seq = u64_at(body, 16).ok_or("malformed send ack")?;
+                    self.answered(rid, None, now, None, seq)
+                }
+                frame_type::RECEIPTS => self.facts(body).ok_or("malformed receipts")?,
                 // BroadcastAck: client id, server id, timestamp, delivered u16...
                 frame_type::BROADCAST_ACK => {
                     let delivered = body.get(24..26).map(|d| u16::from_be_bytes([d[0], d[1]]));
-                    self.answered(rid, None, now, delivered)
+                    self.answered(rid, None, now, delivered, 0)
                 }
                 // A request failed (request id 0: the session did).
                 frame_type::ERROR => {
@@ -278,7 +312,7 @@ impl Loop {
                     if rid == 0 {
                         return Err(format!("{code:?}"));
                     }
-                    self.answered(rid, Some(code), now, None);
+                    self.answered(rid, Some(code), now, None, 0);
                 }
                 frame_type::GOODBYE => {
                     let code = reason(&input[..4 + len], max_frame)?;
@@ -377,6 +411,69 @@ impl Loop {
         {
             self.checker
                 .receipt(r.reader, conversation(self.me, route), n, read);
+            self.receipts += 1;
+        }
+    }
+
+    /// A `Receipts` body: `count`, then (reader, delivered, read, version)
+    /// items; each moves its reader's fact, which may never go back.
+    fn facts(&mut self, body: &[u8]) -> Option<()> {
+        let count = u16_at(body, 0)? as usize;
+        if body.len() != 2 + 32 * count {
+            return None;
+        }
+        for i in 0..count {
+            let at = 2 + 32 * i;
+            let (reader, delivered, read, version) = (
+                u64_at(body, at)?,
+                u64_at(body, at + 8)?,
+                u64_at(body, at + 16)?,
+                u64_at(body, at + 24)?,
+            );
+            if version <= self.fact_version {
+                continue; // told again (a catch-up after a missed one)
+            }
+            self.fact_version = version;
+            let r = self.readers.entry(reader).or_default();
+            if delivered < r.delivered || read < r.read {
+                self.shared.error(format!(
+                    "a receipt fact went back: reader {reader} from {}/{} to {delivered}/{read}",
+                    r.delivered, r.read
+                ));
+                continue;
+            }
+            (r.delivered, r.read) = (delivered, read);
+            self.resolve(reader);
+        }
+        Some(())
+    }
+
+    /// Counts the receipts `reader`'s fact now gives: each waiting message
+    /// it covers as read gets a read receipt; as delivered only, a
+    /// delivered one (and waits to be read).
+    fn resolve(&mut self, reader: u64) {
+        let Some(r) = self.readers.get_mut(&reader) else {
+            return;
+        };
+        while let Some(&(seq, conv, n)) = r.undelivered.front() {
+            if seq > r.delivered {
+                break;
+            }
+            r.undelivered.pop_front();
+            if seq <= r.read {
+                self.checker.receipt(reader, conv, n, true);
+            } else {
+                self.checker.receipt(reader, conv, n, false);
+                insert_by_seq(&mut r.unread, (seq, conv, n));
+            }
+            self.receipts += 1;
+        }
+        while let Some(&(seq, conv, n)) = r.unread.front() {
+            if seq > r.read {
+                break;
+            }
+            r.unread.pop_front();
+            self.checker.receipt(reader, conv, n, true);
             self.receipts += 1;
         }
     }
@@ -499,6 +596,7 @@ impl Loop {
         code: Option<ErrorCode>,
         now: Instant,
         delivered: Option<u16>,
+        seq: u64,
     ) {
         let Some((ri, n, intended)) = self
             .slots
@@ -529,11 +627,18 @@ impl Loop {
             }
             _ => &route.recipients[..],
         };
-        let ack = (conversation(self.me, ri), n, recipients);
+        let conv = conversation(self.me, ri);
+        let dest = self.routes.destination(route.dest);
+        let ack = (conv, n, recipients);
         self.acked += 1;
         self.expected +=
             self.shared
                 .note_ack(ack, intended, now, &mut self.checker, &mut self.tally);
+        if let (true, Destination::User(reader)) = (self.habits.facts, dest) {
+            let r = self.readers.entry(reader).or_default();
+            insert_by_seq(&mut r.undelivered, (seq, conv, n));
+            self.resolve(reader);
+        }
     }
 
     /// Adds this turn's counts to the shared ones; a sender whose window

@@ -132,6 +132,7 @@ pub(crate) async fn run(opts: Options) -> anyhow::Result<Report> {
         }),
         label: None,
         acks: None,
+        receipts_as: None,
         read_share: 0.0,
         receipts: 0,
         generator_cpu: None,

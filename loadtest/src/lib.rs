@@ -54,6 +54,6 @@ pub mod table;
 mod tally;
 
 pub use checker::{Checker, Verdict};
-pub use options::{Acks, Options, Scenario, Target};
+pub use options::{Acks, Options, Receipts, Scenario, Target};
 pub use report::Report;
 pub use run::run;

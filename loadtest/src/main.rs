@@ -109,6 +109,11 @@ struct Args {
     /// deliveries (the old generator's way, for comparison).
     #[arg(long, value_enum, default_value = "each-batch")]
     acks: courier_loadtest::Acks,
+    /// How Courier senders take their one-to-one receipts: as facts (per
+    /// reader, the highest sequence delivered and read) or as receipt
+    /// messages in their inbox (the old way, for comparison).
+    #[arg(long, value_enum, default_value = "facts")]
+    receipts: courier_loadtest::Receipts,
     /// Share of read batches a user opens (marks read), 0 to 1.
     #[arg(long, default_value_t = 0.25)]
     read_share: f64,
@@ -226,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
         source_addrs,
         progress: true,
         acks: a.acks,
+        receipts: a.receipts,
         read_share: a.read_share,
         read_delay: Duration::from_millis(a.read_delay_ms),
         threads: a.threads,

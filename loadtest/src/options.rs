@@ -69,6 +69,19 @@ pub enum Acks {
     Lazy,
 }
 
+/// How a Courier target's senders take the receipts of their one-to-one
+/// messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Receipts {
+    /// As facts (`Receipts` frames: per reader, the highest sequence
+    /// delivered and read), resolved against each message's `SendAck`.
+    Facts,
+    /// As `receipt` messages in the sender's inbox (how the generator
+    /// measured before facts; for comparison, named as such in tables).
+    Messages,
+}
+
 #[derive(Clone)]
 pub struct Options {
     pub target: Target,
@@ -114,6 +127,8 @@ pub struct Options {
     pub tls: Option<courier_client::ClientTls>,
     /// How receivers acknowledge what they read.
     pub acks: Acks,
+    /// How a Courier target's senders take their receipts.
+    pub receipts: Receipts,
     /// Share of read batches a user opens (marks read), `read_delay`
     /// after it got them.
     pub read_share: f64,
@@ -149,6 +164,7 @@ impl Options {
             progress: false,
             tls: None,
             acks: Acks::EachBatch,
+            receipts: Receipts::Facts,
             read_share: 0.25,
             read_delay: Duration::from_millis(200),
             threads: 0,
@@ -182,6 +198,10 @@ impl Options {
         });
         let mut config = ClientConfig::new(self.addr_of(i).to_owned(), u, 1, token);
         config.resume_after = Some(u64::MAX);
+        if self.target == Target::Courier && self.receipts == Receipts::Facts {
+            // Facts written from now on: earlier runs' are not ours.
+            config.receipts_after = Some(u64::MAX);
+        }
         config.local_addr = self.source(i);
         config.tls = self.tls.clone();
         config

@@ -66,6 +66,10 @@ pub struct Report {
     /// generator acknowledged like a phone: those were lazy).
     #[serde(default)]
     pub acks: Option<crate::options::Acks>,
+    /// How a Courier target's senders took their receipts (absent in
+    /// reports from before facts: those were messages).
+    #[serde(default)]
+    pub receipts_as: Option<crate::options::Receipts>,
     /// Share of read batches marked read.
     #[serde(default)]
     pub read_share: f64,
@@ -167,6 +171,7 @@ pub(crate) fn report(
         idle: None,
         label: None,
         acks: matches!(opts.target, Target::Courier | Target::Relay).then_some(opts.acks),
+        receipts_as: (opts.target == Target::Courier).then_some(opts.receipts),
         read_share: if opts.target == Target::Courier {
             opts.read_share
         } else {

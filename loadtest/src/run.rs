@@ -241,6 +241,7 @@ async fn start_driven(opts: &Options, plan: Plan) -> anyhow::Result<(Arc<Shared>
         window: opts.window.max(1),
         size: opts.size,
         receipts: opts.target == Target::Courier,
+        facts: opts.target == Target::Courier && opts.receipts == crate::options::Receipts::Facts,
     };
     let mut ready = Vec::new();
     let mut go = Vec::new();

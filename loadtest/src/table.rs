@@ -1,7 +1,7 @@
 //! The side-by-side table: reports of several targets for the same
 //! scenario, with each figure's ratio to Courier's.
 
-use crate::options::{Acks, Scenario, Target};
+use crate::options::{Acks, Receipts, Scenario, Target};
 use crate::report::Report;
 
 /// A run's name in the tables.
@@ -16,13 +16,17 @@ fn latency_run(r: &Report) -> bool {
 
 /// How the run's receivers acknowledged, for the load column.
 fn acks(r: &Report) -> String {
-    match r.acks {
+    let acks = match r.acks {
         Some(Acks::EachBatch) if r.read_share > 0.0 => {
             format!("acks each batch, {:.0}% read", r.read_share * 100.0)
         }
         Some(Acks::EachBatch) => "acks each batch".into(),
         Some(Acks::Lazy) => "**lazy acks** (every 256)".into(),
         None => "the peer's own acks".into(),
+    };
+    match r.receipts_as {
+        Some(Receipts::Messages) => format!("{acks}, receipt messages"),
+        _ => acks,
     }
 }
 
