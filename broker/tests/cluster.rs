@@ -1622,6 +1622,25 @@ mod data_plane {
         let (c, _) = nodes[1].client(carol).await;
         exchange(&c, alice, &retrying.0, "hello alice").await;
         exchange(&c, bob, &b, "hello bob").await;
+
+        // Taking receipt facts (through another node's gateway), she is
+        // told Bob's read across nodes: the receipt's covered sequence
+        // crosses in the data plane's send.
+        let mut config = nodes[0].config(carol);
+        config.receipts_after = Some(0);
+        let (cf, _) = courier_client::Client::connect(config).await.unwrap();
+        let to_bob = cf
+            .send_with_id(9, Destination::User(bob), MessageKind::Chat, chat("noted?"))
+            .await
+            .unwrap();
+        assert_eq!(b.recv_timeout(WAIT).await.unwrap().seq, to_bob.seq);
+        b.mark_read(to_bob.seq).await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while cf.receipt_fact(bob).is_none_or(|f| f.read < to_bob.seq) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            cf.receipt_changes_timeout(left).await.expect("bob's read, as a fact");
+        }
+        assert_eq!(cf.receipt_fact(bob).unwrap().delivered, to_bob.seq);
     }
 
     /// A client pipelines sends to a user whose node dies in the middle
