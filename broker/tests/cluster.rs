@@ -1638,7 +1638,9 @@ mod data_plane {
         let deadline = tokio::time::Instant::now() + WAIT;
         while cf.receipt_fact(bob).is_none_or(|f| f.read < to_bob.seq) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            cf.receipt_changes_timeout(left).await.expect("bob's read, as a fact");
+            cf.receipt_changes_timeout(left)
+                .await
+                .expect("bob's read, as a fact");
         }
         assert_eq!(cf.receipt_fact(bob).unwrap().delivered, to_bob.seq);
     }
