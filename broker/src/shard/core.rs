@@ -191,7 +191,7 @@ pub(crate) struct Shard {
     /// Group cursors of this shard's users, by (group, user) (`C` rows).
     pub(crate) group_cursors: HashMap<(u64, u64), Cursors>,
     /// Its users' receipt facts, as planned (see `facts`).
-    pub(crate) facts: super::facts::Facts,
+    pub(crate) facts: super::facts_state::Facts,
     /// Key-value writes to make with the next batch.
     pub(crate) kv: Vec<KvOp>,
     /// Marks held to be merged (`mark_coalesce`), by (user, stream): the

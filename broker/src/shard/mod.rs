@@ -20,7 +20,7 @@
 //! - `business`, `business_state`: business rules on the business's shard, and what it keeps;
 //! - `business_events`: the statuses of a business's messages and their events;
 //! - `receipts`: marks, receipt messages and status views;
-//! - `facts`: receipts as facts, on the sender's shard;
+//! - `facts`, `facts_state`: receipts as facts, on the sender's shard, and what it keeps;
 //! - `recent`: online users' latest inbox entries and what marks of them owe.
 
 mod batch;
@@ -30,6 +30,7 @@ pub mod business_state;
 mod campaigns;
 mod core;
 mod facts;
+mod facts_state;
 mod fanout;
 mod groups;
 pub mod handle;
