@@ -201,9 +201,12 @@ async fn prometheus_scrapes_the_counts_the_load_sent() {
     }
     assert!(acked > 1000);
     // The generator's readers acknowledge as phones do, so the node also
-    // stored receipts (each one a durable message with its own latency).
+    // wrote receipts: as facts for the senders, who ask for them.
+    let facts = server.metric("courier_receipt_facts_total").await;
+    assert!(facts > 0);
+    // Stored receipt messages (broadcast copies' receipts) count among
+    // the stored messages below.
     let receipts = server.metric("courier_receipts_stored_total").await;
-    assert!(receipts > 0);
     // Every session was closed by its client: 20 + 20 of the runs, and the
     // set-up sessions of the 4 group creators.
     let sessions = 20 + 20 + 4;
