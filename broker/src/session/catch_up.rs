@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use courier_protocol::{Body, ErrorCode, Frame, Message, Reason, ReceiptFact};
+use courier_protocol::{Body, ErrorCode, Frame, Message, Reason};
 use courier_storage::StoreError;
 use tracing::{error, warn};
 
@@ -220,12 +220,7 @@ impl<W: NetWrite> Writer<W> {
                 continue;
             };
             highest = highest.max(row.version);
-            facts.push(ReceiptFact {
-                reader,
-                delivered: row.delivered,
-                read: row.read,
-                version: row.version,
-            });
+            facts.push(row.fact(reader));
         }
         // `u64::MAX` is "from now on", as for the inbox.
         let after = if after == u64::MAX {

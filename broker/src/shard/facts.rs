@@ -138,20 +138,18 @@ impl Shard {
             }
         };
         let read = status_of(&s.payload) == Some(ReceiptStatus::Read);
-        let mut new = old.advanced(s.covers_seq, read);
-        let fact = (new != old).then(|| {
-            new.version = self.next_version(sender);
+        let cursors = old.cursors.advanced(s.covers_seq, read);
+        let fact = (cursors != old.cursors).then(|| {
+            let new = FactRow {
+                cursors,
+                version: self.next_version(sender),
+            };
             self.facts.rows.insert((sender, reader), new);
             self.kv.push(KvOp::Put {
                 key: keys::fact(sender, reader),
                 value: new.encode(),
             });
-            ReceiptFact {
-                reader,
-                delivered: new.delivered,
-                read: new.read,
-                version: new.version,
-            }
+            new.fact(reader)
         });
         batch.plan.push(Planned::Fact(s, fact));
     }

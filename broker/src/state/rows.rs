@@ -290,44 +290,39 @@ impl OutboxRow {
 }
 
 /// `D` sender . reader: what `reader` has done with `sender`'s one-to-one
-/// messages, for a sender who takes receipts as facts. `delivered` and
-/// `read` are sequences in the reader's inbox (`read <= delivered`);
-/// `version` is the sender's counter when the row last changed.
+/// messages, for a sender who takes receipts as facts: the reader-inbox
+/// sequences delivered and read (moved as the `R` row's cursors are) and
+/// `version`, the sender's counter when the row last changed.
 /// Layout: delivered u64 . read u64 . version u64.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FactRow {
-    pub delivered: u64,
-    pub read: u64,
+    pub cursors: Cursors,
     pub version: u64,
 }
 
 impl FactRow {
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(24);
-        v.extend_from_slice(&self.delivered.to_be_bytes());
-        v.extend_from_slice(&self.read.to_be_bytes());
+        let mut v = self.cursors.encode();
         v.extend_from_slice(&self.version.to_be_bytes());
         v
     }
 
     pub fn decode(v: &[u8]) -> Result<FactRow, StoreError> {
-        match (be_u64(v, 0), be_u64(v, 8), be_u64(v, 16)) {
-            (Some(delivered), Some(read), Some(version)) if v.len() == 24 => Ok(FactRow {
-                delivered,
-                read,
+        match be_u64(v, 16) {
+            Some(version) if v.len() == 24 => Ok(FactRow {
+                cursors: Cursors::decode(v),
                 version,
             }),
             _ => Err(corrupt("receipt fact row", format!("{} bytes", v.len()))),
         }
     }
 
-    /// Moved forward by a receipt covering up to `seq` (read implies
-    /// delivered); the version is the caller's to set.
-    pub fn advanced(self, seq: u64, read: bool) -> FactRow {
-        let r = if read { self.read.max(seq) } else { self.read };
-        FactRow {
-            delivered: self.delivered.max(seq).max(r),
-            read: r,
+    /// The row as the protocol tells it to the sender.
+    pub fn fact(&self, reader: u64) -> courier_protocol::ReceiptFact {
+        courier_protocol::ReceiptFact {
+            reader,
+            delivered: self.cursors.delivered,
+            read: self.cursors.read,
             version: self.version,
         }
     }
@@ -507,27 +502,29 @@ mod tests {
     }
 
     #[test]
-    fn fact_rows_round_trip_move_only_forward_and_refuse_other_lengths() {
+    fn fact_rows_round_trip_and_refuse_other_lengths() {
         let f = FactRow {
-            delivered: 9,
-            read: 4,
+            cursors: Cursors::new(9, 4),
             version: 12,
         };
         assert_eq!(FactRow::decode(&f.encode()).unwrap(), f);
         assert!(FactRow::decode(&f.encode()[..23]).is_err());
         assert!(FactRow::decode(&[f.encode(), vec![0]].concat()).is_err());
-        let moved = |d, r| FactRow {
-            delivered: d,
-            read: r,
-            version: 12,
-        };
-        assert_eq!(f.advanced(5, false), f, "a lower delivered changes nothing");
-        assert_eq!(f.advanced(11, false), moved(11, 4));
+        let told = f.fact(7);
         assert_eq!(
-            f.advanced(11, true),
-            moved(11, 11),
+            (told.reader, told.delivered, told.read, told.version),
+            (7, 9, 4, 12)
+        );
+        // A receipt moves the row's cursors as a mark moves a member's:
+        // only forward, read implying delivered.
+        let c = f.cursors;
+        assert_eq!(c.advanced(5, false), c, "a lower delivered changes nothing");
+        assert_eq!(c.advanced(11, false), Cursors::new(11, 4));
+        assert_eq!(
+            c.advanced(11, true),
+            Cursors::new(11, 11),
             "read implies delivered"
         );
-        assert_eq!(f.advanced(6, true), moved(9, 6));
+        assert_eq!(c.advanced(6, true), Cursors::new(9, 6));
     }
 }
