@@ -107,6 +107,57 @@ fn hostile_frames_get_specific_errors() {
     }
 }
 
+/// The documented `Receipts` vector with its body changed by `edit`.
+fn receipts_with(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let (_, frame) = vectors::vectors()
+        .into_iter()
+        .find(|(n, _)| *n == "receipts")
+        .unwrap();
+    let mut bytes = encode_to_bytes(&frame).to_vec();
+    edit(&mut bytes);
+    let len = (bytes.len() - 4) as u32;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    bytes
+}
+
+/// Receipt facts a server never writes, and a `Hello` whose facts flag
+/// lacks its version, are refused as malformed.
+#[test]
+fn malformed_receipt_facts_and_facts_hellos_are_refused() {
+    let (_, hello) = vectors::vectors()
+        .into_iter()
+        .find(|(n, _)| *n == "hello_receipt_facts")
+        .unwrap();
+    let hello = encode_to_bytes(&hello).to_vec();
+    // Header 9, version 2, user 8, device 4: flags at 23, then resume_after,
+    // receipts_after (8 bytes from 32), the token.
+    let mut without_version = hello[..32].to_vec();
+    without_version.extend_from_slice(&hello[40..]);
+    let len = (without_version.len() - 4) as u32;
+    without_version[..4].copy_from_slice(&len.to_be_bytes());
+    let mut unknown_flag = hello.clone();
+    unknown_flag[23] |= 4;
+    let cases = [
+        ("no facts", receipts_with(|b| b.truncate(11))),
+        (
+            "count without items",
+            receipts_with(|b| b.truncate(9 + 2 + 31)),
+        ),
+        (
+            "read beyond delivered",
+            receipts_with(|b| b[9 + 2 + 23] = 0x2f), // read 47 > delivered 46
+        ),
+        ("facts flag without its version", without_version),
+        ("an unknown hello flag", unknown_flag),
+    ];
+    for (name, bytes) in cases {
+        match decode(&bytes, DEFAULT_MAX_FRAME_LEN) {
+            Err(e) => assert_eq!(e.code(), ErrorCode::MALFORMED_FRAME, "{name}: {e}"),
+            Ok(r) => panic!("{name}: decoded {r:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_flag_byte_other_than_0_or_1_is_malformed() {
     let (_, ack) = vectors::vectors()
